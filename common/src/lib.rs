@@ -1,0 +1,32 @@
+//! Code shared by every Lifeboat deployable: the wire protocol and its session
+//! logic (no I/O), the receiving side of a session, the object-store layout and
+//! its formats, sealing (zstd + AES-256-GCM), TLS helpers, ids.
+
+pub mod catalogue;
+pub mod codec;
+pub mod framed;
+pub mod ids;
+pub mod protocol;
+pub mod receiver;
+pub mod seal;
+pub mod session;
+pub mod store;
+pub mod tls;
+
+/// Sets up logging to stderr; `RUST_LOG` overrides `default` (e.g. "info").
+pub fn init_logging(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}

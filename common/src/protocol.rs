@@ -1,0 +1,527 @@
+//! The agent ↔ receiver wire protocol: frames and stream entries. No I/O here.
+//!
+//! Every frame on the wire (inside TLS) is
+//!
+//! ```text
+//! offset size field
+//! 0      4    length   bytes that follow (type + body), at most MAX_FRAME_LEN
+//! 4      1    type     1 hello, 2 welcome, 3 writes, 4 tag, 5 ack, 6 error, 7 ping
+//! 5      n    body
+//! ```
+//!
+//! Bodies (integers big-endian, `str16` = u16 length + UTF-8):
+//!
+//! ```text
+//! hello   magic b"LBOT" | min_version u16 | max_version u16 | machine str16
+//!         | disk_count u16 | { disk_id str16 | size u64 }*
+//! welcome version u16 | durable u64 | max_frame u32
+//! writes  count u32 | entry*          (entries with consecutive seqs)
+//! tag     entry                       (an entry whose op is TAG)
+//! ack     durable u64                 (every seq <= durable is durable)
+//! error   code u16 | message str16
+//! ping    nonce u64 | is_reply u8
+//! ```
+//!
+//! A stream *entry* — also the unit stored in the process server's cache and in
+//! segments — is
+//!
+//! ```text
+//! seq u64 | op u8 | op=1 WRITE  disk u16 | offset u64 | len u32 | data[len]
+//!                 | op=2 ZERO   disk u16 | offset u64 | len u32   (trim / write-zeroes:
+//!                 |                                               the range reads as zeros)
+//!                 | op=3 TAG    kind u8 | time_ms u64 | label str16
+//! ```
+//!
+//! Decoding is fallible everywhere: a frame whose claimed length exceeds the bound
+//! is refused before any buffer of that size is allocated.
+
+use bytes::Bytes;
+
+use crate::codec::{DecodeError, Reader, Writer};
+
+/// Protocol versions this build speaks.
+pub const PROTOCOL_MIN: u16 = 1;
+pub const PROTOCOL_MAX: u16 = 1;
+pub const HELLO_MAGIC: [u8; 4] = *b"LBOT";
+
+/// Upper bound of `type + body` of one frame. Writes frames are cut well below it.
+pub const MAX_FRAME_LEN: u32 = 16 * 1024 * 1024 + 4096;
+/// The largest single write data carried in one entry.
+pub const MAX_WRITE_LEN: u32 = 8 * 1024 * 1024;
+pub const FRAME_HEADER_LEN: usize = 5;
+
+/// Kinds of recovery-point tags.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TagKind {
+    Crash,
+    App,
+    Group,
+}
+
+impl TagKind {
+    fn code(self) -> u8 {
+        match self {
+            TagKind::Crash => 1,
+            TagKind::App => 2,
+            TagKind::Group => 3,
+        }
+    }
+    fn from_code(c: u8) -> Result<Self, DecodeError> {
+        Ok(match c {
+            1 => TagKind::Crash,
+            2 => TagKind::App,
+            3 => TagKind::Group,
+            _ => {
+                return Err(DecodeError::Invalid {
+                    what: "tag kind",
+                    detail: format!("unknown code {c}"),
+                })
+            }
+        })
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TagKind::Crash => "crash",
+            TagKind::App => "app",
+            TagKind::Group => "group",
+        }
+    }
+}
+
+/// What one stream entry does.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Op {
+    Write {
+        disk: u16,
+        offset: u64,
+        data: Bytes,
+    },
+    Zero {
+        disk: u16,
+        offset: u64,
+        len: u32,
+    },
+    Tag {
+        kind: TagKind,
+        time_ms: u64,
+        label: String,
+    },
+}
+
+/// One numbered element of a machine's write stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    pub seq: u64,
+    pub op: Op,
+}
+
+impl Entry {
+    /// Bytes this entry takes when encoded.
+    pub fn encoded_len(&self) -> usize {
+        9 + match &self.op {
+            Op::Write { data, .. } => 14 + data.len(),
+            Op::Zero { .. } => 14,
+            Op::Tag { label, .. } => 11 + label.len().min(u16::MAX as usize),
+        }
+    }
+
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        out.put_u64(self.seq);
+        match &self.op {
+            Op::Write { disk, offset, data } => {
+                out.put_u8(1);
+                out.put_u16(*disk);
+                out.put_u64(*offset);
+                out.put_u32(data.len() as u32);
+                out.extend_from_slice(data);
+            }
+            Op::Zero { disk, offset, len } => {
+                out.put_u8(2);
+                out.put_u16(*disk);
+                out.put_u64(*offset);
+                out.put_u32(*len);
+            }
+            Op::Tag {
+                kind,
+                time_ms,
+                label,
+            } => {
+                out.put_u8(3);
+                out.put_u8(kind.code());
+                out.put_u64(*time_ms);
+                out.put_str16(label);
+            }
+        }
+    }
+
+    /// Decodes one entry. `src` lets write data be shared without a copy.
+    pub fn decode(r: &mut Reader<'_>, src: &Bytes) -> Result<Entry, DecodeError> {
+        let seq = r.u64("entry seq")?;
+        let op = match r.u8("entry op")? {
+            1 => {
+                let disk = r.u16("write disk")?;
+                let offset = r.u64("write offset")?;
+                let len = r.u32("write length")?;
+                if len > MAX_WRITE_LEN {
+                    return Err(DecodeError::TooLarge {
+                        what: "write data",
+                        len: len as u64,
+                        limit: MAX_WRITE_LEN as u64,
+                    });
+                }
+                let data = r.bytes(len as usize, "write data")?;
+                Op::Write {
+                    disk,
+                    offset,
+                    data: src.slice_ref(data),
+                }
+            }
+            2 => Op::Zero {
+                disk: r.u16("zero disk")?,
+                offset: r.u64("zero offset")?,
+                len: r.u32("zero length")?,
+            },
+            3 => Op::Tag {
+                kind: TagKind::from_code(r.u8("tag kind")?)?,
+                time_ms: r.u64("tag time")?,
+                label: r.str16("tag label")?,
+            },
+            other => {
+                return Err(DecodeError::Invalid {
+                    what: "entry op",
+                    detail: format!("unknown op {other}"),
+                })
+            }
+        };
+        Ok(Entry { seq, op })
+    }
+}
+
+/// A disk as announced in the hello.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DiskInfo {
+    pub id: String,
+    pub size: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hello {
+    pub min_version: u16,
+    pub max_version: u16,
+    pub machine: String,
+    pub disks: Vec<DiskInfo>,
+}
+
+/// Error codes carried by the error frame.
+pub mod error_code {
+    pub const PROTOCOL: u16 = 1;
+    pub const VERSION: u16 = 2;
+    pub const AUTH: u16 = 3;
+    pub const SERVER: u16 = 4;
+    pub const SUPERSEDED: u16 = 5;
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Frame {
+    Hello(Hello),
+    Welcome {
+        version: u16,
+        durable: u64,
+        max_frame: u32,
+    },
+    Writes(Vec<Entry>),
+    Tag(Entry),
+    Ack {
+        durable: u64,
+    },
+    Error {
+        code: u16,
+        message: String,
+    },
+    Ping {
+        nonce: u64,
+        reply: bool,
+    },
+}
+
+impl Frame {
+    fn type_code(&self) -> u8 {
+        match self {
+            Frame::Hello(_) => 1,
+            Frame::Welcome { .. } => 2,
+            Frame::Writes(_) => 3,
+            Frame::Tag(_) => 4,
+            Frame::Ack { .. } => 5,
+            Frame::Error { .. } => 6,
+            Frame::Ping { .. } => 7,
+        }
+    }
+
+    /// Appends the frame (header included) to `out`.
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        let start = out.len();
+        out.put_u32(0);
+        out.put_u8(self.type_code());
+        match self {
+            Frame::Hello(h) => {
+                out.extend_from_slice(&HELLO_MAGIC);
+                out.put_u16(h.min_version);
+                out.put_u16(h.max_version);
+                out.put_str16(&h.machine);
+                out.put_u16(h.disks.len() as u16);
+                for d in &h.disks {
+                    out.put_str16(&d.id);
+                    out.put_u64(d.size);
+                }
+            }
+            Frame::Welcome {
+                version,
+                durable,
+                max_frame,
+            } => {
+                out.put_u16(*version);
+                out.put_u64(*durable);
+                out.put_u32(*max_frame);
+            }
+            Frame::Writes(entries) => {
+                out.put_u32(entries.len() as u32);
+                for e in entries {
+                    e.encode(out);
+                }
+            }
+            Frame::Tag(e) => e.encode(out),
+            Frame::Ack { durable } => out.put_u64(*durable),
+            Frame::Error { code, message } => {
+                out.put_u16(*code);
+                out.put_str16(message);
+            }
+            Frame::Ping { nonce, reply } => {
+                out.put_u64(*nonce);
+                out.put_u8(*reply as u8);
+            }
+        }
+        let len = (out.len() - start - 4) as u32;
+        out[start..start + 4].copy_from_slice(&len.to_be_bytes());
+    }
+
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut v = Vec::new();
+        self.encode(&mut v);
+        v
+    }
+
+    /// Checks a frame header and returns the length of `type + body` to read next.
+    pub fn check_header(header: [u8; 4], limit: u32) -> Result<u32, DecodeError> {
+        let len = u32::from_be_bytes(header);
+        if len == 0 {
+            return Err(DecodeError::Invalid {
+                what: "frame",
+                detail: "zero length".into(),
+            });
+        }
+        if len > limit {
+            return Err(DecodeError::TooLarge {
+                what: "frame",
+                len: len as u64,
+                limit: limit as u64,
+            });
+        }
+        Ok(len)
+    }
+
+    /// Decodes `type + body` (the bytes after the 4-byte length).
+    pub fn decode(body: Bytes) -> Result<Frame, DecodeError> {
+        let mut r = Reader::new(&body);
+        let t = r.u8("frame type")?;
+        let frame = match t {
+            1 => {
+                let magic: [u8; 4] = r.array("hello magic")?;
+                if magic != HELLO_MAGIC {
+                    return Err(DecodeError::BadMagic {
+                        expected: HELLO_MAGIC,
+                        found: magic,
+                    });
+                }
+                let min_version = r.u16("hello min version")?;
+                let max_version = r.u16("hello max version")?;
+                let machine = r.str16("hello machine")?;
+                let n = r.u16("hello disk count")?;
+                let mut disks = Vec::with_capacity((n as usize).min(r.remaining() / 10));
+                for _ in 0..n {
+                    disks.push(DiskInfo {
+                        id: r.str16("hello disk id")?,
+                        size: r.u64("hello disk size")?,
+                    });
+                }
+                Frame::Hello(Hello {
+                    min_version,
+                    max_version,
+                    machine,
+                    disks,
+                })
+            }
+            2 => Frame::Welcome {
+                version: r.u16("welcome version")?,
+                durable: r.u64("welcome durable")?,
+                max_frame: r.u32("welcome max frame")?,
+            },
+            3 => {
+                let n = r.u32("writes count")?;
+                // Each entry is at least 9 bytes: never trust `n` for the allocation.
+                let mut entries = Vec::with_capacity((n as usize).min(r.remaining() / 9));
+                for _ in 0..n {
+                    entries.push(Entry::decode(&mut r, &body)?);
+                }
+                Frame::Writes(entries)
+            }
+            4 => {
+                let e = Entry::decode(&mut r, &body)?;
+                if !matches!(e.op, Op::Tag { .. }) {
+                    return Err(DecodeError::Invalid {
+                        what: "tag frame",
+                        detail: "entry is not a tag".into(),
+                    });
+                }
+                Frame::Tag(e)
+            }
+            5 => Frame::Ack {
+                durable: r.u64("ack durable")?,
+            },
+            6 => Frame::Error {
+                code: r.u16("error code")?,
+                message: r.str16("error message")?,
+            },
+            7 => Frame::Ping {
+                nonce: r.u64("ping nonce")?,
+                reply: r.u8("ping reply")? != 0,
+            },
+            other => {
+                return Err(DecodeError::Invalid {
+                    what: "frame type",
+                    detail: format!("unknown type {other}"),
+                })
+            }
+        };
+        r.finish("frame")?;
+        Ok(frame)
+    }
+}
+
+/// Picks the protocol version both sides speak, if any.
+pub fn negotiate(min: u16, max: u16) -> Option<u16> {
+    let hi = max.min(PROTOCOL_MAX);
+    let lo = min.max(PROTOCOL_MIN);
+    (lo <= hi).then_some(hi)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn round_trip(f: Frame) {
+        let bytes = f.to_bytes();
+        let len = Frame::check_header(bytes[..4].try_into().unwrap(), MAX_FRAME_LEN).unwrap();
+        assert_eq!(len as usize, bytes.len() - 4);
+        let back = Frame::decode(Bytes::copy_from_slice(&bytes[4..])).unwrap();
+        assert_eq!(back, f);
+    }
+
+    #[test]
+    fn frames_round_trip() {
+        round_trip(Frame::Hello(Hello {
+            min_version: 1,
+            max_version: 1,
+            machine: "web-1".into(),
+            disks: vec![DiskInfo {
+                id: "root".into(),
+                size: 1 << 30,
+            }],
+        }));
+        round_trip(Frame::Welcome {
+            version: 1,
+            durable: 42,
+            max_frame: MAX_FRAME_LEN,
+        });
+        round_trip(Frame::Writes(vec![
+            Entry {
+                seq: 1,
+                op: Op::Write {
+                    disk: 0,
+                    offset: 4096,
+                    data: Bytes::from_static(b"abcd"),
+                },
+            },
+            Entry {
+                seq: 2,
+                op: Op::Zero {
+                    disk: 1,
+                    offset: 0,
+                    len: 512,
+                },
+            },
+        ]));
+        round_trip(Frame::Tag(Entry {
+            seq: 3,
+            op: Op::Tag {
+                kind: TagKind::Crash,
+                time_ms: 17,
+                label: "x".into(),
+            },
+        }));
+        round_trip(Frame::Ack { durable: 9 });
+        round_trip(Frame::Error {
+            code: 1,
+            message: "no".into(),
+        });
+        round_trip(Frame::Ping {
+            nonce: 5,
+            reply: true,
+        });
+    }
+
+    #[test]
+    fn oversized_and_truncated_frames_are_errors() {
+        assert!(matches!(
+            Frame::check_header((MAX_FRAME_LEN + 1).to_be_bytes(), MAX_FRAME_LEN),
+            Err(DecodeError::TooLarge { .. })
+        ));
+        let f = Frame::Writes(vec![Entry {
+            seq: 1,
+            op: Op::Write {
+                disk: 0,
+                offset: 0,
+                data: Bytes::from(vec![7u8; 100]),
+            },
+        }]);
+        let bytes = f.to_bytes();
+        for cut in 5..bytes.len() {
+            assert!(Frame::decode(Bytes::copy_from_slice(&bytes[4..cut])).is_err());
+        }
+        // A count that claims billions of entries must not allocate for them.
+        let mut evil = vec![3u8];
+        evil.extend_from_slice(&u32::MAX.to_be_bytes());
+        assert!(Frame::decode(Bytes::from(evil)).is_err());
+    }
+
+    #[test]
+    fn encoded_len_matches() {
+        let e = Entry {
+            seq: 1,
+            op: Op::Tag {
+                kind: TagKind::App,
+                time_ms: 1,
+                label: "abc".into(),
+            },
+        };
+        let mut v = Vec::new();
+        e.encode(&mut v);
+        assert_eq!(v.len(), e.encoded_len());
+    }
+
+    #[test]
+    fn version_negotiation() {
+        assert_eq!(negotiate(1, 5), Some(1));
+        assert_eq!(negotiate(2, 3), None);
+    }
+}

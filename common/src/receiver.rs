@@ -1,0 +1,324 @@
+//! The receiving side of a replication session, shared by the process server
+//! (sink: RocksDB cache) and the master target (sink: disks).
+//!
+//! One connection = one reader loop (decode, dedup, gap check via
+//! [`ReceiverState`]) → a bounded queue of batches (`PERSIST_QUEUE_DEPTH`) → one
+//! persister that coalesces queued batches into a single sink append (group
+//! commit) and sends the ack for the new durable position. Only one session per
+//! machine runs at a time: a newer connection for the same machine supersedes the
+//! older one, which is cancelled and fully stopped before the new one starts.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
+
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{mpsc, Mutex};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::framed::{read_frame, write_frame, FrameError};
+use crate::protocol::{error_code, DiskInfo, Entry, Frame, MAX_FRAME_LEN};
+use crate::session::{Action, ReceiverState, SessionError};
+
+/// Batches waiting for the persister, per connection.
+pub const PERSIST_QUEUE_DEPTH: usize = 64;
+/// Frames waiting for the writer, per connection.
+pub const REPLY_QUEUE_DEPTH: usize = 64;
+/// The most entry bytes one sink append coalesces.
+pub const MAX_COALESCED_BYTES: usize = 32 * 1024 * 1024;
+
+/// Where received entries go.
+pub trait StreamSink: Send + Sync + 'static {
+    /// Called once per session after the hello; returns the durable position.
+    fn open(
+        &self,
+        machine: &str,
+        disks: &[DiskInfo],
+    ) -> impl Future<Output = anyhow::Result<u64>> + Send;
+    /// Makes `entries` (consecutive seqs) durable; returns the new durable position.
+    fn append(
+        &self,
+        machine: &str,
+        entries: Vec<Entry>,
+    ) -> impl Future<Output = anyhow::Result<u64>> + Send;
+}
+
+/// Which machine a connection's certificate allows.
+pub trait PeerAuth: Send + Sync {
+    fn allows(&self, machine: &str) -> bool;
+}
+
+impl<F: Fn(&str) -> bool + Send + Sync> PeerAuth for F {
+    fn allows(&self, machine: &str) -> bool {
+        self(machine)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReceiveError {
+    #[error("{0}")]
+    Frame(#[from] FrameError),
+    #[error("protocol: {0}")]
+    Session(#[from] SessionError),
+    #[error("machine {0:?} is not allowed by the client certificate")]
+    NotAllowed(String),
+    #[error("invalid hello: {0}")]
+    BadHello(String),
+    #[error("sink: {0:#}")]
+    Sink(anyhow::Error),
+    #[error("superseded by a newer connection of the same machine")]
+    Superseded,
+    #[error("i/o: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+struct Slot {
+    generation: u64,
+    cancel: CancellationToken,
+    lock: Arc<Mutex<()>>,
+}
+
+/// One live session per machine.
+#[derive(Default)]
+pub struct Sessions {
+    slots: std::sync::Mutex<HashMap<String, Slot>>,
+    next_generation: std::sync::atomic::AtomicU64,
+}
+
+impl Sessions {
+    /// Cancels the machine's current session and returns this one's token and lock.
+    fn claim(&self, machine: &str) -> (u64, CancellationToken, Arc<Mutex<()>>) {
+        let generation = self
+            .next_generation
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let cancel = CancellationToken::new();
+        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        let lock = match slots.get(machine) {
+            Some(old) => {
+                old.cancel.cancel();
+                old.lock.clone()
+            }
+            None => Arc::new(Mutex::new(())),
+        };
+        slots.insert(
+            machine.to_string(),
+            Slot {
+                generation,
+                cancel: cancel.clone(),
+                lock: lock.clone(),
+            },
+        );
+        (generation, cancel, lock)
+    }
+
+    fn release(&self, machine: &str, generation: u64) {
+        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        if slots.get(machine).map(|s| s.generation) == Some(generation) {
+            slots.remove(machine);
+        }
+    }
+}
+
+/// Serves one connection until the peer leaves, an error, or `shutdown`.
+pub async fn serve_connection<IO, S, A>(
+    io: IO,
+    auth: &A,
+    sink: Arc<S>,
+    sessions: &Sessions,
+    shutdown: CancellationToken,
+) -> Result<(), ReceiveError>
+where
+    IO: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    S: StreamSink,
+    A: PeerAuth + ?Sized,
+{
+    let (mut rd, mut wr) = tokio::io::split(io);
+    let mut state = ReceiverState::new();
+
+    // Hello: checked before anything else is accepted.
+    let first = match read_frame(&mut rd, MAX_FRAME_LEN).await {
+        Ok(Some(f)) => f,
+        Ok(None) => return Ok(()),
+        Err(e) => return Err(e.into()),
+    };
+    let hello = match state.on_hello(first) {
+        Ok(h) => h.clone(),
+        Err(e) => {
+            let code = match e {
+                SessionError::Version { .. } => error_code::VERSION,
+                _ => error_code::PROTOCOL,
+            };
+            send_error(&mut wr, code, &e.to_string()).await;
+            return Err(e.into());
+        }
+    };
+    if let Err(msg) = validate_hello(&hello.machine, &hello.disks) {
+        send_error(&mut wr, error_code::PROTOCOL, &msg).await;
+        return Err(ReceiveError::BadHello(msg));
+    }
+    if !auth.allows(&hello.machine) {
+        let e = ReceiveError::NotAllowed(hello.machine.clone());
+        send_error(&mut wr, error_code::AUTH, &e.to_string()).await;
+        return Err(e);
+    }
+    let machine = hello.machine.clone();
+    let (generation, cancel, lock) = sessions.claim(&machine);
+    let result = async {
+        let _exclusive = tokio::select! {
+            g = lock.lock() => g,
+            _ = cancel.cancelled() => return Err(ReceiveError::Superseded),
+        };
+        let durable = match sink.open(&machine, &hello.disks).await {
+            Ok(d) => d,
+            Err(e) => {
+                send_error(&mut wr, error_code::SERVER, &format!("{e:#}")).await;
+                return Err(ReceiveError::Sink(e));
+            }
+        };
+        let welcome = state.welcome(durable);
+        write_frame(&mut wr, &welcome).await?;
+        wr.flush().await?;
+        info!(%machine, durable, "session started");
+        run_session(&mut rd, wr, state, &machine, sink, cancel.clone(), shutdown).await
+    }
+    .await;
+    sessions.release(&machine, generation);
+    match &result {
+        Ok(()) => info!(%machine, "session ended"),
+        Err(e) => warn!(%machine, "session ended: {e}"),
+    }
+    result
+}
+
+fn validate_hello(machine: &str, disks: &[DiskInfo]) -> Result<(), String> {
+    crate::ids::validate_id("machine", machine)?;
+    if disks.is_empty() {
+        return Err("hello lists no disks".into());
+    }
+    for d in disks {
+        crate::ids::validate_id("disk", &d.id)?;
+    }
+    Ok(())
+}
+
+async fn send_error<W: AsyncWrite + Unpin>(wr: &mut W, code: u16, message: &str) {
+    let f = Frame::Error {
+        code,
+        message: message.to_string(),
+    };
+    let _ = write_frame(wr, &f).await;
+    let _ = wr.flush().await;
+}
+
+async fn run_session<R, W, S>(
+    rd: &mut R,
+    mut wr: W,
+    mut state: ReceiverState,
+    machine: &str,
+    sink: Arc<S>,
+    cancel: CancellationToken,
+    shutdown: CancellationToken,
+) -> Result<(), ReceiveError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Send + Unpin + 'static,
+    S: StreamSink,
+{
+    let (persist_tx, mut persist_rx) = mpsc::channel::<Vec<Entry>>(PERSIST_QUEUE_DEPTH);
+    let (reply_tx, mut reply_rx) = mpsc::channel::<Frame>(REPLY_QUEUE_DEPTH);
+
+    let writer = tokio::spawn(async move {
+        while let Some(f) = reply_rx.recv().await {
+            write_frame(&mut wr, &f).await?;
+            if reply_rx.is_empty() {
+                wr.flush().await?;
+            }
+        }
+        let _ = wr.shutdown().await;
+        Ok::<(), std::io::Error>(())
+    });
+
+    let persister = {
+        let reply_tx = reply_tx.clone();
+        let machine = machine.to_string();
+        async move {
+            while let Some(mut batch) = persist_rx.recv().await {
+                let mut bytes: usize = batch.iter().map(Entry::encoded_len).sum();
+                while bytes < MAX_COALESCED_BYTES {
+                    match persist_rx.try_recv() {
+                        Ok(more) => {
+                            bytes += more.iter().map(Entry::encoded_len).sum::<usize>();
+                            batch.extend(more);
+                        }
+                        Err(_) => break,
+                    }
+                }
+                let durable = sink
+                    .append(&machine, batch)
+                    .await
+                    .map_err(ReceiveError::Sink)?;
+                if reply_tx.send(Frame::Ack { durable }).await.is_err() {
+                    break;
+                }
+            }
+            Ok::<(), ReceiveError>(())
+        }
+    };
+
+    let reader = async move {
+        let reply_tx = reply_tx;
+        loop {
+            let frame = tokio::select! {
+                f = read_frame(rd, MAX_FRAME_LEN) => f,
+                _ = cancel.cancelled() => return Err(ReceiveError::Superseded),
+                _ = shutdown.cancelled() => return Ok(()),
+            };
+            let frame = match frame {
+                Ok(Some(f)) => f,
+                Ok(None) => return Ok(()),
+                Err(e) => {
+                    if let FrameError::Decode(d) = &e {
+                        let _ = reply_tx
+                            .send(Frame::Error {
+                                code: error_code::PROTOCOL,
+                                message: format!("malformed frame: {d}"),
+                            })
+                            .await;
+                    }
+                    return Err(e.into());
+                }
+            };
+            match state.on_frame(frame) {
+                Ok(Action::None) => {}
+                Ok(Action::Reply(f)) => {
+                    let _ = reply_tx.send(f).await;
+                }
+                Ok(Action::Persist(entries)) => {
+                    debug!(n = entries.len(), "batch received");
+                    if persist_tx.send(entries).await.is_err() {
+                        return Ok(()); // persister failed; its error is reported below
+                    }
+                }
+                Err(e) => {
+                    let _ = reply_tx
+                        .send(Frame::Error {
+                            code: error_code::PROTOCOL,
+                            message: e.to_string(),
+                        })
+                        .await;
+                    return Err(e.into());
+                }
+            }
+        }
+    };
+
+    // The reader ends first (peer closed, error or shutdown); the persister then
+    // drains what was queued so that everything received is made durable and acked.
+    let (read_result, persist_result) = tokio::join!(
+        reader, persister
+    );
+    let _ = writer.await;
+    persist_result?;
+    read_result
+}

@@ -1,0 +1,434 @@
+//! The sequencing and acknowledgement logic of a replication session, as plain
+//! structs with no I/O and no clock (tested with two endpoints in one process).
+//!
+//! Positions, all monotonic:
+//! - sender (agent): `captured ≥ sent ≥ acked`. Entries with `seq > acked` stay
+//!   queued; a reconnect rewinds `sent` to the receiver's `durable`.
+//! - receiver: `received ≥ durable`. Entries with `seq ≤ received` are duplicates
+//!   and are dropped (exactly-once apply); the first new entry must be
+//!   `received + 1` and the rest consecutive.
+
+use std::collections::VecDeque;
+
+use thiserror::Error;
+
+use crate::protocol::{self, Entry, Frame, Hello, Op, PROTOCOL_MAX, PROTOCOL_MIN};
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum SessionError {
+    #[error("peer acknowledged seq {ack}, beyond what was sent ({sent})")]
+    AckBeyondSent { ack: u64, sent: u64 },
+    #[error("peer's acknowledged position went backwards: {ack} < {acked}")]
+    AckBackwards { ack: u64, acked: u64 },
+    #[error("receiver's durable position {durable} is beyond everything this agent captured ({captured}); the receiver holds another machine's stream or this agent's state was reset")]
+    DurableBeyondCaptured { durable: u64, captured: u64 },
+    #[error("receiver's durable position {durable} is behind what it already acknowledged ({acked}): acknowledged writes were lost on the receiver")]
+    DurableBehindAcked { durable: u64, acked: u64 },
+    #[error("gap in the write stream: expected seq {expected}, got {got}")]
+    Gap { expected: u64, got: u64 },
+    #[error("unexpected {0} frame in this state")]
+    Unexpected(&'static str),
+    #[error("no common protocol version: peer speaks {min}..={max}, we speak {PROTOCOL_MIN}..={PROTOCOL_MAX}")]
+    Version { min: u16, max: u16 },
+}
+
+/// The agent's side: a queue of captured entries not yet acknowledged.
+#[derive(Debug, Default)]
+pub struct SenderState {
+    queue: VecDeque<Entry>,
+    queued_bytes: usize,
+    captured: u64,
+    sent: u64,
+    acked: u64,
+}
+
+impl SenderState {
+    /// Starts after `acked` (everything up to it is known durable at the receiver).
+    pub fn new(acked: u64) -> Self {
+        SenderState {
+            captured: acked,
+            sent: acked,
+            acked,
+            ..Default::default()
+        }
+    }
+
+    pub fn captured(&self) -> u64 {
+        self.captured
+    }
+    pub fn sent(&self) -> u64 {
+        self.sent
+    }
+    pub fn acked(&self) -> u64 {
+        self.acked
+    }
+    /// Encoded bytes of entries captured but not yet acknowledged.
+    pub fn queued_bytes(&self) -> usize {
+        self.queued_bytes
+    }
+
+    /// The seq the next captured entry must take.
+    pub fn next_seq(&self) -> u64 {
+        self.captured + 1
+    }
+
+    /// Queues an entry; its seq must be [`Self::next_seq`].
+    pub fn push(&mut self, entry: Entry) {
+        debug_assert_eq!(entry.seq, self.captured + 1, "seqs are assigned in order");
+        self.captured = entry.seq;
+        self.queued_bytes += entry.encoded_len();
+        self.queue.push_back(entry);
+    }
+
+    /// The receiver said where its durable stream ends: resume after it.
+    pub fn on_welcome(&mut self, durable: u64) -> Result<(), SessionError> {
+        if durable > self.captured {
+            return Err(SessionError::DurableBeyondCaptured {
+                durable,
+                captured: self.captured,
+            });
+        }
+        if durable < self.acked {
+            return Err(SessionError::DurableBehindAcked {
+                durable,
+                acked: self.acked,
+            });
+        }
+        self.release(durable);
+        self.sent = durable;
+        Ok(())
+    }
+
+    /// The connection dropped: everything unacknowledged will be sent again.
+    pub fn on_disconnect(&mut self) {
+        self.sent = self.acked;
+    }
+
+    pub fn on_ack(&mut self, durable: u64) -> Result<(), SessionError> {
+        if durable > self.sent {
+            return Err(SessionError::AckBeyondSent {
+                ack: durable,
+                sent: self.sent,
+            });
+        }
+        if durable < self.acked {
+            return Err(SessionError::AckBackwards {
+                ack: durable,
+                acked: self.acked,
+            });
+        }
+        self.release(durable);
+        Ok(())
+    }
+
+    fn release(&mut self, upto: u64) {
+        while let Some(front) = self.queue.front() {
+            if front.seq > upto {
+                break;
+            }
+            self.queued_bytes -= front.encoded_len();
+            self.queue.pop_front();
+        }
+        self.acked = self.acked.max(upto);
+    }
+
+    /// Frames for the next entries to send, at most about `max_bytes` of entries
+    /// (always at least one entry if any is pending). Tags travel as tag frames.
+    pub fn poll_transmit(&mut self, max_bytes: usize) -> Vec<Frame> {
+        let mut frames = Vec::new();
+        let mut batch: Vec<Entry> = Vec::new();
+        let mut bytes = 0usize;
+        let skip = self.queue.iter().take_while(|e| e.seq <= self.sent).count();
+        for e in self.queue.iter().skip(skip) {
+            let len = e.encoded_len();
+            if bytes > 0 && bytes + len > max_bytes {
+                break;
+            }
+            bytes += len;
+            self.sent = e.seq;
+            if matches!(e.op, Op::Tag { .. }) {
+                if !batch.is_empty() {
+                    frames.push(Frame::Writes(std::mem::take(&mut batch)));
+                }
+                frames.push(Frame::Tag(e.clone()));
+            } else {
+                batch.push(e.clone());
+            }
+        }
+        if !batch.is_empty() {
+            frames.push(Frame::Writes(batch));
+        }
+        frames
+    }
+}
+
+/// What the driver must do after the receiver state handled a frame.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Nothing to do.
+    None,
+    /// Send this frame back.
+    Reply(Frame),
+    /// Make these entries durable, then call [`ReceiverState::on_durable`].
+    Persist(Vec<Entry>),
+}
+
+/// The receiving side: version negotiation, dedup and gap detection.
+#[derive(Debug, Default)]
+pub struct ReceiverState {
+    hello: Option<Hello>,
+    version: u16,
+    received: u64,
+    durable: u64,
+}
+
+impl ReceiverState {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn hello(&self) -> Option<&Hello> {
+        self.hello.as_ref()
+    }
+    pub fn received(&self) -> u64 {
+        self.received
+    }
+    pub fn durable(&self) -> u64 {
+        self.durable
+    }
+
+    /// Validates the first frame; the driver then looks up the durable position
+    /// and calls [`Self::welcome`].
+    pub fn on_hello(&mut self, frame: Frame) -> Result<&Hello, SessionError> {
+        let Frame::Hello(h) = frame else {
+            return Err(SessionError::Unexpected("non-hello first"));
+        };
+        self.version = protocol::negotiate(h.min_version, h.max_version).ok_or(
+            SessionError::Version {
+                min: h.min_version,
+                max: h.max_version,
+            },
+        )?;
+        Ok(self.hello.insert(h))
+    }
+
+    /// The welcome frame announcing where the sender must resume.
+    pub fn welcome(&mut self, durable: u64) -> Frame {
+        self.received = durable;
+        self.durable = durable;
+        Frame::Welcome {
+            version: self.version,
+            durable,
+            max_frame: protocol::MAX_FRAME_LEN,
+        }
+    }
+
+    pub fn on_frame(&mut self, frame: Frame) -> Result<Action, SessionError> {
+        if self.hello.is_none() {
+            return Err(SessionError::Unexpected("frame before hello"));
+        }
+        let entries = match frame {
+            Frame::Writes(entries) => entries,
+            Frame::Tag(e) => vec![e],
+            Frame::Ping {
+                nonce,
+                reply: false,
+            } => {
+                return Ok(Action::Reply(Frame::Ping { nonce, reply: true }));
+            }
+            Frame::Ping { reply: true, .. } => return Ok(Action::None),
+            Frame::Hello(_) => return Err(SessionError::Unexpected("second hello")),
+            Frame::Welcome { .. } => return Err(SessionError::Unexpected("welcome")),
+            Frame::Ack { .. } => return Err(SessionError::Unexpected("ack")),
+            Frame::Error { .. } => return Err(SessionError::Unexpected("error")),
+        };
+        let mut fresh = Vec::with_capacity(entries.len());
+        for e in entries {
+            if e.seq <= self.received {
+                continue; // duplicate of something already received
+            }
+            if e.seq != self.received + 1 {
+                return Err(SessionError::Gap {
+                    expected: self.received + 1,
+                    got: e.seq,
+                });
+            }
+            self.received = e.seq;
+            fresh.push(e);
+        }
+        Ok(if fresh.is_empty() {
+            Action::None
+        } else {
+            Action::Persist(fresh)
+        })
+    }
+
+    /// Entries up to `durable` are durable: acknowledge them.
+    pub fn on_durable(&mut self, durable: u64) -> Frame {
+        debug_assert!(durable <= self.received);
+        self.durable = self.durable.max(durable);
+        Frame::Ack {
+            durable: self.durable,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    fn write(seq: u64) -> Entry {
+        Entry {
+            seq,
+            op: Op::Write {
+                disk: 0,
+                offset: seq * 4096,
+                data: Bytes::from(vec![seq as u8; 4096]),
+            },
+        }
+    }
+
+    fn hello() -> Frame {
+        Frame::Hello(Hello {
+            min_version: 1,
+            max_version: 1,
+            machine: "m".into(),
+            disks: vec![],
+        })
+    }
+
+    /// Drives sender and receiver against each other, losing the connection in
+    /// the middle, and checks that every entry is persisted exactly once.
+    #[test]
+    fn exactly_once_across_a_reconnect() {
+        let mut tx = SenderState::new(0);
+        let mut persisted: Vec<u64> = Vec::new();
+        for s in 1..=10 {
+            tx.push(write(s));
+        }
+        // First connection: send everything, persist only the first 4, then drop.
+        let mut rx = ReceiverState::new();
+        rx.on_hello(hello()).unwrap();
+        let Frame::Welcome { durable, .. } = rx.welcome(0) else {
+            panic!()
+        };
+        tx.on_welcome(durable).unwrap();
+        let frames = tx.poll_transmit(4 * 4200);
+        assert_eq!(tx.sent(), 4);
+        for f in frames {
+            if let Action::Persist(es) = rx.on_frame(f).unwrap() {
+                persisted.extend(es.iter().map(|e| e.seq));
+            }
+        }
+        let ack = rx.on_durable(4);
+        let Frame::Ack { durable } = ack else {
+            panic!()
+        };
+        tx.on_ack(durable).unwrap();
+        let _unsent_on_wire = tx.poll_transmit(3 * 4200); // 5..=7 lost with the connection
+        tx.on_disconnect();
+        assert_eq!(tx.sent(), 4);
+
+        // Second connection resumes from the receiver's durable position.
+        let mut rx = ReceiverState::new();
+        rx.on_hello(hello()).unwrap();
+        let Frame::Welcome { durable, .. } = rx.welcome(4) else {
+            panic!()
+        };
+        tx.on_welcome(durable).unwrap();
+        loop {
+            let frames = tx.poll_transmit(1 << 20);
+            if frames.is_empty() {
+                break;
+            }
+            for f in frames {
+                if let Action::Persist(es) = rx.on_frame(f).unwrap() {
+                    persisted.extend(es.iter().map(|e| e.seq));
+                }
+            }
+        }
+        let Frame::Ack { durable } = rx.on_durable(rx.received()) else {
+            panic!()
+        };
+        tx.on_ack(durable).unwrap();
+        assert_eq!(persisted, (1..=10).collect::<Vec<_>>());
+        assert_eq!(tx.acked(), 10);
+        assert_eq!(tx.queued_bytes(), 0);
+    }
+
+    #[test]
+    fn duplicates_dropped_and_gaps_refused() {
+        let mut rx = ReceiverState::new();
+        rx.on_hello(hello()).unwrap();
+        rx.welcome(5);
+        assert_eq!(
+            rx.on_frame(Frame::Writes(vec![write(4), write(5)])).unwrap(),
+            Action::None
+        );
+        assert_eq!(
+            rx.on_frame(Frame::Writes(vec![write(7)])),
+            Err(SessionError::Gap {
+                expected: 6,
+                got: 7
+            })
+        );
+    }
+
+    #[test]
+    fn receiver_refuses_frames_before_hello_and_bad_versions() {
+        let mut rx = ReceiverState::new();
+        assert!(rx.on_frame(Frame::Writes(vec![write(1)])).is_err());
+        let bad = Frame::Hello(Hello {
+            min_version: 9,
+            max_version: 9,
+            machine: "m".into(),
+            disks: vec![],
+        });
+        assert!(matches!(
+            rx.on_hello(bad),
+            Err(SessionError::Version { .. })
+        ));
+    }
+
+    #[test]
+    fn sender_detects_lost_acknowledged_data() {
+        let mut tx = SenderState::new(0);
+        for s in 1..=3 {
+            tx.push(write(s));
+        }
+        tx.on_welcome(0).unwrap();
+        tx.poll_transmit(1 << 20);
+        tx.on_ack(3).unwrap();
+        assert_eq!(
+            tx.on_welcome(2),
+            Err(SessionError::DurableBehindAcked {
+                durable: 2,
+                acked: 3
+            })
+        );
+        assert!(matches!(
+            tx.on_ack(9),
+            Err(SessionError::AckBeyondSent { .. })
+        ));
+    }
+
+    #[test]
+    fn tags_travel_as_tag_frames_in_order() {
+        let mut tx = SenderState::new(0);
+        tx.push(write(1));
+        tx.push(Entry {
+            seq: 2,
+            op: Op::Tag {
+                kind: protocol::TagKind::Crash,
+                time_ms: 0,
+                label: String::new(),
+            },
+        });
+        tx.push(write(3));
+        let frames = tx.poll_transmit(1 << 20);
+        assert!(matches!(frames[0], Frame::Writes(ref v) if v.len() == 1));
+        assert!(matches!(frames[1], Frame::Tag(_)));
+        assert!(matches!(frames[2], Frame::Writes(ref v) if v[0].seq == 3));
+    }
+}
