@@ -1,1 +1,13 @@
-pub fn x(){}
+//! The Lifeboat agent: captures every write to a protected disk and ships the stream.
+
+pub mod capture;
+pub mod diskio;
+pub mod config;
+pub mod control;
+pub mod disk;
+pub mod journal;
+pub mod runner;
+pub mod sender;
+pub mod stream;
+
+pub use runner::run;

@@ -322,3 +322,120 @@ where
     persist_result?;
     read_result
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::{Hello, Op};
+    use bytes::Bytes;
+    use std::sync::Mutex as StdMutex;
+
+    /// A sink that records what it persisted.
+    #[derive(Default)]
+    struct MemSink {
+        entries: StdMutex<Vec<u64>>,
+    }
+
+    impl StreamSink for MemSink {
+        async fn open(&self, _m: &str, _d: &[DiskInfo]) -> anyhow::Result<u64> {
+            Ok(self.entries.lock().unwrap().last().copied().unwrap_or(0))
+        }
+        async fn append(&self, _m: &str, entries: Vec<Entry>) -> anyhow::Result<u64> {
+            let mut v = self.entries.lock().unwrap();
+            v.extend(entries.iter().map(|e| e.seq));
+            Ok(*v.last().unwrap())
+        }
+    }
+
+    fn hello(machine: &str) -> Frame {
+        Frame::Hello(Hello {
+            min_version: 1,
+            max_version: 1,
+            machine: machine.into(),
+            disks: vec![DiskInfo {
+                id: "d".into(),
+                size: 1 << 20,
+            }],
+        })
+    }
+
+    fn writes(range: std::ops::RangeInclusive<u64>) -> Frame {
+        Frame::Writes(
+            range
+                .map(|seq| Entry {
+                    seq,
+                    op: Op::Write {
+                        disk: 0,
+                        offset: 0,
+                        data: Bytes::from_static(b"x"),
+                    },
+                })
+                .collect(),
+        )
+    }
+
+    async fn session(
+        sink: Arc<MemSink>,
+        sessions: Arc<Sessions>,
+        machine: &'static str,
+        frames: Vec<Frame>,
+    ) -> (Vec<Frame>, Result<(), ReceiveError>) {
+        let (client, server) = tokio::io::duplex(1 << 20);
+        let allow = |m: &str| m != "intruder";
+        let srv = tokio::spawn(async move {
+            serve_connection(server, &allow, sink, &sessions, CancellationToken::new()).await
+        });
+        let (mut rd, mut wr) = tokio::io::split(client);
+        write_frame(&mut wr, &hello(machine)).await.unwrap();
+        for f in &frames {
+            write_frame(&mut wr, f).await.unwrap();
+        }
+        wr.flush().await.unwrap();
+        // Read until the last ack covers what was sent, or the server closes.
+        let want = frames
+            .iter()
+            .filter_map(|f| match f {
+                Frame::Writes(es) => es.last().map(|e| e.seq),
+                _ => None,
+            })
+            .max();
+        let mut got = Vec::new();
+        while let Ok(Some(f)) = read_frame(&mut rd, MAX_FRAME_LEN).await {
+            let done = matches!(f, Frame::Ack { durable } if Some(durable) == want)
+                || matches!(f, Frame::Error { .. });
+            got.push(f);
+            if done {
+                break;
+            }
+        }
+        drop(wr);
+        drop(rd);
+        (got, srv.await.unwrap())
+    }
+
+    #[tokio::test]
+    async fn resend_after_reconnect_is_applied_once() {
+        let sink = Arc::new(MemSink::default());
+        let sessions = Arc::new(Sessions::default());
+        let (got, _) = session(sink.clone(), sessions.clone(), "m", vec![writes(1..=5)]).await;
+        assert!(matches!(got[0], Frame::Welcome { durable: 0, .. }));
+        assert_eq!(got.last(), Some(&Frame::Ack { durable: 5 }));
+        // The agent did not see the ack and resends 3..=8: 3..=5 are dropped.
+        let (got, _) = session(sink.clone(), sessions, "m", vec![writes(3..=8)]).await;
+        assert!(matches!(got[0], Frame::Welcome { durable: 5, .. }));
+        assert_eq!(*sink.entries.lock().unwrap(), (1..=8).collect::<Vec<_>>());
+    }
+
+    #[tokio::test]
+    async fn gaps_and_unauthorised_machines_get_an_error_frame() {
+        let sink = Arc::new(MemSink::default());
+        let sessions = Arc::new(Sessions::default());
+        let (got, r) = session(sink.clone(), sessions.clone(), "m", vec![writes(2..=3)]).await;
+        assert!(matches!(got.last(), Some(Frame::Error { message, .. }) if message.contains("gap")));
+        assert!(r.is_err());
+        let (got, r) = session(sink.clone(), sessions, "intruder", vec![]).await;
+        assert!(matches!(got.last(), Some(Frame::Error { code: error_code::AUTH, .. })));
+        assert!(matches!(r, Err(ReceiveError::NotAllowed(_))));
+        assert!(sink.entries.lock().unwrap().is_empty());
+    }
+}

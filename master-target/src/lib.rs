@@ -1,1 +1,6 @@
-pub fn x(){}
+//! `lifeboat-mt`, the master target: lists recovery points and materialises
+//! them into disk images (failover, test failover), reading only the object store.
+//!
+//! Modules: [`materialize`] (point resolution and image writing).
+
+pub mod materialize;

@@ -1,1 +1,15 @@
-pub fn x(){}
+//! `lifeboat-ps`, the process server: accepts agents over mutual TLS, makes their
+//! write streams durable in a RocksDB cache, and uploads them as sealed segments
+//! and recovery points to object storage.
+//!
+//! Modules: [`config`] (ps.toml), [`pki`] (CA, certificates, key-encryption key),
+//! [`server`] (TLS accept loop and the cache sink), [`cache`] (RocksDB),
+//! [`uploader`] (segments, sealing, points).
+
+pub mod cache;
+pub mod config;
+pub mod pki;
+pub mod server;
+pub mod uploader;
+
+pub use server::run;

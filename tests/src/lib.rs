@@ -1,1 +1,490 @@
-//! Helpers for end-to-end tests.
+//! Harness for end-to-end tests: starts the real binaries (`lifeboat-ps`,
+//! `lifeboat-agent`, `lifeboat-mt`) and real peers (qemu-io, fio, nbdfuse,
+//! Azurite, s3s-fs) on 127.0.0.1, stops them by PID, and bounds every wait.
+
+use std::io::Read;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+
+pub mod peers;
+
+/// Directory of the workspace's built binaries (next to the test executable).
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    // target/<profile>/deps/<test> → target/<profile>
+    exe.parent()
+        .and_then(|p| p.parent())
+        .expect("target dir")
+        .to_path_buf()
+}
+
+pub fn bin(name: &str) -> PathBuf {
+    let p = bin_dir().join(name);
+    assert!(
+        p.exists(),
+        "{} is not built; run `cargo build --release --workspace --bins` first (the test script does)",
+        p.display()
+    );
+    p
+}
+
+/// A free TCP port on 127.0.0.1.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// A child process killed (SIGKILL, by PID) when dropped.
+pub struct Proc {
+    pub name: String,
+    pub child: Option<Child>,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    pub fn spawn(name: &str, cmd: &mut Command, log: &Path) -> Result<Proc> {
+        let out = std::fs::File::create(log)?;
+        let err = out.try_clone()?;
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .with_context(|| format!("starting {name}"))?;
+        Ok(Proc {
+            name: name.into(),
+            child: Some(child),
+            log: log.to_path_buf(),
+        })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+
+    fn signal(&self, sig: i32) {
+        if let Some(c) = &self.child {
+            // SAFETY: kill(2) on our own child's PID.
+            unsafe {
+                libc::kill(c.id() as i32, sig);
+            }
+        }
+    }
+
+    /// SIGKILL and reap.
+    pub fn kill9(&mut self) {
+        self.signal(libc::SIGKILL);
+        if let Some(mut c) = self.child.take() {
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM, wait up to `grace`, then SIGKILL. Returns whether it exited by itself.
+    pub fn stop(&mut self, grace: Duration) -> bool {
+        self.signal(libc::SIGTERM);
+        let deadline = Instant::now() + grace;
+        while Instant::now() < deadline {
+            if let Some(c) = self.child.as_mut() {
+                if let Ok(Some(_)) = c.try_wait() {
+                    self.child = None;
+                    return true;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.kill9();
+        false
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        match self.child.as_mut() {
+            Some(c) => matches!(c.try_wait(), Ok(None)),
+            None => false,
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        let mut s = String::new();
+        if let Ok(mut f) = std::fs::File::open(&self.log) {
+            let _ = f.read_to_string(&mut s);
+        }
+        s
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// Runs a command to completion within `timeout`; kills it otherwise.
+pub fn run_timeout(cmd: &mut Command, timeout: Duration) -> Result<Output> {
+    let desc = format!("{cmd:?}");
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {desc}"))?;
+    let mut out = child.stdout.take().expect("piped");
+    let mut err = child.stderr.take().expect("piped");
+    let t1 = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = out.read_to_end(&mut v);
+        v
+    });
+    let t2 = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = err.read_to_end(&mut v);
+        v
+    });
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Some(s) = child.try_wait()? {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("{desc} did not finish within {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    Ok(Output {
+        status,
+        stdout: t1.join().unwrap_or_default(),
+        stderr: t2.join().unwrap_or_default(),
+    })
+}
+
+/// Runs a command that must succeed; returns stdout.
+pub fn run_ok(cmd: &mut Command, timeout: Duration) -> Result<String> {
+    let desc = format!("{cmd:?}");
+    let out = run_timeout(cmd, timeout)?;
+    if !out.status.success() {
+        bail!(
+            "{desc} failed ({}):\nstdout: {}\nstderr: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Polls `f` until it returns `Some` or `timeout` passes.
+pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Result<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return Ok(v);
+        }
+        if Instant::now() > deadline {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// An initialised, running process server.
+pub struct ProcessServer {
+    pub dir: PathBuf,
+    pub port: u16,
+    pub store_url: String,
+    pub proc: Option<Proc>,
+}
+
+impl ProcessServer {
+    /// `lifeboat-ps init` into `dir`, with the store and config tweaks given.
+    pub fn init(dir: &Path, store_url: Option<&str>, extra_store_options: &[(&str, &str)]) -> Result<ProcessServer> {
+        let port = free_port();
+        let mut cmd = Command::new(bin("lifeboat-ps"));
+        cmd.args(["init", "--dir"]).arg(dir);
+        cmd.args(["--listen", &format!("127.0.0.1:{port}")]);
+        if let Some(u) = store_url {
+            cmd.args(["--store", u]);
+        }
+        run_ok(&mut cmd, Duration::from_secs(30))?;
+        let cfg_path = dir.join("ps.toml");
+        let mut cfg = std::fs::read_to_string(&cfg_path)?;
+        // Short segments so tests see data in the store quickly.
+        cfg = cfg.replace("segment-max-age = \"5s\"", "segment-max-age = \"300ms\"");
+        if !extra_store_options.is_empty() {
+            let opts: Vec<String> = extra_store_options
+                .iter()
+                .map(|(k, v)| format!("{k} = \"{v}\""))
+                .collect();
+            cfg.push_str(&format!("options = {{ {} }}\n", opts.join(", ")));
+        }
+        std::fs::write(&cfg_path, cfg)?;
+        let store_url = store_url
+            .map(String::from)
+            .unwrap_or_else(|| format!("file://{}/store", dir.canonicalize().unwrap().display()));
+        Ok(ProcessServer {
+            dir: dir.canonicalize()?,
+            port,
+            store_url,
+            proc: None,
+        })
+    }
+
+    pub fn start(&mut self) -> Result<()> {
+        let log = self.dir.join(format!("ps-{}.log", std::process::id()));
+        let log = if log.exists() {
+            self.dir.join(format!("ps-{}-{}.log", std::process::id(), now_nanos()))
+        } else {
+            log
+        };
+        let mut cmd = Command::new(bin("lifeboat-ps"));
+        cmd.args(["serve", "--config"]).arg(self.dir.join("ps.toml"));
+        let mut p = Proc::spawn("lifeboat-ps", &mut cmd, &log)?;
+        let port = self.port;
+        wait_for("lifeboat-ps to listen", Duration::from_secs(30), || {
+            if !p.is_running() {
+                return Some(false);
+            }
+            std::net::TcpStream::connect(("127.0.0.1", port)).ok().map(|_| true)
+        })
+        .and_then(|ok| {
+            if ok {
+                Ok(())
+            } else {
+                Err(anyhow!("lifeboat-ps exited at start:\n{}", p.log_text()))
+            }
+        })?;
+        self.proc = Some(p);
+        Ok(())
+    }
+
+    pub fn issue_cert(&self, machine: &str) -> Result<PathBuf> {
+        run_ok(
+            Command::new(bin("lifeboat-ps"))
+                .args(["issue-cert", "--dir"])
+                .arg(&self.dir)
+                .args(["--machine", machine]),
+            Duration::from_secs(30),
+        )?;
+        Ok(self.dir.join("machines").join(machine))
+    }
+
+    pub fn kek(&self) -> PathBuf {
+        self.dir.join("kek.key")
+    }
+
+    pub fn log(&self) -> String {
+        self.proc.as_ref().map(|p| p.log_text()).unwrap_or_default()
+    }
+}
+
+fn now_nanos() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0)
+}
+
+/// A running agent protecting image files.
+pub struct Agent {
+    pub dir: PathBuf,
+    pub config: PathBuf,
+    pub disks: Vec<(String, PathBuf, PathBuf)>,
+    pub proc: Option<Proc>,
+}
+
+impl Agent {
+    /// Writes agent.toml for `disks` (id, size) backed by zero-filled sparse images.
+    pub fn configure(
+        dir: &Path,
+        machine: &str,
+        certs: &Path,
+        ps_port: u16,
+        disks: &[(&str, u64)],
+        extra: &str,
+    ) -> Result<Agent> {
+        std::fs::create_dir_all(dir)?;
+        let dir = dir.canonicalize()?;
+        let mut toml = format!(
+            "machine = \"{machine}\"\nserver = \"127.0.0.1:{ps_port}\"\nserver-name = \"localhost\"\n\
+             ca-cert = \"{c}/ca.pem\"\nclient-cert = \"{c}/client.pem\"\nclient-key = \"{c}/client.key\"\n\
+             state-dir = \"{d}/state\"\n{extra}\n",
+            c = certs.display(),
+            d = dir.display()
+        );
+        let mut list = Vec::new();
+        for (id, size) in disks {
+            let img = dir.join(format!("{id}.img"));
+            if !img.exists() {
+                let f = std::fs::File::create(&img)?;
+                f.set_len(*size)?;
+            }
+            let sock = dir.join(format!("{id}.sock"));
+            toml.push_str(&format!(
+                "\n[[disk]]\nid = \"{id}\"\npath = \"{}\"\nsocket = \"{}\"\n",
+                img.display(),
+                sock.display()
+            ));
+            list.push((id.to_string(), img, sock));
+        }
+        let config = dir.join("agent.toml");
+        std::fs::write(&config, toml)?;
+        Ok(Agent {
+            dir,
+            config,
+            disks: list,
+            proc: None,
+        })
+    }
+
+    pub fn start(&mut self) -> Result<()> {
+        let log = self.dir.join(format!("agent-{}.log", now_nanos()));
+        let mut cmd = Command::new(bin("lifeboat-agent"));
+        cmd.args(["run", "--config"]).arg(&self.config);
+        let mut p = Proc::spawn("lifeboat-agent", &mut cmd, &log)?;
+        let socks: Vec<PathBuf> = self.disks.iter().map(|d| d.2.clone()).collect();
+        let ctl = self.dir.join("state/control.sock");
+        let ok = wait_for("the agent's sockets", Duration::from_secs(30), || {
+            if !p.is_running() {
+                return Some(false);
+            }
+            (socks.iter().all(|s| s.exists()) && ctl.exists()).then_some(true)
+        })?;
+        if !ok {
+            bail!("lifeboat-agent exited at start:\n{}", p.log_text());
+        }
+        self.proc = Some(p);
+        Ok(())
+    }
+
+    pub fn uri(&self, disk: &str) -> String {
+        let (_, _, sock) = self.disks.iter().find(|d| d.0 == disk).expect("disk configured");
+        format!("nbd+unix:///{disk}?socket={}", sock.display())
+    }
+
+    pub fn image(&self, disk: &str) -> PathBuf {
+        self.disks.iter().find(|d| d.0 == disk).expect("disk configured").1.clone()
+    }
+
+    /// Places a crash-consistent tag now; returns its seq.
+    pub fn tag(&self) -> Result<u64> {
+        let out = run_ok(
+            Command::new(bin("lifeboat-agent")).args(["tag", "--config"]).arg(&self.config),
+            Duration::from_secs(30),
+        )?;
+        out.trim().parse().with_context(|| format!("tag printed {out:?}"))
+    }
+
+    pub fn status(&self) -> Result<serde_json::Value> {
+        let out = run_ok(
+            Command::new(bin("lifeboat-agent")).args(["status", "--config"]).arg(&self.config),
+            Duration::from_secs(30),
+        )?;
+        Ok(serde_json::from_str(&out)?)
+    }
+
+    /// Waits until the process server acknowledged everything captured so far.
+    pub fn wait_acked(&self, timeout: Duration) -> Result<u64> {
+        let captured = self.status()?["positions"]["captured"].as_u64().unwrap_or(0);
+        wait_for("the agent's stream to be acknowledged", timeout, || {
+            let s = self.status().ok()?;
+            let acked = s["positions"]["acked"].as_u64()?;
+            (acked >= captured).then_some(acked)
+        })
+    }
+}
+
+/// `lifeboat-mt points --json`.
+pub fn points(store: &str, machine: &str, options: &[String]) -> Result<serde_json::Value> {
+    let mut cmd = Command::new(bin("lifeboat-mt"));
+    cmd.args(["points", "--store", store, "--machine", machine, "--json"]);
+    for o in options {
+        cmd.args(["--store-option", o]);
+    }
+    let out = run_ok(&mut cmd, Duration::from_secs(60))?;
+    Ok(serde_json::from_str(&out)?)
+}
+
+/// Waits until the store's durable stream reaches `seq`.
+pub fn wait_stored(store: &str, machine: &str, options: &[String], seq: u64, timeout: Duration) -> Result<()> {
+    wait_for(&format!("seq {seq} in the store"), timeout, || {
+        let v = points(store, machine, options).ok()?;
+        (v["stream-end"].as_u64()? >= seq).then_some(())
+    })
+}
+
+/// `lifeboat-mt failover`; returns the command's output (success not required).
+pub fn failover(store: &str, machine: &str, point: &str, out: &Path, kek: &Path, options: &[String]) -> Result<Output> {
+    let mut cmd = Command::new(bin("lifeboat-mt"));
+    cmd.args(["failover", "--store", store, "--machine", machine, "--point", point, "--out"])
+        .arg(out)
+        .arg("--key-file")
+        .arg(kek);
+    for o in options {
+        cmd.args(["--store-option", o]);
+    }
+    run_timeout(&mut cmd, Duration::from_secs(300))
+}
+
+/// Asserts two files are byte-for-byte equal, naming the first differing offset.
+pub fn assert_same(a: &Path, b: &Path) {
+    let mut fa = std::fs::File::open(a).unwrap_or_else(|e| panic!("{}: {e}", a.display()));
+    let mut fb = std::fs::File::open(b).unwrap_or_else(|e| panic!("{}: {e}", b.display()));
+    let la = fa.metadata().unwrap().len();
+    let lb = fb.metadata().unwrap().len();
+    assert_eq!(la, lb, "{} and {} differ in size", a.display(), b.display());
+    let mut ba = vec![0u8; 1 << 20];
+    let mut bb = vec![0u8; 1 << 20];
+    let mut off = 0u64;
+    loop {
+        let n = fa.read(&mut ba).unwrap();
+        if n == 0 {
+            break;
+        }
+        fb.read_exact(&mut bb[..n]).unwrap();
+        if ba[..n] != bb[..n] {
+            let i = ba[..n].iter().zip(&bb[..n]).position(|(x, y)| x != y).unwrap();
+            panic!(
+                "{} and {} differ at byte {} (0x{:x})",
+                a.display(),
+                b.display(),
+                off + i as u64,
+                off + i as u64
+            );
+        }
+        off += n as u64;
+    }
+}
+
+/// Copies a file (a snapshot of a source disk at some moment).
+pub fn snapshot(src: &Path, dst: &Path) {
+    std::fs::copy(src, dst).unwrap_or_else(|e| panic!("copying {}: {e}", src.display()));
+}
+
+/// Whether an external program is on PATH.
+pub fn have(prog: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {prog}")])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
+}
+
+/// qemu-io against an NBD URI with writeback cache (no implicit FUA).
+pub fn qemu_io(uri: &str, cmds: &[&str]) -> Result<String> {
+    let mut cmd = Command::new("qemu-io");
+    cmd.args(["-f", "raw", "-t", "writeback", uri]);
+    for c in cmds {
+        cmd.args(["-c", c]);
+    }
+    let out = run_ok(&mut cmd, Duration::from_secs(120))?;
+    if out.contains("failed") || out.contains("Pattern verification failed") {
+        bail!("qemu-io reported a failure:\n{out}");
+    }
+    Ok(out)
+}

@@ -1,1 +1,82 @@
-fn main(){}
+//! `lifeboat-agent`: run | tag | status.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use lifeboat_agent::config::AgentConfig;
+use lifeboat_agent::control::{self, Request};
+
+#[derive(Parser)]
+#[command(name = "lifeboat-agent", version, about = "Lifeboat agent: protects this machine's disks")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Serve the protected disks and replicate every write.
+    Run {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Ask the running agent for a crash-consistent point now; prints its seq.
+    Tag {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long, default_value = "")]
+        label: String,
+    },
+    /// Print the running agent's status as JSON.
+    Status {
+        #[arg(long)]
+        config: PathBuf,
+    },
+}
+
+fn main() {
+    lifeboat_common::init_logging("info");
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("lifeboat-agent: error: starting the runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    if let Err(e) = rt.block_on(real_main()) {
+        eprintln!("lifeboat-agent: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn real_main() -> Result<()> {
+    match Cli::parse().cmd {
+        Cmd::Run { config } => {
+            let cfg = AgentConfig::load(&config)?;
+            let shutdown = tokio_util::sync::CancellationToken::new();
+            let s = shutdown.clone();
+            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+                s.cancel();
+            });
+            lifeboat_agent::run(cfg, shutdown).await
+        }
+        Cmd::Tag { config, label } => {
+            let cfg = AgentConfig::load(&config)?;
+            let v = control::request(&cfg.control_socket(), &Request::Tag { label }).await?;
+            println!("{}", v["seq"]);
+            Ok(())
+        }
+        Cmd::Status { config } => {
+            let cfg = AgentConfig::load(&config)?;
+            let v = control::request(&cfg.control_socket(), &Request::Status).await?;
+            println!("{}", serde_json::to_string_pretty(&v)?);
+            Ok(())
+        }
+    }
+}

@@ -1,1 +1,149 @@
-fn main(){}
+//! `lifeboat-ps`: init | issue-cert | serve.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use lifeboat_ps::config::{PsConfig, DEFAULT_LISTEN};
+use lifeboat_ps::pki;
+
+#[derive(Parser)]
+#[command(name = "lifeboat-ps", version, about = "Lifeboat process server")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Create a CA, server and first machine certificates, the key-encryption key
+    /// and a config with the embedded defaults in DIR.
+    Init {
+        #[arg(long)]
+        dir: PathBuf,
+        /// Id of the first machine to protect.
+        #[arg(long, default_value = "machine-1")]
+        machine: String,
+        #[arg(long, default_value = DEFAULT_LISTEN)]
+        listen: String,
+        /// Store URL (default: file://DIR/store).
+        #[arg(long)]
+        store: Option<String>,
+    },
+    /// Issue a client certificate for another machine (into DIR/machines/<machine>).
+    IssueCert {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        machine: String,
+    },
+    /// Accept agents and replicate their streams to the object store.
+    Serve {
+        #[arg(long)]
+        config: PathBuf,
+    },
+}
+
+fn main() {
+    lifeboat_common::init_logging("info");
+    if let Err(e) = real_main() {
+        eprintln!("lifeboat-ps: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn real_main() -> Result<()> {
+    match Cli::parse().cmd {
+        Cmd::Init {
+            dir,
+            machine,
+            listen,
+            store,
+        } => init(&dir, &machine, &listen, store),
+        Cmd::IssueCert { dir, machine } => {
+            let out = dir.join("machines").join(&machine);
+            pki::issue_machine_cert(&dir, &machine, &out)?;
+            println!("issued a client certificate for {machine} in {}", out.display());
+            Ok(())
+        }
+        Cmd::Serve { config } => {
+            let cfg = PsConfig::load(&config)?;
+            let rt = tokio::runtime::Runtime::new()?;
+            rt.block_on(async {
+                let shutdown = tokio_util::sync::CancellationToken::new();
+                let s = shutdown.clone();
+                tokio::spawn(async move {
+                    let mut term =
+                        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                            .expect("installing a SIGTERM handler");
+                    tokio::select! {
+                        _ = tokio::signal::ctrl_c() => {}
+                        _ = term.recv() => {}
+                    }
+                    s.cancel();
+                });
+                lifeboat_ps::run(cfg, shutdown).await
+            })
+        }
+    }
+}
+
+fn init(dir: &Path, machine: &str, listen: &str, store: Option<String>) -> Result<()> {
+    lifeboat_common::ids::validate_id("machine", machine).map_err(anyhow::Error::msg)?;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let dir = dir
+        .canonicalize()
+        .with_context(|| format!("resolving {}", dir.display()))?;
+    let config_path = dir.join("ps.toml");
+    if config_path.exists() {
+        anyhow::bail!(
+            "{} already exists: refusing to overwrite an initialised process server",
+            config_path.display()
+        );
+    }
+    pki::create_authority(&dir, &["localhost".to_string(), "127.0.0.1".to_string()])?;
+    pki::issue_machine_cert(&dir, machine, &dir.join("machines").join(machine))?;
+    let store = store.unwrap_or_else(|| format!("file://{}/store", dir.display()));
+    let cfg = format!(
+        r#"# lifeboat-ps configuration, written by `lifeboat-ps init`.
+# Address agents connect to (TLS 1.3, client certificates required).
+listen = "{listen}"
+# Durable RocksDB cache of received writes.
+cache-dir = "cache"
+# Registration CA and this server's certificate.
+ca-cert = "{ca}"
+server-cert = "{sc}"
+server-key = "{sk}"
+# Key-encryption key. Keep a copy OFFLINE: without it no recovery point can be read.
+kek-file = "{kek}"
+# Segments are cut at this size, after this age, and always at a recovery point.
+segment-max-bytes = 33554432
+segment-max-age = "5s"
+# zstd level for segments (0 stores uncompressed).
+zstd-level = 1
+upload-concurrency = 4
+
+[store]
+url = "{store}"
+# options = {{ aws_endpoint = "http://127.0.0.1:8014", aws_region = "us-east-1" }}
+"#,
+        ca = pki::CA_CERT,
+        sc = pki::SERVER_CERT,
+        sk = pki::SERVER_KEY,
+        kek = pki::KEK_FILE,
+    );
+    std::fs::write(&config_path, cfg)?;
+    PsConfig::load(&config_path).context("checking the written config")?;
+    println!("initialised {}", dir.display());
+    println!("  config:           {}", config_path.display());
+    println!("  object store:     {store}");
+    println!(
+        "  machine {machine}: certificate in {}",
+        dir.join("machines").join(machine).display()
+    );
+    println!(
+        "  key-encryption key: {} -- copy it somewhere safe and offline now; recovery\n    (lifeboat-mt failover --key-file) is impossible without it.",
+        dir.join(pki::KEK_FILE).display()
+    );
+    Ok(())
+}

@@ -1,0 +1,149 @@
+//! A protected disk: the real disk behind the NBD export, with every completed
+//! write put into the machine's stream.
+//!
+//! Write path: take a stream permit (journal bound, tag gate) → lock the byte
+//! range (overlapping writes run one after another, so seq order is disk order)
+//! → write the disk → take the seq (journal + queue) → unlock → FUA: sync disk and
+//! journal → reply. Trim and write-zeroes both make the range read as zeros, and
+//! are replicated as zeroing.
+
+use std::io;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use lifeboat_common::protocol::Op;
+use tokio::sync::Notify;
+
+use crate::capture::BlockBackend;
+use crate::diskio::DiskFile;
+use crate::stream::Stream;
+
+/// Byte ranges of writes in flight; overlapping writers wait.
+#[derive(Default)]
+struct RangeLocks {
+    held: Mutex<Vec<(u64, u64)>>,
+    released: Notify,
+}
+
+struct RangeGuard<'a> {
+    locks: &'a RangeLocks,
+    range: (u64, u64),
+}
+
+impl RangeLocks {
+    async fn lock(&self, offset: u64, len: u64) -> RangeGuard<'_> {
+        let range = (offset, offset.saturating_add(len));
+        loop {
+            let released = self.released.notified();
+            {
+                let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+                if !held.iter().any(|&(a, b)| a < range.1 && range.0 < b) {
+                    held.push(range);
+                    return RangeGuard { locks: self, range };
+                }
+            }
+            released.await;
+        }
+    }
+}
+
+impl Drop for RangeGuard<'_> {
+    fn drop(&mut self) {
+        let mut held = self.locks.held.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(i) = held.iter().position(|r| *r == self.range) {
+            held.swap_remove(i);
+        }
+        drop(held);
+        self.locks.released.notify_waiters();
+    }
+}
+
+pub struct ProtectedDisk {
+    pub id: String,
+    index: u16,
+    file: DiskFile,
+    size: u64,
+    stream: Arc<Stream>,
+    ranges: RangeLocks,
+}
+
+impl ProtectedDisk {
+    pub fn new(id: String, index: u16, file: DiskFile, stream: Arc<Stream>) -> ProtectedDisk {
+        let size = file.size();
+        ProtectedDisk {
+            id,
+            index,
+            file,
+            size,
+            stream,
+            ranges: RangeLocks::default(),
+        }
+    }
+
+    fn check(&self, offset: u64, len: u64) -> io::Result<()> {
+        if offset.checked_add(len).is_none_or(|e| e > self.size) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{len} bytes at {offset} is beyond disk {} ({} bytes)", self.id, self.size),
+            ));
+        }
+        Ok(())
+    }
+
+    async fn durable(&self) -> io::Result<()> {
+        let (a, b) = tokio::join!(self.file.sync(), self.stream.sync_journal());
+        a?;
+        b
+    }
+}
+
+impl BlockBackend for ProtectedDisk {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    async fn read(&self, offset: u64, len: u32) -> io::Result<Bytes> {
+        self.check(offset, len as u64)?;
+        self.file.read_at(offset, len as usize).await
+    }
+
+    async fn write(&self, offset: u64, data: Bytes, fua: bool) -> io::Result<()> {
+        self.check(offset, data.len() as u64)?;
+        {
+            let _permit = self.stream.write_permit().await;
+            let _range = self.ranges.lock(offset, data.len() as u64).await;
+            self.file.write_at(offset, data.clone()).await?;
+            self.stream.capture(Op::Write {
+                disk: self.index,
+                offset,
+                data,
+            });
+        }
+        if fua {
+            self.durable().await?;
+        }
+        Ok(())
+    }
+
+    async fn zero(&self, offset: u64, len: u32, fua: bool) -> io::Result<()> {
+        self.check(offset, len as u64)?;
+        {
+            let _permit = self.stream.write_permit().await;
+            let _range = self.ranges.lock(offset, len as u64).await;
+            self.file.zero_range(offset, len as u64).await?;
+            self.stream.capture(Op::Zero {
+                disk: self.index,
+                offset,
+                len,
+            });
+        }
+        if fua {
+            self.durable().await?;
+        }
+        Ok(())
+    }
+
+    async fn flush(&self) -> io::Result<()> {
+        self.durable().await
+    }
+}

@@ -1,0 +1,138 @@
+//! `lifeboat-agent run`: opens the journal and the disks, serves each disk as an
+//! NBD export, ships the stream, takes a crash-consistent tag every
+//! `tag-interval`, and answers the control socket, until shutdown.
+
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use lifeboat_common::protocol::{DiskInfo, TagKind};
+use lifeboat_common::tls;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info};
+
+use crate::capture::nbd::{self, Exports};
+use crate::config::AgentConfig;
+use crate::control::{self, Control};
+use crate::disk::ProtectedDisk;
+use crate::diskio::{DiskFile, IoMode};
+use crate::journal::Journal;
+use crate::sender::{self, Link, SenderConfig};
+use crate::stream::Stream;
+
+pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<()> {
+    tls::install_crypto_provider();
+    std::fs::create_dir_all(&cfg.state_dir)
+        .with_context(|| format!("creating {}", cfg.state_dir.display()))?;
+    let tls_cfg = tls::client_config(&cfg.ca_cert, &cfg.client_cert, &cfg.client_key)?;
+    let (journal, replay) = Journal::open(&cfg.journal_dir())?;
+    if !replay.is_empty() {
+        info!(
+            "journal holds seqs {}..={} from the previous run",
+            replay[0].seq,
+            replay[replay.len() - 1].seq
+        );
+    }
+    let stream = Stream::new(journal, replay, cfg.journal_max_bytes);
+
+    let mut disks = Vec::new();
+    let mut infos = Vec::new();
+    for (i, d) in cfg.disks.iter().enumerate() {
+        let file = DiskFile::open(&d.path, IoMode::Auto)
+            .with_context(|| format!("opening disk {} ({})", d.id, d.path.display()))?;
+        info!(
+            "disk {}: {} ({} bytes, {} I/O)",
+            d.id,
+            d.path.display(),
+            file.size(),
+            file.mode()
+        );
+        infos.push(DiskInfo {
+            id: d.id.clone(),
+            size: file.size(),
+        });
+        disks.push(Arc::new(ProtectedDisk::new(
+            d.id.clone(),
+            i as u16,
+            file,
+            stream.clone(),
+        )));
+    }
+
+    let cancel = shutdown.child_token();
+    let link = Arc::new(Link::default());
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(sender::run(
+        SenderConfig {
+            machine: cfg.machine.clone(),
+            server: cfg.server.clone(),
+            server_name: cfg.server_name.clone(),
+            tls: tls_cfg,
+            disks: infos.clone(),
+        },
+        stream.clone(),
+        link.clone(),
+        cancel.clone(),
+    ));
+
+    for (d, disk) in cfg.disks.iter().zip(&disks) {
+        let exports = Arc::new(Exports::single(d.id.clone(), disk.clone()));
+        let path = d.socket.clone();
+        let c = cancel.clone();
+        let ex = exports.clone();
+        tasks.spawn(async move {
+            if let Err(e) = nbd::serve_unix(&path, ex, c.clone()).await {
+                error!("NBD export on {}: {e}", path.display());
+                c.cancel();
+            }
+        });
+        info!("disk {} exported on nbd+unix:///{}?socket={}", d.id, d.id, d.socket.display());
+        if let Some(addr) = d.tcp {
+            let c = cancel.clone();
+            tasks.spawn(async move {
+                if let Err(e) = nbd::serve_tcp(addr, exports, c.clone()).await {
+                    error!("NBD export on {addr}: {e}");
+                    c.cancel();
+                }
+            });
+        }
+    }
+
+    let control = Arc::new(Control {
+        machine: cfg.machine.clone(),
+        disks: infos,
+        stream: stream.clone(),
+        link,
+    });
+    let sock = cfg.control_socket();
+    let c = cancel.clone();
+    tasks.spawn(async move {
+        if let Err(e) = control::serve(&sock, control, c.clone()).await {
+            error!("control socket {}: {e:#}", sock.display());
+            c.cancel();
+        }
+    });
+
+    let interval = cfg.tag_interval;
+    let s = stream.clone();
+    let c = cancel.clone();
+    tasks.spawn(async move {
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {
+                    let seq = s.tag(TagKind::Crash, "").await;
+                    info!(seq, "crash-consistent tag placed");
+                }
+                _ = c.cancelled() => break,
+            }
+        }
+    });
+    info!("lifeboat-agent running for machine {}", cfg.machine);
+
+    cancel.cancelled().await;
+    info!("shutting down");
+    while tasks.join_next().await.is_some() {}
+    stream.sync_journal().await.ok();
+    stream.close();
+    Ok(())
+}

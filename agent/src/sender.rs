@@ -1,0 +1,157 @@
+//! Shipping the stream: one TLS 1.3 connection (client certificate) to the
+//! process server, hello → welcome (resume after the server's durable position)
+//! → frames of queued entries; acks free the journal. Reconnects with capped
+//! backoff forever; the journal holds the stream meanwhile.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use lifeboat_common::framed::{read_frame, write_frame};
+use lifeboat_common::protocol::{DiskInfo, Frame, Hello, MAX_FRAME_LEN, PROTOCOL_MAX, PROTOCOL_MIN};
+use rustls::pki_types::ServerName;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::stream::Stream;
+
+/// Entry bytes per writes frame.
+pub const BATCH_BYTES: usize = 4 * 1024 * 1024;
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// A ping is sent after this long without traffic; the connection is dropped
+/// when nothing arrives for `IDLE_TIMEOUT`.
+pub const PING_INTERVAL: Duration = Duration::from_secs(10);
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(45);
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+pub struct SenderConfig {
+    pub machine: String,
+    pub server: String,
+    pub server_name: String,
+    pub tls: Arc<rustls::ClientConfig>,
+    pub disks: Vec<DiskInfo>,
+}
+
+/// Whether a session with the process server is up.
+#[derive(Default)]
+pub struct Link {
+    pub connected: AtomicBool,
+    pub last_error: std::sync::Mutex<Option<String>>,
+}
+
+/// Runs until `cancel`, reconnecting as needed.
+pub async fn run(cfg: SenderConfig, stream: Arc<Stream>, link: Arc<Link>, cancel: CancellationToken) {
+    let mut backoff = BACKOFF_MIN;
+    while !cancel.is_cancelled() {
+        let result = session(&cfg, &stream, &link, &cancel).await;
+        link.connected.store(false, Ordering::Relaxed);
+        stream.lock_state().on_disconnect();
+        match result {
+            Ok(()) => backoff = BACKOFF_MIN,
+            Err(e) => {
+                warn!("replication link to {}: {e:#}; retrying in {backoff:?}", cfg.server);
+                *link.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(format!("{e:#}"));
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = cancel.cancelled() => {}
+        }
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+async fn session(cfg: &SenderConfig, stream: &Arc<Stream>, link: &Link, cancel: &CancellationToken) -> Result<()> {
+    let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&cfg.server))
+        .await
+        .map_err(|_| anyhow!("connecting to {} timed out", cfg.server))?
+        .with_context(|| format!("connecting to {}", cfg.server))?;
+    tcp.set_nodelay(true)?;
+    let name = ServerName::try_from(cfg.server_name.clone())
+        .map_err(|_| anyhow!("invalid server name {:?}", cfg.server_name))?;
+    let tls = tokio::time::timeout(CONNECT_TIMEOUT, TlsConnector::from(cfg.tls.clone()).connect(name, tcp))
+        .await
+        .map_err(|_| anyhow!("TLS handshake with {} timed out", cfg.server))?
+        .with_context(|| format!("TLS handshake with {}", cfg.server))?;
+    let (mut rd, mut wr) = tokio::io::split(tls);
+    let hello = Frame::Hello(Hello {
+        min_version: PROTOCOL_MIN,
+        max_version: PROTOCOL_MAX,
+        machine: cfg.machine.clone(),
+        disks: cfg.disks.clone(),
+    });
+    write_frame(&mut wr, &hello).await?;
+    wr.flush().await?;
+    let durable = match tokio::time::timeout(CONNECT_TIMEOUT, read_frame(&mut rd, MAX_FRAME_LEN)).await {
+        Err(_) => bail!("no welcome from {} within {CONNECT_TIMEOUT:?}", cfg.server),
+        Ok(r) => match r? {
+            Some(Frame::Welcome { durable, .. }) => durable,
+            Some(Frame::Error { code, message }) => bail!("process server refused the session (code {code}): {message}"),
+            Some(other) => bail!("expected a welcome, got {other:?}"),
+            None => bail!("process server closed the connection during the hello (is this machine's certificate accepted?)"),
+        },
+    };
+    stream.lock_state().on_welcome(durable)?;
+    stream.released(durable);
+    link.connected.store(true, Ordering::Relaxed);
+    *link.last_error.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    info!("replicating to {} from seq {}", cfg.server, durable + 1);
+
+    let reader = async {
+        loop {
+            let f = match tokio::time::timeout(IDLE_TIMEOUT, read_frame(&mut rd, MAX_FRAME_LEN)).await {
+                Err(_) => bail!("nothing heard from the process server for {IDLE_TIMEOUT:?}"),
+                Ok(r) => r?,
+            };
+            match f {
+                Some(Frame::Ack { durable }) => {
+                    stream.lock_state().on_ack(durable)?;
+                    stream.released(durable);
+                }
+                Some(Frame::Ping { .. }) => {}
+                Some(Frame::Error { code, message }) => bail!("process server error (code {code}): {message}"),
+                Some(other) => bail!("unexpected frame from the process server: {other:?}"),
+                None => bail!("process server closed the connection"),
+            }
+        }
+        #[allow(unreachable_code)]
+        Ok::<(), anyhow::Error>(())
+    };
+    let writer = async {
+        let mut nonce = 0u64;
+        loop {
+            let notified = stream.wake_sender.notified();
+            let frames = stream.lock_state().poll_transmit(BATCH_BYTES);
+            if frames.is_empty() {
+                tokio::select! {
+                    _ = notified => {}
+                    _ = tokio::time::sleep(PING_INTERVAL) => {
+                        nonce += 1;
+                        write_frame(&mut wr, &Frame::Ping { nonce, reply: false }).await?;
+                        wr.flush().await?;
+                    }
+                    _ = cancel.cancelled() => {
+                        let _ = wr.shutdown().await;
+                        return Ok(());
+                    }
+                }
+                continue;
+            }
+            for f in &frames {
+                write_frame(&mut wr, f).await?;
+            }
+            wr.flush().await?;
+        }
+        #[allow(unreachable_code)]
+        Ok::<(), anyhow::Error>(())
+    };
+    tokio::select! {
+        r = reader => r,
+        r = writer => r,
+    }
+}

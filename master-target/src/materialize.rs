@@ -1,0 +1,379 @@
+//! Materialising a recovery point: the machine's disks as sparse raw images,
+//! read from the object store alone (the process server may be gone).
+//!
+//! Every segment from seq 1 to the point's seq is fetched (up to
+//! `FETCH_CONCURRENCY` at once), authenticated and decrypted, checked against its
+//! name, and its entries with `seq ≤ point` are applied in seq order — so the
+//! image is exactly the source disk after the point's last write. A missing
+//! segment (a gap in the stream), a tampered object or a write outside a disk is
+//! an error naming the object, and the images are then not to be used.
+
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{anyhow, bail, Context, Result};
+use futures::StreamExt;
+use lifeboat_common::catalogue::{
+    self, contiguous_prefix, decode_segment, format_time_ms, list_points, list_segments,
+    segment_object, PointRecord, SegmentName,
+};
+use lifeboat_common::protocol::{Entry, Op};
+use lifeboat_common::seal::{self, Key};
+use lifeboat_common::store::Store;
+
+pub const FETCH_CONCURRENCY: usize = 8;
+
+/// Which point to recover.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PointSpec {
+    /// The end of the durable stream in the store.
+    Latest,
+    /// The newest app-consistent point.
+    LatestApp,
+    /// A point id as listed by `points`.
+    Id(String),
+    /// The newest point at or before this time (ms since the epoch).
+    Time(u64),
+}
+
+impl std::str::FromStr for PointSpec {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "latest" => Ok(PointSpec::Latest),
+            "latest-app" => Ok(PointSpec::LatestApp),
+            _ if s.bytes().all(|b| b.is_ascii_digit()) && !s.is_empty() => {
+                Ok(PointSpec::Id(s.to_string()))
+            }
+            _ => chrono::DateTime::parse_from_rfc3339(s)
+                .map(|t| PointSpec::Time(t.timestamp_millis().max(0) as u64))
+                .map_err(|_| {
+                    format!("{s:?} is not a point: use latest, latest-app, a point id or an RFC 3339 time")
+                }),
+        }
+    }
+}
+
+/// A resolved point: where in the stream it is and what it is.
+#[derive(Debug, Clone)]
+pub struct Resolved {
+    pub seq: u64,
+    /// The tag at `seq`, if the point is a tag (not the stream's end).
+    pub point: Option<PointRecord>,
+    pub description: String,
+}
+
+/// What the store holds for a machine: its stream end and points.
+pub struct Inventory {
+    pub end: u64,
+    /// The first seq of a stored segment beyond a gap, if the stream has one.
+    pub after_gap: Option<u64>,
+    pub segments: Vec<SegmentName>,
+    pub points: Vec<PointRecord>,
+}
+
+pub async fn inventory(store: &Store, machine: &str) -> Result<Inventory> {
+    let all = list_segments(store, machine).await?;
+    let (end, segments) = contiguous_prefix(&all);
+    let after_gap = all.iter().find(|s| s.first > end + 1).map(|s| s.first);
+    let points = list_points(store, machine).await?;
+    Ok(Inventory {
+        end,
+        after_gap,
+        segments,
+        points,
+    })
+}
+
+pub fn resolve(inv: &Inventory, machine: &str, spec: &PointSpec) -> Result<Resolved> {
+    let stored: Vec<&PointRecord> = inv.points.iter().filter(|p| p.seq <= inv.end).collect();
+    let pick = |p: &PointRecord| Resolved {
+        seq: p.seq,
+        point: Some(p.clone()),
+        description: format!("point {} ({}, {}, seq {})", p.id, p.kind.as_str(), p.time, p.seq),
+    };
+    match spec {
+        PointSpec::Latest => {
+            if let Some(next) = inv.after_gap {
+                bail!(
+                    "the segment(s) holding seqs {}..={} of machine {machine} are missing from the store \
+                     (the next stored segment starts at seq {next}); `latest` cannot be recovered. \
+                     Restore the missing object, or recover a point at or before seq {}",
+                    inv.end + 1,
+                    next - 1,
+                    inv.end
+                );
+            }
+            if inv.end == 0 {
+                bail!("the store holds no data for machine {machine} yet");
+            }
+            Ok(Resolved {
+                seq: inv.end,
+                point: stored.iter().find(|p| p.seq == inv.end).map(|p| (*p).clone()),
+                description: format!("latest (end of the durable stream, seq {})", inv.end),
+            })
+        }
+        PointSpec::LatestApp => stored
+            .iter()
+            .rev()
+            .find(|p| p.kind == lifeboat_common::protocol::TagKind::App)
+            .map(|p| pick(p))
+            .ok_or_else(|| anyhow!("machine {machine} has no app-consistent point in the store")),
+        PointSpec::Id(id) => {
+            if let Some(p) = stored.iter().find(|p| &p.id == id) {
+                return Ok(pick(p));
+            }
+            if inv.points.iter().any(|p| &p.id == id) {
+                bail!("point {id} of machine {machine} is recorded, but the stream up to it is incomplete in the store (it ends at seq {})", inv.end);
+            }
+            bail!("machine {machine} has no point {id}; `lifeboat-mt points` lists them")
+        }
+        PointSpec::Time(t) => stored
+            .iter()
+            .rev()
+            .find(|p| p.time_ms <= *t)
+            .map(|p| pick(p))
+            .ok_or_else(|| {
+                anyhow!(
+                    "machine {machine} has no point at or before {}",
+                    format_time_ms(*t)
+                )
+            }),
+    }
+}
+
+/// One written disk image.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct DiskReport {
+    pub id: String,
+    pub path: PathBuf,
+    pub size: u64,
+    pub bytes_written: u64,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Report {
+    pub machine: String,
+    pub seq: u64,
+    pub point: String,
+    pub segments_read: usize,
+    pub bytes_fetched: u64,
+    pub disks: Vec<DiskReport>,
+}
+
+struct Target {
+    file: File,
+    size: u64,
+    written: u64,
+}
+
+/// Writes every disk of `machine` at `resolved` into `out_dir/<disk>.raw`.
+pub async fn materialize(
+    store: &Store,
+    kek: &Key,
+    machine: &str,
+    inv: &Inventory,
+    resolved: &Resolved,
+    out_dir: &Path,
+    progress: impl Fn(u64, u64) + Send + Sync,
+) -> Result<Report> {
+    let rec = catalogue::load_machine(store, machine).await?;
+    let key = catalogue::load_data_key(store, kek, machine).await?;
+    if resolved.seq > inv.end {
+        bail!(
+            "seq {} is beyond the end of the stored stream ({}): a segment is missing",
+            resolved.seq,
+            inv.end
+        );
+    }
+    std::fs::create_dir_all(out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
+    let mut targets = BTreeMap::new();
+    let mut paths = Vec::new();
+    for (i, d) in rec.disks.iter().enumerate() {
+        let path = out_dir.join(format!("{}.raw", d.id));
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .with_context(|| format!("creating {}", path.display()))?;
+        file.set_len(d.size)
+            .with_context(|| format!("sizing {} to {} bytes", path.display(), d.size))?;
+        targets.insert(
+            i as u16,
+            Target {
+                file,
+                size: d.size,
+                written: 0,
+            },
+        );
+        paths.push(path);
+    }
+    let targets = Arc::new(std::sync::Mutex::new(targets));
+
+    let needed: Vec<SegmentName> = inv
+        .segments
+        .iter()
+        .copied()
+        .filter(|s| s.first <= resolved.seq)
+        .collect();
+    let total = needed.len() as u64;
+    let key = Arc::new(key);
+    let mut fetches = futures::stream::iter(needed.clone())
+        .map(|s| {
+            let store = store.clone();
+            let key = key.clone();
+            let machine = machine.to_string();
+            async move {
+                let name = segment_object(&machine, s.first, s.last);
+                let sealed = store
+                    .get(&name)
+                    .await?
+                    .ok_or_else(|| anyhow!("{} is missing", store.describe(&name)))?;
+                let fetched = sealed.len() as u64;
+                let described = store.describe(&name);
+                let entries = tokio::task::spawn_blocking(move || -> Result<Vec<Entry>> {
+                    let plain = seal::open(&key, &name, 0, &sealed).map_err(|e| {
+                        anyhow!("{described}: {e}; refusing to use this recovery point")
+                    })?;
+                    decode_segment(&plain, &machine, s)
+                        .map_err(|e| anyhow!("{described}: {e}"))
+                })
+                .await??;
+                Ok::<_, anyhow::Error>((s, fetched, entries))
+            }
+        })
+        .buffered(FETCH_CONCURRENCY);
+
+    let mut done = 0u64;
+    let mut fetched_total = 0u64;
+    // Segments may overlap (a re-upload after a crash): apply each seq once.
+    let mut applied = 0u64;
+    let mut saw_point_tag = resolved.point.is_none();
+    while let Some(item) = fetches.next().await {
+        let (s, fetched, entries) = item?;
+        fetched_total += fetched;
+        let targets = targets.clone();
+        let upto = resolved.seq;
+        let seg_name = store.describe(&segment_object(machine, s.first, s.last));
+        let from = applied;
+        let found_tag = tokio::task::spawn_blocking(move || -> Result<bool> {
+            let mut t = targets.lock().unwrap_or_else(|p| p.into_inner());
+            apply(&mut t, &entries, from, upto).with_context(|| format!("applying {seg_name}"))
+        })
+        .await??;
+        applied = applied.max(s.last.min(resolved.seq));
+        saw_point_tag |= found_tag;
+        done += 1;
+        progress(done, total);
+    }
+    if !saw_point_tag {
+        bail!(
+            "the stream holds no tag at seq {} although point {} says so; the catalogue does not match the data",
+            resolved.seq,
+            resolved.point.as_ref().map(|p| p.id.as_str()).unwrap_or("?")
+        );
+    }
+    let mut disks = Vec::new();
+    let t = Arc::try_unwrap(targets)
+        .map_err(|_| anyhow!("internal: targets still shared"))?
+        .into_inner()
+        .unwrap_or_else(|p| p.into_inner());
+    for ((_, target), (d, path)) in t.into_iter().zip(rec.disks.iter().zip(paths)) {
+        target
+            .file
+            .sync_all()
+            .with_context(|| format!("syncing {}", path.display()))?;
+        disks.push(DiskReport {
+            id: d.id.clone(),
+            path,
+            size: target.size,
+            bytes_written: target.written,
+        });
+    }
+    Ok(Report {
+        machine: machine.to_string(),
+        seq: resolved.seq,
+        point: resolved.description.clone(),
+        segments_read: needed.len(),
+        bytes_fetched: fetched_total,
+        disks,
+    })
+}
+
+/// Applies entries with `after < seq ≤ upto`; returns whether the tag at `upto` was seen.
+fn apply(targets: &mut BTreeMap<u16, Target>, entries: &[Entry], after: u64, upto: u64) -> Result<bool> {
+    let mut saw_tag = false;
+    for e in entries.iter().filter(|e| e.seq > after) {
+        if e.seq > upto {
+            break;
+        }
+        match &e.op {
+            Op::Write { disk, offset, data } => {
+                let t = target(targets, *disk, e.seq)?;
+                check_range(t, *disk, e.seq, *offset, data.len() as u64)?;
+                t.file
+                    .write_all_at(data, *offset)
+                    .with_context(|| format!("writing seq {} to disk {disk}", e.seq))?;
+                t.written += data.len() as u64;
+            }
+            Op::Zero { disk, offset, len } => {
+                let t = target(targets, *disk, e.seq)?;
+                check_range(t, *disk, e.seq, *offset, *len as u64)?;
+                zero_range(&t.file, *offset, *len as u64)
+                    .with_context(|| format!("zeroing seq {} on disk {disk}", e.seq))?;
+            }
+            Op::Tag { .. } => {
+                if e.seq == upto {
+                    saw_tag = true;
+                }
+            }
+        }
+    }
+    Ok(saw_tag)
+}
+
+fn target(targets: &mut BTreeMap<u16, Target>, disk: u16, seq: u64) -> Result<&mut Target> {
+    targets
+        .get_mut(&disk)
+        .ok_or_else(|| anyhow!("seq {seq} writes disk #{disk}, which machine.json does not list"))
+}
+
+fn check_range(t: &Target, disk: u16, seq: u64, offset: u64, len: u64) -> Result<()> {
+    if offset.checked_add(len).is_none_or(|end| end > t.size) {
+        bail!(
+            "seq {seq} writes {len} bytes at {offset} on disk #{disk}, beyond its size {}",
+            t.size
+        );
+    }
+    Ok(())
+}
+
+/// Makes a range of an image read as zeros (punching a hole where possible).
+pub fn zero_range(file: &File, offset: u64, len: u64) -> std::io::Result<()> {
+    // SAFETY: fallocate on a valid open descriptor with plain integer arguments.
+    let r = unsafe {
+        libc::fallocate(
+            file.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            offset as libc::off_t,
+            len as libc::off_t,
+        )
+    };
+    if r == 0 {
+        return Ok(());
+    }
+    let zeros = vec![0u8; (len as usize).min(1 << 20)];
+    let mut done = 0u64;
+    while done < len {
+        let n = (len - done).min(zeros.len() as u64) as usize;
+        file.write_all_at(&zeros[..n], offset + done)?;
+        done += n as u64;
+    }
+    Ok(())
+}

@@ -1,0 +1,89 @@
+//! The process server's configuration file (`ps.toml`), with the embedded
+//! defaults `lifeboat-ps init` writes.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use lifeboat_common::store::StoreConfig;
+use serde::{Deserialize, Serialize};
+
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:9443";
+/// A segment is cut when it holds this many bytes of entries...
+pub const DEFAULT_SEGMENT_MAX_BYTES: u64 = 32 * 1024 * 1024;
+/// ...or when its oldest entry has waited this long (bounds the RPO).
+pub const DEFAULT_SEGMENT_MAX_AGE: Duration = Duration::from_secs(5);
+pub const DEFAULT_ZSTD_LEVEL: i32 = 1;
+/// Segments sealed and uploaded at the same time, per machine.
+pub const DEFAULT_UPLOAD_CONCURRENCY: usize = 4;
+
+fn default_segment_max_bytes() -> u64 {
+    DEFAULT_SEGMENT_MAX_BYTES
+}
+fn default_segment_max_age() -> Duration {
+    DEFAULT_SEGMENT_MAX_AGE
+}
+fn default_zstd_level() -> i32 {
+    DEFAULT_ZSTD_LEVEL
+}
+fn default_upload_concurrency() -> usize {
+    DEFAULT_UPLOAD_CONCURRENCY
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct PsConfig {
+    /// Address agents connect to (TLS).
+    pub listen: SocketAddr,
+    /// RocksDB cache directory.
+    pub cache_dir: PathBuf,
+    /// CA certificate that signs agents' client certificates.
+    pub ca_cert: PathBuf,
+    /// This server's certificate and key.
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+    /// The key-encryption key (64 hex digits). Never stored in the object store.
+    pub kek_file: PathBuf,
+    #[serde(default = "default_segment_max_bytes")]
+    pub segment_max_bytes: u64,
+    #[serde(default = "default_segment_max_age", with = "humantime_serde")]
+    pub segment_max_age: Duration,
+    #[serde(default = "default_zstd_level")]
+    pub zstd_level: i32,
+    #[serde(default = "default_upload_concurrency")]
+    pub upload_concurrency: usize,
+    pub store: StoreConfig,
+}
+
+impl PsConfig {
+    pub fn load(path: &Path) -> Result<PsConfig> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading config {}", path.display()))?;
+        let mut cfg: PsConfig =
+            toml::from_str(&text).with_context(|| format!("parsing config {}", path.display()))?;
+        // Relative paths are relative to the config file's directory.
+        let base = path.parent().unwrap_or(Path::new("."));
+        for p in [
+            &mut cfg.cache_dir,
+            &mut cfg.ca_cert,
+            &mut cfg.server_cert,
+            &mut cfg.server_key,
+            &mut cfg.kek_file,
+        ] {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        }
+        if cfg.segment_max_bytes == 0 || cfg.segment_max_bytes > 256 * 1024 * 1024 {
+            anyhow::bail!(
+                "{}: segment-max-bytes must be between 1 and 268435456",
+                path.display()
+            );
+        }
+        if cfg.upload_concurrency == 0 {
+            anyhow::bail!("{}: upload-concurrency must be at least 1", path.display());
+        }
+        Ok(cfg)
+    }
+}

@@ -1,0 +1,107 @@
+//! Registration material: the process server's CA, its server certificate, the
+//! client certificates bound to machine ids, and the key-encryption key.
+//!
+//! The CA's distinguished name is fixed, so the CA can sign new machine
+//! certificates from its key alone (`lifeboat-ps issue-cert`).
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use lifeboat_common::ids::{machine_cert_name, validate_id};
+use lifeboat_common::seal::Key;
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose,
+};
+
+pub const CA_CERT: &str = "ca.pem";
+pub const CA_KEY: &str = "ca.key";
+pub const SERVER_CERT: &str = "server.pem";
+pub const SERVER_KEY: &str = "server.key";
+pub const KEK_FILE: &str = "kek.key";
+
+fn ca_params() -> Result<CertificateParams> {
+    let mut p = CertificateParams::new(Vec::<String>::new())?;
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, "Lifeboat process server CA");
+    dn.push(DnType::OrganizationName, "Lifeboat");
+    p.distinguished_name = dn;
+    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    p.not_before = rcgen::date_time_ymd(2024, 1, 1);
+    p.not_after = rcgen::date_time_ymd(2124, 1, 1);
+    Ok(p)
+}
+
+pub fn write_private(path: &Path, contents: &str) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    f.write_all(contents.as_bytes())
+        .with_context(|| format!("writing {}", path.display()))?;
+    f.sync_all()?;
+    Ok(())
+}
+
+fn load_ca(dir: &Path) -> Result<Issuer<'static, KeyPair>> {
+    let key_path = dir.join(CA_KEY);
+    let pem = std::fs::read_to_string(&key_path)
+        .with_context(|| format!("reading the CA key {}", key_path.display()))?;
+    let key = KeyPair::from_pem(&pem).with_context(|| format!("parsing {}", key_path.display()))?;
+    Ok(Issuer::new(ca_params()?, key))
+}
+
+/// Creates the CA, the server certificate (for `server_names`) and the KEK.
+pub fn create_authority(dir: &Path, server_names: &[String]) -> Result<()> {
+    let ca_key = KeyPair::generate()?;
+    let ca_cert = ca_params()?.self_signed(&ca_key)?;
+    std::fs::write(dir.join(CA_CERT), ca_cert.pem())?;
+    write_private(&dir.join(CA_KEY), &ca_key.serialize_pem())?;
+    let issuer = Issuer::new(ca_params()?, ca_key);
+
+    let mut sp = CertificateParams::new(server_names.to_vec())?;
+    sp.distinguished_name
+        .push(DnType::CommonName, "Lifeboat process server");
+    sp.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    let skey = KeyPair::generate()?;
+    let scert = sp.signed_by(&skey, &issuer)?;
+    std::fs::write(dir.join(SERVER_CERT), scert.pem())?;
+    write_private(&dir.join(SERVER_KEY), &skey.serialize_pem())?;
+
+    write_private(&dir.join(KEK_FILE), &format!("{}\n", Key::generate().to_hex()))?;
+    Ok(())
+}
+
+/// Issues a client certificate for `machine` into `out` (ca.pem, client.pem, client.key).
+pub fn issue_machine_cert(dir: &Path, machine: &str, out: &Path) -> Result<()> {
+    validate_id("machine", machine).map_err(anyhow::Error::msg)?;
+    let issuer = load_ca(dir)?;
+    let mut p = CertificateParams::new(vec![machine_cert_name(machine)])?;
+    p.distinguished_name.push(DnType::CommonName, machine);
+    p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    let key = KeyPair::generate()?;
+    let cert = p.signed_by(&key, &issuer)?;
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    std::fs::copy(dir.join(CA_CERT), out.join("ca.pem"))
+        .with_context(|| format!("copying the CA certificate to {}", out.display()))?;
+    std::fs::write(out.join("client.pem"), cert.pem())?;
+    write_private(&out.join("client.key"), &key.serialize_pem())?;
+    Ok(())
+}
+
+pub fn load_kek(path: &Path) -> Result<Key> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading the key-encryption key {}", path.display()))?;
+    Key::from_hex(&text).map_err(|e| {
+        anyhow::anyhow!(
+            "{} is not a key-encryption key: {e}",
+            path.display()
+        )
+    })
+}

@@ -1,0 +1,187 @@
+//! Accepting agents: TLS 1.3 with client certificates on the listen address, one
+//! task per connection, each driving the shared receiver with the cache as sink.
+//!
+//! A connection permit is taken before `accept` (`MAX_CONNECTIONS`); a failed
+//! handshake or a misbehaving agent is logged and closed without disturbing the
+//! others.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use lifeboat_common::catalogue::{MachineRecord, FORMAT_VERSION};
+use lifeboat_common::protocol::{DiskInfo, Entry};
+use lifeboat_common::receiver::{serve_connection, Sessions, StreamSink};
+use lifeboat_common::seal::Key;
+use lifeboat_common::store::Store;
+use lifeboat_common::tls;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::cache::Cache;
+use crate::config::PsConfig;
+use crate::uploader::{self, MachineUploader};
+
+pub const MAX_CONNECTIONS: usize = 1024;
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The process server's sink: the RocksDB cache, with an uploader per machine.
+pub struct PsSink {
+    cfg: Arc<PsConfig>,
+    cache: Arc<Cache>,
+    store: Store,
+    kek: Key,
+    uploaders: Mutex<HashMap<String, Arc<MachineUploader>>>,
+    tasks: tokio_util::task::TaskTracker,
+    cancel: CancellationToken,
+}
+
+impl PsSink {
+    fn uploader(&self, machine: &str) -> Arc<MachineUploader> {
+        let mut map = self.uploaders.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(u) = map.get(machine) {
+            return u.clone();
+        }
+        let u = Arc::new(MachineUploader {
+            machine: machine.to_string(),
+            notify: tokio::sync::Notify::new(),
+        });
+        map.insert(machine.to_string(), u.clone());
+        self.tasks.spawn(uploader::run_machine(
+            self.cfg.clone(),
+            self.cache.clone(),
+            self.store.clone(),
+            self.kek.clone(),
+            u.clone(),
+            self.cancel.clone(),
+        ));
+        u
+    }
+}
+
+impl StreamSink for PsSink {
+    async fn open(&self, machine: &str, disks: &[DiskInfo]) -> Result<u64> {
+        let rec = MachineRecord {
+            format: FORMAT_VERSION,
+            machine: machine.to_string(),
+            disks: disks.to_vec(),
+        };
+        let cache = self.cache.clone();
+        let m = machine.to_string();
+        let durable = tokio::task::spawn_blocking(move || {
+            cache.put_machine(&rec)?;
+            cache.durable(&m)
+        })
+        .await??;
+        self.uploader(machine);
+        Ok(durable)
+    }
+
+    async fn append(&self, machine: &str, entries: Vec<Entry>) -> Result<u64> {
+        let cache = self.cache.clone();
+        let m = machine.to_string();
+        let durable = tokio::task::spawn_blocking(move || cache.append(&m, &entries)).await??;
+        self.uploader(machine).notify.notify_one();
+        Ok(durable)
+    }
+}
+
+/// Runs the process server until `shutdown` fires.
+pub async fn run(cfg: PsConfig, shutdown: CancellationToken) -> Result<()> {
+    tls::install_crypto_provider();
+    let cfg = Arc::new(cfg);
+    let tls_cfg = tls::server_config(&cfg.ca_cert, &cfg.server_cert, &cfg.server_key)?;
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls_cfg);
+    let kek = crate::pki::load_kek(&cfg.kek_file)?;
+    let store = Store::open(&cfg.store)?;
+    let cache = Arc::new(Cache::open(&cfg.cache_dir)?);
+    let listener = TcpListener::bind(cfg.listen)
+        .await
+        .with_context(|| format!("listening on {}", cfg.listen))?;
+    info!(
+        "lifeboat-ps listening on {} (cache {}, store {})",
+        listener.local_addr()?,
+        cfg.cache_dir.display(),
+        store.url()
+    );
+    let upload_cancel = CancellationToken::new();
+    let sink = Arc::new(PsSink {
+        cfg: cfg.clone(),
+        cache: cache.clone(),
+        store,
+        kek,
+        uploaders: Mutex::new(HashMap::new()),
+        tasks: tokio_util::task::TaskTracker::new(),
+        cancel: upload_cancel.clone(),
+    });
+    // Resume uploading whatever a previous run left in the cache.
+    for rec in cache.machines()? {
+        if cache.durable(&rec.machine)? > cache.uploaded(&rec.machine)? {
+            sink.uploader(&rec.machine);
+        }
+    }
+
+    let sessions = Arc::new(Sessions::default());
+    let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let conns = tokio_util::task::TaskTracker::new();
+    loop {
+        let permit = tokio::select! {
+            p = permits.clone().acquire_owned() => p?,
+            _ = shutdown.cancelled() => break,
+        };
+        let (tcp, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    warn!("accept: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.cancelled() => break,
+        };
+        let _ = tcp.set_nodelay(true);
+        let acceptor = acceptor.clone();
+        let sink = sink.clone();
+        let sessions = sessions.clone();
+        let shutdown = shutdown.clone();
+        conns.spawn(async move {
+            let _permit = permit;
+            let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    warn!("TLS handshake with {peer} failed: {e}");
+                    return;
+                }
+                Err(_) => {
+                    warn!("TLS handshake with {peer} timed out");
+                    return;
+                }
+            };
+            let cert = tls
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .map(|c| c.clone().into_owned());
+            let Some(cert) = cert else {
+                warn!("{peer} presented no client certificate");
+                return;
+            };
+            let auth = move |machine: &str| tls::cert_allows_machine(&cert, machine);
+            if let Err(e) = serve_connection(tls, &auth, sink, &sessions, shutdown).await {
+                warn!("connection from {peer}: {e}");
+            }
+        });
+    }
+    info!("shutting down: closing sessions");
+    conns.close();
+    let _ = tokio::time::timeout(Duration::from_secs(10), conns.wait()).await;
+    upload_cancel.cancel();
+    sink.tasks.close();
+    let _ = tokio::time::timeout(Duration::from_secs(10), sink.tasks.wait()).await;
+    Ok(())
+}

@@ -1,0 +1,305 @@
+//! The uploader: one task per machine that turns the cached log into sealed
+//! segments in the object store and records recovery points.
+//!
+//! Loop: read the next entries after `uploaded` from the cache → cut a segment
+//! (at `segment-max-bytes`, after `segment-max-age`, and always right after a tag)
+//! → zstd + AES-256-GCM → put `log/<first>-<last>.seg` → put `points/<seq>.json`
+//! for each tag in it → persist `uploaded` → delete the cached range. Up to
+//! `upload-concurrency` segments are sealed and uploaded at once; `uploaded`
+//! advances strictly in order. Store errors retry with capped backoff forever
+//! (the cache absorbs the stream meanwhile); nothing is deleted before the
+//! segment and its points are stored.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use bytes::Bytes;
+use lifeboat_common::catalogue::{
+    self, encode_segment, format_time_ms, point_object, segment_object, MachineRecord,
+    PointRecord,
+};
+use lifeboat_common::protocol::{Entry, Op};
+use lifeboat_common::seal::{self, Key};
+use lifeboat_common::store::Store;
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::cache::Cache;
+use crate::config::PsConfig;
+
+const RETRY_MIN: Duration = Duration::from_millis(200);
+const RETRY_MAX: Duration = Duration::from_secs(30);
+
+/// Runs `op` until it succeeds or `cancel` fires, backing off between attempts.
+pub async fn retry<T, F, Fut>(what: &str, cancel: &CancellationToken, mut op: F) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T>>,
+{
+    let mut delay = RETRY_MIN;
+    let mut attempt = 0u32;
+    loop {
+        match op().await {
+            Ok(v) => return Some(v),
+            Err(e) => {
+                attempt += 1;
+                warn!("{what} failed (attempt {attempt}, retrying in {delay:?}): {e:#}");
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = cancel.cancelled() => return None,
+        }
+        delay = (delay * 2).min(RETRY_MAX);
+    }
+}
+
+/// Shared state of one machine's uploader.
+pub struct MachineUploader {
+    pub machine: String,
+    pub notify: Notify,
+}
+
+/// Writes `machine.json` and makes sure the machine's data key exists, returning it.
+pub async fn prepare_machine(store: &Store, kek: &Key, rec: &MachineRecord) -> Result<Key> {
+    let m = &rec.machine;
+    store
+        .put(
+            &catalogue::machine_json(m),
+            Bytes::from(serde_json::to_vec_pretty(rec)?),
+        )
+        .await?;
+    let name = catalogue::data_key_object(m);
+    let fresh = Key::generate();
+    let created = store
+        .put_if_absent(&name, Bytes::from(catalogue::seal_data_key(kek, m, &fresh)))
+        .await?;
+    if created {
+        info!(machine = %m, "created data key {}", store.describe(&name));
+        return Ok(fresh);
+    }
+    Ok(catalogue::load_data_key(store, kek, m).await?)
+}
+
+struct Upload {
+    first: u64,
+    last: u64,
+    handle: JoinHandle<Option<()>>,
+}
+
+/// The uploader task of one machine. Returns when `cancel` fires.
+pub async fn run_machine(
+    cfg: Arc<PsConfig>,
+    cache: Arc<Cache>,
+    store: Store,
+    kek: Key,
+    me: Arc<MachineUploader>,
+    cancel: CancellationToken,
+) {
+    let machine = me.machine.clone();
+    let rec = match cache.machines() {
+        Ok(list) => list.into_iter().find(|r| r.machine == machine),
+        Err(e) => {
+            warn!(%machine, "reading the machine record from the cache: {e:#}");
+            None
+        }
+    };
+    let Some(rec) = rec else {
+        warn!(%machine, "no machine record in the cache; uploader not started");
+        return;
+    };
+    let Some(data_key) = retry(&format!("preparing {machine} in {}", store.url()), &cancel, || {
+        prepare_machine(&store, &kek, &rec)
+    })
+    .await
+    else {
+        return;
+    };
+
+    let mut next = match cache.uploaded(&machine) {
+        Ok(u) => u + 1,
+        Err(e) => {
+            warn!(%machine, "reading the uploaded position: {e:#}");
+            return;
+        }
+    };
+    let mut in_flight: VecDeque<Upload> = VecDeque::new();
+    let mut pending_since: Option<(u64, Instant)> = None;
+    // Signalled whenever an upload task finishes.
+    let done = Arc::new(Notify::new());
+    loop {
+        // Retire finished uploads in order.
+        while in_flight.front().is_some_and(|u| u.handle.is_finished()) {
+            let u = in_flight.pop_front().expect("checked non-empty");
+            match u.handle.await {
+                Ok(Some(())) => {}
+                _ => return, // cancelled
+            }
+            let c = cache.clone();
+            let m = machine.clone();
+            let (first, last) = (u.first, u.last);
+            match tokio::task::spawn_blocking(move || c.mark_uploaded(&m, first, last)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    warn!(%machine, "recording upload of {first}..={last}: {e:#}");
+                    return;
+                }
+                Err(e) => {
+                    warn!(%machine, "recording upload: {e}");
+                    return;
+                }
+            }
+        }
+        if cancel.is_cancelled() {
+            for u in in_flight {
+                u.handle.abort();
+            }
+            return;
+        }
+        if in_flight.len() >= cfg.upload_concurrency {
+            tokio::select! {
+                _ = done.notified() => {}
+                _ = cancel.cancelled() => {}
+            }
+            continue;
+        }
+
+        let c = cache.clone();
+        let m = machine.clone();
+        let max = cfg.segment_max_bytes as usize;
+        let batch = match tokio::task::spawn_blocking(move || c.read_batch(&m, next, max)).await {
+            Ok(Ok(b)) => b,
+            Ok(Err(e)) => {
+                warn!(%machine, "reading the cache: {e:#}");
+                tokio::time::sleep(RETRY_MIN).await;
+                continue;
+            }
+            Err(_) => return,
+        };
+        let ready = batch.ends_at_tag || batch.bytes >= max;
+        let wait = if batch.entries.is_empty() {
+            pending_since = None;
+            None
+        } else if ready {
+            Some(Duration::ZERO)
+        } else {
+            let since = match pending_since {
+                Some((seq, t)) if seq == next => t,
+                _ => {
+                    let t = Instant::now();
+                    pending_since = Some((next, t));
+                    t
+                }
+            };
+            let left = cfg.segment_max_age.saturating_sub(since.elapsed());
+            Some(left)
+        };
+        match wait {
+            Some(d) if d.is_zero() => {}
+            other => {
+                // Nothing ready: wait for new entries, the age limit, or an upload.
+                let sleep = other.unwrap_or(Duration::from_secs(3600));
+                tokio::select! {
+                    _ = me.notify.notified() => {}
+                    _ = tokio::time::sleep(sleep) => {}
+                    _ = done.notified() => {}
+                    _ = cancel.cancelled() => {}
+                }
+                continue;
+            }
+        }
+
+        let first = next;
+        let last = batch.entries.last().map(|e| e.seq).unwrap_or(first);
+        next = last + 1;
+        pending_since = None;
+        let task = upload_segment(
+            store.clone(),
+            data_key.clone(),
+            machine.clone(),
+            rec.clone(),
+            batch.entries,
+            cfg.zstd_level,
+            cancel.clone(),
+        );
+        let signal = done.clone();
+        let handle = tokio::spawn(async move {
+            let r = task.await;
+            signal.notify_one();
+            r
+        });
+        in_flight.push_back(Upload {
+            first,
+            last,
+            handle,
+        });
+    }
+}
+
+async fn upload_segment(
+    store: Store,
+    key: Key,
+    machine: String,
+    rec: MachineRecord,
+    entries: Vec<Entry>,
+    level: i32,
+    cancel: CancellationToken,
+) -> Option<()> {
+    let first = entries.first()?.seq;
+    let last = entries.last()?.seq;
+    let name = segment_object(&machine, first, last);
+    let points: Vec<PointRecord> = entries
+        .iter()
+        .filter_map(|e| match &e.op {
+            Op::Tag {
+                kind,
+                time_ms,
+                label,
+            } => Some(PointRecord {
+                format: catalogue::FORMAT_VERSION,
+                id: catalogue::point_id(e.seq),
+                kind: *kind,
+                seq: e.seq,
+                time_ms: *time_ms,
+                time: format_time_ms(*time_ms),
+                label: label.clone(),
+                disks: rec.disks.clone(),
+            }),
+            _ => None,
+        })
+        .collect();
+    let sealed = {
+        let name = name.clone();
+        let machine = machine.clone();
+        tokio::task::spawn_blocking(move || {
+            let plain = encode_segment(&machine, &entries);
+            Bytes::from(seal::seal(&key, &name, 0, &plain, level))
+        })
+        .await
+        .ok()?
+    };
+    retry(&format!("uploading {}", store.describe(&name)), &cancel, || {
+        let data = sealed.clone();
+        let store = &store;
+        let name = &name;
+        async move { Ok(store.put(name, data).await?) }
+    })
+    .await?;
+    for p in points {
+        let obj = point_object(&machine, p.seq);
+        let body = Bytes::from(serde_json::to_vec_pretty(&p).ok()?);
+        retry(&format!("recording point {}", store.describe(&obj)), &cancel, || {
+            let body = body.clone();
+            let store = &store;
+            let obj = &obj;
+            async move { Ok(store.put(obj, body).await?) }
+        })
+        .await?;
+        info!(%machine, seq = p.seq, kind = p.kind.as_str(), "recovery point stored");
+    }
+    Some(())
+}

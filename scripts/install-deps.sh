@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# Installs what Lifeboat's test suite and demo need on a fresh Debian 12 machine.
+# Idempotent: each item is installed only when missing; prints nothing when all is
+# present and one line per item it installs.
+#
+# Debian packages (apt-get, as root or through sudo):
+#   libclang-dev  - bindgen for RocksDB's bindings (librocksdb-sys)
+#   qemu-utils    - qemu-io, qemu-img, qemu-nbd (NBD clients / reference server)
+#   nbdkit        - reference NBD server
+#   libnbd-bin    - nbdcopy, nbdfuse, nbdsh
+#   fio           - load generator (nbd engine)
+#   fuse3         - fusermount3 for nbdfuse
+#   rsync         - resync peer
+#   e2fsprogs     - mkfs.ext4 / e2fsck for filesystem checks of recovered images
+#
+# Object-store servers, cached OUTSIDE the clone in
+# ${LIFEBOAT_TOOLS:-$HOME/.cache/lifeboat/tools}:
+#   azurite/node_modules/.bin/azurite-blob  - Azure Blob emulator (npm azurite@3; needs npm)
+#   s3s-fs/bin/s3s-fs                       - S3 server on a directory (cargo install
+#                                             s3s-fs@0.14.1, ~3 min; build dir s3s-fs-target/)
+#
+# It only installs: it exports nothing and changes no configuration. The tests find the
+# servers through $LIFEBOAT_TOOLS or the default path above.
+set -euo pipefail
+
+TOOLS="${LIFEBOAT_TOOLS:-$HOME/.cache/lifeboat/tools}"
+
+DEB_PACKAGES=(libclang-dev qemu-utils nbdkit libnbd-bin fio fuse3 rsync e2fsprogs)
+
+SUDO=()
+if [ "$(id -u)" -ne 0 ]; then
+    SUDO=(sudo)
+fi
+
+missing=()
+for p in "${DEB_PACKAGES[@]}"; do
+    if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed'; then
+        missing+=("$p")
+    fi
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+    echo "install-deps: installing Debian packages: ${missing[*]}"
+    "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+        "${missing[@]}" >/dev/null
+fi
+
+# Azurite (Azure Blob emulator).
+AZURITE_BIN="$TOOLS/azurite/node_modules/.bin/azurite-blob"
+if [ ! -x "$AZURITE_BIN" ]; then
+    if ! command -v npm >/dev/null 2>&1; then
+        echo "install-deps: installing Debian package npm (for Azurite)"
+        "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+        "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends npm >/dev/null
+    fi
+    echo "install-deps: installing azurite@3 into $TOOLS/azurite"
+    mkdir -p "$TOOLS/azurite"
+    (cd "$TOOLS/azurite" && npm install --no-audit --no-fund --loglevel=error azurite@3 >/dev/null)
+    [ -x "$AZURITE_BIN" ] || { echo "install-deps: $AZURITE_BIN missing after npm install" >&2; exit 1; }
+fi
+
+# s3s-fs (S3 server storing objects as files; checks SigV4 signatures).
+S3S_BIN="$TOOLS/s3s-fs/bin/s3s-fs"
+if [ ! -x "$S3S_BIN" ]; then
+    if ! command -v cargo >/dev/null 2>&1; then
+        echo "install-deps: cargo is required to build s3s-fs (install Rust via rustup)" >&2
+        exit 1
+    fi
+    echo "install-deps: building s3s-fs 0.14.1 into $TOOLS/s3s-fs (takes a few minutes)"
+    mkdir -p "$TOOLS"
+    CARGO_TARGET_DIR="$TOOLS/s3s-fs-target" nice -n 10 cargo install --quiet \
+        s3s-fs@0.14.1 --features binary --locked --root "$TOOLS/s3s-fs"
+    [ -x "$S3S_BIN" ] || { echo "install-deps: $S3S_BIN missing after cargo install" >&2; exit 1; }
+fi
