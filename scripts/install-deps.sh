@@ -17,7 +17,8 @@
 # ${LIFEBOAT_TOOLS:-$HOME/.cache/lifeboat/tools}:
 #   azurite/node_modules/.bin/azurite-blob  - Azure Blob emulator (npm azurite@3; needs npm)
 #   s3s-fs/bin/s3s-fs                       - S3 server on a directory (cargo install
-#                                             s3s-fs@0.14.1, ~3 min; build dir s3s-fs-target/)
+#                                             s3s-fs@0.14.1, ~3 min on an idle machine; its
+#                                             build dir s3s-fs-target/ is removed afterwards)
 #
 # It only installs: it exports nothing and changes no configuration. The tests find the
 # servers through $LIFEBOAT_TOOLS or the default path above.
@@ -71,4 +72,5 @@ if [ ! -x "$S3S_BIN" ]; then
     CARGO_TARGET_DIR="$TOOLS/s3s-fs-target" nice -n 10 cargo install --quiet \
         s3s-fs@0.14.1 --features binary --locked --root "$TOOLS/s3s-fs"
     [ -x "$S3S_BIN" ] || { echo "install-deps: $S3S_BIN missing after cargo install" >&2; exit 1; }
+    rm -rf "$TOOLS/s3s-fs-target"
 fi

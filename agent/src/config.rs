@@ -34,6 +34,14 @@ pub struct DiskConfig {
     /// Optional loopback TCP address for the same export.
     #[serde(default)]
     pub tcp: Option<SocketAddr>,
+    /// Disk I/O engine: auto (portable for files, io_uring for block devices),
+    /// uring or portable.
+    #[serde(default = "default_io_mode")]
+    pub io_mode: String,
+}
+
+fn default_io_mode() -> String {
+    "auto".into()
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -97,6 +105,9 @@ impl AgentConfig {
         let mut seen = std::collections::HashSet::new();
         for d in &self.disks {
             lifeboat_common::ids::validate_id("disk", &d.id).map_err(anyhow::Error::msg)?;
+            d.io_mode
+                .parse::<crate::diskio::IoMode>()
+                .map_err(|e| anyhow::anyhow!("disk {}: io-mode: {e}", d.id))?;
             if !seen.insert(&d.id) {
                 bail!("disk id {:?} is configured twice", d.id);
             }

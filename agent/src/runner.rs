@@ -37,7 +37,8 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<()> {
     let mut disks = Vec::new();
     let mut infos = Vec::new();
     for (i, d) in cfg.disks.iter().enumerate() {
-        let file = DiskFile::open(&d.path, IoMode::Auto)
+        let mode: IoMode = d.io_mode.parse().map_err(|e| anyhow::anyhow!("{e}"))?;
+        let file = DiskFile::open(&d.path, mode)
             .with_context(|| format!("opening disk {} ({})", d.id, d.path.display()))?;
         info!(
             "disk {}: {} ({} bytes, {} I/O)",

@@ -50,6 +50,7 @@ fn seq_of(machine: &str, key: &[u8]) -> Option<u64> {
 }
 
 /// A range of entries read for one segment.
+#[derive(Default)]
 pub struct Batch {
     pub entries: Vec<Entry>,
     pub bytes: usize,

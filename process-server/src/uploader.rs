@@ -28,7 +28,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::cache::Cache;
+use crate::cache::{Batch, Cache};
 use crate::config::PsConfig;
 
 const RETRY_MIN: Duration = Duration::from_millis(200);
@@ -128,7 +128,10 @@ pub async fn run_machine(
         }
     };
     let mut in_flight: VecDeque<Upload> = VecDeque::new();
-    let mut pending_since: Option<(u64, Instant)> = None;
+    let max = cfg.segment_max_bytes as usize;
+    // Entries read from the cache for the next segment, and when the first arrived.
+    let mut pending = Batch::default();
+    let mut pending_since: Option<Instant> = None;
     // Signalled whenever an upload task finishes.
     let done = Arc::new(Notify::new());
     loop {
@@ -168,61 +171,60 @@ pub async fn run_machine(
             continue;
         }
 
-        let c = cache.clone();
-        let m = machine.clone();
-        let max = cfg.segment_max_bytes as usize;
-        let batch = match tokio::task::spawn_blocking(move || c.read_batch(&m, next, max)).await {
-            Ok(Ok(b)) => b,
-            Ok(Err(e)) => {
-                warn!(%machine, "reading the cache: {e:#}");
-                tokio::time::sleep(RETRY_MIN).await;
-                continue;
-            }
-            Err(_) => return,
-        };
-        let ready = batch.ends_at_tag || batch.bytes >= max;
-        let wait = if batch.entries.is_empty() {
-            pending_since = None;
-            None
-        } else if ready {
-            Some(Duration::ZERO)
-        } else {
-            let since = match pending_since {
-                Some((seq, t)) if seq == next => t,
-                _ => {
-                    let t = Instant::now();
-                    pending_since = Some((next, t));
-                    t
+        // Top up the pending segment with entries that arrived since the last read.
+        if !pending.ends_at_tag && pending.bytes < max {
+            let c = cache.clone();
+            let m = machine.clone();
+            let from = next + pending.entries.len() as u64;
+            let budget = max - pending.bytes;
+            match tokio::task::spawn_blocking(move || c.read_batch(&m, from, budget)).await {
+                Ok(Ok(b)) => {
+                    pending.entries.extend(b.entries);
+                    pending.bytes += b.bytes;
+                    pending.ends_at_tag = b.ends_at_tag;
                 }
-            };
-            let left = cfg.segment_max_age.saturating_sub(since.elapsed());
-            Some(left)
-        };
-        match wait {
-            Some(d) if d.is_zero() => {}
-            other => {
-                // Nothing ready: wait for new entries, the age limit, or an upload.
-                let sleep = other.unwrap_or(Duration::from_secs(3600));
-                tokio::select! {
-                    _ = me.notify.notified() => {}
-                    _ = tokio::time::sleep(sleep) => {}
-                    _ = done.notified() => {}
-                    _ = cancel.cancelled() => {}
+                Ok(Err(e)) => {
+                    warn!(%machine, "reading the cache: {e:#}");
+                    tokio::time::sleep(RETRY_MIN).await;
+                    continue;
                 }
-                continue;
+                Err(_) => return,
             }
         }
+        let wait = if pending.entries.is_empty() {
+            Some(Duration::from_secs(3600))
+        } else {
+            let since = *pending_since.get_or_insert_with(Instant::now);
+            if pending.ends_at_tag || pending.bytes >= max {
+                None
+            } else {
+                let left = cfg.segment_max_age.saturating_sub(since.elapsed());
+                (!left.is_zero()).then_some(left)
+            }
+        };
+        if let Some(d) = wait {
+            // Not ready: wait for new entries, the age limit, or a finished upload.
+            tokio::select! {
+                _ = me.notify.notified() => {}
+                _ = tokio::time::sleep(d) => {}
+                _ = done.notified() => {}
+                _ = cancel.cancelled() => {}
+            }
+            continue;
+        }
 
-        let first = next;
-        let last = batch.entries.last().map(|e| e.seq).unwrap_or(first);
-        next = last + 1;
+        let entries = std::mem::take(&mut pending.entries);
+        pending = Batch::default();
         pending_since = None;
+        let first = next;
+        let last = entries.last().map(|e| e.seq).unwrap_or(first);
+        next = last + 1;
         let task = upload_segment(
             store.clone(),
             data_key.clone(),
             machine.clone(),
             rec.clone(),
-            batch.entries,
+            entries,
             cfg.zstd_level,
             cancel.clone(),
         );

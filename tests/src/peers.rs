@@ -94,14 +94,18 @@ fn spawn_listening(
         let port = free_port();
         let log = log_dir.join(format!("{name}-{port}.log"));
         let mut p = Proc::spawn(name, &mut command(port), &log)?;
-        let up = wait_for(&format!("{name} to listen on port {port}"), START_TIMEOUT, || {
-            if !p.is_running() {
-                return Some(false);
-            }
-            TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_secs(1))
-                .ok()
-                .map(|_| true)
-        });
+        let up = wait_for(
+            &format!("{name} to listen on port {port}"),
+            START_TIMEOUT,
+            || {
+                if !p.is_running() {
+                    return Some(false);
+                }
+                TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_secs(1))
+                    .ok()
+                    .map(|_| true)
+            },
+        );
         match up {
             Ok(true) => return Ok((p, port)),
             Ok(false) => {
@@ -223,7 +227,10 @@ impl Azurite {
 
     /// Options as `key=value` strings (for `--store-option`).
     pub fn option_args(&self) -> Vec<String> {
-        self.options().into_iter().map(|(k, v)| format!("{k}={v}")).collect()
+        self.options()
+            .into_iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect()
     }
 
     /// A store config for `az://lifeboat/PREFIX` on this Azurite.
@@ -246,7 +253,9 @@ impl Drop for Azurite {
 /// `PUT /devstoreaccount1/NAME?restype=container`, signed with Shared Key; returns
 /// the HTTP status and body.
 fn azure_create_container(port: u16, name: &str) -> Result<(u16, String)> {
-    let date = chrono::Utc::now().format("%a, %d %b %Y %H:%M:%S GMT").to_string();
+    let date = chrono::Utc::now()
+        .format("%a, %d %b %Y %H:%M:%S GMT")
+        .to_string();
     let version = "2021-08-06";
     let path = format!("/{AZURITE_ACCOUNT}/{name}");
     // https://learn.microsoft.com/rest/api/storageservices/authorize-with-shared-key
@@ -285,7 +294,10 @@ fn http_exchange(port: u16, request: &[u8]) -> Result<(u16, String)> {
         .nth(1)
         .and_then(|c| c.parse::<u16>().ok())
         .ok_or_else(|| anyhow!("malformed HTTP response: {text:?}"))?;
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
     Ok((status, body))
 }
 
@@ -364,7 +376,10 @@ impl S3sFs {
 
     /// Options as `key=value` strings (for `--store-option`).
     pub fn option_args(&self) -> Vec<String> {
-        self.options().into_iter().map(|(k, v)| format!("{k}={v}")).collect()
+        self.options()
+            .into_iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect()
     }
 
     /// A store config for `s3://lifeboat/PREFIX` on this server.

@@ -366,7 +366,11 @@ where
         Ok(Ok(Some(b))) => b,
         Ok(Ok(None)) => return Ok(()),
         Ok(Err(e)) => return Err(e),
-        Err(_) => return Err(protocol_error("client did not finish the handshake in time")),
+        Err(_) => {
+            return Err(protocol_error(
+                "client did not finish the handshake in time",
+            ))
+        }
     };
     transmission(r, w, backend, shutdown).await
 }
@@ -380,7 +384,11 @@ fn protocol_error(msg: impl Into<String>) -> io::Error {
 
 /// Negotiates an export; `None` when the client aborted or asked for an unknown
 /// export with `NBD_OPT_EXPORT_NAME`.
-async fn handshake<B, R, W>(r: &mut R, w: &mut W, exports: &Exports<B>) -> io::Result<Option<Arc<B>>>
+async fn handshake<B, R, W>(
+    r: &mut R,
+    w: &mut W,
+    exports: &Exports<B>,
+) -> io::Result<Option<Arc<B>>>
 where
     B: BlockBackend,
     R: AsyncRead + Unpin,
@@ -501,7 +509,12 @@ fn opt_reply(out: &mut Vec<u8>, opt: u32, kind: u32, data: &[u8]) {
 }
 
 /// Answers `NBD_OPT_INFO`/`NBD_OPT_GO` into `out`; the export on success.
-fn info_reply<B: BlockBackend>(out: &mut Vec<u8>, opt: u32, data: &[u8], exports: &Exports<B>) -> Option<Arc<B>> {
+fn info_reply<B: BlockBackend>(
+    out: &mut Vec<u8>,
+    opt: u32,
+    data: &[u8],
+    exports: &Exports<B>,
+) -> Option<Arc<B>> {
     let mut d = data;
     let parsed = (|| {
         if d.len() < 4 {
@@ -816,7 +829,10 @@ async fn execute<B: BlockBackend>(
                 Err(e) => Err(e),
             },
         ),
-        Command::Write { data, fua } => ("write", backend.write(offset, data, fua).await.map(|()| None)),
+        Command::Write { data, fua } => (
+            "write",
+            backend.write(offset, data, fua).await.map(|()| None),
+        ),
         Command::Zero { len, fua } => ("zero", backend.zero(offset, len, fua).await.map(|()| None)),
         Command::Flush => ("flush", backend.flush().await.map(|()| None)),
     };
@@ -956,7 +972,9 @@ mod tests {
         assert_eq!(read_opt_reply(&mut c).await.1, REP_ERR_UNKNOWN);
 
         // Truncated GO payload.
-        c.write_all(&option(OPT_GO, &[0, 0, 0, 9])).await.expect("go");
+        c.write_all(&option(OPT_GO, &[0, 0, 0, 9]))
+            .await
+            .expect("go");
         assert_eq!(read_opt_reply(&mut c).await.1, REP_ERR_INVALID);
 
         let mut go = Vec::new();
@@ -989,7 +1007,9 @@ mod tests {
         }
         got.sort_by_key(|g| g.1);
         assert_eq!(got, vec![(0, 1), (NBD_ENOSPC, 2), (NBD_EINVAL, 3)]);
-        c.write_all(&request(CMD_READ, 0, 4, 4094, 8)).await.expect("read");
+        c.write_all(&request(CMD_READ, 0, 4, 4094, 8))
+            .await
+            .expect("read");
         assert_eq!(read_reply(&mut c).await, (0, 4));
         let mut d = [0u8; 8];
         c.read_exact(&mut d).await.expect("data");
@@ -999,7 +1019,9 @@ mod tests {
             .expect("read");
         assert_eq!(read_reply(&mut c).await, (NBD_EINVAL, 5));
 
-        c.write_all(&request(CMD_DISC, 0, 6, 0, 0)).await.expect("disc");
+        c.write_all(&request(CMD_DISC, 0, 6, 0, 0))
+            .await
+            .expect("disc");
         server.await.expect("join").expect("server");
         assert_eq!(&mem.0.lock().expect("lock")[4096..4100], b"abcd");
     }
@@ -1013,7 +1035,9 @@ mod tests {
         let mut hello = [0u8; 18];
         c.read_exact(&mut hello).await.expect("hello");
         c.write_u32(3).await.expect("flags");
-        c.write_all(&option(OPT_EXPORT_NAME, b"")).await.expect("export");
+        c.write_all(&option(OPT_EXPORT_NAME, b""))
+            .await
+            .expect("export");
         let mut info = [0u8; 10];
         c.read_exact(&mut info).await.expect("info");
         c.write_all(&request(CMD_WRITE, 0, 1, 0, u32::MAX))
@@ -1024,9 +1048,18 @@ mod tests {
 
     #[test]
     fn errno_mapping() {
-        assert_eq!(nbd_errno(&io::Error::from_raw_os_error(libc::ENOSPC)), NBD_ENOSPC);
-        assert_eq!(nbd_errno(&io::Error::from_raw_os_error(libc::EROFS)), NBD_EPERM);
+        assert_eq!(
+            nbd_errno(&io::Error::from_raw_os_error(libc::ENOSPC)),
+            NBD_ENOSPC
+        );
+        assert_eq!(
+            nbd_errno(&io::Error::from_raw_os_error(libc::EROFS)),
+            NBD_EPERM
+        );
         assert_eq!(nbd_errno(&io::Error::other("x")), NBD_EIO);
-        assert_eq!(nbd_errno(&io::Error::from(io::ErrorKind::InvalidInput)), NBD_EINVAL);
+        assert_eq!(
+            nbd_errno(&io::Error::from(io::ErrorKind::InvalidInput)),
+            NBD_EINVAL
+        );
     }
 }
