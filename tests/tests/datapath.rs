@@ -19,10 +19,11 @@ struct Setup {
     options: Vec<String>,
 }
 
-fn setup(disks: &[(&str, u64)], store: Option<&str>, store_opts: &[(&str, &str)]) -> Setup {
+fn setup(disks: &[(&str, u64)], store: Option<&str>, store_opts: &[(String, String)]) -> Setup {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path().to_path_buf();
-    let mut ps = ProcessServer::init(&root.join("ps"), store, store_opts).unwrap();
+    let pairs: Vec<(&str, &str)> = store_opts.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let mut ps = ProcessServer::init(&root.join("ps"), store, &pairs).unwrap();
     ps.start().unwrap();
     let certs = ps.dir.join("machines").join(MACHINE);
     let mut agent = Agent::configure(&root.join("agent"), MACHINE, &certs, ps.port, disks, "").unwrap();
@@ -105,6 +106,22 @@ fn qemu_io_scenario(s: &Setup) {
 #[test]
 fn file_store_qemu_io_tag_and_latest_are_byte_equal() {
     let s = setup(&[("root", 16 * MIB), ("data", 8 * MIB)], None, &[]);
+    qemu_io_scenario(&s);
+}
+
+#[test]
+fn azurite_store_qemu_io_tag_and_latest_are_byte_equal() {
+    let peer_dir = tempfile::tempdir().unwrap();
+    let az = peers::Azurite::start(peer_dir.path()).unwrap();
+    let s = setup(&[("root", 16 * MIB), ("data", 8 * MIB)], Some(&az.store_url()), &az.options());
+    qemu_io_scenario(&s);
+}
+
+#[test]
+fn s3_store_qemu_io_tag_and_latest_are_byte_equal() {
+    let peer_dir = tempfile::tempdir().unwrap();
+    let s3 = peers::S3sFs::start(peer_dir.path()).unwrap();
+    let s = setup(&[("root", 16 * MIB), ("data", 8 * MIB)], Some(&s3.store_url()), &s3.options());
     qemu_io_scenario(&s);
 }
 
