@@ -58,7 +58,8 @@ impl Control {
 
 pub async fn serve(path: &Path, control: Arc<Control>, cancel: CancellationToken) -> Result<()> {
     let _ = std::fs::remove_file(path);
-    let listener = UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
+    let listener =
+        UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
     {
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
@@ -75,7 +76,9 @@ pub async fn serve(path: &Path, control: Arc<Control>, cancel: CancellationToken
             while let Ok(Some(line)) = lines.next_line().await {
                 let reply = match serde_json::from_str::<Request>(&line) {
                     Ok(req) => control.handle(req).await,
-                    Err(e) => serde_json::json!({"ok": false, "error": format!("bad request: {e}")}),
+                    Err(e) => {
+                        serde_json::json!({"ok": false, "error": format!("bad request: {e}")})
+                    }
                 };
                 let mut out = reply.to_string();
                 out.push('\n');
@@ -92,7 +95,10 @@ pub async fn serve(path: &Path, control: Arc<Control>, cancel: CancellationToken
 /// Sends one request to a running agent and returns its reply.
 pub async fn request(path: &Path, req: &Request) -> Result<serde_json::Value> {
     let conn = UnixStream::connect(path).await.with_context(|| {
-        format!("connecting to the agent's control socket {} (is `lifeboat-agent run` running?)", path.display())
+        format!(
+            "connecting to the agent's control socket {} (is `lifeboat-agent run` running?)",
+            path.display()
+        )
     })?;
     let (rd, mut wr) = conn.into_split();
     let mut line = serde_json::to_string(req)?;

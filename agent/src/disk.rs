@@ -84,7 +84,10 @@ impl ProtectedDisk {
         if offset.checked_add(len).is_none_or(|e| e > self.size) {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
-                format!("{len} bytes at {offset} is beyond disk {} ({} bytes)", self.id, self.size),
+                format!(
+                    "{len} bytes at {offset} is beyond disk {} ({} bytes)",
+                    self.id, self.size
+                ),
             ));
         }
         Ok(())

@@ -88,7 +88,8 @@ fn encode_record(out: &mut Vec<u8>, e: &Entry) {
 
 /// Reads the records of one file; returns them and the length of the valid prefix.
 fn read_file(path: &Path) -> Result<(Vec<Entry>, u64, Option<String>)> {
-    let data = Bytes::from(std::fs::read(path).with_context(|| format!("reading {}", path.display()))?);
+    let data =
+        Bytes::from(std::fs::read(path).with_context(|| format!("reading {}", path.display()))?);
     let mut entries = Vec::new();
     let mut pos = 0usize;
     while pos < data.len() {
@@ -109,7 +110,11 @@ fn read_file(path: &Path) -> Result<(Vec<Entry>, u64, Option<String>)> {
             Some(len)
         })();
         let Some(len) = parsed else {
-            return Ok((entries, pos as u64, Some(format!("bad record at byte {pos}"))));
+            return Ok((
+                entries,
+                pos as u64,
+                Some(format!("bad record at byte {pos}")),
+            ));
         };
         let body = data.slice(pos + HEADER..pos + HEADER + len);
         let e = Entry::decode(&mut Reader::new(&body), &body)
@@ -141,11 +146,19 @@ impl Journal {
             }
             if let (Some(prev), Some(e)) = (entries.last(), es.first()) {
                 if e.seq != prev.seq + 1 {
-                    bail!("journal {} starts at seq {}, expected {}", path.display(), e.seq, prev.seq + 1);
+                    bail!(
+                        "journal {} starts at seq {}, expected {}",
+                        path.display(),
+                        e.seq,
+                        prev.seq + 1
+                    );
                 }
             }
             if es.first().is_some_and(|e| e.seq != *first) {
-                bail!("journal {} does not start at the seq its name says", path.display());
+                bail!(
+                    "journal {} does not start at the seq its name says",
+                    path.display()
+                );
             }
             entries.extend(es);
             if last_file {
@@ -267,7 +280,14 @@ fn writer_thread(
             let first = s.pending_first;
             let last = s.pending_last;
             s.pending_first = last + 1;
-            (buf, first, last, s.sync_requested > s.synced, s.release_upto, s.shutdown)
+            (
+                buf,
+                first,
+                last,
+                s.sync_requested > s.synced,
+                s.release_upto,
+                s.shutdown,
+            )
         };
         let result = (|| -> std::io::Result<()> {
             if !buf.is_empty() {
@@ -369,7 +389,12 @@ mod tests {
         let files = list_files(dir.path()).unwrap();
         let (_, last) = files.last().unwrap();
         let len = std::fs::metadata(last).unwrap().len();
-        OpenOptions::new().write(true).open(last).unwrap().set_len(len - 10).unwrap();
+        OpenOptions::new()
+            .write(true)
+            .open(last)
+            .unwrap()
+            .set_len(len - 10)
+            .unwrap();
         let (j, es) = Journal::open(dir.path()).unwrap();
         assert_eq!(es.len(), 99);
         assert_eq!(es[98], w(99, 1000));

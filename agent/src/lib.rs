@@ -1,10 +1,10 @@
 //! The Lifeboat agent: captures every write to a protected disk and ships the stream.
 
 pub mod capture;
-pub mod diskio;
 pub mod config;
 pub mod control;
 pub mod disk;
+pub mod diskio;
 pub mod journal;
 pub mod runner;
 pub mod sender;

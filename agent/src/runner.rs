@@ -86,7 +86,12 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<()> {
                 c.cancel();
             }
         });
-        info!("disk {} exported on nbd+unix:///{}?socket={}", d.id, d.id, d.socket.display());
+        info!(
+            "disk {} exported on nbd+unix:///{}?socket={}",
+            d.id,
+            d.id,
+            d.socket.display()
+        );
         if let Some(addr) = d.tcp {
             let c = cancel.clone();
             tasks.spawn(async move {

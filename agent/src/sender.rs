@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use lifeboat_common::framed::{read_frame, write_frame};
-use lifeboat_common::protocol::{DiskInfo, Frame, Hello, MAX_FRAME_LEN, PROTOCOL_MAX, PROTOCOL_MIN};
+use lifeboat_common::protocol::{
+    DiskInfo, Frame, Hello, MAX_FRAME_LEN, PROTOCOL_MAX, PROTOCOL_MIN,
+};
 use rustls::pki_types::ServerName;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
@@ -45,7 +47,12 @@ pub struct Link {
 }
 
 /// Runs until `cancel`, reconnecting as needed.
-pub async fn run(cfg: SenderConfig, stream: Arc<Stream>, link: Arc<Link>, cancel: CancellationToken) {
+pub async fn run(
+    cfg: SenderConfig,
+    stream: Arc<Stream>,
+    link: Arc<Link>,
+    cancel: CancellationToken,
+) {
     let mut backoff = BACKOFF_MIN;
     while !cancel.is_cancelled() {
         let result = session(&cfg, &stream, &link, &cancel).await;
@@ -54,7 +61,10 @@ pub async fn run(cfg: SenderConfig, stream: Arc<Stream>, link: Arc<Link>, cancel
         match result {
             Ok(()) => backoff = BACKOFF_MIN,
             Err(e) => {
-                warn!("replication link to {}: {e:#}; retrying in {backoff:?}", cfg.server);
+                warn!(
+                    "replication link to {}: {e:#}; retrying in {backoff:?}",
+                    cfg.server
+                );
                 *link.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(format!("{e:#}"));
             }
         }
@@ -66,7 +76,12 @@ pub async fn run(cfg: SenderConfig, stream: Arc<Stream>, link: Arc<Link>, cancel
     }
 }
 
-async fn session(cfg: &SenderConfig, stream: &Arc<Stream>, link: &Link, cancel: &CancellationToken) -> Result<()> {
+async fn session(
+    cfg: &SenderConfig,
+    stream: &Arc<Stream>,
+    link: &Link,
+    cancel: &CancellationToken,
+) -> Result<()> {
     let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&cfg.server))
         .await
         .map_err(|_| anyhow!("connecting to {} timed out", cfg.server))?
@@ -74,10 +89,13 @@ async fn session(cfg: &SenderConfig, stream: &Arc<Stream>, link: &Link, cancel: 
     tcp.set_nodelay(true)?;
     let name = ServerName::try_from(cfg.server_name.clone())
         .map_err(|_| anyhow!("invalid server name {:?}", cfg.server_name))?;
-    let tls = tokio::time::timeout(CONNECT_TIMEOUT, TlsConnector::from(cfg.tls.clone()).connect(name, tcp))
-        .await
-        .map_err(|_| anyhow!("TLS handshake with {} timed out", cfg.server))?
-        .with_context(|| format!("TLS handshake with {}", cfg.server))?;
+    let tls = tokio::time::timeout(
+        CONNECT_TIMEOUT,
+        TlsConnector::from(cfg.tls.clone()).connect(name, tcp),
+    )
+    .await
+    .map_err(|_| anyhow!("TLS handshake with {} timed out", cfg.server))?
+    .with_context(|| format!("TLS handshake with {}", cfg.server))?;
     let (mut rd, mut wr) = tokio::io::split(tls);
     let hello = Frame::Hello(Hello {
         min_version: PROTOCOL_MIN,
@@ -104,7 +122,9 @@ async fn session(cfg: &SenderConfig, stream: &Arc<Stream>, link: &Link, cancel: 
 
     let reader = async {
         loop {
-            let f = match tokio::time::timeout(IDLE_TIMEOUT, read_frame(&mut rd, MAX_FRAME_LEN)).await {
+            let f = match tokio::time::timeout(IDLE_TIMEOUT, read_frame(&mut rd, MAX_FRAME_LEN))
+                .await
+            {
                 Err(_) => bail!("nothing heard from the process server for {IDLE_TIMEOUT:?}"),
                 Ok(r) => r?,
             };
@@ -114,7 +134,9 @@ async fn session(cfg: &SenderConfig, stream: &Arc<Stream>, link: &Link, cancel: 
                     stream.released(durable);
                 }
                 Some(Frame::Ping { .. }) => {}
-                Some(Frame::Error { code, message }) => bail!("process server error (code {code}): {message}"),
+                Some(Frame::Error { code, message }) => {
+                    bail!("process server error (code {code}): {message}")
+                }
                 Some(other) => bail!("unexpected frame from the process server: {other:?}"),
                 None => bail!("process server closed the connection"),
             }

@@ -228,17 +228,23 @@ pub fn open_data_key(
 /// Loads the machine's data key from the store.
 pub async fn load_data_key(store: &Store, kek: &Key, machine: &str) -> Result<Key, CatalogueError> {
     let name = data_key_object(machine);
-    let sealed = store.get(&name).await?.ok_or_else(|| CatalogueError::Missing {
-        object: store.describe(&name),
-    })?;
+    let sealed = store
+        .get(&name)
+        .await?
+        .ok_or_else(|| CatalogueError::Missing {
+            object: store.describe(&name),
+        })?;
     open_data_key(kek, machine, &sealed, store)
 }
 
 pub async fn load_machine(store: &Store, machine: &str) -> Result<MachineRecord, CatalogueError> {
     let name = machine_json(machine);
-    let bytes = store.get(&name).await?.ok_or_else(|| CatalogueError::Missing {
-        object: store.describe(&name),
-    })?;
+    let bytes = store
+        .get(&name)
+        .await?
+        .ok_or_else(|| CatalogueError::Missing {
+            object: store.describe(&name),
+        })?;
     let rec: MachineRecord =
         serde_json::from_slice(&bytes).map_err(|e| CatalogueError::Invalid {
             object: store.describe(&name),
@@ -254,7 +260,10 @@ pub async fn load_machine(store: &Store, machine: &str) -> Result<MachineRecord,
 }
 
 /// All segments of a machine, ordered by first seq.
-pub async fn list_segments(store: &Store, machine: &str) -> Result<Vec<SegmentName>, CatalogueError> {
+pub async fn list_segments(
+    store: &Store,
+    machine: &str,
+) -> Result<Vec<SegmentName>, CatalogueError> {
     let dir = format!("{}/log/", machine_dir(machine));
     let mut out = Vec::new();
     for (rel, _) in store.list(&dir).await? {
@@ -297,13 +306,17 @@ pub async fn list_points(store: &Store, machine: &str) -> Result<Vec<PointRecord
         if !rel.ends_with(".json") {
             continue;
         }
-        let bytes = store.get(&rel).await?.ok_or_else(|| CatalogueError::Missing {
-            object: store.describe(&rel),
-        })?;
-        let p: PointRecord = serde_json::from_slice(&bytes).map_err(|e| CatalogueError::Invalid {
-            object: store.describe(&rel),
-            detail: e.to_string(),
-        })?;
+        let bytes = store
+            .get(&rel)
+            .await?
+            .ok_or_else(|| CatalogueError::Missing {
+                object: store.describe(&rel),
+            })?;
+        let p: PointRecord =
+            serde_json::from_slice(&bytes).map_err(|e| CatalogueError::Invalid {
+                object: store.describe(&rel),
+                detail: e.to_string(),
+            })?;
         out.push(p);
     }
     out.sort_by_key(|p| p.seq);

@@ -30,3 +30,15 @@ pub fn now_ms() -> u64 {
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
 }
+
+/// Tunes glibc's allocator for a data path that moves multi-megabyte buffers:
+/// without it every frame-sized allocation is a fresh `mmap` whose pages fault
+/// in and are zeroed (measured: ~10% of CPU in page faults at 1 MiB writes).
+pub fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only adjusts allocator thresholds; called at start-up.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 64 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 256 << 20);
+    }
+}

@@ -315,9 +315,7 @@ where
 
     // The reader ends first (peer closed, error or shutdown); the persister then
     // drains what was queued so that everything received is made durable and acked.
-    let (read_result, persist_result) = tokio::join!(
-        reader, persister
-    );
+    let (read_result, persist_result) = tokio::join!(reader, persister);
     let _ = writer.await;
     persist_result?;
     read_result
@@ -431,10 +429,18 @@ mod tests {
         let sink = Arc::new(MemSink::default());
         let sessions = Arc::new(Sessions::default());
         let (got, r) = session(sink.clone(), sessions.clone(), "m", vec![writes(2..=3)]).await;
-        assert!(matches!(got.last(), Some(Frame::Error { message, .. }) if message.contains("gap")));
+        assert!(
+            matches!(got.last(), Some(Frame::Error { message, .. }) if message.contains("gap"))
+        );
         assert!(r.is_err());
         let (got, r) = session(sink.clone(), sessions, "intruder", vec![]).await;
-        assert!(matches!(got.last(), Some(Frame::Error { code: error_code::AUTH, .. })));
+        assert!(matches!(
+            got.last(),
+            Some(Frame::Error {
+                code: error_code::AUTH,
+                ..
+            })
+        ));
         assert!(matches!(r, Err(ReceiveError::NotAllowed(_))));
         assert!(sink.entries.lock().unwrap().is_empty());
     }

@@ -35,7 +35,9 @@ pub const MAX_PLAINTEXT: u64 = 1 << 30;
 pub enum SealError {
     #[error("object {object}: {detail}")]
     Corrupt { object: String, detail: String },
-    #[error("object {object}: authentication failed (tampered or truncated object, or the wrong key)")]
+    #[error(
+        "object {object}: authentication failed (tampered or truncated object, or the wrong key)"
+    )]
     Auth { object: String },
 }
 
@@ -82,7 +84,9 @@ impl Key {
         }
         let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, b"lifeboat-seal-v1").extract(&self.0);
         let info = [object.as_bytes()];
-        let okm = prk.expand(&info, Len).expect("32 bytes is a valid HKDF length");
+        let okm = prk
+            .expand(&info, Len)
+            .expect("32 bytes is a valid HKDF length");
         let mut k = [0u8; 32];
         okm.fill(&mut k).expect("32 bytes is a valid HKDF length");
         LessSafeKey::new(UnboundKey::new(&AES_256_GCM, &k).expect("32-byte AES key"))
@@ -106,7 +110,10 @@ fn aad(object: &str, chunk: u32, header: &[u8]) -> Vec<u8> {
 /// Compresses (zstd `level`, 0 = store) and encrypts `plain` as `object`.
 pub fn seal(key: &Key, object: &str, chunk: u32, plain: &[u8], level: i32) -> Vec<u8> {
     let (compression, mut body) = if level > 0 {
-        (1u8, zstd::bulk::compress(plain, level).expect("zstd compression of memory"))
+        (
+            1u8,
+            zstd::bulk::compress(plain, level).expect("zstd compression of memory"),
+        )
     } else {
         (0u8, plain.to_vec())
     };
@@ -151,7 +158,9 @@ pub fn open(key: &Key, object: &str, chunk: u32, sealed: &[u8]) -> Result<Vec<u8
     }
     let compression = r.u8("compression").map_err(|e| corrupt(e.to_string()))?;
     let _ = r.u8("reserved").map_err(|e| corrupt(e.to_string()))?;
-    let plain_len = r.u64("plaintext length").map_err(|e| corrupt(e.to_string()))?;
+    let plain_len = r
+        .u64("plaintext length")
+        .map_err(|e| corrupt(e.to_string()))?;
     let nonce: [u8; NONCE_LEN] = r.array("nonce").map_err(|e| corrupt(e.to_string()))?;
     let crc = r.u32("header crc").map_err(|e| corrupt(e.to_string()))?;
     if crc32c::crc32c(&sealed[..HEADER_LEN - 4]) != crc {
@@ -198,8 +207,14 @@ mod tests {
         assert!(s.len() < 2000, "compressible data compresses");
         assert_eq!(open(&k, "a/b", 0, &s).unwrap(), plain);
         // Wrong name, wrong chunk, wrong key, flipped byte, truncation: all refused.
-        assert!(matches!(open(&k, "a/c", 0, &s), Err(SealError::Auth { .. })));
-        assert!(matches!(open(&k, "a/b", 1, &s), Err(SealError::Auth { .. })));
+        assert!(matches!(
+            open(&k, "a/c", 0, &s),
+            Err(SealError::Auth { .. })
+        ));
+        assert!(matches!(
+            open(&k, "a/b", 1, &s),
+            Err(SealError::Auth { .. })
+        ));
         assert!(open(&Key::generate(), "a/b", 0, &s).is_err());
         for i in [0, 10, 40, s.len() - 1] {
             let mut t = s.clone();

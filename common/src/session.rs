@@ -203,12 +203,11 @@ impl ReceiverState {
         let Frame::Hello(h) = frame else {
             return Err(SessionError::Unexpected("non-hello first"));
         };
-        self.version = protocol::negotiate(h.min_version, h.max_version).ok_or(
-            SessionError::Version {
+        self.version =
+            protocol::negotiate(h.min_version, h.max_version).ok_or(SessionError::Version {
                 min: h.min_version,
                 max: h.max_version,
-            },
-        )?;
+            })?;
         Ok(self.hello.insert(h))
     }
 
@@ -363,7 +362,8 @@ mod tests {
         rx.on_hello(hello()).unwrap();
         rx.welcome(5);
         assert_eq!(
-            rx.on_frame(Frame::Writes(vec![write(4), write(5)])).unwrap(),
+            rx.on_frame(Frame::Writes(vec![write(4), write(5)]))
+                .unwrap(),
             Action::None
         );
         assert_eq!(

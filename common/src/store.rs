@@ -152,7 +152,9 @@ impl Store {
     /// The object's bytes, or `None` if it does not exist.
     pub async fn get(&self, rel: &str) -> Result<Option<Bytes>, StoreError> {
         match self.inner.get(&self.path(rel)).await {
-            Ok(r) => Ok(Some(r.bytes().await.map_err(|e| self.err("reading", rel, e))?)),
+            Ok(r) => Ok(Some(
+                r.bytes().await.map_err(|e| self.err("reading", rel, e))?,
+            )),
             Err(object_store::Error::NotFound { .. }) => Ok(None),
             Err(e) => Err(self.err("reading", rel, e)),
         }

@@ -24,7 +24,8 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 }
 
 pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>> {
-    let pem = std::fs::read(path).with_context(|| format!("reading certificate {}", path.display()))?;
+    let pem =
+        std::fs::read(path).with_context(|| format!("reading certificate {}", path.display()))?;
     let certs: Vec<_> = rustls_pemfile::certs(&mut pem.as_slice())
         .collect::<Result<_, _>>()
         .with_context(|| format!("parsing certificate {}", path.display()))?;
@@ -35,7 +36,8 @@ pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>> {
 }
 
 pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>> {
-    let pem = std::fs::read(path).with_context(|| format!("reading private key {}", path.display()))?;
+    let pem =
+        std::fs::read(path).with_context(|| format!("reading private key {}", path.display()))?;
     rustls_pemfile::private_key(&mut pem.as_slice())
         .with_context(|| format!("parsing private key {}", path.display()))?
         .ok_or_else(|| anyhow!("no private key found in {}", path.display()))

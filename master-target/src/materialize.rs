@@ -94,7 +94,13 @@ pub fn resolve(inv: &Inventory, machine: &str, spec: &PointSpec) -> Result<Resol
     let pick = |p: &PointRecord| Resolved {
         seq: p.seq,
         point: Some(p.clone()),
-        description: format!("point {} ({}, {}, seq {})", p.id, p.kind.as_str(), p.time, p.seq),
+        description: format!(
+            "point {} ({}, {}, seq {})",
+            p.id,
+            p.kind.as_str(),
+            p.time,
+            p.seq
+        ),
     };
     match spec {
         PointSpec::Latest => {
@@ -113,7 +119,10 @@ pub fn resolve(inv: &Inventory, machine: &str, spec: &PointSpec) -> Result<Resol
             }
             Ok(Resolved {
                 seq: inv.end,
-                point: stored.iter().find(|p| p.seq == inv.end).map(|p| (*p).clone()),
+                point: stored
+                    .iter()
+                    .find(|p| p.seq == inv.end)
+                    .map(|p| (*p).clone()),
                 description: format!("latest (end of the durable stream, seq {})", inv.end),
             })
         }
@@ -241,8 +250,7 @@ pub async fn materialize(
                     let plain = seal::open(&key, &name, 0, &sealed).map_err(|e| {
                         anyhow!("{described}: {e}; refusing to use this recovery point")
                     })?;
-                    decode_segment(&plain, &machine, s)
-                        .map_err(|e| anyhow!("{described}: {e}"))
+                    decode_segment(&plain, &machine, s).map_err(|e| anyhow!("{described}: {e}"))
                 })
                 .await??;
                 Ok::<_, anyhow::Error>((s, fetched, entries))
@@ -307,7 +315,12 @@ pub async fn materialize(
 }
 
 /// Applies entries with `after < seq ≤ upto`; returns whether the tag at `upto` was seen.
-fn apply(targets: &mut BTreeMap<u16, Target>, entries: &[Entry], after: u64, upto: u64) -> Result<bool> {
+fn apply(
+    targets: &mut BTreeMap<u16, Target>,
+    entries: &[Entry],
+    after: u64,
+    upto: u64,
+) -> Result<bool> {
     let mut saw_tag = false;
     for e in entries.iter().filter(|e| e.seq > after) {
         if e.seq > upto {

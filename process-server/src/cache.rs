@@ -22,9 +22,11 @@ use std::sync::Arc;
 use anyhow::{anyhow, Context, Result};
 use bytes::Bytes;
 use lifeboat_common::catalogue::MachineRecord;
-use lifeboat_common::codec::{envelope, open_envelope, Reader};
+use lifeboat_common::codec::{envelope, open_envelope, Reader, ENVELOPE_HEADER};
 use lifeboat_common::protocol::{Entry, Op};
-use rocksdb::{ColumnFamilyDescriptor, Direction, IteratorMode, Options, WriteBatch, WriteOptions, DB};
+use rocksdb::{
+    ColumnFamilyDescriptor, Direction, IteratorMode, Options, WriteBatch, WriteOptions, DB,
+};
 
 const CF_LOG: &str = "log";
 const CF_META: &str = "meta";
@@ -47,6 +49,18 @@ fn log_key(machine: &str, seq: u64) -> Vec<u8> {
 fn seq_of(machine: &str, key: &[u8]) -> Option<u64> {
     let rest = key.strip_prefix(machine.as_bytes())?.strip_prefix(&[0])?;
     Some(u64::from_be_bytes(rest.try_into().ok()?))
+}
+
+/// `envelope(VALUE_MAGIC, 1, entry)` written in place, without an extra copy.
+fn envelope_entry(out: &mut Vec<u8>, e: &Entry) {
+    out.extend_from_slice(&VALUE_MAGIC);
+    out.extend_from_slice(&1u16.to_be_bytes());
+    out.extend_from_slice(&[0; 8]);
+    e.encode(out);
+    let len = (out.len() - ENVELOPE_HEADER) as u32;
+    let crc = crc32c::crc32c(&out[ENVELOPE_HEADER..]);
+    out[6..10].copy_from_slice(&len.to_be_bytes());
+    out[10..14].copy_from_slice(&crc.to_be_bytes());
 }
 
 /// A range of entries read for one segment.
@@ -92,14 +106,17 @@ impl Cache {
         let mut buf = Vec::new();
         for e in entries {
             buf.clear();
-            e.encode(&mut buf);
-            batch.put_cf(cf, log_key(machine, e.seq), envelope(VALUE_MAGIC, 1, &buf));
+            envelope_entry(&mut buf, e);
+            batch.put_cf(cf, log_key(machine, e.seq), &buf);
         }
         let mut wo = WriteOptions::default();
         wo.set_sync(true);
-        self.db
-            .write_opt(batch, &wo)
-            .with_context(|| format!("writing {} entries of {machine} to the cache", entries.len()))?;
+        self.db.write_opt(batch, &wo).with_context(|| {
+            format!(
+                "writing {} entries of {machine} to the cache",
+                entries.len()
+            )
+        })?;
         Ok(entries.last().map(|e| e.seq).unwrap_or(0))
     }
 
@@ -134,16 +151,11 @@ impl Cache {
     pub fn read_batch(&self, machine: &str, from: u64, max_bytes: usize) -> Result<Batch> {
         let cf = self.cf(CF_LOG)?;
         let start = log_key(machine, from);
-        let mut out = Batch {
-            entries: Vec::new(),
-            bytes: 0,
-            ends_at_tag: false,
-        };
-        let mut expect = from;
-        for item in self
+        let mut out = Batch::default();
+        let iter = self
             .db
-            .iterator_cf(cf, IteratorMode::From(&start, Direction::Forward))
-        {
+            .iterator_cf(cf, IteratorMode::From(&start, Direction::Forward));
+        for (expect, item) in (from..).zip(iter) {
             let (k, v) = item?;
             let Some(seq) = seq_of(machine, &k) else {
                 break;
@@ -161,7 +173,6 @@ impl Cache {
             out.bytes += e.encoded_len();
             let is_tag = matches!(e.op, Op::Tag { .. });
             out.entries.push(e);
-            expect += 1;
             if is_tag {
                 out.ends_at_tag = true;
                 break;
@@ -186,7 +197,11 @@ impl Cache {
             &wo,
         )?;
         let mut batch = WriteBatch::default();
-        batch.delete_range_cf(log, log_key(machine, from.min(upto)), log_key(machine, upto + 1));
+        batch.delete_range_cf(
+            log,
+            log_key(machine, from.min(upto)),
+            log_key(machine, upto + 1),
+        );
         self.db.write(batch)?;
         Ok(())
     }

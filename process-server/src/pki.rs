@@ -74,7 +74,10 @@ pub fn create_authority(dir: &Path, server_names: &[String]) -> Result<()> {
     std::fs::write(dir.join(SERVER_CERT), scert.pem())?;
     write_private(&dir.join(SERVER_KEY), &skey.serialize_pem())?;
 
-    write_private(&dir.join(KEK_FILE), &format!("{}\n", Key::generate().to_hex()))?;
+    write_private(
+        &dir.join(KEK_FILE),
+        &format!("{}\n", Key::generate().to_hex()),
+    )?;
     Ok(())
 }
 
@@ -98,10 +101,6 @@ pub fn issue_machine_cert(dir: &Path, machine: &str, out: &Path) -> Result<()> {
 pub fn load_kek(path: &Path) -> Result<Key> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("reading the key-encryption key {}", path.display()))?;
-    Key::from_hex(&text).map_err(|e| {
-        anyhow::anyhow!(
-            "{} is not a key-encryption key: {e}",
-            path.display()
-        )
-    })
+    Key::from_hex(&text)
+        .map_err(|e| anyhow::anyhow!("{} is not a key-encryption key: {e}", path.display()))
 }

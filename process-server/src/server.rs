@@ -48,6 +48,7 @@ impl PsSink {
         let u = Arc::new(MachineUploader {
             machine: machine.to_string(),
             notify: tokio::sync::Notify::new(),
+            tail: Default::default(),
         });
         map.insert(machine.to_string(), u.clone());
         self.tasks.spawn(uploader::run_machine(
@@ -83,8 +84,15 @@ impl StreamSink for PsSink {
     async fn append(&self, machine: &str, entries: Vec<Entry>) -> Result<u64> {
         let cache = self.cache.clone();
         let m = machine.to_string();
-        let durable = tokio::task::spawn_blocking(move || cache.append(&m, &entries)).await??;
-        self.uploader(machine).notify.notify_one();
+        let (durable, entries) =
+            tokio::task::spawn_blocking(move || cache.append(&m, &entries).map(|d| (d, entries)))
+                .await??;
+        let u = self.uploader(machine);
+        u.tail
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(&entries);
+        u.notify.notify_one();
         Ok(durable)
     }
 }

@@ -17,8 +17,7 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 use bytes::Bytes;
 use lifeboat_common::catalogue::{
-    self, encode_segment, format_time_ms, point_object, segment_object, MachineRecord,
-    PointRecord,
+    self, encode_segment, format_time_ms, point_object, segment_object, MachineRecord, PointRecord,
 };
 use lifeboat_common::protocol::{Entry, Op};
 use lifeboat_common::seal::{self, Key};
@@ -58,10 +57,72 @@ where
     }
 }
 
+/// Entries kept in memory for the uploader, so the hot path never reads the
+/// cache back; beyond this the uploader reads RocksDB instead.
+pub const TAIL_MAX_BYTES: usize = 256 * 1024 * 1024;
+
+/// The newest durable entries of a machine, consecutive by seq.
+#[derive(Default)]
+pub struct Tail {
+    entries: VecDeque<Entry>,
+    bytes: usize,
+}
+
+impl Tail {
+    /// Adds entries just made durable; keeps the queue consecutive and bounded.
+    pub fn push(&mut self, entries: &[Entry]) {
+        let Some(first) = entries.first() else {
+            return;
+        };
+        if self.entries.back().is_some_and(|b| b.seq + 1 != first.seq) {
+            self.entries.clear();
+            self.bytes = 0;
+        }
+        let add: usize = entries.iter().map(Entry::encoded_len).sum();
+        if self.bytes + add > TAIL_MAX_BYTES {
+            return; // the uploader falls back to the cache; the next push restarts the tail
+        }
+        self.bytes += add;
+        self.entries.extend(entries.iter().cloned());
+    }
+
+    /// Takes entries from `from` on (up to `budget` bytes, stopping after a tag) if
+    /// the tail holds `from`; `None` if the caller must read the cache.
+    fn take(&mut self, from: u64, budget: usize) -> Option<Batch> {
+        while self.entries.front().is_some_and(|e| e.seq < from) {
+            let e = self.entries.pop_front().expect("non-empty");
+            self.bytes -= e.encoded_len();
+        }
+        match self.entries.front() {
+            None => Some(Batch::default()),
+            Some(e) if e.seq != from => None,
+            Some(_) => {
+                let mut b = Batch::default();
+                while let Some(e) = self.entries.pop_front() {
+                    let len = e.encoded_len();
+                    self.bytes -= len;
+                    b.bytes += len;
+                    let is_tag = matches!(e.op, Op::Tag { .. });
+                    b.entries.push(e);
+                    if is_tag {
+                        b.ends_at_tag = true;
+                        break;
+                    }
+                    if b.bytes >= budget {
+                        break;
+                    }
+                }
+                Some(b)
+            }
+        }
+    }
+}
+
 /// Shared state of one machine's uploader.
 pub struct MachineUploader {
     pub machine: String,
     pub notify: Notify,
+    pub tail: std::sync::Mutex<Tail>,
 }
 
 /// Writes `machine.json` and makes sure the machine's data key exists, returning it.
@@ -112,9 +173,11 @@ pub async fn run_machine(
         warn!(%machine, "no machine record in the cache; uploader not started");
         return;
     };
-    let Some(data_key) = retry(&format!("preparing {machine} in {}", store.url()), &cancel, || {
-        prepare_machine(&store, &kek, &rec)
-    })
+    let Some(data_key) = retry(
+        &format!("preparing {machine} in {}", store.url()),
+        &cancel,
+        || prepare_machine(&store, &kek, &rec),
+    )
     .await
     else {
         return;
@@ -177,7 +240,16 @@ pub async fn run_machine(
             let m = machine.clone();
             let from = next + pending.entries.len() as u64;
             let budget = max - pending.bytes;
-            match tokio::task::spawn_blocking(move || c.read_batch(&m, from, budget)).await {
+            let from_tail = me
+                .tail
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take(from, budget);
+            let read = match from_tail {
+                Some(b) => Ok(Ok(b)),
+                None => tokio::task::spawn_blocking(move || c.read_batch(&m, from, budget)).await,
+            };
+            match read {
                 Ok(Ok(b)) => {
                     pending.entries.extend(b.entries);
                     pending.bytes += b.bytes;
@@ -284,22 +356,30 @@ async fn upload_segment(
         .await
         .ok()?
     };
-    retry(&format!("uploading {}", store.describe(&name)), &cancel, || {
-        let data = sealed.clone();
-        let store = &store;
-        let name = &name;
-        async move { Ok(store.put(name, data).await?) }
-    })
+    retry(
+        &format!("uploading {}", store.describe(&name)),
+        &cancel,
+        || {
+            let data = sealed.clone();
+            let store = &store;
+            let name = &name;
+            async move { Ok(store.put(name, data).await?) }
+        },
+    )
     .await?;
     for p in points {
         let obj = point_object(&machine, p.seq);
         let body = Bytes::from(serde_json::to_vec_pretty(&p).ok()?);
-        retry(&format!("recording point {}", store.describe(&obj)), &cancel, || {
-            let body = body.clone();
-            let store = &store;
-            let obj = &obj;
-            async move { Ok(store.put(obj, body).await?) }
-        })
+        retry(
+            &format!("recording point {}", store.describe(&obj)),
+            &cancel,
+            || {
+                let body = body.clone();
+                let store = &store;
+                let obj = &obj;
+                async move { Ok(store.put(obj, body).await?) }
+            },
+        )
         .await?;
         info!(%machine, seq = p.seq, kind = p.kind.as_str(), "recovery point stored");
     }

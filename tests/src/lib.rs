@@ -203,7 +203,11 @@ pub struct ProcessServer {
 
 impl ProcessServer {
     /// `lifeboat-ps init` into `dir`, with the store and config tweaks given.
-    pub fn init(dir: &Path, store_url: Option<&str>, extra_store_options: &[(&str, &str)]) -> Result<ProcessServer> {
+    pub fn init(
+        dir: &Path,
+        store_url: Option<&str>,
+        extra_store_options: &[(&str, &str)],
+    ) -> Result<ProcessServer> {
         let port = free_port();
         let mut cmd = Command::new(bin("lifeboat-ps"));
         cmd.args(["init", "--dir"]).arg(dir);
@@ -238,19 +242,23 @@ impl ProcessServer {
     pub fn start(&mut self) -> Result<()> {
         let log = self.dir.join(format!("ps-{}.log", std::process::id()));
         let log = if log.exists() {
-            self.dir.join(format!("ps-{}-{}.log", std::process::id(), now_nanos()))
+            self.dir
+                .join(format!("ps-{}-{}.log", std::process::id(), now_nanos()))
         } else {
             log
         };
         let mut cmd = Command::new(bin("lifeboat-ps"));
-        cmd.args(["serve", "--config"]).arg(self.dir.join("ps.toml"));
+        cmd.args(["serve", "--config"])
+            .arg(self.dir.join("ps.toml"));
         let mut p = Proc::spawn("lifeboat-ps", &mut cmd, &log)?;
         let port = self.port;
         wait_for("lifeboat-ps to listen", Duration::from_secs(30), || {
             if !p.is_running() {
                 return Some(false);
             }
-            std::net::TcpStream::connect(("127.0.0.1", port)).ok().map(|_| true)
+            std::net::TcpStream::connect(("127.0.0.1", port))
+                .ok()
+                .map(|_| true)
         })
         .and_then(|ok| {
             if ok {
@@ -363,26 +371,41 @@ impl Agent {
     }
 
     pub fn uri(&self, disk: &str) -> String {
-        let (_, _, sock) = self.disks.iter().find(|d| d.0 == disk).expect("disk configured");
+        let (_, _, sock) = self
+            .disks
+            .iter()
+            .find(|d| d.0 == disk)
+            .expect("disk configured");
         format!("nbd+unix:///{disk}?socket={}", sock.display())
     }
 
     pub fn image(&self, disk: &str) -> PathBuf {
-        self.disks.iter().find(|d| d.0 == disk).expect("disk configured").1.clone()
+        self.disks
+            .iter()
+            .find(|d| d.0 == disk)
+            .expect("disk configured")
+            .1
+            .clone()
     }
 
     /// Places a crash-consistent tag now; returns its seq.
     pub fn tag(&self) -> Result<u64> {
         let out = run_ok(
-            Command::new(bin("lifeboat-agent")).args(["tag", "--config"]).arg(&self.config),
+            Command::new(bin("lifeboat-agent"))
+                .args(["tag", "--config"])
+                .arg(&self.config),
             Duration::from_secs(30),
         )?;
-        out.trim().parse().with_context(|| format!("tag printed {out:?}"))
+        out.trim()
+            .parse()
+            .with_context(|| format!("tag printed {out:?}"))
     }
 
     pub fn status(&self) -> Result<serde_json::Value> {
         let out = run_ok(
-            Command::new(bin("lifeboat-agent")).args(["status", "--config"]).arg(&self.config),
+            Command::new(bin("lifeboat-agent"))
+                .args(["status", "--config"])
+                .arg(&self.config),
             Duration::from_secs(30),
         )?;
         Ok(serde_json::from_str(&out)?)
@@ -390,7 +413,9 @@ impl Agent {
 
     /// Waits until the process server acknowledged everything captured so far.
     pub fn wait_acked(&self, timeout: Duration) -> Result<u64> {
-        let captured = self.status()?["positions"]["captured"].as_u64().unwrap_or(0);
+        let captured = self.status()?["positions"]["captured"]
+            .as_u64()
+            .unwrap_or(0);
         wait_for("the agent's stream to be acknowledged", timeout, || {
             let s = self.status().ok()?;
             let acked = s["positions"]["acked"].as_u64()?;
@@ -411,7 +436,13 @@ pub fn points(store: &str, machine: &str, options: &[String]) -> Result<serde_js
 }
 
 /// Waits until the store's durable stream reaches `seq`.
-pub fn wait_stored(store: &str, machine: &str, options: &[String], seq: u64, timeout: Duration) -> Result<()> {
+pub fn wait_stored(
+    store: &str,
+    machine: &str,
+    options: &[String],
+    seq: u64,
+    timeout: Duration,
+) -> Result<()> {
     wait_for(&format!("seq {seq} in the store"), timeout, || {
         let v = points(store, machine, options).ok()?;
         (v["stream-end"].as_u64()? >= seq).then_some(())
@@ -419,12 +450,28 @@ pub fn wait_stored(store: &str, machine: &str, options: &[String], seq: u64, tim
 }
 
 /// `lifeboat-mt failover`; returns the command's output (success not required).
-pub fn failover(store: &str, machine: &str, point: &str, out: &Path, kek: &Path, options: &[String]) -> Result<Output> {
+pub fn failover(
+    store: &str,
+    machine: &str,
+    point: &str,
+    out: &Path,
+    kek: &Path,
+    options: &[String],
+) -> Result<Output> {
     let mut cmd = Command::new(bin("lifeboat-mt"));
-    cmd.args(["failover", "--store", store, "--machine", machine, "--point", point, "--out"])
-        .arg(out)
-        .arg("--key-file")
-        .arg(kek);
+    cmd.args([
+        "failover",
+        "--store",
+        store,
+        "--machine",
+        machine,
+        "--point",
+        point,
+        "--out",
+    ])
+    .arg(out)
+    .arg("--key-file")
+    .arg(kek);
     for o in options {
         cmd.args(["--store-option", o]);
     }
@@ -448,7 +495,11 @@ pub fn assert_same(a: &Path, b: &Path) {
         }
         fb.read_exact(&mut bb[..n]).unwrap();
         if ba[..n] != bb[..n] {
-            let i = ba[..n].iter().zip(&bb[..n]).position(|(x, y)| x != y).unwrap();
+            let i = ba[..n]
+                .iter()
+                .zip(&bb[..n])
+                .position(|(x, y)| x != y)
+                .unwrap();
             panic!(
                 "{} and {} differ at byte {} (0x{:x})",
                 a.display(),

@@ -17,7 +17,10 @@ const MACHINE: &str = "machine-1";
 const MIB: u64 = 1024 * 1024;
 
 fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
 }
 
 async fn connect(
@@ -26,7 +29,9 @@ async fn connect(
 ) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
     let tcp = TcpStream::connect(("127.0.0.1", port)).await?;
     let name = ServerName::try_from("localhost").unwrap();
-    tokio_rustls::TlsConnector::from(cfg).connect(name, tcp).await
+    tokio_rustls::TlsConnector::from(cfg)
+        .connect(name, tcp)
+        .await
 }
 
 fn client_cfg(certs: &Path) -> Arc<rustls::ClientConfig> {
@@ -51,8 +56,14 @@ fn hello(machine: &str) -> Frame {
 }
 
 /// What the server answers (or whether it just closes) after `send`.
-async fn exchange(port: u16, cfg: Arc<rustls::ClientConfig>, send: &[u8]) -> Result<Vec<Frame>, String> {
-    let mut s = connect(port, cfg).await.map_err(|e| format!("handshake: {e}"))?;
+async fn exchange(
+    port: u16,
+    cfg: Arc<rustls::ClientConfig>,
+    send: &[u8],
+) -> Result<Vec<Frame>, String> {
+    let mut s = connect(port, cfg)
+        .await
+        .map_err(|e| format!("handshake: {e}"))?;
     // With TLS 1.3 a rejected client certificate surfaces on the first read/write.
     if let Err(e) = s.write_all(send).await {
         return Err(format!("write: {e}"));
@@ -60,7 +71,8 @@ async fn exchange(port: u16, cfg: Arc<rustls::ClientConfig>, send: &[u8]) -> Res
     let _ = s.flush().await;
     let mut got = Vec::new();
     loop {
-        match tokio::time::timeout(Duration::from_secs(10), read_frame(&mut s, MAX_FRAME_LEN)).await {
+        match tokio::time::timeout(Duration::from_secs(10), read_frame(&mut s, MAX_FRAME_LEN)).await
+        {
             Err(_) => return Err("no answer within 10 s".into()),
             Ok(Ok(Some(f))) => got.push(f),
             Ok(Ok(None)) => return Ok(got),
@@ -92,7 +104,15 @@ fn hostile_clients_are_refused_and_the_good_agent_keeps_replicating() {
     let mut ps = ProcessServer::init(&root.join("ps"), None, &[]).unwrap();
     ps.start().unwrap();
     let certs = ps.dir.join("machines").join(MACHINE);
-    let mut agent = Agent::configure(&root.join("agent"), MACHINE, &certs, ps.port, &[("root", 8 * MIB)], "").unwrap();
+    let mut agent = Agent::configure(
+        &root.join("agent"),
+        MACHINE,
+        &certs,
+        ps.port,
+        &[("root", 8 * MIB)],
+        "",
+    )
+    .unwrap();
     agent.start().unwrap();
     qemu_io(&agent.uri("root"), &["write -P 0x5a 0 1M", "flush"]).unwrap();
 
@@ -111,39 +131,61 @@ fn hostile_clients_are_refused_and_the_good_agent_keeps_replicating() {
         r
     };
     let no_cert = Arc::new(
-        rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth(),
+        rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth(),
     );
     let r = rt.block_on(exchange(port, no_cert, &hello(MACHINE).to_bytes()));
-    assert!(r.is_err() || r.as_ref().unwrap().is_empty(), "no-cert client got {r:?}");
+    assert!(
+        r.is_err() || r.as_ref().unwrap().is_empty(),
+        "no-cert client got {r:?}"
+    );
 
     // 2. A certificate from another CA (same machine name).
     let r = rt.block_on(async {
         let cfg = lifeboat_common::tls::client_config(
-            &certs.join("ca.pem"), // trusts our server...
+            &certs.join("ca.pem"),           // trusts our server...
             &other_certs.join("client.pem"), // ...but presents another CA's certificate
             &other_certs.join("client.key"),
         )
         .unwrap();
         exchange(port, cfg, &hello(MACHINE).to_bytes()).await
     });
-    assert!(r.is_err() || r.as_ref().unwrap().is_empty(), "foreign-CA client got {r:?}");
+    assert!(
+        r.is_err() || r.as_ref().unwrap().is_empty(),
+        "foreign-CA client got {r:?}"
+    );
 
     // 3. A valid certificate for "rogue" that claims to be machine-1.
-    let frames = rt.block_on(exchange(port, client_cfg(&rogue_certs), &hello(MACHINE).to_bytes())).unwrap();
+    let frames = rt
+        .block_on(exchange(
+            port,
+            client_cfg(&rogue_certs),
+            &hello(MACHINE).to_bytes(),
+        ))
+        .unwrap();
     let msg = error_message(&frames);
-    assert!(msg.contains("not allowed"), "impersonation answer: {frames:?}");
+    assert!(
+        msg.contains("not allowed"),
+        "impersonation answer: {frames:?}"
+    );
 
     // 4. An oversized frame: the server must refuse it without allocating it.
     let mut bytes = hello("rogue").to_bytes();
     bytes.extend_from_slice(&(u32::MAX - 1).to_be_bytes());
     bytes.push(3);
-    let frames = rt.block_on(exchange(port, client_cfg(&rogue_certs), &bytes)).unwrap();
+    let frames = rt
+        .block_on(exchange(port, client_cfg(&rogue_certs), &bytes))
+        .unwrap();
     assert!(matches!(frames[0], Frame::Welcome { .. }), "{frames:?}");
-    assert!(error_message(&frames).contains("over the limit"), "oversized answer: {frames:?}");
+    assert!(
+        error_message(&frames).contains("over the limit"),
+        "oversized answer: {frames:?}"
+    );
 
     // 5. A truncated frame, then the connection closes.
     let mut bytes = hello("rogue").to_bytes();
@@ -158,14 +200,24 @@ fn hostile_clients_are_refused_and_the_good_agent_keeps_replicating() {
     }])
     .encode(&mut w);
     bytes.extend_from_slice(&w[..w.len() - 100]);
-    let frames = rt.block_on(exchange(port, client_cfg(&rogue_certs), &bytes)).unwrap_or_default();
-    assert!(!frames.iter().any(|f| matches!(f, Frame::Ack { .. })), "a truncated frame was acknowledged: {frames:?}");
+    let frames = rt
+        .block_on(exchange(port, client_cfg(&rogue_certs), &bytes))
+        .unwrap_or_default();
+    assert!(
+        !frames.iter().any(|f| matches!(f, Frame::Ack { .. })),
+        "a truncated frame was acknowledged: {frames:?}"
+    );
 
     // 6. A malformed frame body (unknown frame type).
     let mut bytes = hello("rogue").to_bytes();
     bytes.extend_from_slice(&[0, 0, 0, 2, 99, 0]);
-    let frames = rt.block_on(exchange(port, client_cfg(&rogue_certs), &bytes)).unwrap();
-    assert!(error_message(&frames).contains("malformed"), "malformed answer: {frames:?}");
+    let frames = rt
+        .block_on(exchange(port, client_cfg(&rogue_certs), &bytes))
+        .unwrap();
+    assert!(
+        error_message(&frames).contains("malformed"),
+        "malformed answer: {frames:?}"
+    );
 
     // The server is still up and the real agent still replicates exactly.
     qemu_io(&agent.uri("root"), &["write -P 0x6b 2M 1M", "flush"]).unwrap();
@@ -176,7 +228,10 @@ fn hostile_clients_are_refused_and_the_good_agent_keeps_replicating() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert_same(&out.join("root.raw"), &agent.image("root"));
     let log = ps.log();
-    assert!(log.contains("TLS handshake"), "the server log should name the failed handshakes:\n{log}");
+    assert!(
+        log.contains("TLS handshake"),
+        "the server log should name the failed handshakes:\n{log}"
+    );
 }
 
 #[test]
@@ -186,12 +241,24 @@ fn tampered_or_missing_objects_and_wrong_key_are_refused_by_name() {
     let mut ps = ProcessServer::init(&root.join("ps"), None, &[]).unwrap();
     ps.start().unwrap();
     let certs = ps.dir.join("machines").join(MACHINE);
-    let mut agent = Agent::configure(&root.join("agent"), MACHINE, &certs, ps.port, &[("root", 8 * MIB)], "").unwrap();
+    let mut agent = Agent::configure(
+        &root.join("agent"),
+        MACHINE,
+        &certs,
+        ps.port,
+        &[("root", 8 * MIB)],
+        "",
+    )
+    .unwrap();
     agent.start().unwrap();
     let uri = agent.uri("root");
     // Several segments: each tag cuts one.
     for i in 0..4u64 {
-        qemu_io(&uri, &[&format!("write -P {} {} 512k", i + 1, i * MIB), "flush"]).unwrap();
+        qemu_io(
+            &uri,
+            &[&format!("write -P {} {} 512k", i + 1, i * MIB), "flush"],
+        )
+        .unwrap();
         agent.tag().unwrap();
     }
     let acked = agent.wait_acked(Duration::from_secs(60)).unwrap();
@@ -202,14 +269,28 @@ fn tampered_or_missing_objects_and_wrong_key_are_refused_by_name() {
     // Wrong key-encryption key.
     let wrong = root.join("wrong.key");
     std::fs::write(&wrong, lifeboat_common::seal::Key::generate().to_hex()).unwrap();
-    let o = failover(&ps.store_url, MACHINE, "latest", &root.join("o1"), &wrong, &[]).unwrap();
+    let o = failover(
+        &ps.store_url,
+        MACHINE,
+        "latest",
+        &root.join("o1"),
+        &wrong,
+        &[],
+    )
+    .unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success());
-    assert!(err.contains("data-key.sealed") && err.contains("key-encryption key"), "{err}");
+    assert!(
+        err.contains("data-key.sealed") && err.contains("key-encryption key"),
+        "{err}"
+    );
 
     // A tampered segment: failover names it and refuses.
     let log_dir = ps.dir.join("store/machines").join(MACHINE).join("log");
-    let mut segs: Vec<_> = std::fs::read_dir(&log_dir).unwrap().map(|e| e.unwrap().path()).collect();
+    let mut segs: Vec<_> = std::fs::read_dir(&log_dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
     segs.sort();
     assert!(segs.len() >= 3, "expected several segments, found {segs:?}");
     let victim = segs[1].clone();
@@ -218,21 +299,48 @@ fn tampered_or_missing_objects_and_wrong_key_are_refused_by_name() {
     let mid = bad.len() / 2;
     bad[mid] ^= 0x01;
     std::fs::write(&victim, &bad).unwrap();
-    let o = failover(&ps.store_url, MACHINE, "latest", &root.join("o2"), &ps.kek(), &[]).unwrap();
+    let o = failover(
+        &ps.store_url,
+        MACHINE,
+        "latest",
+        &root.join("o2"),
+        &ps.kek(),
+        &[],
+    )
+    .unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
     let vname = victim.file_name().unwrap().to_string_lossy().to_string();
     assert!(!o.status.success());
-    assert!(err.contains(&vname) && err.contains("authentication failed"), "{err}");
+    assert!(
+        err.contains(&vname) && err.contains("authentication failed"),
+        "{err}"
+    );
 
     // A missing segment: `latest` is refused rather than silently earlier.
     std::fs::remove_file(&victim).unwrap();
-    let o = failover(&ps.store_url, MACHINE, "latest", &root.join("o3"), &ps.kek(), &[]).unwrap();
+    let o = failover(
+        &ps.store_url,
+        MACHINE,
+        "latest",
+        &root.join("o3"),
+        &ps.kek(),
+        &[],
+    )
+    .unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success());
     assert!(err.contains("missing"), "{err}");
 
     // Restored, everything works again.
     std::fs::write(&victim, &original).unwrap();
-    let o = failover(&ps.store_url, MACHINE, "latest", &root.join("o4"), &ps.kek(), &[]).unwrap();
+    let o = failover(
+        &ps.store_url,
+        MACHINE,
+        "latest",
+        &root.join("o4"),
+        &ps.kek(),
+        &[],
+    )
+    .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }

@@ -22,11 +22,15 @@ struct Setup {
 fn setup(disks: &[(&str, u64)], store: Option<&str>, store_opts: &[(String, String)]) -> Setup {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path().to_path_buf();
-    let pairs: Vec<(&str, &str)> = store_opts.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let pairs: Vec<(&str, &str)> = store_opts
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
     let mut ps = ProcessServer::init(&root.join("ps"), store, &pairs).unwrap();
     ps.start().unwrap();
     let certs = ps.dir.join("machines").join(MACHINE);
-    let mut agent = Agent::configure(&root.join("agent"), MACHINE, &certs, ps.port, disks, "").unwrap();
+    let mut agent =
+        Agent::configure(&root.join("agent"), MACHINE, &certs, ps.port, disks, "").unwrap();
     agent.start().unwrap();
     let options = store_opts.iter().map(|(k, v)| format!("{k}={v}")).collect();
     Setup {
@@ -42,7 +46,15 @@ impl Setup {
     /// Failover at `point` into a fresh directory; panics with the tool's output on failure.
     fn failover(&self, point: &str, name: &str) -> std::path::PathBuf {
         let out = self.root.join(name);
-        let o = failover(&self.ps.store_url, MACHINE, point, &out, &self.ps.kek(), &self.options).unwrap();
+        let o = failover(
+            &self.ps.store_url,
+            MACHINE,
+            point,
+            &out,
+            &self.ps.kek(),
+            &self.options,
+        )
+        .unwrap();
         assert!(
             o.status.success(),
             "failover at {point} failed:\n{}\n{}",
@@ -54,7 +66,14 @@ impl Setup {
 
     fn wait_all_stored(&self) -> u64 {
         let acked = self.agent.wait_acked(Duration::from_secs(120)).unwrap();
-        wait_stored(&self.ps.store_url, MACHINE, &self.options, acked, Duration::from_secs(120)).unwrap();
+        wait_stored(
+            &self.ps.store_url,
+            MACHINE,
+            &self.options,
+            acked,
+            Duration::from_secs(120),
+        )
+        .unwrap();
         acked
     }
 }
@@ -64,7 +83,11 @@ impl Setup {
 fn qemu_io_scenario(s: &Setup) {
     let a = s.agent.uri("root");
     let b = s.agent.uri("data");
-    qemu_io(&a, &["write -P 0xab 0 1M", "write -P 0x11 3M 512k", "flush"]).unwrap();
+    qemu_io(
+        &a,
+        &["write -P 0xab 0 1M", "write -P 0x11 3M 512k", "flush"],
+    )
+    .unwrap();
     qemu_io(&b, &["write -P 0xcd 1M 2M", "flush"]).unwrap();
     let tag = s.agent.tag().unwrap();
     let snap = s.root.join("snap-tag");
@@ -98,7 +121,9 @@ fn qemu_io_scenario(s: &Setup) {
     let p = points(&s.ps.store_url, MACHINE, &s.options).unwrap();
     let listed = p["points"].as_array().unwrap();
     assert!(
-        listed.iter().any(|x| x["seq"] == tag && x["kind"] == "crash"),
+        listed
+            .iter()
+            .any(|x| x["seq"] == tag && x["kind"] == "crash"),
         "points: {p}"
     );
 }
@@ -113,7 +138,11 @@ fn file_store_qemu_io_tag_and_latest_are_byte_equal() {
 fn azurite_store_qemu_io_tag_and_latest_are_byte_equal() {
     let peer_dir = tempfile::tempdir().unwrap();
     let az = peers::Azurite::start(peer_dir.path()).unwrap();
-    let s = setup(&[("root", 16 * MIB), ("data", 8 * MIB)], Some(&az.store_url()), &az.options());
+    let s = setup(
+        &[("root", 16 * MIB), ("data", 8 * MIB)],
+        Some(&az.store_url()),
+        &az.options(),
+    );
     qemu_io_scenario(&s);
 }
 
@@ -121,7 +150,11 @@ fn azurite_store_qemu_io_tag_and_latest_are_byte_equal() {
 fn s3_store_qemu_io_tag_and_latest_are_byte_equal() {
     let peer_dir = tempfile::tempdir().unwrap();
     let s3 = peers::S3sFs::start(peer_dir.path()).unwrap();
-    let s = setup(&[("root", 16 * MIB), ("data", 8 * MIB)], Some(&s3.store_url()), &s3.options());
+    let s = setup(
+        &[("root", 16 * MIB), ("data", 8 * MIB)],
+        Some(&s3.store_url()),
+        &s3.options(),
+    );
     qemu_io_scenario(&s);
 }
 
@@ -197,34 +230,59 @@ fn ext4_over_nbdfuse_recovers_clean_with_every_file() {
     let sock = s.agent.disks[0].2.clone();
     let nbdfuse = Proc::spawn(
         "nbdfuse",
-        Command::new("nbdfuse").arg(fuse_dir.join("disk")).args(["--unix"]).arg(&sock),
+        Command::new("nbdfuse")
+            .arg(fuse_dir.join("disk"))
+            .args(["--unix"])
+            .arg(&sock),
         &s.root.join("nbdfuse.log"),
     )
     .unwrap();
     let fuse_file = fuse_dir.join("disk");
-    wait_for("nbdfuse", Duration::from_secs(20), || fuse_file.metadata().ok().filter(|m| m.len() > 0)).unwrap();
+    wait_for("nbdfuse", Duration::from_secs(20), || {
+        fuse_file.metadata().ok().filter(|m| m.len() > 0)
+    })
+    .unwrap();
     let cleanup = FsCleanup {
         mnt: mnt.clone(),
         loopdev: std::cell::RefCell::new(None),
         fuse: fuse_dir.clone(),
     };
-    let lo = run_ok(Command::new("losetup").args(["-f", "--show"]).arg(&fuse_file), Duration::from_secs(30))
-        .unwrap()
-        .trim()
-        .to_string();
+    let lo = run_ok(
+        Command::new("losetup")
+            .args(["-f", "--show"])
+            .arg(&fuse_file),
+        Duration::from_secs(30),
+    )
+    .unwrap()
+    .trim()
+    .to_string();
     *cleanup.loopdev.borrow_mut() = Some(lo.clone());
-    run_ok(Command::new("mkfs.ext4").args(["-q", "-F", &lo]), Duration::from_secs(120)).unwrap();
-    run_ok(Command::new("mount").arg(&lo).arg(&mnt), Duration::from_secs(60)).unwrap();
+    run_ok(
+        Command::new("mkfs.ext4").args(["-q", "-F", &lo]),
+        Duration::from_secs(120),
+    )
+    .unwrap();
+    run_ok(
+        Command::new("mount").arg(&lo).arg(&mnt),
+        Duration::from_secs(60),
+    )
+    .unwrap();
     let mut sums = Vec::new();
     for i in 0..20u32 {
-        let data: Vec<u8> = (0..(50_000 + i * 7919)).map(|j| (j.wrapping_mul(31) ^ i) as u8).collect();
+        let data: Vec<u8> = (0..(50_000 + i * 7919))
+            .map(|j| (j.wrapping_mul(31) ^ i) as u8)
+            .collect();
         let name = format!("file-{i}.bin");
         std::fs::write(mnt.join(&name), &data).unwrap();
         sums.push((name, blake3::hash(&data)));
     }
     std::fs::create_dir_all(mnt.join("dir/sub")).unwrap();
     std::fs::write(mnt.join("dir/sub/note.txt"), b"lifeboat").unwrap();
-    run_ok(Command::new("sync").arg("-f").arg(&mnt), Duration::from_secs(60)).unwrap();
+    run_ok(
+        Command::new("sync").arg("-f").arg(&mnt),
+        Duration::from_secs(60),
+    )
+    .unwrap();
     drop(cleanup); // umount, detach the loop device, unmount nbdfuse
     drop(nbdfuse);
     let tag = s.agent.tag().unwrap();
@@ -232,17 +290,31 @@ fn ext4_over_nbdfuse_recovers_clean_with_every_file() {
     let out = s.failover(&tag.to_string(), "out");
     let img = out.join("root.raw");
     assert_same(&img, &s.agent.image("root"));
-    run_ok(Command::new("e2fsck").arg("-fn").arg(&img), Duration::from_secs(120)).unwrap();
+    run_ok(
+        Command::new("e2fsck").arg("-fn").arg(&img),
+        Duration::from_secs(120),
+    )
+    .unwrap();
     // Mount the recovered image read-only and check every file.
     let rmnt = s.root.join("rmnt");
     std::fs::create_dir_all(&rmnt).unwrap();
-    run_ok(Command::new("mount").args(["-o", "ro,loop"]).arg(&img).arg(&rmnt), Duration::from_secs(60)).unwrap();
+    run_ok(
+        Command::new("mount")
+            .args(["-o", "ro,loop"])
+            .arg(&img)
+            .arg(&rmnt),
+        Duration::from_secs(60),
+    )
+    .unwrap();
     let check = || {
         for (name, sum) in &sums {
             let data = std::fs::read(rmnt.join(name)).unwrap();
             assert_eq!(blake3::hash(&data), *sum, "{name} differs after recovery");
         }
-        assert_eq!(std::fs::read(rmnt.join("dir/sub/note.txt")).unwrap(), b"lifeboat");
+        assert_eq!(
+            std::fs::read(rmnt.join("dir/sub/note.txt")).unwrap(),
+            b"lifeboat"
+        );
     };
     let r = std::panic::catch_unwind(check);
     let _ = Command::new("umount").arg(&rmnt).status();
@@ -261,6 +333,9 @@ impl Drop for FsCleanup {
         if let Some(lo) = self.loopdev.borrow().as_ref() {
             let _ = Command::new("losetup").args(["-d", lo]).status();
         }
-        let _ = Command::new("fusermount3").arg("-u").arg(&self.fuse).status();
+        let _ = Command::new("fusermount3")
+            .arg("-u")
+            .arg(&self.fuse)
+            .status();
     }
 }

@@ -8,7 +8,11 @@ use lifeboat_agent::config::AgentConfig;
 use lifeboat_agent::control::{self, Request};
 
 #[derive(Parser)]
-#[command(name = "lifeboat-agent", version, about = "Lifeboat agent: protects this machine's disks")]
+#[command(
+    name = "lifeboat-agent",
+    version,
+    about = "Lifeboat agent: protects this machine's disks"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -36,6 +40,7 @@ enum Cmd {
 }
 
 fn main() {
+    lifeboat_common::tune_allocator();
     lifeboat_common::init_logging("info");
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
@@ -56,7 +61,8 @@ async fn real_main() -> Result<()> {
             let cfg = AgentConfig::load(&config)?;
             let shutdown = tokio_util::sync::CancellationToken::new();
             let s = shutdown.clone();
-            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
             tokio::spawn(async move {
                 tokio::select! {
                     _ = tokio::signal::ctrl_c() => {}

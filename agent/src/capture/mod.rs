@@ -25,7 +25,8 @@ pub trait BlockBackend: Send + Sync + 'static {
         fua: bool,
     ) -> impl Future<Output = io::Result<()>> + Send;
     /// Trim and write-zeroes: afterwards the range reads as zeros.
-    fn zero(&self, offset: u64, len: u32, fua: bool) -> impl Future<Output = io::Result<()>> + Send;
+    fn zero(&self, offset: u64, len: u32, fua: bool)
+        -> impl Future<Output = io::Result<()>> + Send;
     /// Makes every completed write durable.
     fn flush(&self) -> impl Future<Output = io::Result<()>> + Send;
 }

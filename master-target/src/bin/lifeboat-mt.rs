@@ -11,7 +11,11 @@ use lifeboat_common::store::{Store, StoreConfig};
 use lifeboat_mt::materialize::{self, PointSpec};
 
 #[derive(Parser)]
-#[command(name = "lifeboat-mt", version, about = "Lifeboat master target: recovery")]
+#[command(
+    name = "lifeboat-mt",
+    version,
+    about = "Lifeboat master target: recovery"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -79,6 +83,7 @@ enum Cmd {
 }
 
 fn main() {
+    lifeboat_common::tune_allocator();
     lifeboat_common::init_logging("warn");
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
@@ -111,9 +116,18 @@ async fn real_main() -> Result<()> {
             }
             println!("{:<12} {:<6} {:<26} {:>12}", "ID", "KIND", "TIME", "SEQ");
             for p in inv.points.iter().filter(|p| p.seq <= inv.end) {
-                println!("{:<12} {:<6} {:<26} {:>12}", p.id, p.kind.as_str(), p.time, p.seq);
+                println!(
+                    "{:<12} {:<6} {:<26} {:>12}",
+                    p.id,
+                    p.kind.as_str(),
+                    p.time,
+                    p.seq
+                );
             }
-            println!("{:<12} {:<6} {:<26} {:>12}", "latest", "stream", "-", inv.end);
+            println!(
+                "{:<12} {:<6} {:<26} {:>12}",
+                "latest", "stream", "-", inv.end
+            );
             if let Some(next) = inv.after_gap {
                 println!("warning: segments for seqs {}..={} are missing; later data cannot be recovered until they are restored", inv.end + 1, next - 1);
             }

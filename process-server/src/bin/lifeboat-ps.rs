@@ -45,6 +45,7 @@ enum Cmd {
 }
 
 fn main() {
+    lifeboat_common::tune_allocator();
     lifeboat_common::init_logging("info");
     if let Err(e) = real_main() {
         eprintln!("lifeboat-ps: error: {e:#}");
@@ -63,7 +64,10 @@ fn real_main() -> Result<()> {
         Cmd::IssueCert { dir, machine } => {
             let out = dir.join("machines").join(&machine);
             pki::issue_machine_cert(&dir, &machine, &out)?;
-            println!("issued a client certificate for {machine} in {}", out.display());
+            println!(
+                "issued a client certificate for {machine} in {}",
+                out.display()
+            );
             Ok(())
         }
         Cmd::Serve { config } => {
