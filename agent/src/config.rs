@@ -63,6 +63,9 @@ pub struct AgentConfig {
     pub journal_max_bytes: u64,
     #[serde(default = "default_tag_interval", with = "humantime_serde")]
     pub tag_interval: Duration,
+    /// Upper bound of the initial sync's read rate, in bytes per second (none by default).
+    #[serde(default)]
+    pub sync_rate_limit: Option<u64>,
     #[serde(rename = "disk")]
     pub disks: Vec<DiskConfig>,
 }

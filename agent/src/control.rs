@@ -35,6 +35,7 @@ pub struct Control {
     pub disks: Vec<DiskInfo>,
     pub stream: Arc<Stream>,
     pub link: Arc<Link>,
+    pub sync: Vec<Arc<crate::sync::SyncProgress>>,
 }
 
 impl Control {
@@ -47,8 +48,12 @@ impl Control {
                 "last-error": *self.link.last_error.lock().unwrap_or_else(|p| p.into_inner()),
                 "positions": self.stream.positions(),
                 "disks": self.disks,
+                "sync": self.sync.iter().map(|p| p.snapshot()).collect::<Vec<_>>(),
             }),
             Request::Tag { label } => {
+                if !self.stream.consistent() {
+                    return serde_json::json!({"ok": false, "error": "initial sync in progress: the replica is not consistent yet, so no recovery point can be taken (see `lifeboat-agent status`)"});
+                }
                 let seq = self.stream.tag(TagKind::Crash, &label).await;
                 serde_json::json!({"ok": true, "seq": seq})
             }
@@ -111,7 +116,11 @@ pub async fn request(path: &Path, req: &Request) -> Result<serde_json::Value> {
         .context("the agent closed the control connection without a reply")?;
     let v: serde_json::Value = serde_json::from_str(&reply)?;
     if v.get("ok") != Some(&serde_json::Value::Bool(true)) {
-        anyhow::bail!("agent refused: {}", v);
+        let msg = v
+            .get("error")
+            .and_then(|e| e.as_str())
+            .unwrap_or("no reason given");
+        anyhow::bail!("the agent refused: {msg}");
     }
     Ok(v)
 }

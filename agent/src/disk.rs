@@ -93,6 +93,28 @@ impl ProtectedDisk {
         Ok(())
     }
 
+    pub fn size_bytes(&self) -> u64 {
+        self.size
+    }
+
+    /// Initial sync of one chunk: read it with its range locked and, unless it is
+    /// all zeros, put it into the stream. Returns whether it was sent.
+    pub async fn sync_chunk(&self, offset: u64, len: u32) -> io::Result<bool> {
+        self.check(offset, len as u64)?;
+        let _permit = self.stream.write_permit().await;
+        let _range = self.ranges.lock(offset, len as u64).await;
+        let data = self.file.read_at(offset, len as usize).await?;
+        if data.iter().all(|&b| b == 0) {
+            return Ok(false);
+        }
+        self.stream.capture(Op::Write {
+            disk: self.index,
+            offset,
+            data,
+        });
+        Ok(true)
+    }
+
     async fn durable(&self) -> io::Result<()> {
         let (a, b) = tokio::join!(self.file.sync(), self.stream.sync_journal());
         a?;

@@ -50,6 +50,8 @@ struct Shared {
 
 pub struct Journal {
     shared: Arc<(Mutex<Shared>, Condvar, Condvar)>,
+    /// Signalled whenever more entries reached the OS (the sender waits for it).
+    pub written: Arc<tokio::sync::Notify>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
@@ -180,13 +182,16 @@ impl Journal {
         ));
         let s2 = shared.clone();
         let dir2 = dir.to_path_buf();
+        let written = Arc::new(tokio::sync::Notify::new());
+        let w2 = written.clone();
         let thread = std::thread::Builder::new()
             .name("journal".into())
-            .spawn(move || writer_thread(dir2, s2, current))
+            .spawn(move || writer_thread(dir2, s2, current, w2))
             .context("starting the journal writer")?;
         Ok((
             Journal {
                 shared,
+                written,
                 thread: Mutex::new(Some(thread)),
             },
             entries,
@@ -263,6 +268,7 @@ fn writer_thread(
     dir: PathBuf,
     shared: Arc<(Mutex<Shared>, Condvar, Condvar)>,
     mut current: Option<(u64, File, u64)>,
+    written: Arc<tokio::sync::Notify>,
 ) {
     let (m, work, done) = &*shared;
     let mut closed: Vec<(u64, PathBuf)> = list_files(&dir).unwrap_or_default();
@@ -324,6 +330,7 @@ fn writer_thread(
                 Ok(()) => {
                     if !buf.is_empty() {
                         s.written = last;
+                        written.notify_one();
                     }
                     if want_sync || shutdown {
                         s.synced = s.written;

@@ -9,5 +9,6 @@ pub mod journal;
 pub mod runner;
 pub mod sender;
 pub mod stream;
+pub mod sync;
 
 pub use runner::run;

@@ -59,6 +59,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<()> {
         )));
     }
 
+    let progress = crate::sync::prepare(&cfg.state_dir, &disks, &stream)?;
     let cancel = shutdown.child_token();
     let link = Arc::new(Link::default());
     let mut tasks = tokio::task::JoinSet::new();
@@ -103,11 +104,28 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<()> {
         }
     }
 
+    {
+        let (dir, disks, progress, s, c) = (
+            cfg.state_dir.clone(),
+            disks.clone(),
+            progress.clone(),
+            stream.clone(),
+            cancel.clone(),
+        );
+        let limit = cfg.sync_rate_limit;
+        tasks.spawn(async move {
+            if let Err(e) = crate::sync::run(dir, disks, progress, s, limit, c.clone()).await {
+                error!("initial sync stopped: {e:#}");
+            }
+        });
+    }
+
     let control = Arc::new(Control {
         machine: cfg.machine.clone(),
         disks: infos,
         stream: stream.clone(),
         link,
+        sync: progress,
     });
     let sock = cfg.control_socket();
     let c = cancel.clone();
@@ -126,6 +144,10 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<()> {
         loop {
             tokio::select! {
                 _ = tick.tick() => {
+                    if !s.consistent() {
+                        info!("initial sync in progress: no recovery point this interval");
+                        continue;
+                    }
                     let seq = s.tag(TagKind::Crash, "").await;
                     info!(seq, "crash-consistent tag placed");
                 }

@@ -146,9 +146,10 @@ async fn session(
     };
     let writer = async {
         let mut nonce = 0u64;
+        let journal_written = stream.journal_written();
         loop {
-            let notified = stream.wake_sender.notified();
-            let frames = stream.lock_state().poll_transmit(BATCH_BYTES);
+            let notified = journal_written.notified();
+            let frames = stream.poll_transmit(BATCH_BYTES);
             if frames.is_empty() {
                 tokio::select! {
                     _ = notified => {}

@@ -7,7 +7,9 @@
 //!   so seq order = journal order = send order, and every prefix is crash-consistent;
 //! - a tag takes the write gate exclusively: in-flight writes drain (bounded by
 //!   `TAG_DRAIN_TIMEOUT`), the tag takes the next seq, writes resume;
-//! - positions `captured ≥ sent ≥ acked` live in [`SenderState`];
+//! - positions `captured ≥ sent ≥ acked` live in [`SenderState`]; only entries the
+//!   journal has handed to the OS are sent, so an agent killed and restarted never
+//!   gives a seq the process server already holds to a different write;
 //! - when unacknowledged entries reach `journal-max-bytes`, new writes wait for
 //!   acknowledgements (backpressure; the dirty-bitmap degradation path is the
 //!   planned replacement).
@@ -30,10 +32,10 @@ pub struct Stream {
     journal: Journal,
     max_bytes: usize,
     gate: RwLock<()>,
-    /// New entries to send.
-    pub wake_sender: Notify,
     /// Acknowledgements freed journal space.
     space: Notify,
+    /// Disks whose initial sync is not finished: no recovery point meanwhile.
+    syncing: std::sync::atomic::AtomicUsize,
 }
 
 /// A snapshot of the stream's positions.
@@ -61,9 +63,20 @@ impl Stream {
             journal,
             max_bytes: max_bytes as usize,
             gate: RwLock::new(()),
-            wake_sender: Notify::new(),
             space: Notify::new(),
+            syncing: std::sync::atomic::AtomicUsize::new(0),
         })
+    }
+
+    /// Signalled when the journal wrote more entries (which may now be sent).
+    pub fn journal_written(&self) -> Arc<Notify> {
+        self.journal.written.clone()
+    }
+
+    /// Frames of entries the journal already holds, up to about `max_bytes`.
+    pub fn poll_transmit(&self, max_bytes: usize) -> Vec<lifeboat_common::protocol::Frame> {
+        let (written, _) = self.journal.positions();
+        self.lock_state().poll_transmit_upto(max_bytes, written)
     }
 
     pub fn lock_state(&self) -> std::sync::MutexGuard<'_, SenderState> {
@@ -108,8 +121,22 @@ impl Stream {
             s.push(e);
             seq
         };
-        self.wake_sender.notify_one();
         seq
+    }
+
+    pub fn begin_sync(&self) {
+        self.syncing
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    pub fn end_sync(&self) {
+        self.syncing
+            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Whether the replica can be consistent: no disk is in its initial sync.
+    pub fn consistent(&self) -> bool {
+        self.syncing.load(std::sync::atomic::Ordering::SeqCst) == 0
     }
 
     /// Places a consistency tag after draining in-flight writes; returns its seq.

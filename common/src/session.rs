@@ -135,11 +135,21 @@ impl SenderState {
     /// Frames for the next entries to send, at most about `max_bytes` of entries
     /// (always at least one entry if any is pending). Tags travel as tag frames.
     pub fn poll_transmit(&mut self, max_bytes: usize) -> Vec<Frame> {
+        self.poll_transmit_upto(max_bytes, u64::MAX)
+    }
+
+    /// Like [`Self::poll_transmit`], sending nothing beyond seq `limit` (the agent
+    /// sends only what its local journal already holds, so that a restarted agent
+    /// never reuses a seq the receiver has).
+    pub fn poll_transmit_upto(&mut self, max_bytes: usize, limit: u64) -> Vec<Frame> {
         let mut frames = Vec::new();
         let mut batch: Vec<Entry> = Vec::new();
         let mut bytes = 0usize;
         let skip = self.queue.iter().take_while(|e| e.seq <= self.sent).count();
         for e in self.queue.iter().skip(skip) {
+            if e.seq > limit {
+                break;
+            }
             let len = e.encoded_len();
             if bytes > 0 && bytes + len > max_bytes {
                 break;

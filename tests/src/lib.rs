@@ -352,6 +352,11 @@ impl Agent {
 
     pub fn start(&mut self) -> Result<()> {
         let log = self.dir.join(format!("agent-{}.log", now_nanos()));
+        // A killed agent leaves its sockets behind: wait for the new ones.
+        for (_, _, sock) in &self.disks {
+            let _ = std::fs::remove_file(sock);
+        }
+        let _ = std::fs::remove_file(self.dir.join("state/control.sock"));
         let mut cmd = Command::new(bin("lifeboat-agent"));
         cmd.args(["run", "--config"]).arg(&self.config);
         let mut p = Proc::spawn("lifeboat-agent", &mut cmd, &log)?;
@@ -368,6 +373,18 @@ impl Agent {
         }
         self.proc = Some(p);
         Ok(())
+    }
+
+    /// Waits until every disk finished its initial sync (the first point exists).
+    pub fn wait_synced(&self, timeout: Duration) -> Result<()> {
+        wait_for("the initial sync to finish", timeout, || {
+            let s = self.status().ok()?;
+            let disks = s["sync"].as_array()?.clone();
+            disks
+                .iter()
+                .all(|d| d["state"] == "streaming")
+                .then_some(())
+        })
     }
 
     pub fn uri(&self, disk: &str) -> String {

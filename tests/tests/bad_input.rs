@@ -114,6 +114,7 @@ fn hostile_clients_are_refused_and_the_good_agent_keeps_replicating() {
     )
     .unwrap();
     agent.start().unwrap();
+    agent.wait_synced(Duration::from_secs(120)).unwrap();
     qemu_io(&agent.uri("root"), &["write -P 0x5a 0 1M", "flush"]).unwrap();
 
     let rogue_certs = ps.issue_cert("rogue").unwrap();
@@ -251,6 +252,7 @@ fn tampered_or_missing_objects_and_wrong_key_are_refused_by_name() {
     )
     .unwrap();
     agent.start().unwrap();
+    agent.wait_synced(Duration::from_secs(120)).unwrap();
     let uri = agent.uri("root");
     // Several segments: each tag cuts one.
     for i in 0..4u64 {

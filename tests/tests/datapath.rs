@@ -32,6 +32,7 @@ fn setup(disks: &[(&str, u64)], store: Option<&str>, store_opts: &[(String, Stri
     let mut agent =
         Agent::configure(&root.join("agent"), MACHINE, &certs, ps.port, disks, "").unwrap();
     agent.start().unwrap();
+    agent.wait_synced(Duration::from_secs(120)).unwrap();
     let options = store_opts.iter().map(|(k, v)| format!("{k}={v}")).collect();
     Setup {
         _tmp: tmp,

@@ -37,6 +37,11 @@ enum Cmd {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Show the initial sync's progress as a bar until every disk is streaming.
+    Progress {
+        #[arg(long)]
+        config: PathBuf,
+    },
 }
 
 fn main() {
@@ -78,11 +83,45 @@ async fn real_main() -> Result<()> {
             println!("{}", v["seq"]);
             Ok(())
         }
+        Cmd::Progress { config } => progress(&config).await,
         Cmd::Status { config } => {
             let cfg = AgentConfig::load(&config)?;
             let v = control::request(&cfg.control_socket(), &Request::Status).await?;
             println!("{}", serde_json::to_string_pretty(&v)?);
             Ok(())
         }
+    }
+}
+
+async fn progress(config: &std::path::Path) -> Result<()> {
+    use std::io::Write;
+    let cfg = AgentConfig::load(config)?;
+    loop {
+        let v = control::request(&cfg.control_socket(), &Request::Status).await?;
+        let disks = v["sync"].as_array().cloned().unwrap_or_default();
+        let mut line = String::new();
+        let mut all_done = true;
+        for d in &disks {
+            let pct = d["percent"].as_f64().unwrap_or(0.0);
+            let filled = (pct / 5.0).round() as usize;
+            let rate = d["rate-bytes-per-s"].as_u64().unwrap_or(0) as f64 / 1048576.0;
+            all_done &= d["state"] == "streaming";
+            line.push_str(&format!(
+                "{} [{}{}] {:5.1}% {:7.1} MiB/s eta {}s  ",
+                d["disk"].as_str().unwrap_or("?"),
+                "#".repeat(filled.min(20)),
+                ".".repeat(20 - filled.min(20)),
+                pct,
+                rate,
+                d["eta-s"]
+            ));
+        }
+        print!("\r{line}");
+        std::io::stdout().flush()?;
+        if all_done {
+            println!("\nall disks are streaming");
+            return Ok(());
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     }
 }

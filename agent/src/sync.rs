@@ -1,0 +1,254 @@
+//! Initial replication of disks that already hold data.
+//!
+//! A disk with no sync record is copied whole into the stream while it stays in
+//! use: all disks of the machine in parallel, in `SYNC_CHUNK` aligned reads, zero
+//! chunks skipped (the replica starts as zeros). Each chunk is read with its
+//! byte range locked, so a write to that range either completed before the read
+//! (and the read sees it) or waits and takes a later seq: seq order is disk
+//! order, which is what taking the seq before the read guarantees.
+//!
+//! Progress is persisted in `<state-dir>/sync-<disk>.rec` (envelope b"LBSY" of
+//! JSON) only up to chunks already durable in the local journal, so a restart
+//! resumes where it stopped. While any disk syncs, no recovery point is taken;
+//! the first point is placed when every disk is done.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use lifeboat_common::codec::{envelope, open_envelope};
+use lifeboat_common::protocol::TagKind;
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::disk::ProtectedDisk;
+use crate::stream::Stream;
+
+/// Read unit of the initial sync.
+pub const SYNC_CHUNK: u64 = 1 << 20;
+/// How often progress is made durable.
+const CHECKPOINT_EVERY: Duration = Duration::from_secs(2);
+const RECORD_MAGIC: [u8; 4] = *b"LBSY";
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+struct SyncRecord {
+    size: u64,
+    /// Every byte below this offset is in the stream.
+    cursor: u64,
+    done: bool,
+}
+
+/// Live progress of one disk's initial sync.
+#[derive(Debug)]
+pub struct SyncProgress {
+    pub disk: String,
+    pub size: u64,
+    pub cursor: AtomicU64,
+    pub sent_bytes: AtomicU64,
+    pub done: AtomicBool,
+    started_at: u64,
+    started: Instant,
+}
+
+impl SyncProgress {
+    pub fn snapshot(&self) -> serde_json::Value {
+        let cursor = self.cursor.load(Ordering::Relaxed);
+        let done = self.done.load(Ordering::Relaxed);
+        let elapsed = self.started.elapsed().as_secs_f64().max(1e-3);
+        let scanned = cursor.saturating_sub(self.started_at);
+        let rate = scanned as f64 / elapsed;
+        let left = self.size.saturating_sub(cursor);
+        serde_json::json!({
+            "disk": self.disk,
+            "state": if done { "streaming" } else { "initial-sync" },
+            "percent": if self.size == 0 { 100.0 } else { cursor as f64 * 100.0 / self.size as f64 },
+            "scanned-bytes": cursor,
+            "resumed-from": self.started_at,
+            "sent-bytes": self.sent_bytes.load(Ordering::Relaxed),
+            "rate-bytes-per-s": rate as u64,
+            "eta-s": if done || rate <= 0.0 { 0 } else { (left as f64 / rate).ceil() as u64 },
+        })
+    }
+}
+
+fn record_path(state_dir: &Path, disk: &str) -> PathBuf {
+    state_dir.join(format!("sync-{disk}.rec"))
+}
+
+fn load_record(path: &Path) -> Result<Option<SyncRecord>> {
+    match std::fs::read(path) {
+        Ok(b) => {
+            let p = open_envelope(&b, RECORD_MAGIC, 1, "sync record")
+                .with_context(|| format!("reading {}", path.display()))?;
+            Ok(Some(
+                serde_json::from_slice(p).with_context(|| format!("parsing {}", path.display()))?,
+            ))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+}
+
+fn store_record(path: &Path, rec: &SyncRecord) -> Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension("rec.partial");
+    let mut f =
+        std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    f.write_all(&envelope(RECORD_MAGIC, 1, &serde_json::to_vec(rec)?))?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming {}", tmp.display()))?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
+/// Loads each disk's sync record and returns the progress objects; disks that
+/// need syncing are marked in the stream so no point is taken before they finish.
+pub fn prepare(
+    state_dir: &Path,
+    disks: &[Arc<ProtectedDisk>],
+    stream: &Stream,
+) -> Result<Vec<Arc<SyncProgress>>> {
+    let mut out = Vec::new();
+    for d in disks {
+        let path = record_path(state_dir, &d.id);
+        let rec = load_record(&path)?;
+        let (cursor, done) = match rec {
+            Some(r) if r.size == d.size_bytes() => (r.cursor, r.done),
+            Some(r) => {
+                warn!(
+                    "disk {} changed size ({} → {} bytes): syncing it again from the start",
+                    d.id,
+                    r.size,
+                    d.size_bytes()
+                );
+                (0, false)
+            }
+            None => (0, false),
+        };
+        if !done {
+            stream.begin_sync();
+        }
+        out.push(Arc::new(SyncProgress {
+            disk: d.id.clone(),
+            size: d.size_bytes(),
+            cursor: AtomicU64::new(cursor),
+            sent_bytes: AtomicU64::new(0),
+            done: AtomicBool::new(done),
+            started_at: cursor,
+            started: Instant::now(),
+        }));
+    }
+    Ok(out)
+}
+
+/// Runs the initial sync of every disk that needs it, in parallel, then places
+/// the first recovery point.
+pub async fn run(
+    state_dir: PathBuf,
+    disks: Vec<Arc<ProtectedDisk>>,
+    progress: Vec<Arc<SyncProgress>>,
+    stream: Arc<Stream>,
+    rate_limit: Option<u64>,
+    cancel: CancellationToken,
+) -> Result<()> {
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut any = false;
+    for (d, p) in disks.into_iter().zip(progress) {
+        if p.done.load(Ordering::Relaxed) {
+            continue;
+        }
+        any = true;
+        info!(disk = %d.id, from = p.cursor.load(Ordering::Relaxed), "initial sync started");
+        tasks.spawn(sync_disk(
+            state_dir.clone(),
+            d,
+            p,
+            stream.clone(),
+            rate_limit,
+            cancel.clone(),
+        ));
+    }
+    let mut result = Ok(());
+    while let Some(r) = tasks.join_next().await {
+        match r {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => result = Err(e),
+            Err(e) => result = Err(anyhow::anyhow!("sync task: {e}")),
+        }
+    }
+    result?;
+    if any && !cancel.is_cancelled() {
+        let seq = stream.tag(TagKind::Crash, "initial-sync-complete").await;
+        info!(seq, "initial sync complete: first recovery point placed");
+    }
+    Ok(())
+}
+
+async fn sync_disk(
+    state_dir: PathBuf,
+    disk: Arc<ProtectedDisk>,
+    p: Arc<SyncProgress>,
+    stream: Arc<Stream>,
+    rate_limit: Option<u64>,
+    cancel: CancellationToken,
+) -> Result<()> {
+    let path = record_path(&state_dir, &disk.id);
+    let mut last_checkpoint = Instant::now();
+    let started = Instant::now();
+    let start = p.cursor.load(Ordering::Relaxed);
+    let mut offset = start;
+    while offset < p.size {
+        if cancel.is_cancelled() {
+            break;
+        }
+        let len = SYNC_CHUNK.min(p.size - offset);
+        let sent = disk
+            .sync_chunk(offset, len as u32)
+            .await
+            .with_context(|| format!("initial sync of disk {} at byte {offset}", disk.id))?;
+        if sent {
+            p.sent_bytes.fetch_add(len, Ordering::Relaxed);
+        }
+        offset += len;
+        p.cursor.store(offset, Ordering::Relaxed);
+        if let Some(limit) = rate_limit {
+            let due = Duration::from_secs_f64((offset - start) as f64 / limit as f64);
+            if let Some(wait) = due.checked_sub(started.elapsed()) {
+                tokio::time::sleep(wait).await;
+            }
+        }
+        if last_checkpoint.elapsed() >= CHECKPOINT_EVERY {
+            checkpoint(&stream, &path, p.size, offset, false).await?;
+            last_checkpoint = Instant::now();
+        }
+    }
+    let done = offset >= p.size;
+    checkpoint(&stream, &path, p.size, offset, done).await?;
+    if done {
+        p.done.store(true, Ordering::Relaxed);
+        stream.end_sync();
+        info!(disk = %disk.id, bytes = p.size, sent = p.sent_bytes.load(Ordering::Relaxed), "initial sync of disk finished");
+    }
+    Ok(())
+}
+
+/// Persists progress once everything before `cursor` is durable in the journal.
+async fn checkpoint(
+    stream: &Arc<Stream>,
+    path: &Path,
+    size: u64,
+    cursor: u64,
+    done: bool,
+) -> Result<()> {
+    stream.sync_journal().await.context("syncing the journal")?;
+    let rec = SyncRecord { size, cursor, done };
+    let path = path.to_path_buf();
+    tokio::task::spawn_blocking(move || store_record(&path, &rec)).await??;
+    Ok(())
+}
