@@ -52,6 +52,8 @@ PIDS+=($!)
 for _ in $(seq 100); do [ -S "$WORK/agent/disk.sock" ] && [ -S "$WORK/agent/state/control.sock" ] && break; sleep 0.1; done
 URI="nbd+unix:///disk?socket=$WORK/agent/disk.sock"
 STORE="file://$WORK/ps/store"
+echo "== initial sync (the disk is new: zero chunks are skipped)"
+"$BIN/lifeboat-agent" progress --config "$WORK/agent/agent.toml"
 
 fio_run() { # name rw bs depth size
   fio --name="$1" --ioengine=nbd --uri="$URI" --rw="$2" --bs="$3" --iodepth="$4" --size="$5" \

@@ -36,6 +36,7 @@ pub struct Control {
     pub stream: Arc<Stream>,
     pub link: Arc<Link>,
     pub sync: Vec<Arc<crate::sync::SyncProgress>>,
+    pub dirty: Vec<Arc<crate::disk::ProtectedDisk>>,
 }
 
 impl Control {
@@ -49,13 +50,23 @@ impl Control {
                 "positions": self.stream.positions(),
                 "disks": self.disks,
                 "sync": self.sync.iter().map(|p| p.snapshot()).collect::<Vec<_>>(),
+                "state": self.stream.mode().0,
+                "state-reason": self.stream.mode().1,
+                "resync-bytes": self.stream.resync_bytes.load(std::sync::atomic::Ordering::Relaxed),
+                "dirty-regions": self.dirty.iter().map(|d| serde_json::json!({
+                    "disk": d.id, "dirty": d.dirty.dirty_count(), "activity-log": d.dirty.logged_count(),
+                })).collect::<Vec<_>>(),
             }),
             Request::Tag { label } => {
                 if !self.stream.consistent() {
                     return serde_json::json!({"ok": false, "error": "initial sync in progress: the replica is not consistent yet, so no recovery point can be taken (see `lifeboat-agent status`)"});
                 }
-                let seq = self.stream.tag(TagKind::Crash, &label).await;
-                serde_json::json!({"ok": true, "seq": seq})
+                match self.stream.tag(TagKind::Crash, &label).await {
+                    Some(seq) => serde_json::json!({"ok": true, "seq": seq}),
+                    None => serde_json::json!({"ok": false, "error": format!(
+                        "the replica is not consistent now (state {:?}: {}), so no recovery point can be taken",
+                        self.stream.mode().0, self.stream.mode().1)}),
+                }
             }
         }
     }

@@ -1,10 +1,11 @@
 //! A protected disk: the real disk behind the NBD export, with every completed
 //! write put into the machine's stream.
 //!
-//! Write path: take a stream permit (journal bound, tag gate) → lock the byte
-//! range (overlapping writes run one after another, so seq order is disk order)
-//! → write the disk → take the seq (journal + queue) → unlock → FUA: sync disk and
-//! journal → reply. Trim and write-zeroes both make the range read as zeros, and
+//! Write path: make the regions durable in the activity log → take a stream
+//! permit (tag gate) → lock the byte range (overlapping writes run one after
+//! another, so seq order is disk order) → write the disk → take the seq (journal
+//! + queue), or in `bitmap` state mark the regions dirty → unlock → FUA: sync
+//! disk and journal → reply. Writes never wait for the process server. Trim and write-zeroes both make the range read as zeros, and
 //! are replicated as zeroing.
 
 use std::io;
@@ -15,8 +16,9 @@ use lifeboat_common::protocol::Op;
 use tokio::sync::Notify;
 
 use crate::capture::BlockBackend;
+use crate::dirty::DirtyMap;
 use crate::diskio::DiskFile;
-use crate::stream::Stream;
+use crate::stream::{Captured, Stream};
 
 /// Byte ranges of writes in flight; overlapping writers wait.
 #[derive(Default)]
@@ -65,10 +67,17 @@ pub struct ProtectedDisk {
     size: u64,
     stream: Arc<Stream>,
     ranges: RangeLocks,
+    pub dirty: DirtyMap,
 }
 
 impl ProtectedDisk {
-    pub fn new(id: String, index: u16, file: DiskFile, stream: Arc<Stream>) -> ProtectedDisk {
+    pub fn new(
+        id: String,
+        index: u16,
+        file: DiskFile,
+        stream: Arc<Stream>,
+        dirty: DirtyMap,
+    ) -> ProtectedDisk {
         let size = file.size();
         ProtectedDisk {
             id,
@@ -77,6 +86,15 @@ impl ProtectedDisk {
             size,
             stream,
             ranges: RangeLocks::default(),
+            dirty,
+        }
+    }
+
+    /// Puts a completed operation into the stream, or marks it dirty.
+    fn record(&self, offset: u64, len: u64, op: Op) {
+        match self.stream.capture_or_dirty(op) {
+            Captured::Seq(seq) => self.dirty.captured(offset, len, seq),
+            Captured::Dirty => self.dirty.mark_dirty(offset, len),
         }
     }
 
@@ -97,21 +115,26 @@ impl ProtectedDisk {
         self.size
     }
 
-    /// Initial sync of one chunk: read it with its range locked and, unless it is
-    /// all zeros, put it into the stream. Returns whether it was sent.
-    pub async fn sync_chunk(&self, offset: u64, len: u32) -> io::Result<bool> {
+    /// Sync of one chunk (initial sync, resync): read it with its range locked
+    /// and put it into the stream; all-zero chunks are skipped when `skip_zero`
+    /// (the replica is known to be zero there). Returns whether it was sent.
+    pub async fn sync_chunk(&self, offset: u64, len: u32, skip_zero: bool) -> io::Result<bool> {
         self.check(offset, len as u64)?;
         let _permit = self.stream.write_permit().await;
         let _range = self.ranges.lock(offset, len as u64).await;
         let data = self.file.read_at(offset, len as usize).await?;
-        if data.iter().all(|&b| b == 0) {
+        if skip_zero && data.iter().all(|&b| b == 0) {
             return Ok(false);
         }
-        self.stream.capture(Op::Write {
-            disk: self.index,
+        self.record(
             offset,
-            data,
-        });
+            len as u64,
+            Op::Write {
+                disk: self.index,
+                offset,
+                data,
+            },
+        );
         Ok(true)
     }
 
@@ -134,15 +157,21 @@ impl BlockBackend for ProtectedDisk {
 
     async fn write(&self, offset: u64, data: Bytes, fua: bool) -> io::Result<()> {
         self.check(offset, data.len() as u64)?;
+        let len = data.len() as u64;
+        self.dirty.before_write(offset, len).await?;
         {
             let _permit = self.stream.write_permit().await;
-            let _range = self.ranges.lock(offset, data.len() as u64).await;
+            let _range = self.ranges.lock(offset, len).await;
             self.file.write_at(offset, data.clone()).await?;
-            self.stream.capture(Op::Write {
-                disk: self.index,
+            self.record(
                 offset,
-                data,
-            });
+                len,
+                Op::Write {
+                    disk: self.index,
+                    offset,
+                    data,
+                },
+            );
         }
         if fua {
             self.durable().await?;
@@ -152,15 +181,20 @@ impl BlockBackend for ProtectedDisk {
 
     async fn zero(&self, offset: u64, len: u32, fua: bool) -> io::Result<()> {
         self.check(offset, len as u64)?;
+        self.dirty.before_write(offset, len as u64).await?;
         {
             let _permit = self.stream.write_permit().await;
             let _range = self.ranges.lock(offset, len as u64).await;
             self.file.zero_range(offset, len as u64).await?;
-            self.stream.capture(Op::Zero {
-                disk: self.index,
+            self.record(
                 offset,
-                len,
-            });
+                len as u64,
+                Op::Zero {
+                    disk: self.index,
+                    offset,
+                    len,
+                },
+            );
         }
         if fua {
             self.durable().await?;

@@ -3,6 +3,7 @@
 pub mod capture;
 pub mod config;
 pub mod control;
+pub mod dirty;
 pub mod disk;
 pub mod diskio;
 pub mod journal;

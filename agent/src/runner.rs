@@ -8,7 +8,7 @@ use anyhow::{Context, Result};
 use lifeboat_common::protocol::{DiskInfo, TagKind};
 use lifeboat_common::tls;
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use crate::capture::nbd::{self, Exports};
 use crate::config::AgentConfig;
@@ -33,6 +33,11 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<()> {
         );
     }
     let stream = Stream::new(journal, replay, cfg.journal_max_bytes);
+    // A clean stop leaves this marker: the journal then holds every unacknowledged
+    // write and nothing needs resending. Without it, the activity log decides.
+    let clean_marker = cfg.state_dir.join("clean-shutdown");
+    let clean = clean_marker.exists();
+    let _ = std::fs::remove_file(&clean_marker);
 
     let mut disks = Vec::new();
     let mut infos = Vec::new();
@@ -51,11 +56,22 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<()> {
             id: d.id.clone(),
             size: file.size(),
         });
+        let (dirty, held) = crate::dirty::DirtyMap::open(&cfg.state_dir, &d.id, file.size())?;
+        if !clean && !held.is_empty() {
+            warn!(
+                "disk {}: the agent did not stop cleanly; {} regions ({} MiB) written recently will be resent",
+                d.id,
+                held.len(),
+                held.len() as u64 * crate::dirty::REGION >> 20
+            );
+            dirty.mark_regions_dirty(&held);
+        }
         disks.push(Arc::new(ProtectedDisk::new(
             d.id.clone(),
             i as u16,
             file,
             stream.clone(),
+            dirty,
         )));
     }
 
@@ -126,7 +142,35 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<()> {
         stream: stream.clone(),
         link,
         sync: progress,
+        dirty: disks.clone(),
     });
+
+    {
+        let (disks, s, c) = (disks.clone(), stream.clone(), cancel.clone());
+        tasks.spawn(async move {
+            if let Err(e) = crate::sync::run_resync(disks, s, c).await {
+                error!("resync stopped: {e:#}");
+            }
+        });
+    }
+    {
+        // Retire acknowledged regions from the activity logs.
+        let (disks, s, c) = (disks.clone(), stream.clone(), cancel.clone());
+        tasks.spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+                    _ = c.cancelled() => break,
+                }
+                let acked = s.positions().acked;
+                for d in &disks {
+                    if let Err(e) = d.dirty.retire(acked).await {
+                        warn!(disk = %d.id, "writing the activity log: {e}");
+                    }
+                }
+            }
+        });
+    }
     let sock = cfg.control_socket();
     let c = cancel.clone();
     tasks.spawn(async move {
@@ -148,8 +192,10 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<()> {
                         info!("initial sync in progress: no recovery point this interval");
                         continue;
                     }
-                    let seq = s.tag(TagKind::Crash, "").await;
-                    info!(seq, "crash-consistent tag placed");
+                    match s.tag(TagKind::Crash, "").await {
+                        Some(seq) => info!(seq, "crash-consistent tag placed"),
+                        None => info!("replica not consistent ({:?}): no recovery point this interval", s.mode().0),
+                    }
                 }
                 _ = c.cancelled() => break,
             }
@@ -160,7 +206,12 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<()> {
     cancel.cancelled().await;
     info!("shutting down");
     while tasks.join_next().await.is_some() {}
-    stream.sync_journal().await.ok();
+    let synced = stream.sync_journal().await;
     stream.close();
+    if synced.is_ok() {
+        std::fs::File::create(&clean_marker)
+            .and_then(|f| f.sync_all())
+            .with_context(|| format!("writing {}", clean_marker.display()))?;
+    }
     Ok(())
 }

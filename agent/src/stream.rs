@@ -10,9 +10,11 @@
 //! - positions `captured ≥ sent ≥ acked` live in [`SenderState`]; only entries the
 //!   journal has handed to the OS are sent, so an agent killed and restarted never
 //!   gives a seq the process server already holds to a different write;
-//! - when unacknowledged entries reach `journal-max-bytes`, new writes wait for
-//!   acknowledgements (backpressure; the dirty-bitmap degradation path is the
-//!   planned replacement).
+//! - writes never wait for the process server: when unacknowledged entries reach
+//!   `journal-max-bytes` the stream goes to `bitmap` state, where writes are only
+//!   marked dirty (see `dirty.rs`); once the queue drains to half, `resync`
+//!   resends the dirty regions, a crash-consistent tag is placed and the stream
+//!   is `streaming` again. No recovery point is taken outside `streaming`.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -20,9 +22,25 @@ use std::time::Duration;
 use lifeboat_common::protocol::{Entry, Op, TagKind};
 use lifeboat_common::session::SenderState;
 use tokio::sync::{Notify, RwLock, RwLockReadGuard};
+
 use tracing::warn;
 
 use crate::journal::Journal;
+
+/// Replication state of the machine's stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    Streaming,
+    Bitmap,
+    Resync,
+}
+
+/// Whether a write went into the stream or only into the dirty map.
+pub enum Captured {
+    Seq(u64),
+    Dirty,
+}
 
 /// The longest a tag waits for in-flight writes before it is placed anyway.
 pub const TAG_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -34,6 +52,9 @@ pub struct Stream {
     gate: RwLock<()>,
     /// Acknowledgements freed journal space.
     space: Notify,
+    mode: Mutex<(Mode, String)>,
+    /// Bytes resent by resyncs since start (dirty regions, unclean restart).
+    pub resync_bytes: std::sync::atomic::AtomicU64,
     /// Disks whose initial sync is not finished: no recovery point meanwhile.
     syncing: std::sync::atomic::AtomicUsize,
 }
@@ -65,6 +86,8 @@ impl Stream {
             gate: RwLock::new(()),
             space: Notify::new(),
             syncing: std::sync::atomic::AtomicUsize::new(0),
+            mode: Mutex::new((Mode::Streaming, "started".into())),
+            resync_bytes: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -97,15 +120,67 @@ impl Stream {
     }
 
     /// Held by a write from before it touches the disk until its seq is taken.
+    /// Never waits for the process server.
     pub async fn write_permit(&self) -> RwLockReadGuard<'_, ()> {
+        self.gate.read().await
+    }
+
+    /// Waits until unacknowledged entries are below `fraction` of the bound
+    /// (initial sync and resync pace themselves with it).
+    pub async fn wait_space(&self, fraction: f64) {
+        let limit = (self.max_bytes as f64 * fraction) as usize;
         loop {
             let space = self.space.notified();
-            if self.lock_state().queued_bytes() < self.max_bytes {
-                break;
+            if self.lock_state().queued_bytes() < limit {
+                return;
             }
             space.await;
         }
-        self.gate.read().await
+    }
+
+    pub fn mode(&self) -> (Mode, String) {
+        self.mode.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Changes the replication state, logging the reason.
+    pub fn set_mode(&self, mode: Mode, reason: &str) {
+        let mut m = self.mode.lock().unwrap_or_else(|p| p.into_inner());
+        if m.0 != mode {
+            warn!("replication state {:?} -> {:?}: {reason}", m.0, mode);
+            *m = (mode, reason.to_string());
+        }
+    }
+
+    /// Like [`Self::capture`] for a data write, unless the journal is full: then
+    /// the stream goes to `bitmap` and the caller marks the range dirty. The
+    /// decision and the capture happen under the state lock, so a transition
+    /// out of `resync` ([`Self::finish_resync`]) never misses a dirty write.
+    pub fn capture_or_dirty(&self, op: Op) -> Captured {
+        let mut m = self.mode.lock().unwrap_or_else(|p| p.into_inner());
+        let full = self.lock_state().queued_bytes() >= self.max_bytes;
+        if m.0 == Mode::Bitmap || full {
+            if m.0 != Mode::Bitmap {
+                let reason = format!(
+                    "journal full ({} bytes unacknowledged): keeping only dirty regions",
+                    self.max_bytes
+                );
+                warn!("replication state {:?} -> Bitmap: {reason}", m.0);
+                *m = (Mode::Bitmap, reason);
+            }
+            return Captured::Dirty;
+        }
+        Captured::Seq(self.capture(op))
+    }
+
+    /// `resync` → `streaming` if `no_dirty` still holds under the state lock.
+    pub fn finish_resync(&self, no_dirty: impl Fn() -> bool) -> bool {
+        let mut m = self.mode.lock().unwrap_or_else(|p| p.into_inner());
+        if m.0 == Mode::Resync && no_dirty() {
+            warn!("replication state Resync -> Streaming: every dirty region resent");
+            *m = (Mode::Streaming, "dirty regions resent".into());
+            return true;
+        }
+        false
     }
 
     /// Gives a completed operation its seq, journals and queues it.
@@ -134,22 +209,29 @@ impl Stream {
             .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
     }
 
-    /// Whether the replica can be consistent: no disk is in its initial sync.
+    /// Whether the replica can be consistent: no disk is in its initial sync and
+    /// the stream is `streaming`.
     pub fn consistent(&self) -> bool {
         self.syncing.load(std::sync::atomic::Ordering::SeqCst) == 0
+            && self.mode().0 == Mode::Streaming
     }
 
-    /// Places a consistency tag after draining in-flight writes; returns its seq.
-    pub async fn tag(&self, kind: TagKind, label: &str) -> u64 {
+    /// Places a consistency tag after draining in-flight writes; returns its seq,
+    /// or `None` when the replica cannot be consistent now (initial sync, bitmap
+    /// or resync state).
+    pub async fn tag(&self, kind: TagKind, label: &str) -> Option<u64> {
         let guard = tokio::time::timeout(TAG_DRAIN_TIMEOUT, self.gate.write()).await;
         if guard.is_err() {
             warn!("writes did not drain within {TAG_DRAIN_TIMEOUT:?}; placing the {} tag without draining", kind.as_str());
         }
-        self.capture(Op::Tag {
+        if !self.consistent() {
+            return None;
+        }
+        Some(self.capture(Op::Tag {
             kind,
             time_ms: lifeboat_common::now_ms(),
             label: label.to_string(),
-        })
+        }))
     }
 
     /// Makes every captured entry durable in the local journal.

@@ -184,8 +184,78 @@ pub async fn run(
     }
     result?;
     if any && !cancel.is_cancelled() {
-        let seq = stream.tag(TagKind::Crash, "initial-sync-complete").await;
-        info!(seq, "initial sync complete: first recovery point placed");
+        match stream.tag(TagKind::Crash, "initial-sync-complete").await {
+            Some(seq) => info!(seq, "initial sync complete: first recovery point placed"),
+            None => {
+                info!("initial sync complete; the first point follows the resync of dirty regions")
+            }
+        }
+    }
+    Ok(())
+}
+
+/// How often the resync loop looks at the stream's state.
+const RESYNC_POLL: Duration = Duration::from_millis(100);
+
+/// Drives `bitmap` → `resync` → `streaming`: once the journal has drained to
+/// half its bound, resends every dirty region (zeros included), then places a
+/// crash-consistent point. Also resends what an unclean stop left dirty.
+pub async fn run_resync(
+    disks: Vec<Arc<ProtectedDisk>>,
+    stream: Arc<Stream>,
+    cancel: CancellationToken,
+) -> Result<()> {
+    use crate::dirty::REGION;
+    use crate::stream::Mode;
+    let no_dirty = |disks: &[Arc<ProtectedDisk>]| disks.iter().all(|d| d.dirty.dirty_count() == 0);
+    while !cancel.is_cancelled() {
+        match stream.mode().0 {
+            Mode::Bitmap => {
+                stream.wait_space(0.5).await;
+                let n: usize = disks.iter().map(|d| d.dirty.dirty_count()).sum();
+                stream.set_mode(
+                    Mode::Resync,
+                    &format!("journal drained below half: resending {n} dirty regions"),
+                );
+            }
+            Mode::Streaming if !no_dirty(&disks) => {
+                let n: usize = disks.iter().map(|d| d.dirty.dirty_count()).sum();
+                stream.set_mode(
+                    Mode::Resync,
+                    &format!("{n} regions may differ from the replica"),
+                );
+            }
+            Mode::Streaming => {
+                tokio::select! {
+                    _ = tokio::time::sleep(RESYNC_POLL) => {}
+                    _ = cancel.cancelled() => {}
+                }
+            }
+            Mode::Resync => {
+                'disks: for d in &disks {
+                    while let Some(r) = d.dirty.take_dirty() {
+                        stream.wait_space(0.5).await;
+                        if stream.mode().0 != Mode::Resync || cancel.is_cancelled() {
+                            d.dirty.mark_regions_dirty(&[r]);
+                            break 'disks;
+                        }
+                        let offset = r as u64 * REGION;
+                        let len = REGION.min(d.size_bytes() - offset);
+                        stream.resync_bytes.fetch_add(len, Ordering::Relaxed);
+                        if let Err(e) = d.sync_chunk(offset, len as u32, false).await {
+                            d.dirty.mark_regions_dirty(&[r]);
+                            warn!(disk = %d.id, "resync of region {r}: {e}; retrying");
+                            tokio::time::sleep(Duration::from_secs(1)).await;
+                        }
+                    }
+                }
+                if stream.finish_resync(|| no_dirty(&disks)) {
+                    if let Some(seq) = stream.tag(TagKind::Crash, "resync-complete").await {
+                        info!(seq, "resync complete: crash-consistent point placed");
+                    }
+                }
+            }
+        }
     }
     Ok(())
 }
@@ -208,8 +278,9 @@ async fn sync_disk(
             break;
         }
         let len = SYNC_CHUNK.min(p.size - offset);
+        stream.wait_space(0.5).await;
         let sent = disk
-            .sync_chunk(offset, len as u32)
+            .sync_chunk(offset, len as u32, true)
             .await
             .with_context(|| format!("initial sync of disk {} at byte {offset}", disk.id))?;
         if sent {

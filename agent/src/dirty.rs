@@ -1,0 +1,245 @@
+//! Which regions of a disk may differ from the replica.
+//!
+//! Two region sets per disk, at `REGION` (1 MiB) granularity:
+//! - `dirty`: regions written while the stream was in `bitmap` state (the write
+//!   was not queued); they are resent by the resync. In memory only: an unclean
+//!   restart falls back to the activity log, which covers them.
+//! - the *activity log*: every region that may hold a write the process server
+//!   has not acknowledged. A region is added, and the log made durable, before the
+//!   first write to it proceeds; it is retired once every write to it is
+//!   acknowledged (`retire`, periodically). After an unclean stop, exactly these
+//!   regions are resynced, not the whole disk.
+//!
+//! Activity log file: `<state-dir>/al-<disk>.rec` = envelope(b"LBAL", 1) of
+//! `region_count u64 | bitmap (1 bit per region, LSB first)`, written to a
+//! `.partial` file, fsynced and renamed.
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use anyhow::{bail, Context, Result};
+use lifeboat_common::codec::{envelope, open_envelope, Reader};
+
+pub const REGION: u64 = 1 << 20;
+const MAGIC: [u8; 4] = *b"LBAL";
+
+struct Inner {
+    /// Per region: in the persisted activity log.
+    logged: Vec<bool>,
+    /// Per region: the last seq captured for it (0 = none since start).
+    last_seq: Vec<u64>,
+    /// Per region: must be resynced.
+    dirty: Vec<bool>,
+}
+
+pub struct DirtyMap {
+    path: PathBuf,
+    regions: usize,
+    inner: Mutex<Inner>,
+    /// Serialises activity-log writes (slow: an fsync) apart from the state lock.
+    file_lock: tokio::sync::Mutex<()>,
+}
+
+fn encode(bits: &[bool]) -> Vec<u8> {
+    let mut out = (bits.len() as u64).to_be_bytes().to_vec();
+    let mut bytes = vec![0u8; bits.len().div_ceil(8)];
+    for (i, b) in bits.iter().enumerate() {
+        if *b {
+            bytes[i / 8] |= 1 << (i % 8);
+        }
+    }
+    out.extend(bytes);
+    envelope(MAGIC, 1, &out)
+}
+
+fn decode(buf: &[u8], regions: usize) -> Result<Vec<bool>> {
+    let p = open_envelope(buf, MAGIC, 1, "activity log")?;
+    let mut r = Reader::new(p);
+    let n = r.u64("region count")? as usize;
+    if n != regions {
+        bail!("activity log covers {n} regions, the disk has {regions}");
+    }
+    let bytes = r.bytes(n.div_ceil(8), "activity log bitmap")?;
+    Ok((0..n).map(|i| bytes[i / 8] & (1 << (i % 8)) != 0).collect())
+}
+
+fn write_file(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension("rec.partial");
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(data)?;
+    f.sync_data()?;
+    std::fs::rename(&tmp, path)?;
+    if let Some(d) = path.parent() {
+        std::fs::File::open(d)?.sync_all()?;
+    }
+    Ok(())
+}
+
+impl DirtyMap {
+    /// Opens the disk's activity log; returns the map and the regions the log
+    /// held (what may differ after an unclean stop).
+    pub fn open(state_dir: &Path, disk: &str, size: u64) -> Result<(DirtyMap, Vec<usize>)> {
+        let regions = size.div_ceil(REGION) as usize;
+        let path = state_dir.join(format!("al-{disk}.rec"));
+        let logged = match std::fs::read(&path) {
+            Ok(b) => match decode(&b, regions) {
+                Ok(v) => v,
+                Err(e) => {
+                    tracing::warn!(
+                        "{}: {e:#}; treating every region as possibly changed",
+                        path.display()
+                    );
+                    vec![true; regions]
+                }
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => vec![false; regions],
+            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+        };
+        let held: Vec<usize> = (0..regions).filter(|&i| logged[i]).collect();
+        Ok((
+            DirtyMap {
+                path,
+                regions,
+                inner: Mutex::new(Inner {
+                    logged,
+                    last_seq: vec![0; regions],
+                    dirty: vec![false; regions],
+                }),
+                file_lock: tokio::sync::Mutex::new(()),
+            },
+            held,
+        ))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn span(&self, offset: u64, len: u64) -> std::ops::Range<usize> {
+        let a = (offset / REGION) as usize;
+        let b = (offset + len.max(1)).div_ceil(REGION) as usize;
+        a.min(self.regions)..b.min(self.regions)
+    }
+
+    /// Makes sure the regions of a write are in the durable activity log; call
+    /// before the write touches the disk.
+    pub async fn before_write(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        let span = self.span(offset, len);
+        if self.lock().logged[span.clone()].iter().all(|b| *b) {
+            return Ok(());
+        }
+        let _file = self.file_lock.lock().await;
+        let data = {
+            let mut g = self.lock();
+            if g.logged[span.clone()].iter().all(|b| *b) {
+                return Ok(());
+            }
+            for i in span {
+                g.logged[i] = true;
+            }
+            encode(&g.logged)
+        };
+        let path = self.path.clone();
+        tokio::task::spawn_blocking(move || write_file(&path, &data))
+            .await
+            .map_err(std::io::Error::other)?
+    }
+
+    /// A write to this range got `seq` in the stream.
+    pub fn captured(&self, offset: u64, len: u64, seq: u64) {
+        let span = self.span(offset, len);
+        let mut g = self.lock();
+        for i in span {
+            g.last_seq[i] = seq;
+        }
+    }
+
+    /// A write to this range was not queued (bitmap state): resend the regions.
+    pub fn mark_dirty(&self, offset: u64, len: u64) {
+        let span = self.span(offset, len);
+        let mut g = self.lock();
+        for i in span {
+            g.dirty[i] = true;
+        }
+    }
+
+    pub fn mark_regions_dirty(&self, regions: &[usize]) {
+        let mut g = self.lock();
+        for &i in regions {
+            if i < self.regions {
+                g.dirty[i] = true;
+            }
+        }
+    }
+
+    /// Takes the next dirty region (clearing its bit), if any.
+    pub fn take_dirty(&self) -> Option<usize> {
+        let mut g = self.lock();
+        let i = g.dirty.iter().position(|d| *d)?;
+        g.dirty[i] = false;
+        g.last_seq[i] = u64::MAX; // stays in the log until its resync is acknowledged
+        Some(i)
+    }
+
+    pub fn dirty_count(&self) -> usize {
+        self.lock().dirty.iter().filter(|d| **d).count()
+    }
+
+    pub fn logged_count(&self) -> usize {
+        self.lock().logged.iter().filter(|d| **d).count()
+    }
+
+    /// Drops from the activity log every region whose writes are all
+    /// acknowledged (and that is not dirty), and persists the log.
+    pub async fn retire(&self, acked: u64) -> std::io::Result<()> {
+        let _file = self.file_lock.lock().await;
+        let data = {
+            let mut g = self.lock();
+            let mut changed = false;
+            for i in 0..self.regions {
+                if g.logged[i] && !g.dirty[i] && g.last_seq[i] <= acked {
+                    g.logged[i] = false;
+                    changed = true;
+                }
+            }
+            if !changed {
+                return Ok(());
+            }
+            encode(&g.logged)
+        };
+        let path = self.path.clone();
+        tokio::task::spawn_blocking(move || write_file(&path, &data))
+            .await
+            .map_err(std::io::Error::other)?
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn activity_log_survives_and_retires() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (m, held) = DirtyMap::open(dir.path(), "d", 10 * REGION).unwrap();
+            assert!(held.is_empty());
+            m.before_write(3 * REGION + 5, 4096).await.unwrap();
+            m.captured(3 * REGION + 5, 4096, 7);
+            m.before_write(REGION - 1, 2).await.unwrap(); // spans regions 0 and 1
+            m.captured(REGION - 1, 2, 9);
+            m.retire(7).await.unwrap(); // region 3 retired, 0 and 1 still unacked
+        }
+        let (m, held) = DirtyMap::open(dir.path(), "d", 10 * REGION).unwrap();
+        assert_eq!(held, vec![0, 1]);
+        m.mark_regions_dirty(&held);
+        assert_eq!(m.take_dirty(), Some(0));
+        assert_eq!(m.take_dirty(), Some(1));
+        assert_eq!(m.take_dirty(), None);
+        // A damaged log means every region may differ.
+        std::fs::write(dir.path().join("al-d.rec"), b"junk").unwrap();
+        let (_, held) = DirtyMap::open(dir.path(), "d", 10 * REGION).unwrap();
+        assert_eq!(held.len(), 10);
+    }
+}

@@ -1,0 +1,164 @@
+//! The degradation path: a full journal never blocks writers (bitmap state), and
+//! an unclean agent stop resends only the regions its activity log marks.
+
+use std::process::Command;
+use std::time::Duration;
+
+use lifeboat_tests::*;
+
+const MACHINE: &str = "machine-1";
+const MIB: u64 = 1024 * 1024;
+
+fn wait_state(agent: &Agent, state: &str, timeout: Duration) -> serde_json::Value {
+    wait_for(&format!("agent state {state}"), timeout, || {
+        let s = agent.status().ok()?;
+        (s["state"] == state).then_some(s)
+    })
+    .unwrap()
+}
+
+#[test]
+fn full_journal_goes_bitmap_then_resync_and_the_next_point_is_exact() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let mut ps = ProcessServer::init(&root.join("ps"), None, &[]).unwrap();
+    ps.start().unwrap();
+    let certs = ps.dir.join("machines").join(MACHINE);
+    let mut agent = Agent::configure(
+        &root.join("agent"),
+        MACHINE,
+        &certs,
+        ps.port,
+        &[("root", 256 * MIB)],
+        "journal-max-bytes = 16777216",
+    )
+    .unwrap();
+    agent.start().unwrap();
+    agent.wait_synced(Duration::from_secs(60)).unwrap();
+    qemu_io(&agent.uri("root"), &["write -P 0x01 0 4M", "flush"]).unwrap();
+    agent.wait_acked(Duration::from_secs(60)).unwrap();
+
+    // The process server goes away; 96 MiB of writes (6x the journal) must still complete.
+    ps.proc.as_mut().unwrap().kill9();
+    run_ok(
+        Command::new("fio").args([
+            "--name=w",
+            "--ioengine=nbd",
+            &format!("--uri={}", agent.uri("root")),
+            "--rw=randwrite",
+            "--bs=64k",
+            "--iodepth=16",
+            "--size=96M",
+            "--randrepeat=0",
+            &format!("--output={}/fio.json", root.display()),
+        ]),
+        Duration::from_secs(120),
+    )
+    .expect("writes must not block or fail while the process server is down");
+    let s = agent.status().unwrap();
+    assert_eq!(s["state"], "bitmap", "{s}");
+    assert!(
+        agent.tag().is_err(),
+        "no recovery point while in bitmap state"
+    );
+    let snap = root.join("snap.raw");
+    snapshot(&agent.image("root"), &snap);
+
+    ps.start().unwrap();
+    let s = wait_state(&agent, "streaming", Duration::from_secs(180));
+    assert!(s["resync-bytes"].as_u64().unwrap() > 0, "{s}");
+    let acked = agent.wait_acked(Duration::from_secs(120)).unwrap();
+    wait_stored(&ps.store_url, MACHINE, &[], acked, Duration::from_secs(120)).unwrap();
+    let pts = points(&ps.store_url, MACHINE, &[]).unwrap();
+    let point = pts["points"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .rev()
+        .find(|p| p["label"] == "resync-complete")
+        .unwrap_or_else(|| panic!("no resync-complete point: {pts}"))
+        .clone();
+    let out = root.join("out");
+    let o = failover(
+        &ps.store_url,
+        MACHINE,
+        point["id"].as_str().unwrap(),
+        &out,
+        &ps.kek(),
+        &[],
+    )
+    .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_same(&out.join("root.raw"), &snap);
+    let log = std::fs::read_dir(&agent.dir)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with("agent-"))
+        .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default())
+        .collect::<String>();
+    assert!(
+        log.contains("Bitmap") && log.contains("Resync -> Streaming"),
+        "state changes must be logged:\n{log}"
+    );
+}
+
+#[test]
+fn kill9_agent_resends_only_recently_written_regions() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let mut ps = ProcessServer::init(&root.join("ps"), None, &[]).unwrap();
+    ps.start().unwrap();
+    let certs = ps.dir.join("machines").join(MACHINE);
+    let size = 1024 * MIB;
+    let mut agent = Agent::configure(
+        &root.join("agent"),
+        MACHINE,
+        &certs,
+        ps.port,
+        &[("root", size)],
+        "",
+    )
+    .unwrap();
+    agent.start().unwrap();
+    agent.wait_synced(Duration::from_secs(120)).unwrap();
+    // Writes confined to 8 MiB of the disk, in flight when the agent dies.
+    let uri = agent.uri("root");
+    let mut fio = Proc::spawn(
+        "fio",
+        Command::new("fio").args([
+            "--name=w",
+            "--ioengine=nbd",
+            &format!("--uri={uri}"),
+            "--rw=randwrite",
+            "--bs=4k",
+            "--iodepth=32",
+            "--offset=100M",
+            "--size=8M",
+            "--time_based",
+            "--runtime=30",
+        ]),
+        &root.join("fio.log"),
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    agent.proc.as_mut().unwrap().kill9();
+    fio.kill9();
+    agent.start().unwrap();
+    let s = wait_state(&agent, "streaming", Duration::from_secs(120));
+    let resent = s["resync-bytes"].as_u64().unwrap();
+    assert!(
+        resent > 0,
+        "an unclean stop during writes must resend something: {s}"
+    );
+    assert!(
+        resent <= 16 * MIB,
+        "resent {resent} bytes of a {size}-byte disk: only the written regions should go"
+    );
+    qemu_io(&agent.uri("root"), &["flush"]).unwrap();
+    let acked = agent.wait_acked(Duration::from_secs(120)).unwrap();
+    wait_stored(&ps.store_url, MACHINE, &[], acked, Duration::from_secs(120)).unwrap();
+    let out = root.join("out");
+    let o = failover(&ps.store_url, MACHINE, "latest", &out, &ps.kek(), &[]).unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_same(&out.join("root.raw"), &agent.image("root"));
+}
