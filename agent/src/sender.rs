@@ -56,6 +56,9 @@ pub async fn run(
     let mut backoff = BACKOFF_MIN;
     while !cancel.is_cancelled() {
         let result = session(&cfg, &stream, &link, &cancel).await;
+        if link.connected.load(Ordering::Relaxed) {
+            backoff = BACKOFF_MIN; // the session worked: a cut is not a failing server
+        }
         link.connected.store(false, Ordering::Relaxed);
         stream.lock_state().on_disconnect();
         match result {

@@ -53,7 +53,11 @@ impl CuttingProxy {
                             std::thread::sleep(Duration::from_millis(10));
                             continue;
                         }
-                        Err(e) => panic!("proxy accept: {e}"),
+                        Err(e) => {
+                            eprintln!("proxy accept: {e}");
+                            std::thread::sleep(Duration::from_millis(10));
+                            continue;
+                        }
                     };
                     client.set_nonblocking(false).unwrap();
                     let server = match TcpStream::connect(("127.0.0.1", target_port)) {
