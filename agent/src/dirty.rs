@@ -1,14 +1,15 @@
 //! Which regions of a disk may differ from the replica.
 //!
-//! Two region sets per disk, at `REGION` (1 MiB) granularity:
+//! Two region sets per disk, at `REGION` (4 MiB) granularity:
 //! - `dirty`: regions written while the stream was in `bitmap` state (the write
 //!   was not queued); they are resent by the resync. In memory only: an unclean
 //!   restart falls back to the activity log, which covers them.
 //! - the *activity log*: every region that may hold a write the process server
 //!   has not acknowledged. A region is added, and the log made durable, before the
-//!   first write to it proceeds; it is retired once every write to it is
-//!   acknowledged (`retire`, periodically). After an unclean stop, exactly these
-//!   regions are resynced, not the whole disk.
+//!   first write to it proceeds (concurrent writers share one log write: group
+//!   commit); it is retired once every write to it is acknowledged and it has
+//!   been cold for `AL_COLD` (`retire`, periodically). After an unclean stop,
+//!   exactly these regions are resynced, not the whole disk.
 //!
 //! Activity log file: `<state-dir>/al-<disk>.rec` = envelope(b"LBAL", 1) of
 //! `region_count u64 | bitmap (1 bit per region, LSB first)`, written to a
@@ -20,12 +21,19 @@ use std::sync::Mutex;
 use anyhow::{bail, Context, Result};
 use lifeboat_common::codec::{envelope, open_envelope, Reader};
 
-pub const REGION: u64 = 1 << 20;
+pub const REGION: u64 = 4 << 20;
+/// A region leaves the activity log only when acknowledged and not written for
+/// this long: hot regions stay logged, so steady writes cost no log updates.
+pub const AL_COLD: std::time::Duration = std::time::Duration::from_secs(30);
 const MAGIC: [u8; 4] = *b"LBAL";
 
 struct Inner {
     /// Per region: in the persisted activity log.
     logged: Vec<bool>,
+    /// Per region: a writer waits for it to be logged.
+    wanted: Vec<bool>,
+    /// Per region: when it was last written.
+    touched: Vec<Option<std::time::Instant>>,
     /// Per region: the last seq captured for it (0 = none since start).
     last_seq: Vec<u64>,
     /// Per region: must be resynced.
@@ -102,6 +110,8 @@ impl DirtyMap {
                 path,
                 regions,
                 inner: Mutex::new(Inner {
+                    wanted: vec![false; regions],
+                    touched: vec![None; regions],
                     logged,
                     last_seq: vec![0; regions],
                     dirty: vec![false; regions],
@@ -126,24 +136,45 @@ impl DirtyMap {
     /// before the write touches the disk.
     pub async fn before_write(&self, offset: u64, len: u64) -> std::io::Result<()> {
         let span = self.span(offset, len);
-        if self.lock().logged[span.clone()].iter().all(|b| *b) {
-            return Ok(());
-        }
-        let _file = self.file_lock.lock().await;
-        let data = {
+        {
             let mut g = self.lock();
+            let now = std::time::Instant::now();
+            for i in span.clone() {
+                g.touched[i] = Some(now);
+            }
             if g.logged[span.clone()].iter().all(|b| *b) {
                 return Ok(());
             }
-            for i in span {
-                g.logged[i] = true;
+            for i in span.clone() {
+                g.wanted[i] = true;
             }
-            encode(&g.logged)
+        }
+        let _file = self.file_lock.lock().await;
+        let (data, newly) = {
+            let g = self.lock();
+            if g.logged[span.clone()].iter().all(|b| *b) {
+                return Ok(()); // persisted by another writer's log write
+            }
+            // Persist every region any writer waits for: one write for all of them.
+            let next: Vec<bool> = g
+                .logged
+                .iter()
+                .zip(&g.wanted)
+                .map(|(l, w)| *l || *w)
+                .collect();
+            let newly: Vec<usize> = (0..self.regions).filter(|&i| g.wanted[i]).collect();
+            (encode(&next), newly)
         };
         let path = self.path.clone();
         tokio::task::spawn_blocking(move || write_file(&path, &data))
             .await
-            .map_err(std::io::Error::other)?
+            .map_err(std::io::Error::other)??;
+        let mut g = self.lock();
+        for i in newly {
+            g.logged[i] = true;
+            g.wanted[i] = false;
+        }
+        Ok(())
     }
 
     /// A write to this range got `seq` in the stream.
@@ -197,8 +228,10 @@ impl DirtyMap {
         let data = {
             let mut g = self.lock();
             let mut changed = false;
+            let now = std::time::Instant::now();
             for i in 0..self.regions {
-                if g.logged[i] && !g.dirty[i] && g.last_seq[i] <= acked {
+                let cold = g.touched[i].is_none_or(|t| now.duration_since(t) >= AL_COLD);
+                if g.logged[i] && !g.dirty[i] && g.last_seq[i] <= acked && cold && !g.wanted[i] {
                     g.logged[i] = false;
                     changed = true;
                 }
@@ -229,7 +262,11 @@ mod tests {
             m.captured(3 * REGION + 5, 4096, 7);
             m.before_write(REGION - 1, 2).await.unwrap(); // spans regions 0 and 1
             m.captured(REGION - 1, 2, 9);
-            m.retire(7).await.unwrap(); // region 3 retired, 0 and 1 still unacked
+            m.retire(9).await.unwrap(); // all acknowledged, but still hot: kept
+            assert_eq!(m.logged_count(), 3);
+            m.lock().touched[3] = None; // region 3 went cold
+            m.retire(7).await.unwrap(); // region 3 retired, 0 and 1 unacked (seq 9 > 7)
+            assert_eq!(m.logged_count(), 2);
         }
         let (m, held) = DirtyMap::open(dir.path(), "d", 10 * REGION).unwrap();
         assert_eq!(held, vec![0, 1]);
