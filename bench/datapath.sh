@@ -101,6 +101,17 @@ STORED=$(du -sb "$WORK/ps/store" | cut -f1)
 RSS_A=$(ps -o rss= -p "${PIDS[-1]}" | tr -d ' ')
 RSS_P=$(ps -o rss= -p "${PIDS[-2]}" | tr -d ' ')
 
+# Materialising the disk: failover at latest (from the store alone) vs cp of the source.
+kill -TERM "${PIDS[-1]}" "${PIDS[-2]}"; sleep 0.5
+F0=$(date +%s.%N)
+"$BIN/lifeboat-mt" failover --store "$STORE" --machine machine-1 --point latest \
+  --out "$WORK/recovered" --key-file "$WORK/ps/kek.key" >/dev/null 2>&1
+F1=$(date +%s.%N)
+cmp -s "$WORK/recovered/disk.raw" "$DISK" || { echo "MISMATCH: recovered disk differs"; exit 1; }
+rm -rf "$WORK/recovered"
+C0=$(date +%s.%N); cp --sparse=always "$DISK" "$WORK/copy.img"; C1=$(date +%s.%N)
+echo "materialise 1 GiB disk: lifeboat-mt failover latest $(python3 -c "print(f'{$F1-$F0:.2f}')") s (byte-equal), cp $(python3 -c "print(f'{$C1-$C0:.2f}')") s"
+
 python3 - "$A4" "$Q4" "$K4" "$A1" "$Q1" "$K1" "$T0" "$T1" "$T2" "$E2E_SIZE" "$STORED" "$RSS_A" "$RSS_P" "$RUNTIME" <<'PY'
 import sys
 a4,q4,k4,a1,q1,k1=[tuple(map(float,x.split())) for x in sys.argv[1:7]]

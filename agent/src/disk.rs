@@ -4,9 +4,11 @@
 //! Write path: make the regions durable in the activity log → take a stream
 //! permit (tag gate) → lock the byte range (overlapping writes run one after
 //! another, so seq order is disk order) → write the disk → take the seq (journal
-//! + queue), or in `bitmap` state mark the regions dirty → unlock → FUA: sync
-//! disk and journal → reply. Writes never wait for the process server. Trim and write-zeroes both make the range read as zeros, and
-//! are replicated as zeroing.
+//! and queue), or in `bitmap` state mark the regions dirty → unlock → FUA: sync
+//! disk and journal → reply. Writes never wait for the process server.
+//!
+//! Trim and write-zeroes both make the range read as zeros, and are replicated
+//! as zeroing.
 
 use std::io;
 use std::sync::{Arc, Mutex};
