@@ -441,6 +441,29 @@ impl Agent {
     }
 }
 
+/// A started process server (file:// store) and a synced agent for "machine-1",
+/// under `root/ps` and `root/agent`; `extra` is added to agent.toml.
+pub fn start_pair(
+    root: &Path,
+    disks: &[(&str, u64)],
+    extra: &str,
+) -> Result<(ProcessServer, Agent)> {
+    let mut ps = ProcessServer::init(&root.join("ps"), None, &[])?;
+    ps.start()?;
+    let certs = ps.dir.join("machines").join("machine-1");
+    let mut agent = Agent::configure(
+        &root.join("agent"),
+        "machine-1",
+        &certs,
+        ps.port,
+        disks,
+        extra,
+    )?;
+    agent.start()?;
+    agent.wait_synced(Duration::from_secs(120))?;
+    Ok((ps, agent))
+}
+
 /// `lifeboat-mt points --json`.
 pub fn points(store: &str, machine: &str, options: &[String]) -> Result<serde_json::Value> {
     let mut cmd = Command::new(bin("lifeboat-mt"));

@@ -101,20 +101,8 @@ fn hostile_clients_are_refused_and_the_good_agent_keeps_replicating() {
     lifeboat_common::tls::install_crypto_provider();
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
-    let mut ps = ProcessServer::init(&root.join("ps"), None, &[]).unwrap();
-    ps.start().unwrap();
+    let (ps, agent) = start_pair(root, &[("root", 8 * MIB)], "").unwrap();
     let certs = ps.dir.join("machines").join(MACHINE);
-    let mut agent = Agent::configure(
-        &root.join("agent"),
-        MACHINE,
-        &certs,
-        ps.port,
-        &[("root", 8 * MIB)],
-        "",
-    )
-    .unwrap();
-    agent.start().unwrap();
-    agent.wait_synced(Duration::from_secs(120)).unwrap();
     qemu_io(&agent.uri("root"), &["write -P 0x5a 0 1M", "flush"]).unwrap();
 
     let rogue_certs = ps.issue_cert("rogue").unwrap();
@@ -239,20 +227,7 @@ fn hostile_clients_are_refused_and_the_good_agent_keeps_replicating() {
 fn tampered_or_missing_objects_and_wrong_key_are_refused_by_name() {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
-    let mut ps = ProcessServer::init(&root.join("ps"), None, &[]).unwrap();
-    ps.start().unwrap();
-    let certs = ps.dir.join("machines").join(MACHINE);
-    let mut agent = Agent::configure(
-        &root.join("agent"),
-        MACHINE,
-        &certs,
-        ps.port,
-        &[("root", 8 * MIB)],
-        "",
-    )
-    .unwrap();
-    agent.start().unwrap();
-    agent.wait_synced(Duration::from_secs(120)).unwrap();
+    let (mut ps, agent) = start_pair(root, &[("root", 8 * MIB)], "").unwrap();
     let uri = agent.uri("root");
     // Several segments: each tag cuts one.
     for i in 0..4u64 {

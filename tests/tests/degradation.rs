@@ -21,20 +21,8 @@ fn wait_state(agent: &Agent, state: &str, timeout: Duration) -> serde_json::Valu
 fn full_journal_goes_bitmap_then_resync_and_the_next_point_is_exact() {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
-    let mut ps = ProcessServer::init(&root.join("ps"), None, &[]).unwrap();
-    ps.start().unwrap();
-    let certs = ps.dir.join("machines").join(MACHINE);
-    let mut agent = Agent::configure(
-        &root.join("agent"),
-        MACHINE,
-        &certs,
-        ps.port,
-        &[("root", 256 * MIB)],
-        "journal-max-bytes = 16777216",
-    )
-    .unwrap();
-    agent.start().unwrap();
-    agent.wait_synced(Duration::from_secs(60)).unwrap();
+    let (mut ps, agent) =
+        start_pair(root, &[("root", 256 * MIB)], "journal-max-bytes = 16777216").unwrap();
     qemu_io(&agent.uri("root"), &["write -P 0x01 0 4M", "flush"]).unwrap();
     agent.wait_acked(Duration::from_secs(60)).unwrap();
 
@@ -106,21 +94,8 @@ fn full_journal_goes_bitmap_then_resync_and_the_next_point_is_exact() {
 fn kill9_agent_resends_only_recently_written_regions() {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
-    let mut ps = ProcessServer::init(&root.join("ps"), None, &[]).unwrap();
-    ps.start().unwrap();
-    let certs = ps.dir.join("machines").join(MACHINE);
     let size = 1024 * MIB;
-    let mut agent = Agent::configure(
-        &root.join("agent"),
-        MACHINE,
-        &certs,
-        ps.port,
-        &[("root", size)],
-        "",
-    )
-    .unwrap();
-    agent.start().unwrap();
-    agent.wait_synced(Duration::from_secs(120)).unwrap();
+    let (ps, mut agent) = start_pair(root, &[("root", size)], "").unwrap();
     // Writes confined to 8 MiB of the disk, in flight when the agent dies.
     let uri = agent.uri("root");
     let mut fio = Proc::spawn(
