@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use lifeboat_common::protocol::{Frame, ResyncReport, TagKind};
-use lifeboat_common::resync::{self, BlockHash, BLOCK, REGION, REGION_BLOCKS};
+use lifeboat_common::resync::{self, BlockHash, BLOCK, REGION};
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
@@ -301,7 +301,6 @@ async fn resync_disk(
         }
         first += count;
     }
-    debug_assert!(REGION_BLOCKS == 256);
     Ok(())
 }
 

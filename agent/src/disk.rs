@@ -3,10 +3,12 @@
 //!
 //! Write path: make the regions durable in the activity log → take a stream
 //! permit (tag gate) → lock the byte range (overlapping writes run one after
-//! another, so seq order is disk order) → write the disk → take the seq (journal
-//! + queue), or in `bitmap` state mark the regions dirty → unlock → FUA: sync
-//! disk and journal → reply. Writes never wait for the process server. Trim and write-zeroes both make the range read as zeros, and
-//! are replicated as zeroing.
+//! another, so seq order is disk order) → write the disk → take the seq
+//! (journal and queue), or in `bitmap` state mark the regions dirty → unlock →
+//! FUA: sync disk and journal → reply.
+//!
+//! Writes never wait for the process server. Trim and write-zeroes both make
+//! the range read as zeros, and are replicated as zeroing.
 
 use std::io;
 use std::sync::{Arc, Mutex};
@@ -143,7 +145,10 @@ impl ProtectedDisk {
     /// [`Self::sync_chunk`] (range lock, seq). Returns the bytes sent.
     pub async fn resend_blocks(&self, offset: u64, len: u64) -> io::Result<u64> {
         use lifeboat_common::resync::BLOCK;
-        if offset % BLOCK != 0 || len % BLOCK != 0 || len > lifeboat_common::resync::REGION {
+        if !offset.is_multiple_of(BLOCK)
+            || !len.is_multiple_of(BLOCK)
+            || len > lifeboat_common::resync::REGION
+        {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 format!("block resend of {len} bytes at {offset} on disk {}: not whole 4 KiB blocks of at most one region", self.id),

@@ -62,7 +62,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<()> {
                 "disk {}: the agent did not stop cleanly; {} regions ({} MiB) written recently will be resent",
                 d.id,
                 held.len(),
-                held.len() as u64 * crate::dirty::REGION >> 20
+                (held.len() as u64 * crate::dirty::REGION) >> 20
             );
             dirty.mark_regions_dirty(&held);
         }

@@ -168,9 +168,11 @@ impl Sessions {
             let slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
             match slots.get(machine) {
                 Some(s) => s.ctl.clone(),
-                None => return Err(format!(
+                None => {
+                    return Err(format!(
                     "machine {machine:?} has no live session (is its agent running and connected?)"
-                )),
+                ))
+                }
             }
         };
         let disks: Vec<u16> = match disk {

@@ -85,10 +85,10 @@ fn hash_updates(batch: &mut WriteBatch, cf: &rocksdb::ColumnFamily, machine: &st
     // Partly covered blocks at either edge: their content is unknown here.
     let head = offset / BLOCK;
     let tail = (end - 1) / BLOCK;
-    if offset % BLOCK != 0 || (head == tail && end % BLOCK != 0) {
+    if !offset.is_multiple_of(BLOCK) || (head == tail && !end.is_multiple_of(BLOCK)) {
         batch.put_cf(cf, hash_key(machine, disk, head), resync::UNKNOWN_HASH);
     }
-    if end % BLOCK != 0 && tail != head {
+    if !end.is_multiple_of(BLOCK) && tail != head {
         batch.put_cf(cf, hash_key(machine, disk, tail), resync::UNKNOWN_HASH);
     }
     if first_full >= end_full {
