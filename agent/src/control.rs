@@ -37,6 +37,7 @@ pub struct Control {
     pub link: Arc<Link>,
     pub sync: Vec<Arc<crate::sync::SyncProgress>>,
     pub dirty: Vec<Arc<crate::disk::ProtectedDisk>>,
+    pub checksum: Arc<crate::checksum::Counters>,
 }
 
 impl Control {
@@ -53,6 +54,7 @@ impl Control {
                 "state": self.stream.mode().0,
                 "state-reason": self.stream.mode().1,
                 "resync-bytes": self.stream.resync_bytes.load(std::sync::atomic::Ordering::Relaxed),
+                "checksum-resync": self.checksum.snapshot(),
                 "dirty-regions": self.dirty.iter().map(|d| serde_json::json!({
                     "disk": d.id, "dirty": d.dirty.dirty_count(), "activity-log": d.dirty.logged_count(),
                 })).collect::<Vec<_>>(),

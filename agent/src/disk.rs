@@ -140,6 +140,35 @@ impl ProtectedDisk {
         Ok(true)
     }
 
+    /// Block-granular resend (checksum resync): `offset` and `len` are multiples
+    /// of 4 KiB, the range is clamped to the disk and goes into the stream like
+    /// [`Self::sync_chunk`] (range lock, seq). Returns the bytes sent.
+    pub async fn resend_blocks(&self, offset: u64, len: u64) -> io::Result<u64> {
+        use lifeboat_common::resync::BLOCK;
+        if !offset.is_multiple_of(BLOCK)
+            || !len.is_multiple_of(BLOCK)
+            || len > lifeboat_common::resync::REGION
+        {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("block resend of {len} bytes at {offset} on disk {}: not whole 4 KiB blocks of at most one region", self.id),
+            ));
+        }
+        let len = len.min(self.size.saturating_sub(offset));
+        if len == 0 {
+            return Ok(0);
+        }
+        self.sync_chunk(offset, len as u32, false).await?;
+        Ok(len)
+    }
+
+    /// Reads without locking (hashing for checksum resync: a write racing the
+    /// read goes into the stream anyway).
+    pub async fn read_unlocked(&self, offset: u64, len: u64) -> io::Result<Bytes> {
+        self.check(offset, len)?;
+        self.file.read_at(offset, len as usize).await
+    }
+
     async fn durable(&self) -> io::Result<()> {
         let (a, b) = tokio::join!(self.file.sync(), self.stream.sync_journal());
         a?;

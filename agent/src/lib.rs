@@ -1,6 +1,7 @@
 //! The Lifeboat agent: captures every write to a protected disk and ships the stream.
 
 pub mod capture;
+pub mod checksum;
 pub mod config;
 pub mod control;
 pub mod dirty;

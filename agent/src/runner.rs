@@ -78,6 +78,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<()> {
     let progress = crate::sync::prepare(&cfg.state_dir, &disks, &stream)?;
     let cancel = shutdown.child_token();
     let link = Arc::new(Link::default());
+    let resync_counters = Arc::new(crate::checksum::Counters::default());
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(sender::run(
         SenderConfig {
@@ -86,6 +87,8 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<()> {
             server_name: cfg.server_name.clone(),
             tls: tls_cfg,
             disks: infos.clone(),
+            protected: disks.clone(),
+            resync: resync_counters.clone(),
         },
         stream.clone(),
         link.clone(),
@@ -143,6 +146,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<()> {
         link,
         sync: progress,
         dirty: disks.clone(),
+        checksum: resync_counters,
     });
 
     {

@@ -2,6 +2,10 @@
 //! process server, hello → welcome (resume after the server's durable position)
 //! → frames of queued entries; acks free the journal. Reconnects with capped
 //! backoff forever; the journal holds the stream meanwhile.
+//!
+//! The process server may start a checksum resync (resync-start): it runs as a
+//! task of the session (`checksum.rs`) whose frames share the writer, and is
+//! aborted when the session ends.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -15,6 +19,7 @@ use lifeboat_common::protocol::{
 use rustls::pki_types::ServerName;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
+use tokio::sync::mpsc;
 use tokio_rustls::TlsConnector;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -37,6 +42,18 @@ pub struct SenderConfig {
     pub server_name: String,
     pub tls: Arc<rustls::ClientConfig>,
     pub disks: Vec<DiskInfo>,
+    /// The disks, in hello order (checksum resync reads them).
+    pub protected: Vec<Arc<crate::disk::ProtectedDisk>>,
+    pub resync: Arc<crate::checksum::Counters>,
+}
+
+/// Aborts the task when dropped (a resync does not outlive its session).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// Whether a session with the process server is up.
@@ -123,7 +140,10 @@ async fn session(
     *link.last_error.lock().unwrap_or_else(|p| p.into_inner()) = None;
     info!("replicating to {} from seq {}", cfg.server, durable + 1);
 
+    // Frames of the checksum resync task, written between stream frames.
+    let (ctl_tx, mut ctl_rx) = mpsc::channel::<Frame>(64);
     let reader = async {
+        let mut resync: Option<(AbortOnDrop, mpsc::UnboundedSender<Frame>)> = None;
         loop {
             let f = match tokio::time::timeout(IDLE_TIMEOUT, read_frame(&mut rd, MAX_FRAME_LEN))
                 .await
@@ -137,6 +157,35 @@ async fn session(
                     stream.released(durable);
                 }
                 Some(Frame::Ping { .. }) => {}
+                Some(Frame::ResyncStart { disks }) => {
+                    if resync.as_ref().is_some_and(|(t, _)| !t.0.is_finished()) {
+                        let _ = ctl_tx
+                            .send(Frame::ResyncDone(lifeboat_common::protocol::ResyncReport {
+                                disk_count: disks.len() as u16,
+                                error: "a checksum resync is already running".into(),
+                                ..Default::default()
+                            }))
+                            .await;
+                        continue;
+                    }
+                    info!("checksum resync requested by the process server");
+                    let (tx, rx) = mpsc::unbounded_channel();
+                    let task = tokio::spawn(crate::checksum::run(
+                        cfg.protected.clone(),
+                        stream.clone(),
+                        cfg.resync.clone(),
+                        disks,
+                        ctl_tx.clone(),
+                        rx,
+                    ));
+                    resync = Some((AbortOnDrop(task), tx));
+                }
+                Some(f @ (Frame::RegionsDiffer { .. } | Frame::BlocksDiffer { .. })) => {
+                    match &resync {
+                        Some((_, tx)) if tx.send(f).is_ok() => {}
+                        _ => bail!("resync reply from the process server while no resync runs"),
+                    }
+                }
                 Some(Frame::Error { code, message }) => {
                     bail!("process server error (code {code}): {message}")
                 }
@@ -152,10 +201,22 @@ async fn session(
         let journal_written = stream.journal_written();
         loop {
             let notified = journal_written.notified();
+            let mut wrote = false;
+            while let Ok(f) = ctl_rx.try_recv() {
+                write_frame(&mut wr, &f).await?;
+                wrote = true;
+            }
             let frames = stream.poll_transmit(BATCH_BYTES);
             if frames.is_empty() {
+                if wrote {
+                    wr.flush().await?;
+                }
                 tokio::select! {
                     _ = notified => {}
+                    Some(f) = ctl_rx.recv() => {
+                        write_frame(&mut wr, &f).await?;
+                        wr.flush().await?;
+                    }
                     _ = tokio::time::sleep(PING_INTERVAL) => {
                         nonce += 1;
                         write_frame(&mut wr, &Frame::Ping { nonce, reply: false }).await?;

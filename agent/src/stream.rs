@@ -57,6 +57,8 @@ pub struct Stream {
     pub resync_bytes: std::sync::atomic::AtomicU64,
     /// Disks whose initial sync is not finished: no recovery point meanwhile.
     syncing: std::sync::atomic::AtomicUsize,
+    /// A checksum resync owns the `resync` state (see `checksum.rs`).
+    checksum_active: std::sync::atomic::AtomicBool,
 }
 
 /// A snapshot of the stream's positions.
@@ -88,6 +90,7 @@ impl Stream {
             syncing: std::sync::atomic::AtomicUsize::new(0),
             mode: Mutex::new((Mode::Streaming, "started".into())),
             resync_bytes: std::sync::atomic::AtomicU64::new(0),
+            checksum_active: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -178,6 +181,54 @@ impl Stream {
         if m.0 == Mode::Resync && no_dirty() {
             warn!("replication state Resync -> Streaming: every dirty region resent");
             *m = (Mode::Streaming, "dirty regions resent".into());
+            return true;
+        }
+        false
+    }
+
+    /// Whether a checksum resync owns the `resync` state now.
+    pub fn checksum_active(&self) -> bool {
+        self.checksum_active
+            .load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// `streaming` → `resync` for a checksum resync; refused in any other state.
+    pub fn begin_checksum_resync(&self, reason: &str) -> Result<(), String> {
+        let mut m = self.mode.lock().unwrap_or_else(|p| p.into_inner());
+        if self.syncing.load(std::sync::atomic::Ordering::SeqCst) > 0 {
+            return Err("initial sync in progress: a checksum resync can only follow it".into());
+        }
+        if m.0 != Mode::Streaming {
+            return Err(format!(
+                "replication state is {:?} ({}): a checksum resync starts only from streaming",
+                m.0, m.1
+            ));
+        }
+        if self
+            .checksum_active
+            .swap(true, std::sync::atomic::Ordering::SeqCst)
+        {
+            return Err("a checksum resync is already running".into());
+        }
+        warn!("replication state Streaming -> Resync: {reason}");
+        *m = (Mode::Resync, reason.to_string());
+        Ok(())
+    }
+
+    /// Ends a checksum resync: `resync` → `streaming` when `no_dirty` holds
+    /// (otherwise the dirty-region resync, which waited, finishes the state).
+    /// Returns whether the stream is `streaming` again.
+    pub fn end_checksum_resync(&self, no_dirty: impl Fn() -> bool) -> bool {
+        let mut m = self.mode.lock().unwrap_or_else(|p| p.into_inner());
+        if !self
+            .checksum_active
+            .swap(false, std::sync::atomic::Ordering::SeqCst)
+        {
+            return false;
+        }
+        if m.0 == Mode::Resync && no_dirty() {
+            warn!("replication state Resync -> Streaming: checksum resync finished");
+            *m = (Mode::Streaming, "checksum resync finished".into());
             return true;
         }
         false

@@ -231,6 +231,13 @@ pub async fn run_resync(
                     _ = cancel.cancelled() => {}
                 }
             }
+            Mode::Resync if stream.checksum_active() => {
+                // The checksum resync owns the state; dirty regions wait for it.
+                tokio::select! {
+                    _ = tokio::time::sleep(RESYNC_POLL) => {}
+                    _ = cancel.cancelled() => {}
+                }
+            }
             Mode::Resync => {
                 'disks: for d in &disks {
                     while let Some(r) = d.dirty.take_dirty() {

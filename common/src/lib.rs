@@ -8,6 +8,7 @@ pub mod framed;
 pub mod ids;
 pub mod protocol;
 pub mod receiver;
+pub mod resync;
 pub mod seal;
 pub mod session;
 pub mod store;

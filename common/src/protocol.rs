@@ -5,7 +5,11 @@
 //! ```text
 //! offset size field
 //! 0      4    length   bytes that follow (type + body), at most MAX_FRAME_LEN
-//! 4      1    type     1 hello, 2 welcome, 3 writes, 4 tag, 5 ack, 6 error, 7 ping
+//! 4      1    type     1 hello, 2 welcome, 3 writes, 4 tag, 5 ack, 6 error, 7 ping,
+//!                      checksum resync: 8 resync-start, 9 region-hashes,
+//!                      10 regions-differ, 11 block-hashes, 12 blocks-differ,
+//!                      13 resync-done
+//! 5      n    body
 //! 5      n    body
 //! ```
 //!
@@ -20,6 +24,26 @@
 //! ack     durable u64                 (every seq <= durable is durable)
 //! error   code u16 | message str16
 //! ping    nonce u64 | is_reply u8
+//! ```
+//!
+//! Checksum resync (geometry and hashes in `resync.rs`: 4 KiB blocks, 1 MiB
+//! regions, 16-byte region hashes, 8-byte block hashes on the wire). The
+//! receiver starts it; every agent frame gets exactly one reply, in order; the
+//! differing blocks travel as ordinary writes entries, so they keep their seqs:
+//!
+//! ```text
+//! resync-start   (receiver → agent) count u16 | disk u16*      (≤ 1024 disks)
+//! region-hashes  (agent → receiver) disk u16 | first_region u64 | count u32
+//!                | hash[16]*count                              (≤ 65536 regions)
+//! regions-differ (receiver → agent) disk u16 | first_region u64 | count u32
+//!                | region u64*count        (regions of that batch that differ)
+//! block-hashes   (agent → receiver) disk u16 | region u64 | count u16
+//!                | hash[8]*count                               (≤ 256 blocks)
+//! blocks-differ  (receiver → agent) disk u16 | region u64 | count u16
+//!                | block u8*count          (indexes in the region that differ)
+//! resync-done    (agent → receiver) disk_count u16 | hashed_bytes u64
+//!                | hash_bytes u64 | block_bytes u64 | blocks u64 | tag_seq u64
+//!                | error str16             (tag_seq 0: no point; error "" = ok)
 //! ```
 //!
 //! A stream *entry* — also the unit stored in the process server's cache and in
@@ -49,6 +73,32 @@ pub const MAX_FRAME_LEN: u32 = 16 * 1024 * 1024 + 4096;
 /// The largest single write data carried in one entry.
 pub const MAX_WRITE_LEN: u32 = 8 * 1024 * 1024;
 pub const FRAME_HEADER_LEN: usize = 5;
+
+/// Most region hashes in one region-hashes frame (and regions in its reply).
+pub const MAX_RESYNC_REGIONS: u32 = 65536;
+/// Most block hashes in one block-hashes frame (the blocks of a region).
+pub const MAX_RESYNC_BLOCKS: u16 = 256;
+/// Most disks named by one resync-start.
+pub const MAX_RESYNC_DISKS: u16 = 1024;
+
+/// Counters and outcome of a checksum resync, as reported by the agent.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct ResyncReport {
+    pub disk_count: u16,
+    /// Bytes of disk read and hashed.
+    pub hashed_bytes: u64,
+    /// Bytes of hashes sent (both levels).
+    pub hash_bytes: u64,
+    /// Bytes of block data sent.
+    pub block_bytes: u64,
+    /// 4 KiB blocks sent.
+    pub blocks: u64,
+    /// Seq of the `checksum-resync-complete` tag, 0 when none was placed.
+    pub tag_seq: u64,
+    /// Empty when the resync succeeded.
+    pub error: String,
+}
 
 /// Kinds of recovery-point tags.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -243,6 +293,42 @@ pub enum Frame {
         nonce: u64,
         reply: bool,
     },
+    ResyncStart {
+        disks: Vec<u16>,
+    },
+    RegionHashes {
+        disk: u16,
+        first_region: u64,
+        hashes: Vec<[u8; 16]>,
+    },
+    RegionsDiffer {
+        disk: u16,
+        first_region: u64,
+        count: u32,
+        regions: Vec<u64>,
+    },
+    BlockHashes {
+        disk: u16,
+        region: u64,
+        hashes: Vec<[u8; 8]>,
+    },
+    BlocksDiffer {
+        disk: u16,
+        region: u64,
+        blocks: Vec<u8>,
+    },
+    ResyncDone(ResyncReport),
+}
+
+fn too_many(what: &'static str, n: u64, limit: u64) -> Result<(), DecodeError> {
+    if n > limit {
+        return Err(DecodeError::TooLarge {
+            what,
+            len: n,
+            limit,
+        });
+    }
+    Ok(())
 }
 
 impl Frame {
@@ -255,6 +341,12 @@ impl Frame {
             Frame::Ack { .. } => 5,
             Frame::Error { .. } => 6,
             Frame::Ping { .. } => 7,
+            Frame::ResyncStart { .. } => 8,
+            Frame::RegionHashes { .. } => 9,
+            Frame::RegionsDiffer { .. } => 10,
+            Frame::BlockHashes { .. } => 11,
+            Frame::BlocksDiffer { .. } => 12,
+            Frame::ResyncDone(_) => 13,
         }
     }
 
@@ -299,6 +391,69 @@ impl Frame {
             Frame::Ping { nonce, reply } => {
                 out.put_u64(*nonce);
                 out.put_u8(*reply as u8);
+            }
+            Frame::ResyncStart { disks } => {
+                out.put_u16(disks.len() as u16);
+                for d in disks {
+                    out.put_u16(*d);
+                }
+            }
+            Frame::RegionHashes {
+                disk,
+                first_region,
+                hashes,
+            } => {
+                out.put_u16(*disk);
+                out.put_u64(*first_region);
+                out.put_u32(hashes.len() as u32);
+                for h in hashes {
+                    out.extend_from_slice(h);
+                }
+            }
+            Frame::RegionsDiffer {
+                disk,
+                first_region,
+                count,
+                regions,
+            } => {
+                out.put_u16(*disk);
+                out.put_u64(*first_region);
+                out.put_u32(*count);
+                out.put_u32(regions.len() as u32);
+                for r in regions {
+                    out.put_u64(*r);
+                }
+            }
+            Frame::BlockHashes {
+                disk,
+                region,
+                hashes,
+            } => {
+                out.put_u16(*disk);
+                out.put_u64(*region);
+                out.put_u16(hashes.len() as u16);
+                for h in hashes {
+                    out.extend_from_slice(h);
+                }
+            }
+            Frame::BlocksDiffer {
+                disk,
+                region,
+                blocks,
+            } => {
+                out.put_u16(*disk);
+                out.put_u64(*region);
+                out.put_u16(blocks.len() as u16);
+                out.extend_from_slice(blocks);
+            }
+            Frame::ResyncDone(r) => {
+                out.put_u16(r.disk_count);
+                out.put_u64(r.hashed_bytes);
+                out.put_u64(r.hash_bytes);
+                out.put_u64(r.block_bytes);
+                out.put_u64(r.blocks);
+                out.put_u64(r.tag_seq);
+                out.put_str16(&r.error);
             }
         }
         let len = (out.len() - start - 4) as u32;
@@ -396,6 +551,88 @@ impl Frame {
                 nonce: r.u64("ping nonce")?,
                 reply: r.u8("ping reply")? != 0,
             },
+            8 => {
+                let n = r.u16("resync-start disk count")?;
+                too_many("resync-start disks", n as u64, MAX_RESYNC_DISKS as u64)?;
+                let mut disks = Vec::with_capacity((n as usize).min(r.remaining() / 2));
+                for _ in 0..n {
+                    disks.push(r.u16("resync-start disk")?);
+                }
+                Frame::ResyncStart { disks }
+            }
+            9 => {
+                let disk = r.u16("region-hashes disk")?;
+                let first_region = r.u64("region-hashes first region")?;
+                let n = r.u32("region-hashes count")?;
+                too_many("region hashes", n as u64, MAX_RESYNC_REGIONS as u64)?;
+                let mut hashes = Vec::with_capacity((n as usize).min(r.remaining() / 16));
+                for _ in 0..n {
+                    hashes.push(r.array("region hash")?);
+                }
+                Frame::RegionHashes {
+                    disk,
+                    first_region,
+                    hashes,
+                }
+            }
+            10 => {
+                let disk = r.u16("regions-differ disk")?;
+                let first_region = r.u64("regions-differ first region")?;
+                let count = r.u32("regions-differ batch count")?;
+                too_many(
+                    "regions-differ batch",
+                    count as u64,
+                    MAX_RESYNC_REGIONS as u64,
+                )?;
+                let n = r.u32("regions-differ count")?;
+                too_many("differing regions", n as u64, count as u64)?;
+                let mut regions = Vec::with_capacity((n as usize).min(r.remaining() / 8));
+                for _ in 0..n {
+                    regions.push(r.u64("differing region")?);
+                }
+                Frame::RegionsDiffer {
+                    disk,
+                    first_region,
+                    count,
+                    regions,
+                }
+            }
+            11 => {
+                let disk = r.u16("block-hashes disk")?;
+                let region = r.u64("block-hashes region")?;
+                let n = r.u16("block-hashes count")?;
+                too_many("block hashes", n as u64, MAX_RESYNC_BLOCKS as u64)?;
+                let mut hashes = Vec::with_capacity((n as usize).min(r.remaining() / 8));
+                for _ in 0..n {
+                    hashes.push(r.array("block hash")?);
+                }
+                Frame::BlockHashes {
+                    disk,
+                    region,
+                    hashes,
+                }
+            }
+            12 => {
+                let disk = r.u16("blocks-differ disk")?;
+                let region = r.u64("blocks-differ region")?;
+                let n = r.u16("blocks-differ count")?;
+                too_many("differing blocks", n as u64, MAX_RESYNC_BLOCKS as u64)?;
+                let blocks = r.bytes(n as usize, "differing blocks")?.to_vec();
+                Frame::BlocksDiffer {
+                    disk,
+                    region,
+                    blocks,
+                }
+            }
+            13 => Frame::ResyncDone(ResyncReport {
+                disk_count: r.u16("resync-done disk count")?,
+                hashed_bytes: r.u64("resync-done hashed bytes")?,
+                hash_bytes: r.u64("resync-done hash bytes")?,
+                block_bytes: r.u64("resync-done block bytes")?,
+                blocks: r.u64("resync-done blocks")?,
+                tag_seq: r.u64("resync-done tag seq")?,
+                error: r.str16("resync-done error")?,
+            }),
             other => {
                 return Err(DecodeError::Invalid {
                     what: "frame type",
@@ -501,6 +738,90 @@ mod tests {
         // A count that claims billions of entries must not allocate for them.
         let mut evil = vec![3u8];
         evil.extend_from_slice(&u32::MAX.to_be_bytes());
+        assert!(Frame::decode(Bytes::from(evil)).is_err());
+    }
+
+    fn resync_frames() -> Vec<Frame> {
+        vec![
+            Frame::ResyncStart { disks: vec![0, 3] },
+            Frame::RegionHashes {
+                disk: 1,
+                first_region: 64,
+                hashes: vec![[1; 16], [2; 16]],
+            },
+            Frame::RegionsDiffer {
+                disk: 1,
+                first_region: 64,
+                count: 2,
+                regions: vec![65],
+            },
+            Frame::BlockHashes {
+                disk: 1,
+                region: 65,
+                hashes: vec![[3; 8]; 256],
+            },
+            Frame::BlocksDiffer {
+                disk: 1,
+                region: 65,
+                blocks: vec![0, 7, 255],
+            },
+            Frame::ResyncDone(ResyncReport {
+                disk_count: 2,
+                hashed_bytes: 1 << 30,
+                hash_bytes: 4096,
+                block_bytes: 8192,
+                blocks: 2,
+                tag_seq: 99,
+                error: String::new(),
+            }),
+        ]
+    }
+
+    #[test]
+    fn resync_frames_round_trip_and_truncation_is_an_error() {
+        for f in resync_frames() {
+            round_trip(f.clone());
+            let bytes = f.to_bytes();
+            for cut in 5..bytes.len() {
+                assert!(
+                    Frame::decode(Bytes::copy_from_slice(&bytes[4..cut])).is_err(),
+                    "{f:?} cut at {cut}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn resync_counts_are_bounded() {
+        // region-hashes claiming more than the bound.
+        let mut evil = vec![9u8, 0, 0];
+        evil.extend_from_slice(&0u64.to_be_bytes());
+        evil.extend_from_slice(&(MAX_RESYNC_REGIONS + 1).to_be_bytes());
+        assert!(matches!(
+            Frame::decode(Bytes::from(evil)),
+            Err(DecodeError::TooLarge { .. })
+        ));
+        // block-hashes with 257 hashes.
+        let f = Frame::BlockHashes {
+            disk: 0,
+            region: 0,
+            hashes: vec![[0; 8]; 257],
+        };
+        assert!(matches!(
+            Frame::decode(Bytes::copy_from_slice(&f.to_bytes()[4..])),
+            Err(DecodeError::TooLarge { .. })
+        ));
+        // regions-differ listing more regions than its batch.
+        let f = Frame::RegionsDiffer {
+            disk: 0,
+            first_region: 0,
+            count: 1,
+            regions: vec![0, 1],
+        };
+        assert!(Frame::decode(Bytes::copy_from_slice(&f.to_bytes()[4..])).is_err());
+        // A count claiming u32::MAX disks-worth of bytes must not allocate.
+        let mut evil = vec![8u8];
+        evil.extend_from_slice(&u16::MAX.to_be_bytes());
         assert!(Frame::decode(Bytes::from(evil)).is_err());
     }
 

@@ -7,6 +7,12 @@
 //! commit) and sends the ack for the new durable position. Only one session per
 //! machine runs at a time: a newer connection for the same machine supersedes the
 //! older one, which is cancelled and fully stopped before the new one starts.
+//!
+//! Checksum resync: [`Sessions::start_resync`] injects a resync-start frame into
+//! the machine's live session and returns a channel of [`ResyncEvent`]s. The
+//! agent's hash frames travel through the persist queue, so each is answered
+//! (from [`StreamSink::block_hashes`]) only after every entry received before it
+//! is durable, i.e. against the replica as the stream left it.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -18,7 +24,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::framed::{read_frame, write_frame, FrameError};
-use crate::protocol::{error_code, DiskInfo, Entry, Frame, MAX_FRAME_LEN};
+use crate::protocol::{error_code, DiskInfo, Entry, Frame, ResyncReport, MAX_FRAME_LEN};
+use crate::resync::{self, BlockHash, REGION_BLOCKS};
 use crate::session::{Action, ReceiverState, SessionError};
 
 /// Batches waiting for the persister, per connection.
@@ -42,6 +49,67 @@ pub trait StreamSink: Send + Sync + 'static {
         machine: &str,
         entries: Vec<Entry>,
     ) -> impl Future<Output = anyhow::Result<u64>> + Send;
+    /// Hashes of the replica's 4 KiB blocks `first..first + count` of `disk`
+    /// (see `resync.rs`), for checksum resync.
+    fn block_hashes(
+        &self,
+        machine: &str,
+        disk: u16,
+        first: u64,
+        count: u64,
+    ) -> impl Future<Output = anyhow::Result<Vec<BlockHash>>> + Send {
+        let _ = (machine, disk, first, count);
+        async {
+            Err(anyhow::anyhow!(
+                "this receiver keeps no block hashes: checksum resync is not supported"
+            ))
+        }
+    }
+}
+
+/// Frames the receiver sends into a live session on its own (resync-start).
+pub const INJECT_QUEUE_DEPTH: usize = 16;
+/// Regions whose block hashes are looked up at once.
+const LOOKUP_REGIONS: usize = 64;
+
+/// Progress of a checksum resync, for whoever started it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case", tag = "event")]
+pub enum ResyncEvent {
+    Progress(ResyncProgress),
+    Done(ResyncReport),
+}
+
+/// What the receiver compared so far.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct ResyncProgress {
+    pub regions_compared: u64,
+    pub regions_differ: u64,
+    pub blocks_compared: u64,
+    pub blocks_differ: u64,
+}
+
+/// The handle of a live session the receiver itself can act on.
+struct SessionCtl {
+    inject: mpsc::Sender<Frame>,
+    disks: Vec<DiskInfo>,
+    resync: std::sync::Mutex<Option<(mpsc::UnboundedSender<ResyncEvent>, ResyncProgress)>>,
+}
+
+impl SessionCtl {
+    fn event(&self, f: impl FnOnce(&mut ResyncProgress) -> Option<ResyncEvent>) {
+        let mut r = self.resync.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((tx, p)) = r.as_mut() {
+            if let Some(ev) = f(p) {
+                let done = matches!(ev, ResyncEvent::Done(_));
+                let _ = tx.send(ev);
+                if done {
+                    *r = None;
+                }
+            }
+        }
+    }
 }
 
 /// Which machine a connection's certificate allows.
@@ -77,6 +145,7 @@ struct Slot {
     generation: u64,
     cancel: CancellationToken,
     lock: Arc<Mutex<()>>,
+    ctl: Arc<SessionCtl>,
 }
 
 /// One live session per machine.
@@ -87,8 +156,59 @@ pub struct Sessions {
 }
 
 impl Sessions {
+    /// Starts a checksum resync of `disk` (every disk when `None`) in the
+    /// machine's live session; returns its events, ending with `Done` (or the
+    /// channel closes when the session ends first).
+    pub fn start_resync(
+        &self,
+        machine: &str,
+        disk: Option<&str>,
+    ) -> Result<mpsc::UnboundedReceiver<ResyncEvent>, String> {
+        let ctl = {
+            let slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+            match slots.get(machine) {
+                Some(s) => s.ctl.clone(),
+                None => {
+                    return Err(format!(
+                    "machine {machine:?} has no live session (is its agent running and connected?)"
+                ))
+                }
+            }
+        };
+        let disks: Vec<u16> = match disk {
+            None => (0..ctl.disks.len() as u16).collect(),
+            Some(id) => match ctl.disks.iter().position(|d| d.id == id) {
+                Some(i) => vec![i as u16],
+                None => {
+                    return Err(format!(
+                        "machine {machine:?} has no disk {id:?}; its disks: {}",
+                        ctl.disks
+                            .iter()
+                            .map(|d| d.id.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ))
+                }
+            },
+        };
+        let mut r = ctl.resync.lock().unwrap_or_else(|p| p.into_inner());
+        if r.as_ref().is_some_and(|(tx, _)| !tx.is_closed()) {
+            return Err(format!("a resync of {machine:?} is already running"));
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        ctl.inject
+            .try_send(Frame::ResyncStart { disks })
+            .map_err(|e| format!("cannot reach the session of {machine:?}: {e}"))?;
+        *r = Some((tx, ResyncProgress::default()));
+        Ok(rx)
+    }
+
     /// Cancels the machine's current session and returns this one's token and lock.
-    fn claim(&self, machine: &str) -> (u64, CancellationToken, Arc<Mutex<()>>) {
+    fn claim(
+        &self,
+        machine: &str,
+        ctl: Arc<SessionCtl>,
+    ) -> (u64, CancellationToken, Arc<Mutex<()>>) {
         let generation = self
             .next_generation
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -107,6 +227,7 @@ impl Sessions {
                 generation,
                 cancel: cancel.clone(),
                 lock: lock.clone(),
+                ctl,
             },
         );
         (generation, cancel, lock)
@@ -163,7 +284,13 @@ where
         return Err(e);
     }
     let machine = hello.machine.clone();
-    let (generation, cancel, lock) = sessions.claim(&machine);
+    let (inject, inject_rx) = mpsc::channel(INJECT_QUEUE_DEPTH);
+    let ctl = Arc::new(SessionCtl {
+        inject,
+        disks: hello.disks.clone(),
+        resync: Default::default(),
+    });
+    let (generation, cancel, lock) = sessions.claim(&machine, ctl.clone());
     let result = async {
         let _exclusive = tokio::select! {
             g = lock.lock() => g,
@@ -180,7 +307,13 @@ where
         write_frame(&mut wr, &welcome).await?;
         wr.flush().await?;
         info!(%machine, durable, "session started");
-        run_session(&mut rd, wr, state, &machine, sink, cancel.clone(), shutdown).await
+        let io = SessionIo {
+            ctl,
+            inject_rx,
+            cancel: cancel.clone(),
+            shutdown,
+        };
+        run_session(&mut rd, wr, state, &machine, sink, io).await
     }
     .await;
     sessions.release(&machine, generation);
@@ -211,27 +344,170 @@ async fn send_error<W: AsyncWrite + Unpin>(wr: &mut W, code: u16, message: &str)
     let _ = wr.flush().await;
 }
 
+/// What a session needs besides the connection and the sink.
+struct SessionIo {
+    ctl: Arc<SessionCtl>,
+    inject_rx: mpsc::Receiver<Frame>,
+    cancel: CancellationToken,
+    shutdown: CancellationToken,
+}
+
+/// What the reader hands the persister, in stream order.
+enum Work {
+    Entries(Vec<Entry>),
+    Resync(Frame),
+}
+
+/// Answers one checksum-resync frame of the agent (`None`: no reply).
+async fn answer_resync<S: StreamSink>(
+    sink: &S,
+    machine: &str,
+    ctl: &SessionCtl,
+    frame: Frame,
+) -> anyhow::Result<Option<Frame>> {
+    let size_of = |disk: u16| {
+        ctl.disks.get(disk as usize).map(|d| d.size).ok_or_else(|| {
+            anyhow::anyhow!("resync frame names disk {disk}, which the hello did not announce")
+        })
+    };
+    match frame {
+        Frame::RegionHashes {
+            disk,
+            first_region,
+            hashes,
+        } => {
+            let size = size_of(disk)?;
+            let end = first_region.saturating_add(hashes.len() as u64);
+            if end > resync::region_count(size) {
+                anyhow::bail!(
+                    "region hashes {first_region}..{end} of disk {disk} go beyond its {} regions",
+                    resync::region_count(size)
+                );
+            }
+            let mut regions = Vec::new();
+            for (i, chunk) in hashes.chunks(LOOKUP_REGIONS).enumerate() {
+                let first = first_region + (i * LOOKUP_REGIONS) as u64;
+                let first_block = first * REGION_BLOCKS;
+                let count: u64 = (first..first + chunk.len() as u64)
+                    .map(|r| resync::blocks_in_region(size, r))
+                    .sum();
+                let mine = sink.block_hashes(machine, disk, first_block, count).await?;
+                let mut at = 0usize;
+                for (j, theirs) in chunk.iter().enumerate() {
+                    let region = first + j as u64;
+                    let n = resync::blocks_in_region(size, region) as usize;
+                    let ours = mine.get(at..at + n).ok_or_else(|| {
+                        anyhow::anyhow!(
+                            "block hash lookup returned {} of {count} hashes",
+                            mine.len()
+                        )
+                    })?;
+                    at += n;
+                    if resync::region_hash(ours) != *theirs {
+                        regions.push(region);
+                    }
+                }
+            }
+            let differ = regions.len() as u64;
+            ctl.event(|p| {
+                p.regions_compared += hashes.len() as u64;
+                p.regions_differ += differ;
+                Some(ResyncEvent::Progress(p.clone()))
+            });
+            Ok(Some(Frame::RegionsDiffer {
+                disk,
+                first_region,
+                count: hashes.len() as u32,
+                regions,
+            }))
+        }
+        Frame::BlockHashes {
+            disk,
+            region,
+            hashes,
+        } => {
+            let size = size_of(disk)?;
+            let n = resync::blocks_in_region(size, region);
+            if hashes.len() as u64 != n {
+                anyhow::bail!(
+                    "block hashes of disk {disk} region {region}: {} hashes, the region has {n} blocks",
+                    hashes.len()
+                );
+            }
+            let mine = sink
+                .block_hashes(machine, disk, region * REGION_BLOCKS, n)
+                .await?;
+            if mine.len() as u64 != n {
+                anyhow::bail!("block hash lookup returned {} of {n} hashes", mine.len());
+            }
+            let blocks: Vec<u8> = mine
+                .iter()
+                .zip(&hashes)
+                .enumerate()
+                .filter(|(_, (m, t))| resync::wire_block_hash(m) != **t)
+                .map(|(i, _)| i as u8)
+                .collect();
+            let differ = blocks.len() as u64;
+            ctl.event(|p| {
+                p.blocks_compared += n;
+                p.blocks_differ += differ;
+                None
+            });
+            Ok(Some(Frame::BlocksDiffer {
+                disk,
+                region,
+                blocks,
+            }))
+        }
+        Frame::ResyncDone(report) => {
+            if report.error.is_empty() {
+                info!(%machine, ?report, "checksum resync finished");
+            } else {
+                warn!(%machine, "checksum resync failed on the agent: {}", report.error);
+            }
+            ctl.event(|_| Some(ResyncEvent::Done(report)));
+            Ok(None)
+        }
+        other => anyhow::bail!("not a resync frame: {other:?}"),
+    }
+}
+
 async fn run_session<R, W, S>(
     rd: &mut R,
     mut wr: W,
     mut state: ReceiverState,
     machine: &str,
     sink: Arc<S>,
-    cancel: CancellationToken,
-    shutdown: CancellationToken,
+    io: SessionIo,
 ) -> Result<(), ReceiveError>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Send + Unpin + 'static,
     S: StreamSink,
 {
-    let (persist_tx, mut persist_rx) = mpsc::channel::<Vec<Entry>>(PERSIST_QUEUE_DEPTH);
+    let SessionIo {
+        ctl,
+        mut inject_rx,
+        cancel,
+        shutdown,
+    } = io;
+    let (persist_tx, mut persist_rx) = mpsc::channel::<Work>(PERSIST_QUEUE_DEPTH);
     let (reply_tx, mut reply_rx) = mpsc::channel::<Frame>(REPLY_QUEUE_DEPTH);
 
     let writer = tokio::spawn(async move {
-        while let Some(f) = reply_rx.recv().await {
+        loop {
+            // Replies end the writer when every sender is gone; injected frames
+            // (their sender lives in the session slot) never do.
+            let f = tokio::select! {
+                biased;
+                f = reply_rx.recv() => match f {
+                    Some(f) => f,
+                    None => break,
+                },
+                Some(f) = inject_rx.recv() => f,
+            };
             write_frame(&mut wr, &f).await?;
-            if reply_rx.is_empty() {
+            if reply_rx.is_empty() && inject_rx.is_empty() {
                 wr.flush().await?;
             }
         }
@@ -242,14 +518,51 @@ where
     let persister = {
         let reply_tx = reply_tx.clone();
         let machine = machine.to_string();
+        let ctl = ctl.clone();
         async move {
-            while let Some(mut batch) = persist_rx.recv().await {
+            let mut next: Option<Work> = None;
+            loop {
+                let work = match next.take() {
+                    Some(w) => w,
+                    None => match persist_rx.recv().await {
+                        Some(w) => w,
+                        None => break,
+                    },
+                };
+                let mut batch = match work {
+                    Work::Entries(batch) => batch,
+                    Work::Resync(frame) => {
+                        match answer_resync(&*sink, &machine, &ctl, frame).await {
+                            Ok(Some(reply)) => {
+                                if reply_tx.send(reply).await.is_err() {
+                                    break;
+                                }
+                            }
+                            Ok(None) => {}
+                            Err(e) => {
+                                let e = e.context("checksum resync");
+                                let _ = reply_tx
+                                    .send(Frame::Error {
+                                        code: error_code::SERVER,
+                                        message: format!("{e:#}"),
+                                    })
+                                    .await;
+                                return Err(ReceiveError::Sink(e));
+                            }
+                        }
+                        continue;
+                    }
+                };
                 let mut bytes: usize = batch.iter().map(Entry::encoded_len).sum();
                 while bytes < MAX_COALESCED_BYTES {
                     match persist_rx.try_recv() {
-                        Ok(more) => {
+                        Ok(Work::Entries(more)) => {
                             bytes += more.iter().map(Entry::encoded_len).sum::<usize>();
                             batch.extend(more);
+                        }
+                        Ok(other) => {
+                            next = Some(other);
+                            break;
                         }
                         Err(_) => break,
                     }
@@ -296,8 +609,13 @@ where
                 }
                 Ok(Action::Persist(entries)) => {
                     debug!(n = entries.len(), "batch received");
-                    if persist_tx.send(entries).await.is_err() {
+                    if persist_tx.send(Work::Entries(entries)).await.is_err() {
                         return Ok(()); // persister failed; its error is reported below
+                    }
+                }
+                Ok(Action::Resync(f)) => {
+                    if persist_tx.send(Work::Resync(f)).await.is_err() {
+                        return Ok(());
                     }
                 }
                 Err(e) => {

@@ -181,6 +181,9 @@ pub enum Action {
     Reply(Frame),
     /// Make these entries durable, then call [`ReceiverState::on_durable`].
     Persist(Vec<Entry>),
+    /// A checksum-resync frame of the agent: answer it once everything received
+    /// before it is durable.
+    Resync(Frame),
 }
 
 /// The receiving side: version negotiation, dedup and gap detection.
@@ -250,6 +253,12 @@ impl ReceiverState {
             Frame::Welcome { .. } => return Err(SessionError::Unexpected("welcome")),
             Frame::Ack { .. } => return Err(SessionError::Unexpected("ack")),
             Frame::Error { .. } => return Err(SessionError::Unexpected("error")),
+            f @ (Frame::RegionHashes { .. } | Frame::BlockHashes { .. } | Frame::ResyncDone(_)) => {
+                return Ok(Action::Resync(f))
+            }
+            Frame::ResyncStart { .. } => return Err(SessionError::Unexpected("resync-start")),
+            Frame::RegionsDiffer { .. } => return Err(SessionError::Unexpected("regions-differ")),
+            Frame::BlocksDiffer { .. } => return Err(SessionError::Unexpected("blocks-differ")),
         };
         let mut fresh = Vec::with_capacity(entries.len());
         for e in entries {

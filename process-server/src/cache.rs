@@ -6,6 +6,8 @@
 //! ```text
 //! log   key   machine bytes | 0x00 | seq u64 big-endian   (ordered by machine, seq)
 //!       value envelope(b"LBCV", 1) of the protocol entry encoding
+//! hash  key   machine bytes | 0x00 | disk u16 | block u64 big-endian
+//!       value the 16-byte hash of the replica's 4 KiB block (common/src/resync.rs)
 //! meta  key   "uploaded/<machine>"  value envelope(b"LBPO", 1) of u64: uploaded
 //!       key   "machine/<machine>"   value envelope(b"LBMR", 1) of machine.json
 //! ```
@@ -15,6 +17,14 @@
 //! so whatever it returns may be acknowledged. `uploaded` is persisted before the
 //! cached range is deleted, so a crash in between only leaves entries that are
 //! skipped on restart.
+//!
+//! The `hash` family describes the replica as the stream leaves it, without
+//! reading the object store back (checksum resync compares against it). It is
+//! written in the same WriteBatch as the log entries, so both are durable
+//! together: a write covering a whole block stores its hash; a block only partly
+//! written or zeroed stores `UNKNOWN_HASH` (never matches: it is resent); a
+//! zeroed whole block is deleted (a missing key is the all-zero block, as a
+//! replica starts as zeros).
 
 use std::path::Path;
 use std::sync::Arc;
@@ -24,12 +34,16 @@ use bytes::Bytes;
 use lifeboat_common::catalogue::MachineRecord;
 use lifeboat_common::codec::{envelope, open_envelope, Reader, ENVELOPE_HEADER};
 use lifeboat_common::protocol::{Entry, Op};
+use lifeboat_common::resync::{self, BlockHash, BLOCK, HASH_LEN};
 use rocksdb::{
     ColumnFamilyDescriptor, Direction, IteratorMode, Options, WriteBatch, WriteOptions, DB,
 };
 
 const CF_LOG: &str = "log";
 const CF_META: &str = "meta";
+const CF_HASH: &str = "hash";
+/// Zeroed ranges up to this many blocks store hashes; longer ones delete a range.
+const ZERO_PUT_MAX_BLOCKS: u64 = 256;
 const VALUE_MAGIC: [u8; 4] = *b"LBCV";
 const POS_MAGIC: [u8; 4] = *b"LBPO";
 const MACHINE_MAGIC: [u8; 4] = *b"LBMR";
@@ -44,6 +58,62 @@ fn log_key(machine: &str, seq: u64) -> Vec<u8> {
     k.push(0);
     k.extend_from_slice(&seq.to_be_bytes());
     k
+}
+
+fn hash_key(machine: &str, disk: u16, block: u64) -> Vec<u8> {
+    let mut k = Vec::with_capacity(machine.len() + 11);
+    k.extend_from_slice(machine.as_bytes());
+    k.push(0);
+    k.extend_from_slice(&disk.to_be_bytes());
+    k.extend_from_slice(&block.to_be_bytes());
+    k
+}
+
+/// Adds the hash-table updates of one entry to `batch`.
+fn hash_updates(batch: &mut WriteBatch, cf: &rocksdb::ColumnFamily, machine: &str, op: &Op) {
+    let (disk, offset, len, data) = match op {
+        Op::Write { disk, offset, data } => (*disk, *offset, data.len() as u64, Some(data)),
+        Op::Zero { disk, offset, len } => (*disk, *offset, *len as u64, None),
+        Op::Tag { .. } => return,
+    };
+    if len == 0 {
+        return;
+    }
+    let end = offset.saturating_add(len);
+    let first_full = offset.div_ceil(BLOCK);
+    let end_full = end / BLOCK;
+    // Partly covered blocks at either edge: their content is unknown here.
+    let head = offset / BLOCK;
+    let tail = (end - 1) / BLOCK;
+    if !offset.is_multiple_of(BLOCK) || (head == tail && !end.is_multiple_of(BLOCK)) {
+        batch.put_cf(cf, hash_key(machine, disk, head), resync::UNKNOWN_HASH);
+    }
+    if !end.is_multiple_of(BLOCK) && tail != head {
+        batch.put_cf(cf, hash_key(machine, disk, tail), resync::UNKNOWN_HASH);
+    }
+    if first_full >= end_full {
+        return;
+    }
+    match data {
+        Some(data) => {
+            for b in first_full..end_full {
+                let at = (b * BLOCK - offset) as usize;
+                let h = resync::block_hash(&data[at..at + BLOCK as usize]);
+                batch.put_cf(cf, hash_key(machine, disk, b), h);
+            }
+        }
+        None if end_full - first_full <= ZERO_PUT_MAX_BLOCKS => {
+            let z = resync::zero_block_hash();
+            for b in first_full..end_full {
+                batch.put_cf(cf, hash_key(machine, disk, b), z);
+            }
+        }
+        None => batch.delete_range_cf(
+            cf,
+            hash_key(machine, disk, first_full),
+            hash_key(machine, disk, end_full),
+        ),
+    }
 }
 
 fn seq_of(machine: &str, key: &[u8]) -> Option<u64> {
@@ -87,6 +157,7 @@ impl Cache {
         let cfs = vec![
             ColumnFamilyDescriptor::new(CF_LOG, log_opts),
             ColumnFamilyDescriptor::new(CF_META, Options::default()),
+            ColumnFamilyDescriptor::new(CF_HASH, Options::default()),
         ];
         let db = DB::open_cf_descriptors(&opts, dir, cfs)
             .with_context(|| format!("opening the RocksDB cache in {}", dir.display()))?;
@@ -99,15 +170,18 @@ impl Cache {
             .ok_or_else(|| anyhow!("cache has no column family {name}"))
     }
 
-    /// Makes `entries` durable (synced) and returns the new durable position.
+    /// Makes `entries` durable (synced), with the block hashes they imply, and
+    /// returns the new durable position.
     pub fn append(&self, machine: &str, entries: &[Entry]) -> Result<u64> {
         let cf = self.cf(CF_LOG)?;
+        let hash_cf = self.cf(CF_HASH)?;
         let mut batch = WriteBatch::default();
         let mut buf = Vec::new();
         for e in entries {
             buf.clear();
             envelope_entry(&mut buf, e);
             batch.put_cf(cf, log_key(machine, e.seq), &buf);
+            hash_updates(&mut batch, hash_cf, machine, &e.op);
         }
         let mut wo = WriteOptions::default();
         wo.set_sync(true);
@@ -118,6 +192,48 @@ impl Cache {
             )
         })?;
         Ok(entries.last().map(|e| e.seq).unwrap_or(0))
+    }
+
+    /// Hashes of the replica's blocks `first..first + count` of `disk`.
+    pub fn block_hashes(
+        &self,
+        machine: &str,
+        disk: u16,
+        first: u64,
+        count: u64,
+    ) -> Result<Vec<BlockHash>> {
+        let cf = self.cf(CF_HASH)?;
+        let mut out = vec![resync::zero_block_hash(); count as usize];
+        let start = hash_key(machine, disk, first);
+        let end = hash_key(machine, disk, first.saturating_add(count));
+        let mut ro = rocksdb::ReadOptions::default();
+        ro.set_iterate_upper_bound(end);
+        for item in self
+            .db
+            .iterator_cf_opt(cf, ro, IteratorMode::From(&start, Direction::Forward))
+        {
+            let (k, v) = item.with_context(|| format!("reading block hashes of {machine}"))?;
+            let Some(block) = k
+                .get(k.len().saturating_sub(8)..)
+                .and_then(|b| b.try_into().ok())
+                .map(u64::from_be_bytes)
+            else {
+                continue;
+            };
+            let Some(slot) = block
+                .checked_sub(first)
+                .and_then(|i| out.get_mut(i as usize))
+            else {
+                continue;
+            };
+            *slot = v.as_ref().try_into().map_err(|_| {
+                anyhow!(
+                    "block hash of {machine} disk {disk} block {block} has {} bytes, not {HASH_LEN}",
+                    v.len()
+                )
+            })?;
+        }
+        Ok(out)
     }
 
     pub fn uploaded(&self, machine: &str) -> Result<u64> {
@@ -287,5 +403,120 @@ mod tests {
         c.mark_uploaded("m", 5, 5).unwrap();
         assert_eq!(c.durable("m").unwrap(), 5, "durable never moves back");
         assert!(c.read_batch("m", 6, 1 << 20).unwrap().entries.is_empty());
+    }
+
+    fn entry(seq: u64, op: Op) -> Entry {
+        Entry { seq, op }
+    }
+
+    #[test]
+    fn block_hash_table_follows_writes_and_zeroes() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = Cache::open(dir.path()).unwrap();
+        let z = resync::zero_block_hash();
+        let data: Vec<u8> = (0..3 * 4096u32).map(|i| (i % 251) as u8 + 1).collect();
+        let h = |b: usize| resync::block_hash(&data[b * 4096..(b + 1) * 4096]);
+        c.append(
+            "m",
+            &[
+                // Whole blocks 1..=3.
+                entry(
+                    1,
+                    Op::Write {
+                        disk: 0,
+                        offset: 4096,
+                        data: Bytes::from(data.clone()),
+                    },
+                ),
+                // Another disk and machine are separate.
+                entry(
+                    2,
+                    Op::Write {
+                        disk: 1,
+                        offset: 0,
+                        data: Bytes::from(vec![9u8; 4096]),
+                    },
+                ),
+                // Straddles blocks 5 and 6 without covering either.
+                entry(
+                    3,
+                    Op::Write {
+                        disk: 0,
+                        offset: 5 * 4096 + 100,
+                        data: Bytes::from(vec![1u8; 4096]),
+                    },
+                ),
+                // Inside block 8 only.
+                entry(
+                    4,
+                    Op::Write {
+                        disk: 0,
+                        offset: 8 * 4096 + 1,
+                        data: Bytes::from_static(b"x"),
+                    },
+                ),
+            ],
+        )
+        .unwrap();
+        c.append(
+            "m2",
+            &[entry(
+                1,
+                Op::Write {
+                    disk: 0,
+                    offset: 0,
+                    data: Bytes::from(vec![7u8; 8192]),
+                },
+            )],
+        )
+        .unwrap();
+        let u = resync::UNKNOWN_HASH;
+        let got = c.block_hashes("m", 0, 0, 10).unwrap();
+        assert_eq!(got, vec![z, h(0), h(1), h(2), z, u, u, z, u, z]);
+        assert_eq!(
+            c.block_hashes("m", 1, 0, 2).unwrap(),
+            vec![resync::block_hash(&[9u8; 4096]), z]
+        );
+        assert_eq!(c.block_hashes("m2", 0, 1, 2).unwrap()[1], z);
+
+        // Zeroing: whole blocks read as zeros again (short and long ranges),
+        // a partly zeroed block is unknown; a later whole write is known again.
+        c.append(
+            "m",
+            &[
+                entry(
+                    5,
+                    Op::Zero {
+                        disk: 0,
+                        offset: 4096,
+                        len: 4096 + 2048,
+                    },
+                ),
+                entry(
+                    6,
+                    Op::Zero {
+                        disk: 0,
+                        offset: 3 * 4096,
+                        len: 300 * 4096,
+                    },
+                ),
+                entry(
+                    7,
+                    Op::Write {
+                        disk: 0,
+                        offset: 5 * 4096,
+                        data: Bytes::from(data[..4096].to_vec()),
+                    },
+                ),
+            ],
+        )
+        .unwrap();
+        let got = c.block_hashes("m", 0, 0, 10).unwrap();
+        assert_eq!(got, vec![z, z, u, z, z, h(0), z, z, z, z]);
+        drop(c);
+        // Durable with the log.
+        let c = Cache::open(dir.path()).unwrap();
+        assert_eq!(c.block_hashes("m", 0, 5, 1).unwrap(), vec![h(0)]);
+        assert_eq!(c.durable("m").unwrap(), 7);
     }
 }

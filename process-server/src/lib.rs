@@ -4,10 +4,12 @@
 //!
 //! Modules: [`config`] (ps.toml), [`pki`] (CA, certificates, key-encryption key),
 //! [`server`] (TLS accept loop and the cache sink), [`cache`] (RocksDB),
-//! [`uploader`] (segments, sealing, points).
+//! [`uploader`] (segments, sealing, points), [`control`] (local control socket:
+//! checksum resync).
 
 pub mod cache;
 pub mod config;
+pub mod control;
 pub mod pki;
 pub mod server;
 pub mod uploader;

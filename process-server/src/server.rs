@@ -95,6 +95,18 @@ impl StreamSink for PsSink {
         u.notify.notify_one();
         Ok(durable)
     }
+
+    async fn block_hashes(
+        &self,
+        machine: &str,
+        disk: u16,
+        first: u64,
+        count: u64,
+    ) -> Result<Vec<lifeboat_common::resync::BlockHash>> {
+        let cache = self.cache.clone();
+        let m = machine.to_string();
+        tokio::task::spawn_blocking(move || cache.block_hashes(&m, disk, first, count)).await?
+    }
 }
 
 /// Runs the process server until `shutdown` fires.
@@ -133,6 +145,15 @@ pub async fn run(cfg: PsConfig, shutdown: CancellationToken) -> Result<()> {
     }
 
     let sessions = Arc::new(Sessions::default());
+    let control_task = {
+        let path = crate::control::socket_path(&cfg.cache_dir);
+        let (sessions, c) = (sessions.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            if let Err(e) = crate::control::serve(path.clone(), sessions, c).await {
+                warn!("control socket {}: {e:#}", path.display());
+            }
+        })
+    };
     let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let conns = tokio_util::task::TaskTracker::new();
     loop {
@@ -186,6 +207,7 @@ pub async fn run(cfg: PsConfig, shutdown: CancellationToken) -> Result<()> {
         });
     }
     info!("shutting down: closing sessions");
+    let _ = control_task.await;
     conns.close();
     let _ = tokio::time::timeout(Duration::from_secs(10), conns.wait()).await;
     upload_cancel.cancel();

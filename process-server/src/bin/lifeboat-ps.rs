@@ -1,4 +1,4 @@
-//! `lifeboat-ps`: init | issue-cert | serve.
+//! `lifeboat-ps`: init | issue-cert | serve | resync.
 
 use std::path::{Path, PathBuf};
 
@@ -42,6 +42,17 @@ enum Cmd {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Make a machine's replica equal to its disks by comparing checksums and
+    /// sending only the 4 KiB blocks that differ (the agent must be connected).
+    Resync {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        machine: String,
+        /// Only this disk (default: every disk of the machine).
+        #[arg(long)]
+        disk: Option<String>,
+    },
 }
 
 fn main() {
@@ -70,6 +81,11 @@ fn real_main() -> Result<()> {
             );
             Ok(())
         }
+        Cmd::Resync {
+            config,
+            machine,
+            disk,
+        } => resync(&config, machine, disk),
         Cmd::Serve { config } => {
             let cfg = PsConfig::load(&config)?;
             let rt = tokio::runtime::Runtime::new()?;
@@ -90,6 +106,44 @@ fn real_main() -> Result<()> {
             })
         }
     }
+}
+
+fn resync(config: &Path, machine: String, disk: Option<String>) -> Result<()> {
+    use lifeboat_ps::control;
+    let cfg = PsConfig::load(config)?;
+    let path = control::socket_path(&cfg.cache_dir);
+    let started = std::time::Instant::now();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let req = control::Request::Resync {
+        machine: machine.clone(),
+        disk,
+    };
+    let done = rt
+        .block_on(control::request(&path, &req, |ev| {
+            let g = |k: &str| ev.get(k).and_then(|v| v.as_u64()).unwrap_or(0);
+            println!(
+                "compared {} MiB: {} of {} regions differ",
+                g("regions-compared"),
+                g("regions-differ"),
+                g("regions-compared")
+            );
+        }))
+        .with_context(|| format!("checksum resync of {machine}"))?;
+    let g = |k: &str| done.get(k).and_then(|v| v.as_u64()).unwrap_or(0);
+    println!(
+        "checksum resync of {machine} done in {:.1} s: hashed {} bytes; sent {} bytes ({} bytes of hashes + {} bytes in {} blocks); point seq {}",
+        started.elapsed().as_secs_f64(),
+        g("hashed-bytes"),
+        g("hash-bytes") + g("block-bytes"),
+        g("hash-bytes"),
+        g("block-bytes"),
+        g("blocks"),
+        g("tag-seq"),
+    );
+    println!("{done}");
+    Ok(())
 }
 
 fn init(dir: &Path, machine: &str, listen: &str, store: Option<String>) -> Result<()> {

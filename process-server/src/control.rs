@@ -1,0 +1,152 @@
+//! The process server's local control socket (`<cache-dir>/control.sock`, mode
+//! 0600): one JSON request per line; replies are JSON lines.
+//!
+//! ```text
+//! {"cmd":"resync","machine":"web-1","disk":null}
+//!   → {"event":"progress","regions-compared":..,"regions-differ":..,..}*
+//!   → {"ok":true,"event":"done","hashed-bytes":..,"hash-bytes":..,"block-bytes":..,..}
+//!   or {"ok":false,"error":".."}
+//! ```
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use lifeboat_common::receiver::{ResyncEvent, Sessions};
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio_util::sync::CancellationToken;
+use tracing::warn;
+
+pub const SOCKET_NAME: &str = "control.sock";
+
+pub fn socket_path(cache_dir: &Path) -> PathBuf {
+    cache_dir.join(SOCKET_NAME)
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "kebab-case")]
+pub enum Request {
+    Resync {
+        machine: String,
+        #[serde(default)]
+        disk: Option<String>,
+    },
+}
+
+fn line(v: &serde_json::Value) -> Vec<u8> {
+    let mut s = v.to_string();
+    s.push('\n');
+    s.into_bytes()
+}
+
+async fn handle<W: AsyncWriteExt + Unpin>(
+    req: Request,
+    sessions: &Sessions,
+    wr: &mut W,
+) -> std::io::Result<()> {
+    let Request::Resync { machine, disk } = req;
+    let mut events = match sessions.start_resync(&machine, disk.as_deref()) {
+        Ok(rx) => rx,
+        Err(e) => {
+            return wr
+                .write_all(&line(&serde_json::json!({"ok": false, "error": e})))
+                .await
+        }
+    };
+    while let Some(ev) = events.recv().await {
+        let mut v = serde_json::to_value(&ev).unwrap_or_default();
+        if let ResyncEvent::Done(r) = &ev {
+            v["ok"] = serde_json::Value::Bool(r.error.is_empty());
+            if !r.error.is_empty() {
+                v["error"] = serde_json::Value::String(format!("agent: {}", r.error));
+            }
+            return wr.write_all(&line(&v)).await;
+        }
+        wr.write_all(&line(&v)).await?;
+    }
+    wr.write_all(&line(&serde_json::json!({
+        "ok": false,
+        "error": format!("the session of {machine} ended before the resync finished; run it again once the agent is connected"),
+    })))
+    .await
+}
+
+pub async fn serve(
+    path: PathBuf,
+    sessions: Arc<Sessions>,
+    cancel: CancellationToken,
+) -> Result<()> {
+    let _ = std::fs::remove_file(&path);
+    let listener =
+        UnixListener::bind(&path).with_context(|| format!("binding {}", path.display()))?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    }
+    loop {
+        let (conn, _) = tokio::select! {
+            r = listener.accept() => r?,
+            _ = cancel.cancelled() => break,
+        };
+        let sessions = sessions.clone();
+        tokio::spawn(async move {
+            let (rd, mut wr) = conn.into_split();
+            let mut lines = BufReader::new(rd).lines();
+            while let Ok(Some(l)) = lines.next_line().await {
+                let r = match serde_json::from_str::<Request>(&l) {
+                    Ok(req) => handle(req, &sessions, &mut wr).await,
+                    Err(e) => {
+                        wr.write_all(&line(
+                            &serde_json::json!({"ok": false, "error": format!("bad request: {e}")}),
+                        ))
+                        .await
+                    }
+                };
+                if let Err(e) = r {
+                    warn!("control connection: {e}");
+                    break;
+                }
+            }
+        });
+    }
+    let _ = std::fs::remove_file(&path);
+    Ok(())
+}
+
+/// Sends `req` to a running server; calls `on_event` for every reply line and
+/// returns the final one (`ok` true), or an error naming what failed.
+pub async fn request(
+    path: &Path,
+    req: &Request,
+    mut on_event: impl FnMut(&serde_json::Value),
+) -> Result<serde_json::Value> {
+    let conn = UnixStream::connect(path).await.with_context(|| {
+        format!(
+            "connecting to the process server's control socket {} (is `lifeboat-ps serve` running?)",
+            path.display()
+        )
+    })?;
+    let (rd, mut wr) = conn.into_split();
+    let mut l = serde_json::to_string(req)?;
+    l.push('\n');
+    wr.write_all(l.as_bytes()).await?;
+    let mut lines = BufReader::new(rd).lines();
+    while let Some(reply) = lines.next_line().await? {
+        let v: serde_json::Value = serde_json::from_str(&reply)
+            .with_context(|| format!("parsing the server's reply {reply:?}"))?;
+        if let Some(ok) = v.get("ok").and_then(|o| o.as_bool()) {
+            if !ok {
+                let msg = v
+                    .get("error")
+                    .and_then(|e| e.as_str())
+                    .unwrap_or("no reason given");
+                bail!("the process server refused: {msg}");
+            }
+            return Ok(v);
+        }
+        on_event(&v);
+    }
+    bail!("the process server closed the control connection without a final reply")
+}

@@ -1,0 +1,214 @@
+//! Checksum resync: the agent cannot tell what changed (the image was changed
+//! behind its back and its activity logs are gone), `lifeboat-ps resync` finds
+//! the differing 4 KiB blocks by their hashes and sends only those.
+
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::process::Command;
+use std::time::Duration;
+
+use lifeboat_tests::*;
+
+const MACHINE: &str = "machine-1";
+const MIB: u64 = 1024 * 1024;
+const BLOCK: u64 = 4096;
+
+/// xorshift64*: deterministic test data without a dependency.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    fn fill(&mut self, buf: &mut [u8]) {
+        for c in buf.chunks_mut(8) {
+            let v = self.next().to_le_bytes();
+            c.copy_from_slice(&v[..c.len()]);
+        }
+    }
+}
+
+#[test]
+fn checksum_resync_sends_only_changed_blocks_and_the_point_is_exact() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let size = 64 * MIB;
+    let mut ps = ProcessServer::init(&root.join("ps"), None, &[]).unwrap();
+    ps.start().unwrap();
+    let certs = ps.dir.join("machines").join(MACHINE);
+    let mut agent = Agent::configure(
+        &root.join("agent"),
+        MACHINE,
+        &certs,
+        ps.port,
+        &[("root", size)],
+        "",
+    )
+    .unwrap();
+    // The disk holds data before protection starts: the initial sync sends it.
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(agent.image("root"))
+            .unwrap();
+        let mut buf = vec![0u8; MIB as usize];
+        for _ in 0..size / MIB {
+            rng.fill(&mut buf);
+            f.write_all(&buf).unwrap();
+        }
+        f.sync_all().unwrap();
+    }
+    agent.start().unwrap();
+    agent.wait_synced(Duration::from_secs(120)).unwrap();
+    agent.wait_acked(Duration::from_secs(60)).unwrap();
+    assert!(
+        agent.proc.as_mut().unwrap().stop(Duration::from_secs(30)),
+        "the agent must stop cleanly"
+    );
+
+    // 1 % of the blocks change behind the agent's back.
+    let blocks = size / BLOCK;
+    let mut changed = std::collections::BTreeSet::new();
+    while (changed.len() as u64) < blocks / 100 {
+        changed.insert(rng.next() % blocks);
+    }
+    {
+        let mut f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(agent.image("root"))
+            .unwrap();
+        let mut old = vec![0u8; BLOCK as usize];
+        let mut new = vec![0u8; BLOCK as usize];
+        for &b in &changed {
+            f.seek(SeekFrom::Start(b * BLOCK)).unwrap();
+            f.read_exact(&mut old).unwrap();
+            rng.fill(&mut new);
+            assert_ne!(old, new);
+            f.seek(SeekFrom::Start(b * BLOCK)).unwrap();
+            f.write_all(&new).unwrap();
+        }
+        f.sync_all().unwrap();
+    }
+    let changed_bytes = changed.len() as u64 * BLOCK;
+    // Without activity logs the agent cannot know what changed.
+    for e in std::fs::read_dir(agent.dir.join("state")).unwrap() {
+        let e = e.unwrap();
+        let name = e.file_name().to_string_lossy().to_string();
+        if name.starts_with("al-") && name.ends_with(".rec") {
+            std::fs::remove_file(e.path()).unwrap();
+        }
+    }
+    agent.start().unwrap();
+    wait_for("the agent to connect", Duration::from_secs(60), || {
+        let s = agent.status().ok()?;
+        (s["connected"] == true && s["state"] == "streaming").then_some(())
+    })
+    .unwrap();
+    let before = agent.status().unwrap();
+    assert_eq!(
+        before["resync-bytes"], 0,
+        "nothing may be resent before the checksum resync: {before}"
+    );
+
+    let out = run_ok(
+        Command::new(bin("lifeboat-ps"))
+            .args(["resync", "--config"])
+            .arg(ps.dir.join("ps.toml"))
+            .args(["--machine", MACHINE]),
+        Duration::from_secs(300),
+    )
+    .unwrap();
+    let done: serde_json::Value = serde_json::from_str(out.lines().last().unwrap())
+        .unwrap_or_else(|e| panic!("resync output {out:?}: {e}"));
+    let hash_bytes = done["hash-bytes"].as_u64().unwrap();
+    let block_bytes = done["block-bytes"].as_u64().unwrap();
+    assert_eq!(done["hashed-bytes"].as_u64().unwrap(), size, "{done}");
+    assert_eq!(
+        block_bytes, changed_bytes,
+        "exactly the changed blocks are sent: {done}"
+    );
+    let sent = hash_bytes + block_bytes;
+    assert!(
+        sent as f64 <= 1.3 * changed_bytes as f64,
+        "sent {sent} bytes ({hash_bytes} of hashes) for {changed_bytes} changed bytes: {done}"
+    );
+    let s = agent.status().unwrap();
+    assert_eq!(s["state"], "streaming", "{s}");
+    assert_eq!(
+        s["checksum-resync"]["block-bytes"].as_u64(),
+        Some(block_bytes),
+        "{s}"
+    );
+    assert_eq!(
+        s["checksum-resync"]["blocks-sent"].as_u64(),
+        Some(changed.len() as u64),
+        "{s}"
+    );
+
+    let tag_seq = done["tag-seq"].as_u64().unwrap();
+    wait_stored(
+        &ps.store_url,
+        MACHINE,
+        &[],
+        tag_seq,
+        Duration::from_secs(120),
+    )
+    .unwrap();
+    let pts = points(&ps.store_url, MACHINE, &[]).unwrap();
+    let point = pts["points"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .rev()
+        .find(|p| p["label"] == "checksum-resync-complete")
+        .unwrap_or_else(|| panic!("no checksum-resync-complete point: {pts}"))
+        .clone();
+    let out = root.join("out");
+    let o = failover(
+        &ps.store_url,
+        MACHINE,
+        point["id"].as_str().unwrap(),
+        &out,
+        &ps.kek(),
+        &[],
+    )
+    .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_same(&out.join("root.raw"), &agent.image("root"));
+
+    // A second resync finds nothing to send.
+    let out = run_ok(
+        Command::new(bin("lifeboat-ps"))
+            .args(["resync", "--config"])
+            .arg(ps.dir.join("ps.toml"))
+            .args(["--machine", MACHINE, "--disk", "root"]),
+        Duration::from_secs(300),
+    )
+    .unwrap();
+    let again: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    assert_eq!(again["block-bytes"], 0, "{again}");
+    assert_eq!(
+        again["hash-bytes"].as_u64(),
+        Some(size / MIB * 16),
+        "only region hashes when nothing differs: {again}"
+    );
+    // Errors name what failed.
+    let o = run_timeout(
+        Command::new(bin("lifeboat-ps"))
+            .args(["resync", "--config"])
+            .arg(ps.dir.join("ps.toml"))
+            .args(["--machine", MACHINE, "--disk", "nope"]),
+        Duration::from_secs(60),
+    )
+    .unwrap();
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("no disk \"nope\""),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
