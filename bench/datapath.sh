@@ -80,8 +80,15 @@ A1=$(fio_one "$AURI" write 1M 8 a1)
 # End to end: write E2E_SIZE of compressible data, time until it is durable in the store.
 STORE="file://$WORK/ps/store"
 wait_durable() {
-  local cap end
-  cap=$("$BIN/lifeboat-agent" status --config "$WORK/agent.toml" | json 'd["positions"]["captured"]')
+  local cap end st
+  # All writes are in the stream once the agent is `streaming` (after a bitmap
+  # episode the resync must have resent the dirty regions first).
+  for _ in $(seq 6000); do
+    st=$("$BIN/lifeboat-agent" status --config "$WORK/agent.toml")
+    [ "$(echo "$st" | json 'd["state"]')" = streaming ] && break
+    sleep 0.1
+  done
+  cap=$(echo "$st" | json 'd["positions"]["captured"]')
   for _ in $(seq 6000); do
     end=$("$BIN/lifeboat-mt" points --store "$STORE" --machine machine-1 --json | json 'd["stream-end"]')
     [ "$end" -ge "$cap" ] && return 0

@@ -75,7 +75,15 @@ echo "   crash-consistent point taken at seq $TAG (source captured for compariso
 echo "== workload 2: 1 MiB sequential writes, queue depth 8, 512 MiB"
 fio_run seq write 1M 8 512M
 T_END=$(now)
-CAPTURED=$("$BIN/lifeboat-agent" status --config "$WORK/agent/agent.toml" | json 'd["positions"]["captured"]')
+# Everything written is in the stream once the agent is `streaming` again (a
+# full journal switches it to `bitmap`; the resync then resends dirty regions).
+for _ in $(seq 1200); do
+  ST=$("$BIN/lifeboat-agent" status --config "$WORK/agent/agent.toml")
+  [ "$(echo "$ST" | json 'd["state"]')" = streaming ] && break
+  sleep 0.1
+done
+[ "$(echo "$ST" | json 'd["state"]')" = streaming ] || { echo "FAIL: the agent did not return to streaming: $ST"; exit 1; }
+CAPTURED=$(echo "$ST" | json 'd["positions"]["captured"]')
 for _ in $(seq 1200); do
   END=$("$BIN/lifeboat-mt" points --store "$STORE" --machine machine-1 --json | json 'd["stream-end"]')
   [ "$END" -ge "$CAPTURED" ] && break
