@@ -40,6 +40,10 @@ struct SyncRecord {
     /// Every byte below this offset is in the stream.
     cursor: u64,
     done: bool,
+    /// The replica may hold data (the disk was replicated before, e.g. at
+    /// another size): zero chunks must be sent too.
+    #[serde(default)]
+    replica_has_data: bool,
 }
 
 /// Live progress of one disk's initial sync.
@@ -50,6 +54,8 @@ pub struct SyncProgress {
     pub cursor: AtomicU64,
     pub sent_bytes: AtomicU64,
     pub done: AtomicBool,
+    /// Zero chunks are skipped only when the replica is known to be all zeros.
+    pub skip_zero: bool,
     started_at: u64,
     started: Instant,
 }
@@ -118,18 +124,18 @@ pub fn prepare(
     for d in disks {
         let path = record_path(state_dir, &d.id);
         let rec = load_record(&path)?;
-        let (cursor, done) = match rec {
-            Some(r) if r.size == d.size_bytes() => (r.cursor, r.done),
+        let (cursor, done, replica_has_data) = match rec {
+            Some(r) if r.size == d.size_bytes() => (r.cursor, r.done, r.replica_has_data),
             Some(r) => {
                 warn!(
-                    "disk {} changed size ({} → {} bytes): syncing it again from the start",
+                    "disk {} changed size ({} → {} bytes): copying it again from the start, zeros included",
                     d.id,
                     r.size,
                     d.size_bytes()
                 );
-                (0, false)
+                (0, false, true)
             }
-            None => (0, false),
+            None => (0, false, false),
         };
         if !done {
             stream.begin_sync();
@@ -140,6 +146,7 @@ pub fn prepare(
             cursor: AtomicU64::new(cursor),
             sent_bytes: AtomicU64::new(0),
             done: AtomicBool::new(done),
+            skip_zero: !replica_has_data,
             started_at: cursor,
             started: Instant::now(),
         }));
@@ -287,7 +294,7 @@ async fn sync_disk(
         let len = SYNC_CHUNK.min(p.size - offset);
         stream.wait_space(0.5).await;
         let sent = disk
-            .sync_chunk(offset, len as u32, true)
+            .sync_chunk(offset, len as u32, p.skip_zero)
             .await
             .with_context(|| format!("initial sync of disk {} at byte {offset}", disk.id))?;
         if sent {
@@ -302,12 +309,12 @@ async fn sync_disk(
             }
         }
         if last_checkpoint.elapsed() >= CHECKPOINT_EVERY {
-            checkpoint(&stream, &path, p.size, offset, false).await?;
+            checkpoint(&stream, &path, &p, offset, false).await?;
             last_checkpoint = Instant::now();
         }
     }
     let done = offset >= p.size;
-    checkpoint(&stream, &path, p.size, offset, done).await?;
+    checkpoint(&stream, &path, &p, offset, done).await?;
     if done {
         p.done.store(true, Ordering::Relaxed);
         stream.end_sync();
@@ -320,12 +327,17 @@ async fn sync_disk(
 async fn checkpoint(
     stream: &Arc<Stream>,
     path: &Path,
-    size: u64,
+    p: &SyncProgress,
     cursor: u64,
     done: bool,
 ) -> Result<()> {
     stream.sync_journal().await.context("syncing the journal")?;
-    let rec = SyncRecord { size, cursor, done };
+    let rec = SyncRecord {
+        size: p.size,
+        cursor,
+        done,
+        replica_has_data: !p.skip_zero,
+    };
     let path = path.to_path_buf();
     tokio::task::spawn_blocking(move || store_record(&path, &rec)).await??;
     Ok(())
