@@ -5,7 +5,8 @@
 # then, on the same pair of files (replica = the image before the change):
 #   (a) `lifeboat-ps resync` (bytes on the wire = hashes + blocks, counted by
 #       the agent),
-#   (b) `rsync --inplace --no-whole-file -B 4096 --stats` (bytes sent+received).
+#   (b) `rsync --inplace --no-whole-file -B 4096 --stats` (bytes sent+received;
+#       --ignore-times, as both files may carry the same mtime second).
 # Prints wall time and bytes on the wire for both.   SIZE_MIB=2048
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -85,7 +86,7 @@ OURS_HASH=$(echo "$DONE" | field 'd["hash-bytes"]')
 OURS_BLOCK=$(echo "$DONE" | field 'd["block-bytes"]')
 
 T0=$(date +%s.%N)
-rsync --inplace --no-whole-file -B 4096 --stats "$DISK" "$WORK/replica.img" >"$WORK/rsync.out"
+rsync --inplace --no-whole-file --ignore-times -B 4096 --stats "$DISK" "$WORK/replica.img" >"$WORK/rsync.out"
 T1=$(date +%s.%N)
 RS_T=$(python3 -c "print(f'{$T1-$T0:.2f}')")
 RS_SENT=$(awk '/^Total bytes sent:/ {gsub(",","",$4); print $4}' "$WORK/rsync.out")
