@@ -661,6 +661,133 @@ mod tests {
             v.extend(entries.iter().map(|e| e.seq));
             Ok(*v.last().unwrap())
         }
+        /// Every block is zero except block 1 of disk 0, which is unknown.
+        async fn block_hashes(
+            &self,
+            _m: &str,
+            disk: u16,
+            first: u64,
+            count: u64,
+        ) -> anyhow::Result<Vec<BlockHash>> {
+            Ok((first..first + count)
+                .map(|b| {
+                    if disk == 0 && b == 1 {
+                        resync::UNKNOWN_HASH
+                    } else {
+                        resync::zero_block_hash()
+                    }
+                })
+                .collect())
+        }
+    }
+
+    async fn next<R: AsyncRead + Unpin>(rd: &mut R) -> Frame {
+        read_frame(rd, MAX_FRAME_LEN).await.unwrap().unwrap()
+    }
+
+    #[tokio::test]
+    async fn resync_is_injected_and_hash_frames_are_answered_in_order() {
+        let sink = Arc::new(MemSink::default());
+        let sessions = Arc::new(Sessions::default());
+        assert!(sessions
+            .start_resync("m", None)
+            .unwrap_err()
+            .contains("no live session"));
+        let (client, server) = tokio::io::duplex(1 << 20);
+        let srv = {
+            let sessions = sessions.clone();
+            tokio::spawn(async move {
+                let allow = |_: &str| true;
+                serve_connection(server, &allow, sink, &sessions, CancellationToken::new()).await
+            })
+        };
+        let (mut rd, mut wr) = tokio::io::split(client);
+        write_frame(&mut wr, &hello("m")).await.unwrap();
+        wr.flush().await.unwrap();
+        assert!(matches!(next(&mut rd).await, Frame::Welcome { .. }));
+        let e = sessions.start_resync("m", Some("nope")).unwrap_err();
+        assert!(e.contains("no disk \"nope\""), "{e}");
+        let mut events = sessions.start_resync("m", Some("d")).unwrap();
+        assert!(sessions
+            .start_resync("m", None)
+            .unwrap_err()
+            .contains("already running"));
+        assert_eq!(next(&mut rd).await, Frame::ResyncStart { disks: vec![0] });
+
+        let zeros = vec![resync::zero_block_hash(); 256];
+        write_frame(
+            &mut wr,
+            &Frame::RegionHashes {
+                disk: 0,
+                first_region: 0,
+                hashes: vec![resync::region_hash(&zeros)],
+            },
+        )
+        .await
+        .unwrap();
+        write_frame(
+            &mut wr,
+            &Frame::BlockHashes {
+                disk: 0,
+                region: 0,
+                hashes: zeros.iter().map(resync::wire_block_hash).collect(),
+            },
+        )
+        .await
+        .unwrap();
+        write_frame(&mut wr, &Frame::ResyncDone(ResyncReport::default()))
+            .await
+            .unwrap();
+        wr.flush().await.unwrap();
+        assert_eq!(
+            next(&mut rd).await,
+            Frame::RegionsDiffer {
+                disk: 0,
+                first_region: 0,
+                count: 1,
+                regions: vec![0],
+            }
+        );
+        assert_eq!(
+            next(&mut rd).await,
+            Frame::BlocksDiffer {
+                disk: 0,
+                region: 0,
+                blocks: vec![1],
+            }
+        );
+        assert!(matches!(
+            events.recv().await,
+            Some(ResyncEvent::Progress(ResyncProgress {
+                regions_compared: 1,
+                regions_differ: 1,
+                ..
+            }))
+        ));
+        assert_eq!(
+            events.recv().await,
+            Some(ResyncEvent::Done(ResyncReport::default()))
+        );
+
+        // Hashes beyond the disk end the session with an error naming them.
+        write_frame(
+            &mut wr,
+            &Frame::RegionHashes {
+                disk: 0,
+                first_region: 1,
+                hashes: vec![[0; 16]],
+            },
+        )
+        .await
+        .unwrap();
+        wr.flush().await.unwrap();
+        match next(&mut rd).await {
+            Frame::Error { message, .. } => assert!(message.contains("beyond"), "{message}"),
+            other => panic!("expected an error, got {other:?}"),
+        }
+        drop(wr);
+        drop(rd);
+        assert!(srv.await.unwrap().is_err());
     }
 
     fn hello(machine: &str) -> Frame {
