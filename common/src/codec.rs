@@ -217,7 +217,7 @@ mod tests {
             Err(DecodeError::Version { found: 1, .. })
         ));
         assert!(matches!(
-            open_envelope(&e, *b"XXXX", 1, "t"),
+            open_envelope(&e, *b"ZZZZ", 1, "t"),
             Err(DecodeError::BadMagic { .. })
         ));
     }
