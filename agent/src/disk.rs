@@ -93,10 +93,17 @@ impl ProtectedDisk {
     }
 
     /// Puts a completed operation into the stream, or marks it dirty.
-    fn record(&self, offset: u64, len: u64, op: Op) {
+    /// Returns `false` when the range was only marked dirty.
+    fn record(&self, offset: u64, len: u64, op: Op) -> bool {
         match self.stream.capture_or_dirty(op) {
-            Captured::Seq(seq) => self.dirty.captured(offset, len, seq),
-            Captured::Dirty => self.dirty.mark_dirty(offset, len),
+            Captured::Seq(seq) => {
+                self.dirty.captured(offset, len, seq);
+                true
+            }
+            Captured::Dirty => {
+                self.dirty.mark_dirty(offset, len);
+                false
+            }
         }
     }
 
@@ -128,7 +135,7 @@ impl ProtectedDisk {
         if skip_zero && data.iter().all(|&b| b == 0) {
             return Ok(false);
         }
-        self.record(
+        let queued = self.record(
             offset,
             len as u64,
             Op::Write {
@@ -137,6 +144,12 @@ impl ProtectedDisk {
                 data,
             },
         );
+        if !queued {
+            // Only marked dirty (bitmap state): the activity log must hold the
+            // region before the caller's progress moves past it, or a crash would
+            // forget it.
+            self.dirty.before_write(offset, len as u64).await?;
+        }
         Ok(true)
     }
 
@@ -194,7 +207,7 @@ impl BlockBackend for ProtectedDisk {
             let _permit = self.stream.write_permit().await;
             let _range = self.ranges.lock(offset, len).await;
             self.file.write_at(offset, data.clone()).await?;
-            self.record(
+            let _ = self.record(
                 offset,
                 len,
                 Op::Write {
@@ -217,7 +230,7 @@ impl BlockBackend for ProtectedDisk {
             let _permit = self.stream.write_permit().await;
             let _range = self.ranges.lock(offset, len as u64).await;
             self.file.zero_range(offset, len as u64).await?;
-            self.record(
+            let _ = self.record(
                 offset,
                 len as u64,
                 Op::Zero {

@@ -212,7 +212,11 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<()> {
     while tasks.join_next().await.is_some() {}
     let synced = stream.sync_journal().await;
     stream.close();
-    if synced.is_ok() {
+    // Clean only if the journal holds everything: not while dirty regions wait
+    // for a resync (they are in the activity log and are resent at the next start).
+    let nothing_dirty = stream.mode().0 == crate::stream::Mode::Streaming
+        && disks.iter().all(|d| d.dirty.dirty_count() == 0);
+    if synced.is_ok() && nothing_dirty {
         std::fs::File::create(&clean_marker)
             .and_then(|f| f.sync_all())
             .with_context(|| format!("writing {}", clean_marker.display()))?;

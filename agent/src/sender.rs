@@ -72,7 +72,10 @@ pub async fn run(
 ) {
     let mut backoff = BACKOFF_MIN;
     while !cancel.is_cancelled() {
-        let result = session(&cfg, &stream, &link, &cancel).await;
+        let result = tokio::select! {
+            r = session(&cfg, &stream, &link, &cancel) => r,
+            _ = cancel.cancelled() => Ok(()),
+        };
         if link.connected.load(Ordering::Relaxed) {
             backoff = BACKOFF_MIN; // the session worked: a cut is not a failing server
         }

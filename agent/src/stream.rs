@@ -275,14 +275,19 @@ impl Stream {
         if guard.is_err() {
             warn!("writes did not drain within {TAG_DRAIN_TIMEOUT:?}; placing the {} tag without draining", kind.as_str());
         }
-        if !self.consistent() {
+        // Check and place under the state lock: a write that goes dirty cannot
+        // slip in between (even when the drain above timed out).
+        let m = self.mode.lock().unwrap_or_else(|p| p.into_inner());
+        if self.syncing.load(std::sync::atomic::Ordering::SeqCst) != 0 || m.0 != Mode::Streaming {
             return None;
         }
-        Some(self.capture(Op::Tag {
+        let seq = self.capture(Op::Tag {
             kind,
             time_ms: lifeboat_common::now_ms(),
             label: label.to_string(),
-        }))
+        });
+        drop(m);
+        Some(seq)
     }
 
     /// Makes every captured entry durable in the local journal.

@@ -218,7 +218,10 @@ pub async fn run_resync(
     while !cancel.is_cancelled() {
         match stream.mode().0 {
             Mode::Bitmap => {
-                stream.wait_space(0.5).await;
+                tokio::select! {
+                    _ = stream.wait_space(0.5) => {}
+                    _ = cancel.cancelled() => break,
+                }
                 let n: usize = disks.iter().map(|d| d.dirty.dirty_count()).sum();
                 stream.set_mode(
                     Mode::Resync,
@@ -248,7 +251,10 @@ pub async fn run_resync(
             Mode::Resync => {
                 'disks: for d in &disks {
                     while let Some(r) = d.dirty.take_dirty() {
-                        stream.wait_space(0.5).await;
+                        tokio::select! {
+                            _ = stream.wait_space(0.5) => {}
+                            _ = cancel.cancelled() => {}
+                        }
                         if stream.mode().0 != Mode::Resync || cancel.is_cancelled() {
                             d.dirty.mark_regions_dirty(&[r]);
                             break 'disks;
@@ -292,7 +298,10 @@ async fn sync_disk(
             break;
         }
         let len = SYNC_CHUNK.min(p.size - offset);
-        stream.wait_space(0.5).await;
+        tokio::select! {
+            _ = stream.wait_space(0.5) => {}
+            _ = cancel.cancelled() => break,
+        }
         let sent = disk
             .sync_chunk(offset, len as u32, p.skip_zero)
             .await

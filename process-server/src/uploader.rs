@@ -94,7 +94,7 @@ impl Tail {
             self.bytes -= e.encoded_len();
         }
         match self.entries.front() {
-            None => Some(Batch::default()),
+            None => None, // nothing in memory: the cache may still hold entries
             Some(e) if e.seq != from => None,
             Some(_) => {
                 let mut b = Batch::default();

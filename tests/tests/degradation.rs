@@ -137,3 +137,45 @@ fn kill9_agent_resends_only_recently_written_regions() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert_same(&out.join("root.raw"), &agent.image("root"));
 }
+
+#[test]
+fn clean_stop_in_bitmap_state_still_resends_the_dirty_regions() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let (mut ps, mut agent) =
+        start_pair(root, &[("root", 128 * MIB)], "journal-max-bytes = 16777216").unwrap();
+    ps.proc.as_mut().unwrap().kill9();
+    run_ok(
+        Command::new("fio").args([
+            "--name=w",
+            "--ioengine=nbd",
+            &format!("--uri={}", agent.uri("root")),
+            "--rw=randwrite",
+            "--bs=64k",
+            "--iodepth=16",
+            "--size=64M",
+            "--randrepeat=0",
+            &format!("--output={}/fio.json", root.display()),
+        ]),
+        Duration::from_secs(120),
+    )
+    .unwrap();
+    assert_eq!(agent.status().unwrap()["state"], "bitmap");
+    // An orderly stop while regions are dirty must not pretend the journal is complete.
+    assert!(
+        agent.proc.as_mut().unwrap().stop(Duration::from_secs(30)),
+        "the agent should stop on SIGTERM"
+    );
+    let snap = root.join("snap.raw");
+    snapshot(&agent.image("root"), &snap);
+    ps.start().unwrap();
+    agent.start().unwrap();
+    let s = wait_state(&agent, "streaming", Duration::from_secs(180));
+    assert!(s["resync-bytes"].as_u64().unwrap() > 0, "{s}");
+    let acked = agent.wait_acked(Duration::from_secs(120)).unwrap();
+    wait_stored(&ps.store_url, MACHINE, &[], acked, Duration::from_secs(120)).unwrap();
+    let out = root.join("out");
+    let o = failover(&ps.store_url, MACHINE, "latest", &out, &ps.kek(), &[]).unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_same(&out.join("root.raw"), &snap);
+}
