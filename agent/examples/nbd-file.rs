@@ -11,38 +11,11 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use bytes::Bytes;
+use lifeboat_agent::capture::file::FileBackend;
 use lifeboat_agent::capture::nbd::{serve_unix, Exports};
 use lifeboat_agent::capture::BlockBackend;
 use lifeboat_agent::diskio::{DiskFile, IoMode};
 use tokio_util::sync::CancellationToken;
-
-struct FileBackend(DiskFile);
-
-impl BlockBackend for FileBackend {
-    fn size(&self) -> u64 {
-        self.0.size()
-    }
-    async fn read(&self, offset: u64, len: u32) -> io::Result<Bytes> {
-        self.0.read_at(offset, len as usize).await
-    }
-    async fn write(&self, offset: u64, data: Bytes, fua: bool) -> io::Result<()> {
-        if fua {
-            self.0.write_at_durable(offset, data).await
-        } else {
-            self.0.write_at(offset, data).await
-        }
-    }
-    async fn zero(&self, offset: u64, len: u32, fua: bool) -> io::Result<()> {
-        self.0.zero_range(offset, u64::from(len)).await?;
-        if fua {
-            self.0.sync().await?;
-        }
-        Ok(())
-    }
-    async fn flush(&self) -> io::Result<()> {
-        self.0.sync().await
-    }
-}
 
 /// Discards writes, reads zeros.
 struct NullBackend(u64);

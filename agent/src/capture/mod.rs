@@ -9,6 +9,7 @@ use std::io;
 
 use bytes::Bytes;
 
+pub mod file;
 pub mod nbd;
 
 /// A disk as a capture front-end sees it. Calls may run concurrently; a call's

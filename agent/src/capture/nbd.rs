@@ -199,6 +199,37 @@ impl<B> Exports<B> {
     }
 }
 
+/// A bound listener the NBD server accepts clients from.
+trait Listener: Send {
+    type Read: AsyncRead + Unpin + Send + 'static;
+    type Write: AsyncWrite + Unpin + Send + 'static;
+    /// Accepts one client, split in halves, with a name for logs.
+    fn accept_split(
+        &self,
+    ) -> impl std::future::Future<Output = io::Result<(Self::Read, Self::Write, String)>> + Send;
+}
+
+impl Listener for UnixListener {
+    type Read = tokio::net::unix::OwnedReadHalf;
+    type Write = tokio::net::unix::OwnedWriteHalf;
+    async fn accept_split(&self) -> io::Result<(Self::Read, Self::Write, String)> {
+        let (stream, _) = self.accept().await?;
+        let (r, w) = stream.into_split();
+        Ok((r, w, "unix client".into()))
+    }
+}
+
+impl Listener for TcpListener {
+    type Read = tokio::net::tcp::OwnedReadHalf;
+    type Write = tokio::net::tcp::OwnedWriteHalf;
+    async fn accept_split(&self) -> io::Result<(Self::Read, Self::Write, String)> {
+        let (stream, peer) = self.accept().await?;
+        let _ = stream.set_nodelay(true);
+        let (r, w) = stream.into_split();
+        Ok((r, w, peer.to_string()))
+    }
+}
+
 /// Serves `exports` on a unix socket at `path` until `shutdown` is cancelled. A stale
 /// socket file at `path` is replaced; the socket file is removed on return.
 pub async fn serve_unix<B: BlockBackend>(
@@ -214,34 +245,8 @@ pub async fn serve_unix<B: BlockBackend>(
         )
     })?;
     tracing::info!(socket = %path.display(), exports = ?exports.names().collect::<Vec<_>>(), "NBD server listening");
-    let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    let mut conns = JoinSet::new();
-    loop {
-        let Some(permit) = acquire_conn_permit(&limit, &shutdown, &mut conns).await else {
-            break;
-        };
-        let accepted = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            Some(_) = conns.join_next() => continue,
-            r = listener.accept() => r,
-        };
-        match accepted {
-            Ok((stream, _)) => {
-                let (r, w) = stream.into_split();
-                let (exports, cancel) = (exports.clone(), shutdown.clone());
-                conns.spawn(async move {
-                    if let Err(e) = serve_split(r, w, exports, cancel).await {
-                        tracing::warn!(error = %e, "NBD connection ended with an error");
-                    }
-                    drop(permit);
-                });
-            }
-            Err(e) => accept_failed(e).await,
-        }
-    }
-    drop(listener);
+    accept_loop(listener, exports, shutdown).await;
     let _ = std::fs::remove_file(path);
-    while conns.join_next().await.is_some() {}
     tracing::info!(socket = %path.display(), "NBD server stopped");
     Ok(())
 }
@@ -265,6 +270,17 @@ pub async fn serve_tcp_listener<B: BlockBackend>(
     shutdown: CancellationToken,
 ) -> io::Result<()> {
     tracing::info!(addr = ?listener.local_addr().ok(), "NBD server listening");
+    accept_loop(listener, exports, shutdown).await;
+    Ok(())
+}
+
+/// Accepts clients (a permit each, `MAX_CONNECTIONS` at most) until `shutdown`,
+/// then closes the listener and waits for the connections to finish.
+async fn accept_loop<B: BlockBackend, L: Listener>(
+    listener: L,
+    exports: Arc<Exports<B>>,
+    shutdown: CancellationToken,
+) {
     let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let mut conns = JoinSet::new();
     loop {
@@ -274,12 +290,10 @@ pub async fn serve_tcp_listener<B: BlockBackend>(
         let accepted = tokio::select! {
             _ = shutdown.cancelled() => break,
             Some(_) = conns.join_next() => continue,
-            r = listener.accept() => r,
+            r = listener.accept_split() => r,
         };
         match accepted {
-            Ok((stream, peer)) => {
-                let _ = stream.set_nodelay(true);
-                let (r, w) = stream.into_split();
+            Ok((r, w, peer)) => {
                 let (exports, cancel) = (exports.clone(), shutdown.clone());
                 conns.spawn(async move {
                     if let Err(e) = serve_split(r, w, exports, cancel).await {
@@ -293,7 +307,6 @@ pub async fn serve_tcp_listener<B: BlockBackend>(
     }
     drop(listener);
     while conns.join_next().await.is_some() {}
-    Ok(())
 }
 
 /// Serves one client on `stream`: handshake, then transmission until the client
