@@ -282,6 +282,31 @@ impl ProcessServer {
         Ok(self.dir.join("machines").join(machine))
     }
 
+    /// `lifeboat-mt failover` from this server's store (no store options) that
+    /// must succeed; returns the output directory.
+    pub fn failover_ok(&self, machine: &str, point: &str, out: &Path) -> PathBuf {
+        let o = failover(&self.store_url, machine, point, out, &self.kek(), &[]).unwrap();
+        assert!(
+            o.status.success(),
+            "failover at {point}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        out.to_path_buf()
+    }
+
+    /// The id of the newest stored point with this label.
+    pub fn point_labelled(&self, machine: &str, label: &str) -> String {
+        let pts = points(&self.store_url, machine, &[]).unwrap();
+        pts["points"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .rev()
+            .find(|p| p["label"] == label)
+            .and_then(|p| p["id"].as_str().map(String::from))
+            .unwrap_or_else(|| panic!("no {label} point: {pts}"))
+    }
+
     pub fn kek(&self) -> PathBuf {
         self.dir.join("kek.key")
     }

@@ -212,9 +212,7 @@ fn hostile_clients_are_refused_and_the_good_agent_keeps_replicating() {
     qemu_io(&agent.uri("root"), &["write -P 0x6b 2M 1M", "flush"]).unwrap();
     let acked = agent.wait_acked(Duration::from_secs(60)).unwrap();
     wait_stored(&ps.store_url, MACHINE, &[], acked, Duration::from_secs(60)).unwrap();
-    let out = root.join("out");
-    let o = failover(&ps.store_url, MACHINE, "latest", &out, &ps.kek(), &[]).unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let out = ps.failover_ok(MACHINE, "latest", &root.join("out"));
     assert_same(&out.join("root.raw"), &agent.image("root"));
     let log = ps.log();
     assert!(

@@ -158,26 +158,8 @@ fn checksum_resync_sends_only_changed_blocks_and_the_point_is_exact() {
         Duration::from_secs(120),
     )
     .unwrap();
-    let pts = points(&ps.store_url, MACHINE, &[]).unwrap();
-    let point = pts["points"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .rev()
-        .find(|p| p["label"] == "checksum-resync-complete")
-        .unwrap_or_else(|| panic!("no checksum-resync-complete point: {pts}"))
-        .clone();
-    let out = root.join("out");
-    let o = failover(
-        &ps.store_url,
-        MACHINE,
-        point["id"].as_str().unwrap(),
-        &out,
-        &ps.kek(),
-        &[],
-    )
-    .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let point = ps.point_labelled(MACHINE, "checksum-resync-complete");
+    let out = ps.failover_ok(MACHINE, &point, &root.join("out"));
     assert_same(&out.join("root.raw"), &agent.image("root"));
 
     // A second resync finds nothing to send.

@@ -57,26 +57,8 @@ fn full_journal_goes_bitmap_then_resync_and_the_next_point_is_exact() {
     assert!(s["resync-bytes"].as_u64().unwrap() > 0, "{s}");
     let acked = agent.wait_acked(Duration::from_secs(120)).unwrap();
     wait_stored(&ps.store_url, MACHINE, &[], acked, Duration::from_secs(120)).unwrap();
-    let pts = points(&ps.store_url, MACHINE, &[]).unwrap();
-    let point = pts["points"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .rev()
-        .find(|p| p["label"] == "resync-complete")
-        .unwrap_or_else(|| panic!("no resync-complete point: {pts}"))
-        .clone();
-    let out = root.join("out");
-    let o = failover(
-        &ps.store_url,
-        MACHINE,
-        point["id"].as_str().unwrap(),
-        &out,
-        &ps.kek(),
-        &[],
-    )
-    .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let point = ps.point_labelled(MACHINE, "resync-complete");
+    let out = ps.failover_ok(MACHINE, &point, &root.join("out"));
     assert_same(&out.join("root.raw"), &snap);
     let log = std::fs::read_dir(&agent.dir)
         .unwrap()
@@ -132,9 +114,7 @@ fn kill9_agent_resends_only_recently_written_regions() {
     qemu_io(&agent.uri("root"), &["flush"]).unwrap();
     let acked = agent.wait_acked(Duration::from_secs(120)).unwrap();
     wait_stored(&ps.store_url, MACHINE, &[], acked, Duration::from_secs(120)).unwrap();
-    let out = root.join("out");
-    let o = failover(&ps.store_url, MACHINE, "latest", &out, &ps.kek(), &[]).unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let out = ps.failover_ok(MACHINE, "latest", &root.join("out"));
     assert_same(&out.join("root.raw"), &agent.image("root"));
 }
 
@@ -174,8 +154,6 @@ fn clean_stop_in_bitmap_state_still_resends_the_dirty_regions() {
     assert!(s["resync-bytes"].as_u64().unwrap() > 0, "{s}");
     let acked = agent.wait_acked(Duration::from_secs(120)).unwrap();
     wait_stored(&ps.store_url, MACHINE, &[], acked, Duration::from_secs(120)).unwrap();
-    let out = root.join("out");
-    let o = failover(&ps.store_url, MACHINE, "latest", &out, &ps.kek(), &[]).unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let out = ps.failover_ok(MACHINE, "latest", &root.join("out"));
     assert_same(&out.join("root.raw"), &snap);
 }

@@ -20,15 +20,6 @@ fn random_disk(path: &std::path::Path, size: u64) {
     .unwrap();
 }
 
-fn failover_ok(ps: &ProcessServer, point: &str, out: &std::path::Path) {
-    let o = failover(&ps.store_url, MACHINE, point, out, &ps.kek(), &[]).unwrap();
-    assert!(
-        o.status.success(),
-        "failover at {point}: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-}
-
 #[test]
 fn disk_with_data_syncs_under_writes_and_every_point_is_exact() {
     let tmp = tempfile::tempdir().unwrap();
@@ -109,11 +100,11 @@ fn disk_with_data_syncs_under_writes_and_every_point_is_exact() {
     assert_eq!(first["label"], "initial-sync-complete", "{pts}");
     let first_id = first["id"].as_str().unwrap().to_string();
 
-    failover_ok(&ps, &first_id, &root.join("o1"));
+    ps.failover_ok(MACHINE, &first_id, &root.join("o1"));
     assert_same(&root.join("o1/root.raw"), &snap1);
-    failover_ok(&ps, &tag2.to_string(), &root.join("o2"));
+    ps.failover_ok(MACHINE, &tag2.to_string(), &root.join("o2"));
     assert_same(&root.join("o2/root.raw"), &snap2);
-    failover_ok(&ps, "latest", &root.join("o3"));
+    ps.failover_ok(MACHINE, "latest", &root.join("o3"));
     assert_same(&root.join("o3/root.raw"), &agent.image("root"));
 }
 
@@ -163,6 +154,6 @@ fn agent_killed_during_initial_sync_resumes_where_it_stopped() {
     );
     let acked = agent.wait_acked(Duration::from_secs(120)).unwrap();
     wait_stored(&ps.store_url, MACHINE, &[], acked, Duration::from_secs(120)).unwrap();
-    failover_ok(&ps, "latest", &root.join("out"));
+    ps.failover_ok(MACHINE, "latest", &root.join("out"));
     assert_same(&root.join("out/root.raw"), &agent.image("root"));
 }
