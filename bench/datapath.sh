@@ -12,20 +12,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/cargo-env.sh
 [ -x target/release/lifeboat-agent ] || build_release
-BIN="$PWD/target/release"
 RUNTIME="${RUNTIME:-10}"
 E2E_SIZE="${E2E_SIZE:-2G}"
 WORK="$(mktemp -d /tmp/lifeboat-bench.XXXXXX)"
-PIDS=()
-cleanup() {
-  for p in "${PIDS[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
-  sleep 0.5
-  for p in "${PIDS[@]}"; do kill -KILL "$p" 2>/dev/null || true; done
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
-json() { python3 -c "import json,sys; d=json.load(sys.stdin); print(eval(sys.argv[1]))" "$1"; }
-wait_sock() { for _ in $(seq 200); do [ -S "$1" ] && return 0; sleep 0.05; done; echo "no socket $1"; exit 1; }
+source scripts/lib.sh
 DISK="$WORK/disk.img"
 truncate -s 1G "$DISK"
 dd if=/dev/zero of="$DISK" bs=1M count=1024 conv=notrunc status=none   # allocated, in the page cache
@@ -54,25 +44,9 @@ K1=$(fio_one "nbd+unix:///?socket=$WORK/k.sock" write 1M 8 k1)
 kill -TERM "${PIDS[-1]}"; wait "${PIDS[-1]}" 2>/dev/null || true
 
 # (a) lifeboat-agent replicating to lifeboat-ps (file:// store on this machine)
-PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-"$BIN/lifeboat-ps" init --dir "$WORK/ps" --listen "127.0.0.1:$PORT" >/dev/null
-"$BIN/lifeboat-ps" serve --config "$WORK/ps/ps.toml" >"$WORK/ps.log" 2>&1 & PIDS+=($!)
-C="$WORK/ps/machines/machine-1"
-cat >"$WORK/agent.toml" <<TOML
-machine = "machine-1"
-server = "127.0.0.1:$PORT"
-ca-cert = "$C/ca.pem"
-client-cert = "$C/client.pem"
-client-key = "$C/client.key"
-state-dir = "$WORK/agent-state"
-journal-max-bytes = 1073741824
-[[disk]]
-id = "disk"
-path = "$DISK"
-socket = "$WORK/a.sock"
-TOML
-"$BIN/lifeboat-agent" run --config "$WORK/agent.toml" >"$WORK/agent.log" 2>&1 & PIDS+=($!)
-wait_sock "$WORK/a.sock"; wait_sock "$WORK/agent-state/control.sock"
+start_ps "$WORK/ps"
+agent_toml "$WORK/agent.toml" "$WORK/agent-state" "$DISK" "$WORK/a.sock" "journal-max-bytes = 1073741824"
+start_agent "$WORK/agent.toml" "$WORK/a.sock" "$WORK/agent-state"
 AURI="nbd+unix:///disk?socket=$WORK/a.sock"
 A4=$(fio_one "$AURI" randwrite 4k 32 a4)
 A1=$(fio_one "$AURI" write 1M 8 a1)
@@ -105,11 +79,11 @@ T1=$(date +%s.%N)
 wait_durable
 T2=$(date +%s.%N)
 STORED=$(du -sb "$WORK/ps/store" | cut -f1)
-RSS_A=$(ps -o rss= -p "${PIDS[-1]}" | tr -d ' ')
-RSS_P=$(ps -o rss= -p "${PIDS[-2]}" | tr -d ' ')
+RSS_A=$(ps -o rss= -p "$AGENT_PID" | tr -d ' ')
+RSS_P=$(ps -o rss= -p "$PS_PID" | tr -d ' ')
 
 # Materialising the disk: failover at latest (from the store alone) vs cp of the source.
-kill -TERM "${PIDS[-1]}" "${PIDS[-2]}"; sleep 0.5
+kill -TERM "$AGENT_PID" "$PS_PID"; sleep 0.5
 F0=$(date +%s.%N)
 "$BIN/lifeboat-mt" failover --store "$STORE" --machine machine-1 --point latest \
   --out "$WORK/recovered" --key-file "$WORK/ps/kek.key" >/dev/null 2>&1

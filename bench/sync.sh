@@ -9,16 +9,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/cargo-env.sh
 [ -x target/release/lifeboat-agent ] || build_release
-BIN="$PWD/target/release"
 SIZE_GIB="${SIZE_GIB:-4}"
 WORK="$(mktemp -d /tmp/lifeboat-syncbench.XXXXXX)"
-PIDS=()
-cleanup() {
-  for p in "${PIDS[@]}"; do kill -KILL "$p" 2>/dev/null || true; done
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
-json() { python3 -c "import json,sys; d=json.load(sys.stdin); print(eval(sys.argv[1]))" "$1"; }
+source scripts/lib.sh
 DISK="$WORK/disk.img"
 python3 - "$DISK" "$SIZE_GIB" <<'PY'
 import os,sys,random
@@ -35,27 +28,11 @@ CAT=$(python3 -c "print(f'{($SIZE_GIB<<30)/($T1-$T0)/2**20:.0f}')")
 run_sync() { # io-mode -> prints seconds to first point and scan MiB/s
   local mode=$1 dir="$WORK/$1"
   mkdir -p "$dir"
-  local port; port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-  "$BIN/lifeboat-ps" init --dir "$dir/ps" --listen "127.0.0.1:$port" >/dev/null
-  "$BIN/lifeboat-ps" serve --config "$dir/ps/ps.toml" >"$dir/ps.log" 2>&1 & PIDS+=($!)
-  local c="$dir/ps/machines/machine-1"
-  cat >"$dir/agent.toml" <<TOML
-machine = "machine-1"
-server = "127.0.0.1:$port"
-ca-cert = "$c/ca.pem"
-client-cert = "$c/client.pem"
-client-key = "$c/client.key"
-state-dir = "$dir/state"
-journal-max-bytes = 1073741824
-[[disk]]
-id = "disk"
-path = "$DISK"
-socket = "$dir/a.sock"
-io-mode = "$mode"
-TOML
+  start_ps "$dir/ps"
+  agent_toml "$dir/agent.toml" "$dir/state" "$DISK" "$dir/a.sock" \
+    "journal-max-bytes = 1073741824" "io-mode = \"$mode\""
   local t0; t0=$(date +%s.%N)
-  "$BIN/lifeboat-agent" run --config "$dir/agent.toml" >"$dir/agent.log" 2>&1 & PIDS+=($!)
-  for _ in $(seq 100); do [ -S "$dir/state/control.sock" ] && break; sleep 0.05; done
+  start_agent "$dir/agent.toml" "$dir/a.sock" "$dir/state"
   local scanned=""
   for _ in $(seq 6000); do
     st=$("$BIN/lifeboat-agent" status --config "$dir/agent.toml")
@@ -68,7 +45,7 @@ TOML
   local t1; t1=$(date +%s.%N)
   sent=$(echo "$st" | json 'd["sync"][0]["sent-bytes"]')
   python3 -c "print(f'{$t1-$t0:.2f} {($SIZE_GIB<<30)/($scanned-$t0)/2**20:.0f} {$sent/2**20:.0f}')"
-  kill -KILL "${PIDS[-1]}" "${PIDS[-2]}"
+  kill -KILL "$AGENT_PID" "$PS_PID"
 }
 U=$(run_sync uring)
 P=$(run_sync portable)

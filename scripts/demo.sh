@@ -10,46 +10,17 @@ cd "$(dirname "$0")/.."
 ./scripts/install-deps.sh
 source scripts/cargo-env.sh
 build_release
-BIN="$PWD/target/release"
-
 WORK="$(mktemp -d /tmp/lifeboat-demo.XXXXXX)"
-PIDS=()
-cleanup() {
-  for p in "${PIDS[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
-  sleep 0.5
-  for p in "${PIDS[@]}"; do kill -KILL "$p" 2>/dev/null || true; done
-  [ "${KEEP:-0}" = 1 ] || rm -rf "$WORK"
-}
-trap cleanup EXIT
-json() { python3 -c "import json,sys; d=json.load(sys.stdin); print(eval(sys.argv[1]))" "$1"; }
+source scripts/lib.sh
 now() { date +%s.%N; }
-PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 
-echo "== process server (127.0.0.1:$PORT, store file://$WORK/ps/store)"
-"$BIN/lifeboat-ps" init --dir "$WORK/ps" --listen "127.0.0.1:$PORT" >/dev/null
-"$BIN/lifeboat-ps" serve --config "$WORK/ps/ps.toml" >"$WORK/ps.log" 2>&1 &
-PIDS+=($!)
-
+start_ps "$WORK/ps"
+echo "== process server (127.0.0.1:$PS_PORT, store file://$WORK/ps/store)"
 echo "== agent protecting a 1 GiB sample disk"
 mkdir -p "$WORK/agent"
 truncate -s 1G "$WORK/agent/disk.img"
-C="$WORK/ps/machines/machine-1"
-cat >"$WORK/agent/agent.toml" <<TOML
-machine = "machine-1"
-server = "127.0.0.1:$PORT"
-ca-cert = "$C/ca.pem"
-client-cert = "$C/client.pem"
-client-key = "$C/client.key"
-state-dir = "$WORK/agent/state"
-
-[[disk]]
-id = "disk"
-path = "$WORK/agent/disk.img"
-socket = "$WORK/agent/disk.sock"
-TOML
-"$BIN/lifeboat-agent" run --config "$WORK/agent/agent.toml" >"$WORK/agent.log" 2>&1 &
-PIDS+=($!)
-for _ in $(seq 100); do [ -S "$WORK/agent/disk.sock" ] && [ -S "$WORK/agent/state/control.sock" ] && break; sleep 0.1; done
+agent_toml "$WORK/agent/agent.toml" "$WORK/agent/state" "$WORK/agent/disk.img" "$WORK/agent/disk.sock"
+start_agent "$WORK/agent/agent.toml" "$WORK/agent/disk.sock" "$WORK/agent/state"
 URI="nbd+unix:///disk?socket=$WORK/agent/disk.sock"
 STORE="file://$WORK/ps/store"
 echo "== initial sync (the disk is new: zero chunks are skipped)"
@@ -97,7 +68,7 @@ echo "== recovery points"
 "$BIN/lifeboat-mt" points --store "$STORE" --machine machine-1
 
 echo "== failover at point $TAG and at latest (reading only the object store)"
-kill -TERM "${PIDS[0]}"   # the process server is gone: recovery needs only the store
+kill -TERM "$PS_PID"   # the process server is gone: recovery needs only the store
 "$BIN/lifeboat-mt" failover --store "$STORE" --machine machine-1 --point "$TAG" \
   --out "$WORK/recovered-tag" --key-file "$WORK/ps/kek.key"
 "$BIN/lifeboat-mt" failover --store "$STORE" --machine machine-1 --point latest \

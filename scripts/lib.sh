@@ -1,0 +1,57 @@
+# Sourced (after scripts/cargo-env.sh) by scripts/demo.sh and bench/*.sh: starts a
+# process server and an agent on 127.0.0.1 and stops everything by PID on exit.
+# The caller sets WORK (a scratch directory, removed on exit unless KEEP=1).
+
+BIN="$LIFEBOAT_ROOT/target/release"
+PIDS=()
+lb_cleanup() {
+  for p in "${PIDS[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
+  sleep 0.5
+  for p in "${PIDS[@]}"; do kill -KILL "$p" 2>/dev/null || true; done
+  [ "${KEEP:-0}" = 1 ] || rm -rf "$WORK"
+}
+trap lb_cleanup EXIT
+
+# json EXPR: evaluates a Python expression over the JSON on stdin (as `d`).
+json() { python3 -c "import json,sys; d=json.load(sys.stdin); print(eval(sys.argv[1]))" "$1"; }
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_sock() { for _ in $(seq 400); do [ -S "$1" ] && return 0; sleep 0.05; done; echo "no socket $1"; exit 1; }
+
+# start_ps DIR: `lifeboat-ps init` into DIR and serve it on a free port.
+# Sets PS_PORT, PS_PID and PS_CERTS (machine-1's certificates).
+start_ps() {
+  PS_PORT=$(free_port)
+  "$BIN/lifeboat-ps" init --dir "$1" --listen "127.0.0.1:$PS_PORT" >/dev/null
+  "$BIN/lifeboat-ps" serve --config "$1/ps.toml" >"$1.log" 2>&1 &
+  PS_PID=$!; PIDS+=("$PS_PID")
+  PS_CERTS="$1/machines/machine-1"
+}
+
+# agent_toml FILE STATE_DIR DISK SOCKET [TOP_LEVEL_EXTRA] [DISK_EXTRA]: an agent
+# config for machine-1 on the server started by start_ps.
+agent_toml() {
+  cat >"$1" <<TOML
+machine = "machine-1"
+server = "127.0.0.1:$PS_PORT"
+ca-cert = "$PS_CERTS/ca.pem"
+client-cert = "$PS_CERTS/client.pem"
+client-key = "$PS_CERTS/client.key"
+state-dir = "$2"
+${5:-}
+
+[[disk]]
+id = "disk"
+path = "$3"
+socket = "$4"
+${6:-}
+TOML
+}
+
+# start_agent CONFIG SOCKET STATE_DIR: runs the agent until its sockets exist.
+# Sets AGENT_PID; the log goes to CONFIG.log.
+start_agent() {
+  rm -f "$2" "$3/control.sock"
+  "$BIN/lifeboat-agent" run --config "$1" >>"$1.log" 2>&1 &
+  AGENT_PID=$!; PIDS+=("$AGENT_PID")
+  wait_sock "$2"; wait_sock "$3/control.sock"
+}
