@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 
 pub mod peers;
+pub use peers::ObjectStorePeer;
 
 /// Directory of the workspace's built binaries (next to the test executable).
 pub fn bin_dir() -> PathBuf {

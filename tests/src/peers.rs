@@ -194,16 +194,6 @@ impl Azurite {
         format!("http://127.0.0.1:{}/{AZURITE_ACCOUNT}", self.port)
     }
 
-    /// `az://lifeboat/test`.
-    pub fn store_url(&self) -> String {
-        self.store_url_at(DEFAULT_PREFIX)
-    }
-
-    /// `az://lifeboat/PREFIX`.
-    pub fn store_url_at(&self, prefix: &str) -> String {
-        format!("az://{}/{}", self.container, prefix.trim_matches('/'))
-    }
-
     /// `object_store` Azure options that reach this Azurite.
     ///
     /// `azure_storage_use_emulator` is NOT set: with it object_store ignores
@@ -224,23 +214,18 @@ impl Azurite {
         .map(|(k, v)| (k.to_string(), v))
         .collect()
     }
+}
 
-    /// Options as `key=value` strings (for `--store-option`).
-    pub fn option_args(&self) -> Vec<String> {
-        self.options()
-            .into_iter()
-            .map(|(k, v)| format!("{k}={v}"))
-            .collect()
+impl ObjectStorePeer for Azurite {
+    fn bucket_url(&self) -> String {
+        format!("az://{}", self.container)
     }
-
-    /// A store config for `az://lifeboat/PREFIX` on this Azurite.
-    pub fn config(&self, prefix: &str) -> StoreConfig {
-        config_with(self.store_url_at(prefix), self.options())
+    fn options(&self) -> Vec<(String, String)> {
+        Azurite::options(self)
     }
-
-    /// SIGTERM, then SIGKILL after a grace period (Azurite sometimes ignores SIGTERM).
-    pub fn stop(&mut self) {
-        self.proc.stop(STOP_GRACE);
+    /// Azurite sometimes ignores SIGTERM: the grace period ends in SIGKILL.
+    fn proc_mut(&mut self) -> &mut Proc {
+        &mut self.proc
     }
 }
 
@@ -346,16 +331,6 @@ impl S3sFs {
         format!("http://127.0.0.1:{}", self.port)
     }
 
-    /// `s3://lifeboat/test`.
-    pub fn store_url(&self) -> String {
-        self.store_url_at(DEFAULT_PREFIX)
-    }
-
-    /// `s3://lifeboat/PREFIX`.
-    pub fn store_url_at(&self, prefix: &str) -> String {
-        format!("s3://{}/{}", self.bucket, prefix.trim_matches('/'))
-    }
-
     /// `object_store` S3 options that reach this server: path-style requests
     /// (`aws_virtual_hosted_style_request=false`, also the default) and conditional
     /// puts with `If-None-Match: *` (`aws_conditional_put=etag`, also the default).
@@ -373,23 +348,54 @@ impl S3sFs {
         .map(|(k, v)| (k.to_string(), v))
         .collect()
     }
+}
+
+impl ObjectStorePeer for S3sFs {
+    fn bucket_url(&self) -> String {
+        format!("s3://{}", self.bucket)
+    }
+    fn options(&self) -> Vec<(String, String)> {
+        S3sFs::options(self)
+    }
+    fn proc_mut(&mut self) -> &mut Proc {
+        &mut self.proc
+    }
+}
+
+/// What the tests need of an object-store server they started.
+pub trait ObjectStorePeer {
+    /// `az://<container>` or `s3://<bucket>`.
+    fn bucket_url(&self) -> String;
+    /// `object_store` options that reach this server.
+    fn options(&self) -> Vec<(String, String)>;
+    fn proc_mut(&mut self) -> &mut Proc;
+
+    /// The store URL under the default prefix (`.../test`).
+    fn store_url(&self) -> String {
+        self.store_url_at(DEFAULT_PREFIX)
+    }
+
+    /// The store URL under `prefix`.
+    fn store_url_at(&self, prefix: &str) -> String {
+        format!("{}/{}", self.bucket_url(), prefix.trim_matches('/'))
+    }
 
     /// Options as `key=value` strings (for `--store-option`).
-    pub fn option_args(&self) -> Vec<String> {
+    fn option_args(&self) -> Vec<String> {
         self.options()
             .into_iter()
             .map(|(k, v)| format!("{k}={v}"))
             .collect()
     }
 
-    /// A store config for `s3://lifeboat/PREFIX` on this server.
-    pub fn config(&self, prefix: &str) -> StoreConfig {
+    /// A store config for `prefix` on this server.
+    fn config(&self, prefix: &str) -> StoreConfig {
         config_with(self.store_url_at(prefix), self.options())
     }
 
     /// SIGTERM, then SIGKILL after a grace period.
-    pub fn stop(&mut self) {
-        self.proc.stop(STOP_GRACE);
+    fn stop(&mut self) {
+        self.proc_mut().stop(STOP_GRACE);
     }
 }
 

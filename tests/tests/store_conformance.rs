@@ -11,7 +11,7 @@ use bytes::Bytes;
 use lifeboat_common::store::{Store, StoreConfig, StoreError};
 use lifeboat_tests::free_port;
 use lifeboat_tests::peers::{
-    Azurite, S3sFs, AZURITE_ACCOUNT, AZURITE_KEY, S3_ACCESS_KEY, S3_SECRET_KEY,
+    Azurite, ObjectStorePeer, S3sFs, AZURITE_ACCOUNT, AZURITE_KEY, S3_ACCESS_KEY, S3_SECRET_KEY,
 };
 
 const MIB: usize = 1024 * 1024;
