@@ -10,6 +10,7 @@
 //! `$HOME/.cache/lifeboat/tools`); `scripts/install-deps.sh` installs them.
 //!
 //! ```no_run
+//! # use lifeboat_tests::ObjectStorePeer;
 //! # fn main() -> anyhow::Result<()> {
 //! let dir = tempfile::tempdir()?;
 //! let az = lifeboat_tests::peers::Azurite::start(dir.path())?;
