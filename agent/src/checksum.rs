@@ -1,5 +1,7 @@
-//! Checksum resync, the agent's side: started by the receiver's resync-start
-//! frame, it makes the replica equal to the disks without knowing what changed.
+//! Checksum resync, the agent's side: it makes the replica equal to the disks
+//! without knowing what changed. Started by the receiver's resync-start, or by
+//! the agent itself when it knows the replica may differ (a disk resized while
+//! the agent was stopped, lost agent state — see `rebase.rs`).
 //!
 //! Per disk, in batches of `BATCH_REGIONS` 1 MiB regions: read the batch in
 //! `READ_UNIT` aligned reads, hash every 4 KiB block and every region (see
@@ -7,18 +9,28 @@
 //! regions differ → block-hashes of those regions (kept from the read, no second
 //! read) → the receiver answers which blocks differ → those blocks, adjacent
 //! ones coalesced, are read again under their range lock and put into the
-//! stream as ordinary writes (seq, journal, exactly-once). Meanwhile the state
-//! is `resync` and no point is taken; at the end a crash-consistent tag
+//! stream as ordinary writes (seq, journal, exactly-once).
+//!
+//! The plan (which disks, and per disk the first region not yet compared) is
+//! persisted in `<state-dir>/checksum-resync.rec` (envelope b"LBCK" of JSON),
+//! advanced every `CHECKPOINT_EVERY` once the blocks resent so far are durable
+//! in the journal. A resync cut by a lost link or an agent restart resumes
+//! from there when the link is back. While a plan exists the state is `resync`
+//! and no point is taken; when every disk is compared the plan is removed, the
+//! state returns to `streaming`, a crash-consistent tag
 //! `checksum-resync-complete` is placed, and resync-done (with the counters) is
 //! sent once the receiver acknowledged it.
 
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
+use lifeboat_common::codec::{envelope, open_envelope};
 use lifeboat_common::protocol::{Frame, ResyncReport, TagKind};
 use lifeboat_common::resync::{self, BlockHash, BLOCK, REGION};
+use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
@@ -32,8 +44,57 @@ pub const READ_UNIT: u64 = 8 * REGION;
 pub const TAG_LABEL: &str = "checksum-resync-complete";
 /// The longest the final tag waits for its acknowledgement before resync-done.
 const ACK_WAIT: Duration = Duration::from_secs(120);
+/// How often the plan's progress is made durable.
+const CHECKPOINT_EVERY: Duration = Duration::from_secs(2);
+pub const PLAN_FILE: &str = "checksum-resync.rec";
+const PLAN_MAGIC: [u8; 4] = *b"LBCK";
 
-/// Counters of the current (or last) checksum resync, for `status`.
+/// What is left of a checksum resync.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Plan {
+    pub reason: String,
+    pub disks: Vec<PlanDisk>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct PlanDisk {
+    pub id: String,
+    /// The disk's size when planned (a different size starts it over).
+    pub size: u64,
+    /// Regions below this one are compared and their differing blocks are in
+    /// the journal.
+    pub next_region: u64,
+}
+
+fn load_plan(path: &Path) -> Result<Option<Plan>> {
+    match std::fs::read(path) {
+        Ok(b) => {
+            let p = open_envelope(&b, PLAN_MAGIC, 1, "checksum resync plan")
+                .with_context(|| format!("reading {}", path.display()))?;
+            Ok(Some(
+                serde_json::from_slice(p).with_context(|| format!("parsing {}", path.display()))?,
+            ))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+}
+
+/// Replaces the plan file atomically (or removes it for `None`), synced.
+fn store_plan(path: &Path, plan: Option<&Plan>) -> Result<()> {
+    match plan {
+        Some(plan) => {
+            let bytes = envelope(PLAN_MAGIC, 1, &serde_json::to_vec(plan)?);
+            crate::fsutil::replace_file(path, &bytes)
+        }
+        None => crate::fsutil::remove_file(path),
+    }
+    .with_context(|| format!("writing {}", path.display()))
+}
+
+/// Counters of the current (or last) run, for `status`.
 #[derive(Default)]
 pub struct Counters {
     pub running: AtomicBool,
@@ -68,100 +129,244 @@ impl Counters {
             error,
         }
     }
+}
+
+/// The machine's checksum resync: its persisted plan and its counters.
+pub struct Checksum {
+    path: PathBuf,
+    plan: Mutex<Option<Plan>>,
+    pub counters: Counters,
+}
+
+impl Checksum {
+    /// Loads the plan an interrupted resync left; the stream then stays in
+    /// `resync` until it completes. A disk whose size changed starts over.
+    pub fn open(
+        state_dir: &Path,
+        disks: &[Arc<ProtectedDisk>],
+        stream: &Stream,
+    ) -> Result<Arc<Checksum>> {
+        let path = state_dir.join(PLAN_FILE);
+        let mut plan = load_plan(&path)?;
+        if let Some(p) = plan.as_mut() {
+            p.disks.retain_mut(|pd| match disks.iter().find(|d| d.id == pd.id) {
+                None => {
+                    warn!(disk = %pd.id, "the pending checksum resync names a disk no longer configured; dropping it");
+                    false
+                }
+                Some(d) => {
+                    if d.size_bytes() != pd.size {
+                        pd.size = d.size_bytes();
+                        pd.next_region = 0;
+                    }
+                    true
+                }
+            });
+        }
+        let plan = plan.filter(|p| !p.disks.is_empty());
+        if let Some(p) = &plan {
+            warn!(
+                "a checksum resync did not finish ({}); it resumes when the process server is reachable: {}",
+                p.reason,
+                describe(p)
+            );
+            stream
+                .begin_checksum_resync(&p.reason, true)
+                .map_err(|e| anyhow!(e))?;
+        }
+        Ok(Arc::new(Checksum {
+            path,
+            plan: Mutex::new(plan),
+            counters: Counters::default(),
+        }))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Plan>> {
+        self.plan.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The pending plan, if any.
+    pub fn pending(&self) -> Option<Plan> {
+        self.lock().clone()
+    }
+
+    /// Records a resync of the disks at `targets` (indexes) from their first
+    /// region, merged with any pending plan, and takes the `resync` state.
+    /// Refused during an initial sync unless `force`.
+    pub fn request(
+        &self,
+        disks: &[Arc<ProtectedDisk>],
+        targets: &[u16],
+        reason: &str,
+        stream: &Stream,
+        force: bool,
+    ) -> Result<()> {
+        let mut chosen = Vec::new();
+        for &t in targets {
+            chosen.push(disks.get(t as usize).ok_or_else(|| {
+                anyhow!("resync names disk #{t}; this agent has {}", disks.len())
+            })?);
+        }
+        stream
+            .begin_checksum_resync(reason, force)
+            .map_err(|e| anyhow!(e))?;
+        let mut g = self.lock();
+        let mut plan = g.clone().unwrap_or_else(|| Plan {
+            reason: reason.to_string(),
+            disks: Vec::new(),
+        });
+        if plan.reason != reason {
+            plan.reason = format!("{}; then {reason}", plan.reason);
+        }
+        for d in chosen {
+            let fresh = PlanDisk {
+                id: d.id.clone(),
+                size: d.size_bytes(),
+                next_region: 0,
+            };
+            match plan.disks.iter_mut().find(|pd| pd.id == d.id) {
+                Some(pd) => *pd = fresh,
+                None => plan.disks.push(fresh),
+            }
+        }
+        store_plan(&self.path, Some(&plan))?;
+        info!("checksum resync planned ({reason}): {}", describe(&plan));
+        *g = Some(plan);
+        Ok(())
+    }
+
+    /// Every region of `disk` below `next_region` is compared and what differed
+    /// is durable in the journal.
+    async fn advance(&self, disk: &str, next_region: u64) -> Result<()> {
+        let plan = {
+            let mut g = self.lock();
+            let Some(plan) = g.as_mut() else {
+                return Ok(());
+            };
+            if let Some(pd) = plan.disks.iter_mut().find(|pd| pd.id == disk) {
+                pd.next_region = pd.next_region.max(next_region);
+            }
+            plan.clone()
+        };
+        let path = self.path.clone();
+        tokio::task::spawn_blocking(move || store_plan(&path, Some(&plan))).await?
+    }
+
+    /// Every disk is compared: the plan goes.
+    async fn complete(&self) -> Result<()> {
+        *self.lock() = None;
+        let path = self.path.clone();
+        tokio::task::spawn_blocking(move || store_plan(&path, None)).await?
+    }
 
     pub fn snapshot(&self) -> serde_json::Value {
+        let c = &self.counters;
         serde_json::json!({
-            "running": self.running.load(Ordering::Relaxed),
-            "hashed-bytes": self.hashed_bytes.load(Ordering::Relaxed),
-            "hash-bytes": self.hash_bytes.load(Ordering::Relaxed),
-            "block-bytes": self.block_bytes.load(Ordering::Relaxed),
-            "blocks-sent": self.blocks.load(Ordering::Relaxed),
-            "last": *self.last.lock().unwrap_or_else(|p| p.into_inner()),
+            "running": c.running.load(Ordering::Relaxed),
+            "pending": *self.lock(),
+            "hashed-bytes": c.hashed_bytes.load(Ordering::Relaxed),
+            "hash-bytes": c.hash_bytes.load(Ordering::Relaxed),
+            "block-bytes": c.block_bytes.load(Ordering::Relaxed),
+            "blocks-sent": c.blocks.load(Ordering::Relaxed),
+            "last": *c.last.lock().unwrap_or_else(|p| p.into_inner()),
         })
     }
 }
 
-/// Returns the stream to `streaming` however the resync ends (also when the
-/// session drops and the task is aborted).
-struct StateGuard {
-    stream: Arc<Stream>,
-    disks: Vec<Arc<ProtectedDisk>>,
-    counters: Arc<Counters>,
+fn describe(plan: &Plan) -> String {
+    plan.disks
+        .iter()
+        .map(|pd| {
+            format!(
+                "{} from region {} of {}",
+                pd.id,
+                pd.next_region,
+                resync::region_count(pd.size)
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
-impl StateGuard {
-    fn end(&self) -> bool {
-        self.counters.running.store(false, Ordering::SeqCst);
-        self.stream
-            .end_checksum_resync(|| self.disks.iter().all(|d| d.dirty.dirty_count() == 0))
-    }
-}
+/// Marks the run stopped however it ends; an abort (the session dropped)
+/// leaves the plan for the next session.
+struct RunGuard<'a>(&'a Checksum);
 
-impl Drop for StateGuard {
+impl Drop for RunGuard<'_> {
     fn drop(&mut self) {
-        if self.stream.checksum_active() {
-            warn!("checksum resync interrupted: the replica may still differ from the disks");
-            self.end();
+        if self.0.counters.running.swap(false, Ordering::SeqCst) {
+            if let Some(p) = self.0.pending() {
+                warn!(
+                    "checksum resync interrupted; it resumes when the link is back: {}",
+                    describe(&p)
+                );
+            }
         }
     }
 }
 
-/// Runs one resync requested by resync-start; always sends resync-done.
+/// Runs the pending plan; sends resync-done however it ends (unless the
+/// session went away first).
 pub async fn run(
+    ck: Arc<Checksum>,
     disks: Vec<Arc<ProtectedDisk>>,
     stream: Arc<Stream>,
-    counters: Arc<Counters>,
-    targets: Vec<u16>,
     out: mpsc::Sender<Frame>,
     inbox: mpsc::UnboundedReceiver<Frame>,
 ) {
-    let n = targets.len() as u16;
-    let report = match resync_all(&disks, &stream, &counters, &targets, &out, inbox).await {
-        Ok(tag_seq) => counters.report(n, tag_seq, String::new()),
+    let Some(plan) = ck.pending() else {
+        return;
+    };
+    let n = plan.disks.len() as u16;
+    ck.counters.reset();
+    let guard = RunGuard(&ck);
+    let report = match resync_all(&ck, &plan, &disks, &stream, &out, inbox).await {
+        Ok(tag_seq) => ck.counters.report(n, tag_seq, String::new()),
         Err(e) => {
             warn!("checksum resync failed: {e:#}");
-            counters.report(n, 0, format!("{e:#}"))
+            ck.counters.report(n, 0, format!("{e:#}"))
         }
     };
-    counters.running.store(false, Ordering::SeqCst);
-    *counters.last.lock().unwrap_or_else(|p| p.into_inner()) = Some(report.clone());
+    ck.counters.running.store(false, Ordering::SeqCst);
+    drop(guard);
+    *ck.counters.last.lock().unwrap_or_else(|p| p.into_inner()) = Some(report.clone());
     let _ = out.send(Frame::ResyncDone(report)).await;
 }
 
 async fn resync_all(
+    ck: &Checksum,
+    plan: &Plan,
     disks: &[Arc<ProtectedDisk>],
     stream: &Arc<Stream>,
-    counters: &Arc<Counters>,
-    targets: &[u16],
     out: &mpsc::Sender<Frame>,
     mut inbox: mpsc::UnboundedReceiver<Frame>,
 ) -> Result<u64> {
-    let mut todo = Vec::new();
-    for &t in targets {
-        let d = disks.get(t as usize).ok_or_else(|| {
-            anyhow!(
-                "resync-start names disk {t}; this agent has {}",
-                disks.len()
-            )
-        })?;
-        todo.push(d.clone());
-    }
-    let names: Vec<&str> = todo.iter().map(|d| d.id.as_str()).collect();
     stream
-        .begin_checksum_resync(&format!("checksum resync of {}", names.join(", ")))
+        .begin_checksum_resync(&plan.reason, true)
         .map_err(|e| anyhow!(e))?;
-    counters.reset();
-    let guard = StateGuard {
-        stream: stream.clone(),
-        disks: disks.to_vec(),
-        counters: counters.clone(),
-    };
-    for (&index, d) in targets.iter().zip(&todo) {
-        resync_disk(index, d, stream, counters, out, &mut inbox)
+    info!(
+        "checksum resync running ({}): {}",
+        plan.reason,
+        describe(plan)
+    );
+    for pd in &plan.disks {
+        let (index, d) = disks
+            .iter()
+            .enumerate()
+            .find(|(_, d)| d.id == pd.id)
+            .ok_or_else(|| {
+                anyhow!(
+                    "the resync plan names disk {}, which is not configured",
+                    pd.id
+                )
+            })?;
+        resync_disk(ck, index as u16, d, pd.next_region, stream, out, &mut inbox)
             .await
             .with_context(|| format!("checksum resync of disk {}", d.id))?;
     }
-    if !guard.end() {
+    ck.complete().await?;
+    let no_dirty = || disks.iter().all(|d| d.dirty.dirty_count() == 0);
+    if !stream.end_checksum_resync(no_dirty) {
         bail!(
             "every block was compared and sent, but the stream left the resync state ({:?}: {}); the next point follows the dirty-region resync",
             stream.mode().0,
@@ -196,13 +401,15 @@ async fn reply(inbox: &mut mpsc::UnboundedReceiver<Frame>) -> Result<Frame> {
 }
 
 async fn resync_disk(
+    ck: &Checksum,
     index: u16,
     d: &Arc<ProtectedDisk>,
+    start: u64,
     stream: &Arc<Stream>,
-    counters: &Counters,
     out: &mpsc::Sender<Frame>,
     inbox: &mut mpsc::UnboundedReceiver<Frame>,
 ) -> Result<()> {
+    let counters = &ck.counters;
     let size = d.size_bytes();
     let regions = resync::region_count(size);
     let send = |f: Frame| async move {
@@ -210,7 +417,11 @@ async fn resync_disk(
             .await
             .map_err(|_| anyhow!("the session ended during the resync"))
     };
-    let mut first = 0u64;
+    let mut first = start;
+    let mut checkpoint = Instant::now();
+    if start > 0 {
+        info!(disk = %d.id, "checksum resync resumes at region {start} of {regions}");
+    }
     while first < regions {
         let count = BATCH_REGIONS.min(regions - first);
         // Level 0: read and hash the batch.
@@ -300,6 +511,11 @@ async fn resync_disk(
             }
         }
         first += count;
+        if checkpoint.elapsed() >= CHECKPOINT_EVERY || first >= regions {
+            stream.sync_journal().await.context("syncing the journal")?;
+            ck.advance(&d.id, first).await?;
+            checkpoint = Instant::now();
+        }
     }
     Ok(())
 }

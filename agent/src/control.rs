@@ -37,7 +37,7 @@ pub struct Control {
     pub link: Arc<Link>,
     pub sync: Vec<Arc<crate::sync::SyncProgress>>,
     pub dirty: Vec<Arc<crate::disk::ProtectedDisk>>,
-    pub checksum: Arc<crate::checksum::Counters>,
+    pub checksum: Arc<crate::checksum::Checksum>,
 }
 
 impl Control {

@@ -71,19 +71,6 @@ fn decode(buf: &[u8], regions: usize) -> Result<Vec<bool>> {
     Ok((0..n).map(|i| bytes[i / 8] & (1 << (i % 8)) != 0).collect())
 }
 
-fn write_file(path: &Path, data: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    let tmp = path.with_extension("rec.partial");
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(data)?;
-    f.sync_data()?;
-    std::fs::rename(&tmp, path)?;
-    if let Some(d) = path.parent() {
-        std::fs::File::open(d)?.sync_all()?;
-    }
-    Ok(())
-}
-
 impl DirtyMap {
     /// Opens the disk's activity log; returns the map and the regions the log
     /// held (what may differ after an unclean stop).
@@ -166,7 +153,7 @@ impl DirtyMap {
             (encode(&next), newly)
         };
         let path = self.path.clone();
-        tokio::task::spawn_blocking(move || write_file(&path, &data))
+        tokio::task::spawn_blocking(move || crate::fsutil::replace_file(&path, &data))
             .await
             .map_err(std::io::Error::other)??;
         let mut g = self.lock();
@@ -242,7 +229,7 @@ impl DirtyMap {
             encode(&g.logged)
         };
         let path = self.path.clone();
-        tokio::task::spawn_blocking(move || write_file(&path, &data))
+        tokio::task::spawn_blocking(move || crate::fsutil::replace_file(&path, &data))
             .await
             .map_err(std::io::Error::other)?
     }

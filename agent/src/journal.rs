@@ -13,6 +13,10 @@
 //! files whose every entry is acknowledged (the newest file is kept so the seq
 //! counter survives). On open, a torn record at the tail of the newest file is
 //! cut off; damage anywhere else is an error naming the file.
+//!
+//! [`Journal::rebase`] drops every file and starts an empty one named after the
+//! new base (the agent lost its state and continues the receiver's numbering):
+//! an empty newest file still fixes the counter.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -44,6 +48,10 @@ struct Shared {
     synced: u64,
     sync_requested: u64,
     release_upto: u64,
+    /// A rebase asked for (the new base), done by the writer thread.
+    rebase: Option<u64>,
+    /// Rebases done; a sync waiter whose entries a rebase dropped returns.
+    rebases: u64,
     shutdown: bool,
     error: Option<String>,
 }
@@ -168,7 +176,9 @@ impl Journal {
                 current = Some((*first, f, valid));
             }
         }
-        let last = entries.last().map(|e| e.seq).unwrap_or(0);
+        // An empty newest file (after a rebase) still says where numbering goes on.
+        let newest_base = files.last().map(|(first, _)| first.saturating_sub(1));
+        let last = entries.last().map(|e| e.seq).or(newest_base).unwrap_or(0);
         let shared = Arc::new((
             Mutex::new(Shared {
                 written: last,
@@ -212,13 +222,39 @@ impl Journal {
         }
     }
 
-    /// Blocks until every entry up to `seq` is written and fdatasync'ed.
+    /// Drops every entry and continues after `base`: blocks until the files are
+    /// replaced by one empty file named `base + 1` (synced). The caller holds
+    /// the stream's state lock, so no append interleaves.
+    pub fn rebase(&self, base: u64) -> std::io::Result<()> {
+        let (m, work, done) = &*self.shared;
+        let mut s = m.lock().unwrap_or_else(|p| p.into_inner());
+        s.pending.clear();
+        s.pending_first = base + 1;
+        s.pending_last = base;
+        s.rebase = Some(base);
+        let before = s.rebases;
+        work.notify_one();
+        while s.rebases == before {
+            if let Some(e) = &s.error {
+                return Err(std::io::Error::other(format!("journal: {e}")));
+            }
+            if s.shutdown {
+                return Err(std::io::Error::other("journal closed"));
+            }
+            s = done.wait(s).unwrap_or_else(|p| p.into_inner());
+        }
+        Ok(())
+    }
+
+    /// Blocks until every entry up to `seq` is written and fdatasync'ed (or a
+    /// rebase dropped it).
     pub fn sync_blocking(&self, seq: u64) -> std::io::Result<()> {
         let (m, work, done) = &*self.shared;
         let mut s = m.lock().unwrap_or_else(|p| p.into_inner());
         s.sync_requested = s.sync_requested.max(seq);
         work.notify_one();
-        while s.synced < seq {
+        let rebases = s.rebases;
+        while s.synced < seq && s.rebases == rebases {
             if let Some(e) = &s.error {
                 return Err(std::io::Error::other(format!("journal: {e}")));
             }
@@ -274,9 +310,47 @@ fn writer_thread(
     let mut closed: Vec<(u64, PathBuf)> = list_files(&dir).unwrap_or_default();
     closed.retain(|(first, _)| current.as_ref().map(|c| c.0) != Some(*first));
     loop {
+        let rebase = m.lock().unwrap_or_else(|p| p.into_inner()).rebase;
+        if let Some(base) = rebase {
+            let result = (|| -> std::io::Result<()> {
+                drop(current.take());
+                for (_, path) in closed.drain(..) {
+                    remove_if_present(&path)?;
+                }
+                for (_, path) in list_files(&dir).map_err(std::io::Error::other)? {
+                    remove_if_present(&path)?;
+                }
+                let f = OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(file_name(&dir, base + 1))?;
+                f.sync_all()?;
+                File::open(&dir)?.sync_all()?;
+                current = Some((base + 1, f, 0));
+                Ok(())
+            })();
+            let mut s = m.lock().unwrap_or_else(|p| p.into_inner());
+            match result {
+                Ok(()) => {
+                    s.written = base;
+                    s.synced = base;
+                    s.sync_requested = base;
+                    s.release_upto = base;
+                    s.rebases += 1;
+                }
+                Err(e) => s.error = Some(format!("rebasing on seq {base}: {e}")),
+            }
+            s.rebase = None;
+            done.notify_all();
+            continue;
+        }
         let (buf, first, last, want_sync, release, shutdown) = {
             let mut s = m.lock().unwrap_or_else(|p| p.into_inner());
-            if s.pending.is_empty() && s.sync_requested <= s.synced && !s.shutdown {
+            if s.pending.is_empty()
+                && s.sync_requested <= s.synced
+                && s.rebase.is_none()
+                && !s.shutdown
+            {
                 s = work
                     .wait_timeout(s, WRITE_INTERVAL)
                     .map(|(g, _)| g)
@@ -364,6 +438,13 @@ fn writer_thread(
     }
 }
 
+fn remove_if_present(path: &Path) -> std::io::Result<()> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -410,6 +491,29 @@ mod tests {
         drop(j);
         let (_, es) = Journal::open(dir.path()).unwrap();
         assert_eq!(es.last().unwrap(), &w(100, 10));
+    }
+
+    #[test]
+    fn rebase_drops_entries_and_numbering_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (j, _) = Journal::open(dir.path()).unwrap();
+            for s in 1..=10 {
+                j.append(&w(s, 100));
+            }
+            j.sync_blocking(10).unwrap();
+            j.rebase(500).unwrap();
+            assert_eq!(j.positions(), (500, 500));
+        }
+        // Nothing is replayed, and the counter continues after 500.
+        let (j, es) = Journal::open(dir.path()).unwrap();
+        assert!(es.is_empty());
+        assert_eq!(j.positions(), (500, 500));
+        j.append(&w(501, 10));
+        j.sync_blocking(501).unwrap();
+        drop(j);
+        let (_, es) = Journal::open(dir.path()).unwrap();
+        assert_eq!(es, vec![w(501, 10)]);
     }
 
     #[test]

@@ -33,6 +33,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<()> {
         );
     }
     let stream = Stream::new(journal, replay, cfg.journal_max_bytes);
+    let stream_id = Arc::new(crate::rebase::StreamIdFile::open(&cfg.state_dir)?);
     // A clean stop leaves this marker: the journal then holds every unacknowledged
     // write and nothing needs resending. Without it, the activity log decides.
     let clean_marker = cfg.state_dir.join("clean-shutdown");
@@ -41,6 +42,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<()> {
 
     let mut disks = Vec::new();
     let mut infos = Vec::new();
+    let mut held_regions = Vec::new();
     for (i, d) in cfg.disks.iter().enumerate() {
         let mode: IoMode = d.io_mode.parse().map_err(|e| anyhow::anyhow!("{e}"))?;
         let file = DiskFile::open(&d.path, mode)
@@ -57,15 +59,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<()> {
             size: file.size(),
         });
         let (dirty, held) = crate::dirty::DirtyMap::open(&cfg.state_dir, &d.id, file.size())?;
-        if !clean && !held.is_empty() {
-            warn!(
-                "disk {}: the agent did not stop cleanly; {} regions ({} MiB) written recently will be resent",
-                d.id,
-                held.len(),
-                (held.len() as u64 * crate::dirty::REGION) >> 20
-            );
-            dirty.mark_regions_dirty(&held);
-        }
+        held_regions.push(held);
         disks.push(Arc::new(ProtectedDisk::new(
             d.id.clone(),
             i as u16,
@@ -75,10 +69,30 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<()> {
         )));
     }
 
-    let progress = crate::sync::prepare(&cfg.state_dir, &disks, &stream)?;
+    let checksum = crate::checksum::Checksum::open(&cfg.state_dir, &disks, &stream)?;
+    let progress = crate::sync::prepare(&cfg.state_dir, &disks, &stream, &checksum).await?;
+    // After an unclean stop, what the activity log held is resent, unless a
+    // checksum resync compares the whole disk anyway.
+    let plan = checksum.pending();
+    for (d, held) in disks.iter().zip(held_regions) {
+        let whole = plan.as_ref().is_some_and(|p| {
+            p.disks
+                .iter()
+                .any(|pd| pd.id == d.id && pd.next_region == 0)
+        });
+        if clean || held.is_empty() || whole {
+            continue;
+        }
+        warn!(
+            "disk {}: the agent did not stop cleanly; {} regions ({} MiB) written recently will be resent",
+            d.id,
+            held.len(),
+            (held.len() as u64 * crate::dirty::REGION) >> 20
+        );
+        d.dirty.mark_regions_dirty(&held);
+    }
     let cancel = shutdown.child_token();
     let link = Arc::new(Link::default());
-    let resync_counters = Arc::new(crate::checksum::Counters::default());
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(sender::run(
         SenderConfig {
@@ -88,7 +102,8 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<()> {
             tls: tls_cfg,
             disks: infos.clone(),
             protected: disks.clone(),
-            resync: resync_counters.clone(),
+            checksum: checksum.clone(),
+            stream_id,
         },
         stream.clone(),
         link.clone(),
@@ -146,7 +161,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<()> {
         link,
         sync: progress,
         dirty: disks.clone(),
-        checksum: resync_counters,
+        checksum,
     });
 
     {

@@ -3,9 +3,15 @@
 //! → frames of queued entries; acks free the journal. Reconnects with capped
 //! backoff forever; the journal holds the stream meanwhile.
 //!
-//! The process server may start a checksum resync (resync-start): it runs as a
-//! task of the session (`checksum.rs`) whose frames share the writer, and is
-//! aborted when the session ends.
+//! The welcome may show that this agent lost its state (another stream id, or
+//! more durable than the journal kept): the agent then rebases (`rebase.rs`)
+//! and reconnects.
+//!
+//! A checksum resync (`checksum.rs`) runs as a task of the session whose frames
+//! share the writer: started by the process server's resync-start, or by the
+//! agent when a plan is pending (a resize, lost state, a resync cut short) and
+//! no initial sync runs. It is aborted when the session ends; its persisted
+//! plan makes the next session resume it.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -24,6 +30,8 @@ use tokio_rustls::TlsConnector;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use crate::checksum::Checksum;
+use crate::rebase::StreamIdFile;
 use crate::stream::Stream;
 
 /// Entry bytes per writes frame.
@@ -44,8 +52,12 @@ pub struct SenderConfig {
     pub disks: Vec<DiskInfo>,
     /// The disks, in hello order (checksum resync reads them).
     pub protected: Vec<Arc<crate::disk::ProtectedDisk>>,
-    pub resync: Arc<crate::checksum::Counters>,
+    pub checksum: Arc<Checksum>,
+    pub stream_id: Arc<StreamIdFile>,
 }
+
+/// How often a session looks for a pending checksum resync to resume.
+const RESUME_POLL: Duration = Duration::from_millis(250);
 
 /// Aborts the task when dropped (a resync does not outlive its session).
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
@@ -53,6 +65,48 @@ struct AbortOnDrop(tokio::task::JoinHandle<()>);
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
+    }
+}
+
+/// The session's checksum resync task and the channel of its replies.
+#[derive(Default)]
+struct ResyncSlot(std::sync::Mutex<Option<(AbortOnDrop, mpsc::UnboundedSender<Frame>)>>);
+
+impl ResyncSlot {
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, Option<(AbortOnDrop, mpsc::UnboundedSender<Frame>)>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn running(&self) -> bool {
+        self.lock()
+            .as_ref()
+            .is_some_and(|(t, _)| !t.0.is_finished())
+    }
+
+    /// Starts the pending plan unless a run is going on; returns whether it did.
+    fn start(&self, cfg: &SenderConfig, stream: &Arc<Stream>, out: &mpsc::Sender<Frame>) -> bool {
+        let mut slot = self.lock();
+        if slot.as_ref().is_some_and(|(t, _)| !t.0.is_finished()) {
+            return false;
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        let task = tokio::spawn(crate::checksum::run(
+            cfg.checksum.clone(),
+            cfg.protected.clone(),
+            stream.clone(),
+            out.clone(),
+            rx,
+        ));
+        *slot = Some((AbortOnDrop(task), tx));
+        true
+    }
+
+    fn forward(&self, f: Frame) -> bool {
+        self.lock()
+            .as_ref()
+            .is_some_and(|(_, tx)| tx.send(f).is_ok())
     }
 }
 
@@ -125,18 +179,34 @@ async fn session(
         max_version: PROTOCOL_MAX,
         machine: cfg.machine.clone(),
         disks: cfg.disks.clone(),
+        stream_id: cfg.stream_id.get(),
     });
     write_frame(&mut wr, &hello).await?;
     wr.flush().await?;
-    let durable = match tokio::time::timeout(CONNECT_TIMEOUT, read_frame(&mut rd, MAX_FRAME_LEN)).await {
+    let (durable, theirs) = match tokio::time::timeout(CONNECT_TIMEOUT, read_frame(&mut rd, MAX_FRAME_LEN)).await {
         Err(_) => bail!("no welcome from {} within {CONNECT_TIMEOUT:?}", cfg.server),
         Ok(r) => match r? {
-            Some(Frame::Welcome { durable, .. }) => durable,
+            Some(Frame::Welcome { durable, stream_id, .. }) => (durable, stream_id),
             Some(Frame::Error { code, message }) => bail!("process server refused the session (code {code}): {message}"),
             Some(other) => bail!("expected a welcome, got {other:?}"),
             None => bail!("process server closed the connection during the hello (is this machine's certificate accepted?)"),
         },
     };
+    let captured = stream.positions().captured;
+    if let Some(why) = crate::rebase::lost_state(cfg.stream_id.get(), theirs, durable, captured) {
+        let _ = wr.shutdown().await;
+        crate::rebase::rebase(
+            &why,
+            durable,
+            theirs,
+            &cfg.stream_id,
+            stream,
+            &cfg.checksum,
+            &cfg.protected,
+        )
+        .await?;
+        return Ok(()); // reconnect with the adopted numbering
+    }
     stream.lock_state().on_welcome(durable)?;
     stream.released(durable);
     link.connected.store(true, Ordering::Relaxed);
@@ -145,8 +215,8 @@ async fn session(
 
     // Frames of the checksum resync task, written between stream frames.
     let (ctl_tx, mut ctl_rx) = mpsc::channel::<Frame>(64);
+    let resync = ResyncSlot::default();
     let reader = async {
-        let mut resync: Option<(AbortOnDrop, mpsc::UnboundedSender<Frame>)> = None;
         loop {
             let f = match tokio::time::timeout(IDLE_TIMEOUT, read_frame(&mut rd, MAX_FRAME_LEN))
                 .await
@@ -161,32 +231,40 @@ async fn session(
                 }
                 Some(Frame::Ping { .. }) => {}
                 Some(Frame::ResyncStart { disks }) => {
-                    if resync.as_ref().is_some_and(|(t, _)| !t.0.is_finished()) {
-                        let _ = ctl_tx
-                            .send(Frame::ResyncDone(lifeboat_common::protocol::ResyncReport {
-                                disk_count: disks.len() as u16,
-                                error: "a checksum resync is already running".into(),
-                                ..Default::default()
-                            }))
-                            .await;
-                        continue;
+                    let refused = if resync.running() {
+                        Some("a checksum resync is already running".to_string())
+                    } else {
+                        cfg.checksum
+                            .request(
+                                &cfg.protected,
+                                &disks,
+                                "checksum resync requested by the process server",
+                                stream,
+                                false,
+                            )
+                            .err()
+                            .map(|e| format!("{e:#}"))
+                    };
+                    match refused {
+                        Some(error) => {
+                            warn!("checksum resync refused: {error}");
+                            let _ = ctl_tx
+                                .send(Frame::ResyncDone(lifeboat_common::protocol::ResyncReport {
+                                    disk_count: disks.len() as u16,
+                                    error,
+                                    ..Default::default()
+                                }))
+                                .await;
+                        }
+                        None => {
+                            info!("checksum resync requested by the process server");
+                            resync.start(cfg, stream, &ctl_tx);
+                        }
                     }
-                    info!("checksum resync requested by the process server");
-                    let (tx, rx) = mpsc::unbounded_channel();
-                    let task = tokio::spawn(crate::checksum::run(
-                        cfg.protected.clone(),
-                        stream.clone(),
-                        cfg.resync.clone(),
-                        disks,
-                        ctl_tx.clone(),
-                        rx,
-                    ));
-                    resync = Some((AbortOnDrop(task), tx));
                 }
                 Some(f @ (Frame::RegionsDiffer { .. } | Frame::BlocksDiffer { .. })) => {
-                    match &resync {
-                        Some((_, tx)) if tx.send(f).is_ok() => {}
-                        _ => bail!("resync reply from the process server while no resync runs"),
+                    if !resync.forward(f) {
+                        bail!("resync reply from the process server while no resync runs");
                     }
                 }
                 Some(Frame::Error { code, message }) => {
@@ -198,6 +276,20 @@ async fn session(
         }
         #[allow(unreachable_code)]
         Ok::<(), anyhow::Error>(())
+    };
+    // Resumes a pending checksum resync once no initial sync runs (once per
+    // session: a run that fails waits for the next session or a new request).
+    let resumer = async {
+        loop {
+            tokio::time::sleep(RESUME_POLL).await;
+            if cfg.checksum.pending().is_some() && !stream.syncing() {
+                if resync.start(cfg, stream, &ctl_tx) {
+                    info!("starting the pending checksum resync");
+                }
+                break;
+            }
+        }
+        std::future::pending::<Result<()>>().await
     };
     let writer = async {
         let mut nonce = 0u64;
@@ -243,5 +335,6 @@ async fn session(
     tokio::select! {
         r = reader => r,
         r = writer => r,
+        r = resumer => r,
     }
 }

@@ -57,8 +57,12 @@ pub struct Stream {
     pub resync_bytes: std::sync::atomic::AtomicU64,
     /// Disks whose initial sync is not finished: no recovery point meanwhile.
     syncing: std::sync::atomic::AtomicUsize,
-    /// A checksum resync owns the `resync` state (see `checksum.rs`).
+    /// A checksum resync owns the `resync` state (see `checksum.rs`), running
+    /// or waiting for the link to resume.
     checksum_active: std::sync::atomic::AtomicBool,
+    /// A checksum resync of every disk replaces the initial sync (the replica
+    /// already holds data: the agent lost its state).
+    sync_superseded: std::sync::atomic::AtomicBool,
 }
 
 /// A snapshot of the stream's positions.
@@ -76,7 +80,10 @@ pub struct Positions {
 impl Stream {
     /// Builds the stream from a journal and the entries it still holds.
     pub fn new(journal: Journal, replay: Vec<Entry>, max_bytes: u64) -> Arc<Stream> {
-        let start = replay.first().map(|e| e.seq - 1).unwrap_or(0);
+        let start = replay
+            .first()
+            .map(|e| e.seq - 1)
+            .unwrap_or(journal.positions().0);
         let mut state = SenderState::new(start);
         for e in replay {
             state.push(e);
@@ -91,6 +98,7 @@ impl Stream {
             mode: Mutex::new((Mode::Streaming, "started".into())),
             resync_bytes: std::sync::atomic::AtomicU64::new(0),
             checksum_active: std::sync::atomic::AtomicBool::new(false),
+            sync_superseded: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -178,7 +186,7 @@ impl Stream {
     /// `resync` → `streaming` if `no_dirty` still holds under the state lock.
     pub fn finish_resync(&self, no_dirty: impl Fn() -> bool) -> bool {
         let mut m = self.mode.lock().unwrap_or_else(|p| p.into_inner());
-        if m.0 == Mode::Resync && no_dirty() {
+        if m.0 == Mode::Resync && !self.checksum_active() && no_dirty() {
             warn!("replication state Resync -> Streaming: every dirty region resent");
             *m = (Mode::Streaming, "dirty regions resent".into());
             return true;
@@ -192,26 +200,51 @@ impl Stream {
             .load(std::sync::atomic::Ordering::SeqCst)
     }
 
-    /// `streaming` → `resync` for a checksum resync; refused in any other state.
-    pub fn begin_checksum_resync(&self, reason: &str) -> Result<(), String> {
+    /// A checksum resync takes the `resync` state (from `streaming`, or keeping
+    /// `bitmap`/`resync`, whose dirty regions then wait for it). Refused while
+    /// an initial sync runs unless `force` (the resync then follows it: points
+    /// wait for both). Joining one already pending is not an error.
+    pub fn begin_checksum_resync(&self, reason: &str, force: bool) -> Result<(), String> {
         let mut m = self.mode.lock().unwrap_or_else(|p| p.into_inner());
-        if self.syncing.load(std::sync::atomic::Ordering::SeqCst) > 0 {
+        if !force && self.syncing.load(std::sync::atomic::Ordering::SeqCst) > 0 {
             return Err("initial sync in progress: a checksum resync can only follow it".into());
         }
-        if m.0 != Mode::Streaming {
-            return Err(format!(
-                "replication state is {:?} ({}): a checksum resync starts only from streaming",
-                m.0, m.1
-            ));
+        self.checksum_active
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        if m.0 == Mode::Streaming {
+            warn!("replication state Streaming -> Resync: {reason}");
+            *m = (Mode::Resync, reason.to_string());
         }
-        if self
-            .checksum_active
-            .swap(true, std::sync::atomic::Ordering::SeqCst)
+        Ok(())
+    }
+
+    /// Whether an initial sync still runs.
+    pub fn syncing(&self) -> bool {
+        self.syncing.load(std::sync::atomic::Ordering::SeqCst) > 0
+    }
+
+    /// Initial syncs stop: a checksum resync of every disk replaces them.
+    pub fn supersede_sync(&self) {
+        self.sync_superseded
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    pub fn sync_superseded(&self) -> bool {
+        self.sync_superseded
+            .load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Drops every unacknowledged entry and continues the numbering after
+    /// `base` (the receiver's durable position), in the journal and the queue.
+    /// Only for an agent that lost its state, once a checksum resync of every
+    /// disk is recorded: it repairs whatever the dropped entries changed.
+    pub fn rebase(&self, base: u64) -> std::io::Result<()> {
         {
-            return Err("a checksum resync is already running".into());
+            let mut s = self.lock_state();
+            self.journal.rebase(base)?;
+            s.rebase(base);
         }
-        warn!("replication state Streaming -> Resync: {reason}");
-        *m = (Mode::Resync, reason.to_string());
+        self.space.notify_waiters();
         Ok(())
     }
 

@@ -10,7 +10,9 @@
 //! Progress is persisted in `<state-dir>/sync-<disk>.rec` (envelope b"LBSY" of
 //! JSON) only up to chunks already durable in the local journal, so a restart
 //! resumes where it stopped. While any disk syncs, no recovery point is taken;
-//! the first point is placed when every disk is done.
+//! the first point is placed when every disk is done. A checksum resync of
+//! every disk replaces the initial sync when the replica turns out to hold
+//! data already (the agent lost its state: `rebase.rs`) or the disk was resized.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -19,11 +21,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use lifeboat_common::codec::{envelope, open_envelope};
-use lifeboat_common::protocol::TagKind;
+use lifeboat_common::protocol::{Op, TagKind};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use crate::checksum::Checksum;
 use crate::disk::ProtectedDisk;
 use crate::stream::Stream;
 
@@ -100,54 +103,69 @@ fn load_record(path: &Path) -> Result<Option<SyncRecord>> {
 }
 
 fn store_record(path: &Path, rec: &SyncRecord) -> Result<()> {
-    use std::io::Write;
-    let tmp = path.with_extension("rec.partial");
-    let mut f =
-        std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-    f.write_all(&envelope(RECORD_MAGIC, 1, &serde_json::to_vec(rec)?))?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path).with_context(|| format!("renaming {}", tmp.display()))?;
-    if let Some(dir) = path.parent() {
-        std::fs::File::open(dir)?.sync_all()?;
-    }
-    Ok(())
+    crate::fsutil::replace_file(path, &envelope(RECORD_MAGIC, 1, &serde_json::to_vec(rec)?))
+        .with_context(|| format!("writing {}", path.display()))
 }
 
 /// Loads each disk's sync record and returns the progress objects; disks that
 /// need syncing are marked in the stream so no point is taken before they finish.
-pub fn prepare(
+///
+/// A disk whose size differs from its record was resized while the agent was
+/// stopped: a resize entry goes into the stream and a checksum resync of the
+/// disk is planned (it replaces any unfinished initial sync). A disk already in
+/// a pending checksum resync needs no initial sync either.
+pub async fn prepare(
     state_dir: &Path,
     disks: &[Arc<ProtectedDisk>],
-    stream: &Stream,
+    stream: &Arc<Stream>,
+    checksum: &Checksum,
 ) -> Result<Vec<Arc<SyncProgress>>> {
     let mut out = Vec::new();
-    for d in disks {
+    for (index, d) in disks.iter().enumerate() {
         let path = record_path(state_dir, &d.id);
-        let rec = load_record(&path)?;
-        let (cursor, done, replica_has_data) = match rec {
-            Some(r) if r.size == d.size_bytes() => (r.cursor, r.done, r.replica_has_data),
-            Some(r) => {
-                warn!(
-                    "disk {} changed size ({} → {} bytes): copying it again from the start, zeros included",
-                    d.id,
-                    r.size,
-                    d.size_bytes()
-                );
-                (0, false, true)
-            }
-            None => (0, false, false),
-        };
-        if !done {
+        let size = d.size_bytes();
+        let mut rec = load_record(&path)?.unwrap_or(SyncRecord {
+            size,
+            cursor: 0,
+            done: false,
+            replica_has_data: false,
+        });
+        if rec.size != size {
+            let reason = format!(
+                "disk {} was resized from {} to {size} bytes while the agent was stopped",
+                d.id, rec.size
+            );
+            warn!("{reason}: comparing it with the replica (checksum resync)");
+            stream.capture(Op::Resize {
+                disk: index as u16,
+                size,
+            });
+            stream.sync_journal().await.context("syncing the journal")?;
+            checksum.request(disks, &[index as u16], &reason, stream, true)?;
+        }
+        let planned = checksum
+            .pending()
+            .is_some_and(|p| p.disks.iter().any(|pd| pd.id == d.id));
+        if planned && (!rec.done || rec.size != size) {
+            rec = SyncRecord {
+                size,
+                cursor: size,
+                done: true,
+                replica_has_data: true,
+            };
+            store_record(&path, &rec)?;
+        }
+        if !rec.done {
             stream.begin_sync();
         }
         out.push(Arc::new(SyncProgress {
             disk: d.id.clone(),
-            size: d.size_bytes(),
-            cursor: AtomicU64::new(cursor),
+            size,
+            cursor: AtomicU64::new(rec.cursor),
             sent_bytes: AtomicU64::new(0),
-            done: AtomicBool::new(done),
-            skip_zero: !replica_has_data,
-            started_at: cursor,
+            done: AtomicBool::new(rec.done),
+            skip_zero: !rec.replica_has_data,
+            started_at: rec.cursor,
             started: Instant::now(),
         }));
     }
@@ -297,6 +315,11 @@ async fn sync_disk(
         if cancel.is_cancelled() {
             break;
         }
+        if stream.sync_superseded() {
+            info!(disk = %disk.id, "initial sync replaced by a checksum resync of the disk");
+            offset = p.size;
+            break;
+        }
         let len = SYNC_CHUNK.min(p.size - offset);
         tokio::select! {
             _ = stream.wait_space(0.5) => {}
@@ -345,7 +368,7 @@ async fn checkpoint(
         size: p.size,
         cursor,
         done,
-        replica_has_data: !p.skip_zero,
+        replica_has_data: !p.skip_zero || stream.sync_superseded(),
     };
     let path = path.to_path_buf();
     tokio::task::spawn_blocking(move || store_record(&path, &rec)).await??;

@@ -58,6 +58,10 @@ pub struct MachineRecord {
     pub format: u32,
     pub machine: String,
     pub disks: Vec<DiskInfo>,
+    /// Hex of the stream id whose numbering the stored seqs follow (see
+    /// `protocol.rs`); absent in records written before stream ids existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stream_id: Option<String>,
 }
 
 /// `points/<seq>.json`: a recovery point.

@@ -3,6 +3,8 @@
 //! A machine id is a DNS label (`[a-z0-9-]`, 1–63 characters, not starting or
 //! ending with `-`), so that the registration CA can bind it to a client
 //! certificate as the DNS name `<machine>.machine.lifeboat`.
+//!
+//! Stream ids (see `protocol.rs`) are 16 random bytes.
 
 /// Suffix of the DNS name in an agent's client certificate.
 pub const MACHINE_NAME_SUFFIX: &str = "machine.lifeboat";
@@ -41,4 +43,14 @@ mod tests {
         assert!(validate_id("machine", "a.b").is_err());
         assert!(validate_id("machine", "").is_err());
     }
+}
+
+/// A fresh random stream id.
+pub fn new_stream_id() -> crate::protocol::StreamId {
+    use ring::rand::{SecureRandom, SystemRandom};
+    let mut id = [0u8; 16];
+    SystemRandom::new()
+        .fill(&mut id)
+        .expect("the system random source works");
+    id
 }

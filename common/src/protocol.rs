@@ -17,14 +17,20 @@
 //!
 //! ```text
 //! hello   magic b"LBOT" | min_version u16 | max_version u16 | machine str16
-//!         | disk_count u16 | { disk_id str16 | size u64 }*
-//! welcome version u16 | durable u64 | max_frame u32
+//!         | disk_count u16 | { disk_id str16 | size u64 }* | stream_id [16]
+//! welcome version u16 | durable u64 | max_frame u32 | stream_id [16]
 //! writes  count u32 | entry*          (entries with consecutive seqs)
 //! tag     entry                       (an entry whose op is TAG)
 //! ack     durable u64                 (every seq <= durable is durable)
 //! error   code u16 | message str16
 //! ping    nonce u64 | is_reply u8
 //! ```
+//!
+//! The *stream id* names one numbering of the machine's stream: the agent makes
+//! one with a fresh journal, the receiver keeps the first it saw and returns it
+//! in the welcome. A hello with another id (the agent lost its state) gets a
+//! welcome whose id differs: the receiver then refuses entries until the agent
+//! has rebased its numbering on `durable` and adopted that id.
 //!
 //! Checksum resync (geometry and hashes in `resync.rs`: 4 KiB blocks, 1 MiB
 //! regions, 16-byte region hashes, 8-byte block hashes on the wire). The
@@ -54,6 +60,8 @@
 //!                 | op=2 ZERO   disk u16 | offset u64 | len u32   (trim / write-zeroes:
 //!                 |                                               the range reads as zeros)
 //!                 | op=3 TAG    kind u8 | time_ms u64 | label str16
+//!                 | op=4 RESIZE disk u16 | size u64              (the disk has this size
+//!                 |                                               from this seq on)
 //! ```
 //!
 //! Decoding is fallible everywhere: a frame whose claimed length exceeds the bound
@@ -157,6 +165,12 @@ pub enum Op {
         time_ms: u64,
         label: String,
     },
+    /// The disk has `size` bytes from this entry on (it was resized while the
+    /// agent was stopped).
+    Resize {
+        disk: u16,
+        size: u64,
+    },
 }
 
 /// One numbered element of a machine's write stream.
@@ -173,6 +187,7 @@ impl Entry {
             Op::Write { data, .. } => 14 + data.len(),
             Op::Zero { .. } => 14,
             Op::Tag { label, .. } => 11 + label.len().min(u16::MAX as usize),
+            Op::Resize { .. } => 10,
         }
     }
 
@@ -201,6 +216,11 @@ impl Entry {
                 out.put_u8(kind.code());
                 out.put_u64(*time_ms);
                 out.put_str16(label);
+            }
+            Op::Resize { disk, size } => {
+                out.put_u8(4);
+                out.put_u16(*disk);
+                out.put_u64(*size);
             }
         }
     }
@@ -237,6 +257,10 @@ impl Entry {
                 time_ms: r.u64("tag time")?,
                 label: r.str16("tag label")?,
             },
+            4 => Op::Resize {
+                disk: r.u16("resize disk")?,
+                size: r.u64("resize size")?,
+            },
             other => {
                 return Err(DecodeError::Invalid {
                     what: "entry op",
@@ -261,7 +285,11 @@ pub struct Hello {
     pub max_version: u16,
     pub machine: String,
     pub disks: Vec<DiskInfo>,
+    pub stream_id: StreamId,
 }
+
+/// Names one numbering of a machine's stream (see the module header).
+pub type StreamId = [u8; 16];
 
 /// Error codes carried by the error frame.
 pub mod error_code {
@@ -279,6 +307,7 @@ pub enum Frame {
         version: u16,
         durable: u64,
         max_frame: u32,
+        stream_id: StreamId,
     },
     Writes(Vec<Entry>),
     Tag(Entry),
@@ -366,15 +395,18 @@ impl Frame {
                     out.put_str16(&d.id);
                     out.put_u64(d.size);
                 }
+                out.extend_from_slice(&h.stream_id);
             }
             Frame::Welcome {
                 version,
                 durable,
                 max_frame,
+                stream_id,
             } => {
                 out.put_u16(*version);
                 out.put_u64(*durable);
                 out.put_u32(*max_frame);
+                out.extend_from_slice(stream_id);
             }
             Frame::Writes(entries) => {
                 out.put_u32(entries.len() as u32);
@@ -514,12 +546,14 @@ impl Frame {
                     max_version,
                     machine,
                     disks,
+                    stream_id: r.array("hello stream id")?,
                 })
             }
             2 => Frame::Welcome {
                 version: r.u16("welcome version")?,
                 durable: r.u64("welcome durable")?,
                 max_frame: r.u32("welcome max frame")?,
+                stream_id: r.array("welcome stream id")?,
             },
             3 => {
                 let n = r.u32("writes count")?;
@@ -674,11 +708,13 @@ mod tests {
                 id: "root".into(),
                 size: 1 << 30,
             }],
+            stream_id: [7; 16],
         }));
         round_trip(Frame::Welcome {
             version: 1,
             durable: 42,
             max_frame: MAX_FRAME_LEN,
+            stream_id: [9; 16],
         });
         round_trip(Frame::Writes(vec![
             Entry {
@@ -695,6 +731,13 @@ mod tests {
                     disk: 1,
                     offset: 0,
                     len: 512,
+                },
+            },
+            Entry {
+                seq: 3,
+                op: Op::Resize {
+                    disk: 1,
+                    size: 3 << 30,
                 },
             },
         ]));

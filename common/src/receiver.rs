@@ -12,7 +12,14 @@
 //! the machine's live session and returns a channel of [`ResyncEvent`]s. The
 //! agent's hash frames travel through the persist queue, so each is answered
 //! (from [`StreamSink::block_hashes`]) only after every entry received before it
-//! is durable, i.e. against the replica as the stream left it.
+//! is durable, i.e. against the replica as the stream left it. Whoever started
+//! a resync keeps receiving its events across reconnects: the watcher belongs
+//! to the machine, not to the session, because the agent resumes a resync cut
+//! by a lost link on its own when it is back.
+//!
+//! Stream ids: [`StreamSink::open`] returns the id of the numbering the sink
+//! holds; when it is not the hello's, the welcome says so and entries are
+//! refused (see `protocol.rs`).
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -24,7 +31,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::framed::{read_frame, write_frame, FrameError};
-use crate::protocol::{error_code, DiskInfo, Entry, Frame, ResyncReport, MAX_FRAME_LEN};
+use crate::protocol::{error_code, DiskInfo, Entry, Frame, ResyncReport, StreamId, MAX_FRAME_LEN};
 use crate::resync::{self, BlockHash, REGION_BLOCKS};
 use crate::session::{Action, ReceiverState, SessionError};
 
@@ -35,14 +42,25 @@ pub const REPLY_QUEUE_DEPTH: usize = 64;
 /// The most entry bytes one sink append coalesces.
 pub const MAX_COALESCED_BYTES: usize = 32 * 1024 * 1024;
 
+/// What a sink holds of a machine's stream when a session opens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Opened {
+    /// Every seq up to this one is durable.
+    pub durable: u64,
+    /// The numbering those seqs belong to: the first stream id the sink saw
+    /// for the machine (the hello's when it saw none).
+    pub stream_id: StreamId,
+}
+
 /// Where received entries go.
 pub trait StreamSink: Send + Sync + 'static {
-    /// Called once per session after the hello; returns the durable position.
+    /// Called once per session after the hello.
     fn open(
         &self,
         machine: &str,
         disks: &[DiskInfo],
-    ) -> impl Future<Output = anyhow::Result<u64>> + Send;
+        stream_id: StreamId,
+    ) -> impl Future<Output = anyhow::Result<Opened>> + Send;
     /// Makes `entries` (consecutive seqs) durable; returns the new durable position.
     fn append(
         &self,
@@ -77,6 +95,11 @@ const LOOKUP_REGIONS: usize = 64;
 #[serde(rename_all = "kebab-case", tag = "event")]
 pub enum ResyncEvent {
     Progress(ResyncProgress),
+    /// The session ended before the resync did; the agent resumes it when it
+    /// reconnects, and the events go on.
+    Interrupted {
+        reason: String,
+    },
     Done(ResyncReport),
 }
 
@@ -90,25 +113,37 @@ pub struct ResyncProgress {
     pub blocks_differ: u64,
 }
 
+/// Whoever waits for each machine's checksum resync, with its progress so far.
+type Watchers =
+    std::sync::Mutex<HashMap<String, (mpsc::UnboundedSender<ResyncEvent>, ResyncProgress)>>;
+
+fn watch_event(
+    watchers: &Watchers,
+    machine: &str,
+    f: impl FnOnce(&mut ResyncProgress) -> Option<ResyncEvent>,
+) {
+    let mut w = watchers.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some((tx, p)) = w.get_mut(machine) {
+        if let Some(ev) = f(p) {
+            let done = matches!(ev, ResyncEvent::Done(_));
+            if tx.send(ev).is_err() || done {
+                w.remove(machine);
+            }
+        }
+    }
+}
+
 /// The handle of a live session the receiver itself can act on.
 struct SessionCtl {
+    machine: String,
     inject: mpsc::Sender<Frame>,
     disks: Vec<DiskInfo>,
-    resync: std::sync::Mutex<Option<(mpsc::UnboundedSender<ResyncEvent>, ResyncProgress)>>,
+    watchers: Arc<Watchers>,
 }
 
 impl SessionCtl {
     fn event(&self, f: impl FnOnce(&mut ResyncProgress) -> Option<ResyncEvent>) {
-        let mut r = self.resync.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((tx, p)) = r.as_mut() {
-            if let Some(ev) = f(p) {
-                let done = matches!(ev, ResyncEvent::Done(_));
-                let _ = tx.send(ev);
-                if done {
-                    *r = None;
-                }
-            }
-        }
+        watch_event(&self.watchers, &self.machine, f)
     }
 }
 
@@ -153,6 +188,7 @@ struct Slot {
 pub struct Sessions {
     slots: std::sync::Mutex<HashMap<String, Slot>>,
     next_generation: std::sync::atomic::AtomicU64,
+    watchers: Arc<Watchers>,
 }
 
 impl Sessions {
@@ -191,16 +227,23 @@ impl Sessions {
                 }
             },
         };
-        let mut r = ctl.resync.lock().unwrap_or_else(|p| p.into_inner());
-        if r.as_ref().is_some_and(|(tx, _)| !tx.is_closed()) {
+        let mut w = self.watchers.lock().unwrap_or_else(|p| p.into_inner());
+        if w.get(machine).is_some_and(|(tx, _)| !tx.is_closed()) {
             return Err(format!("a resync of {machine:?} is already running"));
         }
         let (tx, rx) = mpsc::unbounded_channel();
         ctl.inject
             .try_send(Frame::ResyncStart { disks })
             .map_err(|e| format!("cannot reach the session of {machine:?}: {e}"))?;
-        *r = Some((tx, ResyncProgress::default()));
+        w.insert(machine.to_string(), (tx, ResyncProgress::default()));
         Ok(rx)
+    }
+
+    /// Tells the machine's resync watcher, if any, that its session ended.
+    fn interrupted(&self, machine: &str, reason: String) {
+        watch_event(&self.watchers, machine, |_| {
+            Some(ResyncEvent::Interrupted { reason })
+        });
     }
 
     /// Cancels the machine's current session and returns this one's token and lock.
@@ -286,9 +329,10 @@ where
     let machine = hello.machine.clone();
     let (inject, inject_rx) = mpsc::channel(INJECT_QUEUE_DEPTH);
     let ctl = Arc::new(SessionCtl {
+        machine: machine.clone(),
         inject,
         disks: hello.disks.clone(),
-        resync: Default::default(),
+        watchers: sessions.watchers.clone(),
     });
     let (generation, cancel, lock) = sessions.claim(&machine, ctl.clone());
     let result = async {
@@ -296,16 +340,26 @@ where
             g = lock.lock() => g,
             _ = cancel.cancelled() => return Err(ReceiveError::Superseded),
         };
-        let durable = match sink.open(&machine, &hello.disks).await {
-            Ok(d) => d,
+        let opened = match sink.open(&machine, &hello.disks, hello.stream_id).await {
+            Ok(o) => o,
             Err(e) => {
                 send_error(&mut wr, error_code::SERVER, &format!("{e:#}")).await;
                 return Err(ReceiveError::Sink(e));
             }
         };
-        let welcome = state.welcome(durable);
+        let durable = opened.durable;
+        let welcome = state.welcome(durable, opened.stream_id);
         write_frame(&mut wr, &welcome).await?;
         wr.flush().await?;
+        if opened.stream_id != hello.stream_id {
+            warn!(
+                %machine,
+                durable,
+                "the agent's stream id {} is not the one held here ({}): it lost its state and must rebase",
+                crate::hex(&hello.stream_id),
+                crate::hex(&opened.stream_id)
+            );
+        }
         info!(%machine, durable, "session started");
         let io = SessionIo {
             ctl,
@@ -320,6 +374,13 @@ where
     match &result {
         Ok(()) => info!(%machine, "session ended"),
         Err(e) => warn!(%machine, "session ended: {e}"),
+    }
+    if !matches!(result, Err(ReceiveError::Superseded)) {
+        let reason = match &result {
+            Ok(()) => "the agent closed the session".to_string(),
+            Err(e) => e.to_string(),
+        };
+        sessions.interrupted(&machine, reason);
     }
     result
 }
@@ -653,8 +714,11 @@ mod tests {
     }
 
     impl StreamSink for MemSink {
-        async fn open(&self, _m: &str, _d: &[DiskInfo]) -> anyhow::Result<u64> {
-            Ok(self.entries.lock().unwrap().last().copied().unwrap_or(0))
+        async fn open(&self, _m: &str, _d: &[DiskInfo], id: StreamId) -> anyhow::Result<Opened> {
+            Ok(Opened {
+                durable: self.entries.lock().unwrap().last().copied().unwrap_or(0),
+                stream_id: id,
+            })
         }
         async fn append(&self, _m: &str, entries: Vec<Entry>) -> anyhow::Result<u64> {
             let mut v = self.entries.lock().unwrap();
@@ -799,6 +863,7 @@ mod tests {
                 id: "d".into(),
                 size: 1 << 20,
             }],
+            stream_id: [3; 16],
         })
     }
 

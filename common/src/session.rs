@@ -26,6 +26,8 @@ pub enum SessionError {
     DurableBehindAcked { durable: u64, acked: u64 },
     #[error("gap in the write stream: expected seq {expected}, got {got}")]
     Gap { expected: u64, got: u64 },
+    #[error("the receiver holds another numbering of this machine's stream (stream id {theirs}, ours {ours}); the agent must rebase on the receiver's position before it sends entries")]
+    StreamMismatch { ours: String, theirs: String },
     #[error("unexpected {0} frame in this state")]
     Unexpected(&'static str),
     #[error("no common protocol version: peer speaks {min}..={max}, we speak {PROTOCOL_MIN}..={PROTOCOL_MAX}")]
@@ -97,6 +99,18 @@ impl SenderState {
         self.release(durable);
         self.sent = durable;
         Ok(())
+    }
+
+    /// Forgets every queued entry and continues the numbering after `base` (the
+    /// receiver's durable position) as if everything up to it were acknowledged.
+    /// Used when the agent lost its state: what the dropped entries changed is
+    /// repaired by a checksum resync.
+    pub fn rebase(&mut self, base: u64) {
+        self.queue.clear();
+        self.queued_bytes = 0;
+        self.captured = base;
+        self.sent = base;
+        self.acked = base;
     }
 
     /// The connection dropped: everything unacknowledged will be sent again.
@@ -193,6 +207,8 @@ pub struct ReceiverState {
     version: u16,
     received: u64,
     durable: u64,
+    /// The receiver's stream id when it differs from the hello's: entries refused.
+    mismatch: Option<protocol::StreamId>,
 }
 
 impl ReceiverState {
@@ -224,20 +240,33 @@ impl ReceiverState {
         Ok(self.hello.insert(h))
     }
 
-    /// The welcome frame announcing where the sender must resume.
-    pub fn welcome(&mut self, durable: u64) -> Frame {
+    /// The welcome frame announcing where the sender must resume; `stream_id`
+    /// is the numbering the receiver holds (entries are refused when it is not
+    /// the hello's).
+    pub fn welcome(&mut self, durable: u64, stream_id: protocol::StreamId) -> Frame {
         self.received = durable;
         self.durable = durable;
+        let hello_id = self.hello.as_ref().map(|h| h.stream_id);
+        self.mismatch = (hello_id != Some(stream_id)).then_some(stream_id);
         Frame::Welcome {
             version: self.version,
             durable,
             max_frame: protocol::MAX_FRAME_LEN,
+            stream_id,
         }
     }
 
     pub fn on_frame(&mut self, frame: Frame) -> Result<Action, SessionError> {
-        if self.hello.is_none() {
+        let Some(hello) = &self.hello else {
             return Err(SessionError::Unexpected("frame before hello"));
+        };
+        if let Some(theirs) = self.mismatch {
+            if !matches!(frame, Frame::Ping { .. }) {
+                return Err(SessionError::StreamMismatch {
+                    ours: crate::hex(&hello.stream_id),
+                    theirs: crate::hex(&theirs),
+                });
+            }
         }
         let entries = match frame {
             Frame::Writes(entries) => entries,
@@ -313,6 +342,7 @@ mod tests {
             max_version: 1,
             machine: "m".into(),
             disks: vec![],
+            stream_id: [1; 16],
         })
     }
 
@@ -328,7 +358,7 @@ mod tests {
         // First connection: send everything, persist only the first 4, then drop.
         let mut rx = ReceiverState::new();
         rx.on_hello(hello()).unwrap();
-        let Frame::Welcome { durable, .. } = rx.welcome(0) else {
+        let Frame::Welcome { durable, .. } = rx.welcome(0, [1; 16]) else {
             panic!()
         };
         tx.on_welcome(durable).unwrap();
@@ -351,7 +381,7 @@ mod tests {
         // Second connection resumes from the receiver's durable position.
         let mut rx = ReceiverState::new();
         rx.on_hello(hello()).unwrap();
-        let Frame::Welcome { durable, .. } = rx.welcome(4) else {
+        let Frame::Welcome { durable, .. } = rx.welcome(4, [1; 16]) else {
             panic!()
         };
         tx.on_welcome(durable).unwrap();
@@ -379,7 +409,7 @@ mod tests {
     fn duplicates_dropped_and_gaps_refused() {
         let mut rx = ReceiverState::new();
         rx.on_hello(hello()).unwrap();
-        rx.welcome(5);
+        rx.welcome(5, [1; 16]);
         assert_eq!(
             rx.on_frame(Frame::Writes(vec![write(4), write(5)]))
                 .unwrap(),
@@ -403,6 +433,7 @@ mod tests {
             max_version: 9,
             machine: "m".into(),
             disks: vec![],
+            stream_id: [1; 16],
         });
         assert!(matches!(
             rx.on_hello(bad),
@@ -430,6 +461,26 @@ mod tests {
             tx.on_ack(9),
             Err(SessionError::AckBeyondSent { .. })
         ));
+    }
+
+    #[test]
+    fn another_numbering_is_refused_until_the_agent_rebases() {
+        let mut rx = ReceiverState::new();
+        rx.on_hello(hello()).unwrap();
+        let Frame::Welcome { stream_id, .. } = rx.welcome(7, [2; 16]) else {
+            panic!()
+        };
+        assert_eq!(stream_id, [2; 16]);
+        assert!(matches!(
+            rx.on_frame(Frame::Writes(vec![write(8)])),
+            Err(SessionError::StreamMismatch { .. })
+        ));
+        // The agent rebases on 7: its next entry is 8 and nothing is queued.
+        let mut tx = SenderState::new(0);
+        tx.push(write(1));
+        tx.rebase(7);
+        assert_eq!((tx.next_seq(), tx.queued_bytes(), tx.acked()), (8, 0, 7));
+        assert!(tx.poll_transmit(1 << 20).is_empty());
     }
 
     #[test]

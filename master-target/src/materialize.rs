@@ -7,6 +7,10 @@
 //! image is exactly the source disk after the point's last write. A missing
 //! segment (a gap in the stream), a tampered object or a write outside a disk is
 //! an error naming the object, and the images are then not to be used.
+//!
+//! A disk resized while protected has a resize entry in the stream: bytes past
+//! a shrunk end are zeroed, and each image gets the size its disk had at the
+//! point (recorded in the point, or set by the last resize for `latest`).
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
@@ -176,7 +180,10 @@ pub struct Report {
 
 struct Target {
     file: File,
-    size: u64,
+    /// No write may reach past this (the largest size the disk had).
+    limit: u64,
+    /// The size set by the last resize entry applied.
+    resized_to: Option<u64>,
     written: u64,
 }
 
@@ -200,10 +207,19 @@ pub async fn materialize(
         );
     }
     std::fs::create_dir_all(out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
+    // Images are sized to the largest size the disk is known to have had (a
+    // shrink may follow older writes), then cut to the size at the point.
+    let size_at =
+        |p: &PointRecord, i: usize, id: &str| p.disks.get(i).filter(|d| d.id == id).map(|d| d.size);
     let mut targets = BTreeMap::new();
     let mut paths = Vec::new();
     for (i, d) in rec.disks.iter().enumerate() {
         let path = out_dir.join(format!("{}.raw", d.id));
+        let limit = inv
+            .points
+            .iter()
+            .filter_map(|p| size_at(p, i, &d.id))
+            .fold(d.size, u64::max);
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -211,13 +227,14 @@ pub async fn materialize(
             .truncate(true)
             .open(&path)
             .with_context(|| format!("creating {}", path.display()))?;
-        file.set_len(d.size)
-            .with_context(|| format!("sizing {} to {} bytes", path.display(), d.size))?;
+        file.set_len(limit)
+            .with_context(|| format!("sizing {} to {limit} bytes", path.display()))?;
         targets.insert(
             i as u16,
             Target {
                 file,
-                size: d.size,
+                limit,
+                resized_to: None,
                 written: 0,
             },
         );
@@ -292,15 +309,22 @@ pub async fn materialize(
         .map_err(|_| anyhow!("internal: targets still shared"))?
         .into_inner()
         .unwrap_or_else(|p| p.into_inner());
-    for ((_, target), (d, path)) in t.into_iter().zip(rec.disks.iter().zip(paths)) {
+    for (i, ((_, target), (d, path))) in t.into_iter().zip(rec.disks.iter().zip(paths)).enumerate()
+    {
+        let size = match &resolved.point {
+            Some(p) => size_at(p, i, &d.id),
+            None => target.resized_to,
+        }
+        .unwrap_or(d.size);
         target
             .file
-            .sync_all()
-            .with_context(|| format!("syncing {}", path.display()))?;
+            .set_len(size)
+            .and_then(|()| target.file.sync_all())
+            .with_context(|| format!("sizing and syncing {}", path.display()))?;
         disks.push(DiskReport {
             id: d.id.clone(),
             path,
-            size: target.size,
+            size,
             bytes_written: target.written,
         });
     }
@@ -341,6 +365,18 @@ fn apply(
                 zero_range(&t.file, *offset, *len as u64)
                     .with_context(|| format!("zeroing seq {} on disk {disk}", e.seq))?;
             }
+            Op::Resize { disk, size } => {
+                let t = target(targets, *disk, e.seq)?;
+                // What lies past a shrunk disk's end reads as zeros if it grows again.
+                if *size < t.limit {
+                    zero_range(&t.file, *size, t.limit - *size)
+                        .with_context(|| format!("resizing disk {disk} at seq {}", e.seq))?;
+                } else {
+                    t.file.set_len(*size)?;
+                    t.limit = *size;
+                }
+                t.resized_to = Some(*size);
+            }
             Op::Tag { .. } => {
                 if e.seq == upto {
                     saw_tag = true;
@@ -358,10 +394,10 @@ fn target(targets: &mut BTreeMap<u16, Target>, disk: u16, seq: u64) -> Result<&m
 }
 
 fn check_range(t: &Target, disk: u16, seq: u64, offset: u64, len: u64) -> Result<()> {
-    if offset.checked_add(len).is_none_or(|end| end > t.size) {
+    if offset.checked_add(len).is_none_or(|end| end > t.limit) {
         bail!(
             "seq {seq} writes {len} bytes at {offset} on disk #{disk}, beyond its size {}",
-            t.size
+            t.limit
         );
     }
     Ok(())

@@ -75,6 +75,22 @@ fn hash_updates(batch: &mut WriteBatch, cf: &rocksdb::ColumnFamily, machine: &st
         Op::Write { disk, offset, data } => (*disk, *offset, data.len() as u64, Some(data)),
         Op::Zero { disk, offset, len } => (*disk, *offset, *len as u64, None),
         Op::Tag { .. } => return,
+        Op::Resize { disk, size } => {
+            // Blocks past the new end read as zeros if the disk grows again.
+            batch.delete_range_cf(
+                cf,
+                hash_key(machine, *disk, size.div_ceil(BLOCK)),
+                hash_key(machine, *disk, u64::MAX),
+            );
+            if !size.is_multiple_of(BLOCK) {
+                batch.put_cf(
+                    cf,
+                    hash_key(machine, *disk, size / BLOCK),
+                    resync::UNKNOWN_HASH,
+                );
+            }
+            return;
+        }
     };
     if len == 0 {
         return;
@@ -337,6 +353,19 @@ impl Cache {
     }
 
     /// Every machine this cache has seen, with its last announced disks.
+    /// The record of one machine, if it ever connected.
+    pub fn machine(&self, machine: &str) -> Result<Option<MachineRecord>> {
+        let meta = self.cf(CF_META)?;
+        match self.db.get_cf(meta, format!("machine/{machine}"))? {
+            None => Ok(None),
+            Some(v) => {
+                let p = open_envelope(&v, MACHINE_MAGIC, 1, "machine record")
+                    .with_context(|| format!("reading the machine record of {machine}"))?;
+                Ok(Some(serde_json::from_slice(p)?))
+            }
+        }
+    }
+
     pub fn machines(&self) -> Result<Vec<MachineRecord>> {
         let meta = self.cf(CF_META)?;
         let mut out = Vec::new();

@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use lifeboat_common::catalogue::{MachineRecord, FORMAT_VERSION};
-use lifeboat_common::protocol::{DiskInfo, Entry};
-use lifeboat_common::receiver::{serve_connection, Sessions, StreamSink};
+use lifeboat_common::protocol::{DiskInfo, Entry, StreamId};
+use lifeboat_common::receiver::{serve_connection, Opened, Sessions, StreamSink};
 use lifeboat_common::seal::Key;
 use lifeboat_common::store::Store;
 use lifeboat_common::tls;
@@ -64,21 +64,38 @@ impl PsSink {
 }
 
 impl StreamSink for PsSink {
-    async fn open(&self, machine: &str, disks: &[DiskInfo]) -> Result<u64> {
-        let rec = MachineRecord {
-            format: FORMAT_VERSION,
-            machine: machine.to_string(),
-            disks: disks.to_vec(),
-        };
+    /// Keeps the first stream id a machine presented; a later hello with
+    /// another id changes nothing here (the agent must rebase first).
+    async fn open(&self, machine: &str, disks: &[DiskInfo], stream_id: StreamId) -> Result<Opened> {
         let cache = self.cache.clone();
         let m = machine.to_string();
-        let durable = tokio::task::spawn_blocking(move || {
-            cache.put_machine(&rec)?;
-            cache.durable(&m)
+        let disks = disks.to_vec();
+        let opened = tokio::task::spawn_blocking(move || -> Result<Opened> {
+            let old = cache.machine(&m)?;
+            let held = match old.as_ref().and_then(|r| r.stream_id.as_deref()) {
+                Some(h) => lifeboat_common::unhex::<16>(h).with_context(|| {
+                    format!("the machine record of {m} has a malformed stream id {h:?}")
+                })?,
+                None => stream_id,
+            };
+            let disks = match old {
+                Some(old) if held != stream_id => old.disks,
+                _ => disks,
+            };
+            cache.put_machine(&MachineRecord {
+                format: FORMAT_VERSION,
+                machine: m.clone(),
+                disks,
+                stream_id: Some(lifeboat_common::hex(&held)),
+            })?;
+            Ok(Opened {
+                durable: cache.durable(&m)?,
+                stream_id: held,
+            })
         })
         .await??;
         self.uploader(machine);
-        Ok(durable)
+        Ok(opened)
     }
 
     async fn append(&self, machine: &str, entries: Vec<Entry>) -> Result<u64> {

@@ -9,6 +9,11 @@
 //! advances strictly in order. Store errors retry with capped backoff forever
 //! (the cache absorbs the stream meanwhile); nothing is deleted before the
 //! segment and its points are stored.
+//!
+//! Disk sizes: the uploader starts from the sizes in `machine.json` and follows
+//! the stream's resize entries; each point records the sizes at its seq, and a
+//! segment that resized a disk rewrites `machine.json` before `uploaded` moves
+//! past it.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -19,7 +24,7 @@ use bytes::Bytes;
 use lifeboat_common::catalogue::{
     self, encode_segment, format_time_ms, point_object, segment_object, MachineRecord, PointRecord,
 };
-use lifeboat_common::protocol::{Entry, Op};
+use lifeboat_common::protocol::{DiskInfo, Entry, Op};
 use lifeboat_common::seal::{self, Key};
 use lifeboat_common::store::Store;
 use tokio::sync::Notify;
@@ -125,15 +130,23 @@ pub struct MachineUploader {
     pub tail: std::sync::Mutex<Tail>,
 }
 
-/// Writes `machine.json` and makes sure the machine's data key exists, returning it.
-pub async fn prepare_machine(store: &Store, kek: &Key, rec: &MachineRecord) -> Result<Key> {
+/// Writes `machine.json` and makes sure the machine's data key exists; returns
+/// the key and the record the uploader starts from. Disk sizes already in the
+/// store are kept: they are the sizes as of the last uploaded segment, and
+/// resize entries in the stream change them from there.
+pub async fn prepare_machine(
+    store: &Store,
+    kek: &Key,
+    rec: &MachineRecord,
+) -> Result<(Key, MachineRecord)> {
     let m = &rec.machine;
-    store
-        .put(
-            &catalogue::machine_json(m),
-            Bytes::from(serde_json::to_vec_pretty(rec)?),
-        )
-        .await?;
+    let mut rec = rec.clone();
+    match catalogue::load_machine(store, m).await {
+        Ok(stored) if stored.disks.len() == rec.disks.len() => rec.disks = stored.disks,
+        Ok(_) | Err(catalogue::CatalogueError::Missing { .. }) => {}
+        Err(e) => return Err(e.into()),
+    }
+    put_machine_json(store, &rec).await?;
     let name = catalogue::data_key_object(m);
     let fresh = Key::generate();
     let created = store
@@ -141,15 +154,48 @@ pub async fn prepare_machine(store: &Store, kek: &Key, rec: &MachineRecord) -> R
         .await?;
     if created {
         info!(machine = %m, "created data key {}", store.describe(&name));
-        return Ok(fresh);
+        return Ok((fresh, rec));
     }
-    Ok(catalogue::load_data_key(store, kek, m).await?)
+    Ok((catalogue::load_data_key(store, kek, m).await?, rec))
+}
+
+async fn put_machine_json(store: &Store, rec: &MachineRecord) -> Result<()> {
+    store
+        .put(
+            &catalogue::machine_json(&rec.machine),
+            Bytes::from(serde_json::to_vec_pretty(rec)?),
+        )
+        .await?;
+    Ok(())
+}
+
+/// Applies the resize entries among `entries` to `disks`; returns whether any did.
+fn apply_resizes(disks: &mut [DiskInfo], entries: &[Entry]) -> bool {
+    let mut any = false;
+    for e in entries {
+        if let Op::Resize { disk, size } = e.op {
+            match disks.get_mut(disk as usize) {
+                Some(d) => {
+                    info!(seq = e.seq, disk = %d.id, from = d.size, to = size, "disk resized");
+                    d.size = size;
+                    any = true;
+                }
+                None => warn!(
+                    seq = e.seq,
+                    "resize of disk #{disk}, which the machine record does not list"
+                ),
+            }
+        }
+    }
+    any
 }
 
 struct Upload {
     first: u64,
     last: u64,
     handle: JoinHandle<Option<()>>,
+    /// The record to store once this segment is uploaded (it resized a disk).
+    machine_json: Option<MachineRecord>,
 }
 
 /// The uploader task of one machine. Returns when `cancel` fires.
@@ -173,7 +219,7 @@ pub async fn run_machine(
         warn!(%machine, "no machine record in the cache; uploader not started");
         return;
     };
-    let Some(data_key) = retry(
+    let Some((data_key, mut rec)) = retry(
         &format!("preparing {machine} in {}", store.url()),
         &cancel,
         || prepare_machine(&store, &kek, &rec),
@@ -204,6 +250,17 @@ pub async fn run_machine(
             match u.handle.await {
                 Ok(Some(())) => {}
                 _ => return, // cancelled
+            }
+            if let Some(r) = &u.machine_json {
+                let done = retry(
+                    &format!("recording the new disk sizes of {machine}"),
+                    &cancel,
+                    || put_machine_json(&store, r),
+                )
+                .await;
+                if done.is_none() {
+                    return; // cancelled
+                }
             }
             let c = cache.clone();
             let m = machine.clone();
@@ -291,11 +348,13 @@ pub async fn run_machine(
         let first = next;
         let last = entries.last().map(|e| e.seq).unwrap_or(first);
         next = last + 1;
+        let disks_at_start = rec.disks.clone();
+        let machine_json = apply_resizes(&mut rec.disks, &entries).then(|| rec.clone());
         let task = upload_segment(
             store.clone(),
             data_key.clone(),
             machine.clone(),
-            rec.clone(),
+            disks_at_start,
             entries,
             cfg.zstd_level,
             cancel.clone(),
@@ -310,6 +369,7 @@ pub async fn run_machine(
             first,
             last,
             handle,
+            machine_json,
         });
     }
 }
@@ -318,7 +378,7 @@ async fn upload_segment(
     store: Store,
     key: Key,
     machine: String,
-    rec: MachineRecord,
+    mut disks: Vec<DiskInfo>,
     entries: Vec<Entry>,
     level: i32,
     cancel: CancellationToken,
@@ -326,14 +386,20 @@ async fn upload_segment(
     let first = entries.first()?.seq;
     let last = entries.last()?.seq;
     let name = segment_object(&machine, first, last);
-    let points: Vec<PointRecord> = entries
-        .iter()
-        .filter_map(|e| match &e.op {
+    // A point carries the disk sizes of its seq.
+    let mut points: Vec<PointRecord> = Vec::new();
+    for e in &entries {
+        match &e.op {
+            Op::Resize { disk, size } => {
+                if let Some(d) = disks.get_mut(*disk as usize) {
+                    d.size = *size;
+                }
+            }
             Op::Tag {
                 kind,
                 time_ms,
                 label,
-            } => Some(PointRecord {
+            } => points.push(PointRecord {
                 format: catalogue::FORMAT_VERSION,
                 id: catalogue::point_id(e.seq),
                 kind: *kind,
@@ -341,11 +407,11 @@ async fn upload_segment(
                 time_ms: *time_ms,
                 time: format_time_ms(*time_ms),
                 label: label.clone(),
-                disks: rec.disks.clone(),
+                disks: disks.clone(),
             }),
-            _ => None,
-        })
-        .collect();
+            _ => {}
+        }
+    }
     let sealed = {
         let name = name.clone();
         let machine = machine.clone();

@@ -52,6 +52,7 @@ fn hello(machine: &str) -> Frame {
             id: "root".into(),
             size: MIB,
         }],
+        stream_id: [0x5a; 16],
     })
 }
 

@@ -1,0 +1,34 @@
+//! Small durable-file helpers for the agent's state records: replace a file
+//! atomically (write `<name>.partial`, fsync, rename, fsync the directory) and
+//! remove one durably.
+
+use std::io::Write;
+use std::path::Path;
+
+/// Replaces `path` with `data` so that a crash leaves the old or the new file.
+pub fn replace_file(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".partial");
+    let tmp = std::path::PathBuf::from(tmp);
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(data)?;
+    f.sync_data()?;
+    std::fs::rename(&tmp, path)?;
+    sync_parent(path)
+}
+
+/// Removes `path` (absent is fine) and makes the removal durable.
+pub fn remove_file(path: &Path) -> std::io::Result<()> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        r => r?,
+    }
+    sync_parent(path)
+}
+
+fn sync_parent(path: &Path) -> std::io::Result<()> {
+    match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => std::fs::File::open(d)?.sync_all(),
+        _ => Ok(()),
+    }
+}

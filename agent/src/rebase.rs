@@ -1,0 +1,151 @@
+//! The agent's stream id and the rebase that follows lost state.
+//!
+//! The stream id (`<state-dir>/stream-id`, hex) names this agent's numbering of
+//! the stream; it is made with a fresh state directory and sent in the hello.
+//! The welcome tells where the receiver's stream ends and whose numbering it
+//! holds. The agent lost its state when the receiver holds another numbering
+//! (the state directory was wiped or the agent reinstalled) or holds more than
+//! the journal kept (the journal lost its tail). Then its own entries cannot be
+//! matched with the receiver's, so it *rebases*, in this order, each step
+//! durable before the next:
+//!
+//! 1. a checksum resync of every disk is planned (it replaces any initial sync);
+//! 2. the journal and the queue drop every entry and continue after the
+//!    receiver's durable seq;
+//! 3. the receiver's stream id is adopted;
+//!
+//! then reconnects. A crash in between repeats the rebase on the next welcome.
+//! Nothing acknowledged to a writer is lost: the dropped entries' data is on
+//! the disk, and the checksum resync sends whatever the replica lacks.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use anyhow::{anyhow, Context, Result};
+use lifeboat_common::protocol::StreamId;
+use lifeboat_common::{hex, unhex};
+use tracing::{info, warn};
+
+use crate::checksum::Checksum;
+use crate::disk::ProtectedDisk;
+use crate::stream::Stream;
+
+pub const STREAM_ID_FILE: &str = "stream-id";
+
+/// The persisted stream id.
+pub struct StreamIdFile {
+    path: PathBuf,
+    id: Mutex<StreamId>,
+}
+
+impl StreamIdFile {
+    /// Loads the id, or makes and stores a new one.
+    pub fn open(state_dir: &Path) -> Result<StreamIdFile> {
+        let path = state_dir.join(STREAM_ID_FILE);
+        let id = match std::fs::read_to_string(&path) {
+            Ok(s) => unhex::<16>(s.trim()).ok_or_else(|| {
+                anyhow!(
+                    "{} does not hold a stream id (32 hex digits); remove it to start a new numbering (the replica is then compared by a checksum resync)",
+                    path.display()
+                )
+            })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let id = lifeboat_common::ids::new_stream_id();
+                crate::fsutil::replace_file(&path, hex(&id).as_bytes())
+                    .with_context(|| format!("writing {}", path.display()))?;
+                info!("new stream id {}", hex(&id));
+                id
+            }
+            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+        };
+        Ok(StreamIdFile {
+            path,
+            id: Mutex::new(id),
+        })
+    }
+
+    pub fn get(&self) -> StreamId {
+        *self.id.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn adopt(&self, id: StreamId) -> Result<()> {
+        crate::fsutil::replace_file(&self.path, hex(&id).as_bytes())
+            .with_context(|| format!("writing {}", self.path.display()))?;
+        *self.id.lock().unwrap_or_else(|p| p.into_inner()) = id;
+        Ok(())
+    }
+}
+
+/// Why the welcome means this agent lost its state, if it does.
+pub fn lost_state(ours: StreamId, theirs: StreamId, durable: u64, captured: u64) -> Option<String> {
+    if ours != theirs {
+        return Some(format!(
+            "the process server holds another numbering of this machine's stream (stream id {}, ours {}): this agent's state was lost or replaced",
+            hex(&theirs),
+            hex(&ours)
+        ));
+    }
+    (durable > captured).then(|| {
+        format!(
+            "the process server holds seqs up to {durable}, beyond the {captured} this agent's journal kept: the journal lost its tail"
+        )
+    })
+}
+
+/// Rebases the stream on the receiver's `durable` position and adopts its
+/// stream id (see the module header).
+pub async fn rebase(
+    why: &str,
+    durable: u64,
+    theirs: StreamId,
+    ids: &StreamIdFile,
+    stream: &Arc<Stream>,
+    checksum: &Checksum,
+    disks: &[Arc<ProtectedDisk>],
+) -> Result<()> {
+    warn!("{why}; continuing after seq {durable} and comparing every disk with the replica");
+    let all: Vec<u16> = (0..disks.len() as u16).collect();
+    checksum.request(disks, &all, why, stream, true)?;
+    stream.supersede_sync();
+    let s = stream.clone();
+    tokio::task::spawn_blocking(move || s.rebase(durable))
+        .await?
+        .context("rebasing the journal")?;
+    ids.adopt(theirs)?;
+    info!(
+        "stream rebased: next seq {}, stream id {}",
+        durable + 1,
+        hex(&theirs)
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lost_state_is_another_numbering_or_a_short_journal() {
+        assert!(lost_state([1; 16], [1; 16], 5, 5).is_none());
+        assert!(lost_state([1; 16], [1; 16], 3, 9).is_none());
+        assert!(lost_state([1; 16], [2; 16], 0, 9)
+            .unwrap()
+            .contains("another numbering"));
+        assert!(lost_state([1; 16], [1; 16], 10, 9)
+            .unwrap()
+            .contains("lost its tail"));
+    }
+
+    #[test]
+    fn stream_id_is_made_once_and_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = StreamIdFile::open(dir.path()).unwrap().get();
+        let f = StreamIdFile::open(dir.path()).unwrap();
+        assert_eq!(f.get(), a);
+        f.adopt([4; 16]).unwrap();
+        assert_eq!(StreamIdFile::open(dir.path()).unwrap().get(), [4; 16]);
+        std::fs::write(dir.path().join(STREAM_ID_FILE), "junk").unwrap();
+        let e = StreamIdFile::open(dir.path()).err().unwrap().to_string();
+        assert!(e.contains("stream id"), "{e}");
+    }
+}
