@@ -13,8 +13,8 @@
 //!
 //! The plan (which disks, and per disk the first region not yet compared) is
 //! persisted in `<state-dir>/checksum-resync.rec` (envelope b"LBCK" of JSON),
-//! advanced every `CHECKPOINT_EVERY` once the blocks resent so far are durable
-//! in the journal. A resync cut by a lost link or an agent restart resumes
+//! advanced after every batch once the blocks resent so far are durable in the
+//! journal (two fsyncs per 64 MiB compared). A resync cut by a lost link or an agent restart resumes
 //! from there when the link is back. While a plan exists the state is `resync`
 //! and no point is taken; when every disk is compared the plan is removed, the
 //! state returns to `streaming`, a crash-consistent tag
@@ -24,7 +24,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use lifeboat_common::codec::{envelope, open_envelope};
@@ -44,8 +44,6 @@ pub const READ_UNIT: u64 = 8 * REGION;
 pub const TAG_LABEL: &str = "checksum-resync-complete";
 /// The longest the final tag waits for its acknowledgement before resync-done.
 const ACK_WAIT: Duration = Duration::from_secs(120);
-/// How often the plan's progress is made durable.
-const CHECKPOINT_EVERY: Duration = Duration::from_secs(2);
 pub const PLAN_FILE: &str = "checksum-resync.rec";
 const PLAN_MAGIC: [u8; 4] = *b"LBCK";
 
@@ -418,7 +416,6 @@ async fn resync_disk(
             .map_err(|_| anyhow!("the session ended during the resync"))
     };
     let mut first = start;
-    let mut checkpoint = Instant::now();
     if start > 0 {
         info!(disk = %d.id, "checksum resync resumes at region {start} of {regions}");
     }
@@ -511,11 +508,8 @@ async fn resync_disk(
             }
         }
         first += count;
-        if checkpoint.elapsed() >= CHECKPOINT_EVERY || first >= regions {
-            stream.sync_journal().await.context("syncing the journal")?;
-            ck.advance(&d.id, first).await?;
-            checkpoint = Instant::now();
-        }
+        stream.sync_journal().await.context("syncing the journal")?;
+        ck.advance(&d.id, first).await?;
     }
     Ok(())
 }

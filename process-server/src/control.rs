@@ -4,6 +4,8 @@
 //! ```text
 //! {"cmd":"resync","machine":"web-1","disk":null}
 //!   → {"event":"progress","regions-compared":..,"regions-differ":..,..}*
+//!     and {"event":"interrupted","reason":".."} when the session ends before
+//!     the resync (the agent resumes it when it reconnects; events go on)
 //!   → {"ok":true,"event":"done","hashed-bytes":..,"hash-bytes":..,"block-bytes":..,..}
 //!   or {"ok":false,"error":".."}
 //! ```
@@ -68,7 +70,7 @@ async fn handle<W: AsyncWriteExt + Unpin>(
     }
     wr.write_all(&line(&serde_json::json!({
         "ok": false,
-        "error": format!("the session of {machine} ended before the resync finished; run it again once the agent is connected"),
+        "error": format!("the process server stopped before the resync of {machine} finished"),
     })))
     .await
 }

@@ -605,3 +605,88 @@ pub fn qemu_io(uri: &str, cmds: &[&str]) -> Result<String> {
     }
     Ok(out)
 }
+
+/// xorshift64*: deterministic test data without a dependency.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    pub fn fill(&mut self, buf: &mut [u8]) {
+        for c in buf.chunks_mut(8) {
+            let v = self.next().to_le_bytes();
+            c.copy_from_slice(&v[..c.len()]);
+        }
+    }
+}
+
+/// Overwrites `len` bytes of `path` from `offset` with random data (synced).
+pub fn fill_random(path: &Path, offset: u64, len: u64, rng: &mut Rng) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let mut buf = vec![0u8; 1 << 20];
+    let mut at = 0u64;
+    while at < len {
+        let n = (len - at).min(buf.len() as u64) as usize;
+        rng.fill(&mut buf[..n]);
+        f.write_all_at(&buf[..n], offset + at).unwrap();
+        at += n as u64;
+    }
+    f.sync_all().unwrap();
+}
+
+/// Gives `count` distinct random 4 KiB blocks below `limit` new random content
+/// behind the agent's back; returns the changed blocks.
+pub fn change_blocks(
+    path: &Path,
+    limit: u64,
+    count: u64,
+    rng: &mut Rng,
+) -> std::collections::BTreeSet<u64> {
+    use std::os::unix::fs::FileExt;
+    const BLOCK: u64 = 4096;
+    let blocks = limit / BLOCK;
+    let mut changed = std::collections::BTreeSet::new();
+    while (changed.len() as u64) < count {
+        changed.insert(rng.next() % blocks);
+    }
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let mut old = vec![0u8; BLOCK as usize];
+    let mut new = vec![0u8; BLOCK as usize];
+    for &b in &changed {
+        f.read_exact_at(&mut old, b * BLOCK).unwrap();
+        rng.fill(&mut new);
+        assert_ne!(old, new);
+        f.write_all_at(&new, b * BLOCK).unwrap();
+    }
+    f.sync_all().unwrap();
+    changed
+}
+
+impl Agent {
+    /// Waits until a checksum resync the agent started by itself finished and
+    /// the stream is `streaming` again; returns the run's report.
+    pub fn wait_checksum_resync(&self, timeout: Duration) -> Result<serde_json::Value> {
+        wait_for("the checksum resync to finish", timeout, || {
+            let s = self.status().ok()?;
+            let c = &s["checksum-resync"];
+            (c["pending"].is_null()
+                && c["running"] == false
+                && !c["last"].is_null()
+                && s["state"] == "streaming")
+                .then(|| c["last"].clone())
+        })
+    }
+}

@@ -2,7 +2,6 @@
 //! behind its back and its activity logs are gone), `lifeboat-ps resync` finds
 //! the differing 4 KiB blocks by their hashes and sends only those.
 
-use std::io::{Read, Seek, SeekFrom, Write};
 use std::process::Command;
 use std::time::Duration;
 
@@ -11,24 +10,6 @@ use lifeboat_tests::*;
 const MACHINE: &str = "machine-1";
 const MIB: u64 = 1024 * 1024;
 const BLOCK: u64 = 4096;
-
-/// xorshift64*: deterministic test data without a dependency.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn fill(&mut self, buf: &mut [u8]) {
-        for c in buf.chunks_mut(8) {
-            let v = self.next().to_le_bytes();
-            c.copy_from_slice(&v[..c.len()]);
-        }
-    }
-}
 
 #[test]
 fn checksum_resync_sends_only_changed_blocks_and_the_point_is_exact() {
@@ -49,18 +30,7 @@ fn checksum_resync_sends_only_changed_blocks_and_the_point_is_exact() {
     .unwrap();
     // The disk holds data before protection starts: the initial sync sends it.
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
-    {
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .open(agent.image("root"))
-            .unwrap();
-        let mut buf = vec![0u8; MIB as usize];
-        for _ in 0..size / MIB {
-            rng.fill(&mut buf);
-            f.write_all(&buf).unwrap();
-        }
-        f.sync_all().unwrap();
-    }
+    fill_random(&agent.image("root"), 0, size, &mut rng);
     agent.start().unwrap();
     agent.wait_synced(Duration::from_secs(120)).unwrap();
     agent.wait_acked(Duration::from_secs(60)).unwrap();
@@ -70,29 +40,7 @@ fn checksum_resync_sends_only_changed_blocks_and_the_point_is_exact() {
     );
 
     // 1 % of the blocks change behind the agent's back.
-    let blocks = size / BLOCK;
-    let mut changed = std::collections::BTreeSet::new();
-    while (changed.len() as u64) < blocks / 100 {
-        changed.insert(rng.next() % blocks);
-    }
-    {
-        let mut f = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(agent.image("root"))
-            .unwrap();
-        let mut old = vec![0u8; BLOCK as usize];
-        let mut new = vec![0u8; BLOCK as usize];
-        for &b in &changed {
-            f.seek(SeekFrom::Start(b * BLOCK)).unwrap();
-            f.read_exact(&mut old).unwrap();
-            rng.fill(&mut new);
-            assert_ne!(old, new);
-            f.seek(SeekFrom::Start(b * BLOCK)).unwrap();
-            f.write_all(&new).unwrap();
-        }
-        f.sync_all().unwrap();
-    }
+    let changed = change_blocks(&agent.image("root"), size, size / BLOCK / 100, &mut rng);
     let changed_bytes = changed.len() as u64 * BLOCK;
     // Without activity logs the agent cannot know what changed.
     for e in std::fs::read_dir(agent.dir.join("state")).unwrap() {

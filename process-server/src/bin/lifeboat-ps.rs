@@ -122,6 +122,13 @@ fn resync(config: &Path, machine: String, disk: Option<String>) -> Result<()> {
     };
     let done = rt
         .block_on(control::request(&path, &req, |ev| {
+            if ev["event"] == "interrupted" {
+                println!(
+                    "the session ended ({}); the agent resumes the resync when it reconnects (Ctrl-C stops waiting, not the resync)",
+                    ev["reason"].as_str().unwrap_or("no reason given")
+                );
+                return;
+            }
             let g = |k: &str| ev.get(k).and_then(|v| v.as_u64()).unwrap_or(0);
             println!(
                 "compared {} MiB: {} of {} regions differ",

@@ -1,0 +1,192 @@
+//! Checksum resyncs the agent starts by itself, because it knows the replica may
+//! differ but not where: its state was lost (wiped, or the journal lost its
+//! tail), or a disk was resized while it was stopped. Each must end in a
+//! `checksum-resync-complete` point whose image equals the source, sending
+//! only what differs.
+
+use std::time::Duration;
+
+use lifeboat_tests::*;
+
+const MACHINE: &str = "machine-1";
+const MIB: u64 = 1024 * 1024;
+const BLOCK: u64 = 4096;
+
+fn setup(root: &std::path::Path, size: u64, rng: &mut Rng) -> (ProcessServer, Agent) {
+    let mut ps = ProcessServer::init(&root.join("ps"), None, &[]).unwrap();
+    ps.start().unwrap();
+    let certs = ps.dir.join("machines").join(MACHINE);
+    let mut agent = Agent::configure(
+        &root.join("agent"),
+        MACHINE,
+        &certs,
+        ps.port,
+        &[("root", size)],
+        "",
+    )
+    .unwrap();
+    fill_random(&agent.image("root"), 0, size, rng);
+    agent.start().unwrap();
+    agent.wait_synced(Duration::from_secs(120)).unwrap();
+    agent.wait_acked(Duration::from_secs(60)).unwrap();
+    (ps, agent)
+}
+
+fn stop(agent: &mut Agent) {
+    assert!(
+        agent.proc.as_mut().unwrap().stop(Duration::from_secs(30)),
+        "the agent must stop cleanly"
+    );
+}
+
+/// Waits for the agent's own resync, checks what it sent, and that the point
+/// it placed recovers the disk exactly.
+fn resync_is_exact(
+    ps: &ProcessServer,
+    agent: &Agent,
+    changed_bytes: u64,
+    out: &std::path::Path,
+) -> serde_json::Value {
+    let report = agent
+        .wait_checksum_resync(Duration::from_secs(300))
+        .unwrap();
+    assert_eq!(report["error"], "", "{report}");
+    assert_eq!(
+        report["block-bytes"].as_u64(),
+        Some(changed_bytes),
+        "exactly the changed blocks are sent: {report}"
+    );
+    let tag_seq = report["tag-seq"].as_u64().unwrap();
+    wait_stored(&ps.store_url, MACHINE, &[], tag_seq, Duration::from_secs(120)).unwrap();
+    let point = ps.point_labelled(MACHINE, "checksum-resync-complete");
+    assert_eq!(point, tag_seq.to_string());
+    ps.failover_ok(MACHINE, &point, out);
+    assert_same(&out.join("root.raw"), &agent.image("root"));
+    report
+}
+
+#[test]
+fn lost_agent_state_is_repaired_by_a_checksum_resync() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let size = 64 * MIB;
+    let mut rng = Rng(0x5eed_1234_abcd_0001);
+    let (ps, mut agent) = setup(root, size, &mut rng);
+    let state = agent.dir.join("state");
+
+    // 1. The state directory is wiped (a reinstalled agent) and blocks change.
+    stop(&mut agent);
+    let changed = change_blocks(&agent.image("root"), size, 100, &mut rng);
+    std::fs::remove_dir_all(&state).unwrap();
+    agent.start().unwrap();
+    let report = resync_is_exact(&ps, &agent, changed.len() as u64 * BLOCK, &root.join("out1"));
+    assert_eq!(report["hashed-bytes"].as_u64(), Some(size), "{report}");
+    let log = agent.proc.as_ref().unwrap().log_text();
+    assert!(
+        log.contains("another numbering"),
+        "the agent must say why it rebased:\n{log}"
+    );
+    assert!(
+        ps.log().contains("must rebase"),
+        "the process server must say it refused the other numbering"
+    );
+    // The initial sync was replaced, not run: the disk is not copied again.
+    let s = agent.status().unwrap();
+    let sent = s["sync"][0]["sent-bytes"].as_u64().unwrap();
+    assert!(sent < size / 2, "the initial sync sent {sent} bytes: {s}");
+
+    // 2. Only the journal is lost (same stream id): the receiver holds more
+    //    than the agent kept.
+    stop(&mut agent);
+    let changed = change_blocks(&agent.image("root"), size, 50, &mut rng);
+    std::fs::remove_dir_all(state.join("journal")).unwrap();
+    agent.start().unwrap();
+    resync_is_exact(&ps, &agent, changed.len() as u64 * BLOCK, &root.join("out2"));
+    let log = agent.proc.as_ref().unwrap().log_text();
+    assert!(log.contains("lost its tail"), "{log}");
+
+    // Writes after the rebase are replicated as usual.
+    qemu_io(&agent.uri("root"), &["write -P 0x5c 1M 64k"]).unwrap();
+    let acked = agent.wait_acked(Duration::from_secs(60)).unwrap();
+    wait_stored(&ps.store_url, MACHINE, &[], acked, Duration::from_secs(120)).unwrap();
+    let out = ps.failover_ok(MACHINE, "latest", &root.join("out3"));
+    assert_same(&out.join("root.raw"), &agent.image("root"));
+    stop(&mut agent);
+}
+
+#[test]
+fn a_resized_disk_is_compared_and_every_point_keeps_its_size() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let size = 64 * MIB;
+    let mut rng = Rng(0x5eed_1234_abcd_0002);
+    let (ps, mut agent) = setup(root, size, &mut rng);
+    let image = agent.image("root");
+
+    // A point at the original size, kept as a snapshot.
+    let before = agent.tag().unwrap();
+    wait_stored(&ps.store_url, MACHINE, &[], before, Duration::from_secs(60)).unwrap();
+    snapshot(&image, &root.join("at-64m.img"));
+    stop(&mut agent);
+
+    // Grown by 32 MiB while the agent is stopped: 8 MiB of the new space hold
+    // data, and some old blocks change too.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&image)
+        .unwrap()
+        .set_len(96 * MIB)
+        .unwrap();
+    fill_random(&image, 80 * MIB, 8 * MIB, &mut rng);
+    let changed = change_blocks(&image, size, 64, &mut rng);
+    agent.start().unwrap();
+    resync_is_exact(
+        &ps,
+        &agent,
+        8 * MIB + changed.len() as u64 * BLOCK,
+        &root.join("grown"),
+    );
+    snapshot(&image, &root.join("at-96m.img"));
+    let log = agent.proc.as_ref().unwrap().log_text();
+    assert!(log.contains("was resized from 67108864 to 100663296 bytes"), "{log}");
+    stop(&mut agent);
+
+    // Shrunk to 48 MiB: nothing differs below the new end, nothing is sent.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&image)
+        .unwrap()
+        .set_len(48 * MIB)
+        .unwrap();
+    agent.start().unwrap();
+    resync_is_exact(&ps, &agent, 0, &root.join("shrunk"));
+
+    // Grown again to 96 MiB: the space past 48 MiB reads as zeros on both
+    // sides, so again nothing is sent, and the image is exact.
+    stop(&mut agent);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&image)
+        .unwrap()
+        .set_len(96 * MIB)
+        .unwrap();
+    agent.start().unwrap();
+    resync_is_exact(&ps, &agent, 0, &root.join("regrown"));
+
+    // Older points still recover at the size they had.
+    let out = ps.failover_ok(MACHINE, &before.to_string(), &root.join("old"));
+    assert_same(&out.join("root.raw"), &root.join("at-64m.img"));
+    let pts = points(&ps.store_url, MACHINE, &[]).unwrap();
+    let grown = pts["points"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["label"] == "checksum-resync-complete")
+        .unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let out = ps.failover_ok(MACHINE, &grown, &root.join("old-grown"));
+    assert_same(&out.join("root.raw"), &root.join("at-96m.img"));
+    stop(&mut agent);
+}
