@@ -57,7 +57,14 @@ fn resync_is_exact(
         "exactly the changed blocks are sent: {report}"
     );
     let tag_seq = report["tag-seq"].as_u64().unwrap();
-    wait_stored(&ps.store_url, MACHINE, &[], tag_seq, Duration::from_secs(120)).unwrap();
+    wait_stored(
+        &ps.store_url,
+        MACHINE,
+        &[],
+        tag_seq,
+        Duration::from_secs(120),
+    )
+    .unwrap();
     let point = ps.point_labelled(MACHINE, "checksum-resync-complete");
     assert_eq!(point, tag_seq.to_string());
     ps.failover_ok(MACHINE, &point, out);
@@ -79,7 +86,12 @@ fn lost_agent_state_is_repaired_by_a_checksum_resync() {
     let changed = change_blocks(&agent.image("root"), size, 100, &mut rng);
     std::fs::remove_dir_all(&state).unwrap();
     agent.start().unwrap();
-    let report = resync_is_exact(&ps, &agent, changed.len() as u64 * BLOCK, &root.join("out1"));
+    let report = resync_is_exact(
+        &ps,
+        &agent,
+        changed.len() as u64 * BLOCK,
+        &root.join("out1"),
+    );
     assert_eq!(report["hashed-bytes"].as_u64(), Some(size), "{report}");
     let log = agent.proc.as_ref().unwrap().log_text();
     assert!(
@@ -101,7 +113,12 @@ fn lost_agent_state_is_repaired_by_a_checksum_resync() {
     let changed = change_blocks(&agent.image("root"), size, 50, &mut rng);
     std::fs::remove_dir_all(state.join("journal")).unwrap();
     agent.start().unwrap();
-    resync_is_exact(&ps, &agent, changed.len() as u64 * BLOCK, &root.join("out2"));
+    resync_is_exact(
+        &ps,
+        &agent,
+        changed.len() as u64 * BLOCK,
+        &root.join("out2"),
+    );
     let log = agent.proc.as_ref().unwrap().log_text();
     assert!(log.contains("lost its tail"), "{log}");
 
@@ -148,7 +165,10 @@ fn a_resized_disk_is_compared_and_every_point_keeps_its_size() {
     );
     snapshot(&image, &root.join("at-96m.img"));
     let log = agent.proc.as_ref().unwrap().log_text();
-    assert!(log.contains("was resized from 67108864 to 100663296 bytes"), "{log}");
+    assert!(
+        log.contains("was resized from 67108864 to 100663296 bytes"),
+        "{log}"
+    );
     stop(&mut agent);
 
     // Shrunk to 48 MiB: nothing differs below the new end, nothing is sent.

@@ -209,6 +209,35 @@ fn hostile_clients_are_refused_and_the_good_agent_keeps_replicating() {
         "malformed answer: {frames:?}"
     );
 
+    // 7. machine-1's own certificate with another stream id (an agent that lost
+    //    its state): welcomed with the server's id, its entries refused, and
+    //    the server keeps the numbering it holds.
+    let mut bytes = hello(MACHINE).to_bytes();
+    Frame::Writes(vec![lifeboat_common::protocol::Entry {
+        seq: 1,
+        op: lifeboat_common::protocol::Op::Write {
+            disk: 0,
+            offset: 0,
+            data: bytes::Bytes::from(vec![0xeeu8; 4096]),
+        },
+    }])
+    .encode(&mut bytes);
+    let frames = rt
+        .block_on(exchange(port, client_cfg(&certs), &bytes))
+        .unwrap();
+    match &frames[0] {
+        Frame::Welcome { stream_id, .. } => assert_ne!(stream_id, &[0x5a; 16], "{frames:?}"),
+        other => panic!("expected a welcome, got {other:?}"),
+    }
+    assert!(
+        error_message(&frames).contains("another numbering"),
+        "foreign stream id answer: {frames:?}"
+    );
+    assert!(
+        !frames.iter().any(|f| matches!(f, Frame::Ack { .. })),
+        "entries of another numbering were acknowledged: {frames:?}"
+    );
+
     // The server is still up and the real agent still replicates exactly.
     qemu_io(&agent.uri("root"), &["write -P 0x6b 2M 1M", "flush"]).unwrap();
     let acked = agent.wait_acked(Duration::from_secs(60)).unwrap();

@@ -1,6 +1,7 @@
 //! Resuming the replication stream exactly across broken connections: a TCP
 //! proxy between the agent and the process server cuts every connection every
-//! few seconds during the initial sync.
+//! few seconds during the initial sync, and cuts a checksum resync twice in
+//! the middle.
 
 use std::collections::HashMap;
 use std::io::ErrorKind;
@@ -128,6 +129,16 @@ impl CuttingProxy {
 
     fn accepted(&self) -> u64 {
         self.accepted.load(Ordering::Relaxed)
+    }
+
+    /// Cuts every live connection now.
+    fn cut_now(&self) {
+        let live: Vec<_> = self.conns.lock().unwrap().drain().collect();
+        for (_, (a, b)) in live {
+            let _ = a.shutdown(Shutdown::Both);
+            let _ = b.shutdown(Shutdown::Both);
+            self.cut.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// Stops cutting; connections are forwarded untouched from now on.
@@ -300,6 +311,103 @@ fn initial_sync_survives_a_connection_cut_every_few_seconds() {
         "fewer than 3 sessions resumed mid-stream: {resumed_at:?}\n{log}"
     );
 
+    proxy.shutdown();
+    agent.proc.as_mut().unwrap().stop(Duration::from_secs(10));
+}
+
+/// The first region the agent's pending checksum resync has not compared yet.
+fn next_region(agent: &Agent) -> Option<u64> {
+    agent.status().ok()?["checksum-resync"]["pending"]["disks"][0]["next-region"].as_u64()
+}
+
+#[test]
+fn checksum_resync_resumes_where_the_link_was_cut() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let mut ps = ProcessServer::init(&root.join("ps"), None, &[]).unwrap();
+    ps.start().unwrap();
+    let mut proxy = CuttingProxy::start(ps.port);
+    proxy.stop_cutting(); // this test cuts by hand
+    let size = 512 * MIB;
+    let certs = ps.dir.join("machines").join(MACHINE);
+    let mut agent = Agent::configure(
+        &root.join("agent"),
+        MACHINE,
+        &certs,
+        proxy.port,
+        &[("root", size)],
+        "",
+    )
+    .unwrap();
+    let mut rng = Rng(0x5eed_0000_cafe_0003);
+    fill_random(&agent.image("root"), 0, size, &mut rng);
+    agent.start().unwrap();
+    agent.wait_synced(Duration::from_secs(300)).unwrap();
+    agent.wait_acked(Duration::from_secs(120)).unwrap();
+    assert!(agent.proc.as_mut().unwrap().stop(Duration::from_secs(30)));
+
+    // Half the disk changes behind the agent's back: 256 MiB to resend.
+    fill_random(&agent.image("root"), 0, size / 2, &mut rng);
+    agent.start().unwrap();
+    wait_for("the agent to connect", Duration::from_secs(60), || {
+        (agent.status().ok()?["connected"] == true).then_some(())
+    })
+    .unwrap();
+    let cli = {
+        let config = ps.dir.join("ps.toml");
+        std::thread::spawn(move || {
+            run_ok(
+                Command::new(bin("lifeboat-ps"))
+                    .args(["resync", "--config"])
+                    .arg(config)
+                    .args(["--machine", MACHINE]),
+                Duration::from_secs(600),
+            )
+        })
+    };
+    // Cut twice, each time after the plan advanced past the previous cut.
+    let regions = size / MIB;
+    let mut cut_at = Vec::new();
+    for _ in 0..2 {
+        let last = cut_at.last().copied().unwrap_or(0);
+        let at = wait_for("the resync to advance", Duration::from_secs(120), || {
+            next_region(&agent).filter(|&r| r > last && r < regions)
+        })
+        .unwrap();
+        proxy.cut_now();
+        cut_at.push(at);
+    }
+    eprintln!("cut the link at regions {cut_at:?} of {regions}");
+
+    let out = cli.join().unwrap().unwrap();
+    assert!(
+        out.contains("the agent resumes the resync when it reconnects"),
+        "the CLI must report the cut and keep waiting:\n{out}"
+    );
+    let done: serde_json::Value = serde_json::from_str(out.lines().last().unwrap())
+        .unwrap_or_else(|e| panic!("resync output {out:?}: {e}"));
+    // The last run started where the second cut left the plan, not from zero.
+    let hashed = done["hashed-bytes"].as_u64().unwrap();
+    assert!(
+        hashed <= size - cut_at[1] * MIB,
+        "the resumed run hashed {hashed} bytes; the plan was at region {} when cut: {done}",
+        cut_at[1]
+    );
+    let log = agent.proc.as_ref().unwrap().log_text();
+    assert!(log.contains("checksum resync resumes at region"), "{log}");
+
+    let tag_seq = done["tag-seq"].as_u64().unwrap();
+    wait_stored(
+        &ps.store_url,
+        MACHINE,
+        &[],
+        tag_seq,
+        Duration::from_secs(180),
+    )
+    .unwrap();
+    let point = ps.point_labelled(MACHINE, "checksum-resync-complete");
+    let out = ps.failover_ok(MACHINE, &point, &root.join("out"));
+    assert_same(&out.join("root.raw"), &agent.image("root"));
     proxy.shutdown();
     agent.proc.as_mut().unwrap().stop(Duration::from_secs(10));
 }
