@@ -1,6 +1,6 @@
 //! Small durable-file helpers for the agent's state records: replace a file
 //! atomically (write `<name>.partial`, fsync, rename, fsync the directory) and
-//! remove one durably.
+//! remove one durably; lock the state directory.
 
 use std::io::Write;
 use std::path::Path;
@@ -30,5 +30,25 @@ fn sync_parent(path: &Path) -> std::io::Result<()> {
     match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => std::fs::File::open(d)?.sync_all(),
         _ => Ok(()),
+    }
+}
+
+/// An exclusive lock on `<dir>/lock`, held while the value lives: one agent
+/// per state directory (two would number the same stream twice).
+pub struct DirLock(#[allow(dead_code)] std::fs::File);
+
+impl DirLock {
+    pub fn acquire(dir: &Path) -> std::io::Result<DirLock> {
+        use std::os::unix::io::AsRawFd;
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(dir.join("lock"))?;
+        // SAFETY: flock on a descriptor this function owns.
+        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(DirLock(f))
     }
 }

@@ -23,6 +23,12 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<()> {
     tls::install_crypto_provider();
     std::fs::create_dir_all(&cfg.state_dir)
         .with_context(|| format!("creating {}", cfg.state_dir.display()))?;
+    let _lock = crate::fsutil::DirLock::acquire(&cfg.state_dir).with_context(|| {
+        format!(
+            "locking the state directory {} (is another lifeboat-agent running with it?)",
+            cfg.state_dir.display()
+        )
+    })?;
     let tls_cfg = tls::client_config(&cfg.ca_cert, &cfg.client_cert, &cfg.client_key)?;
     let (journal, replay) = Journal::open(&cfg.journal_dir())?;
     if !replay.is_empty() {

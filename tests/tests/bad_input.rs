@@ -249,6 +249,24 @@ fn hostile_clients_are_refused_and_the_good_agent_keeps_replicating() {
         log.contains("TLS handshake"),
         "the server log should name the failed handshakes:\n{log}"
     );
+
+    // A second agent on the same state directory is refused, naming it, and
+    // the running one is undisturbed.
+    let o = run_timeout(
+        std::process::Command::new(bin("lifeboat-agent"))
+            .args(["run", "--config"])
+            .arg(&agent.config),
+        Duration::from_secs(30),
+    )
+    .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(err.contains("another lifeboat-agent running"), "{err}");
+    qemu_io(&agent.uri("root"), &["write -P 0x7c 3M 64k", "flush"]).unwrap();
+    let acked = agent.wait_acked(Duration::from_secs(60)).unwrap();
+    wait_stored(&ps.store_url, MACHINE, &[], acked, Duration::from_secs(60)).unwrap();
+    let out = ps.failover_ok(MACHINE, "latest", &root.join("out2"));
+    assert_same(&out.join("root.raw"), &agent.image("root"));
 }
 
 #[test]
