@@ -421,24 +421,28 @@ async fn resync_disk(
     }
     while first < regions {
         let count = BATCH_REGIONS.min(regions - first);
-        // Level 0: read and hash the batch.
+        // Level 0: read and hash the batch; the next read runs while this
+        // unit is hashed.
         let mut blocks: Vec<Vec<BlockHash>> = Vec::with_capacity(count as usize);
         let start = first * REGION;
         let end = ((first + count) * REGION).min(size);
-        let mut at = start;
-        while at < end {
-            let len = READ_UNIT.min(end - at);
-            let data = d
-                .read_unlocked(at, len)
-                .await
-                .with_context(|| format!("reading {len} bytes at {at}"))?;
-            let hashed = tokio::task::spawn_blocking(move || {
-                data.chunks(REGION as usize)
-                    .map(|r| r.chunks(BLOCK as usize).map(resync::block_hash).collect())
-                    .collect::<Vec<Vec<BlockHash>>>()
+        let read = |at: u64| {
+            let (d, len) = (d.clone(), READ_UNIT.min(end - at));
+            tokio::spawn(async move {
+                d.read_unlocked(at, len)
+                    .await
+                    .with_context(|| format!("reading {len} bytes at {at}"))
             })
-            .await?;
-            blocks.extend(hashed);
+        };
+        let mut next = Some(read(start));
+        let mut at = start;
+        while let Some(reading) = next.take() {
+            let data = reading.await??;
+            let len = data.len() as u64;
+            if at + len < end {
+                next = Some(read(at + len));
+            }
+            blocks.extend(hash_regions(data).await?);
             counters.hashed_bytes.fetch_add(len, Ordering::Relaxed);
             at += len;
         }
@@ -512,6 +516,27 @@ async fn resync_disk(
         ck.advance(&d.id, first).await?;
     }
     Ok(())
+}
+
+/// Block hashes of each region in `data` (whole regions but maybe the disk's
+/// last), computed on two threads.
+async fn hash_regions(data: bytes::Bytes) -> Result<Vec<Vec<BlockHash>>> {
+    let hash = |part: bytes::Bytes| {
+        tokio::task::spawn_blocking(move || {
+            part.chunks(REGION as usize)
+                .map(|r| r.chunks(BLOCK as usize).map(resync::block_hash).collect())
+                .collect::<Vec<Vec<BlockHash>>>()
+        })
+    };
+    let regions = (data.len() as u64).div_ceil(REGION);
+    if regions < 2 {
+        return Ok(hash(data).await?);
+    }
+    let mid = ((regions / 2) * REGION) as usize;
+    let (a, b) = tokio::join!(hash(data.slice(..mid)), hash(data.slice(mid..)));
+    let mut out = a?;
+    out.extend(b?);
+    Ok(out)
 }
 
 /// Runs of adjacent block indexes: (first, length). Input need not be sorted.
