@@ -32,6 +32,16 @@ pub fn machine_cert_name(machine: &str) -> String {
     format!("{machine}.{MACHINE_NAME_SUFFIX}")
 }
 
+/// A fresh random stream id.
+pub fn new_stream_id() -> crate::protocol::StreamId {
+    use ring::rand::{SecureRandom, SystemRandom};
+    let mut id = [0u8; 16];
+    SystemRandom::new()
+        .fill(&mut id)
+        .expect("the system random source works");
+    id
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -43,14 +53,4 @@ mod tests {
         assert!(validate_id("machine", "a.b").is_err());
         assert!(validate_id("machine", "").is_err());
     }
-}
-
-/// A fresh random stream id.
-pub fn new_stream_id() -> crate::protocol::StreamId {
-    use ring::rand::{SecureRandom, SystemRandom};
-    let mut id = [0u8; 16];
-    SystemRandom::new()
-        .fill(&mut id)
-        .expect("the system random source works");
-    id
 }

@@ -610,7 +610,7 @@ pub fn qemu_io(uri: &str, cmds: &[&str]) -> Result<String> {
 pub struct Rng(pub u64);
 
 impl Rng {
-    pub fn next(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         self.0 ^= self.0 >> 12;
         self.0 ^= self.0 << 25;
         self.0 ^= self.0 >> 27;
@@ -619,7 +619,7 @@ impl Rng {
 
     pub fn fill(&mut self, buf: &mut [u8]) {
         for c in buf.chunks_mut(8) {
-            let v = self.next().to_le_bytes();
+            let v = self.next_u64().to_le_bytes();
             c.copy_from_slice(&v[..c.len()]);
         }
     }
@@ -656,7 +656,7 @@ pub fn change_blocks(
     let blocks = limit / BLOCK;
     let mut changed = std::collections::BTreeSet::new();
     while (changed.len() as u64) < count {
-        changed.insert(rng.next() % blocks);
+        changed.insert(rng.next_u64() % blocks);
     }
     let f = std::fs::OpenOptions::new()
         .read(true)
