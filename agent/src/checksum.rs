@@ -133,6 +133,8 @@ impl Counters {
 pub struct Checksum {
     path: PathBuf,
     plan: Mutex<Option<Plan>>,
+    /// Serialises writes of the plan file; each writes the plan as it is then.
+    file: Mutex<()>,
     pub counters: Counters,
 }
 
@@ -175,6 +177,7 @@ impl Checksum {
         Ok(Arc::new(Checksum {
             path,
             plan: Mutex::new(plan),
+            file: Mutex::new(()),
             counters: Counters::default(),
         }))
     }
@@ -205,56 +208,68 @@ impl Checksum {
                 anyhow!("resync names disk #{t}; this agent has {}", disks.len())
             })?);
         }
-        stream
-            .begin_checksum_resync(reason, force)
-            .map_err(|e| anyhow!(e))?;
-        let mut g = self.lock();
-        let mut plan = g.clone().unwrap_or_else(|| Plan {
-            reason: reason.to_string(),
-            disks: Vec::new(),
-        });
-        if plan.reason != reason {
-            plan.reason = format!("{}; then {reason}", plan.reason);
+        if !force && stream.syncing() {
+            bail!("initial sync in progress: a checksum resync can only follow it");
         }
-        for d in chosen {
-            let fresh = PlanDisk {
-                id: d.id.clone(),
-                size: d.size_bytes(),
-                next_region: 0,
-            };
-            match plan.disks.iter_mut().find(|pd| pd.id == d.id) {
-                Some(pd) => *pd = fresh,
-                None => plan.disks.push(fresh),
+        let described = {
+            let mut g = self.lock();
+            let plan = g.get_or_insert_with(|| Plan {
+                reason: reason.to_string(),
+                disks: Vec::new(),
+            });
+            if plan.reason != reason {
+                plan.reason = format!("{}; then {reason}", plan.reason);
             }
-        }
-        store_plan(&self.path, Some(&plan))?;
-        info!("checksum resync planned ({reason}): {}", describe(&plan));
-        *g = Some(plan);
+            for d in chosen {
+                let fresh = PlanDisk {
+                    id: d.id.clone(),
+                    size: d.size_bytes(),
+                    next_region: 0,
+                };
+                match plan.disks.iter_mut().find(|pd| pd.id == d.id) {
+                    Some(pd) => *pd = fresh,
+                    None => plan.disks.push(fresh),
+                }
+            }
+            describe(plan)
+        };
+        self.persist()?;
+        stream
+            .begin_checksum_resync(reason, true)
+            .map_err(|e| anyhow!(e))?;
+        info!("checksum resync planned ({reason}): {described}");
         Ok(())
+    }
+
+    /// Writes the plan as it is now (removes the file when there is none).
+    fn persist(&self) -> Result<()> {
+        let _file = self.file.lock().unwrap_or_else(|p| p.into_inner());
+        store_plan(&self.path, self.pending().as_ref())
+    }
+
+    async fn persist_async(self: &Arc<Self>) -> Result<()> {
+        let me = self.clone();
+        tokio::task::spawn_blocking(move || me.persist()).await?
     }
 
     /// Every region of `disk` below `next_region` is compared and what differed
     /// is durable in the journal.
-    async fn advance(&self, disk: &str, next_region: u64) -> Result<()> {
-        let plan = {
-            let mut g = self.lock();
-            let Some(plan) = g.as_mut() else {
-                return Ok(());
-            };
+    async fn advance(self: &Arc<Self>, disk: &str, next_region: u64) -> Result<()> {
+        if let Some(plan) = self.lock().as_mut() {
             if let Some(pd) = plan.disks.iter_mut().find(|pd| pd.id == disk) {
                 pd.next_region = pd.next_region.max(next_region);
             }
-            plan.clone()
-        };
-        let path = self.path.clone();
-        tokio::task::spawn_blocking(move || store_plan(&path, Some(&plan))).await?
+        }
+        self.persist_async().await
     }
 
-    /// Every disk is compared: the plan goes.
-    async fn complete(&self) -> Result<()> {
-        *self.lock() = None;
-        let path = self.path.clone();
-        tokio::task::spawn_blocking(move || store_plan(&path, None)).await?
+    /// Every disk is compared: the plan goes and the stream leaves the resync
+    /// state (if `no_dirty`), in one step no abort can split. Returns whether
+    /// the stream is `streaming` again.
+    fn finish(&self, stream: &Stream, no_dirty: impl Fn() -> bool) -> bool {
+        let mut g = self.lock();
+        *g = None;
+        stream.end_checksum_resync(no_dirty)
     }
 
     pub fn snapshot(&self) -> serde_json::Value {
@@ -287,18 +302,28 @@ fn describe(plan: &Plan) -> String {
 }
 
 /// Marks the run stopped however it ends; an abort (the session dropped)
-/// leaves the plan for the next session.
-struct RunGuard<'a>(&'a Checksum);
+/// leaves the plan for the next session. With no plan left, the resync state
+/// must not outlive the run.
+struct RunGuard<'a> {
+    ck: &'a Checksum,
+    stream: &'a Stream,
+    disks: &'a [Arc<ProtectedDisk>],
+}
 
 impl Drop for RunGuard<'_> {
     fn drop(&mut self) {
-        if self.0.counters.running.swap(false, Ordering::SeqCst) {
-            if let Some(p) = self.0.pending() {
-                warn!(
-                    "checksum resync interrupted; it resumes when the link is back: {}",
-                    describe(&p)
-                );
+        let was_running = self.ck.counters.running.swap(false, Ordering::SeqCst);
+        match self.ck.pending() {
+            Some(p) if was_running => warn!(
+                "checksum resync interrupted; it resumes when the link is back: {}",
+                describe(&p)
+            ),
+            Some(_) => {}
+            None if self.stream.checksum_active() => {
+                self.stream
+                    .end_checksum_resync(|| self.disks.iter().all(|d| d.dirty.dirty_count() == 0));
             }
+            None => {}
         }
     }
 }
@@ -317,7 +342,11 @@ pub async fn run(
     };
     let n = plan.disks.len() as u16;
     ck.counters.reset();
-    let guard = RunGuard(&ck);
+    let guard = RunGuard {
+        ck: &ck,
+        stream: &stream,
+        disks: &disks,
+    };
     let report = match resync_all(&ck, &plan, &disks, &stream, &out, inbox).await {
         Ok(tag_seq) => ck.counters.report(n, tag_seq, String::new()),
         Err(e) => {
@@ -332,7 +361,7 @@ pub async fn run(
 }
 
 async fn resync_all(
-    ck: &Checksum,
+    ck: &Arc<Checksum>,
     plan: &Plan,
     disks: &[Arc<ProtectedDisk>],
     stream: &Arc<Stream>,
@@ -362,9 +391,9 @@ async fn resync_all(
             .await
             .with_context(|| format!("checksum resync of disk {}", d.id))?;
     }
-    ck.complete().await?;
-    let no_dirty = || disks.iter().all(|d| d.dirty.dirty_count() == 0);
-    if !stream.end_checksum_resync(no_dirty) {
+    let streaming = ck.finish(stream, || disks.iter().all(|d| d.dirty.dirty_count() == 0));
+    ck.persist_async().await?;
+    if !streaming {
         bail!(
             "every block was compared and sent, but the stream left the resync state ({:?}: {}); the next point follows the dirty-region resync",
             stream.mode().0,
@@ -399,7 +428,7 @@ async fn reply(inbox: &mut mpsc::UnboundedReceiver<Frame>) -> Result<Frame> {
 }
 
 async fn resync_disk(
-    ck: &Checksum,
+    ck: &Arc<Checksum>,
     index: u16,
     d: &Arc<ProtectedDisk>,
     start: u64,

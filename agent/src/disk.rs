@@ -64,7 +64,8 @@ impl Drop for RangeGuard<'_> {
 
 pub struct ProtectedDisk {
     pub id: String,
-    index: u16,
+    /// Position in the hello: the disk number in stream entries.
+    pub index: u16,
     file: DiskFile,
     size: u64,
     stream: Arc<Stream>,
@@ -131,7 +132,7 @@ impl ProtectedDisk {
         self.check(offset, len as u64)?;
         let _permit = self.stream.write_permit().await;
         let _range = self.ranges.lock(offset, len as u64).await;
-        let data = self.file.read_at(offset, len as usize).await?;
+        let data = self.file.read_bulk(offset, len as usize).await?;
         if skip_zero && data.iter().all(|&b| b == 0) {
             return Ok(false);
         }
@@ -179,7 +180,7 @@ impl ProtectedDisk {
     /// read goes into the stream anyway).
     pub async fn read_unlocked(&self, offset: u64, len: u64) -> io::Result<Bytes> {
         self.check(offset, len)?;
-        self.file.read_at(offset, len as usize).await
+        self.file.read_bulk(offset, len as usize).await
     }
 
     async fn durable(&self) -> io::Result<()> {

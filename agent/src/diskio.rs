@@ -22,7 +22,10 @@
 //!
 //! [`IoMode::Auto`] uses the portable engine for regular (page-cached) files and tries
 //! io_uring (setup plus one NOP round trip) for block devices, falling back to the
-//! portable engine and logging why. Measured on ext4 (bench/nbd-frontend.sh): the
+//! portable engine and logging why. For files it also starts an io_uring engine
+//! for *bulk reads* ([`DiskFile::read_bulk`]: initial sync and checksum resync,
+//! large sequential units) when the kernel allows it, where io_uring measured
+//! ahead (bench/sync.sh, bench/resync.sh). Measured on ext4 (bench/nbd-frontend.sh): the
 //! kernel punts buffered io_uring writes to its io-wq workers and serialises writes
 //! to one file there, so for cached files io_uring lost to pread/pwrite threads
 //! (10k vs 19k IOPS of 4k random writes at qd32); both stay selectable.
@@ -113,6 +116,8 @@ pub struct DiskFile {
     size: u64,
     block_device: bool,
     engine: Engine,
+    /// io_uring for bulk reads where `engine` is the portable one (auto mode, files).
+    bulk: Option<UringEngine>,
     /// First zeroing method worth trying: [`ZERO_PUNCH`], [`ZERO_RANGE`], or (2) writing zeros.
     zero_method: AtomicU8,
 }
@@ -158,6 +163,7 @@ impl DiskFile {
             ));
         };
         let file = Arc::new(file);
+        let file_for_bulk = file.clone();
         let engine = match mode {
             IoMode::Portable => Engine::Portable(PortableEngine::start(file)?),
             IoMode::Uring => Engine::Uring(UringEngine::start(file).map_err(|e| {
@@ -179,11 +185,16 @@ impl DiskFile {
                 }
             },
         };
+        let bulk = match (&engine, mode) {
+            (Engine::Portable(_), IoMode::Auto) => UringEngine::start(file_for_bulk).ok(),
+            _ => None,
+        };
         Ok(DiskFile {
             path: path.to_path_buf(),
             size,
             block_device,
             engine,
+            bulk,
             zero_method: AtomicU8::new(ZERO_PUNCH),
         })
     }
@@ -209,13 +220,33 @@ impl DiskFile {
         }
     }
 
+    /// Whether bulk reads use io_uring while the rest uses the portable engine.
+    pub fn uring_bulk_reads(&self) -> bool {
+        self.bulk.is_some()
+    }
+
     /// Reads `len` bytes at `offset`.
     pub async fn read_at(&self, offset: u64, len: usize) -> io::Result<Bytes> {
+        self.read(offset, len, false).await
+    }
+
+    /// Like [`Self::read_at`], for large sequential reads (initial sync, checksum
+    /// resync): on io_uring even where other I/O uses the portable engine.
+    pub async fn read_bulk(&self, offset: u64, len: usize) -> io::Result<Bytes> {
+        self.read(offset, len, true).await
+    }
+
+    async fn read(&self, offset: u64, len: usize, bulk: bool) -> io::Result<Bytes> {
         self.check_range(offset, len as u64)?;
         if len == 0 {
             return Ok(Bytes::new());
         }
-        match self.run(OpKind::Read { buf: vec![0; len] }, offset).await? {
+        let kind = OpKind::Read { buf: vec![0; len] };
+        let done = match (&self.bulk, bulk) {
+            (Some(engine), true) => self.run_on(Some(engine), kind, offset).await?,
+            _ => self.run(kind, offset).await?,
+        };
+        match done {
             Done::Read(b) => Ok(b),
             Done::Unit => Err(io::Error::other("disk engine returned no data for a read")),
         }
@@ -308,6 +339,16 @@ impl DiskFile {
     }
 
     async fn run(&self, kind: OpKind, offset: u64) -> io::Result<Done> {
+        self.run_on(None, kind, offset).await
+    }
+
+    /// Runs `kind` on `engine`, or on the main engine.
+    async fn run_on(
+        &self,
+        engine: Option<&UringEngine>,
+        kind: OpKind,
+        offset: u64,
+    ) -> io::Result<Done> {
         let (tx, rx) = oneshot::channel();
         let op = Op {
             kind,
@@ -315,9 +356,9 @@ impl DiskFile {
             done: 0,
             reply: tx,
         };
-        match &self.engine {
-            Engine::Uring(e) => e.submit(op),
-            Engine::Portable(e) => e.submit(op),
+        match (engine, &self.engine) {
+            (Some(e), _) | (None, Engine::Uring(e)) => e.submit(op),
+            (None, Engine::Portable(e)) => e.submit(op),
         }
         rx.await
             .map_err(|_| io::Error::other("disk I/O engine stopped before completing the op"))?

@@ -246,14 +246,31 @@ impl Journal {
         Ok(())
     }
 
-    /// Blocks until every entry up to `seq` is written and fdatasync'ed (or a
-    /// rebase dropped it).
+    /// Rebases done so far (see [`Self::sync_blocking_since`]).
+    pub fn rebases(&self) -> u64 {
+        self.shared
+            .0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .rebases
+    }
+
+    /// Blocks until every entry up to `seq` is written and fdatasync'ed.
     pub fn sync_blocking(&self, seq: u64) -> std::io::Result<()> {
+        let rebases = self.rebases();
+        self.sync_blocking_since(seq, rebases)
+    }
+
+    /// Like [`Self::sync_blocking`] for a `seq` taken when [`Self::rebases`]
+    /// was `rebases`: returns at once if a rebase has dropped it since.
+    pub fn sync_blocking_since(&self, seq: u64, rebases: u64) -> std::io::Result<()> {
         let (m, work, done) = &*self.shared;
         let mut s = m.lock().unwrap_or_else(|p| p.into_inner());
+        if s.rebases != rebases {
+            return Ok(());
+        }
         s.sync_requested = s.sync_requested.max(seq);
         work.notify_one();
-        let rebases = s.rebases;
         while s.synced < seq && s.rebases == rebases {
             if let Some(e) = &s.error {
                 return Err(std::io::Error::other(format!("journal: {e}")));

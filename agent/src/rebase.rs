@@ -11,7 +11,9 @@
 //!
 //! 1. a checksum resync of every disk is planned (it replaces any initial sync);
 //! 2. the journal and the queue drop every entry and continue after the
-//!    receiver's durable seq;
+//!    receiver's durable seq, starting with a resize entry per disk at its
+//!    current size (a resize entry the rebase dropped, or one never made
+//!    because the state was gone, would leave the replica at an old size);
 //! 3. the receiver's stream id is adopted;
 //!
 //! then reconnects. A crash in between repeats the rebase on the next welcome.
@@ -22,7 +24,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use anyhow::{anyhow, Context, Result};
-use lifeboat_common::protocol::StreamId;
+use lifeboat_common::protocol::{Op, StreamId};
 use lifeboat_common::{hex, unhex};
 use tracing::{info, warn};
 
@@ -76,8 +78,11 @@ impl StreamIdFile {
     }
 }
 
-/// Why the welcome means this agent lost its state, if it does.
-pub fn lost_state(ours: StreamId, theirs: StreamId, durable: u64, captured: u64) -> Option<String> {
+/// Why the welcome means this agent lost its state, if it does. `owned` is
+/// the highest seq the agent can vouch for (its journal held it at start, or it
+/// sent it since): seqs it captured later but never sent do not count, so a
+/// journal that lost its tail is noticed even after new writes took those seqs.
+pub fn lost_state(ours: StreamId, theirs: StreamId, durable: u64, owned: u64) -> Option<String> {
     if ours != theirs {
         return Some(format!(
             "the process server holds another numbering of this machine's stream (stream id {}, ours {}): this agent's state was lost or replaced",
@@ -85,9 +90,9 @@ pub fn lost_state(ours: StreamId, theirs: StreamId, durable: u64, captured: u64)
             hex(&ours)
         ));
     }
-    (durable > captured).then(|| {
+    (durable > owned).then(|| {
         format!(
-            "the process server holds seqs up to {durable}, beyond the {captured} this agent's journal kept: the journal lost its tail"
+            "the process server holds seqs up to {durable}, beyond the {owned} this agent's journal kept: the journal lost its tail"
         )
     })
 }
@@ -107,8 +112,15 @@ pub async fn rebase(
     let all: Vec<u16> = (0..disks.len() as u16).collect();
     checksum.request(disks, &all, why, stream, true)?;
     stream.supersede_sync();
+    let sizes = disks
+        .iter()
+        .map(|d| Op::Resize {
+            disk: d.index,
+            size: d.size_bytes(),
+        })
+        .collect();
     let s = stream.clone();
-    tokio::task::spawn_blocking(move || s.rebase(durable))
+    tokio::task::spawn_blocking(move || s.rebase(durable, sizes))
         .await?
         .context("rebasing the journal")?;
     ids.adopt(theirs)?;

@@ -54,11 +54,16 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<()> {
         let file = DiskFile::open(&d.path, mode)
             .with_context(|| format!("opening disk {} ({})", d.id, d.path.display()))?;
         info!(
-            "disk {}: {} ({} bytes, {} I/O)",
+            "disk {}: {} ({} bytes, {} I/O{})",
             d.id,
             d.path.display(),
             file.size(),
-            file.mode()
+            file.mode(),
+            if file.uring_bulk_reads() {
+                ", io_uring for sync and resync reads"
+            } else {
+                ""
+            }
         );
         infos.push(DiskInfo {
             id: d.id.clone(),

@@ -10,7 +10,7 @@
 //! A checksum resync (`checksum.rs`) runs as a task of the session whose frames
 //! share the writer: started by the process server's resync-start, or by the
 //! agent when a plan is pending (a resize, lost state, a resync cut short) and
-//! no initial sync runs. It is aborted when the session ends; its persisted
+//! no initial sync runs (a failed run is retried after a growing pause). It is aborted when the session ends; its persisted
 //! plan makes the next session resume it.
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -58,6 +58,9 @@ pub struct SenderConfig {
 
 /// How often a session looks for a pending checksum resync to resume.
 const RESUME_POLL: Duration = Duration::from_millis(250);
+/// Pauses before a pending resync whose run failed is started again.
+const RESUME_RETRY_MIN: Duration = Duration::from_secs(5);
+const RESUME_RETRY_MAX: Duration = Duration::from_secs(300);
 
 /// Aborts the task when dropped (a resync does not outlive its session).
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
@@ -192,8 +195,8 @@ async fn session(
             None => bail!("process server closed the connection during the hello (is this machine's certificate accepted?)"),
         },
     };
-    let captured = stream.positions().captured;
-    if let Some(why) = crate::rebase::lost_state(cfg.stream_id.get(), theirs, durable, captured) {
+    let owned = stream.lock_state().owned();
+    if let Some(why) = crate::rebase::lost_state(cfg.stream_id.get(), theirs, durable, owned) {
         let _ = wr.shutdown().await;
         crate::rebase::rebase(
             &why,
@@ -209,6 +212,7 @@ async fn session(
     }
     stream.lock_state().on_welcome(durable)?;
     stream.released(durable);
+    stream.mark_welcomed();
     link.connected.store(true, Ordering::Relaxed);
     *link.last_error.lock().unwrap_or_else(|p| p.into_inner()) = None;
     info!("replicating to {} from seq {}", cfg.server, durable + 1);
@@ -277,19 +281,24 @@ async fn session(
         #[allow(unreachable_code)]
         Ok::<(), anyhow::Error>(())
     };
-    // Resumes a pending checksum resync once no initial sync runs (once per
-    // session: a run that fails waits for the next session or a new request).
+    // Starts a pending checksum resync once no initial sync runs; a run that
+    // failed is retried after a growing pause.
     let resumer = async {
+        let mut pause = RESUME_RETRY_MIN;
+        let mut next_try = tokio::time::Instant::now();
         loop {
             tokio::time::sleep(RESUME_POLL).await;
-            if cfg.checksum.pending().is_some() && !stream.syncing() {
+            let due = tokio::time::Instant::now() >= next_try;
+            if due && cfg.checksum.pending().is_some() && !stream.syncing() && !resync.running() {
                 if resync.start(cfg, stream, &ctl_tx) {
                     info!("starting the pending checksum resync");
                 }
-                break;
+                next_try = tokio::time::Instant::now() + pause;
+                pause = (pause * 2).min(RESUME_RETRY_MAX);
             }
         }
-        std::future::pending::<Result<()>>().await
+        #[allow(unreachable_code)]
+        Ok::<(), anyhow::Error>(())
     };
     let writer = async {
         let mut nonce = 0u64;

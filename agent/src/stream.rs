@@ -63,6 +63,8 @@ pub struct Stream {
     /// A checksum resync of every disk replaces the initial sync (the replica
     /// already holds data: the agent lost its state).
     sync_superseded: std::sync::atomic::AtomicBool,
+    /// A welcome confirmed this agent's numbering (no rebase needed).
+    welcomed: tokio::sync::watch::Sender<bool>,
 }
 
 /// A snapshot of the stream's positions.
@@ -88,6 +90,8 @@ impl Stream {
         for e in replay {
             state.push(e);
         }
+        let restored = state.captured();
+        state.own_upto(restored);
         Arc::new(Stream {
             state: Mutex::new(state),
             journal,
@@ -99,6 +103,7 @@ impl Stream {
             resync_bytes: std::sync::atomic::AtomicU64::new(0),
             checksum_active: std::sync::atomic::AtomicBool::new(false),
             sync_superseded: std::sync::atomic::AtomicBool::new(false),
+            welcomed: tokio::sync::watch::channel(false).0,
         })
     }
 
@@ -218,6 +223,19 @@ impl Stream {
         Ok(())
     }
 
+    /// A welcome confirmed the numbering: the receiver's stream is this agent's.
+    pub fn mark_welcomed(&self) {
+        self.welcomed.send_replace(true);
+    }
+
+    /// Waits for the first welcome that confirmed the numbering (the initial
+    /// sync waits for it: if the agent lost its state, a checksum resync
+    /// replaces the sync, and copying before knowing would be wasted).
+    pub async fn wait_welcomed(&self) {
+        let mut rx = self.welcomed.subscribe();
+        let _ = rx.wait_for(|w| *w).await;
+    }
+
     /// Whether an initial sync still runs.
     pub fn syncing(&self) -> bool {
         self.syncing.load(std::sync::atomic::Ordering::SeqCst) > 0
@@ -235,14 +253,23 @@ impl Stream {
     }
 
     /// Drops every unacknowledged entry and continues the numbering after
-    /// `base` (the receiver's durable position), in the journal and the queue.
-    /// Only for an agent that lost its state, once a checksum resync of every
-    /// disk is recorded: it repairs whatever the dropped entries changed.
-    pub fn rebase(&self, base: u64) -> std::io::Result<()> {
+    /// `base` (the receiver's durable position), in the journal and the queue,
+    /// with `first` as the first entries of the new numbering. Only for an
+    /// agent that lost its state, once a checksum resync of every disk is
+    /// recorded: it repairs whatever the dropped entries changed.
+    pub fn rebase(&self, base: u64, first: Vec<Op>) -> std::io::Result<()> {
         {
             let mut s = self.lock_state();
             self.journal.rebase(base)?;
             s.rebase(base);
+            for op in first {
+                let e = Entry {
+                    seq: s.next_seq(),
+                    op,
+                };
+                self.journal.append(&e);
+                s.push(e);
+            }
         }
         self.space.notify_waiters();
         Ok(())
@@ -325,9 +352,14 @@ impl Stream {
 
     /// Makes every captured entry durable in the local journal.
     pub async fn sync_journal(self: &Arc<Self>) -> std::io::Result<()> {
-        let upto = self.lock_state().captured();
+        // Read with the rebase count under the state lock (a rebase holds it):
+        // a rebase in between then ends the wait instead of stranding it.
+        let (upto, rebases) = {
+            let s = self.lock_state();
+            (s.captured(), self.journal.rebases())
+        };
         let me = self.clone();
-        tokio::task::spawn_blocking(move || me.journal.sync_blocking(upto))
+        tokio::task::spawn_blocking(move || me.journal.sync_blocking_since(upto, rebases))
             .await
             .map_err(std::io::Error::other)?
     }

@@ -9,7 +9,8 @@
 //!
 //! Progress is persisted in `<state-dir>/sync-<disk>.rec` (envelope b"LBSY" of
 //! JSON) only up to chunks already durable in the local journal, so a restart
-//! resumes where it stopped. While any disk syncs, no recovery point is taken;
+//! resumes where it stopped. The sync starts once a welcome confirmed the
+//! agent's numbering (see `rebase.rs`). While any disk syncs, no recovery point is taken;
 //! the first point is placed when every disk is done. A checksum resync of
 //! every disk replaces the initial sync when the replica turns out to hold
 //! data already (the agent lost its state: `rebase.rs`) or the disk was resized.
@@ -182,6 +183,15 @@ pub async fn run(
     rate_limit: Option<u64>,
     cancel: CancellationToken,
 ) -> Result<()> {
+    if progress.iter().any(|p| !p.done.load(Ordering::Relaxed)) {
+        // Only once the process server confirmed the numbering: an agent that
+        // lost its state compares its disks instead (the sync is superseded).
+        info!("initial sync waits for the process server's welcome");
+        tokio::select! {
+            _ = stream.wait_welcomed() => {}
+            _ = cancel.cancelled() => return Ok(()),
+        }
+    }
     let mut tasks = tokio::task::JoinSet::new();
     let mut any = false;
     for (d, p) in disks.into_iter().zip(progress) {

@@ -62,6 +62,26 @@ pub struct MachineRecord {
     /// `protocol.rs`); absent in records written before stream ids existed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stream_id: Option<String>,
+    /// Per disk (same order), the largest size it ever had: writes from
+    /// before a shrink reach up to it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub largest_sizes: Vec<u64>,
+}
+
+impl MachineRecord {
+    /// The largest size disk `i` ever had, as far as this record knows.
+    pub fn largest(&self, i: usize) -> u64 {
+        let now = self.disks.get(i).map(|d| d.size).unwrap_or(0);
+        self.largest_sizes.get(i).copied().unwrap_or(0).max(now)
+    }
+
+    /// Raises the largest sizes with `other`'s (same disks) and the current ones.
+    pub fn widen(&mut self, other: Option<&MachineRecord>) {
+        let same = other.filter(|o| o.disks.len() == self.disks.len());
+        self.largest_sizes = (0..self.disks.len())
+            .map(|i| self.largest(i).max(same.map_or(0, |o| o.largest(i))))
+            .collect();
+    }
 }
 
 /// `points/<seq>.json`: a recovery point.

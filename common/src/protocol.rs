@@ -72,8 +72,9 @@ use bytes::Bytes;
 use crate::codec::{DecodeError, Reader, Writer};
 
 /// Protocol versions this build speaks.
-pub const PROTOCOL_MIN: u16 = 1;
-pub const PROTOCOL_MAX: u16 = 1;
+/// Version 2 added the stream id (hello, welcome) and the resize entry.
+pub const PROTOCOL_MIN: u16 = 2;
+pub const PROTOCOL_MAX: u16 = 2;
 pub const HELLO_MAGIC: [u8; 4] = *b"LBOT";
 
 /// Upper bound of `type + body` of one frame. Writes frames are cut well below it.
@@ -546,7 +547,13 @@ impl Frame {
                     max_version,
                     machine,
                     disks,
-                    stream_id: r.array("hello stream id")?,
+                    // Absent in a version 1 hello, which negotiation refuses by
+                    // name; a version 2 hello without one is refused as well.
+                    stream_id: if r.remaining() == 0 {
+                        [0; 16]
+                    } else {
+                        r.array("hello stream id")?
+                    },
                 })
             }
             2 => Frame::Welcome {
@@ -699,10 +706,22 @@ mod tests {
     }
 
     #[test]
+    fn a_version_1_hello_decodes_and_is_refused_by_negotiation() {
+        let mut body = vec![1u8];
+        body.extend_from_slice(&HELLO_MAGIC);
+        body.extend_from_slice(&[0, 1, 0, 1, 0, 1, b'm', 0, 0]);
+        let Frame::Hello(h) = Frame::decode(Bytes::from(body)).unwrap() else {
+            panic!("not a hello")
+        };
+        assert_eq!((h.max_version, h.stream_id), (1, [0; 16]));
+        assert_eq!(negotiate(h.min_version, h.max_version), None);
+    }
+
+    #[test]
     fn frames_round_trip() {
         round_trip(Frame::Hello(Hello {
-            min_version: 1,
-            max_version: 1,
+            min_version: 2,
+            max_version: 2,
             machine: "web-1".into(),
             disks: vec![DiskInfo {
                 id: "root".into(),
@@ -711,7 +730,7 @@ mod tests {
             stream_id: [7; 16],
         }));
         round_trip(Frame::Welcome {
-            version: 1,
+            version: 2,
             durable: 42,
             max_frame: MAX_FRAME_LEN,
             stream_id: [9; 16],
@@ -885,7 +904,8 @@ mod tests {
 
     #[test]
     fn version_negotiation() {
-        assert_eq!(negotiate(1, 5), Some(1));
-        assert_eq!(negotiate(2, 3), None);
+        assert_eq!(negotiate(1, 5), Some(PROTOCOL_MAX));
+        assert_eq!(negotiate(1, 1), None);
+        assert_eq!(negotiate(PROTOCOL_MAX + 1, PROTOCOL_MAX + 3), None);
     }
 }

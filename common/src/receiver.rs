@@ -317,7 +317,7 @@ where
             return Err(e.into());
         }
     };
-    if let Err(msg) = validate_hello(&hello.machine, &hello.disks) {
+    if let Err(msg) = validate_hello(&hello.machine, &hello.disks, &hello.stream_id) {
         send_error(&mut wr, error_code::PROTOCOL, &msg).await;
         return Err(ReceiveError::BadHello(msg));
     }
@@ -385,8 +385,11 @@ where
     result
 }
 
-fn validate_hello(machine: &str, disks: &[DiskInfo]) -> Result<(), String> {
+fn validate_hello(machine: &str, disks: &[DiskInfo], stream_id: &StreamId) -> Result<(), String> {
     crate::ids::validate_id("machine", machine)?;
+    if stream_id == &[0; 16] {
+        return Err("hello carries no stream id".into());
+    }
     if disks.is_empty() {
         return Err("hello lists no disks".into());
     }
@@ -856,8 +859,8 @@ mod tests {
 
     fn hello(machine: &str) -> Frame {
         Frame::Hello(Hello {
-            min_version: 1,
-            max_version: 1,
+            min_version: 2,
+            max_version: 2,
             machine: machine.into(),
             disks: vec![DiskInfo {
                 id: "d".into(),

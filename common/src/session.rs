@@ -42,6 +42,10 @@ pub struct SenderState {
     captured: u64,
     sent: u64,
     acked: u64,
+    /// Every seq up to here is this sender's own: restored from its journal at
+    /// start or sent since. A receiver durable beyond it holds seqs this sender
+    /// cannot vouch for (its state was lost), whatever it captured meanwhile.
+    owned: u64,
 }
 
 impl SenderState {
@@ -51,8 +55,19 @@ impl SenderState {
             captured: acked,
             sent: acked,
             acked,
+            owned: acked,
             ..Default::default()
         }
+    }
+
+    /// See the field: the highest seq known to be this sender's own.
+    pub fn owned(&self) -> u64 {
+        self.owned
+    }
+
+    /// Entries up to `seq` are this sender's own (replayed from its journal).
+    pub fn own_upto(&mut self, seq: u64) {
+        self.owned = self.owned.max(seq);
     }
 
     pub fn captured(&self) -> u64 {
@@ -111,6 +126,7 @@ impl SenderState {
         self.captured = base;
         self.sent = base;
         self.acked = base;
+        self.owned = base;
     }
 
     /// The connection dropped: everything unacknowledged will be sent again.
@@ -170,6 +186,7 @@ impl SenderState {
             }
             bytes += len;
             self.sent = e.seq;
+            self.owned = self.owned.max(e.seq);
             if matches!(e.op, Op::Tag { .. }) {
                 if !batch.is_empty() {
                     frames.push(Frame::Writes(std::mem::take(&mut batch)));
@@ -338,8 +355,8 @@ mod tests {
 
     fn hello() -> Frame {
         Frame::Hello(Hello {
-            min_version: 1,
-            max_version: 1,
+            min_version: 2,
+            max_version: 2,
             machine: "m".into(),
             disks: vec![],
             stream_id: [1; 16],

@@ -219,7 +219,7 @@ pub async fn materialize(
             .points
             .iter()
             .filter_map(|p| size_at(p, i, &d.id))
-            .fold(d.size, u64::max);
+            .fold(rec.largest(i), u64::max);
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -312,7 +312,7 @@ pub async fn materialize(
     for (i, ((_, target), (d, path))) in t.into_iter().zip(rec.disks.iter().zip(paths)).enumerate()
     {
         let size = match &resolved.point {
-            Some(p) => size_at(p, i, &d.id),
+            Some(p) => size_at(p, i, &d.id).or(target.resized_to),
             None => target.resized_to,
         }
         .unwrap_or(d.size);

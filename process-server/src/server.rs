@@ -78,16 +78,19 @@ impl StreamSink for PsSink {
                 })?,
                 None => stream_id,
             };
-            let disks = match old {
-                Some(old) if held != stream_id => old.disks,
+            let disks = match &old {
+                Some(old) if held != stream_id => old.disks.clone(),
                 _ => disks,
             };
-            cache.put_machine(&MachineRecord {
+            let mut rec = MachineRecord {
                 format: FORMAT_VERSION,
                 machine: m.clone(),
                 disks,
                 stream_id: Some(lifeboat_common::hex(&held)),
-            })?;
+                largest_sizes: Vec::new(),
+            };
+            rec.widen(old.as_ref());
+            cache.put_machine(&rec)?;
             Ok(Opened {
                 durable: cache.durable(&m)?,
                 stream_id: held,

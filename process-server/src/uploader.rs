@@ -142,8 +142,13 @@ pub async fn prepare_machine(
     let m = &rec.machine;
     let mut rec = rec.clone();
     match catalogue::load_machine(store, m).await {
-        Ok(stored) if stored.disks.len() == rec.disks.len() => rec.disks = stored.disks,
-        Ok(_) | Err(catalogue::CatalogueError::Missing { .. }) => {}
+        Ok(stored) if stored.disks.len() == rec.disks.len() => {
+            let cached = rec.clone();
+            rec.disks = stored.disks.clone();
+            rec.largest_sizes = stored.largest_sizes.clone();
+            rec.widen(Some(&cached));
+        }
+        Ok(_) | Err(catalogue::CatalogueError::Missing { .. }) => rec.widen(None),
         Err(e) => return Err(e.into()),
     }
     put_machine_json(store, &rec).await?;
@@ -349,7 +354,10 @@ pub async fn run_machine(
         let last = entries.last().map(|e| e.seq).unwrap_or(first);
         next = last + 1;
         let disks_at_start = rec.disks.clone();
-        let machine_json = apply_resizes(&mut rec.disks, &entries).then(|| rec.clone());
+        let machine_json = apply_resizes(&mut rec.disks, &entries).then(|| {
+            rec.widen(None);
+            rec.clone()
+        });
         let task = upload_segment(
             store.clone(),
             data_key.clone(),

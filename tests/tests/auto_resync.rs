@@ -78,7 +78,7 @@ fn lost_agent_state_is_repaired_by_a_checksum_resync() {
     let root = tmp.path();
     let size = 64 * MIB;
     let mut rng = Rng(0x5eed_1234_abcd_0001);
-    let (ps, mut agent) = setup(root, size, &mut rng);
+    let (mut ps, mut agent) = setup(root, size, &mut rng);
     let state = agent.dir.join("state");
 
     // 1. The state directory is wiped (a reinstalled agent) and blocks change.
@@ -107,18 +107,45 @@ fn lost_agent_state_is_repaired_by_a_checksum_resync() {
     let sent = s["sync"][0]["sent-bytes"].as_u64().unwrap();
     assert!(sent < size / 2, "the initial sync sent {sent} bytes: {s}");
 
-    // 2. Only the journal is lost (same stream id): the receiver holds more
-    //    than the agent kept.
+    // 2. Only the journal is lost (same stream id), the disk grew by 16 MiB,
+    //    and, while the process server is down, the agent takes more seqs than
+    //    the server holds before it hears the welcome: the server's seqs are
+    //    still not the agent's own, and the resize entry the rebase drops is
+    //    made again.
+    let durable = agent.status().unwrap()["positions"]["acked"]
+        .as_u64()
+        .unwrap();
     stop(&mut agent);
+    ps.proc.as_mut().unwrap().stop(Duration::from_secs(30));
     let changed = change_blocks(&agent.image("root"), size, 50, &mut rng);
+    let grown = size + 16 * MIB;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(agent.image("root"))
+        .unwrap()
+        .set_len(grown)
+        .unwrap();
+    fill_random(&agent.image("root"), size, 16 * MIB, &mut rng);
     std::fs::remove_dir_all(state.join("journal")).unwrap();
     agent.start().unwrap();
-    resync_is_exact(
-        &ps,
-        &agent,
-        changed.len() as u64 * BLOCK,
-        &root.join("out2"),
+    let writes: Vec<String> = (0..durable + 100)
+        .map(|i| format!("write -P 0x{:02x} {} 4k", i % 251, (i % 4096) * BLOCK))
+        .collect();
+    let cmds: Vec<&str> = writes.iter().map(String::as_str).collect();
+    qemu_io(&agent.uri("root"), &cmds).unwrap();
+    let captured = agent.status().unwrap()["positions"]["captured"]
+        .as_u64()
+        .unwrap();
+    assert!(
+        captured > durable,
+        "{captured} seqs taken, the server holds {durable}"
     );
+    ps.start().unwrap();
+    // The rebase drops those writes (never sent): the resync finds their
+    // blocks, the changed ones and the grown space.
+    let rewritten: std::collections::BTreeSet<u64> = (0..(durable + 100).min(4096)).collect();
+    let differ = changed.union(&rewritten).count() as u64;
+    resync_is_exact(&ps, &agent, differ * BLOCK + 16 * MIB, &root.join("out2"));
     let log = agent.proc.as_ref().unwrap().log_text();
     assert!(log.contains("lost its tail"), "{log}");
 

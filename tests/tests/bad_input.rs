@@ -45,8 +45,8 @@ fn client_cfg(certs: &Path) -> Arc<rustls::ClientConfig> {
 
 fn hello(machine: &str) -> Frame {
     Frame::Hello(Hello {
-        min_version: 1,
-        max_version: 1,
+        min_version: 2,
+        max_version: 2,
         machine: machine.into(),
         disks: vec![DiskInfo {
             id: "root".into(),
