@@ -51,7 +51,7 @@ impl PsSink {
             tail: Default::default(),
         });
         map.insert(machine.to_string(), u.clone());
-        self.tasks.spawn(uploader::run_machine(
+        self.tasks.spawn(uploader::supervise(
             self.cfg.clone(),
             self.cache.clone(),
             self.store.clone(),

@@ -203,7 +203,50 @@ struct Upload {
     machine_json: Option<MachineRecord>,
 }
 
-/// The uploader task of one machine. Returns when `cancel` fires.
+/// An uploader that stops (cancelled, or on an error) stops its uploads too.
+impl Drop for Upload {
+    fn drop(&mut self) {
+        self.handle.abort();
+    }
+}
+
+/// Pause before a stopped uploader task is started again.
+pub const RESTART_PAUSE: Duration = Duration::from_secs(5);
+
+/// Runs the machine's uploader until `cancel`, starting it again whenever it
+/// stops on an error (a cache read or write it could not retry): an uploader
+/// that quietly stayed down would let the cache grow and the RPO slip.
+pub async fn supervise(
+    cfg: Arc<PsConfig>,
+    cache: Arc<Cache>,
+    store: Store,
+    kek: Key,
+    me: Arc<MachineUploader>,
+    cancel: CancellationToken,
+) {
+    loop {
+        run_machine(
+            cfg.clone(),
+            cache.clone(),
+            store.clone(),
+            kek.clone(),
+            me.clone(),
+            cancel.clone(),
+        )
+        .await;
+        if cancel.is_cancelled() {
+            return;
+        }
+        warn!(machine = %me.machine, "uploader stopped; starting it again in {RESTART_PAUSE:?}");
+        tokio::select! {
+            _ = tokio::time::sleep(RESTART_PAUSE) => {}
+            _ = cancel.cancelled() => return,
+        }
+    }
+}
+
+/// The uploader task of one machine. Returns when `cancel` fires, or on an
+/// error it logged ([`supervise`] starts it again).
 pub async fn run_machine(
     cfg: Arc<PsConfig>,
     cache: Arc<Cache>,
@@ -251,8 +294,8 @@ pub async fn run_machine(
     loop {
         // Retire finished uploads in order.
         while in_flight.front().is_some_and(|u| u.handle.is_finished()) {
-            let u = in_flight.pop_front().expect("checked non-empty");
-            match u.handle.await {
+            let mut u = in_flight.pop_front().expect("checked non-empty");
+            match (&mut u.handle).await {
                 Ok(Some(())) => {}
                 _ => return, // cancelled
             }
@@ -283,10 +326,7 @@ pub async fn run_machine(
             }
         }
         if cancel.is_cancelled() {
-            for u in in_flight {
-                u.handle.abort();
-            }
-            return;
+            return; // dropping the uploads aborts them
         }
         if in_flight.len() >= cfg.upload_concurrency {
             tokio::select! {
