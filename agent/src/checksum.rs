@@ -129,10 +129,18 @@ impl Counters {
     }
 }
 
+/// The plan and how many times it was requested (a run that started before
+/// the latest request must not clear it).
+#[derive(Default)]
+struct Planned {
+    plan: Option<Plan>,
+    requests: u64,
+}
+
 /// The machine's checksum resync: its persisted plan and its counters.
 pub struct Checksum {
     path: PathBuf,
-    plan: Mutex<Option<Plan>>,
+    plan: Mutex<Planned>,
     /// Serialises writes of the plan file; each writes the plan as it is then.
     file: Mutex<()>,
     pub counters: Counters,
@@ -176,26 +184,33 @@ impl Checksum {
         }
         Ok(Arc::new(Checksum {
             path,
-            plan: Mutex::new(plan),
+            plan: Mutex::new(Planned { plan, requests: 0 }),
             file: Mutex::new(()),
             counters: Counters::default(),
         }))
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Plan>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Planned> {
         self.plan.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The pending plan, if any.
     pub fn pending(&self) -> Option<Plan> {
-        self.lock().clone()
+        self.lock().plan.clone()
+    }
+
+    /// The pending plan and the request count it reflects.
+    fn snapshot_plan(&self) -> Option<(Plan, u64)> {
+        let g = self.lock();
+        g.plan.clone().map(|p| (p, g.requests))
     }
 
     /// Records a resync of the disks at `targets` (indexes) from their first
-    /// region, merged with any pending plan, and takes the `resync` state.
-    /// Refused during an initial sync unless `force`.
-    pub fn request(
-        &self,
+    /// region, merged with any pending plan, and takes the `resync` state (both
+    /// under the plan lock), then makes the plan durable. Refused during an
+    /// initial sync unless `force`.
+    pub async fn request(
+        self: &Arc<Self>,
         disks: &[Arc<ProtectedDisk>],
         targets: &[u16],
         reason: &str,
@@ -211,9 +226,10 @@ impl Checksum {
         if !force && stream.syncing() {
             bail!("initial sync in progress: a checksum resync can only follow it");
         }
-        let described = {
+        let (before, described) = {
             let mut g = self.lock();
-            let plan = g.get_or_insert_with(|| Plan {
+            let before = g.plan.clone();
+            let plan = g.plan.get_or_insert_with(|| Plan {
                 reason: reason.to_string(),
                 disks: Vec::new(),
             });
@@ -231,12 +247,23 @@ impl Checksum {
                     None => plan.disks.push(fresh),
                 }
             }
-            describe(plan)
+            let described = describe(plan);
+            g.requests += 1;
+            stream
+                .begin_checksum_resync(reason, true)
+                .map_err(|e| anyhow!(e))?;
+            (before, described)
         };
-        self.persist()?;
-        stream
-            .begin_checksum_resync(reason, true)
-            .map_err(|e| anyhow!(e))?;
+        if let Err(e) = self.persist_async().await {
+            // Not durable: undo, and leave the resync state if nothing is left.
+            let mut g = self.lock();
+            g.plan = before;
+            g.requests += 1;
+            if g.plan.is_none() {
+                stream.end_checksum_resync(|| disks.iter().all(|d| d.dirty.dirty_count() == 0));
+            }
+            return Err(e);
+        }
         info!("checksum resync planned ({reason}): {described}");
         Ok(())
     }
@@ -244,7 +271,8 @@ impl Checksum {
     /// Writes the plan as it is now (removes the file when there is none).
     fn persist(&self) -> Result<()> {
         let _file = self.file.lock().unwrap_or_else(|p| p.into_inner());
-        store_plan(&self.path, self.pending().as_ref())
+        let plan = self.pending();
+        store_plan(&self.path, plan.as_ref())
     }
 
     async fn persist_async(self: &Arc<Self>) -> Result<()> {
@@ -255,7 +283,7 @@ impl Checksum {
     /// Every region of `disk` below `next_region` is compared and what differed
     /// is durable in the journal.
     async fn advance(self: &Arc<Self>, disk: &str, next_region: u64) -> Result<()> {
-        if let Some(plan) = self.lock().as_mut() {
+        if let Some(plan) = self.lock().plan.as_mut() {
             if let Some(pd) = plan.disks.iter_mut().find(|pd| pd.id == disk) {
                 pd.next_region = pd.next_region.max(next_region);
             }
@@ -263,12 +291,17 @@ impl Checksum {
         self.persist_async().await
     }
 
-    /// Every disk is compared: the plan goes and the stream leaves the resync
-    /// state (if `no_dirty`), in one step no abort can split. Returns whether
-    /// the stream is `streaming` again.
-    fn finish(&self, stream: &Stream, no_dirty: impl Fn() -> bool) -> bool {
+    /// Every disk of the run that started at request count `requests` is
+    /// compared: the plan goes and the stream leaves the resync state (if
+    /// `no_dirty`), in one step no abort can split — unless a request came in
+    /// meanwhile, whose plan then stays for the next run. Returns whether the
+    /// stream is `streaming` again.
+    fn finish(&self, requests: u64, stream: &Stream, no_dirty: impl Fn() -> bool) -> bool {
         let mut g = self.lock();
-        *g = None;
+        if g.requests != requests {
+            return false;
+        }
+        g.plan = None;
         stream.end_checksum_resync(no_dirty)
     }
 
@@ -276,7 +309,7 @@ impl Checksum {
         let c = &self.counters;
         serde_json::json!({
             "running": c.running.load(Ordering::Relaxed),
-            "pending": *self.lock(),
+            "pending": self.pending(),
             "hashed-bytes": c.hashed_bytes.load(Ordering::Relaxed),
             "hash-bytes": c.hash_bytes.load(Ordering::Relaxed),
             "block-bytes": c.block_bytes.load(Ordering::Relaxed),
@@ -313,17 +346,17 @@ struct RunGuard<'a> {
 impl Drop for RunGuard<'_> {
     fn drop(&mut self) {
         let was_running = self.ck.counters.running.swap(false, Ordering::SeqCst);
-        match self.ck.pending() {
+        let g = self.ck.lock();
+        match &g.plan {
             Some(p) if was_running => warn!(
                 "checksum resync interrupted; it resumes when the link is back: {}",
-                describe(&p)
+                describe(p)
             ),
             Some(_) => {}
-            None if self.stream.checksum_active() => {
+            None => {
                 self.stream
                     .end_checksum_resync(|| self.disks.iter().all(|d| d.dirty.dirty_count() == 0));
             }
-            None => {}
         }
     }
 }
@@ -337,7 +370,7 @@ pub async fn run(
     out: mpsc::Sender<Frame>,
     inbox: mpsc::UnboundedReceiver<Frame>,
 ) {
-    let Some(plan) = ck.pending() else {
+    let Some((plan, requests)) = ck.snapshot_plan() else {
         return;
     };
     let n = plan.disks.len() as u16;
@@ -347,7 +380,7 @@ pub async fn run(
         stream: &stream,
         disks: &disks,
     };
-    let report = match resync_all(&ck, &plan, &disks, &stream, &out, inbox).await {
+    let report = match resync_all(&ck, &plan, requests, &disks, &stream, &out, inbox).await {
         Ok(tag_seq) => ck.counters.report(n, tag_seq, String::new()),
         Err(e) => {
             warn!("checksum resync failed: {e:#}");
@@ -363,6 +396,7 @@ pub async fn run(
 async fn resync_all(
     ck: &Arc<Checksum>,
     plan: &Plan,
+    requests: u64,
     disks: &[Arc<ProtectedDisk>],
     stream: &Arc<Stream>,
     out: &mpsc::Sender<Frame>,
@@ -391,8 +425,13 @@ async fn resync_all(
             .await
             .with_context(|| format!("checksum resync of disk {}", d.id))?;
     }
-    let streaming = ck.finish(stream, || disks.iter().all(|d| d.dirty.dirty_count() == 0));
+    let streaming = ck.finish(requests, stream, || {
+        disks.iter().all(|d| d.dirty.dirty_count() == 0)
+    });
     ck.persist_async().await?;
+    if ck.pending().is_some() {
+        bail!("a new resync was requested during this one; it runs next");
+    }
     if !streaming {
         bail!(
             "every block was compared and sent, but the stream left the resync state ({:?}: {}); the next point follows the dirty-region resync",

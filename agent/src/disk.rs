@@ -96,15 +96,15 @@ impl ProtectedDisk {
     /// Puts a completed operation into the stream, or marks it dirty.
     /// Returns `false` when the range was only marked dirty.
     fn record(&self, offset: u64, len: u64, op: Op) -> bool {
-        match self.stream.capture_or_dirty(op) {
+        match self
+            .stream
+            .capture_or_dirty(op, || self.dirty.mark_dirty(offset, len))
+        {
             Captured::Seq(seq) => {
                 self.dirty.captured(offset, len, seq);
                 true
             }
-            Captured::Dirty => {
-                self.dirty.mark_dirty(offset, len);
-                false
-            }
+            Captured::Dirty => false,
         }
     }
 

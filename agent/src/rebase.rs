@@ -105,12 +105,12 @@ pub async fn rebase(
     theirs: StreamId,
     ids: &StreamIdFile,
     stream: &Arc<Stream>,
-    checksum: &Checksum,
+    checksum: &Arc<Checksum>,
     disks: &[Arc<ProtectedDisk>],
 ) -> Result<()> {
     warn!("{why}; continuing after seq {durable} and comparing every disk with the replica");
     let all: Vec<u16> = (0..disks.len() as u16).collect();
-    checksum.request(disks, &all, why, stream, true)?;
+    checksum.request(disks, &all, why, stream, true).await?;
     stream.supersede_sync();
     let sizes = disks
         .iter()

@@ -246,6 +246,7 @@ async fn session(
                                 stream,
                                 false,
                             )
+                            .await
                             .err()
                             .map(|e| format!("{e:#}"))
                     };
@@ -288,8 +289,12 @@ async fn session(
         let mut next_try = tokio::time::Instant::now();
         loop {
             tokio::time::sleep(RESUME_POLL).await;
+            if cfg.checksum.pending().is_none() {
+                pause = RESUME_RETRY_MIN; // the last run completed
+                continue;
+            }
             let due = tokio::time::Instant::now() >= next_try;
-            if due && cfg.checksum.pending().is_some() && !stream.syncing() && !resync.running() {
+            if due && !stream.syncing() && !resync.running() {
                 if resync.start(cfg, stream, &ctl_tx) {
                     info!("starting the pending checksum resync");
                 }

@@ -168,10 +168,11 @@ impl Stream {
     }
 
     /// Like [`Self::capture`] for a data write, unless the journal is full: then
-    /// the stream goes to `bitmap` and the caller marks the range dirty. The
-    /// decision and the capture happen under the state lock, so a transition
-    /// out of `resync` ([`Self::finish_resync`]) never misses a dirty write.
-    pub fn capture_or_dirty(&self, op: Op) -> Captured {
+    /// the stream goes to `bitmap` and `mark_dirty` records the range. The
+    /// decision, the capture and the marking happen under the mode lock, so a
+    /// transition out of `resync` ([`Self::finish_resync`]) never misses a
+    /// dirty write.
+    pub fn capture_or_dirty(&self, op: Op, mark_dirty: impl FnOnce()) -> Captured {
         let mut m = self.mode.lock().unwrap_or_else(|p| p.into_inner());
         let full = self.lock_state().queued_bytes() >= self.max_bytes;
         if m.0 == Mode::Bitmap || full {
@@ -183,6 +184,7 @@ impl Stream {
                 warn!("replication state {:?} -> Bitmap: {reason}", m.0);
                 *m = (Mode::Bitmap, reason);
             }
+            mark_dirty();
             return Captured::Dirty;
         }
         Captured::Seq(self.capture(op))
@@ -257,8 +259,9 @@ impl Stream {
     /// with `first` as the first entries of the new numbering. Only for an
     /// agent that lost its state, once a checksum resync of every disk is
     /// recorded: it repairs whatever the dropped entries changed.
+    /// Returns once `first` is durable in the journal.
     pub fn rebase(&self, base: u64, first: Vec<Op>) -> std::io::Result<()> {
-        {
+        let last = {
             let mut s = self.lock_state();
             self.journal.rebase(base)?;
             s.rebase(base);
@@ -270,9 +273,10 @@ impl Stream {
                 self.journal.append(&e);
                 s.push(e);
             }
-        }
+            s.captured()
+        };
         self.space.notify_waiters();
-        Ok(())
+        self.journal.sync_blocking(last)
     }
 
     /// Ends a checksum resync: `resync` → `streaming` when `no_dirty` holds

@@ -119,7 +119,7 @@ pub async fn prepare(
     state_dir: &Path,
     disks: &[Arc<ProtectedDisk>],
     stream: &Arc<Stream>,
-    checksum: &Checksum,
+    checksum: &Arc<Checksum>,
 ) -> Result<Vec<Arc<SyncProgress>>> {
     let mut out = Vec::new();
     for (index, d) in disks.iter().enumerate() {
@@ -142,7 +142,9 @@ pub async fn prepare(
                 size,
             });
             stream.sync_journal().await.context("syncing the journal")?;
-            checksum.request(disks, &[index as u16], &reason, stream, true)?;
+            checksum
+                .request(disks, &[index as u16], &reason, stream, true)
+                .await?;
         }
         let planned = checksum
             .pending()
