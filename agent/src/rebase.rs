@@ -11,8 +11,8 @@
 //!
 //! 1. a checksum resync of every disk is planned (it replaces any initial sync);
 //! 2. the journal and the queue drop every entry and continue after the
-//!    receiver's durable seq, starting with a resize entry per disk at its
-//!    current size (a resize entry the rebase dropped, or one never made
+//!    receiver's durable seq, starting with an inconsistent mark and a resize
+//!    entry per disk at its current size (a resize entry the rebase dropped, or one never made
 //!    because the state was gone, would leave the replica at an old size);
 //! 3. the receiver's stream id is adopted;
 //!
@@ -112,15 +112,16 @@ pub async fn rebase(
     let all: Vec<u16> = (0..disks.len() as u16).collect();
     checksum.request(disks, &all, why, stream, true).await?;
     stream.supersede_sync();
-    let sizes = disks
-        .iter()
-        .map(|d| Op::Resize {
-            disk: d.index,
-            size: d.size_bytes(),
-        })
-        .collect();
+    let first = std::iter::once(Op::Inconsistent {
+        label: "rebase after lost agent state".into(),
+    })
+    .chain(disks.iter().map(|d| Op::Resize {
+        disk: d.index,
+        size: d.size_bytes(),
+    }))
+    .collect();
     let s = stream.clone();
-    tokio::task::spawn_blocking(move || s.rebase(durable, sizes))
+    tokio::task::spawn_blocking(move || s.rebase(durable, first))
         .await?
         .context("rebasing the journal")?;
     ids.adopt(theirs)?;

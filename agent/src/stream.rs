@@ -225,6 +225,15 @@ impl Stream {
         Ok(())
     }
 
+    /// Records in the stream that from here until the next tag the replica is
+    /// not crash-consistent (a sync or resync starts sending): failover at the
+    /// stream's end is then refused by name.
+    pub fn mark_inconsistent(&self, label: &str) {
+        self.capture(Op::Inconsistent {
+            label: label.to_string(),
+        });
+    }
+
     /// A welcome confirmed the numbering: the receiver's stream is this agent's.
     pub fn mark_welcomed(&self) {
         self.welcomed.send_replace(true);

@@ -137,6 +137,7 @@ pub async fn prepare(
                 d.id, rec.size
             );
             warn!("{reason}: comparing it with the replica (checksum resync)");
+            stream.mark_inconsistent("disk resize");
             stream.capture(Op::Resize {
                 disk: index as u16,
                 size,
@@ -193,6 +194,9 @@ pub async fn run(
             _ = stream.wait_welcomed() => {}
             _ = cancel.cancelled() => return Ok(()),
         }
+    }
+    if progress.iter().any(|p| !p.done.load(Ordering::Relaxed)) {
+        stream.mark_inconsistent("initial sync");
     }
     let mut tasks = tokio::task::JoinSet::new();
     let mut any = false;
@@ -257,6 +261,7 @@ pub async fn run_resync(
                     Mode::Resync,
                     &format!("journal drained below half: resending {n} dirty regions"),
                 );
+                stream.mark_inconsistent("resync of dirty regions");
             }
             Mode::Streaming if !no_dirty(&disks) => {
                 let n: usize = disks.iter().map(|d| d.dirty.dirty_count()).sum();
@@ -264,6 +269,7 @@ pub async fn run_resync(
                     Mode::Resync,
                     &format!("{n} regions may differ from the replica"),
                 );
+                stream.mark_inconsistent("resync of dirty regions");
             }
             Mode::Streaming => {
                 tokio::select! {

@@ -7,6 +7,8 @@
 //!     keys/data-key.sealed                       data key sealed by the key-encryption key
 //!     log/<first-seq:016x>-<last-seq:016x>.seg   sealed segment
 //!     points/<seq:016x>.json                     recovery point
+//!     inconsistent/<seq:016x>.json               the stream is not crash-consistent
+//!                                                from this seq until the next point
 //! ```
 //!
 //! Segment plaintext (before sealing; integers big-endian):
@@ -96,6 +98,20 @@ pub struct PointRecord {
     pub time: String,
     pub label: String,
     pub disks: Vec<DiskInfo>,
+}
+
+pub fn inconsistent_object(machine: &str, seq: u64) -> String {
+    format!("machines/{machine}/inconsistent/{seq:016x}.json")
+}
+
+/// `inconsistent/<seq>.json`: an initial sync or resync began at `seq`; until
+/// the next point the stream's prefixes are not crash-consistent.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub struct InconsistentRecord {
+    pub format: u32,
+    pub seq: u64,
+    pub label: String,
 }
 
 pub fn point_id(seq: u64) -> String {
@@ -324,9 +340,30 @@ pub fn contiguous_prefix(segments: &[SegmentName]) -> (u64, Vec<SegmentName>) {
 }
 
 pub async fn list_points(store: &Store, machine: &str) -> Result<Vec<PointRecord>, CatalogueError> {
-    let dir = format!("{}/points/", machine_dir(machine));
+    let mut out: Vec<PointRecord> =
+        list_json(store, &format!("{}/points/", machine_dir(machine))).await?;
+    out.sort_by_key(|p| p.seq);
+    Ok(out)
+}
+
+/// The `inconsistent/` records of a machine, by seq.
+pub async fn list_inconsistent(
+    store: &Store,
+    machine: &str,
+) -> Result<Vec<InconsistentRecord>, CatalogueError> {
+    let mut out: Vec<InconsistentRecord> =
+        list_json(store, &format!("{}/inconsistent/", machine_dir(machine))).await?;
+    out.sort_by_key(|p| p.seq);
+    Ok(out)
+}
+
+/// Every `*.json` object under `dir`, parsed.
+async fn list_json<T: serde::de::DeserializeOwned>(
+    store: &Store,
+    dir: &str,
+) -> Result<Vec<T>, CatalogueError> {
     let mut out = Vec::new();
-    for (rel, _) in store.list(&dir).await? {
+    for (rel, _) in store.list(dir).await? {
         if !rel.ends_with(".json") {
             continue;
         }
@@ -336,14 +373,13 @@ pub async fn list_points(store: &Store, machine: &str) -> Result<Vec<PointRecord
             .ok_or_else(|| CatalogueError::Missing {
                 object: store.describe(&rel),
             })?;
-        let p: PointRecord =
+        out.push(
             serde_json::from_slice(&bytes).map_err(|e| CatalogueError::Invalid {
                 object: store.describe(&rel),
                 detail: e.to_string(),
-            })?;
-        out.push(p);
+            })?,
+        );
     }
-    out.sort_by_key(|p| p.seq);
     Ok(out)
 }
 

@@ -62,6 +62,9 @@
 //!                 | op=3 TAG    kind u8 | time_ms u64 | label str16
 //!                 | op=4 RESIZE disk u16 | size u64              (the disk has this size
 //!                 |                                               from this seq on)
+//!                 | op=5 INCONSISTENT label str16                (from this seq until the
+//!                 |                    next tag the replica is not crash-consistent:
+//!                 |                    a sync or resync is under way)
 //! ```
 //!
 //! Decoding is fallible everywhere: a frame whose claimed length exceeds the bound
@@ -72,7 +75,8 @@ use bytes::Bytes;
 use crate::codec::{DecodeError, Reader, Writer};
 
 /// Protocol versions this build speaks.
-/// Version 2 added the stream id (hello, welcome) and the resize entry.
+/// Version 2 added the stream id (hello, welcome), the resize and the
+/// inconsistent entries.
 pub const PROTOCOL_MIN: u16 = 2;
 pub const PROTOCOL_MAX: u16 = 2;
 pub const HELLO_MAGIC: [u8; 4] = *b"LBOT";
@@ -172,6 +176,11 @@ pub enum Op {
         disk: u16,
         size: u64,
     },
+    /// From this entry until the next tag, the replica is not crash-consistent
+    /// (an initial sync or a resync is under way); `label` says which.
+    Inconsistent {
+        label: String,
+    },
 }
 
 /// One numbered element of a machine's write stream.
@@ -189,6 +198,7 @@ impl Entry {
             Op::Zero { .. } => 14,
             Op::Tag { label, .. } => 11 + label.len().min(u16::MAX as usize),
             Op::Resize { .. } => 10,
+            Op::Inconsistent { label } => 2 + label.len().min(u16::MAX as usize),
         }
     }
 
@@ -222,6 +232,10 @@ impl Entry {
                 out.put_u8(4);
                 out.put_u16(*disk);
                 out.put_u64(*size);
+            }
+            Op::Inconsistent { label } => {
+                out.put_u8(5);
+                out.put_str16(label);
             }
         }
     }
@@ -261,6 +275,9 @@ impl Entry {
             4 => Op::Resize {
                 disk: r.u16("resize disk")?,
                 size: r.u64("resize size")?,
+            },
+            5 => Op::Inconsistent {
+                label: r.str16("inconsistent label")?,
             },
             other => {
                 return Err(DecodeError::Invalid {
@@ -757,6 +774,12 @@ mod tests {
                 op: Op::Resize {
                     disk: 1,
                     size: 3 << 30,
+                },
+            },
+            Entry {
+                seq: 4,
+                op: Op::Inconsistent {
+                    label: "resync".into(),
                 },
             },
         ]));

@@ -23,7 +23,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use futures::StreamExt;
 use lifeboat_common::catalogue::{
     self, contiguous_prefix, decode_segment, format_time_ms, list_points, list_segments,
-    segment_object, PointRecord, SegmentName,
+    segment_object, InconsistentRecord, PointRecord, SegmentName,
 };
 use lifeboat_common::protocol::{Entry, Op};
 use lifeboat_common::seal::{self, Key};
@@ -78,6 +78,26 @@ pub struct Inventory {
     pub after_gap: Option<u64>,
     pub segments: Vec<SegmentName>,
     pub points: Vec<PointRecord>,
+    /// Where syncs and resyncs began (see [`Inventory::unsettled_end`]).
+    pub inconsistent: Vec<InconsistentRecord>,
+}
+
+impl Inventory {
+    /// If the stream's end is not crash-consistent (a sync or resync began
+    /// after the last point at or before it), the record saying so.
+    pub fn unsettled_end(&self) -> Option<&InconsistentRecord> {
+        let last_point = self
+            .points
+            .iter()
+            .filter(|p| p.seq <= self.end)
+            .map(|p| p.seq)
+            .max()
+            .unwrap_or(0);
+        self.inconsistent
+            .iter()
+            .rev()
+            .find(|m| m.seq > last_point && m.seq <= self.end)
+    }
 }
 
 pub async fn inventory(store: &Store, machine: &str) -> Result<Inventory> {
@@ -85,15 +105,24 @@ pub async fn inventory(store: &Store, machine: &str) -> Result<Inventory> {
     let (end, segments) = contiguous_prefix(&all);
     let after_gap = all.iter().find(|s| s.first > end + 1).map(|s| s.first);
     let points = list_points(store, machine).await?;
+    let inconsistent = catalogue::list_inconsistent(store, machine).await?;
     Ok(Inventory {
         end,
         after_gap,
         segments,
         points,
+        inconsistent,
     })
 }
 
-pub fn resolve(inv: &Inventory, machine: &str, spec: &PointSpec) -> Result<Resolved> {
+/// Resolves `spec`; `latest` at a stream end that is not crash-consistent is
+/// refused unless `allow_inconsistent`.
+pub fn resolve(
+    inv: &Inventory,
+    machine: &str,
+    spec: &PointSpec,
+    allow_inconsistent: bool,
+) -> Result<Resolved> {
     let stored: Vec<&PointRecord> = inv.points.iter().filter(|p| p.seq <= inv.end).collect();
     let pick = |p: &PointRecord| Resolved {
         seq: p.seq,
@@ -120,6 +149,22 @@ pub fn resolve(inv: &Inventory, machine: &str, spec: &PointSpec) -> Result<Resol
             }
             if inv.end == 0 {
                 bail!("the store holds no data for machine {machine} yet");
+            }
+            if let Some(m) = inv.unsettled_end() {
+                let newest = stored
+                    .last()
+                    .map(|p| format!("point {} ({}, {})", p.id, p.kind.as_str(), p.time))
+                    .unwrap_or_else(|| "none yet".into());
+                if !allow_inconsistent {
+                    bail!(
+                        "the stream of machine {machine} ends (seq {}) inside the {} that began at seq {}: \
+                         the disks there are not crash-consistent. Recover the newest point — {newest} — \
+                         or pass --allow-inconsistent to write them anyway",
+                        inv.end,
+                        m.label,
+                        m.seq
+                    );
+                }
             }
             Ok(Resolved {
                 seq: inv.end,
@@ -377,6 +422,7 @@ fn apply(
                 }
                 t.resized_to = Some(*size);
             }
+            Op::Inconsistent { .. } => {}
             Op::Tag { .. } => {
                 if e.seq == upto {
                     saw_tag = true;

@@ -3,7 +3,8 @@
 //!
 //! Loop: read the next entries after `uploaded` from the cache → cut a segment
 //! (at `segment-max-bytes`, after `segment-max-age`, and always right after a tag)
-//! → zstd + AES-256-GCM → put `log/<first>-<last>.seg` → put `points/<seq>.json`
+//! → zstd + AES-256-GCM → put `log/<first>-<last>.seg` → put
+//! `inconsistent/<seq>.json` for each inconsistent entry and `points/<seq>.json`
 //! for each tag in it → persist `uploaded` → delete the cached range. Up to
 //! `upload-concurrency` segments are sealed and uploaded at once; `uploaded`
 //! advances strictly in order. Store errors retry with capped backoff forever
@@ -22,7 +23,8 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 use bytes::Bytes;
 use lifeboat_common::catalogue::{
-    self, encode_segment, format_time_ms, point_object, segment_object, MachineRecord, PointRecord,
+    self, encode_segment, format_time_ms, point_object, segment_object, InconsistentRecord,
+    MachineRecord, PointRecord,
 };
 use lifeboat_common::protocol::{DiskInfo, Entry, Op};
 use lifeboat_common::seal::{self, Key};
@@ -436,8 +438,14 @@ async fn upload_segment(
     let name = segment_object(&machine, first, last);
     // A point carries the disk sizes of its seq.
     let mut points: Vec<PointRecord> = Vec::new();
+    let mut unsettled: Vec<InconsistentRecord> = Vec::new();
     for e in &entries {
         match &e.op {
+            Op::Inconsistent { label } => unsettled.push(InconsistentRecord {
+                format: catalogue::FORMAT_VERSION,
+                seq: e.seq,
+                label: label.clone(),
+            }),
             Op::Resize { disk, size } => {
                 if let Some(d) = disks.get_mut(*disk as usize) {
                     d.size = *size;
@@ -470,6 +478,22 @@ async fn upload_segment(
         .await
         .ok()?
     };
+    // Before the segment: whoever sees the segment sees the mark too.
+    for m in unsettled {
+        let obj = catalogue::inconsistent_object(&machine, m.seq);
+        let body = Bytes::from(serde_json::to_vec_pretty(&m).ok()?);
+        retry(
+            &format!("recording {}", store.describe(&obj)),
+            &cancel,
+            || {
+                let body = body.clone();
+                let store = &store;
+                let obj = &obj;
+                async move { Ok(store.put(obj, body).await?) }
+            },
+        )
+        .await?;
+    }
     retry(
         &format!("uploading {}", store.describe(&name)),
         &cancel,

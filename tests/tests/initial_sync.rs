@@ -70,6 +70,37 @@ fn disk_with_data_syncs_under_writes_and_every_point_is_exact() {
         agent.tag().is_err(),
         "a tag during the initial sync must be refused"
     );
+    // Nor a silently inconsistent `latest`: failover there is refused by name
+    // once some of the sync is in the store, and `points` says why.
+    wait_for(
+        "part of the sync to be stored",
+        Duration::from_secs(60),
+        || {
+            let p = points(&ps.store_url, MACHINE, &[]).ok()?;
+            (p["stream-end"].as_u64()? > 0).then_some(())
+        },
+    )
+    .unwrap();
+    let pts = points(&ps.store_url, MACHINE, &[]).unwrap();
+    assert_eq!(pts["stream-end-consistent"], false, "{pts}");
+    let o = failover(
+        &ps.store_url,
+        MACHINE,
+        "latest",
+        &root.join("early"),
+        &ps.kek(),
+        &[],
+    )
+    .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success(),
+        "failover inside the initial sync must be refused"
+    );
+    assert!(
+        err.contains("inside the initial sync") && err.contains("--allow-inconsistent"),
+        "{err}"
+    );
 
     agent.wait_synced(Duration::from_secs(300)).unwrap();
     let synced = agent.status().unwrap();

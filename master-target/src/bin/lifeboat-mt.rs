@@ -65,6 +65,10 @@ struct FailoverArgs {
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
+    /// Write `latest` even where the stream ends inside a sync or resync (the
+    /// disks are then not crash-consistent).
+    #[arg(long)]
+    allow_inconsistent: bool,
 }
 
 #[derive(Subcommand)]
@@ -108,6 +112,7 @@ async fn real_main() -> Result<()> {
                 let v = serde_json::json!({
                     "machine": store.machine,
                     "stream-end": inv.end,
+                    "stream-end-consistent": inv.unsettled_end().is_none(),
                     "gap-before": inv.after_gap,
                     "points": inv.points.iter().filter(|p| p.seq <= inv.end).collect::<Vec<_>>(),
                 });
@@ -125,8 +130,15 @@ async fn real_main() -> Result<()> {
                 );
             }
             println!(
-                "{:<12} {:<6} {:<26} {:>12}",
-                "latest", "stream", "-", inv.end
+                "{:<12} {:<6} {:<26} {:>12}{}",
+                "latest",
+                "stream",
+                "-",
+                inv.end,
+                match inv.unsettled_end() {
+                    Some(m) => format!("  not crash-consistent: {} since seq {}", m.label, m.seq),
+                    None => String::new(),
+                }
             );
             if let Some(next) = inv.after_gap {
                 println!("warning: segments for seqs {}..={} are missing; later data cannot be recovered until they are restored", inv.end + 1, next - 1);
@@ -147,7 +159,13 @@ async fn failover(a: FailoverArgs) -> Result<()> {
     let machine = &a.store.machine;
     let started = Instant::now();
     let inv = materialize::inventory(&store, machine).await?;
-    let resolved = materialize::resolve(&inv, machine, &a.point)?;
+    let resolved = materialize::resolve(&inv, machine, &a.point, a.allow_inconsistent)?;
+    if let (Some(m), PointSpec::Latest) = (inv.unsettled_end(), &a.point) {
+        eprintln!(
+            "warning: the stream ends inside a {} (from seq {}): these disks are not crash-consistent",
+            m.label, m.seq
+        );
+    }
     eprintln!("recovering {machine} at {}", resolved.description);
     let last_print = std::sync::Mutex::new(Instant::now());
     let report = materialize::materialize(
