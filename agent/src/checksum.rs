@@ -27,7 +27,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
-use lifeboat_common::codec::{envelope, open_envelope};
 use lifeboat_common::protocol::{Frame, ResyncReport, TagKind};
 use lifeboat_common::resync::{self, BlockHash, BLOCK, REGION};
 use serde::{Deserialize, Serialize};
@@ -67,29 +66,17 @@ pub struct PlanDisk {
 }
 
 fn load_plan(path: &Path) -> Result<Option<Plan>> {
-    match std::fs::read(path) {
-        Ok(b) => {
-            let p = open_envelope(&b, PLAN_MAGIC, 1, "checksum resync plan")
-                .with_context(|| format!("reading {}", path.display()))?;
-            Ok(Some(
-                serde_json::from_slice(p).with_context(|| format!("parsing {}", path.display()))?,
-            ))
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
-    }
+    crate::fsutil::load_record(path, PLAN_MAGIC, "checksum resync plan")
 }
 
 /// Replaces the plan file atomically (or removes it for `None`), synced.
 fn store_plan(path: &Path, plan: Option<&Plan>) -> Result<()> {
     match plan {
-        Some(plan) => {
-            let bytes = envelope(PLAN_MAGIC, 1, &serde_json::to_vec(plan)?);
-            crate::fsutil::replace_file(path, &bytes)
+        Some(plan) => crate::fsutil::store_record(path, PLAN_MAGIC, plan),
+        None => {
+            crate::fsutil::remove_file(path).with_context(|| format!("removing {}", path.display()))
         }
-        None => crate::fsutil::remove_file(path),
     }
-    .with_context(|| format!("writing {}", path.display()))
 }
 
 /// Counters of the current (or last) run, for `status`.

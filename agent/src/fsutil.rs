@@ -1,6 +1,7 @@
 //! Small durable-file helpers for the agent's state records: replace a file
 //! atomically (write `<name>.partial`, fsync, rename, fsync the directory) and
-//! remove one durably; lock the state directory.
+//! remove one durably; read and write enveloped JSON state records; lock the
+//! state directory.
 
 use std::io::Write;
 use std::path::Path;
@@ -51,4 +52,36 @@ impl DirLock {
         }
         Ok(DirLock(f))
     }
+}
+
+/// Reads a JSON state record in an envelope (`magic`, version 1); `None`
+/// when the file does not exist. Errors name the file.
+pub fn load_record<T: serde::de::DeserializeOwned>(
+    path: &Path,
+    magic: [u8; 4],
+    what: &'static str,
+) -> anyhow::Result<Option<T>> {
+    use anyhow::Context;
+    match std::fs::read(path) {
+        Ok(b) => {
+            let p = lifeboat_common::codec::open_envelope(&b, magic, 1, what)
+                .with_context(|| format!("reading {}", path.display()))?;
+            Ok(Some(
+                serde_json::from_slice(p).with_context(|| format!("parsing {}", path.display()))?,
+            ))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+}
+
+/// Replaces a JSON state record in an envelope (see [`replace_file`]).
+pub fn store_record<T: serde::Serialize>(
+    path: &Path,
+    magic: [u8; 4],
+    value: &T,
+) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let bytes = lifeboat_common::codec::envelope(magic, 1, &serde_json::to_vec(value)?);
+    replace_file(path, &bytes).with_context(|| format!("writing {}", path.display()))
 }

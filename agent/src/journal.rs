@@ -234,16 +234,7 @@ impl Journal {
         s.rebase = Some(base);
         let before = s.rebases;
         work.notify_one();
-        while s.rebases == before {
-            if let Some(e) = &s.error {
-                return Err(std::io::Error::other(format!("journal: {e}")));
-            }
-            if s.shutdown {
-                return Err(std::io::Error::other("journal closed"));
-            }
-            s = done.wait(s).unwrap_or_else(|p| p.into_inner());
-        }
-        Ok(())
+        wait_writer(s, done, |s| s.rebases != before)
     }
 
     /// Rebases done so far (see [`Self::sync_blocking_since`]).
@@ -271,16 +262,7 @@ impl Journal {
         }
         s.sync_requested = s.sync_requested.max(seq);
         work.notify_one();
-        while s.synced < seq && s.rebases == rebases {
-            if let Some(e) = &s.error {
-                return Err(std::io::Error::other(format!("journal: {e}")));
-            }
-            if s.shutdown {
-                return Err(std::io::Error::other("journal closed"));
-            }
-            s = done.wait(s).unwrap_or_else(|p| p.into_inner());
-        }
-        Ok(())
+        wait_writer(s, done, |s| s.synced >= seq || s.rebases != rebases)
     }
 
     /// Files whose entries are all `≤ acked` may be deleted.
@@ -453,6 +435,25 @@ fn writer_thread(
         }
         closed = keep;
     }
+}
+
+/// Waits on the writer's `done` signal until `finished`, failing when the
+/// writer hit an error or the journal closed.
+fn wait_writer(
+    mut s: std::sync::MutexGuard<'_, Shared>,
+    done: &Condvar,
+    finished: impl Fn(&Shared) -> bool,
+) -> std::io::Result<()> {
+    while !finished(&s) {
+        if let Some(e) = &s.error {
+            return Err(std::io::Error::other(format!("journal: {e}")));
+        }
+        if s.shutdown {
+            return Err(std::io::Error::other("journal closed"));
+        }
+        s = done.wait(s).unwrap_or_else(|p| p.into_inner());
+    }
+    Ok(())
 }
 
 fn remove_if_present(path: &Path) -> std::io::Result<()> {

@@ -21,7 +21,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use lifeboat_common::codec::{envelope, open_envelope};
 use lifeboat_common::protocol::{Op, TagKind};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
@@ -90,22 +89,11 @@ fn record_path(state_dir: &Path, disk: &str) -> PathBuf {
 }
 
 fn load_record(path: &Path) -> Result<Option<SyncRecord>> {
-    match std::fs::read(path) {
-        Ok(b) => {
-            let p = open_envelope(&b, RECORD_MAGIC, 1, "sync record")
-                .with_context(|| format!("reading {}", path.display()))?;
-            Ok(Some(
-                serde_json::from_slice(p).with_context(|| format!("parsing {}", path.display()))?,
-            ))
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
-    }
+    crate::fsutil::load_record(path, RECORD_MAGIC, "sync record")
 }
 
 fn store_record(path: &Path, rec: &SyncRecord) -> Result<()> {
-    crate::fsutil::replace_file(path, &envelope(RECORD_MAGIC, 1, &serde_json::to_vec(rec)?))
-        .with_context(|| format!("writing {}", path.display()))
+    crate::fsutil::store_record(path, RECORD_MAGIC, rec)
 }
 
 /// Loads each disk's sync record and returns the progress objects; disks that

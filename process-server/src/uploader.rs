@@ -166,6 +166,26 @@ pub async fn prepare_machine(
     Ok((catalogue::load_data_key(store, kek, m).await?, rec))
 }
 
+/// Stores `value` as JSON at `obj`, retrying like every store write (`None`:
+/// cancelled).
+async fn put_json<T: serde::Serialize>(
+    store: &Store,
+    obj: &str,
+    value: &T,
+    cancel: &CancellationToken,
+) -> Option<()> {
+    let body = Bytes::from(serde_json::to_vec_pretty(value).ok()?);
+    retry(
+        &format!("recording {}", store.describe(obj)),
+        cancel,
+        || {
+            let body = body.clone();
+            async move { Ok(store.put(obj, body).await?) }
+        },
+    )
+    .await
+}
+
 async fn put_machine_json(store: &Store, rec: &MachineRecord) -> Result<()> {
     store
         .put(
@@ -481,18 +501,7 @@ async fn upload_segment(
     // Before the segment: whoever sees the segment sees the mark too.
     for m in unsettled {
         let obj = catalogue::inconsistent_object(&machine, m.seq);
-        let body = Bytes::from(serde_json::to_vec_pretty(&m).ok()?);
-        retry(
-            &format!("recording {}", store.describe(&obj)),
-            &cancel,
-            || {
-                let body = body.clone();
-                let store = &store;
-                let obj = &obj;
-                async move { Ok(store.put(obj, body).await?) }
-            },
-        )
-        .await?;
+        put_json(&store, &obj, &m, &cancel).await?;
     }
     retry(
         &format!("uploading {}", store.describe(&name)),
@@ -506,19 +515,7 @@ async fn upload_segment(
     )
     .await?;
     for p in points {
-        let obj = point_object(&machine, p.seq);
-        let body = Bytes::from(serde_json::to_vec_pretty(&p).ok()?);
-        retry(
-            &format!("recording point {}", store.describe(&obj)),
-            &cancel,
-            || {
-                let body = body.clone();
-                let store = &store;
-                let obj = &obj;
-                async move { Ok(store.put(obj, body).await?) }
-            },
-        )
-        .await?;
+        put_json(&store, &point_object(&machine, p.seq), &p, &cancel).await?;
         info!(%machine, seq = p.seq, kind = p.kind.as_str(), "recovery point stored");
     }
     Some(())

@@ -690,3 +690,77 @@ impl Agent {
         })
     }
 }
+
+/// A running process server and a synced, fully acknowledged agent for
+/// "machine-1" whose one disk "root" (`size` bytes) held random data from `rng`
+/// before protection began. `port` says where the agent connects: the
+/// server's port, or a proxy's in front of it.
+pub fn synced_random_disk(
+    root: &Path,
+    size: u64,
+    rng: &mut Rng,
+    port: impl FnOnce(&ProcessServer) -> u16,
+) -> (ProcessServer, Agent) {
+    let mut ps = ProcessServer::init(&root.join("ps"), None, &[]).unwrap();
+    ps.start().unwrap();
+    let certs = ps.dir.join("machines").join("machine-1");
+    let port = port(&ps);
+    let mut agent = Agent::configure(
+        &root.join("agent"),
+        "machine-1",
+        &certs,
+        port,
+        &[("root", size)],
+        "",
+    )
+    .unwrap();
+    fill_random(&agent.image("root"), 0, size, rng);
+    agent.start().unwrap();
+    agent.wait_synced(Duration::from_secs(300)).unwrap();
+    agent.wait_acked(Duration::from_secs(120)).unwrap();
+    (ps, agent)
+}
+
+impl Agent {
+    /// Stops the agent, which must stop cleanly.
+    pub fn stop_clean(&mut self) {
+        let stopped = self.proc.as_mut().map(|p| p.stop(Duration::from_secs(30)));
+        assert_eq!(stopped, Some(true), "the agent must stop cleanly");
+    }
+}
+
+/// Sets a disk image's size (the disk was resized).
+pub fn resize_file(path: &Path, size: u64) {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .and_then(|f| f.set_len(size))
+        .unwrap_or_else(|e| panic!("resizing {}: {e}", path.display()));
+}
+
+impl ProcessServer {
+    /// Waits until the point at `tag_seq` (labelled `label`) is stored, then
+    /// checks that failover there writes `image` byte for byte into `out`.
+    pub fn assert_point_exact(
+        &self,
+        machine: &str,
+        label: &str,
+        tag_seq: u64,
+        image: &Path,
+        out: &Path,
+    ) {
+        wait_stored(
+            &self.store_url,
+            machine,
+            &[],
+            tag_seq,
+            Duration::from_secs(180),
+        )
+        .unwrap();
+        let point = self.point_labelled(machine, label);
+        assert_eq!(point, tag_seq.to_string(), "the newest {label} point");
+        let disk = image.file_stem().unwrap().to_string_lossy().to_string();
+        self.failover_ok(machine, &point, out);
+        assert_same(&out.join(format!("{disk}.raw")), image);
+    }
+}

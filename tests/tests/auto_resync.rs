@@ -12,33 +12,6 @@ const MACHINE: &str = "machine-1";
 const MIB: u64 = 1024 * 1024;
 const BLOCK: u64 = 4096;
 
-fn setup(root: &std::path::Path, size: u64, rng: &mut Rng) -> (ProcessServer, Agent) {
-    let mut ps = ProcessServer::init(&root.join("ps"), None, &[]).unwrap();
-    ps.start().unwrap();
-    let certs = ps.dir.join("machines").join(MACHINE);
-    let mut agent = Agent::configure(
-        &root.join("agent"),
-        MACHINE,
-        &certs,
-        ps.port,
-        &[("root", size)],
-        "",
-    )
-    .unwrap();
-    fill_random(&agent.image("root"), 0, size, rng);
-    agent.start().unwrap();
-    agent.wait_synced(Duration::from_secs(120)).unwrap();
-    agent.wait_acked(Duration::from_secs(60)).unwrap();
-    (ps, agent)
-}
-
-fn stop(agent: &mut Agent) {
-    assert!(
-        agent.proc.as_mut().unwrap().stop(Duration::from_secs(30)),
-        "the agent must stop cleanly"
-    );
-}
-
 /// Waits for the agent's own resync, checks what it sent, and that the point
 /// it placed recovers the disk exactly.
 fn resync_is_exact(
@@ -56,19 +29,13 @@ fn resync_is_exact(
         Some(changed_bytes),
         "exactly the changed blocks are sent: {report}"
     );
-    let tag_seq = report["tag-seq"].as_u64().unwrap();
-    wait_stored(
-        &ps.store_url,
+    ps.assert_point_exact(
         MACHINE,
-        &[],
-        tag_seq,
-        Duration::from_secs(120),
-    )
-    .unwrap();
-    let point = ps.point_labelled(MACHINE, "checksum-resync-complete");
-    assert_eq!(point, tag_seq.to_string());
-    ps.failover_ok(MACHINE, &point, out);
-    assert_same(&out.join("root.raw"), &agent.image("root"));
+        "checksum-resync-complete",
+        report["tag-seq"].as_u64().unwrap(),
+        &agent.image("root"),
+        out,
+    );
     report
 }
 
@@ -78,11 +45,11 @@ fn lost_agent_state_is_repaired_by_a_checksum_resync() {
     let root = tmp.path();
     let size = 64 * MIB;
     let mut rng = Rng(0x5eed_1234_abcd_0001);
-    let (mut ps, mut agent) = setup(root, size, &mut rng);
+    let (mut ps, mut agent) = synced_random_disk(root, size, &mut rng, |ps| ps.port);
     let state = agent.dir.join("state");
 
     // 1. The state directory is wiped (a reinstalled agent) and blocks change.
-    stop(&mut agent);
+    agent.stop_clean();
     let changed = change_blocks(&agent.image("root"), size, 100, &mut rng);
     std::fs::remove_dir_all(&state).unwrap();
     agent.start().unwrap();
@@ -115,16 +82,11 @@ fn lost_agent_state_is_repaired_by_a_checksum_resync() {
     let durable = agent.status().unwrap()["positions"]["acked"]
         .as_u64()
         .unwrap();
-    stop(&mut agent);
+    agent.stop_clean();
     ps.proc.as_mut().unwrap().stop(Duration::from_secs(30));
     let changed = change_blocks(&agent.image("root"), size, 50, &mut rng);
     let grown = size + 16 * MIB;
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(agent.image("root"))
-        .unwrap()
-        .set_len(grown)
-        .unwrap();
+    resize_file(&agent.image("root"), grown);
     fill_random(&agent.image("root"), size, 16 * MIB, &mut rng);
     std::fs::remove_dir_all(state.join("journal")).unwrap();
     agent.start().unwrap();
@@ -155,7 +117,7 @@ fn lost_agent_state_is_repaired_by_a_checksum_resync() {
     wait_stored(&ps.store_url, MACHINE, &[], acked, Duration::from_secs(120)).unwrap();
     let out = ps.failover_ok(MACHINE, "latest", &root.join("out3"));
     assert_same(&out.join("root.raw"), &agent.image("root"));
-    stop(&mut agent);
+    agent.stop_clean();
 }
 
 #[test]
@@ -164,23 +126,18 @@ fn a_resized_disk_is_compared_and_every_point_keeps_its_size() {
     let root = tmp.path();
     let size = 64 * MIB;
     let mut rng = Rng(0x5eed_1234_abcd_0002);
-    let (ps, mut agent) = setup(root, size, &mut rng);
+    let (ps, mut agent) = synced_random_disk(root, size, &mut rng, |ps| ps.port);
     let image = agent.image("root");
 
     // A point at the original size, kept as a snapshot.
     let before = agent.tag().unwrap();
     wait_stored(&ps.store_url, MACHINE, &[], before, Duration::from_secs(60)).unwrap();
     snapshot(&image, &root.join("at-64m.img"));
-    stop(&mut agent);
+    agent.stop_clean();
 
     // Grown by 32 MiB while the agent is stopped: 8 MiB of the new space hold
     // data, and some old blocks change too.
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&image)
-        .unwrap()
-        .set_len(96 * MIB)
-        .unwrap();
+    resize_file(&image, 96 * MIB);
     fill_random(&image, 80 * MIB, 8 * MIB, &mut rng);
     let changed = change_blocks(&image, size, 64, &mut rng);
     agent.start().unwrap();
@@ -196,27 +153,17 @@ fn a_resized_disk_is_compared_and_every_point_keeps_its_size() {
         log.contains("was resized from 67108864 to 100663296 bytes"),
         "{log}"
     );
-    stop(&mut agent);
+    agent.stop_clean();
 
     // Shrunk to 48 MiB: nothing differs below the new end, nothing is sent.
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&image)
-        .unwrap()
-        .set_len(48 * MIB)
-        .unwrap();
+    resize_file(&image, 48 * MIB);
     agent.start().unwrap();
     resync_is_exact(&ps, &agent, 0, &root.join("shrunk"));
 
     // Grown again to 96 MiB: the space past 48 MiB reads as zeros on both
     // sides, so again nothing is sent, and the image is exact.
-    stop(&mut agent);
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&image)
-        .unwrap()
-        .set_len(96 * MIB)
-        .unwrap();
+    agent.stop_clean();
+    resize_file(&image, 96 * MIB);
     agent.start().unwrap();
     resync_is_exact(&ps, &agent, 0, &root.join("regrown"));
 
@@ -235,5 +182,5 @@ fn a_resized_disk_is_compared_and_every_point_keeps_its_size() {
         .to_string();
     let out = ps.failover_ok(MACHINE, &grown, &root.join("old-grown"));
     assert_same(&out.join("root.raw"), &root.join("at-96m.img"));
-    stop(&mut agent);
+    agent.stop_clean();
 }

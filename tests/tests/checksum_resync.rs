@@ -16,28 +16,10 @@ fn checksum_resync_sends_only_changed_blocks_and_the_point_is_exact() {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
     let size = 64 * MIB;
-    let mut ps = ProcessServer::init(&root.join("ps"), None, &[]).unwrap();
-    ps.start().unwrap();
-    let certs = ps.dir.join("machines").join(MACHINE);
-    let mut agent = Agent::configure(
-        &root.join("agent"),
-        MACHINE,
-        &certs,
-        ps.port,
-        &[("root", size)],
-        "",
-    )
-    .unwrap();
     // The disk holds data before protection starts: the initial sync sends it.
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
-    fill_random(&agent.image("root"), 0, size, &mut rng);
-    agent.start().unwrap();
-    agent.wait_synced(Duration::from_secs(120)).unwrap();
-    agent.wait_acked(Duration::from_secs(60)).unwrap();
-    assert!(
-        agent.proc.as_mut().unwrap().stop(Duration::from_secs(30)),
-        "the agent must stop cleanly"
-    );
+    let (ps, mut agent) = synced_random_disk(root, size, &mut rng, |ps| ps.port);
+    agent.stop_clean();
 
     // 1 % of the blocks change behind the agent's back.
     let changed = change_blocks(&agent.image("root"), size, size / BLOCK / 100, &mut rng);
@@ -97,18 +79,13 @@ fn checksum_resync_sends_only_changed_blocks_and_the_point_is_exact() {
         "{s}"
     );
 
-    let tag_seq = done["tag-seq"].as_u64().unwrap();
-    wait_stored(
-        &ps.store_url,
+    ps.assert_point_exact(
         MACHINE,
-        &[],
-        tag_seq,
-        Duration::from_secs(120),
-    )
-    .unwrap();
-    let point = ps.point_labelled(MACHINE, "checksum-resync-complete");
-    let out = ps.failover_ok(MACHINE, &point, &root.join("out"));
-    assert_same(&out.join("root.raw"), &agent.image("root"));
+        "checksum-resync-complete",
+        done["tag-seq"].as_u64().unwrap(),
+        &agent.image("root"),
+        &root.join("out"),
+    );
 
     // A second resync finds nothing to send.
     let out = run_ok(

@@ -324,27 +324,18 @@ fn next_region(agent: &Agent) -> Option<u64> {
 fn checksum_resync_resumes_where_the_link_was_cut() {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
-    let mut ps = ProcessServer::init(&root.join("ps"), None, &[]).unwrap();
-    ps.start().unwrap();
-    let mut proxy = CuttingProxy::start(ps.port);
-    proxy.stop_cutting(); // this test cuts by hand
     let size = 512 * MIB;
-    let certs = ps.dir.join("machines").join(MACHINE);
-    let mut agent = Agent::configure(
-        &root.join("agent"),
-        MACHINE,
-        &certs,
-        proxy.port,
-        &[("root", size)],
-        "",
-    )
-    .unwrap();
     let mut rng = Rng(0x5eed_0000_cafe_0003);
-    fill_random(&agent.image("root"), 0, size, &mut rng);
-    agent.start().unwrap();
-    agent.wait_synced(Duration::from_secs(300)).unwrap();
-    agent.wait_acked(Duration::from_secs(120)).unwrap();
-    assert!(agent.proc.as_mut().unwrap().stop(Duration::from_secs(30)));
+    let mut proxy = None;
+    let (ps, mut agent) = synced_random_disk(root, size, &mut rng, |ps| {
+        let p = CuttingProxy::start(ps.port);
+        p.stop_cutting(); // this test cuts by hand
+        let port = p.port;
+        proxy = Some(p);
+        port
+    });
+    let mut proxy = proxy.unwrap();
+    agent.stop_clean();
 
     // Half the disk changes behind the agent's back: 256 MiB to resend.
     fill_random(&agent.image("root"), 0, size / 2, &mut rng);
@@ -396,18 +387,13 @@ fn checksum_resync_resumes_where_the_link_was_cut() {
     let log = agent.proc.as_ref().unwrap().log_text();
     assert!(log.contains("checksum resync resumes at region"), "{log}");
 
-    let tag_seq = done["tag-seq"].as_u64().unwrap();
-    wait_stored(
-        &ps.store_url,
+    ps.assert_point_exact(
         MACHINE,
-        &[],
-        tag_seq,
-        Duration::from_secs(180),
-    )
-    .unwrap();
-    let point = ps.point_labelled(MACHINE, "checksum-resync-complete");
-    let out = ps.failover_ok(MACHINE, &point, &root.join("out"));
-    assert_same(&out.join("root.raw"), &agent.image("root"));
+        "checksum-resync-complete",
+        done["tag-seq"].as_u64().unwrap(),
+        &agent.image("root"),
+        &root.join("out"),
+    );
     proxy.shutdown();
     agent.proc.as_mut().unwrap().stop(Duration::from_secs(10));
 }
