@@ -397,6 +397,9 @@ async fn resync_all(
         plan.reason,
         describe(plan)
     );
+    // Before the first resend: until the closing point the stream's end is
+    // not crash-consistent.
+    stream.mark_inconsistent("checksum resync");
     for pd in &plan.disks {
         let (index, d) = disks
             .iter()

@@ -38,6 +38,22 @@ struct Inner {
     last_seq: Vec<u64>,
     /// Per region: must be resynced.
     dirty: Vec<bool>,
+    /// Regions taken for a resend that is not captured yet (they still count
+    /// as dirty, so nothing leaves `resync` before they are in the stream).
+    resending: usize,
+}
+
+/// A region taken by [`DirtyMap::take_dirty`]; it counts as dirty until dropped
+/// (after its resend was captured, or after it was marked dirty again).
+pub struct TakenRegion<'a> {
+    map: &'a DirtyMap,
+    pub region: usize,
+}
+
+impl Drop for TakenRegion<'_> {
+    fn drop(&mut self) {
+        self.map.lock().resending -= 1;
+    }
 }
 
 pub struct DirtyMap {
@@ -102,6 +118,7 @@ impl DirtyMap {
                     logged,
                     last_seq: vec![0; regions],
                     dirty: vec![false; regions],
+                    resending: 0,
                 }),
                 file_lock: tokio::sync::Mutex::new(()),
             },
@@ -192,16 +209,22 @@ impl DirtyMap {
     }
 
     /// Takes the next dirty region (clearing its bit), if any.
-    pub fn take_dirty(&self) -> Option<usize> {
+    pub fn take_dirty(&self) -> Option<TakenRegion<'_>> {
         let mut g = self.lock();
         let i = g.dirty.iter().position(|d| *d)?;
         g.dirty[i] = false;
         g.last_seq[i] = u64::MAX; // stays in the log until its resync is acknowledged
-        Some(i)
+        g.resending += 1;
+        Some(TakenRegion {
+            map: self,
+            region: i,
+        })
     }
 
+    /// Regions that must still be resent, those being resent included.
     pub fn dirty_count(&self) -> usize {
-        self.lock().dirty.iter().filter(|d| **d).count()
+        let g = self.lock();
+        g.dirty.iter().filter(|d| **d).count() + g.resending
     }
 
     pub fn logged_count(&self) -> usize {
@@ -258,9 +281,15 @@ mod tests {
         let (m, held) = DirtyMap::open(dir.path(), "d", 10 * REGION).unwrap();
         assert_eq!(held, vec![0, 1]);
         m.mark_regions_dirty(&held);
-        assert_eq!(m.take_dirty(), Some(0));
-        assert_eq!(m.take_dirty(), Some(1));
-        assert_eq!(m.take_dirty(), None);
+        let first = m.take_dirty().unwrap();
+        assert_eq!(first.region, 0);
+        // A region being resent still counts until its resend is done.
+        assert_eq!(m.dirty_count(), 2);
+        drop(first);
+        assert_eq!(m.dirty_count(), 1);
+        assert_eq!(m.take_dirty().map(|t| t.region), Some(1));
+        assert!(m.take_dirty().is_none());
+        assert_eq!(m.dirty_count(), 0);
         // A damaged log means every region may differ.
         std::fs::write(dir.path().join("al-d.rec"), b"junk").unwrap();
         let (_, held) = DirtyMap::open(dir.path(), "d", 10 * REGION).unwrap();

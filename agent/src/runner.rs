@@ -102,6 +102,11 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<()> {
         );
         d.dirty.mark_regions_dirty(&held);
     }
+    // Before the exports serve a write: the regions resent after an unclean
+    // stop make the stream inconsistent until the resync's point.
+    if disks.iter().any(|d| d.dirty.dirty_count() > 0) {
+        stream.enter_resync("the agent did not stop cleanly: resending the regions it was writing");
+    }
     let cancel = shutdown.child_token();
     let link = Arc::new(Link::default());
     let mut tasks = tokio::task::JoinSet::new();

@@ -225,6 +225,17 @@ impl Stream {
         Ok(())
     }
 
+    /// Any state → `resync` for the dirty-region resync, with the inconsistent
+    /// mark captured under the mode lock: no write slips in between.
+    pub fn enter_resync(&self, reason: &str) {
+        let mut m = self.mode.lock().unwrap_or_else(|p| p.into_inner());
+        if m.0 != Mode::Resync {
+            warn!("replication state {:?} -> Resync: {reason}", m.0);
+            *m = (Mode::Resync, reason.to_string());
+        }
+        self.mark_inconsistent("resync of dirty regions");
+    }
+
     /// Records in the stream that from here until the next tag the replica is
     /// not crash-consistent (a sync or resync starts sending): failover at the
     /// stream's end is then refused by name.

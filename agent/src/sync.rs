@@ -148,6 +148,11 @@ pub async fn prepare(
             store_record(&path, &rec)?;
         }
         if !rec.done {
+            if !stream.syncing() {
+                // Before any write is captured: until the sync's point, no
+                // prefix of the stream is the disk at some moment.
+                stream.mark_inconsistent("initial sync");
+            }
             stream.begin_sync();
         }
         out.push(Arc::new(SyncProgress {
@@ -182,9 +187,6 @@ pub async fn run(
             _ = stream.wait_welcomed() => {}
             _ = cancel.cancelled() => return Ok(()),
         }
-    }
-    if progress.iter().any(|p| !p.done.load(Ordering::Relaxed)) {
-        stream.mark_inconsistent("initial sync");
     }
     let mut tasks = tokio::task::JoinSet::new();
     let mut any = false;
@@ -245,19 +247,13 @@ pub async fn run_resync(
                     _ = cancel.cancelled() => break,
                 }
                 let n: usize = disks.iter().map(|d| d.dirty.dirty_count()).sum();
-                stream.set_mode(
-                    Mode::Resync,
-                    &format!("journal drained below half: resending {n} dirty regions"),
-                );
-                stream.mark_inconsistent("resync of dirty regions");
+                stream.enter_resync(&format!(
+                    "journal drained below half: resending {n} dirty regions"
+                ));
             }
             Mode::Streaming if !no_dirty(&disks) => {
                 let n: usize = disks.iter().map(|d| d.dirty.dirty_count()).sum();
-                stream.set_mode(
-                    Mode::Resync,
-                    &format!("{n} regions may differ from the replica"),
-                );
-                stream.mark_inconsistent("resync of dirty regions");
+                stream.enter_resync(&format!("{n} regions may differ from the replica"));
             }
             Mode::Streaming => {
                 tokio::select! {
@@ -274,7 +270,8 @@ pub async fn run_resync(
             }
             Mode::Resync => {
                 'disks: for d in &disks {
-                    while let Some(r) = d.dirty.take_dirty() {
+                    while let Some(taken) = d.dirty.take_dirty() {
+                        let r = taken.region;
                         tokio::select! {
                             _ = stream.wait_space(0.5) => {}
                             _ = cancel.cancelled() => {}

@@ -86,6 +86,20 @@ fn checksum_resync_sends_only_changed_blocks_and_the_point_is_exact() {
         &agent.image("root"),
         &root.join("out"),
     );
+    // The resync's window is marked in the store: `latest` inside it would
+    // not have been crash-consistent.
+    let tag_seq = done["tag-seq"].as_u64().unwrap();
+    let pts = points(&ps.store_url, MACHINE, &[]).unwrap();
+    let marked = pts["inconsistent-from"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|m| m["label"] == "checksum resync" && m["seq"].as_u64().unwrap() < tag_seq);
+    assert!(
+        marked,
+        "no checksum resync mark before seq {tag_seq}: {pts}"
+    );
+    assert_eq!(pts["stream-end-consistent"], true, "{pts}");
 
     // A second resync finds nothing to send.
     let out = run_ok(

@@ -113,6 +113,7 @@ async fn real_main() -> Result<()> {
                     "machine": store.machine,
                     "stream-end": inv.end,
                     "stream-end-consistent": inv.unsettled_end().is_none(),
+                    "inconsistent-from": inv.inconsistent.iter().filter(|m| m.seq <= inv.end).collect::<Vec<_>>(),
                     "gap-before": inv.after_gap,
                     "points": inv.points.iter().filter(|p| p.seq <= inv.end).collect::<Vec<_>>(),
                 });
