@@ -5,15 +5,17 @@
 //! The welcome tells where the receiver's stream ends and whose numbering it
 //! holds. The agent lost its state when the receiver holds another numbering
 //! (the state directory was wiped or the agent reinstalled) or holds more than
-//! the journal kept (the journal lost its tail). Then its own entries cannot be
-//! matched with the receiver's, so it *rebases*, in this order, each step
-//! durable before the next:
+//! the journal kept (the journal lost its tail); the receiver lost state when
+//! it holds less than it acknowledged (a process server rebuilt without its
+//! cache). Then the two sides' entries cannot be matched, so the agent
+//! *rebases*, in this order, each step durable before the next:
 //!
 //! 1. a checksum resync of every disk is planned (it replaces any initial sync);
 //! 2. the journal and the queue drop every entry and continue after the
 //!    receiver's durable seq, starting with an inconsistent mark and a resize
-//!    entry per disk at its current size (a resize entry the rebase dropped, or one never made
-//!    because the state was gone, would leave the replica at an old size);
+//!    entry per disk at its current size (a resize entry the rebase dropped,
+//!    or one never made because the state was gone, would leave the replica
+//!    at an old size);
 //! 3. the receiver's stream id is adopted;
 //!
 //! then reconnects. A crash in between repeats the rebase on the next welcome.
@@ -82,12 +84,28 @@ impl StreamIdFile {
 /// the highest seq the agent can vouch for (its journal held it at start, or it
 /// sent it since): seqs it captured later but never sent do not count, so a
 /// journal that lost its tail is noticed even after new writes took those seqs.
-pub fn lost_state(ours: StreamId, theirs: StreamId, durable: u64, owned: u64) -> Option<String> {
+///
+/// The receiver holding less than it acknowledged (`durable < acked`: a
+/// process server rebuilt without its cache) is the mirror case: the agent's
+/// disks hold those writes, the replica lacks them, and the same rebase and
+/// checksum resync bring them back.
+pub fn lost_state(
+    ours: StreamId,
+    theirs: StreamId,
+    durable: u64,
+    owned: u64,
+    acked: u64,
+) -> Option<String> {
     if ours != theirs {
         return Some(format!(
             "the process server holds another numbering of this machine's stream (stream id {}, ours {}): this agent's state was lost or replaced",
             hex(&theirs),
             hex(&ours)
+        ));
+    }
+    if durable < acked {
+        return Some(format!(
+            "the process server holds seqs up to {durable} but had acknowledged {acked}: it lost acknowledged data (rebuilt without its cache?)"
         ));
     }
     (durable > owned).then(|| {
@@ -139,14 +157,17 @@ mod tests {
 
     #[test]
     fn lost_state_is_another_numbering_or_a_short_journal() {
-        assert!(lost_state([1; 16], [1; 16], 5, 5).is_none());
-        assert!(lost_state([1; 16], [1; 16], 3, 9).is_none());
-        assert!(lost_state([1; 16], [2; 16], 0, 9)
+        assert!(lost_state([1; 16], [1; 16], 5, 5, 5).is_none());
+        assert!(lost_state([1; 16], [1; 16], 3, 9, 2).is_none());
+        assert!(lost_state([1; 16], [2; 16], 0, 9, 0)
             .unwrap()
             .contains("another numbering"));
-        assert!(lost_state([1; 16], [1; 16], 10, 9)
+        assert!(lost_state([1; 16], [1; 16], 10, 9, 9)
             .unwrap()
             .contains("lost its tail"));
+        assert!(lost_state([1; 16], [1; 16], 4, 9, 7)
+            .unwrap()
+            .contains("lost acknowledged data"));
     }
 
     #[test]

@@ -195,8 +195,12 @@ async fn session(
             None => bail!("process server closed the connection during the hello (is this machine's certificate accepted?)"),
         },
     };
-    let owned = stream.lock_state().owned();
-    if let Some(why) = crate::rebase::lost_state(cfg.stream_id.get(), theirs, durable, owned) {
+    let (owned, acked) = {
+        let s = stream.lock_state();
+        (s.owned(), s.acked())
+    };
+    if let Some(why) = crate::rebase::lost_state(cfg.stream_id.get(), theirs, durable, owned, acked)
+    {
         let _ = wr.shutdown().await;
         crate::rebase::rebase(
             &why,

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use lifeboat_common::catalogue::{MachineRecord, FORMAT_VERSION};
+use lifeboat_common::catalogue::{self, MachineRecord, FORMAT_VERSION};
 use lifeboat_common::protocol::{DiskInfo, Entry, StreamId};
 use lifeboat_common::receiver::{serve_connection, Opened, Sessions, StreamSink};
 use lifeboat_common::seal::Key;
@@ -63,10 +63,58 @@ impl PsSink {
     }
 }
 
+impl PsSink {
+    /// Takes a machine's record and stream end from the store into an empty
+    /// cache. The end is the last seq of any stored segment, so new segments
+    /// never reuse a stored seq; the agent, told it is behind what it had
+    /// acknowledged, resends what the store lacks by checksum resync.
+    async fn adopt_from_store(&self, machine: &str) -> Result<()> {
+        let rec = match catalogue::load_machine(&self.store, machine).await {
+            Ok(r) => r,
+            Err(catalogue::CatalogueError::Missing { .. }) => return Ok(()), // a new machine
+            Err(e) => {
+                return Err(e).with_context(|| {
+                    format!("reading the record of {machine} in {}", self.store.url())
+                })
+            }
+        };
+        let end = catalogue::list_segments(&self.store, machine)
+            .await?
+            .iter()
+            .map(|s| s.last)
+            .max()
+            .unwrap_or(0);
+        warn!(
+            %machine,
+            end,
+            "the cache knows nothing of this machine, but the store holds its stream up to seq {end}: continuing from there"
+        );
+        let (cache, m) = (self.cache.clone(), machine.to_string());
+        tokio::task::spawn_blocking(move || {
+            cache.put_machine(&rec)?;
+            if end > 0 {
+                cache.mark_uploaded(&m, end, end)?;
+            }
+            anyhow::Ok(())
+        })
+        .await??;
+        Ok(())
+    }
+}
+
 impl StreamSink for PsSink {
     /// Keeps the first stream id a machine presented; a later hello with
-    /// another id changes nothing here (the agent must rebase first).
+    /// another id changes nothing here (the agent must rebase first). A
+    /// machine the cache does not know may still have a stream in the store
+    /// (the process server lost its cache): it continues from there.
     async fn open(&self, machine: &str, disks: &[DiskInfo], stream_id: StreamId) -> Result<Opened> {
+        let known = {
+            let (cache, m) = (self.cache.clone(), machine.to_string());
+            tokio::task::spawn_blocking(move || cache.machine(&m)).await??
+        };
+        if known.is_none() {
+            self.adopt_from_store(machine).await?;
+        }
         let cache = self.cache.clone();
         let m = machine.to_string();
         let disks = disks.to_vec();

@@ -184,3 +184,51 @@ fn a_resized_disk_is_compared_and_every_point_keeps_its_size() {
     assert_same(&out.join("root.raw"), &root.join("at-96m.img"));
     agent.stop_clean();
 }
+
+#[test]
+fn a_process_server_rebuilt_without_its_cache_gets_back_what_it_had_acknowledged() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let size = 32 * MIB;
+    let mut rng = Rng(0x5eed_1234_abcd_0003);
+    let (mut ps, agent) = synced_random_disk(root, size, &mut rng, |ps| ps.port);
+    let config = ps.dir.join("ps.toml");
+    let set_age = |age: &str| {
+        let text = std::fs::read_to_string(&config).unwrap();
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("segment-max-age"))
+            .unwrap()
+            .to_string();
+        std::fs::write(
+            &config,
+            text.replace(&line, &format!("segment-max-age = \"{age}\"")),
+        )
+        .unwrap();
+    };
+
+    // Writes the server acknowledges but keeps in its cache (no tag, no age cut).
+    ps.proc.as_mut().unwrap().stop(Duration::from_secs(30));
+    set_age("1h");
+    ps.start().unwrap();
+    wait_for("the agent to reconnect", Duration::from_secs(60), || {
+        (agent.status().ok()?["connected"] == true).then_some(())
+    })
+    .unwrap();
+    qemu_io(&agent.uri("root"), &["write -P 0x3c 8M 4M", "flush"]).unwrap();
+    agent.wait_acked(Duration::from_secs(60)).unwrap();
+
+    // The appliance is rebuilt: same store, same keys, no cache.
+    ps.proc.as_mut().unwrap().stop(Duration::from_secs(30));
+    std::fs::remove_dir_all(ps.dir.join("cache")).unwrap();
+    set_age("300ms");
+    ps.start().unwrap();
+    // Nothing stored has its hashes any more: every non-zero block is resent.
+    resync_is_exact(&ps, &agent, size, &root.join("out"));
+    let log = agent.proc.as_ref().unwrap().log_text();
+    assert!(log.contains("lost acknowledged data"), "{log}");
+    assert!(
+        ps.log().contains("the cache knows nothing of this machine"),
+        "the process server must say it continued from the store"
+    );
+}
