@@ -127,24 +127,32 @@ impl ProtectedDisk {
 
     /// Sync of one chunk (initial sync, resync): read it with its range locked
     /// and put it into the stream; all-zero chunks are skipped when `skip_zero`
-    /// (the replica is known to be zero there). Returns whether it was sent.
+    /// (the replica is known to be zero there), else sent as a zero entry.
+    /// Returns whether it was sent.
     pub async fn sync_chunk(&self, offset: u64, len: u32, skip_zero: bool) -> io::Result<bool> {
         self.check(offset, len as u64)?;
         let _permit = self.stream.write_permit().await;
         let _range = self.ranges.lock(offset, len as u64).await;
         let data = self.file.read_bulk(offset, len as usize).await?;
-        if skip_zero && data.iter().all(|&b| b == 0) {
+        let zero = data.iter().all(|&b| b == 0);
+        if skip_zero && zero {
             return Ok(false);
         }
-        let queued = self.record(
-            offset,
-            len as u64,
+        // Zeros travel as a zero entry: a few bytes instead of the chunk.
+        let op = if zero {
+            Op::Zero {
+                disk: self.index,
+                offset,
+                len,
+            }
+        } else {
             Op::Write {
                 disk: self.index,
                 offset,
                 data,
-            },
-        );
+            }
+        };
+        let queued = self.record(offset, len as u64, op);
         if !queued {
             // Only marked dirty (bitmap state): the activity log must hold the
             // region before the caller's progress moves past it, or a crash would

@@ -67,6 +67,16 @@ pub trait StreamSink: Send + Sync + 'static {
         machine: &str,
         entries: Vec<Entry>,
     ) -> impl Future<Output = anyhow::Result<u64>> + Send;
+    /// The agent finished a checksum resync (`report.error` empty) or gave up.
+    fn resync_done(
+        &self,
+        machine: &str,
+        report: &ResyncReport,
+        disks: &[DiskInfo],
+    ) -> impl Future<Output = anyhow::Result<()>> + Send {
+        let _ = (machine, report, disks);
+        async { Ok(()) }
+    }
     /// Hashes of the replica's 4 KiB blocks `first..first + count` of `disk`
     /// (see `resync.rs`), for checksum resync.
     fn block_hashes(
@@ -529,6 +539,7 @@ async fn answer_resync<S: StreamSink>(
             } else {
                 warn!(%machine, "checksum resync failed on the agent: {}", report.error);
             }
+            sink.resync_done(machine, &report, &ctl.disks).await?;
             ctl.event(|_| Some(ResyncEvent::Done(report)));
             Ok(None)
         }

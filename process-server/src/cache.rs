@@ -219,7 +219,13 @@ impl Cache {
         count: u64,
     ) -> Result<Vec<BlockHash>> {
         let cf = self.cf(CF_HASH)?;
-        let mut out = vec![resync::zero_block_hash(); count as usize];
+        // A block with no hash was never written, unless the hashes were lost.
+        let unwritten = if self.hashes_unknown(machine)? {
+            resync::UNKNOWN_HASH
+        } else {
+            resync::zero_block_hash()
+        };
+        let mut out = vec![unwritten; count as usize];
         let start = hash_key(machine, disk, first);
         let end = hash_key(machine, disk, first.saturating_add(count));
         let mut ro = rocksdb::ReadOptions::default();
@@ -353,6 +359,30 @@ impl Cache {
     }
 
     /// Every machine this cache has seen, with its last announced disks.
+    /// Whether this cache lacks block hashes of data the replica holds (it
+    /// was rebuilt from the store): missing hashes then mean "unknown", not
+    /// "never written", until a full checksum resync has stored them all.
+    pub fn hashes_unknown(&self, machine: &str) -> Result<bool> {
+        let meta = self.cf(CF_META)?;
+        Ok(self
+            .db
+            .get_cf(meta, format!("hashes-unknown/{machine}"))?
+            .is_some())
+    }
+
+    pub fn set_hashes_unknown(&self, machine: &str, unknown: bool) -> Result<()> {
+        let meta = self.cf(CF_META)?;
+        let key = format!("hashes-unknown/{machine}");
+        let mut wo = WriteOptions::default();
+        wo.set_sync(true);
+        if unknown {
+            self.db.put_cf_opt(meta, key, b"1", &wo)?;
+        } else {
+            self.db.delete_cf_opt(meta, key, &wo)?;
+        }
+        Ok(())
+    }
+
     /// The record of one machine, if it ever connected.
     pub fn machine(&self, machine: &str) -> Result<Option<MachineRecord>> {
         let meta = self.cf(CF_META)?;

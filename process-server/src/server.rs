@@ -65,25 +65,44 @@ impl PsSink {
 
 impl PsSink {
     /// Takes a machine's record and stream end from the store into an empty
-    /// cache. The end is the last seq of any stored segment, so new segments
-    /// never reuse a stored seq; the agent, told it is behind what it had
-    /// acknowledged, resends what the store lacks by checksum resync.
+    /// cache (the process server was rebuilt). The stored stream must have no
+    /// gap, or new segments would splice into old ones: that is refused, naming
+    /// the missing seqs. Marks above the end (their segment never landed) are
+    /// removed. Block hashes are unknown until a full checksum resync: the
+    /// agent, told the server lost what it acknowledged, runs one.
     async fn adopt_from_store(&self, machine: &str) -> Result<()> {
+        let segments = catalogue::list_segments(&self.store, machine).await?;
         let rec = match catalogue::load_machine(&self.store, machine).await {
             Ok(r) => r,
-            Err(catalogue::CatalogueError::Missing { .. }) => return Ok(()), // a new machine
+            Err(catalogue::CatalogueError::Missing { .. }) if segments.is_empty() => {
+                return Ok(()); // a new machine
+            }
             Err(e) => {
                 return Err(e).with_context(|| {
-                    format!("reading the record of {machine} in {}", self.store.url())
+                    format!(
+                        "the store holds {} segments of {machine} but its record cannot be read",
+                        segments.len()
+                    )
                 })
             }
         };
-        let end = catalogue::list_segments(&self.store, machine)
-            .await?
-            .iter()
-            .map(|s| s.last)
-            .max()
-            .unwrap_or(0);
+        let (end, _) = catalogue::contiguous_prefix(&segments);
+        if let Some(after) = segments.iter().find(|s| s.first > end + 1) {
+            anyhow::bail!(
+                "the store's stream of {machine} has a gap: seqs {}..={} are missing, segments after them exist (from {}). \
+                 Restore the missing segments, or remove the later ones, before this machine can continue",
+                end + 1,
+                after.first - 1,
+                self.store.describe(&catalogue::segment_object(machine, after.first, after.last))
+            );
+        }
+        for m in catalogue::list_inconsistent(&self.store, machine).await? {
+            if m.seq > end {
+                self.store
+                    .delete(&catalogue::inconsistent_object(machine, m.seq))
+                    .await?;
+            }
+        }
         warn!(
             %machine,
             end,
@@ -93,6 +112,7 @@ impl PsSink {
         tokio::task::spawn_blocking(move || {
             cache.put_machine(&rec)?;
             if end > 0 {
+                cache.set_hashes_unknown(&m, true)?;
                 cache.mark_uploaded(&m, end, end)?;
             }
             anyhow::Ok(())
@@ -162,6 +182,20 @@ impl StreamSink for PsSink {
             .push(&entries);
         u.notify.notify_one();
         Ok(durable)
+    }
+
+    /// A full resync that succeeded stored every block's hash.
+    async fn resync_done(
+        &self,
+        machine: &str,
+        report: &lifeboat_common::protocol::ResyncReport,
+        disks: &[DiskInfo],
+    ) -> Result<()> {
+        if report.error.is_empty() && report.disk_count as usize == disks.len() {
+            let (cache, m) = (self.cache.clone(), machine.to_string());
+            tokio::task::spawn_blocking(move || cache.set_hashes_unknown(&m, false)).await??;
+        }
+        Ok(())
     }
 
     async fn block_hashes(

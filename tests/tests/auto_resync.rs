@@ -215,7 +215,13 @@ fn a_process_server_rebuilt_without_its_cache_gets_back_what_it_had_acknowledged
         (agent.status().ok()?["connected"] == true).then_some(())
     })
     .unwrap();
-    qemu_io(&agent.uri("root"), &["write -P 0x3c 8M 4M", "flush"]).unwrap();
+    // Data, and zeros over data the store already holds (a trim): both were
+    // acknowledged, both are lost with the cache, both must come back.
+    qemu_io(
+        &agent.uri("root"),
+        &["write -P 0x3c 8M 4M", "write -z 16M 2M", "flush"],
+    )
+    .unwrap();
     agent.wait_acked(Duration::from_secs(60)).unwrap();
 
     // The appliance is rebuilt: same store, same keys, no cache.
@@ -223,8 +229,21 @@ fn a_process_server_rebuilt_without_its_cache_gets_back_what_it_had_acknowledged
     std::fs::remove_dir_all(ps.dir.join("cache")).unwrap();
     set_age("300ms");
     ps.start().unwrap();
-    // Nothing stored has its hashes any more: every non-zero block is resent.
+    // Nothing stored has its hashes any more: every block is resent (the
+    // zeroed ones as zero entries).
     resync_is_exact(&ps, &agent, size, &root.join("out"));
+    // Once that full resync succeeded, the hashes are known again: a second
+    // one finds nothing to send.
+    let out = run_ok(
+        std::process::Command::new(bin("lifeboat-ps"))
+            .args(["resync", "--config"])
+            .arg(&config)
+            .args(["--machine", MACHINE]),
+        Duration::from_secs(300),
+    )
+    .unwrap();
+    let again: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    assert_eq!(again["block-bytes"], 0, "{again}");
     let log = agent.proc.as_ref().unwrap().log_text();
     assert!(log.contains("lost acknowledged data"), "{log}");
     assert!(
