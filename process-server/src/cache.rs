@@ -358,7 +358,6 @@ impl Cache {
         Ok(())
     }
 
-    /// Every machine this cache has seen, with its last announced disks.
     /// Whether this cache lacks block hashes of data the replica holds (it
     /// was rebuilt from the store): missing hashes then mean "unknown", not
     /// "never written", until a full checksum resync has stored them all.
@@ -396,6 +395,35 @@ impl Cache {
         }
     }
 
+    /// Takes a machine whose stream the store holds up to `end` into this
+    /// cache, in one synced batch: its record, `uploaded = end`, and (when
+    /// `end > 0`) its block hashes flagged unknown.
+    pub fn adopt(&self, rec: &MachineRecord, end: u64) -> Result<()> {
+        let meta = self.cf(CF_META)?;
+        let mut batch = WriteBatch::default();
+        let m = &rec.machine;
+        batch.put_cf(
+            meta,
+            format!("machine/{m}"),
+            envelope(MACHINE_MAGIC, 1, &serde_json::to_vec(rec)?),
+        );
+        batch.put_cf(
+            meta,
+            format!("uploaded/{m}"),
+            envelope(POS_MAGIC, 1, &end.to_be_bytes()),
+        );
+        if end > 0 {
+            batch.put_cf(meta, format!("hashes-unknown/{m}"), b"1");
+        }
+        let mut wo = WriteOptions::default();
+        wo.set_sync(true);
+        self.db
+            .write_opt(batch, &wo)
+            .with_context(|| format!("taking {m} into the cache"))?;
+        Ok(())
+    }
+
+    /// Every machine this cache has seen, with its last announced disks.
     pub fn machines(&self) -> Result<Vec<MachineRecord>> {
         let meta = self.cf(CF_META)?;
         let mut out = Vec::new();

@@ -65,11 +65,15 @@ impl PsSink {
 
 impl PsSink {
     /// Takes a machine's record and stream end from the store into an empty
-    /// cache (the process server was rebuilt). The stored stream must have no
-    /// gap, or new segments would splice into old ones: that is refused, naming
-    /// the missing seqs. Marks above the end (their segment never landed) are
-    /// removed. Block hashes are unknown until a full checksum resync: the
-    /// agent, told the server lost what it acknowledged, runs one.
+    /// cache (the process server was rebuilt), in one synced batch. Block
+    /// hashes are then unknown until a full checksum resync: the agent, told
+    /// the server lost what it acknowledged, runs one.
+    ///
+    /// A stored stream with a gap (uploads were in flight when the old server
+    /// died) continues after the gap's start: the segments and points beyond
+    /// it cannot be reached by any recovery and would collide with the new
+    /// seqs, so they are moved under `orphaned/` (kept, not deleted), and
+    /// marks beyond it removed. Segments without `machine.json` are refused.
     async fn adopt_from_store(&self, machine: &str) -> Result<()> {
         let segments = catalogue::list_segments(&self.store, machine).await?;
         let rec = match catalogue::load_machine(&self.store, machine).await {
@@ -77,24 +81,33 @@ impl PsSink {
             Err(catalogue::CatalogueError::Missing { .. }) if segments.is_empty() => {
                 return Ok(()); // a new machine
             }
+            Err(catalogue::CatalogueError::Missing { object }) => anyhow::bail!(
+                "the store holds {} segments of {machine} but not its record {object}: restore it before this machine can continue",
+                segments.len()
+            ),
             Err(e) => {
-                return Err(e).with_context(|| {
-                    format!(
-                        "the store holds {} segments of {machine} but its record cannot be read",
-                        segments.len()
-                    )
-                })
+                return Err(e)
+                    .with_context(|| format!("reading the record of {machine} in the store"))
             }
         };
         let (end, _) = catalogue::contiguous_prefix(&segments);
-        if let Some(after) = segments.iter().find(|s| s.first > end + 1) {
-            anyhow::bail!(
-                "the store's stream of {machine} has a gap: seqs {}..={} are missing, segments after them exist (from {}). \
-                 Restore the missing segments, or remove the later ones, before this machine can continue",
-                end + 1,
-                after.first - 1,
-                self.store.describe(&catalogue::segment_object(machine, after.first, after.last))
+        let beyond: Vec<_> = segments.iter().filter(|s| s.last > end).collect();
+        if !beyond.is_empty() {
+            warn!(
+                %machine,
+                "the stored stream has a gap after seq {end}; moving {} unreachable segments and the points after it under orphaned/",
+                beyond.len()
             );
+            for s in &beyond {
+                self.orphan(&catalogue::segment_object(machine, s.first, s.last))
+                    .await?;
+            }
+            for p in catalogue::list_points(&self.store, machine).await? {
+                if p.seq > end {
+                    self.orphan(&catalogue::point_object(machine, p.seq))
+                        .await?;
+                }
+            }
         }
         for m in catalogue::list_inconsistent(&self.store, machine).await? {
             if m.seq > end {
@@ -108,16 +121,29 @@ impl PsSink {
             end,
             "the cache knows nothing of this machine, but the store holds its stream up to seq {end}: continuing from there"
         );
-        let (cache, m) = (self.cache.clone(), machine.to_string());
-        tokio::task::spawn_blocking(move || {
-            cache.put_machine(&rec)?;
-            if end > 0 {
-                cache.set_hashes_unknown(&m, true)?;
-                cache.mark_uploaded(&m, end, end)?;
-            }
-            anyhow::Ok(())
-        })
-        .await??;
+        let cache = self.cache.clone();
+        tokio::task::spawn_blocking(move || cache.adopt(&rec, end)).await??;
+        Ok(())
+    }
+
+    /// Moves `machines/<m>/<rest>` to `machines/<m>/orphaned/<rest>`.
+    async fn orphan(&self, object: &str) -> Result<()> {
+        let (dir, rest) = object
+            .split_once('/')
+            .and_then(|(a, r)| {
+                r.split_once('/')
+                    .map(|(m, rest)| (format!("{a}/{m}"), rest))
+            })
+            .with_context(|| format!("unexpected object name {object}"))?;
+        let data = self
+            .store
+            .get(object)
+            .await?
+            .with_context(|| format!("{} vanished", self.store.describe(object)))?;
+        self.store
+            .put(&format!("{dir}/orphaned/{rest}"), data)
+            .await?;
+        self.store.delete(object).await?;
         Ok(())
     }
 }

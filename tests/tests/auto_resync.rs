@@ -187,6 +187,18 @@ fn a_resized_disk_is_compared_and_every_point_keeps_its_size() {
 
 #[test]
 fn a_process_server_rebuilt_without_its_cache_gets_back_what_it_had_acknowledged() {
+    rebuilt_process_server(false);
+}
+
+#[test]
+fn a_rebuilt_process_server_continues_before_a_gap_in_the_stored_stream() {
+    rebuilt_process_server(true);
+}
+
+/// The appliance is rebuilt (same store and keys, no cache) after it had
+/// acknowledged writes it never uploaded; with `gap`, a stored segment is
+/// missing too (its upload was in flight).
+fn rebuilt_process_server(gap: bool) {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
     let size = 32 * MIB;
@@ -227,11 +239,39 @@ fn a_process_server_rebuilt_without_its_cache_gets_back_what_it_had_acknowledged
     // The appliance is rebuilt: same store, same keys, no cache.
     ps.proc.as_mut().unwrap().stop(Duration::from_secs(30));
     std::fs::remove_dir_all(ps.dir.join("cache")).unwrap();
+    let log_dir = ps.dir.join("store/machines").join(MACHINE).join("log");
+    if gap {
+        let mut segs: Vec<_> = std::fs::read_dir(&log_dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        segs.sort();
+        assert!(segs.len() >= 2, "need two segments for a gap: {segs:?}");
+        std::fs::remove_file(&segs[0]).unwrap();
+    }
     set_age("300ms");
     ps.start().unwrap();
-    // Nothing stored has its hashes any more: every block is resent (the
-    // zeroed ones as zero entries).
-    resync_is_exact(&ps, &agent, size, &root.join("out"));
+    let expected = if gap {
+        // Nothing before the gap: the stream restarts empty, and every
+        // non-zero block (all but the 2 MiB trimmed) is sent.
+        size - 2 * MIB
+    } else {
+        // Nothing stored has its hashes any more: every block is resent
+        // (the zeroed ones as zero entries).
+        size
+    };
+    resync_is_exact(&ps, &agent, expected, &root.join("out"));
+    if gap {
+        let orphaned = ps
+            .dir
+            .join("store/machines")
+            .join(MACHINE)
+            .join("orphaned/log");
+        assert!(
+            std::fs::read_dir(&orphaned).unwrap().count() >= 1,
+            "the unreachable segments are kept under orphaned/"
+        );
+    }
     // Once that full resync succeeded, the hashes are known again: a second
     // one finds nothing to send.
     let out = run_ok(
