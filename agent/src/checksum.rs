@@ -165,9 +165,7 @@ impl Checksum {
                 p.reason,
                 describe(p)
             );
-            stream
-                .begin_checksum_resync(&p.reason, true)
-                .map_err(|e| anyhow!(e))?;
+            stream.begin_checksum_resync(&p.reason);
         }
         Ok(Arc::new(Checksum {
             path,
@@ -236,9 +234,7 @@ impl Checksum {
             }
             let described = describe(plan);
             g.requests += 1;
-            stream
-                .begin_checksum_resync(reason, true)
-                .map_err(|e| anyhow!(e))?;
+            stream.begin_checksum_resync(reason);
             (before, described)
         };
         if let Err(e) = self.persist_async().await {
@@ -389,9 +385,7 @@ async fn resync_all(
     out: &mpsc::Sender<Frame>,
     mut inbox: mpsc::UnboundedReceiver<Frame>,
 ) -> Result<u64> {
-    stream
-        .begin_checksum_resync(&plan.reason, true)
-        .map_err(|e| anyhow!(e))?;
+    stream.begin_checksum_resync(&plan.reason);
     info!(
         "checksum resync running ({}): {}",
         plan.reason,

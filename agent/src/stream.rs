@@ -208,21 +208,16 @@ impl Stream {
     }
 
     /// A checksum resync takes the `resync` state (from `streaming`, or keeping
-    /// `bitmap`/`resync`, whose dirty regions then wait for it). Refused while
-    /// an initial sync runs unless `force` (the resync then follows it: points
-    /// wait for both). Joining one already pending is not an error.
-    pub fn begin_checksum_resync(&self, reason: &str, force: bool) -> Result<(), String> {
+    /// `bitmap`/`resync`, whose dirty regions then wait for it; during an
+    /// initial sync, points wait for both). Joining one already pending is fine.
+    pub fn begin_checksum_resync(&self, reason: &str) {
         let mut m = self.mode.lock().unwrap_or_else(|p| p.into_inner());
-        if !force && self.syncing.load(std::sync::atomic::Ordering::SeqCst) > 0 {
-            return Err("initial sync in progress: a checksum resync can only follow it".into());
-        }
         self.checksum_active
             .store(true, std::sync::atomic::Ordering::SeqCst);
         if m.0 == Mode::Streaming {
             warn!("replication state Streaming -> Resync: {reason}");
             *m = (Mode::Resync, reason.to_string());
         }
-        Ok(())
     }
 
     /// Any state → `resync` for the dirty-region resync, with the inconsistent
