@@ -43,16 +43,29 @@ struct Inner {
     resending: usize,
 }
 
-/// A region taken by [`DirtyMap::take_dirty`]; it counts as dirty until dropped
-/// (after its resend was captured, or after it was marked dirty again).
+/// A region taken by [`DirtyMap::take_dirty`]; it counts as dirty until
+/// [`TakenRegion::resent`] (its resend was captured) or until dropped without
+/// that (an error, a cancel, a panic), which marks it dirty again.
 pub struct TakenRegion<'a> {
     map: &'a DirtyMap,
     pub region: usize,
+    resent: bool,
+}
+
+impl TakenRegion<'_> {
+    /// The region's resend is in the stream (or it went dirty again there).
+    pub fn resent(mut self) {
+        self.resent = true;
+    }
 }
 
 impl Drop for TakenRegion<'_> {
     fn drop(&mut self) {
-        self.map.lock().resending -= 1;
+        let mut g = self.map.lock();
+        g.resending -= 1;
+        if !self.resent {
+            g.dirty[self.region] = true;
+        }
     }
 }
 
@@ -218,6 +231,7 @@ impl DirtyMap {
         Some(TakenRegion {
             map: self,
             region: i,
+            resent: false,
         })
     }
 
@@ -283,11 +297,16 @@ mod tests {
         m.mark_regions_dirty(&held);
         let first = m.take_dirty().unwrap();
         assert_eq!(first.region, 0);
-        // A region being resent still counts until its resend is done.
+        // A region being resent still counts until its resend is done...
         assert_eq!(m.dirty_count(), 2);
-        drop(first);
+        first.resent();
         assert_eq!(m.dirty_count(), 1);
-        assert_eq!(m.take_dirty().map(|t| t.region), Some(1));
+        // ...and one dropped without a resend (error, cancel) is dirty again.
+        let second = m.take_dirty().unwrap();
+        assert_eq!(second.region, 1);
+        drop(second);
+        assert_eq!(m.dirty_count(), 1);
+        m.take_dirty().unwrap().resent();
         assert!(m.take_dirty().is_none());
         assert_eq!(m.dirty_count(), 0);
         // A damaged log means every region may differ.

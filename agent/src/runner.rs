@@ -182,9 +182,21 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<()> {
 
     {
         let (disks, s, c) = (disks.clone(), stream.clone(), cancel.clone());
+        // Supervised: a resync loop that failed or panicked starts again (a
+        // region it held is dirty again), or the stream would stay in resync.
         tasks.spawn(async move {
-            if let Err(e) = crate::sync::run_resync(disks, s, c).await {
-                error!("resync stopped: {e:#}");
+            while !c.is_cancelled() {
+                let run =
+                    tokio::spawn(crate::sync::run_resync(disks.clone(), s.clone(), c.clone()));
+                match run.await {
+                    Ok(Ok(())) => break,
+                    Ok(Err(e)) => error!("resync stopped: {e:#}; starting it again"),
+                    Err(e) => error!("resync task failed: {e}; starting it again"),
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(std::time::Duration::from_secs(5)) => {}
+                    _ = c.cancelled() => {}
+                }
             }
         });
     }

@@ -277,16 +277,18 @@ pub async fn run_resync(
                             _ = cancel.cancelled() => {}
                         }
                         if stream.mode().0 != Mode::Resync || cancel.is_cancelled() {
-                            d.dirty.mark_regions_dirty(&[r]);
-                            break 'disks;
+                            break 'disks; // dropping `taken` marks it dirty again
                         }
                         let offset = r as u64 * REGION;
                         let len = REGION.min(d.size_bytes() - offset);
                         stream.resync_bytes.fetch_add(len, Ordering::Relaxed);
-                        if let Err(e) = d.sync_chunk(offset, len as u32, false).await {
-                            d.dirty.mark_regions_dirty(&[r]);
-                            warn!(disk = %d.id, "resync of region {r}: {e}; retrying");
-                            tokio::time::sleep(Duration::from_secs(1)).await;
+                        match d.sync_chunk(offset, len as u32, false).await {
+                            Ok(_) => taken.resent(),
+                            Err(e) => {
+                                drop(taken); // dirty again
+                                warn!(disk = %d.id, "resync of region {r}: {e}; retrying");
+                                tokio::time::sleep(Duration::from_secs(1)).await;
+                            }
                         }
                     }
                 }
