@@ -158,15 +158,6 @@ impl Stream {
         self.mode.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    /// Changes the replication state, logging the reason.
-    pub fn set_mode(&self, mode: Mode, reason: &str) {
-        let mut m = self.mode.lock().unwrap_or_else(|p| p.into_inner());
-        if m.0 != mode {
-            warn!("replication state {:?} -> {:?}: {reason}", m.0, mode);
-            *m = (mode, reason.to_string());
-        }
-    }
-
     /// Like [`Self::capture`] for a data write, unless the journal is full: then
     /// the stream goes to `bitmap` and `mark_dirty` records the range. The
     /// decision, the capture and the marking happen under the mode lock, so a
