@@ -219,6 +219,11 @@ fn rebuilt_process_server(gap: bool) {
         .unwrap();
     };
 
+    // A second stored segment (a point cuts one), so that one can go missing.
+    qemu_io(&agent.uri("root"), &["write -P 0x11 0 64k", "flush"]).unwrap();
+    let second = agent.tag().unwrap();
+    wait_stored(&ps.store_url, MACHINE, &[], second, Duration::from_secs(60)).unwrap();
+
     // Writes the server acknowledges but keeps in its cache (no tag, no age cut).
     ps.proc.as_mut().unwrap().stop(Duration::from_secs(30));
     set_age("1h");
