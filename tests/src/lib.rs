@@ -764,3 +764,20 @@ impl ProcessServer {
         assert_same(&out.join(format!("{disk}.raw")), image);
     }
 }
+
+/// fio's NBD engine writing at random offsets into `uri`, with `args` added
+/// (block size, depth, size or runtime, ...); its JSON report goes to
+/// `report`. Fails if fio does.
+pub fn fio_randwrite(uri: &str, report: &Path, args: &[&str]) -> Result<String> {
+    let mut cmd = Command::new("fio");
+    cmd.args([
+        "--name=w",
+        "--ioengine=nbd",
+        &format!("--uri={uri}"),
+        "--rw=randwrite",
+        "--randrepeat=0",
+    ])
+    .args(args)
+    .arg(format!("--output={}", report.display()));
+    run_ok(&mut cmd, Duration::from_secs(300))
+}

@@ -164,21 +164,16 @@ fn fio_random_writes_replicate_exactly() {
     let s = setup(&[("root", 64 * MIB), ("data", 4 * MIB)], None, &[]);
     let uri = s.agent.uri("root");
     let run = |seed: &str, size: &str| {
-        run_ok(
-            Command::new("fio").args([
-                "--name=w",
-                "--ioengine=nbd",
-                &format!("--uri={uri}"),
-                "--rw=randwrite",
+        fio_randwrite(
+            &uri,
+            &s.root.join(format!("fio-{seed}.json")),
+            &[
                 "--bs=4k",
                 "--iodepth=32",
                 &format!("--size={size}"),
-                "--randrepeat=0",
                 &format!("--randseed={seed}"),
                 "--refill_buffers=1",
-                &format!("--output={}/fio-{seed}.json", s.root.display()),
-            ]),
-            Duration::from_secs(300),
+            ],
         )
         .unwrap();
     };

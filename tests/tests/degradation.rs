@@ -28,19 +28,10 @@ fn full_journal_goes_bitmap_then_resync_and_the_next_point_is_exact() {
 
     // The process server goes away; 96 MiB of writes (6x the journal) must still complete.
     ps.proc.as_mut().unwrap().kill9();
-    run_ok(
-        Command::new("fio").args([
-            "--name=w",
-            "--ioengine=nbd",
-            &format!("--uri={}", agent.uri("root")),
-            "--rw=randwrite",
-            "--bs=64k",
-            "--iodepth=16",
-            "--size=96M",
-            "--randrepeat=0",
-            &format!("--output={}/fio.json", root.display()),
-        ]),
-        Duration::from_secs(120),
+    fio_randwrite(
+        &agent.uri("root"),
+        &root.join("fio.json"),
+        &["--bs=64k", "--iodepth=16", "--size=96M"],
     )
     .expect("writes must not block or fail while the process server is down");
     let s = agent.status().unwrap();
@@ -125,19 +116,10 @@ fn clean_stop_in_bitmap_state_still_resends_the_dirty_regions() {
     let (mut ps, mut agent) =
         start_pair(root, &[("root", 128 * MIB)], "journal-max-bytes = 16777216").unwrap();
     ps.proc.as_mut().unwrap().kill9();
-    run_ok(
-        Command::new("fio").args([
-            "--name=w",
-            "--ioengine=nbd",
-            &format!("--uri={}", agent.uri("root")),
-            "--rw=randwrite",
-            "--bs=64k",
-            "--iodepth=16",
-            "--size=64M",
-            "--randrepeat=0",
-            &format!("--output={}/fio.json", root.display()),
-        ]),
-        Duration::from_secs(120),
+    fio_randwrite(
+        &agent.uri("root"),
+        &root.join("fio.json"),
+        &["--bs=64k", "--iodepth=16", "--size=64M"],
     )
     .unwrap();
     assert_eq!(agent.status().unwrap()["state"], "bitmap");

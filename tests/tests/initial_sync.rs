@@ -1,6 +1,5 @@
 //! Initial replication of a disk that already holds data, while it is written.
 
-use std::process::Command;
 use std::time::Duration;
 
 use lifeboat_tests::*;
@@ -9,15 +8,26 @@ const MACHINE: &str = "machine-1";
 const MIB: u64 = 1024 * 1024;
 const GIB: u64 = 1024 * MIB;
 
-fn random_disk(path: &std::path::Path, size: u64) {
-    run_ok(
-        Command::new("sh").arg("-c").arg(format!(
-            "head -c {size} /dev/urandom > {p}",
-            p = path.display()
-        )),
-        Duration::from_secs(120),
+/// An agent for the disk "root" of `size` bytes that holds random data
+/// before protection starts, configured with `extra`, not started.
+fn agent_on_random_disk(
+    ps: &ProcessServer,
+    root: &std::path::Path,
+    size: u64,
+    extra: &str,
+) -> Agent {
+    let certs = ps.dir.join("machines").join(MACHINE);
+    let agent = Agent::configure(
+        &root.join("agent"),
+        MACHINE,
+        &certs,
+        ps.port,
+        &[("root", size)],
+        extra,
     )
     .unwrap();
+    fill_random(&agent.image("root"), 0, size, &mut Rng(size ^ 0x5eed));
+    agent
 }
 
 #[test]
@@ -26,37 +36,15 @@ fn disk_with_data_syncs_under_writes_and_every_point_is_exact() {
     let root = tmp.path();
     let mut ps = ProcessServer::init(&root.join("ps"), None, &[]).unwrap();
     ps.start().unwrap();
-    let agent_dir = root.join("agent");
-    std::fs::create_dir_all(&agent_dir).unwrap();
-    random_disk(&agent_dir.join("root.img"), GIB);
-    let certs = ps.dir.join("machines").join(MACHINE);
     // A rate limit keeps the sync running while fio writes (1 GiB at 256 MiB/s ≥ 4 s).
-    let mut agent = Agent::configure(
-        &agent_dir,
-        MACHINE,
-        &certs,
-        ps.port,
-        &[("root", GIB)],
-        "sync-rate-limit = 268435456",
-    )
-    .unwrap();
+    let mut agent = agent_on_random_disk(&ps, root, GIB, "sync-rate-limit = 268435456");
     agent.start().unwrap();
 
     // Writes during the sync.
-    run_ok(
-        Command::new("fio").args([
-            "--name=w",
-            "--ioengine=nbd",
-            &format!("--uri={}", agent.uri("root")),
-            "--rw=randwrite",
-            "--bs=4k",
-            "--iodepth=16",
-            "--runtime=2",
-            "--time_based",
-            "--randrepeat=0",
-            &format!("--output={}/fio.json", root.display()),
-        ]),
-        Duration::from_secs(120),
+    fio_randwrite(
+        &agent.uri("root"),
+        &root.join("fio.json"),
+        &["--bs=4k", "--iodepth=16", "--runtime=2", "--time_based"],
     )
     .unwrap();
     let during = agent.status().unwrap();
@@ -145,20 +133,8 @@ fn agent_killed_during_initial_sync_resumes_where_it_stopped() {
     let root = tmp.path();
     let mut ps = ProcessServer::init(&root.join("ps"), None, &[]).unwrap();
     ps.start().unwrap();
-    let agent_dir = root.join("agent");
-    std::fs::create_dir_all(&agent_dir).unwrap();
     let size = 256 * MIB;
-    random_disk(&agent_dir.join("root.img"), size);
-    let certs = ps.dir.join("machines").join(MACHINE);
-    let mut agent = Agent::configure(
-        &agent_dir,
-        MACHINE,
-        &certs,
-        ps.port,
-        &[("root", size)],
-        "sync-rate-limit = 33554432",
-    )
-    .unwrap();
+    let mut agent = agent_on_random_disk(&ps, root, size, "sync-rate-limit = 33554432");
     agent.start().unwrap();
     // Let it pass a few checkpoints (every 2 s), then kill it.
     wait_for("sync progress past 25%", Duration::from_secs(60), || {

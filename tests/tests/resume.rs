@@ -210,16 +210,7 @@ fn initial_sync_survives_a_connection_cut_every_few_seconds() {
     let mut proxy = CuttingProxy::start(ps.port);
 
     let agent_dir = root.join("agent");
-    std::fs::create_dir_all(&agent_dir).unwrap();
     let size = 512 * MIB;
-    run_ok(
-        Command::new("sh").arg("-c").arg(format!(
-            "head -c {size} /dev/urandom > {p}",
-            p = agent_dir.join("root.img").display()
-        )),
-        Duration::from_secs(120),
-    )
-    .unwrap();
     let certs = ps.dir.join("machines").join(MACHINE);
     // All replication traffic goes through the proxy. 512 MiB at 64 MiB/s: ≥ 8 s
     // of sync, several cuts.
@@ -232,6 +223,12 @@ fn initial_sync_survives_a_connection_cut_every_few_seconds() {
         "sync-rate-limit = 67108864",
     )
     .unwrap();
+    fill_random(
+        &agent.image("root"),
+        0,
+        size,
+        &mut Rng(0x5eed_0000_cafe_0004),
+    );
     agent.start().unwrap();
 
     agent.wait_synced(Duration::from_secs(300)).unwrap();
