@@ -51,19 +51,17 @@ impl PsSink {
             tail: Default::default(),
         });
         map.insert(machine.to_string(), u.clone());
-        self.tasks.spawn(uploader::supervise(
-            self.cfg.clone(),
-            self.cache.clone(),
-            self.store.clone(),
-            self.kek.clone(),
-            u.clone(),
-            self.cancel.clone(),
-        ));
+        let env = uploader::UploadEnv {
+            cfg: self.cfg.clone(),
+            cache: self.cache.clone(),
+            store: self.store.clone(),
+            kek: self.kek.clone(),
+            cancel: self.cancel.clone(),
+        };
+        self.tasks.spawn(uploader::supervise(env, u.clone()));
         u
     }
-}
 
-impl PsSink {
     /// Takes a machine's record and stream end from the store into an empty
     /// cache (the process server was rebuilt), in one synced batch. Block
     /// hashes are then unknown until a full checksum resync: the agent, told

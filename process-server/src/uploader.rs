@@ -235,51 +235,46 @@ impl Drop for Upload {
 /// Pause before a stopped uploader task is started again.
 pub const RESTART_PAUSE: Duration = Duration::from_secs(5);
 
+/// What every machine's uploader works with.
+#[derive(Clone)]
+pub struct UploadEnv {
+    pub cfg: Arc<PsConfig>,
+    pub cache: Arc<Cache>,
+    pub store: Store,
+    pub kek: Key,
+    pub cancel: CancellationToken,
+}
+
 /// Runs the machine's uploader until `cancel`, starting it again whenever it
 /// stops on an error (a cache read or write it could not retry): an uploader
 /// that quietly stayed down would let the cache grow and the RPO slip.
-pub async fn supervise(
-    cfg: Arc<PsConfig>,
-    cache: Arc<Cache>,
-    store: Store,
-    kek: Key,
-    me: Arc<MachineUploader>,
-    cancel: CancellationToken,
-) {
+pub async fn supervise(env: UploadEnv, me: Arc<MachineUploader>) {
     loop {
-        run_machine(
-            cfg.clone(),
-            cache.clone(),
-            store.clone(),
-            kek.clone(),
-            me.clone(),
-            cancel.clone(),
-        )
-        .await;
-        if cancel.is_cancelled() {
+        run_machine(env.clone(), me.clone()).await;
+        if env.cancel.is_cancelled() {
             return;
         }
         warn!(machine = %me.machine, "uploader stopped; starting it again in {RESTART_PAUSE:?}");
         tokio::select! {
             _ = tokio::time::sleep(RESTART_PAUSE) => {}
-            _ = cancel.cancelled() => return,
+            _ = env.cancel.cancelled() => return,
         }
     }
 }
 
 /// The uploader task of one machine. Returns when `cancel` fires, or on an
 /// error it logged ([`supervise`] starts it again).
-pub async fn run_machine(
-    cfg: Arc<PsConfig>,
-    cache: Arc<Cache>,
-    store: Store,
-    kek: Key,
-    me: Arc<MachineUploader>,
-    cancel: CancellationToken,
-) {
+pub async fn run_machine(env: UploadEnv, me: Arc<MachineUploader>) {
+    let UploadEnv {
+        cfg,
+        cache,
+        store,
+        kek,
+        cancel,
+    } = env;
     let machine = me.machine.clone();
-    let rec = match cache.machines() {
-        Ok(list) => list.into_iter().find(|r| r.machine == machine),
+    let rec = match cache.machine(&machine) {
+        Ok(rec) => rec,
         Err(e) => {
             warn!(%machine, "reading the machine record from the cache: {e:#}");
             None
