@@ -7,7 +7,8 @@
 #   libclang-dev  - bindgen for RocksDB's bindings (librocksdb-sys)
 #   qemu-utils    - qemu-io, qemu-img, qemu-nbd (NBD clients / reference server)
 #   nbdkit        - reference NBD server
-#   libnbd-bin    - nbdcopy, nbdfuse, nbdsh
+#   libnbd-bin    - nbdcopy, nbdfuse, nbdinfo
+#   python3-libnbd - nbdsh (the NBD server tests drive it)
 #   fio           - load generator (nbd engine)
 #   fuse3         - fusermount3 for nbdfuse
 #   rsync         - resync peer
@@ -26,7 +27,7 @@ set -euo pipefail
 
 TOOLS="${LIFEBOAT_TOOLS:-$HOME/.cache/lifeboat/tools}"
 
-DEB_PACKAGES=(libclang-dev qemu-utils nbdkit libnbd-bin fio fuse3 rsync e2fsprogs)
+DEB_PACKAGES=(libclang-dev qemu-utils nbdkit libnbd-bin python3-libnbd fio fuse3 rsync e2fsprogs)
 
 SUDO=()
 if [ "$(id -u)" -ne 0 ]; then

@@ -27,6 +27,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
+use lifeboat_common::formats::ChecksumPlan;
 use lifeboat_common::protocol::{Frame, ResyncReport, TagKind};
 use lifeboat_common::resync::{self, BlockHash, BLOCK, REGION};
 use serde::{Deserialize, Serialize};
@@ -44,7 +45,6 @@ pub const TAG_LABEL: &str = "checksum-resync-complete";
 /// The longest the final tag waits for its acknowledgement before resync-done.
 const ACK_WAIT: Duration = Duration::from_secs(120);
 pub const PLAN_FILE: &str = "checksum-resync.rec";
-const PLAN_MAGIC: [u8; 4] = *b"LBCK";
 
 /// What is left of a checksum resync.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -66,13 +66,13 @@ pub struct PlanDisk {
 }
 
 fn load_plan(path: &Path) -> Result<Option<Plan>> {
-    crate::fsutil::load_record(path, PLAN_MAGIC, "checksum resync plan")
+    crate::fsutil::load_record::<ChecksumPlan, _>(path)
 }
 
 /// Replaces the plan file atomically (or removes it for `None`), synced.
 fn store_plan(path: &Path, plan: Option<&Plan>) -> Result<()> {
     match plan {
-        Some(plan) => crate::fsutil::store_record(path, PLAN_MAGIC, plan),
+        Some(plan) => crate::fsutil::store_record::<ChecksumPlan, _>(path, plan),
         None => {
             crate::fsutil::remove_file(path).with_context(|| format!("removing {}", path.display()))
         }

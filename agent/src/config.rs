@@ -12,6 +12,13 @@ pub const DEFAULT_TAG_INTERVAL: Duration = Duration::from_secs(300);
 /// Captured-but-unacknowledged bytes the journal may hold.
 pub const DEFAULT_JOURNAL_MAX_BYTES: u64 = 256 * 1024 * 1024;
 
+/// Smallest `journal-max-bytes`.
+pub const MIN_JOURNAL_MAX_BYTES: u64 = 16 * 1024 * 1024;
+/// Longest `tag-interval`.
+pub const MAX_TAG_INTERVAL: Duration = Duration::from_secs(24 * 3600);
+/// Most `[[disk]]` blocks (disks are numbered by u16 in the stream).
+pub const MAX_DISKS: usize = 1024;
+
 fn default_tag_interval() -> Duration {
     DEFAULT_TAG_INTERVAL
 }
@@ -31,9 +38,14 @@ pub struct DiskConfig {
     pub path: PathBuf,
     /// Unix socket the NBD export is served on.
     pub socket: PathBuf,
-    /// Optional loopback TCP address for the same export.
+    /// Optional TCP address for the same export: loopback only, unless
+    /// `allow-remote` is set.
     #[serde(default)]
     pub tcp: Option<SocketAddr>,
+    /// Lets `tcp` listen on a non-loopback address (the export has no
+    /// authentication and carries the disk's plaintext; a warning is logged).
+    #[serde(default)]
+    pub allow_remote: bool,
     /// Disk I/O engine: auto (portable for files, io_uring for block devices),
     /// uring or portable.
     #[serde(default = "default_io_mode")]
@@ -97,15 +109,31 @@ impl AgentConfig {
         Ok(cfg)
     }
 
+    /// Checks every value; an error names the key (and the disk).
     pub fn validate(&self) -> Result<()> {
         lifeboat_common::ids::validate_id("machine", &self.machine).map_err(anyhow::Error::msg)?;
+        if self
+            .server
+            .rsplit_once(':')
+            .and_then(|(h, p)| {
+                (!h.is_empty()).then_some(())?;
+                p.parse::<u16>().ok().filter(|p| *p != 0)
+            })
+            .is_none()
+        {
+            bail!("server: {:?} is not host:port", self.server);
+        }
+        if self.server_name.is_empty() {
+            bail!("server-name must not be empty");
+        }
         if self.disks.is_empty() {
             bail!("no [[disk]] configured");
         }
-        if self.disks.len() > u16::MAX as usize {
-            bail!("too many disks");
+        if self.disks.len() > MAX_DISKS {
+            bail!("{} [[disk]] blocks: at most {MAX_DISKS}", self.disks.len());
         }
         let mut seen = std::collections::HashSet::new();
+        let mut sockets = std::collections::HashSet::new();
         for d in &self.disks {
             lifeboat_common::ids::validate_id("disk", &d.id).map_err(anyhow::Error::msg)?;
             d.io_mode
@@ -114,12 +142,44 @@ impl AgentConfig {
             if !seen.insert(&d.id) {
                 bail!("disk id {:?} is configured twice", d.id);
             }
+            if !sockets.insert(&d.socket) {
+                bail!(
+                    "disk {}: socket {} is used by another disk",
+                    d.id,
+                    d.socket.display()
+                );
+            }
+            // sockaddr_un holds 108 bytes, the terminating NUL included.
+            if d.socket.as_os_str().len() > 107 {
+                bail!(
+                    "disk {}: socket path {} is longer than 107 bytes",
+                    d.id,
+                    d.socket.display()
+                );
+            }
+            if let Some(addr) = d.tcp {
+                if !addr.ip().is_loopback() && !d.allow_remote {
+                    bail!(
+                        "disk {}: tcp = \"{addr}\" is not a loopback address; the export is unauthenticated plaintext, so set allow-remote = true to serve it beyond this host",
+                        d.id
+                    );
+                }
+            }
         }
-        if self.journal_max_bytes < 16 * 1024 * 1024 {
-            bail!("journal-max-bytes must be at least 16 MiB");
+        if self.journal_max_bytes < MIN_JOURNAL_MAX_BYTES {
+            bail!(
+                "journal-max-bytes = {}: must be at least {MIN_JOURNAL_MAX_BYTES} (16 MiB)",
+                self.journal_max_bytes
+            );
         }
-        if self.tag_interval < Duration::from_secs(1) {
-            bail!("tag-interval must be at least 1s");
+        if self.tag_interval < Duration::from_secs(1) || self.tag_interval > MAX_TAG_INTERVAL {
+            bail!(
+                "tag-interval = {}: must be between 1s and 24h",
+                humantime::format_duration(self.tag_interval)
+            );
+        }
+        if self.sync_rate_limit == Some(0) {
+            bail!("sync-rate-limit = 0: must be at least 1 (bytes per second); leave it out for no limit");
         }
         Ok(())
     }
@@ -130,5 +190,49 @@ impl AgentConfig {
 
     pub fn journal_dir(&self) -> PathBuf {
         self.state_dir.join("journal")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(extra: &str, disk_extra: &str) -> Result<AgentConfig> {
+        let text = format!(
+            "machine = \"m-1\"\nserver = \"127.0.0.1:9443\"\nca-cert = \"ca\"\nclient-cert = \"c\"\n\
+             client-key = \"k\"\nstate-dir = \"s\"\n{extra}\n[[disk]]\nid = \"root\"\npath = \"r.img\"\n\
+             socket = \"r.sock\"\n{disk_extra}\n"
+        );
+        let cfg: AgentConfig = toml::from_str(&text)?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn refused(extra: &str, disk_extra: &str, key: &str) {
+        let e = format!("{:#}", parse(extra, disk_extra).unwrap_err());
+        assert!(e.contains(key), "{extra}{disk_extra}: {e}");
+    }
+
+    #[test]
+    fn every_bad_value_is_refused_by_its_key() {
+        parse("", "").unwrap();
+        parse("sync-rate-limit = 1", "tcp = \"127.0.0.1:10809\"").unwrap();
+        parse("", "tcp = \"0.0.0.0:10809\"\nallow-remote = true").unwrap();
+        refused("sync-rate-limit = 0", "", "sync-rate-limit");
+        refused("journal-max-bytes = 1000", "", "journal-max-bytes");
+        refused("tag-interval = \"0s\"", "", "tag-interval");
+        refused("tag-interval = \"30d\"", "", "tag-interval");
+        refused("server-name = \"\"", "", "server-name");
+        refused("", "tcp = \"0.0.0.0:10809\"", "allow-remote");
+        refused("", "io-mode = \"fast\"", "io-mode");
+        refused("bogus-key = 1", "", "bogus-key");
+    }
+
+    #[test]
+    fn a_server_without_a_port_is_refused() {
+        let text = "machine = \"m-1\"\nserver = \"ps.example\"\nca-cert = \"ca\"\nclient-cert = \"c\"\n\
+                    client-key = \"k\"\nstate-dir = \"s\"\n[[disk]]\nid = \"root\"\npath = \"r\"\nsocket = \"s\"\n";
+        let cfg: AgentConfig = toml::from_str(text).unwrap();
+        assert!(format!("{:#}", cfg.validate().unwrap_err()).contains("server"));
     }
 }

@@ -40,34 +40,83 @@ pub struct Control {
     pub checksum: Arc<crate::checksum::Checksum>,
 }
 
+/// Unacknowledged entries with no acknowledgement for this long: `stalled`.
+pub const STALL_AFTER: std::time::Duration = std::time::Duration::from_secs(30);
+
 impl Control {
+    /// The state status shows, its reason and since when (RFC 3339; for
+    /// `stalled` only): the replication mode, unless entries wait for an
+    /// acknowledgement that has not come for [`STALL_AFTER`].
+    fn state(
+        &self,
+        positions: &crate::stream::Positions,
+    ) -> (&'static str, String, Option<String>) {
+        let (mode, reason) = self.stream.mode();
+        let quiet = self.link.since_progress();
+        if positions.captured > positions.acked && quiet >= STALL_AFTER {
+            let why = match (
+                self.link.connected.load(Ordering::Relaxed),
+                self.link.last_error(),
+            ) {
+                (_, Some(e)) => format!("nothing acknowledged for {}s: {e}", quiet.as_secs()),
+                (true, None) => format!(
+                    "connected, but nothing acknowledged for {}s ({} entries waiting)",
+                    quiet.as_secs(),
+                    positions.captured - positions.acked
+                ),
+                (false, None) => format!("not connected for {}s", quiet.as_secs()),
+            };
+            let since = chrono::Utc::now()
+                - chrono::Duration::from_std(quiet).unwrap_or(chrono::Duration::zero());
+            return (
+                "stalled",
+                format!("{why} (mode {}: {reason})", mode.as_str()),
+                Some(since.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)),
+            );
+        }
+        (mode.as_str(), reason, None)
+    }
+
     async fn handle(&self, req: Request) -> serde_json::Value {
         match req {
-            Request::Status => serde_json::json!({
+            Request::Status => {
+                let positions = self.stream.positions();
+                let (state, reason, since) = self.state(&positions);
+                serde_json::json!({
                 "ok": true,
                 "machine": self.machine,
                 "connected": self.link.connected.load(Ordering::Relaxed),
-                "last-error": *self.link.last_error.lock().unwrap_or_else(|p| p.into_inner()),
-                "positions": self.stream.positions(),
+                "last-error": self.link.last_error(),
+                "positions": positions,
                 "disks": self.disks,
                 "sync": self.sync.iter().map(|p| p.snapshot()).collect::<Vec<_>>(),
-                "state": self.stream.mode().0,
-                "state-reason": self.stream.mode().1,
+                "state": state,
+                "state-reason": reason,
+                "state-since": since,
+                "mode": self.stream.mode().0,
+                "journal-error": self.stream.journal_failing(),
                 "resync-bytes": self.stream.resync_bytes.load(std::sync::atomic::Ordering::Relaxed),
                 "checksum-resync": self.checksum.snapshot(),
                 "dirty-regions": self.dirty.iter().map(|d| serde_json::json!({
                     "disk": d.id, "dirty": d.dirty.dirty_count(), "activity-log": d.dirty.logged_count(),
                 })).collect::<Vec<_>>(),
-            }),
+                })
+            }
             Request::Tag { label } => {
-                if !self.stream.consistent() {
-                    return serde_json::json!({"ok": false, "error": "initial sync in progress: the replica is not consistent yet, so no recovery point can be taken (see `lifeboat-agent status`)"});
+                let refused = |why: String| {
+                    serde_json::json!({"ok": false, "error": format!(
+                    "no recovery point can be taken now: {why} (see `lifeboat-agent status`)")})
+                };
+                if let Some(why) = self.stream.why_inconsistent() {
+                    return refused(why);
                 }
                 match self.stream.tag(TagKind::Crash, &label).await {
                     Some(seq) => serde_json::json!({"ok": true, "seq": seq}),
-                    None => serde_json::json!({"ok": false, "error": format!(
-                        "the replica is not consistent now (state {:?}: {}), so no recovery point can be taken",
-                        self.stream.mode().0, self.stream.mode().1)}),
+                    None => refused(
+                        self.stream
+                            .why_inconsistent()
+                            .unwrap_or_else(|| "the state changed while writes drained".into()),
+                    ),
                 }
             }
         }

@@ -19,13 +19,13 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use anyhow::{bail, Context, Result};
-use lifeboat_common::codec::{envelope, open_envelope, Reader};
+use lifeboat_common::codec::Reader;
+use lifeboat_common::formats::{self, ActivityLog};
 
 pub const REGION: u64 = 4 << 20;
 /// A region leaves the activity log only when acknowledged and not written for
 /// this long: hot regions stay logged, so steady writes cost no log updates.
 pub const AL_COLD: std::time::Duration = std::time::Duration::from_secs(30);
-const MAGIC: [u8; 4] = *b"LBAL";
 
 struct Inner {
     /// Per region: in the persisted activity log.
@@ -86,11 +86,11 @@ fn encode(bits: &[bool]) -> Vec<u8> {
         }
     }
     out.extend(bytes);
-    envelope(MAGIC, 1, &out)
+    formats::seal::<ActivityLog>(&out)
 }
 
 fn decode(buf: &[u8], regions: usize) -> Result<Vec<bool>> {
-    let p = open_envelope(buf, MAGIC, 1, "activity log")?;
+    let p = formats::open::<ActivityLog>(buf)?;
     let mut r = Reader::new(p);
     let n = r.u64("region count")? as usize;
     if n != regions {

@@ -108,6 +108,22 @@ impl ProtectedDisk {
         }
     }
 
+    /// A write or zeroing failed on the disk, possibly after part of it landed
+    /// (ENOSPC on a sparse image, EIO): the range may now differ from the
+    /// replica, so it is marked dirty and resent by the resync. The activity
+    /// log already holds it (logged before the write), so a crash before the
+    /// resync resends it too.
+    fn failed_write(&self, offset: u64, len: u64, what: &str, e: &io::Error) {
+        tracing::warn!(disk = %self.id, offset, len, "{what} failed on the disk: {e}; the range is resent by a resync");
+        self.stream.degrade(
+            &format!(
+                "{what} of {len} bytes at {offset} failed on disk {}: {e}",
+                self.id
+            ),
+            || self.dirty.mark_dirty(offset, len),
+        );
+    }
+
     fn check(&self, offset: u64, len: u64) -> io::Result<()> {
         if offset.checked_add(len).is_none_or(|e| e > self.size) {
             return Err(io::Error::new(
@@ -215,7 +231,10 @@ impl BlockBackend for ProtectedDisk {
         {
             let _permit = self.stream.write_permit().await;
             let _range = self.ranges.lock(offset, len).await;
-            self.file.write_at(offset, data.clone()).await?;
+            if let Err(e) = self.file.write_at(offset, data.clone()).await {
+                self.failed_write(offset, len, "write", &e);
+                return Err(e);
+            }
             let _ = self.record(
                 offset,
                 len,
@@ -238,7 +257,10 @@ impl BlockBackend for ProtectedDisk {
         {
             let _permit = self.stream.write_permit().await;
             let _range = self.ranges.lock(offset, len as u64).await;
-            self.file.zero_range(offset, len as u64).await?;
+            if let Err(e) = self.file.zero_range(offset, len as u64).await {
+                self.failed_write(offset, len as u64, "zeroing", &e);
+                return Err(e);
+            }
             let _ = self.record(
                 offset,
                 len as u64,

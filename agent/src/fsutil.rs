@@ -6,6 +6,8 @@
 use std::io::Write;
 use std::path::Path;
 
+use lifeboat_common::formats::Record;
+
 /// Replaces `path` with `data` so that a crash leaves the old or the new file.
 pub fn replace_file(path: &Path, data: &[u8]) -> std::io::Result<()> {
     let mut tmp = path.as_os_str().to_owned();
@@ -54,17 +56,15 @@ impl DirLock {
     }
 }
 
-/// Reads a JSON state record in an envelope (`magic`, version 1); `None`
+/// Reads a JSON state record in an envelope of record type `R`; `None`
 /// when the file does not exist. Errors name the file.
-pub fn load_record<T: serde::de::DeserializeOwned>(
+pub fn load_record<R: Record, T: serde::de::DeserializeOwned>(
     path: &Path,
-    magic: [u8; 4],
-    what: &'static str,
 ) -> anyhow::Result<Option<T>> {
     use anyhow::Context;
     match std::fs::read(path) {
         Ok(b) => {
-            let p = lifeboat_common::codec::open_envelope(&b, magic, 1, what)
+            let p = lifeboat_common::formats::open::<R>(&b)
                 .with_context(|| format!("reading {}", path.display()))?;
             Ok(Some(
                 serde_json::from_slice(p).with_context(|| format!("parsing {}", path.display()))?,
@@ -75,13 +75,10 @@ pub fn load_record<T: serde::de::DeserializeOwned>(
     }
 }
 
-/// Replaces a JSON state record in an envelope (see [`replace_file`]).
-pub fn store_record<T: serde::Serialize>(
-    path: &Path,
-    magic: [u8; 4],
-    value: &T,
-) -> anyhow::Result<()> {
+/// Replaces a JSON state record in an envelope of record type `R` (see
+/// [`replace_file`]).
+pub fn store_record<R: Record, T: serde::Serialize>(path: &Path, value: &T) -> anyhow::Result<()> {
     use anyhow::Context;
-    let bytes = lifeboat_common::codec::envelope(magic, 1, &serde_json::to_vec(value)?);
+    let bytes = lifeboat_common::formats::seal::<R>(&serde_json::to_vec(value)?);
     replace_file(path, &bytes).with_context(|| format!("writing {}", path.display()))
 }

@@ -7,12 +7,37 @@
 //! magic b"LBJR" | version u16 (1) | length u32 | crc32c u32 | entry (protocol encoding)
 //! ```
 //!
+//! (the envelope of [`formats::JournalRecord`]); an entry carries at most
+//! `protocol::MAX_WRITE_LEN` bytes of data, the limit of the NBD export too,
+//! so every record written here can be read back.
+//!
+//! ```text
+//! ```
+//!
 //! Appends go to an in-memory buffer (under the caller's lock, cheap); one writer
 //! thread moves the buffer to the current file, rolls files at `FILE_MAX_BYTES`,
 //! fdatasyncs on request ([`Journal::sync`], used by FLUSH and FUA), and deletes
 //! files whose every entry is acknowledged (the newest file is kept so the seq
 //! counter survives). On open, a torn record at the tail of the newest file is
-//! cut off; damage anywhere else is an error naming the file.
+//! cut off; damage anywhere else is an error naming the file, and so are seqs
+//! that are not contiguous, within a file or from one file to the next.
+//!
+//! I/O errors (ENOSPC, EIO) never leave a hole or garbage behind:
+//! - a failed write is cut off the file again (`set_len` to the length before
+//!   it; until that succeeds nothing more is written to the file), and the
+//!   records go back to the front of the buffer, to be written again: the
+//!   written position never passes a record that is not in the file;
+//! - the error is reported by [`Journal::failing`] until a write and sync
+//!   succeed again; sync waiters (FLUSH, FUA) that are not yet covered fail
+//!   meanwhile, and the stream stops journaling (it degrades to `bitmap`);
+//! - the writer retries with a growing pause, so the journal recovers by
+//!   itself when space returns; a current file whose entries are all
+//!   acknowledged is closed and deleted, so acknowledgements give space back
+//!   even on a filesystem smaller than one journal file.
+//!
+//! A failed fdatasync fails its waiters and is retried; the records stay in
+//! the file. (Linux may have dropped their pages: the activity log, which
+//! keeps a region until its writes are acknowledged, covers a crash then.)
 //!
 //! [`Journal::rebase`] drops every file and starts an empty one named after the
 //! new base (the agent lost its state and continues the receiver's numbering):
@@ -26,18 +51,27 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use bytes::Bytes;
-use lifeboat_common::codec::{Reader, Writer};
+use lifeboat_common::codec::Reader;
+use lifeboat_common::formats::{self, JournalRecord, Next};
 use lifeboat_common::protocol::Entry;
 use tracing::warn;
 
-const MAGIC: [u8; 4] = *b"LBJR";
-const VERSION: u16 = 1;
-const HEADER: usize = 14;
+const HEADER: usize = lifeboat_common::codec::ENVELOPE_HEADER;
 pub const FILE_MAX_BYTES: u64 = 64 * 1024 * 1024;
 /// The writer moves the buffer to the file at least this often...
 const WRITE_INTERVAL: Duration = Duration::from_millis(20);
 /// ...or as soon as it holds this much.
 const WRITE_THRESHOLD: usize = 1024 * 1024;
+/// A current file whose entries are all acknowledged is closed (and then
+/// deleted) at the next write once it holds this much.
+const ROLL_RELEASED_BYTES: u64 = 4 * 1024 * 1024;
+/// Pauses between attempts after a failed write or sync (doubling).
+const RETRY_MIN: Duration = Duration::from_millis(50);
+const RETRY_MAX: Duration = Duration::from_secs(2);
+/// Attempts at shutdown while writes fail, before the writer gives up (the
+/// records not written are then missing from the journal: no clean-shutdown
+/// marker is written, so the activity log resends their regions).
+const SHUTDOWN_ATTEMPTS: u32 = 3;
 
 #[derive(Default)]
 struct Shared {
@@ -53,6 +87,7 @@ struct Shared {
     /// Rebases done; a sync waiter whose entries a rebase dropped returns.
     rebases: u64,
     shutdown: bool,
+    /// The last write or sync failed with this; cleared by the next success.
     error: Option<String>,
 }
 
@@ -84,53 +119,42 @@ fn list_files(dir: &Path) -> Result<Vec<(u64, PathBuf)>> {
 
 /// Encodes one record onto `out`.
 fn encode_record(out: &mut Vec<u8>, e: &Entry) {
-    let start = out.len();
-    out.extend_from_slice(&MAGIC);
-    out.put_u16(VERSION);
-    out.put_u32(0);
-    out.put_u32(0);
-    e.encode(out);
-    let len = (out.len() - start - HEADER) as u32;
-    let crc = crc32c::crc32c(&out[start + HEADER..]);
-    out[start + 6..start + 10].copy_from_slice(&len.to_be_bytes());
-    out[start + 10..start + 14].copy_from_slice(&crc.to_be_bytes());
+    formats::append::<JournalRecord>(out, |o| e.encode(o));
 }
 
-/// Reads the records of one file; returns them and the length of the valid prefix.
+/// Reads the records of one file; returns them, the length of the valid
+/// prefix, and what is wrong after it (a torn tail) if anything. A record of
+/// another format version, undecodable entries and seqs that are not
+/// contiguous are errors naming the file.
 fn read_file(path: &Path) -> Result<(Vec<Entry>, u64, Option<String>)> {
     let data =
         Bytes::from(std::fs::read(path).with_context(|| format!("reading {}", path.display()))?);
-    let mut entries = Vec::new();
+    let mut entries: Vec<Entry> = Vec::new();
     let mut pos = 0usize;
     while pos < data.len() {
-        let rec = &data[pos..];
-        let mut r = Reader::new(rec);
-        let parsed = (|| {
-            let magic: [u8; 4] = r.array("journal magic").ok()?;
-            let version = r.u16("journal version").ok()?;
-            let len = r.u32("journal length").ok()? as usize;
-            let crc = r.u32("journal crc").ok()?;
-            if magic != MAGIC || version != VERSION || rec.len() < HEADER + len {
-                return None;
+        let len = match formats::next::<JournalRecord>(&data[pos..])
+            .with_context(|| format!("journal {}: record at byte {pos}", path.display()))?
+        {
+            Next::Record { len, .. } => len,
+            Next::Torn(why) => {
+                return Ok((entries, pos as u64, Some(format!("{why} at byte {pos}"))));
             }
-            let body = &rec[HEADER..HEADER + len];
-            if crc32c::crc32c(body) != crc {
-                return None;
-            }
-            Some(len)
-        })();
-        let Some(len) = parsed else {
-            return Ok((
-                entries,
-                pos as u64,
-                Some(format!("bad record at byte {pos}")),
-            ));
         };
-        let body = data.slice(pos + HEADER..pos + HEADER + len);
+        let body = data.slice(pos + HEADER..pos + len);
         let e = Entry::decode(&mut Reader::new(&body), &body)
             .with_context(|| format!("{}: record at byte {pos}", path.display()))?;
+        if let Some(prev) = entries.last() {
+            if e.seq != prev.seq + 1 {
+                bail!(
+                    "journal {}: the record at byte {pos} has seq {}, expected {}",
+                    path.display(),
+                    e.seq,
+                    prev.seq + 1
+                );
+            }
+        }
         entries.push(e);
-        pos += HEADER + len;
+        pos += len;
     }
     Ok((entries, pos as u64, None))
 }
@@ -279,6 +303,12 @@ impl Journal {
         (s.written, s.synced)
     }
 
+    /// Why the last write or sync failed, while it has not succeeded since.
+    pub fn failing(&self) -> Option<String> {
+        let (m, _, _) = &*self.shared;
+        m.lock().unwrap_or_else(|p| p.into_inner()).error.clone()
+    }
+
     /// Writes out everything buffered and stops the writer.
     pub fn close(&self) {
         {
@@ -306,6 +336,10 @@ fn writer_thread(
     written: Arc<tokio::sync::Notify>,
 ) {
     let (m, work, done) = &*shared;
+    // Consecutive failed attempts, and the length the current file must be cut
+    // back to before it takes another record (a write failed part-way).
+    let mut failures = 0u32;
+    let mut cut_to: Option<u64> = None;
     let mut closed: Vec<(u64, PathBuf)> = list_files(&dir).unwrap_or_default();
     closed.retain(|(first, _)| current.as_ref().map(|c| c.0) != Some(*first));
     loop {
@@ -326,6 +360,7 @@ fn writer_thread(
                 f.sync_all()?;
                 File::open(&dir)?.sync_all()?;
                 current = Some((base + 1, f, 0));
+                cut_to = None;
                 Ok(())
             })();
             let mut s = m.lock().unwrap_or_else(|p| p.into_inner());
@@ -345,7 +380,26 @@ fn writer_thread(
         }
         let (buf, first, last, want_sync, release, shutdown) = {
             let mut s = m.lock().unwrap_or_else(|p| p.into_inner());
-            if s.pending.is_empty()
+            if failures > 0 && !s.shutdown {
+                // The last attempt failed: pause (growing) before the next.
+                let pause = RETRY_MIN
+                    .saturating_mul(1 << failures.min(8))
+                    .min(RETRY_MAX);
+                let until = std::time::Instant::now() + pause;
+                while !s.shutdown && s.rebase.is_none() {
+                    let left = until.saturating_duration_since(std::time::Instant::now());
+                    if left.is_zero() {
+                        break;
+                    }
+                    s = work
+                        .wait_timeout(s, left)
+                        .map(|(g, _)| g)
+                        .unwrap_or_else(|p| p.into_inner().0);
+                }
+                if s.rebase.is_some() {
+                    continue;
+                }
+            } else if s.pending.is_empty()
                 && s.sync_requested <= s.synced
                 && s.rebase.is_none()
                 && !s.shutdown
@@ -363,56 +417,82 @@ fn writer_thread(
                 buf,
                 first,
                 last,
-                s.sync_requested > s.synced,
+                s.sync_requested > s.synced || failures > 0,
                 s.release_upto,
                 s.shutdown,
             )
         };
-        let result = (|| -> std::io::Result<()> {
-            if !buf.is_empty() {
-                let roll = match &current {
-                    None => true,
-                    Some((_, _, size)) => *size >= FILE_MAX_BYTES,
-                };
-                if roll {
-                    if let Some((f0, f, _)) = current.take() {
-                        f.sync_data()?;
-                        closed.push((f0, file_name(&dir, f0)));
-                    }
-                    let path = file_name(&dir, first);
-                    let f = OpenOptions::new().create(true).append(true).open(&path)?;
-                    if let Ok(d) = File::open(&dir) {
-                        let _ = d.sync_all();
-                    }
-                    current = Some((first, f, 0));
-                }
-                let (_, f, size) = current.as_mut().expect("a current file after rolling");
-                f.write_all(&buf)?;
-                *size += buf.len() as u64;
-            }
-            if want_sync || shutdown {
-                if let Some((_, f, _)) = &current {
-                    f.sync_data()?;
-                }
-            }
+        // A current file whose every entry is acknowledged is rolled away
+        // (once it holds ROLL_RELEASED_BYTES) so the clean-up below can delete
+        // it: only closed files are deleted, and on a small or full filesystem
+        // the journal then takes little more than its unacknowledged entries.
+        let fully_released = release >= first.saturating_sub(1);
+        let wrote = if buf.is_empty() {
             Ok(())
-        })();
+        } else {
+            write_records(
+                &dir,
+                &mut current,
+                &mut closed,
+                &mut cut_to,
+                &buf,
+                first,
+                fully_released,
+            )
+        };
+        let synced = match (&wrote, &current) {
+            (Ok(()), Some((_, f, _))) if want_sync || shutdown => f.sync_data(),
+            _ => Ok(()),
+        };
         {
             let mut s = m.lock().unwrap_or_else(|p| p.into_inner());
-            match result {
-                Ok(()) => {
-                    if !buf.is_empty() {
-                        s.written = last;
-                        written.notify_one();
+            match &wrote {
+                Ok(()) if !buf.is_empty() => {
+                    s.written = last;
+                    written.notify_one();
+                }
+                Ok(()) => {}
+                Err(e) => {
+                    // Back to the front of the buffer, before anything appended since.
+                    let newer = std::mem::take(&mut s.pending);
+                    s.pending = buf;
+                    s.pending.extend_from_slice(&newer);
+                    s.pending_first = first;
+                    let msg = format!("writing seqs {first}..={last}: {e}");
+                    if s.error.as_deref() != Some(msg.as_str()) {
+                        warn!("journal: {msg}; the records are kept and written again");
                     }
+                    s.error = Some(msg);
+                }
+            }
+            match (&wrote, synced) {
+                (Ok(()), Ok(())) => {
                     if want_sync || shutdown {
                         s.synced = s.written;
                     }
+                    if s.error.take().is_some() {
+                        warn!("journal: writing again (up to seq {})", s.written);
+                    }
+                    failures = 0;
                 }
-                Err(e) => s.error = Some(e.to_string()),
+                (Ok(()), Err(e)) => {
+                    let msg = format!("syncing up to seq {}: {e}", s.written);
+                    warn!("journal: {msg}");
+                    s.error = Some(msg);
+                    failures += 1;
+                }
+                (Err(_), _) => failures += 1,
             }
             done.notify_all();
-            if shutdown && s.pending.is_empty() {
+            if shutdown && (s.pending.is_empty() || failures >= SHUTDOWN_ATTEMPTS) {
+                if failures > 0 {
+                    warn!(
+                        "journal: stopping with seqs {}..={} not written ({})",
+                        s.pending_first,
+                        s.pending_last,
+                        s.error.as_deref().unwrap_or("")
+                    );
+                }
                 return;
             }
         }
@@ -434,6 +514,61 @@ fn writer_thread(
             }
         }
         closed = keep;
+    }
+}
+
+/// Appends `buf` (records from seq `first` on) to the current file, rolling
+/// to a new file first when it is full. A write that fails is cut off again;
+/// while that cut has not succeeded (`cut_to`), nothing else goes in the file.
+fn write_records(
+    dir: &Path,
+    current: &mut Option<(u64, File, u64)>,
+    closed: &mut Vec<(u64, PathBuf)>,
+    cut_to: &mut Option<u64>,
+    buf: &[u8],
+    first: u64,
+    roll_released: bool,
+) -> std::io::Result<()> {
+    if let (Some(len), Some((_, f, size))) = (*cut_to, current.as_mut()) {
+        f.set_len(len)?;
+        *size = len;
+        *cut_to = None;
+    }
+    let roll = match &*current {
+        None => true,
+        Some((_, _, size)) => {
+            *size >= FILE_MAX_BYTES || (roll_released && *size >= ROLL_RELEASED_BYTES)
+        }
+    };
+    if roll {
+        if let Some((f0, f, _)) = current.take() {
+            if let Err(e) = f.sync_data() {
+                *current = Some((f0, f, FILE_MAX_BYTES));
+                return Err(e);
+            }
+            closed.push((f0, file_name(dir, f0)));
+        }
+        let path = file_name(dir, first);
+        let f = OpenOptions::new().create(true).append(true).open(&path)?;
+        if let Ok(d) = File::open(dir) {
+            let _ = d.sync_all();
+        }
+        *current = Some((first, f, 0));
+    }
+    let (_, f, size) = current.as_mut().expect("a current file after rolling");
+    match f.write_all(buf) {
+        Ok(()) => {
+            *size += buf.len() as u64;
+            Ok(())
+        }
+        Err(e) => {
+            // Part of it may be in the file: cut it off (append mode writes at
+            // the end, so the next write starts where the cut left it).
+            if f.set_len(*size).is_err() {
+                *cut_to = Some(*size);
+            }
+            Err(e)
+        }
     }
 }
 
@@ -532,6 +667,147 @@ mod tests {
         drop(j);
         let (_, es) = Journal::open(dir.path()).unwrap();
         assert_eq!(es, vec![w(501, 10)]);
+    }
+
+    /// A size-limited tmpfs (root only); `None` where mounting is not allowed.
+    struct SmallFs(tempfile::TempDir);
+
+    impl SmallFs {
+        fn mount(size: &str) -> Option<SmallFs> {
+            let dir = tempfile::tempdir().unwrap();
+            let ok = std::process::Command::new("mount")
+                .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+                .arg(dir.path())
+                .status()
+                .is_ok_and(|s| s.success());
+            if !ok {
+                eprintln!("cannot mount a tmpfs here (not root?): skipping");
+                return None;
+            }
+            Some(SmallFs(dir))
+        }
+    }
+
+    impl Drop for SmallFs {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(self.0.path())
+                .status();
+        }
+    }
+
+    #[test]
+    fn a_full_disk_keeps_the_journal_readable_and_it_recovers_when_space_returns() {
+        let Some(fs) = SmallFs::mount("6m") else {
+            return;
+        };
+        let filler = fs.0.path().join("filler");
+        std::fs::write(&filler, vec![1u8; 3 << 20]).unwrap();
+        let dir = fs.0.path().join("journal");
+        let (j, _) = Journal::open(&dir).unwrap();
+        let mut acked_by_flush = 0;
+        let mut failed = false;
+        for s in 1..=12u64 {
+            j.append(&w(s, 512 << 10));
+            match j.sync_blocking(s) {
+                Ok(()) => acked_by_flush = s,
+                Err(e) => {
+                    assert!(e.to_string().contains("journal"), "{e}");
+                    failed = true;
+                    break;
+                }
+            }
+        }
+        assert!(failed, "6 MiB of entries must not fit");
+        assert!(j.failing().is_some());
+        // A later FLUSH fails too while nothing can be written...
+        assert!(j.sync_blocking(acked_by_flush + 1).is_err());
+        // ...positions stay honest: nothing past what the file holds.
+        let (written, synced) = j.positions();
+        assert!(written <= acked_by_flush + 1 && synced == acked_by_flush);
+        // Space returns: the kept records are written by themselves.
+        let last = acked_by_flush + 1;
+        std::fs::remove_file(&filler).unwrap();
+        let t0 = std::time::Instant::now();
+        while j.failing().is_some() && t0.elapsed() < Duration::from_secs(20) {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert_eq!(j.failing(), None);
+        j.sync_blocking(last).unwrap();
+        j.append(&w(last + 1, 100));
+        j.sync_blocking(last + 1).unwrap();
+        drop(j);
+        let (_, es) = Journal::open(&dir).unwrap();
+        let seqs: Vec<u64> = es.iter().map(|e| e.seq).collect();
+        assert_eq!(seqs, (1..=last + 1).collect::<Vec<_>>());
+        assert_eq!(es[last as usize - 1], w(last, 512 << 10));
+    }
+
+    #[test]
+    fn the_kept_version_1_journal_reads_back() {
+        let make = || {
+            let mut b = Vec::new();
+            encode_record(&mut b, &w(7, 4096));
+            encode_record(
+                &mut b,
+                &Entry {
+                    seq: 8,
+                    op: Op::Zero {
+                        disk: 1,
+                        offset: 1 << 20,
+                        len: 65536,
+                    },
+                },
+            );
+            encode_record(
+                &mut b,
+                &Entry {
+                    seq: 9,
+                    op: Op::Tag {
+                        kind: lifeboat_common::protocol::TagKind::Crash,
+                        time_ms: 1_700_000_000_000,
+                        label: "fixture".into(),
+                    },
+                },
+            );
+            b
+        };
+        let bytes = formats::read_fixture::<JournalRecord>("journal", make);
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(file_name(dir.path(), 7), bytes).unwrap();
+        let (_, es) = Journal::open(dir.path()).unwrap();
+        let seqs: Vec<u64> = es.iter().map(|e| e.seq).collect();
+        assert_eq!(seqs, vec![7, 8, 9]);
+        assert_eq!(es[0], w(7, 4096));
+    }
+
+    #[test]
+    fn a_record_of_another_version_is_named_not_cut() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut buf = Vec::new();
+        encode_record(&mut buf, &w(1, 10));
+        let at = buf.len();
+        encode_record(&mut buf, &w(2, 10));
+        buf[at + 4..at + 6].copy_from_slice(&9u16.to_be_bytes());
+        let path = file_name(dir.path(), 1);
+        std::fs::write(&path, &buf).unwrap();
+        let e = format!("{:#}", Journal::open(dir.path()).err().expect("refused"));
+        assert!(e.contains("version 9"), "{e}");
+        assert_eq!(std::fs::read(&path).unwrap(), buf, "nothing was cut");
+    }
+
+    #[test]
+    fn seqs_that_are_not_contiguous_are_refused_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut buf = Vec::new();
+        encode_record(&mut buf, &w(1, 10));
+        encode_record(&mut buf, &w(3, 10));
+        std::fs::write(file_name(dir.path(), 1), &buf).unwrap();
+        let e = Journal::open(dir.path())
+            .err()
+            .expect("a gap must be refused");
+        assert!(format!("{e:#}").contains("expected 2"), "{e:#}");
     }
 
     #[test]

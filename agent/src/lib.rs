@@ -10,6 +10,7 @@ pub mod diskio;
 pub mod fsutil;
 pub mod journal;
 pub mod rebase;
+pub mod replication;
 pub mod runner;
 pub mod sender;
 pub mod stream;

@@ -3,7 +3,8 @@
 //! The stream id (`<state-dir>/stream-id`, hex) names this agent's numbering of
 //! the stream; it is made with a fresh state directory and sent in the hello.
 //! The welcome tells where the receiver's stream ends and whose numbering it
-//! holds. The agent lost its state when the receiver holds another numbering
+//! holds; `SenderState::on_welcome` judges it (one typed outcome: resume, or
+//! which kind of lost state). The agent lost its state when the receiver holds another numbering
 //! (the state directory was wiped or the agent reinstalled) or holds more than
 //! the journal kept (the journal lost its tail); the receiver lost state when
 //! it holds less than it acknowledged (a process server rebuilt without its
@@ -80,41 +81,6 @@ impl StreamIdFile {
     }
 }
 
-/// Why the welcome means this agent lost its state, if it does. `owned` is
-/// the highest seq the agent can vouch for (its journal held it at start, or it
-/// sent it since): seqs it captured later but never sent do not count, so a
-/// journal that lost its tail is noticed even after new writes took those seqs.
-///
-/// The receiver holding less than it acknowledged (`durable < acked`: a
-/// process server rebuilt without its cache) is the mirror case: the agent's
-/// disks hold those writes, the replica lacks them, and the same rebase and
-/// checksum resync bring them back.
-pub fn lost_state(
-    ours: StreamId,
-    theirs: StreamId,
-    durable: u64,
-    owned: u64,
-    acked: u64,
-) -> Option<String> {
-    if ours != theirs {
-        return Some(format!(
-            "the process server holds another numbering of this machine's stream (stream id {}, ours {}): this agent's state was lost or replaced",
-            hex(&theirs),
-            hex(&ours)
-        ));
-    }
-    if durable < acked {
-        return Some(format!(
-            "the process server holds seqs up to {durable} but had acknowledged {acked}: it lost acknowledged data (rebuilt without its cache?)"
-        ));
-    }
-    (durable > owned).then(|| {
-        format!(
-            "the process server holds seqs up to {durable}, beyond the {owned} this agent's journal kept: the journal lost its tail"
-        )
-    })
-}
-
 /// Rebases the stream on the receiver's `durable` position and adopts its
 /// stream id (see the module header).
 pub async fn rebase(
@@ -154,21 +120,6 @@ pub async fn rebase(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn lost_state_is_another_numbering_or_a_short_journal() {
-        assert!(lost_state([1; 16], [1; 16], 5, 5, 5).is_none());
-        assert!(lost_state([1; 16], [1; 16], 3, 9, 2).is_none());
-        assert!(lost_state([1; 16], [2; 16], 0, 9, 0)
-            .unwrap()
-            .contains("another numbering"));
-        assert!(lost_state([1; 16], [1; 16], 10, 9, 9)
-            .unwrap()
-            .contains("lost its tail"));
-        assert!(lost_state([1; 16], [1; 16], 4, 9, 7)
-            .unwrap()
-            .contains("lost acknowledged data"));
-    }
 
     #[test]
     fn stream_id_is_made_once_and_kept() {

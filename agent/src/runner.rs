@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use lifeboat_common::protocol::{DiskInfo, TagKind};
+use lifeboat_common::supervise::supervise;
 use lifeboat_common::tls;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
@@ -144,6 +145,12 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<()> {
             d.socket.display()
         );
         if let Some(addr) = d.tcp {
+            if !addr.ip().is_loopback() {
+                warn!(
+                    "disk {}: the NBD export listens on {addr} beyond this host (allow-remote = true): anyone who reaches it can read and write the disk",
+                    d.id
+                );
+            }
             let c = cancel.clone();
             tasks.spawn(async move {
                 if let Err(e) = nbd::serve_tcp(addr, exports, c.clone()).await {
@@ -163,11 +170,18 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<()> {
             cancel.clone(),
         );
         let limit = cfg.sync_rate_limit;
-        tasks.spawn(async move {
-            if let Err(e) = crate::sync::run(dir, disks, progress, s, limit, c.clone()).await {
-                error!("initial sync stopped: {e:#}");
-            }
-        });
+        // Supervised: a read error ends one run, not the sync; the next run
+        // continues each disk from its progress.
+        tasks.spawn(supervise("initial sync", c.clone(), move || {
+            crate::sync::run(
+                dir.clone(),
+                disks.clone(),
+                progress.clone(),
+                s.clone(),
+                limit,
+                c.clone(),
+            )
+        }));
     }
 
     let control = Arc::new(Control {
@@ -184,21 +198,9 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<()> {
         let (disks, s, c) = (disks.clone(), stream.clone(), cancel.clone());
         // Supervised: a resync loop that failed or panicked starts again (a
         // region it held is dirty again), or the stream would stay in resync.
-        tasks.spawn(async move {
-            while !c.is_cancelled() {
-                let run =
-                    tokio::spawn(crate::sync::run_resync(disks.clone(), s.clone(), c.clone()));
-                match run.await {
-                    Ok(Ok(())) => break,
-                    Ok(Err(e)) => error!("resync stopped: {e:#}; starting it again"),
-                    Err(e) => error!("resync task failed: {e}; starting it again"),
-                }
-                tokio::select! {
-                    _ = tokio::time::sleep(std::time::Duration::from_secs(5)) => {}
-                    _ = c.cancelled() => {}
-                }
-            }
-        });
+        tasks.spawn(supervise("resync of dirty regions", c.clone(), move || {
+            crate::sync::run_resync(disks.clone(), s.clone(), c.clone())
+        }));
     }
     {
         // Retire acknowledged regions from the activity logs.

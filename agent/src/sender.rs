@@ -22,6 +22,7 @@ use lifeboat_common::framed::{read_frame, write_frame};
 use lifeboat_common::protocol::{
     DiskInfo, Frame, Hello, MAX_FRAME_LEN, PROTOCOL_MAX, PROTOCOL_MIN,
 };
+use lifeboat_common::session::Welcome;
 use rustls::pki_types::ServerName;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
@@ -113,11 +114,44 @@ impl ResyncSlot {
     }
 }
 
-/// Whether a session with the process server is up.
-#[derive(Default)]
+/// Whether a session with the process server is up, and when the stream last
+/// made progress (status shows a stream that does not as `stalled`).
 pub struct Link {
     pub connected: AtomicBool,
     pub last_error: std::sync::Mutex<Option<String>>,
+    /// When an acknowledgement last moved `acked` (or a session began).
+    pub last_progress: std::sync::Mutex<std::time::Instant>,
+}
+
+impl Default for Link {
+    fn default() -> Self {
+        Link {
+            connected: AtomicBool::new(false),
+            last_error: std::sync::Mutex::new(None),
+            last_progress: std::sync::Mutex::new(std::time::Instant::now()),
+        }
+    }
+}
+
+impl Link {
+    fn progressed(&self) {
+        *self.last_progress.lock().unwrap_or_else(|p| p.into_inner()) = std::time::Instant::now();
+    }
+
+    /// How long the stream has gone without an acknowledgement.
+    pub fn since_progress(&self) -> Duration {
+        self.last_progress
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .elapsed()
+    }
+
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
 }
 
 /// Runs until `cancel`, reconnecting as needed.
@@ -195,15 +229,13 @@ async fn session(
             None => bail!("process server closed the connection during the hello (is this machine's certificate accepted?)"),
         },
     };
-    let (owned, acked) = {
-        let s = stream.lock_state();
-        (s.owned(), s.acked())
-    };
-    if let Some(why) = crate::rebase::lost_state(cfg.stream_id.get(), theirs, durable, owned, acked)
-    {
+    let welcome = stream
+        .lock_state()
+        .on_welcome(cfg.stream_id.get(), theirs, durable);
+    if let Welcome::LostState(why) = welcome {
         let _ = wr.shutdown().await;
         crate::rebase::rebase(
-            &why,
+            &why.to_string(),
             durable,
             theirs,
             &cfg.stream_id,
@@ -214,7 +246,6 @@ async fn session(
         .await?;
         return Ok(()); // reconnect with the adopted numbering
     }
-    stream.lock_state().on_welcome(durable)?;
     stream.released(durable);
     stream.mark_welcomed();
     link.connected.store(true, Ordering::Relaxed);
@@ -234,7 +265,15 @@ async fn session(
             };
             match f {
                 Some(Frame::Ack { durable }) => {
-                    stream.lock_state().on_ack(durable)?;
+                    let moved = {
+                        let mut s = stream.lock_state();
+                        let before = s.acked();
+                        s.on_ack(durable)?;
+                        s.acked() > before
+                    };
+                    if moved {
+                        link.progressed();
+                    }
                     stream.released(durable);
                 }
                 Some(Frame::Ping { .. }) => {}
@@ -321,6 +360,13 @@ async fn session(
             }
             let frames = stream.poll_transmit(BATCH_BYTES);
             if frames.is_empty() {
+                let idle = {
+                    let s = stream.lock_state();
+                    s.acked() >= s.captured()
+                };
+                if idle {
+                    link.progressed(); // nothing waits: not stalled
+                }
                 if wrote {
                     wr.flush().await?;
                 }

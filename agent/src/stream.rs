@@ -15,6 +15,9 @@
 //!   marked dirty (see `dirty.rs`); once the queue drains to half, `resync`
 //!   resends the dirty regions, a crash-consistent tag is placed and the stream
 //!   is `streaming` again. No recovery point is taken outside `streaming`.
+//! - the replication state (`replication.rs`) changes only under its one lock,
+//!   together with whatever must happen atomically with the change (a capture,
+//!   a dirty mark); each change is logged and published on a `watch` channel.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -27,20 +30,17 @@ use tracing::warn;
 
 use crate::journal::Journal;
 
-/// Replication state of the machine's stream.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Mode {
-    Streaming,
-    Bitmap,
-    Resync,
-}
+pub use crate::replication::Mode;
+use crate::replication::{Pressure, Replication, Snapshot, Transition};
 
 /// Whether a write went into the stream or only into the dirty map.
 pub enum Captured {
     Seq(u64),
     Dirty,
 }
+
+/// How often paced work looks whether a failing journal writes again.
+const JOURNAL_RETRY_POLL: Duration = Duration::from_millis(200);
 
 /// The longest a tag waits for in-flight writes before it is placed anyway.
 pub const TAG_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -52,19 +52,55 @@ pub struct Stream {
     gate: RwLock<()>,
     /// Acknowledgements freed journal space.
     space: Notify,
-    mode: Mutex<(Mode, String)>,
+    /// The replication state; see `replication.rs`.
+    repl: Mutex<Replication>,
+    /// Every new state of `repl`.
+    changes: tokio::sync::watch::Sender<Snapshot>,
     /// Bytes resent by resyncs since start (dirty regions, unclean restart).
     pub resync_bytes: std::sync::atomic::AtomicU64,
-    /// Disks whose initial sync is not finished: no recovery point meanwhile.
-    syncing: std::sync::atomic::AtomicUsize,
-    /// A checksum resync owns the `resync` state (see `checksum.rs`), running
-    /// or waiting for the link to resume.
-    checksum_active: std::sync::atomic::AtomicBool,
-    /// A checksum resync of every disk replaces the initial sync (the replica
-    /// already holds data: the agent lost its state).
-    sync_superseded: std::sync::atomic::AtomicBool,
-    /// A welcome confirmed this agent's numbering (no rebase needed).
-    welcomed: tokio::sync::watch::Sender<bool>,
+}
+
+/// The replication state, locked: changes are published when it is dropped.
+pub struct ReplGuard<'a> {
+    repl: std::sync::MutexGuard<'a, Replication>,
+    changes: &'a tokio::sync::watch::Sender<Snapshot>,
+}
+
+impl std::ops::Deref for ReplGuard<'_> {
+    type Target = Replication;
+    fn deref(&self) -> &Replication {
+        &self.repl
+    }
+}
+
+impl std::ops::DerefMut for ReplGuard<'_> {
+    fn deref_mut(&mut self) -> &mut Replication {
+        &mut self.repl
+    }
+}
+
+impl Drop for ReplGuard<'_> {
+    fn drop(&mut self) {
+        let now = self.repl.snapshot();
+        self.changes.send_if_modified(|old| {
+            if old == now {
+                return false;
+            }
+            *old = now.clone();
+            true
+        });
+    }
+}
+
+fn log_transition(t: Option<Transition>) {
+    if let Some(t) = t {
+        warn!(
+            "replication state {} -> {}: {}",
+            t.from.as_str(),
+            t.to.as_str(),
+            t.reason
+        );
+    }
 }
 
 /// A snapshot of the stream's positions.
@@ -98,12 +134,9 @@ impl Stream {
             max_bytes: max_bytes as usize,
             gate: RwLock::new(()),
             space: Notify::new(),
-            syncing: std::sync::atomic::AtomicUsize::new(0),
-            mode: Mutex::new((Mode::Streaming, "started".into())),
+            repl: Mutex::new(Replication::default()),
+            changes: tokio::sync::watch::channel(Replication::default().snapshot().clone()).0,
             resync_bytes: std::sync::atomic::AtomicU64::new(0),
-            checksum_active: std::sync::atomic::AtomicBool::new(false),
-            sync_superseded: std::sync::atomic::AtomicBool::new(false),
-            welcomed: tokio::sync::watch::channel(false).0,
         })
     }
 
@@ -142,83 +175,116 @@ impl Stream {
     }
 
     /// Waits until unacknowledged entries are below `fraction` of the bound
-    /// (initial sync and resync pace themselves with it).
+    /// and the journal writes (initial sync and resync pace themselves with it).
     pub async fn wait_space(&self, fraction: f64) {
         let limit = (self.max_bytes as f64 * fraction) as usize;
         loop {
             let space = self.space.notified();
-            if self.lock_state().queued_bytes() < limit {
+            let failing = self.journal.failing().is_some();
+            if !failing && self.lock_state().queued_bytes() < limit {
                 return;
             }
-            space.await;
+            if failing {
+                // Nothing announces the journal's recovery: look again soon.
+                tokio::select! {
+                    _ = space => {}
+                    _ = tokio::time::sleep(JOURNAL_RETRY_POLL) => {}
+                }
+            } else {
+                space.await;
+            }
         }
+    }
+
+    /// The replication state, locked (changes are published on unlock).
+    pub fn repl(&self) -> ReplGuard<'_> {
+        ReplGuard {
+            repl: self.repl.lock().unwrap_or_else(|p| p.into_inner()),
+            changes: &self.changes,
+        }
+    }
+
+    /// Receives every change of the replication state.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<Snapshot> {
+        self.changes.subscribe()
     }
 
     pub fn mode(&self) -> (Mode, String) {
-        self.mode.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        let r = self.repl();
+        (r.mode(), r.snapshot().reason.clone())
     }
 
-    /// Like [`Self::capture`] for a data write, unless the journal is full: then
-    /// the stream goes to `bitmap` and `mark_dirty` records the range. The
-    /// decision, the capture and the marking happen under the mode lock, so a
-    /// transition out of `resync` ([`Self::finish_resync`]) never misses a
-    /// dirty write.
+    /// Like [`Self::capture`] for a data write, unless the journal is full or
+    /// cannot write: then the stream goes to `bitmap` and `mark_dirty`
+    /// records the range. The decision, the capture and the marking happen
+    /// under the state lock, so a transition out of `resync`
+    /// ([`Self::finish_resync`]) never misses a dirty write.
     pub fn capture_or_dirty(&self, op: Op, mark_dirty: impl FnOnce()) -> Captured {
-        let mut m = self.mode.lock().unwrap_or_else(|p| p.into_inner());
-        let full = self.lock_state().queued_bytes() >= self.max_bytes;
-        if m.0 == Mode::Bitmap || full {
-            if m.0 != Mode::Bitmap {
-                let reason = format!(
-                    "journal full ({} bytes unacknowledged): keeping only dirty regions",
-                    self.max_bytes
-                );
-                warn!("replication state {:?} -> Bitmap: {reason}", m.0);
-                *m = (Mode::Bitmap, reason);
+        let mut r = self.repl();
+        let pressure = match self.journal.failing() {
+            Some(e) => Some(Pressure::JournalFailing(e)),
+            None if self.lock_state().queued_bytes() >= self.max_bytes => {
+                Some(Pressure::JournalFull(self.max_bytes))
             }
-            mark_dirty();
-            return Captured::Dirty;
+            None => None,
+        };
+        match r.on_write(pressure) {
+            Ok(()) => Captured::Seq(self.capture(op)),
+            Err(t) => {
+                log_transition(t);
+                mark_dirty();
+                Captured::Dirty
+            }
         }
-        Captured::Seq(self.capture(op))
+    }
+
+    /// A write failed on the local disk after some of it may have reached the
+    /// disk: the replica may differ there. Under the state lock, `mark_dirty`
+    /// records the range and the stream goes to `bitmap` (no point until the
+    /// resync of the dirty regions has sent what the disk holds).
+    pub fn degrade(&self, reason: &str, mark_dirty: impl FnOnce()) {
+        let mut r = self.repl();
+        mark_dirty();
+        log_transition(r.degrade(reason));
+    }
+
+    /// Why the journal cannot write now, if it cannot.
+    pub fn journal_failing(&self) -> Option<String> {
+        self.journal.failing()
+    }
+
+    /// Why no recovery point can be taken now, or `None` when one can.
+    pub fn why_inconsistent(&self) -> Option<String> {
+        self.repl().why_inconsistent()
     }
 
     /// `resync` → `streaming` if `no_dirty` still holds under the state lock.
     pub fn finish_resync(&self, no_dirty: impl Fn() -> bool) -> bool {
-        let mut m = self.mode.lock().unwrap_or_else(|p| p.into_inner());
-        if m.0 == Mode::Resync && !self.checksum_active() && no_dirty() {
-            warn!("replication state Resync -> Streaming: every dirty region resent");
-            *m = (Mode::Streaming, "dirty regions resent".into());
-            return true;
-        }
-        false
+        let mut r = self.repl();
+        let t = r.finish_resync(no_dirty());
+        let done = t.is_some();
+        log_transition(t);
+        done
     }
 
     /// Whether a checksum resync owns the `resync` state now.
     pub fn checksum_active(&self) -> bool {
-        self.checksum_active
-            .load(std::sync::atomic::Ordering::SeqCst)
+        self.repl().snapshot().checksum_active
     }
 
     /// A checksum resync takes the `resync` state (from `streaming`, or keeping
     /// `bitmap`/`resync`, whose dirty regions then wait for it; during an
     /// initial sync, points wait for both). Joining one already pending is fine.
     pub fn begin_checksum_resync(&self, reason: &str) {
-        let mut m = self.mode.lock().unwrap_or_else(|p| p.into_inner());
-        self.checksum_active
-            .store(true, std::sync::atomic::Ordering::SeqCst);
-        if m.0 == Mode::Streaming {
-            warn!("replication state Streaming -> Resync: {reason}");
-            *m = (Mode::Resync, reason.to_string());
-        }
+        let t = self.repl().begin_checksum_resync(reason);
+        log_transition(t);
     }
 
     /// Any state → `resync` for the dirty-region resync, with the inconsistent
-    /// mark captured under the mode lock: no write slips in between.
+    /// mark captured under the state lock: no write slips in between.
     pub fn enter_resync(&self, reason: &str) {
-        let mut m = self.mode.lock().unwrap_or_else(|p| p.into_inner());
-        if m.0 != Mode::Resync {
-            warn!("replication state {:?} -> Resync: {reason}", m.0);
-            *m = (Mode::Resync, reason.to_string());
-        }
+        let mut r = self.repl();
+        log_transition(r.enter_resync(reason));
         self.mark_inconsistent("resync of dirty regions");
     }
 
@@ -233,31 +299,29 @@ impl Stream {
 
     /// A welcome confirmed the numbering: the receiver's stream is this agent's.
     pub fn mark_welcomed(&self) {
-        self.welcomed.send_replace(true);
+        self.repl().welcome();
     }
 
     /// Waits for the first welcome that confirmed the numbering (the initial
     /// sync waits for it: if the agent lost its state, a checksum resync
     /// replaces the sync, and copying before knowing would be wasted).
     pub async fn wait_welcomed(&self) {
-        let mut rx = self.welcomed.subscribe();
-        let _ = rx.wait_for(|w| *w).await;
+        let mut rx = self.subscribe();
+        let _ = rx.wait_for(|s| s.welcomed).await;
     }
 
     /// Whether an initial sync still runs.
     pub fn syncing(&self) -> bool {
-        self.syncing.load(std::sync::atomic::Ordering::SeqCst) > 0
+        self.repl().snapshot().syncing > 0
     }
 
     /// Initial syncs stop: a checksum resync of every disk replaces them.
     pub fn supersede_sync(&self) {
-        self.sync_superseded
-            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.repl().supersede_sync();
     }
 
     pub fn sync_superseded(&self) -> bool {
-        self.sync_superseded
-            .load(std::sync::atomic::Ordering::SeqCst)
+        self.repl().snapshot().sync_superseded
     }
 
     /// Drops every unacknowledged entry and continues the numbering after
@@ -289,19 +353,11 @@ impl Stream {
     /// (otherwise the dirty-region resync, which waited, finishes the state).
     /// Returns whether the stream is `streaming` again.
     pub fn end_checksum_resync(&self, no_dirty: impl Fn() -> bool) -> bool {
-        let mut m = self.mode.lock().unwrap_or_else(|p| p.into_inner());
-        if !self
-            .checksum_active
-            .swap(false, std::sync::atomic::Ordering::SeqCst)
-        {
-            return false;
-        }
-        if m.0 == Mode::Resync && no_dirty() {
-            warn!("replication state Resync -> Streaming: checksum resync finished");
-            *m = (Mode::Streaming, "checksum resync finished".into());
-            return true;
-        }
-        false
+        let mut r = self.repl();
+        let (_, t) = r.end_checksum_resync(no_dirty());
+        let done = t.is_some();
+        log_transition(t);
+        done
     }
 
     /// Gives a completed operation its seq, journals and queues it.
@@ -321,20 +377,17 @@ impl Stream {
     }
 
     pub fn begin_sync(&self) {
-        self.syncing
-            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.repl().begin_sync();
     }
 
     pub fn end_sync(&self) {
-        self.syncing
-            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        self.repl().end_sync();
     }
 
     /// Whether the replica can be consistent: no disk is in its initial sync and
     /// the stream is `streaming`.
     pub fn consistent(&self) -> bool {
-        self.syncing.load(std::sync::atomic::Ordering::SeqCst) == 0
-            && self.mode().0 == Mode::Streaming
+        self.why_inconsistent().is_none()
     }
 
     /// Places a consistency tag after draining in-flight writes; returns its seq,
@@ -347,8 +400,8 @@ impl Stream {
         }
         // Check and place under the state lock: a write that goes dirty cannot
         // slip in between (even when the drain above timed out).
-        let m = self.mode.lock().unwrap_or_else(|p| p.into_inner());
-        if self.syncing.load(std::sync::atomic::Ordering::SeqCst) != 0 || m.0 != Mode::Streaming {
+        let r = self.repl();
+        if r.why_inconsistent().is_some() {
             return None;
         }
         let seq = self.capture(Op::Tag {
@@ -356,7 +409,7 @@ impl Stream {
             time_ms: lifeboat_common::now_ms(),
             label: label.to_string(),
         });
-        drop(m);
+        drop(r);
         Some(seq)
     }
 

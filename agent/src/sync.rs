@@ -21,6 +21,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
+use lifeboat_common::formats::SyncState;
 use lifeboat_common::protocol::{Op, TagKind};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
@@ -34,7 +35,6 @@ use crate::stream::Stream;
 pub const SYNC_CHUNK: u64 = 1 << 20;
 /// How often progress is made durable.
 const CHECKPOINT_EVERY: Duration = Duration::from_secs(2);
-const RECORD_MAGIC: [u8; 4] = *b"LBSY";
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "kebab-case")]
@@ -89,11 +89,11 @@ fn record_path(state_dir: &Path, disk: &str) -> PathBuf {
 }
 
 fn load_record(path: &Path) -> Result<Option<SyncRecord>> {
-    crate::fsutil::load_record(path, RECORD_MAGIC, "sync record")
+    crate::fsutil::load_record::<SyncState, _>(path)
 }
 
 fn store_record(path: &Path, rec: &SyncRecord) -> Result<()> {
-    crate::fsutil::store_record(path, RECORD_MAGIC, rec)
+    crate::fsutil::store_record::<SyncState, _>(path, rec)
 }
 
 /// Loads each disk's sync record and returns the progress objects; disks that
@@ -225,8 +225,10 @@ pub async fn run(
     Ok(())
 }
 
-/// How often the resync loop looks at the stream's state.
-const RESYNC_POLL: Duration = Duration::from_millis(100);
+/// The resync loop wakes on every change of the replication state; it also
+/// looks at the dirty regions this often (a region marked dirty again after a
+/// failed resend changes no state).
+const RESYNC_RECHECK: Duration = Duration::from_secs(1);
 
 /// Drives `bitmap` → `resync` → `streaming`: once the journal has drained to
 /// half its bound, resends every dirty region (zeros included), then places a
@@ -239,8 +241,13 @@ pub async fn run_resync(
     use crate::dirty::REGION;
     use crate::stream::Mode;
     let no_dirty = |disks: &[Arc<ProtectedDisk>]| disks.iter().all(|d| d.dirty.dirty_count() == 0);
+    let mut changes = stream.subscribe();
     while !cancel.is_cancelled() {
-        match stream.mode().0 {
+        let (mode, checksum_active) = {
+            let s = changes.borrow_and_update();
+            (s.mode, s.checksum_active)
+        };
+        match mode {
             Mode::Bitmap => {
                 tokio::select! {
                     _ = stream.wait_space(0.5) => {}
@@ -255,19 +262,9 @@ pub async fn run_resync(
                 let n: usize = disks.iter().map(|d| d.dirty.dirty_count()).sum();
                 stream.enter_resync(&format!("{n} regions may differ from the replica"));
             }
-            Mode::Streaming => {
-                tokio::select! {
-                    _ = tokio::time::sleep(RESYNC_POLL) => {}
-                    _ = cancel.cancelled() => {}
-                }
-            }
-            Mode::Resync if stream.checksum_active() => {
-                // The checksum resync owns the state; dirty regions wait for it.
-                tokio::select! {
-                    _ = tokio::time::sleep(RESYNC_POLL) => {}
-                    _ = cancel.cancelled() => {}
-                }
-            }
+            Mode::Streaming => wait_change(&mut changes, &cancel).await,
+            // The checksum resync owns the state; dirty regions wait for it.
+            Mode::Resync if checksum_active => wait_change(&mut changes, &cancel).await,
             Mode::Resync => {
                 'disks: for d in &disks {
                     while let Some(taken) = d.dirty.take_dirty() {
@@ -301,6 +298,18 @@ pub async fn run_resync(
         }
     }
     Ok(())
+}
+
+/// Waits for a change of the replication state (or [`RESYNC_RECHECK`]).
+async fn wait_change(
+    changes: &mut tokio::sync::watch::Receiver<crate::replication::Snapshot>,
+    cancel: &CancellationToken,
+) {
+    tokio::select! {
+        _ = changes.changed() => {}
+        _ = tokio::time::sleep(RESYNC_RECHECK) => {}
+        _ = cancel.cancelled() => {}
+    }
 }
 
 async fn sync_disk(

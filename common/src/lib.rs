@@ -4,6 +4,7 @@
 
 pub mod catalogue;
 pub mod codec;
+pub mod formats;
 pub mod framed;
 pub mod ids;
 pub mod protocol;
@@ -12,6 +13,7 @@ pub mod resync;
 pub mod seal;
 pub mod session;
 pub mod store;
+pub mod supervise;
 pub mod tls;
 
 /// Sets up logging to stderr; `RUST_LOG` overrides `default` (e.g. "info").
@@ -22,6 +24,17 @@ pub fn init_logging(default: &str) {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .try_init();
+}
+
+/// Makes every file, directory and socket this process creates private to its
+/// owner (umask 077): journals, caches, state files and recovered images hold
+/// plaintext disk data, and a socket gets its mode at bind with no window in
+/// which others could connect. Called first in every `main`.
+pub fn restrict_umask() {
+    // SAFETY: umask only changes this process's file-creation mask.
+    unsafe {
+        libc::umask(0o077);
+    }
 }
 
 /// Milliseconds since the Unix epoch.

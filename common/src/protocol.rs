@@ -81,10 +81,18 @@ pub const PROTOCOL_MIN: u16 = 2;
 pub const PROTOCOL_MAX: u16 = 2;
 pub const HELLO_MAGIC: [u8; 4] = *b"LBOT";
 
-/// Upper bound of `type + body` of one frame. Writes frames are cut well below it.
-pub const MAX_FRAME_LEN: u32 = 16 * 1024 * 1024 + 4096;
-/// The largest single write data carried in one entry.
-pub const MAX_WRITE_LEN: u32 = 8 * 1024 * 1024;
+/// The largest write, defined once for the whole data path: the NBD export
+/// advertises and accepts it (`agent::capture::nbd::MAX_REQUEST_LEN`), one stream
+/// entry carries it, the journal stores and reads it back, and one frame holds it.
+/// Every write the export accepts therefore replicates as one entry.
+pub const MAX_WRITE_LEN: u32 = 32 * 1024 * 1024;
+/// Room in a frame for everything but the write data: the type byte, the writes
+/// frame's count and one entry's header (far less than this).
+pub const FRAME_OVERHEAD: u32 = 64 * 1024;
+/// Upper bound of `type + body` of one frame: one entry of [`MAX_WRITE_LEN`]
+/// bytes always fits. Writes frames are batched well below it (several small
+/// entries) or carry a single large entry.
+pub const MAX_FRAME_LEN: u32 = MAX_WRITE_LEN + FRAME_OVERHEAD;
 pub const FRAME_HEADER_LEN: usize = 5;
 
 /// Most region hashes in one region-hashes frame (and regions in its reply).
@@ -732,6 +740,43 @@ mod tests {
         };
         assert_eq!((h.max_version, h.stream_id), (1, [0; 16]));
         assert_eq!(negotiate(h.min_version, h.max_version), None);
+    }
+
+    #[test]
+    fn the_largest_write_fits_one_entry_and_one_frame() {
+        // The batching rule sends a large entry alone in its writes frame.
+        let big = Entry {
+            seq: u64::MAX,
+            op: Op::Write {
+                disk: u16::MAX,
+                offset: u64::MAX,
+                data: Bytes::from(vec![0xa5; MAX_WRITE_LEN as usize]),
+            },
+        };
+        round_trip(Frame::Writes(vec![big.clone()]));
+        let mut session = crate::session::SenderState::new(0);
+        for seq in 1..=3 {
+            session.push(Entry { seq, ..big.clone() });
+        }
+        for f in session.poll_transmit(4 << 20) {
+            let bytes = f.to_bytes();
+            assert!(bytes.len() - 4 <= MAX_FRAME_LEN as usize);
+        }
+        let one_more = Entry {
+            seq: 1,
+            op: Op::Write {
+                disk: 0,
+                offset: 0,
+                data: Bytes::from(vec![0; MAX_WRITE_LEN as usize + 1]),
+            },
+        };
+        let mut out = Vec::new();
+        one_more.encode(&mut out);
+        let b = Bytes::from(out);
+        assert!(matches!(
+            Entry::decode(&mut Reader::new(&b), &b),
+            Err(DecodeError::TooLarge { .. })
+        ));
     }
 
     #[test]

@@ -20,10 +20,6 @@ pub enum SessionError {
     AckBeyondSent { ack: u64, sent: u64 },
     #[error("peer's acknowledged position went backwards: {ack} < {acked}")]
     AckBackwards { ack: u64, acked: u64 },
-    #[error("receiver's durable position {durable} is beyond everything this agent captured ({captured}); the receiver holds another machine's stream or this agent's state was reset")]
-    DurableBeyondCaptured { durable: u64, captured: u64 },
-    #[error("receiver's durable position {durable} is behind what it already acknowledged ({acked}): acknowledged writes were lost on the receiver")]
-    DurableBehindAcked { durable: u64, acked: u64 },
     #[error("gap in the write stream: expected seq {expected}, got {got}")]
     Gap { expected: u64, got: u64 },
     #[error("the receiver holds another numbering of this machine's stream (stream id {theirs}, ours {ours}); the agent must rebase on the receiver's position before it sends entries")]
@@ -32,6 +28,32 @@ pub enum SessionError {
     Unexpected(&'static str),
     #[error("no common protocol version: peer speaks {min}..={max}, we speak {PROTOCOL_MIN}..={PROTOCOL_MAX}")]
     Version { min: u16, max: u16 },
+}
+
+/// What a welcome means for the sender ([`SenderState::on_welcome`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Welcome {
+    /// The numbering is this sender's: send from `after + 1`.
+    Resume { after: u64 },
+    /// One side lost state: rebase on the receiver's durable position.
+    LostState(LostState),
+}
+
+/// How the two sides' streams fail to match.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum LostState {
+    /// Another numbering: this agent's state was lost or replaced.
+    #[error("the process server holds another numbering of this machine's stream (stream id {}, ours {}): this agent's state was lost or replaced", crate::hex(theirs), crate::hex(ours))]
+    OtherNumbering {
+        ours: protocol::StreamId,
+        theirs: protocol::StreamId,
+    },
+    /// The receiver holds less than it acknowledged (rebuilt without its cache).
+    #[error("the process server holds seqs up to {durable} but had acknowledged {acked}: it lost acknowledged data (rebuilt without its cache?)")]
+    ReceiverLostAcked { durable: u64, acked: u64 },
+    /// The receiver holds seqs this agent cannot vouch for.
+    #[error("the process server holds seqs up to {durable}, beyond the {owned} this agent's journal kept: the journal lost its tail")]
+    JournalLostTail { durable: u64, owned: u64 },
 }
 
 /// The agent's side: a queue of captured entries not yet acknowledged.
@@ -49,6 +71,18 @@ pub struct SenderState {
 }
 
 impl SenderState {
+    #[cfg(test)]
+    fn clone_for_test(&self) -> SenderState {
+        SenderState {
+            queue: self.queue.clone(),
+            queued_bytes: self.queued_bytes,
+            captured: self.captured,
+            sent: self.sent,
+            acked: self.acked,
+            owned: self.owned,
+        }
+    }
+
     /// Starts after `acked` (everything up to it is known durable at the receiver).
     pub fn new(acked: u64) -> Self {
         SenderState {
@@ -97,23 +131,42 @@ impl SenderState {
         self.queue.push_back(entry);
     }
 
-    /// The receiver said where its durable stream ends: resume after it.
-    pub fn on_welcome(&mut self, durable: u64) -> Result<(), SessionError> {
-        if durable > self.captured {
-            return Err(SessionError::DurableBeyondCaptured {
-                durable,
-                captured: self.captured,
-            });
-        }
-        if durable < self.acked {
-            return Err(SessionError::DurableBehindAcked {
+    /// Judges a welcome — the receiver's stream id and where its durable
+    /// stream ends — against this sender's numbering (`ours`): either the
+    /// session resumes after `durable` (applied here), or one side lost state
+    /// and the agent must rebase (nothing applied).
+    ///
+    /// Lost state is judged against `owned`, the seqs this sender can vouch
+    /// for, not against what it captured since: a journal that lost its tail
+    /// is noticed even after new writes took those seqs.
+    pub fn on_welcome(
+        &mut self,
+        ours: protocol::StreamId,
+        theirs: protocol::StreamId,
+        durable: u64,
+    ) -> Welcome {
+        let lost = if ours != theirs {
+            Some(LostState::OtherNumbering { ours, theirs })
+        } else if durable < self.acked {
+            Some(LostState::ReceiverLostAcked {
                 durable,
                 acked: self.acked,
-            });
+            })
+        } else if durable > self.owned {
+            Some(LostState::JournalLostTail {
+                durable,
+                owned: self.owned,
+            })
+        } else {
+            None
+        };
+        if let Some(lost) = lost {
+            return Welcome::LostState(lost);
         }
+        // `owned ≤ captured`, so the receiver holds nothing this sender lacks.
         self.release(durable);
         self.sent = durable;
-        Ok(())
+        Welcome::Resume { after: durable }
     }
 
     /// Forgets every queued entry and continues the numbering after `base` (the
@@ -378,7 +431,10 @@ mod tests {
         let Frame::Welcome { durable, .. } = rx.welcome(0, [1; 16]) else {
             panic!()
         };
-        tx.on_welcome(durable).unwrap();
+        assert_eq!(
+            tx.on_welcome([1; 16], [1; 16], durable),
+            Welcome::Resume { after: durable }
+        );
         let frames = tx.poll_transmit(4 * 4200);
         assert_eq!(tx.sent(), 4);
         for f in frames {
@@ -401,7 +457,10 @@ mod tests {
         let Frame::Welcome { durable, .. } = rx.welcome(4, [1; 16]) else {
             panic!()
         };
-        tx.on_welcome(durable).unwrap();
+        assert_eq!(
+            tx.on_welcome([1; 16], [1; 16], durable),
+            Welcome::Resume { after: durable }
+        );
         loop {
             let frames = tx.poll_transmit(1 << 20);
             if frames.is_empty() {
@@ -459,21 +518,57 @@ mod tests {
     }
 
     #[test]
+    fn a_welcome_is_a_resume_or_one_kind_of_lost_state() {
+        let mut tx = SenderState::new(5);
+        for s in 6..=9 {
+            tx.push(write(s));
+        }
+        // Another numbering, whatever the positions.
+        assert!(matches!(
+            tx.clone_for_test().on_welcome([1; 16], [2; 16], 0),
+            Welcome::LostState(LostState::OtherNumbering { .. })
+        ));
+        // Beyond what the agent owns (captured 9, but only 5 vouched for).
+        assert_eq!(
+            tx.clone_for_test().on_welcome([1; 16], [1; 16], 7),
+            Welcome::LostState(LostState::JournalLostTail {
+                durable: 7,
+                owned: 5
+            })
+        );
+        assert!(LostState::JournalLostTail {
+            durable: 7,
+            owned: 5
+        }
+        .to_string()
+        .contains("lost its tail"));
+        assert_eq!(
+            tx.on_welcome([1; 16], [1; 16], 5),
+            Welcome::Resume { after: 5 }
+        );
+        assert_eq!(tx.sent(), 5);
+    }
+
+    #[test]
     fn sender_detects_lost_acknowledged_data() {
         let mut tx = SenderState::new(0);
         for s in 1..=3 {
             tx.push(write(s));
         }
-        tx.on_welcome(0).unwrap();
+        assert_eq!(
+            tx.on_welcome([1; 16], [1; 16], 0),
+            Welcome::Resume { after: 0 }
+        );
         tx.poll_transmit(1 << 20);
         tx.on_ack(3).unwrap();
         assert_eq!(
-            tx.on_welcome(2),
-            Err(SessionError::DurableBehindAcked {
+            tx.on_welcome([1; 16], [1; 16], 2),
+            Welcome::LostState(LostState::ReceiverLostAcked {
                 durable: 2,
                 acked: 3
             })
         );
+        assert_eq!(tx.acked(), 3, "nothing applied");
         assert!(matches!(
             tx.on_ack(9),
             Err(SessionError::AckBeyondSent { .. })

@@ -45,6 +45,7 @@ enum Cmd {
 }
 
 fn main() {
+    lifeboat_common::restrict_umask();
     lifeboat_common::tune_allocator();
     lifeboat_common::init_logging("info");
     let rt = match tokio::runtime::Runtime::new() {

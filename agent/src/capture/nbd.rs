@@ -74,8 +74,9 @@ use super::BlockBackend;
 pub const MAX_IN_FLIGHT: usize = 128;
 /// Most READ/WRITE payload bytes of one connection held at once.
 pub const MAX_BYTES_IN_FLIGHT: usize = 128 << 20;
-/// Largest READ or WRITE (also the advertised maximum block size).
-pub const MAX_REQUEST_LEN: u32 = 32 << 20;
+/// Largest READ or WRITE (also the advertised maximum block size): the data
+/// path's one write limit, so every write accepted here fits one stream entry.
+pub const MAX_REQUEST_LEN: u32 = lifeboat_common::protocol::MAX_WRITE_LEN;
 /// Most connections served at once by one listener.
 pub const MAX_CONNECTIONS: usize = 64;
 /// Time a client has to finish the handshake.
