@@ -608,6 +608,27 @@ fn runs(blocks: &[u8]) -> Vec<(u16, u16)> {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    #[test]
+    fn the_kept_version_1_plan_reads_back() {
+        let plan = Plan {
+            reason: "disk root was resized".into(),
+            disks: vec![PlanDisk {
+                id: "root".into(),
+                size: 1 << 30,
+                next_region: 17,
+            }],
+        };
+        let bytes = lifeboat_common::formats::read_fixture::<ChecksumPlan>("checksum-plan", || {
+            lifeboat_common::formats::seal::<ChecksumPlan>(&serde_json::to_vec(&plan).unwrap())
+        });
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("checksum-resync.rec");
+        std::fs::write(&path, bytes).unwrap();
+        assert_eq!(load_plan(&path).unwrap(), Some(plan));
+    }
+
     #[test]
     fn runs_coalesce_adjacent_blocks() {
         assert_eq!(

@@ -276,6 +276,14 @@ impl DirtyMap {
 mod tests {
     use super::*;
 
+    #[test]
+    fn the_kept_version_1_activity_log_reads_back() {
+        let bits: Vec<bool> = (0..20).map(|i| i % 3 == 0).collect();
+        let bytes = formats::read_fixture::<ActivityLog>("activity-log", || encode(&bits));
+        assert_eq!(decode(&bytes, 20).unwrap(), bits);
+        assert!(decode(&bytes, 21).is_err(), "another disk size is refused");
+    }
+
     #[tokio::test]
     async fn activity_log_survives_and_retires() {
         let dir = tempfile::tempdir().unwrap();

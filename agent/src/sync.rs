@@ -388,3 +388,25 @@ async fn checkpoint(
     tokio::task::spawn_blocking(move || store_record(&path, &rec)).await??;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_kept_version_1_sync_record_reads_back() {
+        let rec = SyncRecord {
+            size: 1 << 30,
+            cursor: 5 << 20,
+            done: false,
+            replica_has_data: true,
+        };
+        let bytes = lifeboat_common::formats::read_fixture::<SyncState>("sync-record", || {
+            lifeboat_common::formats::seal::<SyncState>(&serde_json::to_vec(&rec).unwrap())
+        });
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sync-root.rec");
+        std::fs::write(&path, bytes).unwrap();
+        assert_eq!(load_record(&path).unwrap(), Some(rec));
+    }
+}
