@@ -190,7 +190,7 @@ impl Checksum {
         g.plan.clone().map(|p| (p, g.requests))
     }
 
-    /// Records a resync of the disks at `targets` (indexes) from their first
+    /// Records a resync of the disks numbered `targets` from their first
     /// region, merged with any pending plan, and takes the `resync` state (both
     /// under the plan lock), then makes the plan durable. Refused during an
     /// initial sync unless `force`.
@@ -202,11 +202,14 @@ impl Checksum {
         stream: &Stream,
         force: bool,
     ) -> Result<()> {
-        let mut chosen = Vec::new();
-        for &t in targets {
-            chosen.push(disks.get(t as usize).ok_or_else(|| {
-                anyhow!("resync names disk #{t}; this agent has {}", disks.len())
-            })?);
+        // Targets are disk numbers; a retired disk (no longer configured)
+        // has nothing to compare and is left out.
+        let chosen: Vec<&Arc<ProtectedDisk>> = disks
+            .iter()
+            .filter(|d| targets.contains(&d.index))
+            .collect();
+        if chosen.is_empty() {
+            bail!("resync names disks {targets:?}, none of which this agent protects now");
         }
         if !force && stream.syncing() {
             bail!("initial sync in progress: a checksum resync can only follow it");
@@ -395,17 +398,16 @@ async fn resync_all(
     // not crash-consistent.
     stream.mark_inconsistent("checksum resync");
     for pd in &plan.disks {
-        let (index, d) = disks
-            .iter()
-            .enumerate()
-            .find(|(_, d)| d.id == pd.id)
-            .ok_or_else(|| {
-                anyhow!(
-                    "the resync plan names disk {}, which is not configured",
-                    pd.id
-                )
-            })?;
-        resync_disk(ck, index as u16, d, pd.next_region, stream, out, &mut inbox)
+        let Some(d) = disks.iter().find(|d| d.id == pd.id) else {
+            // Removed from the config since it was planned: retired, its
+            // replica stays as it is.
+            warn!(
+                "the resync plan names disk {}, which is no longer configured: skipped",
+                pd.id
+            );
+            continue;
+        };
+        resync_disk(ck, d.index, d, pd.next_region, stream, out, &mut inbox)
             .await
             .with_context(|| format!("checksum resync of disk {}", d.id))?;
     }

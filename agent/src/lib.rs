@@ -7,6 +7,7 @@ pub mod control;
 pub mod dirty;
 pub mod disk;
 pub mod diskio;
+pub mod disks;
 pub mod fsutil;
 pub mod journal;
 pub mod rebase;

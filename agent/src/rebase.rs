@@ -93,7 +93,7 @@ pub async fn rebase(
     disks: &[Arc<ProtectedDisk>],
 ) -> Result<()> {
     warn!("{why}; continuing after seq {durable} and comparing every disk with the replica");
-    let all: Vec<u16> = (0..disks.len() as u16).collect();
+    let all: Vec<u16> = disks.iter().map(|d| d.index).collect();
     checksum.request(disks, &all, why, stream, true).await?;
     stream.supersede_sync();
     let first = std::iter::once(Op::Inconsistent {

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
-use lifeboat_common::protocol::{DiskInfo, TagKind};
+use lifeboat_common::protocol::TagKind;
 use lifeboat_common::supervise::supervise;
 use lifeboat_common::tls;
 use tokio_util::sync::CancellationToken;
@@ -47,13 +47,25 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<()> {
     let clean = clean_marker.exists();
     let _ = std::fs::remove_file(&clean_marker);
 
-    let mut disks = Vec::new();
-    let mut infos = Vec::new();
-    let mut held_regions = Vec::new();
-    for (i, d) in cfg.disks.iter().enumerate() {
+    let mut files = Vec::new();
+    for d in &cfg.disks {
         let mode: IoMode = d.io_mode.parse().map_err(|e| anyhow::anyhow!("{e}"))?;
         let file = DiskFile::open(&d.path, mode)
             .with_context(|| format!("opening disk {} ({})", d.id, d.path.display()))?;
+        files.push(file);
+    }
+    // Disks are numbered by id, not by their place in the config.
+    let configured: Vec<(String, u64)> = cfg
+        .disks
+        .iter()
+        .zip(&files)
+        .map(|(d, f)| (d.id.clone(), f.size()))
+        .collect();
+    let table = crate::disks::DiskTable::open(&cfg.state_dir, &configured)?;
+    let infos = table.hello();
+    let mut disks = Vec::new();
+    let mut held_regions = Vec::new();
+    for (d, file) in cfg.disks.iter().zip(files) {
         info!(
             "disk {}: {} ({} bytes, {} I/O{})",
             d.id,
@@ -66,15 +78,11 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<()> {
                 ""
             }
         );
-        infos.push(DiskInfo {
-            id: d.id.clone(),
-            size: file.size(),
-        });
         let (dirty, held) = crate::dirty::DirtyMap::open(&cfg.state_dir, &d.id, file.size())?;
         held_regions.push(held);
         disks.push(Arc::new(ProtectedDisk::new(
             d.id.clone(),
-            i as u16,
+            table.number(&d.id),
             file,
             stream.clone(),
             dirty,

@@ -51,7 +51,7 @@ pub struct SenderConfig {
     pub server_name: String,
     pub tls: Arc<rustls::ClientConfig>,
     pub disks: Vec<DiskInfo>,
-    /// The disks, in hello order (checksum resync reads them).
+    /// The configured disks, each with its number (checksum resync reads them).
     pub protected: Vec<Arc<crate::disk::ProtectedDisk>>,
     pub checksum: Arc<Checksum>,
     pub stream_id: Arc<StreamIdFile>,

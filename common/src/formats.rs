@@ -9,6 +9,7 @@
 //! | [`SyncState`] | `LBSY` | 1 | agent `sync-<disk>.rec` (JSON) |
 //! | [`ChecksumPlan`] | `LBCK` | 1 | agent `checksum-resync.rec` (JSON) |
 //! | [`ActivityLog`] | `LBAL` | 1 | agent `al-<disk>.rec` |
+//! | [`DiskTable`] | `LBDT` | 1 | agent `disks.rec` (JSON) |
 //! | [`CacheValue`] | `LBCV` | 1 | process-server RocksDB `log` values (protocol entry) |
 //! | [`CachePosition`] | `LBPO` | 1 | process-server RocksDB `meta` positions (u64) |
 //! | [`CacheMachine`] | `LBMR` | 1 | process-server RocksDB `meta` machine records (JSON) |
@@ -57,6 +58,10 @@ record!(
     ActivityLog, b"LBAL", 1, "activity log"
 );
 record!(
+    /// The agent's disk table: every disk it protected, by number (JSON).
+    DiskTable, b"LBDT", 1, "disk table"
+);
+record!(
     /// One stream entry in the process server's cache.
     CacheValue, b"LBCV", 1, "cache value"
 );
@@ -83,6 +88,7 @@ pub const ALL: &[(&str, [u8; 4], u16)] = &[
         ChecksumPlan::VERSION,
     ),
     (ActivityLog::WHAT, ActivityLog::MAGIC, ActivityLog::VERSION),
+    (DiskTable::WHAT, DiskTable::MAGIC, DiskTable::VERSION),
     (CacheValue::WHAT, CacheValue::MAGIC, CacheValue::VERSION),
     (
         CachePosition::WHAT,

@@ -17,7 +17,9 @@
 //!
 //! ```text
 //! hello   magic b"LBOT" | min_version u16 | max_version u16 | machine str16
-//!         | disk_count u16 | { disk_id str16 | size u64 }* | stream_id [16]
+//!         | disk_count u16 | { disk_id str16 | size u64 | flags u8 }* | stream_id [16]
+//!         (flags from version 3: bit 0 = retired; a disk's position in the
+//!         list is its number in stream entries, stable for its id)
 //! welcome version u16 | durable u64 | max_frame u32 | stream_id [16]
 //! writes  count u32 | entry*          (entries with consecutive seqs)
 //! tag     entry                       (an entry whose op is TAG)
@@ -76,9 +78,10 @@ use crate::codec::{DecodeError, Reader, Writer};
 
 /// Protocol versions this build speaks.
 /// Version 2 added the stream id (hello, welcome), the resize and the
-/// inconsistent entries.
-pub const PROTOCOL_MIN: u16 = 2;
-pub const PROTOCOL_MAX: u16 = 2;
+/// inconsistent entries; version 3 the hello's per-disk flags (retired disks:
+/// a disk's number, its position in the hello, is stable for its id).
+pub const PROTOCOL_MIN: u16 = 3;
+pub const PROTOCOL_MAX: u16 = 3;
 pub const HELLO_MAGIC: [u8; 4] = *b"LBOT";
 
 /// The largest write, defined once for the whole data path: the NBD export
@@ -298,12 +301,29 @@ impl Entry {
     }
 }
 
-/// A disk as announced in the hello.
+/// A disk as announced in the hello. Its position in the hello is its number
+/// in stream entries, fixed for its id by the agent's disk table.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct DiskInfo {
     pub id: String,
     pub size: u64,
+    /// No longer protected (removed from the agent's config): kept, at its
+    /// last size, so that its number is never reused and its history stays.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub retired: bool,
 }
+
+impl DiskInfo {
+    pub fn new(id: impl Into<String>, size: u64) -> DiskInfo {
+        DiskInfo {
+            id: id.into(),
+            size,
+            retired: false,
+        }
+    }
+}
+
+const DISK_RETIRED: u8 = 1;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Hello {
@@ -420,6 +440,9 @@ impl Frame {
                 for d in &h.disks {
                     out.put_str16(&d.id);
                     out.put_u64(d.size);
+                    if h.max_version >= 3 {
+                        out.put_u8(if d.retired { DISK_RETIRED } else { 0 });
+                    }
                 }
                 out.extend_from_slice(&h.stream_id);
             }
@@ -562,9 +585,18 @@ impl Frame {
                 let n = r.u16("hello disk count")?;
                 let mut disks = Vec::with_capacity((n as usize).min(r.remaining() / 10));
                 for _ in 0..n {
+                    let id = r.str16("hello disk id")?;
+                    let size = r.u64("hello disk size")?;
+                    // Older hellos have no flags; negotiation refuses them.
+                    let flags = if max_version >= 3 {
+                        r.u8("hello disk flags")?
+                    } else {
+                        0
+                    };
                     disks.push(DiskInfo {
-                        id: r.str16("hello disk id")?,
-                        size: r.u64("hello disk size")?,
+                        id,
+                        size,
+                        retired: flags & DISK_RETIRED != 0,
                     });
                 }
                 Frame::Hello(Hello {
@@ -782,13 +814,10 @@ mod tests {
     #[test]
     fn frames_round_trip() {
         round_trip(Frame::Hello(Hello {
-            min_version: 2,
-            max_version: 2,
+            min_version: PROTOCOL_MIN,
+            max_version: PROTOCOL_MAX,
             machine: "web-1".into(),
-            disks: vec![DiskInfo {
-                id: "root".into(),
-                size: 1 << 30,
-            }],
+            disks: vec![DiskInfo::new("root", 1 << 30)],
             stream_id: [7; 16],
         }));
         round_trip(Frame::Welcome {

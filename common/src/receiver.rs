@@ -717,7 +717,7 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::{Hello, Op};
+    use crate::protocol::{Hello, Op, PROTOCOL_MAX, PROTOCOL_MIN};
     use bytes::Bytes;
     use std::sync::Mutex as StdMutex;
 
@@ -870,13 +870,10 @@ mod tests {
 
     fn hello(machine: &str) -> Frame {
         Frame::Hello(Hello {
-            min_version: 2,
-            max_version: 2,
+            min_version: PROTOCOL_MIN,
+            max_version: PROTOCOL_MAX,
             machine: machine.into(),
-            disks: vec![DiskInfo {
-                id: "d".into(),
-                size: 1 << 20,
-            }],
+            disks: vec![DiskInfo::new("d", 1 << 20)],
             stream_id: [3; 16],
         })
     }

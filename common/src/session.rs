@@ -408,8 +408,8 @@ mod tests {
 
     fn hello() -> Frame {
         Frame::Hello(Hello {
-            min_version: 2,
-            max_version: 2,
+            min_version: PROTOCOL_MIN,
+            max_version: PROTOCOL_MAX,
             machine: "m".into(),
             disks: vec![],
             stream_id: [1; 16],

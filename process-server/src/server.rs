@@ -172,7 +172,11 @@ impl StreamSink for PsSink {
             };
             let disks = match &old {
                 Some(old) if held != stream_id => old.disks.clone(),
-                _ => disks,
+                Some(old) => {
+                    check_disk_numbers(&m, &old.disks, &disks)?;
+                    disks
+                }
+                None => disks,
             };
             let mut rec = MachineRecord {
                 format: FORMAT_VERSION,
@@ -339,5 +343,28 @@ pub async fn run(cfg: PsConfig, shutdown: CancellationToken) -> Result<()> {
     upload_cancel.cancel();
     sink.tasks.close();
     let _ = tokio::time::timeout(Duration::from_secs(10), sink.tasks.wait()).await;
+    Ok(())
+}
+
+/// A disk's number (its position in the hello) belongs to its id: a hello
+/// that gives a known number to another disk, or leaves out a known disk, is
+/// refused by name (it would write one disk's data into another's history).
+fn check_disk_numbers(machine: &str, known: &[DiskInfo], hello: &[DiskInfo]) -> Result<()> {
+    for (i, k) in known.iter().enumerate() {
+        match hello.get(i) {
+            Some(h) if h.id == k.id => {}
+            Some(h) => anyhow::bail!(
+                "machine {machine}: the agent calls disk number {i} {:?}, but the replica's history has {:?} there; its disk table (disks.rec in its state directory) does not match this machine's history",
+                h.id,
+                k.id
+            ),
+            None => anyhow::bail!(
+                "machine {machine}: the agent's hello lists {} disks, but the replica's history has {} (disk {:?} is missing); its disk table (disks.rec in its state directory) does not match this machine's history",
+                hello.len(),
+                known.len(),
+                k.id
+            ),
+        }
+    }
     Ok(())
 }

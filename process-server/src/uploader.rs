@@ -196,6 +196,34 @@ async fn put_machine_json(store: &Store, rec: &MachineRecord) -> Result<()> {
     Ok(())
 }
 
+/// The uploader's record with the disks the cache's record (the last hello)
+/// added after it, and its retired flags; `None` when nothing changed. Sizes of
+/// known disks stay as the stream made them (resize entries).
+fn adopt_new_disks(cache: &Cache, rec: &MachineRecord) -> Option<MachineRecord> {
+    let cached = cache.machine(&rec.machine).ok()??;
+    let mut out = rec.clone();
+    let mut changed = false;
+    for (i, d) in cached.disks.iter().enumerate() {
+        match out.disks.get_mut(i) {
+            Some(mine) if mine.id == d.id => {
+                if mine.retired != d.retired {
+                    mine.retired = d.retired;
+                    changed = true;
+                }
+            }
+            Some(_) => return None, // refused at the hello; never merged
+            None => {
+                out.disks.push(d.clone());
+                changed = true;
+            }
+        }
+    }
+    changed.then(|| {
+        out.widen(None);
+        out
+    })
+}
+
 /// Applies the resize entries among `entries` to `disks`; returns whether any did.
 fn apply_resizes(disks: &mut [DiskInfo], entries: &[Entry]) -> bool {
     let mut any = false;
@@ -410,6 +438,22 @@ pub async fn run_machine(env: UploadEnv, me: Arc<MachineUploader>) {
         let first = next;
         let last = entries.last().map(|e| e.seq).unwrap_or(first);
         next = last + 1;
+        // Disks added (or retired) by a hello since: listed in machine.json
+        // before any segment that writes them.
+        if let Some(grown) = adopt_new_disks(&cache, &rec) {
+            if retry(
+                &format!("recording the disks of {machine} in {}", store.url()),
+                &cancel,
+                || put_machine_json(&store, &grown),
+            )
+            .await
+            .is_none()
+            {
+                return;
+            }
+            info!(%machine, disks = grown.disks.len(), "machine.json lists the disks the agent announced");
+            rec = grown;
+        }
         let disks_at_start = rec.disks.clone();
         let machine_json = apply_resizes(&mut rec.disks, &entries).then(|| {
             rec.widen(None);

@@ -7,7 +7,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use lifeboat_common::framed::read_frame;
-use lifeboat_common::protocol::{DiskInfo, Frame, Hello, MAX_FRAME_LEN};
+use lifeboat_common::protocol::{
+    DiskInfo, Frame, Hello, MAX_FRAME_LEN, PROTOCOL_MAX, PROTOCOL_MIN,
+};
 use lifeboat_tests::*;
 use rustls::pki_types::ServerName;
 use tokio::io::AsyncWriteExt;
@@ -45,13 +47,10 @@ fn client_cfg(certs: &Path) -> Arc<rustls::ClientConfig> {
 
 fn hello(machine: &str) -> Frame {
     Frame::Hello(Hello {
-        min_version: 2,
-        max_version: 2,
+        min_version: PROTOCOL_MIN,
+        max_version: PROTOCOL_MAX,
         machine: machine.into(),
-        disks: vec![DiskInfo {
-            id: "root".into(),
-            size: MIB,
-        }],
+        disks: vec![DiskInfo::new("root", MIB)],
         stream_id: [0x5a; 16],
     })
 }
