@@ -74,6 +74,14 @@ impl Control {
                 Some(since.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)),
             );
         }
+        if mode == crate::stream::Mode::Streaming && !self.stream.repl().snapshot().welcomed {
+            return (
+                "connecting",
+                "waiting for the process server's welcome (it confirms the stream's numbering)"
+                    .into(),
+                None,
+            );
+        }
         (mode.as_str(), reason, None)
     }
 

@@ -17,7 +17,8 @@
 //! resync ──checksum resync ends, nothing dirty──▶ streaming
 //! ```
 //!
-//! A recovery point may be placed only in `streaming` with no initial sync.
+//! A recovery point may be placed only in `streaming`, with no initial sync,
+//! once a welcome confirmed the numbering (before it, a rebase could drop it).
 
 /// Replication state of the machine's stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -201,6 +202,14 @@ impl Replication {
         if self.s.syncing > 0 {
             return Some("initial sync in progress: the replica is not complete yet".into());
         }
+        if !self.s.welcomed {
+            // A point placed now could be dropped by a rebase the welcome
+            // still may ask for (the agent lost state it does not know of).
+            return Some(
+                "waiting for the process server to confirm this agent's numbering of the stream"
+                    .into(),
+            );
+        }
         None
     }
 }
@@ -212,6 +221,7 @@ mod tests {
     #[test]
     fn a_full_journal_goes_to_bitmap_once_and_stays_until_the_resync() {
         let mut r = Replication::default();
+        r.welcome();
         assert_eq!(r.on_write(None), Ok(()));
         let t = r
             .on_write(Some(Pressure::JournalFull(16)))
@@ -279,9 +289,10 @@ mod tests {
         assert!(r.why_inconsistent().unwrap().contains("initial sync"));
         r.end_sync();
         r.end_sync(); // never below zero
-        assert_eq!(r.why_inconsistent(), None);
+        assert!(r.why_inconsistent().unwrap().contains("numbering"), "no point before the welcome");
         assert!(!r.snapshot().welcomed);
         r.welcome();
+        assert_eq!(r.why_inconsistent(), None);
         r.supersede_sync();
         assert!(r.snapshot().welcomed && r.snapshot().sync_superseded);
     }

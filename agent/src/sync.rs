@@ -290,6 +290,12 @@ pub async fn run_resync(
                     }
                 }
                 if stream.finish_resync(|| no_dirty(&disks)) {
+                    // A point waits for the welcome (after an unclean restart
+                    // the resync may finish before it).
+                    tokio::select! {
+                        _ = stream.wait_welcomed() => {}
+                        _ = cancel.cancelled() => break,
+                    }
                     if let Some(seq) = stream.tag(TagKind::Crash, "resync-complete").await {
                         info!(seq, "resync complete: crash-consistent point placed");
                     }
