@@ -289,7 +289,10 @@ mod tests {
         assert!(r.why_inconsistent().unwrap().contains("initial sync"));
         r.end_sync();
         r.end_sync(); // never below zero
-        assert!(r.why_inconsistent().unwrap().contains("numbering"), "no point before the welcome");
+        assert!(
+            r.why_inconsistent().unwrap().contains("numbering"),
+            "no point before the welcome"
+        );
         assert!(!r.snapshot().welcomed);
         r.welcome();
         assert_eq!(r.why_inconsistent(), None);

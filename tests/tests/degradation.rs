@@ -58,7 +58,7 @@ fn full_journal_goes_bitmap_then_resync_and_the_next_point_is_exact() {
         .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default())
         .collect::<String>();
     assert!(
-        log.contains("Bitmap") && log.contains("Resync -> Streaming"),
+        log.contains("-> bitmap") && log.contains("resync -> streaming"),
         "state changes must be logged:\n{log}"
     );
 }
