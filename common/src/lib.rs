@@ -6,6 +6,7 @@ pub mod catalogue;
 pub mod codec;
 pub mod framed;
 pub mod ids;
+pub mod owner;
 pub mod protocol;
 pub mod receiver;
 pub mod resync;

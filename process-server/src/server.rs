@@ -23,6 +23,7 @@ use tracing::{info, warn};
 
 use crate::cache::Cache;
 use crate::config::PsConfig;
+use crate::ownership::Ownership;
 use crate::uploader::{self, MachineUploader};
 
 pub const MAX_CONNECTIONS: usize = 1024;
@@ -34,6 +35,7 @@ pub struct PsSink {
     cache: Arc<Cache>,
     store: Store,
     kek: Key,
+    ownership: Arc<Ownership>,
     uploaders: Mutex<HashMap<String, Arc<MachineUploader>>>,
     tasks: tokio_util::task::TaskTracker,
     cancel: CancellationToken,
@@ -56,6 +58,7 @@ impl PsSink {
             cache: self.cache.clone(),
             store: self.store.clone(),
             kek: self.kek.clone(),
+            ownership: self.ownership.clone(),
             cancel: self.cancel.clone(),
         };
         self.tasks.spawn(uploader::supervise(env, u.clone()));
@@ -72,9 +75,18 @@ impl PsSink {
     /// it cannot be reached by any recovery and would collide with the new
     /// seqs, so they are moved under `orphaned/` (kept, not deleted), and
     /// marks beyond it removed. Segments without `machine.json` are refused.
+    ///
+    /// The server takes ownership of the machine in the store first (a
+    /// takeover bumps the epoch; see `ownership.rs`), so the server it
+    /// replaces stops uploading before anything is moved.
     async fn adopt_from_store(&self, machine: &str) -> Result<()> {
+        let keys = uploader::machine_keys(&self.store, &self.kek, machine).await?;
+        let ck = &keys.catalogue;
+        self.ownership
+            .claim(&self.store, &self.cache, ck, machine)
+            .await?;
         let segments = catalogue::list_segments(&self.store, machine).await?;
-        let rec = match catalogue::load_machine(&self.store, machine).await {
+        let rec = match catalogue::load_machine(&self.store, ck, machine).await {
             Ok(r) => r,
             Err(catalogue::CatalogueError::Missing { .. }) if segments.is_empty() => {
                 return Ok(()); // a new machine
@@ -100,14 +112,14 @@ impl PsSink {
                 self.orphan(&catalogue::segment_object(machine, s.first, s.last))
                     .await?;
             }
-            for p in catalogue::list_points(&self.store, machine).await? {
+            for p in catalogue::list_points(&self.store, Some(ck), machine).await? {
                 if p.seq > end {
                     self.orphan(&catalogue::point_object(machine, p.seq))
                         .await?;
                 }
             }
         }
-        for m in catalogue::list_inconsistent(&self.store, machine).await? {
+        for m in catalogue::list_inconsistent(&self.store, Some(ck), machine).await? {
             if m.seq > end {
                 self.store
                     .delete(&catalogue::inconsistent_object(machine, m.seq))
@@ -152,6 +164,9 @@ impl StreamSink for PsSink {
     /// machine the cache does not know may still have a stream in the store
     /// (the process server lost its cache): it continues from there.
     async fn open(&self, machine: &str, disks: &[DiskInfo], stream_id: StreamId) -> Result<Opened> {
+        if let Some(why) = self.ownership.fenced(machine) {
+            anyhow::bail!("{why}");
+        }
         let known = {
             let (cache, m) = (self.cache.clone(), machine.to_string());
             tokio::task::spawn_blocking(move || cache.machine(&m)).await??
@@ -244,6 +259,8 @@ pub async fn run(cfg: PsConfig, shutdown: CancellationToken) -> Result<()> {
     let kek = crate::pki::load_kek(&cfg.kek_file)?;
     let store = Store::open(&cfg.store)?;
     let cache = Arc::new(Cache::open(&cfg.cache_dir)?);
+    let ownership = Arc::new(Ownership::load(&cfg.cache_dir, cfg.listen)?);
+    info!("process server id {}", ownership.me.id);
     let listener = TcpListener::bind(cfg.listen)
         .await
         .with_context(|| format!("listening on {}", cfg.listen))?;
@@ -259,6 +276,7 @@ pub async fn run(cfg: PsConfig, shutdown: CancellationToken) -> Result<()> {
         cache: cache.clone(),
         store,
         kek,
+        ownership,
         uploaders: Mutex::new(HashMap::new()),
         tasks: tokio_util::task::TaskTracker::new(),
         cancel: upload_cancel.clone(),
