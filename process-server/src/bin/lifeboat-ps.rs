@@ -56,6 +56,12 @@ enum Cmd {
 }
 
 fn main() {
+    // Everything this process creates (the RocksDB cache of plaintext writes,
+    // keys, certificates, the control socket) is private to its user.
+    // SAFETY: umask only sets the process's file-creation mask.
+    unsafe {
+        libc::umask(0o077);
+    }
     lifeboat_common::tune_allocator();
     lifeboat_common::init_logging("info");
     if let Err(e) = real_main() {
@@ -187,6 +193,13 @@ segment-max-age = "5s"
 # zstd level for segments (0 stores uncompressed).
 zstd-level = 1
 upload-concurrency = 4
+# Limits on agents' connections: TLS handshake, then the hello, must finish
+# within these; a connection silent for idle-timeout (>= 20s; agents ping
+# every 10s) is closed; at most this many connections per source IP.
+handshake-timeout = "10s"
+hello-timeout = "10s"
+idle-timeout = "60s"
+max-connections-per-source = 16
 
 [store]
 url = "{store}"
