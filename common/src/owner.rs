@@ -76,7 +76,7 @@ pub struct Held {
 
 #[derive(Debug)]
 pub enum Claim {
-    /// This server owns the machine (`took_over`: from `previous`).
+    /// This server owns the machine; `previous` is the owner it took it from.
     Owned {
         held: Held,
         previous: Option<OwnerRecord>,

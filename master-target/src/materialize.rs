@@ -10,7 +10,13 @@
 //!
 //! A disk resized while protected has a resize entry in the stream: bytes past
 //! a shrunk end are zeroed, and each image gets the size its disk had at the
-//! point (recorded in the point, or set by the last resize for `latest`).
+//! point (set by the last resize entry applied, else recorded in the point).
+//!
+//! Nothing from the catalogue is trusted unauthenticated: `machine.json`,
+//! points and marks are checked with the machine's catalogue key, ids pass
+//! the machine-id rule before they become file names under `--out`, and a
+//! stream end after an `inconsistent` entry with no later tag is refused at
+//! `latest` from the segments themselves, whether or not its mark exists.
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};

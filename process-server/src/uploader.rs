@@ -11,6 +11,13 @@
 //! (the cache absorbs the stream meanwhile); nothing is deleted before the
 //! segment and its points are stored.
 //!
+//! Ownership: before it writes anything the uploader claims the machine in
+//! the store (`ownership.rs`), and it re-checks the owner record before every
+//! segment put. Segments, points and marks are created, never overwritten: an
+//! existing one with equal content (a retry, or the same entries sealed again
+//! after a restart) is accepted, other content fences the machine here.
+//! Catalogue records are signed with the machine's catalogue key.
+//!
 //! Disk sizes: the uploader starts from the sizes in `machine.json` and follows
 //! the stream's resize entries; each point records the sizes at its seq, and a
 //! segment that resized a disk rewrites `machine.json` before `uploaded` moves
