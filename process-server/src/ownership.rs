@@ -65,6 +65,16 @@ impl Ownership {
             .cloned()
     }
 
+    /// Every machine this server lost, with why.
+    pub fn fenced_all(&self) -> std::collections::BTreeMap<String, String> {
+        self.fenced
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+
     /// Marks `machine` fenced (logged once) and returns the error to stop with.
     pub fn fence(&self, machine: &str, why: String) -> anyhow::Error {
         let mut map = self.fenced.lock().unwrap_or_else(|p| p.into_inner());

@@ -423,8 +423,9 @@ pub async fn run(cfg: PsConfig, shutdown: CancellationToken) -> Result<()> {
     let control_task = {
         let path = crate::control::socket_path(&cfg.cache_dir);
         let (sessions, c) = (sessions.clone(), shutdown.clone());
+        let ownership = sink.ownership.clone();
         tokio::spawn(async move {
-            if let Err(e) = crate::control::serve(path.clone(), sessions, c).await {
+            if let Err(e) = crate::control::serve(path.clone(), sessions, ownership, c).await {
                 warn!("control socket {}: {e:#}", path.display());
             }
         })

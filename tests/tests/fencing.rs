@@ -192,6 +192,20 @@ fn a_server_that_lost_the_machine_stops_uploading_it() {
         }
     }
     fenced.unwrap_or_else(|e| panic!("{e}\nPS1 log:\n{}", ps1.log()));
+    // ...and in its status.
+    let status = run_ok(
+        std::process::Command::new(bin("lifeboat-ps"))
+            .args(["status", "--config"])
+            .arg(ps1.dir.join("ps.toml")),
+        Duration::from_secs(30),
+    )
+    .unwrap();
+    let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+    let why = status["fenced"][MACHINE].as_str().unwrap_or_default();
+    assert!(
+        why.contains(&ps2_id),
+        "PS1's status names the owner: {status}"
+    );
     assert!(ps1.proc.as_mut().unwrap().is_running(), "PS1 keeps running");
 
     // Every point recovers exactly what the disk held.

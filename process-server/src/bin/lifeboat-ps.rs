@@ -1,4 +1,4 @@
-//! `lifeboat-ps`: init | issue-cert | serve | resync.
+//! `lifeboat-ps`: init | issue-cert | serve | resync | status.
 
 use std::path::{Path, PathBuf};
 
@@ -53,6 +53,12 @@ enum Cmd {
         #[arg(long)]
         disk: Option<String>,
     },
+    /// The running server's id and the machines it lost to another server
+    /// (fenced), as JSON.
+    Status {
+        #[arg(long)]
+        config: PathBuf,
+    },
 }
 
 fn main() {
@@ -92,6 +98,20 @@ fn real_main() -> Result<()> {
             machine,
             disk,
         } => resync(&config, machine, disk),
+        Cmd::Status { config } => {
+            use lifeboat_ps::control;
+            let cfg = PsConfig::load(&config)?;
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let v = rt.block_on(control::request(
+                &control::socket_path(&cfg.cache_dir),
+                &control::Request::Status,
+                |_| {},
+            ))?;
+            println!("{}", serde_json::to_string_pretty(&v)?);
+            Ok(())
+        }
         Cmd::Serve { config } => {
             let cfg = PsConfig::load(&config)?;
             let rt = tokio::runtime::Runtime::new()?;
