@@ -15,6 +15,7 @@ use std::time::Duration;
 use lifeboat_common::catalogue::{self, SegmentName};
 use lifeboat_common::seal::Key;
 use lifeboat_common::store::{Store, StoreConfig};
+use lifeboat_tests::peers::S3sFs;
 use lifeboat_tests::*;
 
 const MACHINE: &str = "machine-1";
@@ -71,11 +72,12 @@ fn point_agent_at(agent: &Agent, from: u16, to: u16) {
 /// decrypted with the machine's data key).
 fn stored_segments(
     ps: &ProcessServer,
+    cfg: &StoreConfig,
 ) -> Vec<(SegmentName, Vec<lifeboat_common::protocol::Entry>)> {
     let kek = Key::from_hex(&std::fs::read_to_string(ps.kek()).unwrap()).unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let store = Store::open(&StoreConfig::new(ps.store_url.clone())).unwrap();
+        let store = Store::open(cfg).unwrap();
         let key = catalogue::load_data_key(&store, &kek, MACHINE)
             .await
             .unwrap();
@@ -93,8 +95,34 @@ fn stored_segments(
 #[test]
 fn a_server_that_lost_the_machine_stops_uploading_it() {
     let tmp = tempfile::tempdir().unwrap();
-    let root = tmp.path();
-    let mut ps1 = ProcessServer::init(&root.join("ps1"), None, &[]).unwrap();
+    two_servers_one_store(tmp.path(), None);
+}
+
+#[test]
+fn a_server_that_lost_the_machine_stops_uploading_it_on_s3() {
+    lifeboat_common::tls::install_crypto_provider();
+    let tmp = tempfile::tempdir().unwrap();
+    let s3 = S3sFs::start(&tmp.path().join("s3")).unwrap();
+    two_servers_one_store(tmp.path(), Some(s3.config("fencing")));
+}
+
+/// The scenario on a file:// store (`None`) or the store `cfg`.
+fn two_servers_one_store(root: &Path, cfg: Option<StoreConfig>) {
+    let opts: Vec<(String, String)> = cfg
+        .as_ref()
+        .map(|c| c.options.clone().into_iter().collect())
+        .unwrap_or_default();
+    let opt_refs: Vec<(&str, &str)> = opts.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let opt_args: Vec<String> = opts.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    let mut ps1 = ProcessServer::init(
+        &root.join("ps1"),
+        cfg.as_ref().map(|c| c.url.as_str()),
+        &opt_refs,
+    )
+    .unwrap();
+    let store_cfg = cfg
+        .clone()
+        .unwrap_or_else(|| StoreConfig::new(ps1.store_url.clone()));
     // PS1 keeps untagged writes for a while before it uploads them.
     set_segment_age(&ps1, "25s");
     let mut ps2 = second_server(&ps1, &root.join("ps2"));
@@ -119,7 +147,7 @@ fn a_server_that_lost_the_machine_stops_uploading_it() {
     wait_stored(
         &ps1.store_url,
         MACHINE,
-        &[],
+        &opt_args,
         first_point,
         Duration::from_secs(60),
     )
@@ -154,7 +182,7 @@ fn a_server_that_lost_the_machine_stops_uploading_it() {
     wait_stored(
         &ps2.store_url,
         MACHINE,
-        &[],
+        &opt_args,
         second_point,
         Duration::from_secs(60),
     )
@@ -178,7 +206,7 @@ fn a_server_that_lost_the_machine_stops_uploading_it() {
     );
     // Give a (wrong) upload time to land before looking at the store.
     std::thread::sleep(Duration::from_secs(3));
-    let segments = stored_segments(&ps2);
+    let segments = stored_segments(&ps2, &store_cfg);
     for w in segments.windows(2) {
         let ((a, ea), (b, eb)) = (&w[0], &w[1]);
         if b.first <= a.last {
@@ -209,8 +237,24 @@ fn a_server_that_lost_the_machine_stops_uploading_it() {
     assert!(ps1.proc.as_mut().unwrap().is_running(), "PS1 keeps running");
 
     // Every point recovers exactly what the disk held.
-    ps2.failover_ok(MACHINE, &first_point.to_string(), &root.join("o1"));
-    assert_same(&root.join("o1/root.raw"), &at_first);
-    ps2.failover_ok(MACHINE, &second_point.to_string(), &root.join("o2"));
-    assert_same(&root.join("o2/root.raw"), &at_second);
+    for (point, out, want) in [
+        (first_point, "o1", &at_first),
+        (second_point, "o2", &at_second),
+    ] {
+        let o = failover(
+            &ps2.store_url,
+            MACHINE,
+            &point.to_string(),
+            &root.join(out),
+            &ps2.kek(),
+            &opt_args,
+        )
+        .unwrap();
+        assert!(
+            o.status.success(),
+            "failover at {point}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        assert_same(&root.join(out).join("root.raw"), want);
+    }
 }
