@@ -176,6 +176,10 @@ async fn real_main() -> Result<()> {
     }
 }
 
+/// How often, and how far apart, `latest` looks again at a gap in the stream.
+const GAP_RECHECKS: usize = 5;
+const GAP_RECHECK_PAUSE: std::time::Duration = std::time::Duration::from_secs(2);
+
 fn read_kek(path: &std::path::Path) -> Result<Key> {
     Key::from_hex(
         &std::fs::read_to_string(path)
@@ -190,7 +194,21 @@ async fn failover(a: FailoverArgs) -> Result<()> {
     let machine = &a.store.machine;
     let started = Instant::now();
     let keys = materialize::machine_keys(&store, &kek, machine).await?;
-    let inv = materialize::inventory(&store, Some(&keys.catalogue), machine).await?;
+    let mut inv = materialize::inventory(&store, Some(&keys.catalogue), machine).await?;
+    // A gap with later segments behind it is usually uploads still in flight
+    // (a process server puts several segments at once): look again for a
+    // little while before `latest` is refused for it.
+    for _ in 0..GAP_RECHECKS {
+        if inv.after_gap.is_none() || a.point != PointSpec::Latest {
+            break;
+        }
+        eprintln!(
+            "segments after seq {} are not all stored yet; looking again in {GAP_RECHECK_PAUSE:?}",
+            inv.end
+        );
+        tokio::time::sleep(GAP_RECHECK_PAUSE).await;
+        inv = materialize::inventory(&store, Some(&keys.catalogue), machine).await?;
+    }
     let resolved = materialize::resolve(&inv, machine, &a.point, a.allow_inconsistent)?;
     if let (Some(m), PointSpec::Latest) = (inv.unsettled_end(), &a.point) {
         eprintln!(
