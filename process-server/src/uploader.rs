@@ -3,9 +3,11 @@
 //!
 //! Loop: read the next entries after `uploaded` from the cache → cut a segment
 //! (at `segment-max-bytes`, after `segment-max-age`, and always right after a tag)
-//! → zstd + AES-256-GCM → put `log/<first>-<last>.seg` → put
-//! `inconsistent/<seq>.json` for each inconsistent entry and `points/<seq>.json`
-//! for each tag in it → persist `uploaded` → delete the cached range. Up to
+//! → zstd + AES-256-GCM → put `points/<seq>.json` for each tag in it and
+//! `inconsistent/<seq>.json` for each inconsistent entry → put
+//! `log/<first>-<last>.seg` (the stream end moves with segments, so whoever
+//! sees a segment sees its points and marks) → persist `uploaded` → delete the
+//! cached range. Up to
 //! `upload-concurrency` segments are sealed and uploaded at once; `uploaded`
 //! advances strictly in order. Store errors retry with capped backoff forever
 //! (the cache absorbs the stream meanwhile); nothing is deleted before the
@@ -627,7 +629,40 @@ async fn upload_segment(
             check.ownership.fence(&machine, format!("{e:#}"));
         }
     };
-    // Before the segment: whoever sees the segment sees the mark too.
+    // Only the owner writes; checked before the first object and again
+    // right before the segment.
+    let r = try_retry(
+        &format!("checking ownership of {machine}"),
+        &cancel,
+        is_fencing,
+        || check.verify(&store),
+    )
+    .await?;
+    if let Err(e) = r {
+        fenced(e);
+        return None;
+    }
+    // Marks and points before the segment: whoever sees the segment (the
+    // stream end moves with segments) sees its marks and points too. A point
+    // beyond the stored stream is not listed until its segment is stored.
+    for p in points {
+        let r = create_json(
+            &store,
+            &keys.catalogue,
+            &point_object(&machine, p.seq),
+            &p,
+            |o: &PointRecord| {
+                o.seq == p.seq && o.kind == p.kind && o.time_ms == p.time_ms && o.label == p.label
+            },
+            &cancel,
+        )
+        .await?;
+        if let Err(e) = r {
+            fenced(e);
+            return None;
+        }
+        info!(%machine, seq = p.seq, kind = p.kind.as_str(), "recovery point recorded");
+    }
     for m in unsettled {
         let obj = catalogue::inconsistent_object(&machine, m.seq);
         let r = create_json(
@@ -669,24 +704,6 @@ async fn upload_segment(
     if let Err(e) = r {
         fenced(e);
         return None;
-    }
-    for p in points {
-        let r = create_json(
-            &store,
-            &keys.catalogue,
-            &point_object(&machine, p.seq),
-            &p,
-            |o: &PointRecord| {
-                o.seq == p.seq && o.kind == p.kind && o.time_ms == p.time_ms && o.label == p.label
-            },
-            &cancel,
-        )
-        .await?;
-        if let Err(e) = r {
-            fenced(e);
-            return None;
-        }
-        info!(%machine, seq = p.seq, kind = p.kind.as_str(), "recovery point stored");
     }
     Some(())
 }
