@@ -21,11 +21,27 @@
 //! where the entries are the protocol's stream entries with consecutive seqs from
 //! `first_seq` to `last_seq`. The data key object is `envelope(b"LBDK", 1)` of the
 //! 32 key bytes, sealed with the key-encryption key.
+//!
+//! Catalogue objects (`machine.json`, points, inconsistent marks, the owner
+//! record) are JSON, authenticated (not encrypted):
+//!
+//! ```text
+//! {"signed": 1, "record": "<the record's JSON, as a string>", "mac": "<64 hex>"}
+//! mac = HMAC-SHA256(catalogue key, "lifeboat-catalogue-v1" 0x00 object-name 0x00 record)
+//! catalogue key = HKDF-SHA256(data key, salt "lifeboat-catalogue-mac-v1")
+//! ```
+//!
+//! The object name (relative to the store root) is bound into the MAC, so a
+//! record cannot be moved to another name; an edited, unsigned or moved record
+//! is refused with an error naming the object. Every id read from a record is
+//! checked with [`crate::ids::validate_id`] before it can become a path.
 
 use std::fmt;
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
+
+use ring::{hkdf, hmac};
 
 use crate::codec::{envelope, open_envelope, DecodeError, Reader, Writer};
 use crate::protocol::{DiskInfo, Entry, TagKind};
@@ -209,6 +225,138 @@ pub fn decode_segment(
     Ok(out)
 }
 
+/// The key that authenticates a machine's catalogue objects, derived from its
+/// data key (so whoever can read the machine's data can check its catalogue).
+#[derive(Clone)]
+pub struct CatalogueKey(hmac::Key);
+
+impl std::fmt::Debug for CatalogueKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CatalogueKey(..)")
+    }
+}
+
+const MAC_SALT: &[u8] = b"lifeboat-catalogue-mac-v1";
+const MAC_DOMAIN: &[u8] = b"lifeboat-catalogue-v1";
+/// The version of the signed wrapper.
+pub const SIGNED_VERSION: u32 = 1;
+
+impl CatalogueKey {
+    pub fn derive(data_key: &Key) -> CatalogueKey {
+        let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, MAC_SALT).extract(data_key.as_bytes());
+        let okm = prk
+            .expand(&[b"catalogue"], hmac::HMAC_SHA256)
+            .expect("the HMAC key length is a valid HKDF length");
+        CatalogueKey(hmac::Key::from(okm))
+    }
+
+    fn message(object: &str, record: &[u8]) -> Vec<u8> {
+        let mut m = Vec::with_capacity(MAC_DOMAIN.len() + object.len() + record.len() + 2);
+        m.extend_from_slice(MAC_DOMAIN);
+        m.push(0);
+        m.extend_from_slice(object.as_bytes());
+        m.push(0);
+        m.extend_from_slice(record);
+        m
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Signed {
+    signed: u32,
+    record: String,
+    mac: String,
+}
+
+/// The signed JSON of `value`, to be stored as `object` (a name relative to
+/// the store root).
+pub fn sign_record<T: Serialize>(key: &CatalogueKey, object: &str, value: &T) -> Vec<u8> {
+    let record = serde_json::to_string_pretty(value).expect("catalogue records serialise");
+    let tag = hmac::sign(&key.0, &CatalogueKey::message(object, record.as_bytes()));
+    let signed = Signed {
+        signed: SIGNED_VERSION,
+        record,
+        mac: crate::hex(tag.as_ref()),
+    };
+    serde_json::to_vec_pretty(&signed).expect("the signed wrapper serialises")
+}
+
+/// Checks the MAC of the signed object `object` (read from `store`) and parses
+/// its record.
+pub fn open_record<T: serde::de::DeserializeOwned>(
+    key: &CatalogueKey,
+    store: &Store,
+    object: &str,
+    bytes: &[u8],
+) -> Result<T, CatalogueError> {
+    let invalid = |detail: String| CatalogueError::Invalid {
+        object: store.describe(object),
+        detail,
+    };
+    let signed: Signed = serde_json::from_slice(bytes).map_err(|e| {
+        invalid(format!(
+            "not a signed catalogue record ({e}); it was altered or written by an older version"
+        ))
+    })?;
+    if signed.signed != SIGNED_VERSION {
+        return Err(invalid(format!(
+            "signed-record version {} (this build reads {SIGNED_VERSION})",
+            signed.signed
+        )));
+    }
+    let tag = crate::unhex::<32>(&signed.mac).ok_or_else(|| invalid("malformed MAC".into()))?;
+    hmac::verify(
+        &key.0,
+        &CatalogueKey::message(object, signed.record.as_bytes()),
+        &tag,
+    )
+    .map_err(|_| {
+        invalid(
+            "authentication failed: the record was altered, moved from another name, or signed with another machine's key; refusing to use it"
+                .into(),
+        )
+    })?;
+    serde_json::from_str(&signed.record).map_err(|e| invalid(e.to_string()))
+}
+
+/// Parses a signed record WITHOUT checking its MAC: for listings shown to a
+/// person who gave no key, never for anything that writes disks.
+pub fn open_record_unverified<T: serde::de::DeserializeOwned>(
+    store: &Store,
+    object: &str,
+    bytes: &[u8],
+) -> Result<T, CatalogueError> {
+    let invalid = |detail: String| CatalogueError::Invalid {
+        object: store.describe(object),
+        detail,
+    };
+    let signed: Signed = serde_json::from_slice(bytes)
+        .map_err(|e| invalid(format!("not a signed catalogue record ({e})")))?;
+    serde_json::from_str(&signed.record).map_err(|e| invalid(e.to_string()))
+}
+
+/// Checks every id a machine record carries; the error names the object.
+pub fn validate_machine_record(
+    rec: &MachineRecord,
+    store: &Store,
+    object: &str,
+) -> Result<(), CatalogueError> {
+    let invalid = |detail: String| CatalogueError::Invalid {
+        object: store.describe(object),
+        detail,
+    };
+    crate::ids::validate_id("machine", &rec.machine).map_err(invalid)?;
+    let mut seen = std::collections::BTreeSet::new();
+    for d in &rec.disks {
+        crate::ids::validate_id("disk", &d.id).map_err(invalid)?;
+        if !seen.insert(d.id.as_str()) {
+            return Err(invalid(format!("disk id {:?} is listed twice", d.id)));
+        }
+    }
+    Ok(())
+}
+
 /// Errors of reading the catalogue; each names the object concerned.
 #[derive(Debug, thiserror::Error)]
 pub enum CatalogueError {
@@ -277,7 +425,11 @@ pub async fn load_data_key(store: &Store, kek: &Key, machine: &str) -> Result<Ke
     open_data_key(kek, machine, &sealed, store)
 }
 
-pub async fn load_machine(store: &Store, machine: &str) -> Result<MachineRecord, CatalogueError> {
+pub async fn load_machine(
+    store: &Store,
+    key: &CatalogueKey,
+    machine: &str,
+) -> Result<MachineRecord, CatalogueError> {
     let name = machine_json(machine);
     let bytes = store
         .get(&name)
@@ -285,17 +437,14 @@ pub async fn load_machine(store: &Store, machine: &str) -> Result<MachineRecord,
         .ok_or_else(|| CatalogueError::Missing {
             object: store.describe(&name),
         })?;
-    let rec: MachineRecord =
-        serde_json::from_slice(&bytes).map_err(|e| CatalogueError::Invalid {
-            object: store.describe(&name),
-            detail: e.to_string(),
-        })?;
+    let rec: MachineRecord = open_record(key, store, &name, &bytes)?;
     if rec.format != FORMAT_VERSION || rec.machine != machine {
         return Err(CatalogueError::Invalid {
             object: store.describe(&name),
             detail: format!("format {} for machine {:?}", rec.format, rec.machine),
         });
     }
+    validate_machine_record(&rec, store, &name)?;
     Ok(rec)
 }
 
@@ -339,29 +488,64 @@ pub fn contiguous_prefix(segments: &[SegmentName]) -> (u64, Vec<SegmentName>) {
     (end, used)
 }
 
-pub async fn list_points(store: &Store, machine: &str) -> Result<Vec<PointRecord>, CatalogueError> {
-    let mut out: Vec<PointRecord> =
-        list_json(store, &format!("{}/points/", machine_dir(machine))).await?;
-    out.sort_by_key(|p| p.seq);
-    Ok(out)
+/// The machine's points, authenticated, by seq; a point whose name and
+/// content disagree is refused.
+pub async fn list_points(
+    store: &Store,
+    key: Option<&CatalogueKey>,
+    machine: &str,
+) -> Result<Vec<PointRecord>, CatalogueError> {
+    let mut out: Vec<(String, PointRecord)> =
+        list_signed(store, key, &format!("{}/points/", machine_dir(machine))).await?;
+    for (name, p) in &out {
+        if *name != point_object(machine, p.seq) || p.id != point_id(p.seq) {
+            return Err(CatalogueError::Invalid {
+                object: store.describe(name),
+                detail: format!("holds point {} at seq {}", p.id, p.seq),
+            });
+        }
+        for d in &p.disks {
+            crate::ids::validate_id("disk", &d.id).map_err(|detail| CatalogueError::Invalid {
+                object: store.describe(name),
+                detail,
+            })?;
+        }
+    }
+    out.sort_by_key(|(_, p)| p.seq);
+    Ok(out.into_iter().map(|(_, p)| p).collect())
 }
 
-/// The `inconsistent/` records of a machine, by seq.
+/// The `inconsistent/` records of a machine, authenticated, by seq.
 pub async fn list_inconsistent(
     store: &Store,
+    key: Option<&CatalogueKey>,
     machine: &str,
 ) -> Result<Vec<InconsistentRecord>, CatalogueError> {
-    let mut out: Vec<InconsistentRecord> =
-        list_json(store, &format!("{}/inconsistent/", machine_dir(machine))).await?;
-    out.sort_by_key(|p| p.seq);
-    Ok(out)
+    let mut out: Vec<(String, InconsistentRecord)> = list_signed(
+        store,
+        key,
+        &format!("{}/inconsistent/", machine_dir(machine)),
+    )
+    .await?;
+    for (name, m) in &out {
+        if *name != inconsistent_object(machine, m.seq) {
+            return Err(CatalogueError::Invalid {
+                object: store.describe(name),
+                detail: format!("holds the mark of seq {}", m.seq),
+            });
+        }
+    }
+    out.sort_by_key(|(_, m)| m.seq);
+    Ok(out.into_iter().map(|(_, m)| m).collect())
 }
 
-/// Every `*.json` object under `dir`, parsed.
-async fn list_json<T: serde::de::DeserializeOwned>(
+/// Every `*.json` object under `dir`, authenticated (unless `key` is `None`:
+/// listing for display only, never for recovery) and parsed, with its name.
+async fn list_signed<T: serde::de::DeserializeOwned>(
     store: &Store,
+    key: Option<&CatalogueKey>,
     dir: &str,
-) -> Result<Vec<T>, CatalogueError> {
+) -> Result<Vec<(String, T)>, CatalogueError> {
     let mut out = Vec::new();
     for (rel, _) in store.list(dir).await? {
         if !rel.ends_with(".json") {
@@ -373,12 +557,11 @@ async fn list_json<T: serde::de::DeserializeOwned>(
             .ok_or_else(|| CatalogueError::Missing {
                 object: store.describe(&rel),
             })?;
-        out.push(
-            serde_json::from_slice(&bytes).map_err(|e| CatalogueError::Invalid {
-                object: store.describe(&rel),
-                detail: e.to_string(),
-            })?,
-        );
+        let v = match key {
+            Some(key) => open_record(key, store, &rel, &bytes)?,
+            None => open_record_unverified(store, &rel, &bytes)?,
+        };
+        out.push((rel, v));
     }
     Ok(out)
 }
@@ -407,6 +590,61 @@ mod tests {
         assert!(decode_segment(&enc, "m", SegmentName { first: 5, last: 8 }).is_err());
         assert!(decode_segment(&enc[..enc.len() - 1], "m", name).is_err());
         assert_eq!(SegmentName::parse(&name.to_string()), Some(name));
+    }
+
+    #[test]
+    fn signed_records_bind_content_name_and_key() {
+        let store = Store::open(&crate::store::StoreConfig::new(format!(
+            "file://{}",
+            std::env::temp_dir().join("lifeboat-cat-test").display()
+        )))
+        .unwrap();
+        let key = CatalogueKey::derive(&Key::from_bytes([7; 32]));
+        let rec = InconsistentRecord {
+            format: FORMAT_VERSION,
+            seq: 9,
+            label: "initial sync".into(),
+        };
+        let name = inconsistent_object("m", 9);
+        let signed = sign_record(&key, &name, &rec);
+        let back: InconsistentRecord = open_record(&key, &store, &name, &signed).unwrap();
+        assert_eq!(back, rec);
+        // Another name, another key, an edited record, a plain record: refused by name.
+        let other = inconsistent_object("m", 10);
+        let e = open_record::<InconsistentRecord>(&key, &store, &other, &signed).unwrap_err();
+        assert!(e.to_string().contains(&other), "{e}");
+        let k2 = CatalogueKey::derive(&Key::from_bytes([8; 32]));
+        assert!(open_record::<InconsistentRecord>(&k2, &store, &name, &signed).is_err());
+        let edited = String::from_utf8(signed.clone())
+            .unwrap()
+            .replace("initial sync", "initial-sync");
+        assert!(open_record::<InconsistentRecord>(&key, &store, &name, edited.as_bytes()).is_err());
+        let plain = serde_json::to_vec(&rec).unwrap();
+        assert!(open_record::<InconsistentRecord>(&key, &store, &name, &plain).is_err());
+    }
+
+    #[test]
+    fn machine_record_ids_are_checked() {
+        let store = Store::open(&crate::store::StoreConfig::new(format!(
+            "file://{}",
+            std::env::temp_dir().join("lifeboat-cat-test").display()
+        )))
+        .unwrap();
+        let mut rec = MachineRecord {
+            format: FORMAT_VERSION,
+            machine: "m".into(),
+            disks: vec![DiskInfo {
+                id: "root".into(),
+                size: 4096,
+            }],
+            stream_id: None,
+            largest_sizes: vec![],
+        };
+        assert!(validate_machine_record(&rec, &store, "x").is_ok());
+        for bad in ["../../x", "a/b", "", "ROOT"] {
+            rec.disks[0].id = bad.into();
+            assert!(validate_machine_record(&rec, &store, "x").is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -7,6 +7,7 @@ pub mod codec;
 pub mod formats;
 pub mod framed;
 pub mod ids;
+pub mod owner;
 pub mod protocol;
 pub mod receiver;
 pub mod resync;

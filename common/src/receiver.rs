@@ -182,6 +182,10 @@ pub enum ReceiveError {
     Sink(anyhow::Error),
     #[error("superseded by a newer connection of the same machine")]
     Superseded,
+    /// A second agent presents the machine while another is live with
+    /// another stream id (a cloned machine?); never merged.
+    #[error("{0}")]
+    Conflict(String),
     #[error("i/o: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -191,6 +195,9 @@ struct Slot {
     cancel: CancellationToken,
     lock: Arc<Mutex<()>>,
     ctl: Arc<SessionCtl>,
+    /// The stream id the live session's hello presented, and its peer.
+    stream_id: StreamId,
+    peer: String,
 }
 
 /// One live session per machine.
@@ -256,18 +263,38 @@ impl Sessions {
         });
     }
 
-    /// Cancels the machine's current session and returns this one's token and lock.
+    /// Makes this connection the machine's session and returns its token and
+    /// lock. A live session with the same stream id is cancelled (the agent
+    /// reconnected; its old connection may not have noticed yet). A live
+    /// session with another stream id is kept and this one refused: two
+    /// agents present one machine (a cloned VM, or a copied state directory
+    /// gone separate ways), and their writes must never be merged. An agent
+    /// that really lost its state gets in once its old session ends (the
+    /// server's idle timeout bounds that).
     fn claim(
         &self,
         machine: &str,
         ctl: Arc<SessionCtl>,
-    ) -> (u64, CancellationToken, Arc<Mutex<()>>) {
+        stream_id: StreamId,
+        peer: &str,
+    ) -> Result<(u64, CancellationToken, Arc<Mutex<()>>), String> {
         let generation = self
             .next_generation
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let cancel = CancellationToken::new();
         let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
         let lock = match slots.get(machine) {
+            Some(old) if old.stream_id != stream_id => {
+                return Err(format!(
+                    "machine {machine} is already connected from {} with stream {}; this connection from {peer} \
+                     presents stream {}: two agents claim one machine (a cloned machine or a copied state \
+                     directory?). Refusing the second; the two are never merged. Give the clone its own \
+                     machine id and certificate",
+                    old.peer,
+                    crate::hex(&old.stream_id),
+                    crate::hex(&stream_id)
+                ));
+            }
             Some(old) => {
                 old.cancel.cancel();
                 old.lock.clone()
@@ -281,9 +308,11 @@ impl Sessions {
                 cancel: cancel.clone(),
                 lock: lock.clone(),
                 ctl,
+                stream_id,
+                peer: peer.to_string(),
             },
         );
-        (generation, cancel, lock)
+        Ok((generation, cancel, lock))
     }
 
     fn release(&self, machine: &str, generation: u64) {
@@ -294,9 +323,11 @@ impl Sessions {
     }
 }
 
-/// Serves one connection until the peer leaves, an error, or `shutdown`.
+/// Serves one connection (from `peer`, named in messages) until the peer
+/// leaves, an error, or `shutdown`.
 pub async fn serve_connection<IO, S, A>(
     io: IO,
+    peer: &str,
     auth: &A,
     sink: Arc<S>,
     sessions: &Sessions,
@@ -344,7 +375,15 @@ where
         disks: hello.disks.clone(),
         watchers: sessions.watchers.clone(),
     });
-    let (generation, cancel, lock) = sessions.claim(&machine, ctl.clone());
+    let (generation, cancel, lock) =
+        match sessions.claim(&machine, ctl.clone(), hello.stream_id, peer) {
+            Ok(c) => c,
+            Err(msg) => {
+                warn!(%machine, "refused: {msg}");
+                send_error(&mut wr, error_code::AUTH, &msg).await;
+                return Err(ReceiveError::Conflict(msg));
+            }
+        };
     let result = async {
         let _exclusive = tokio::select! {
             g = lock.lock() => g,
@@ -776,7 +815,15 @@ mod tests {
             let sessions = sessions.clone();
             tokio::spawn(async move {
                 let allow = |_: &str| true;
-                serve_connection(server, &allow, sink, &sessions, CancellationToken::new()).await
+                serve_connection(
+                    server,
+                    "test-peer",
+                    &allow,
+                    sink,
+                    &sessions,
+                    CancellationToken::new(),
+                )
+                .await
             })
         };
         let (mut rd, mut wr) = tokio::io::split(client);
@@ -902,7 +949,15 @@ mod tests {
         let (client, server) = tokio::io::duplex(1 << 20);
         let allow = |m: &str| m != "intruder";
         let srv = tokio::spawn(async move {
-            serve_connection(server, &allow, sink, &sessions, CancellationToken::new()).await
+            serve_connection(
+                server,
+                "test-peer",
+                &allow,
+                sink,
+                &sessions,
+                CancellationToken::new(),
+            )
+            .await
         });
         let (mut rd, mut wr) = tokio::io::split(client);
         write_frame(&mut wr, &hello(machine)).await.unwrap();

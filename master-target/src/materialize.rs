@@ -10,11 +10,17 @@
 //!
 //! A disk resized while protected has a resize entry in the stream: bytes past
 //! a shrunk end are zeroed, and each image gets the size its disk had at the
-//! point (recorded in the point, or set by the last resize for `latest`).
+//! point (set by the last resize entry applied, else recorded in the point).
+//!
+//! Nothing from the catalogue is trusted unauthenticated: `machine.json`,
+//! points and marks are checked with the machine's catalogue key, ids pass
+//! the machine-id rule before they become file names under `--out`, and a
+//! stream end after an `inconsistent` entry with no later tag is refused at
+//! `latest` from the segments themselves, whether or not its mark exists.
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -23,7 +29,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use futures::StreamExt;
 use lifeboat_common::catalogue::{
     self, contiguous_prefix, decode_segment, format_time_ms, list_points, list_segments,
-    segment_object, InconsistentRecord, PointRecord, SegmentName,
+    segment_object, CatalogueKey, InconsistentRecord, PointRecord, SegmentName,
 };
 use lifeboat_common::protocol::{Entry, Op};
 use lifeboat_common::seal::{self, Key};
@@ -100,12 +106,34 @@ impl Inventory {
     }
 }
 
-pub async fn inventory(store: &Store, machine: &str) -> Result<Inventory> {
+/// The machine's keys, opened with the key-encryption key.
+pub struct MachineKeys {
+    pub data: Key,
+    pub catalogue: CatalogueKey,
+}
+
+pub async fn machine_keys(store: &Store, kek: &Key, machine: &str) -> Result<MachineKeys> {
+    lifeboat_common::ids::validate_id("machine", machine).map_err(anyhow::Error::msg)?;
+    let data = catalogue::load_data_key(store, kek, machine).await?;
+    Ok(MachineKeys {
+        catalogue: CatalogueKey::derive(&data),
+        data,
+    })
+}
+
+/// What the store holds for `machine`; points and marks are authenticated with
+/// `key` (`None`: a listing for display only, never for recovery).
+pub async fn inventory(
+    store: &Store,
+    key: Option<&CatalogueKey>,
+    machine: &str,
+) -> Result<Inventory> {
+    lifeboat_common::ids::validate_id("machine", machine).map_err(anyhow::Error::msg)?;
     let all = list_segments(store, machine).await?;
     let (end, segments) = contiguous_prefix(&all);
     let after_gap = all.iter().find(|s| s.first > end + 1).map(|s| s.first);
-    let points = list_points(store, machine).await?;
-    let inconsistent = catalogue::list_inconsistent(store, machine).await?;
+    let points = list_points(store, key, machine).await?;
+    let inconsistent = catalogue::list_inconsistent(store, key, machine).await?;
     Ok(Inventory {
         end,
         after_gap,
@@ -232,18 +260,24 @@ struct Target {
     written: u64,
 }
 
-/// Writes every disk of `machine` at `resolved` into `out_dir/<disk>.raw`.
+/// Writes every disk of `machine` at `resolved` into `out_dir/<disk>.raw`
+/// (each created 0600). `inv` must have been read with `keys.catalogue`.
+/// Where `resolved` is the stream's end (no point) and the segments
+/// themselves show a sync or resync began after the last tag, it is refused
+/// unless `allow_inconsistent` — whether or not its mark is in the store.
+#[allow(clippy::too_many_arguments)]
 pub async fn materialize(
     store: &Store,
-    kek: &Key,
+    keys: &MachineKeys,
     machine: &str,
     inv: &Inventory,
     resolved: &Resolved,
     out_dir: &Path,
+    allow_inconsistent: bool,
     progress: impl Fn(u64, u64) + Send + Sync,
 ) -> Result<Report> {
-    let rec = catalogue::load_machine(store, machine).await?;
-    let key = catalogue::load_data_key(store, kek, machine).await?;
+    let rec = catalogue::load_machine(store, &keys.catalogue, machine).await?;
+    let key = keys.data.clone();
     if resolved.seq > inv.end {
         bail!(
             "seq {} is beyond the end of the stored stream ({}): a segment is missing",
@@ -251,7 +285,13 @@ pub async fn materialize(
             inv.end
         );
     }
-    std::fs::create_dir_all(out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
+    if !out_dir.exists() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(out_dir)
+            .with_context(|| format!("creating {}", out_dir.display()))?;
+    }
     // Images are sized to the largest size the disk is known to have had (a
     // shrink may follow older writes), then cut to the size at the point.
     let size_at =
@@ -270,8 +310,13 @@ pub async fn materialize(
             .write(true)
             .create(true)
             .truncate(true)
+            .mode(0o600)
             .open(&path)
             .with_context(|| format!("creating {}", path.display()))?;
+        // The image holds the machine's plaintext data: owner only, also
+        // when it replaces an existing file.
+        file.set_permissions(std::fs::Permissions::from_mode(0o600))
+            .with_context(|| format!("making {} private (0600)", path.display()))?;
         file.set_len(limit)
             .with_context(|| format!("sizing {} to {limit} bytes", path.display()))?;
         targets.insert(
@@ -325,6 +370,9 @@ pub async fn materialize(
     // Segments may overlap (a re-upload after a crash): apply each seq once.
     let mut applied = 0u64;
     let mut saw_point_tag = resolved.point.is_none();
+    // What the authenticated stream itself says about consistency up to the
+    // point: the last tag and the last sync/resync start applied.
+    let mut marks = StreamMarks::default();
     while let Some(item) = fetches.next().await {
         let (s, fetched, entries) = item?;
         fetched_total += fetched;
@@ -332,13 +380,14 @@ pub async fn materialize(
         let upto = resolved.seq;
         let seg_name = store.describe(&segment_object(machine, s.first, s.last));
         let from = applied;
-        let found_tag = tokio::task::spawn_blocking(move || -> Result<bool> {
+        let (found_tag, seen) = tokio::task::spawn_blocking(move || -> Result<_> {
             let mut t = targets.lock().unwrap_or_else(|p| p.into_inner());
             apply(&mut t, &entries, from, upto).with_context(|| format!("applying {seg_name}"))
         })
         .await??;
         applied = applied.max(s.last.min(resolved.seq));
         saw_point_tag |= found_tag;
+        marks.merge(seen);
         done += 1;
         progress(done, total);
     }
@@ -349,6 +398,26 @@ pub async fn materialize(
             resolved.point.as_ref().map(|p| p.id.as_str()).unwrap_or("?")
         );
     }
+    if let (None, Some((seq, label))) = (&resolved.point, marks.unsettled()) {
+        if !allow_inconsistent {
+            let recorded = inv.inconsistent.iter().any(|m| m.seq == seq);
+            bail!(
+                "the stream of machine {machine} ends (seq {}) inside the {label} that began at seq {seq} \
+                 (an entry of segment data{}): the disks there are not crash-consistent. The images in {} \
+                 are not to be used. Recover the newest point, or pass --allow-inconsistent to write them anyway",
+                resolved.seq,
+                if recorded {
+                    String::new()
+                } else {
+                    format!(
+                        "; its mark {} is missing from the store",
+                        store.describe(&catalogue::inconsistent_object(machine, seq))
+                    )
+                },
+                out_dir.display()
+            );
+        }
+    }
     let mut disks = Vec::new();
     let t = Arc::try_unwrap(targets)
         .map_err(|_| anyhow!("internal: targets still shared"))?
@@ -356,11 +425,12 @@ pub async fn materialize(
         .unwrap_or_else(|p| p.into_inner());
     for (i, ((_, target), (d, path))) in t.into_iter().zip(rec.disks.iter().zip(paths)).enumerate()
     {
-        let size = match &resolved.point {
-            Some(p) => size_at(p, i, &d.id).or(target.resized_to),
-            None => target.resized_to,
-        }
-        .unwrap_or(d.size);
+        // The authenticated stream wins: the last resize entry applied, then
+        // the (authenticated) point, then machine.json.
+        let size = target
+            .resized_to
+            .or_else(|| resolved.point.as_ref().and_then(|p| size_at(p, i, &d.id)))
+            .unwrap_or(d.size);
         target
             .file
             .set_len(size)
@@ -383,14 +453,41 @@ pub async fn materialize(
     })
 }
 
-/// Applies entries with `after < seq ≤ upto`; returns whether the tag at `upto` was seen.
+/// The last tag and the last sync/resync start (seq, label) seen in the stream.
+#[derive(Debug, Default, Clone)]
+struct StreamMarks {
+    last_tag: u64,
+    last_inconsistent: Option<(u64, String)>,
+}
+
+impl StreamMarks {
+    fn merge(&mut self, later: StreamMarks) {
+        self.last_tag = self.last_tag.max(later.last_tag);
+        if let Some(m) = later.last_inconsistent {
+            if self.last_inconsistent.as_ref().is_none_or(|o| o.0 < m.0) {
+                self.last_inconsistent = Some(m);
+            }
+        }
+    }
+
+    /// The sync/resync start not followed by a tag, if any.
+    fn unsettled(&self) -> Option<(u64, String)> {
+        self.last_inconsistent
+            .clone()
+            .filter(|(seq, _)| *seq > self.last_tag)
+    }
+}
+
+/// Applies entries with `after < seq ≤ upto`; returns whether the tag at
+/// `upto` was seen, and the tags and sync starts applied.
 fn apply(
     targets: &mut BTreeMap<u16, Target>,
     entries: &[Entry],
     after: u64,
     upto: u64,
-) -> Result<bool> {
+) -> Result<(bool, StreamMarks)> {
     let mut saw_tag = false;
+    let mut marks = StreamMarks::default();
     for e in entries.iter().filter(|e| e.seq > after) {
         if e.seq > upto {
             break;
@@ -422,15 +519,18 @@ fn apply(
                 }
                 t.resized_to = Some(*size);
             }
-            Op::Inconsistent { .. } => {}
+            Op::Inconsistent { label } => {
+                marks.last_inconsistent = Some((e.seq, label.clone()));
+            }
             Op::Tag { .. } => {
+                marks.last_tag = e.seq;
                 if e.seq == upto {
                     saw_tag = true;
                 }
             }
         }
     }
-    Ok(saw_tag)
+    Ok((saw_tag, marks))
 }
 
 fn target(targets: &mut BTreeMap<u16, Target>, disk: u16, seq: u64) -> Result<&mut Target> {

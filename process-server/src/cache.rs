@@ -10,6 +10,8 @@
 //!       value the 16-byte hash of the replica's 4 KiB block (common/src/resync.rs)
 //! meta  key   "uploaded/<machine>"  value envelope(b"LBPO", 1) of u64: uploaded
 //!       key   "machine/<machine>"   value envelope(b"LBMR", 1) of machine.json
+//!       key   "owner-epoch/<machine>" value envelope(b"LBOE", 1) of u64: the
+//!             ownership epoch this server last held in the store (owner.rs)
 //! ```
 //!
 //! Positions per machine: `durable` = the last seq in `log` (or `uploaded` when
@@ -47,6 +49,7 @@ const ZERO_PUT_MAX_BLOCKS: u64 = 256;
 const VALUE_MAGIC: [u8; 4] = *b"LBCV";
 const POS_MAGIC: [u8; 4] = *b"LBPO";
 const MACHINE_MAGIC: [u8; 4] = *b"LBMR";
+const OWNER_EPOCH_MAGIC: [u8; 4] = *b"LBOE";
 
 pub struct Cache {
     db: Arc<DB>,
@@ -161,6 +164,12 @@ pub struct Batch {
 impl Cache {
     pub fn open(dir: &Path) -> Result<Cache> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        // The cache holds plaintext writes: owner only.
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+                .with_context(|| format!("making {} private (0700)", dir.display()))?;
+        }
         let mut opts = Options::default();
         opts.create_if_missing(true);
         opts.create_missing_column_families(true);
@@ -379,6 +388,37 @@ impl Cache {
         } else {
             self.db.delete_cf_opt(meta, key, &wo)?;
         }
+        Ok(())
+    }
+
+    /// The ownership epoch this server last held for `machine` in the store
+    /// (`owner.rs`), `None` if it never owned it.
+    pub fn owner_epoch(&self, machine: &str) -> Result<Option<u64>> {
+        let meta = self.cf(CF_META)?;
+        match self.db.get_cf(meta, format!("owner-epoch/{machine}"))? {
+            None => Ok(None),
+            Some(v) => {
+                let p = open_envelope(&v, OWNER_EPOCH_MAGIC, 1, "owner epoch")
+                    .with_context(|| format!("reading the owner epoch of {machine}"))?;
+                let b: [u8; 8] = p
+                    .try_into()
+                    .map_err(|_| anyhow!("the owner epoch of {machine} is not 8 bytes"))?;
+                Ok(Some(u64::from_be_bytes(b)))
+            }
+        }
+    }
+
+    /// Records (synced) that this server holds `machine` at `epoch`.
+    pub fn set_owner_epoch(&self, machine: &str, epoch: u64) -> Result<()> {
+        let meta = self.cf(CF_META)?;
+        let mut wo = WriteOptions::default();
+        wo.set_sync(true);
+        self.db.put_cf_opt(
+            meta,
+            format!("owner-epoch/{machine}"),
+            envelope(OWNER_EPOCH_MAGIC, 1, &epoch.to_be_bytes()),
+            &wo,
+        )?;
         Ok(())
     }
 

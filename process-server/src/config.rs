@@ -18,6 +18,28 @@ pub const DEFAULT_ZSTD_LEVEL: i32 = 1;
 /// Segments sealed and uploaded at the same time, per machine.
 pub const DEFAULT_UPLOAD_CONCURRENCY: usize = 4;
 
+/// A TLS handshake must finish within this long after accept.
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// The agent's hello must arrive within this long after the handshake.
+pub const DEFAULT_HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// A connection that sends nothing for this long is closed (agents ping
+/// every 10 s when they have nothing to send).
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Connections open at once from one source IP address.
+pub const DEFAULT_MAX_CONNECTIONS_PER_SOURCE: usize = 16;
+
+fn default_handshake_timeout() -> Duration {
+    DEFAULT_HANDSHAKE_TIMEOUT
+}
+fn default_hello_timeout() -> Duration {
+    DEFAULT_HELLO_TIMEOUT
+}
+fn default_idle_timeout() -> Duration {
+    DEFAULT_IDLE_TIMEOUT
+}
+fn default_max_connections_per_source() -> usize {
+    DEFAULT_MAX_CONNECTIONS_PER_SOURCE
+}
 fn default_segment_max_bytes() -> u64 {
     DEFAULT_SEGMENT_MAX_BYTES
 }
@@ -53,6 +75,14 @@ pub struct PsConfig {
     pub zstd_level: i32,
     #[serde(default = "default_upload_concurrency")]
     pub upload_concurrency: usize,
+    #[serde(default = "default_handshake_timeout", with = "humantime_serde")]
+    pub handshake_timeout: Duration,
+    #[serde(default = "default_hello_timeout", with = "humantime_serde")]
+    pub hello_timeout: Duration,
+    #[serde(default = "default_idle_timeout", with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    #[serde(default = "default_max_connections_per_source")]
+    pub max_connections_per_source: usize,
     pub store: StoreConfig,
 }
 
@@ -78,6 +108,43 @@ impl PsConfig {
         if cfg.segment_max_bytes == 0 || cfg.segment_max_bytes > 256 * 1024 * 1024 {
             anyhow::bail!(
                 "{}: segment-max-bytes must be between 1 and 268435456",
+                path.display()
+            );
+        }
+        for (key, d, min, max) in [
+            (
+                "handshake-timeout",
+                cfg.handshake_timeout,
+                Duration::from_millis(100),
+                Duration::from_secs(300),
+            ),
+            (
+                "hello-timeout",
+                cfg.hello_timeout,
+                Duration::from_millis(100),
+                Duration::from_secs(300),
+            ),
+            // Above the agents' ping interval (10 s) with room to spare.
+            (
+                "idle-timeout",
+                cfg.idle_timeout,
+                Duration::from_secs(20),
+                Duration::from_secs(3600),
+            ),
+        ] {
+            if d < min || d > max {
+                anyhow::bail!(
+                    "{}: {key} must be between {} and {}, not {}",
+                    path.display(),
+                    humantime::format_duration(min),
+                    humantime::format_duration(max),
+                    humantime::format_duration(d)
+                );
+            }
+        }
+        if cfg.max_connections_per_source == 0 {
+            anyhow::bail!(
+                "{}: max-connections-per-source must be at least 1",
                 path.display()
             );
         }

@@ -8,6 +8,9 @@
 //!     the resync (the agent resumes it when it reconnects; events go on)
 //!   → {"ok":true,"event":"done","hashed-bytes":..,"hash-bytes":..,"block-bytes":..,..}
 //!   or {"ok":false,"error":".."}
+//! {"cmd":"status"}
+//!   → {"ok":true,"server-id":"..","address":"..","fenced":{"<machine>":"<why>",..}}
+//!     (fenced: machines this server lost to another; see ownership.rs)
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -20,6 +23,8 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
+
+use crate::ownership::Ownership;
 
 pub const SOCKET_NAME: &str = "control.sock";
 
@@ -35,6 +40,7 @@ pub enum Request {
         #[serde(default)]
         disk: Option<String>,
     },
+    Status,
 }
 
 fn line(v: &serde_json::Value) -> Vec<u8> {
@@ -46,9 +52,22 @@ fn line(v: &serde_json::Value) -> Vec<u8> {
 async fn handle<W: AsyncWriteExt + Unpin>(
     req: Request,
     sessions: &Sessions,
+    ownership: &Ownership,
     wr: &mut W,
 ) -> std::io::Result<()> {
-    let Request::Resync { machine, disk } = req;
+    let (machine, disk) = match req {
+        Request::Resync { machine, disk } => (machine, disk),
+        Request::Status => {
+            return wr
+                .write_all(&line(&serde_json::json!({
+                    "ok": true,
+                    "server-id": ownership.me.id,
+                    "address": ownership.me.address,
+                    "fenced": ownership.fenced_all(),
+                })))
+                .await
+        }
+    };
     let mut events = match sessions.start_resync(&machine, disk.as_deref()) {
         Ok(rx) => rx,
         Err(e) => {
@@ -78,6 +97,7 @@ async fn handle<W: AsyncWriteExt + Unpin>(
 pub async fn serve(
     path: PathBuf,
     sessions: Arc<Sessions>,
+    ownership: Arc<Ownership>,
     cancel: CancellationToken,
 ) -> Result<()> {
     let _ = std::fs::remove_file(&path);
@@ -93,12 +113,13 @@ pub async fn serve(
             _ = cancel.cancelled() => break,
         };
         let sessions = sessions.clone();
+        let ownership = ownership.clone();
         tokio::spawn(async move {
             let (rd, mut wr) = conn.into_split();
             let mut lines = BufReader::new(rd).lines();
             while let Ok(Some(l)) = lines.next_line().await {
                 let r = match serde_json::from_str::<Request>(&l) {
-                    Ok(req) => handle(req, &sessions, &mut wr).await,
+                    Ok(req) => handle(req, &sessions, &ownership, &mut wr).await,
                     Err(e) => {
                         wr.write_all(&line(
                             &serde_json::json!({"ok": false, "error": format!("bad request: {e}")}),

@@ -4,12 +4,14 @@
 //!
 //! Modules: [`config`] (ps.toml), [`pki`] (CA, certificates, key-encryption key),
 //! [`server`] (TLS accept loop and the cache sink), [`cache`] (RocksDB),
-//! [`uploader`] (segments, sealing, points), [`control`] (local control socket:
+//! [`uploader`] (segments, sealing, points), [`ownership`] (fencing: which
+//! server owns a machine in the store), [`control`] (local control socket:
 //! checksum resync).
 
 pub mod cache;
 pub mod config;
 pub mod control;
+pub mod ownership;
 pub mod pki;
 pub mod server;
 pub mod uploader;

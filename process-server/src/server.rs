@@ -1,12 +1,19 @@
 //! Accepting agents: TLS 1.3 with client certificates on the listen address, one
 //! task per connection, each driving the shared receiver with the cache as sink.
 //!
-//! A connection permit is taken before `accept` (`MAX_CONNECTIONS`); a failed
-//! handshake or a misbehaving agent is logged and closed without disturbing the
-//! others.
+//! A connection permit is taken before `accept` (`MAX_CONNECTIONS`); a source
+//! IP holding `max-connections-per-source` connections is refused; the TLS
+//! handshake must finish within `handshake-timeout`, the hello must be read
+//! (and answered) within `hello-timeout` after it, and a connection that sends
+//! nothing for `idle-timeout` is closed ([`Limited`]). A failed handshake or a
+//! misbehaving agent is logged and closed without disturbing the others.
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::net::IpAddr;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
+use std::task::{Context as TaskContext, Poll};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -16,6 +23,7 @@ use lifeboat_common::receiver::{serve_connection, Opened, Sessions, StreamSink};
 use lifeboat_common::seal::Key;
 use lifeboat_common::store::Store;
 use lifeboat_common::tls;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -23,10 +31,134 @@ use tracing::{info, warn};
 
 use crate::cache::Cache;
 use crate::config::PsConfig;
+use crate::ownership::Ownership;
 use crate::uploader::{self, MachineUploader};
 
 pub const MAX_CONNECTIONS: usize = 1024;
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Connections open per source address.
+#[derive(Default)]
+struct PerSource(Mutex<HashMap<IpAddr, usize>>);
+
+/// One connection counted against its source; uncounted when dropped.
+struct SourceSlot {
+    table: Arc<PerSource>,
+    ip: IpAddr,
+}
+
+impl PerSource {
+    /// A slot for `ip`, or the number already open if it is at `max`.
+    fn take(self: &Arc<Self>, ip: IpAddr, max: usize) -> Result<SourceSlot, usize> {
+        let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let n = m.entry(ip).or_insert(0);
+        if *n >= max {
+            return Err(*n);
+        }
+        *n += 1;
+        Ok(SourceSlot {
+            table: self.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for SourceSlot {
+    fn drop(&mut self) {
+        let mut m = self.table.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = m.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// A connection's stream with the hello and idle deadlines: reads fail with
+/// `TimedOut` once `hello` passes before the server first wrote (the welcome
+/// or an error answers the hello), or once nothing arrived for `idle`.
+pub struct Limited<IO> {
+    io: IO,
+    hello: Option<Pin<Box<tokio::time::Sleep>>>,
+    idle: Duration,
+    idle_timer: Pin<Box<tokio::time::Sleep>>,
+    /// A read is waiting (the idle clock runs only while the server waits
+    /// for the peer, not while it is busy elsewhere).
+    waiting: bool,
+}
+
+impl<IO> Limited<IO> {
+    pub fn new(io: IO, hello: Duration, idle: Duration) -> Self {
+        Limited {
+            io,
+            hello: Some(Box::pin(tokio::time::sleep(hello))),
+            idle,
+            idle_timer: Box::pin(tokio::time::sleep(idle)),
+            waiting: false,
+        }
+    }
+}
+
+impl<IO: AsyncRead + Unpin> AsyncRead for Limited<IO> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = &mut *self;
+        if let Some(h) = this.hello.as_mut() {
+            if h.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "no hello within hello-timeout",
+                )));
+            }
+        }
+        if !this.waiting {
+            this.waiting = true;
+            let at = tokio::time::Instant::now() + this.idle;
+            this.idle_timer.as_mut().reset(at);
+        }
+        match Pin::new(&mut this.io).poll_read(cx, buf) {
+            Poll::Ready(r) => {
+                this.waiting = false;
+                Poll::Ready(r)
+            }
+            Poll::Pending => {
+                if this.idle_timer.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "idle for idle-timeout",
+                    )));
+                }
+                Poll::Pending
+            }
+        }
+    }
+}
+
+impl<IO: AsyncWrite + Unpin> AsyncWrite for Limited<IO> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        data: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.io).poll_write(cx, data);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            self.hello = None; // the hello was answered
+        }
+        r
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
 
 /// The process server's sink: the RocksDB cache, with an uploader per machine.
 pub struct PsSink {
@@ -34,6 +166,7 @@ pub struct PsSink {
     cache: Arc<Cache>,
     store: Store,
     kek: Key,
+    ownership: Arc<Ownership>,
     uploaders: Mutex<HashMap<String, Arc<MachineUploader>>>,
     tasks: tokio_util::task::TaskTracker,
     cancel: CancellationToken,
@@ -56,6 +189,7 @@ impl PsSink {
             cache: self.cache.clone(),
             store: self.store.clone(),
             kek: self.kek.clone(),
+            ownership: self.ownership.clone(),
             cancel: self.cancel.clone(),
         };
         self.tasks.spawn(uploader::supervise(env, u.clone()));
@@ -72,9 +206,18 @@ impl PsSink {
     /// it cannot be reached by any recovery and would collide with the new
     /// seqs, so they are moved under `orphaned/` (kept, not deleted), and
     /// marks beyond it removed. Segments without `machine.json` are refused.
+    ///
+    /// The server takes ownership of the machine in the store first (a
+    /// takeover bumps the epoch; see `ownership.rs`), so the server it
+    /// replaces stops uploading before anything is moved.
     async fn adopt_from_store(&self, machine: &str) -> Result<()> {
+        let keys = uploader::machine_keys(&self.store, &self.kek, machine).await?;
+        let ck = &keys.catalogue;
+        self.ownership
+            .claim(&self.store, &self.cache, ck, machine)
+            .await?;
         let segments = catalogue::list_segments(&self.store, machine).await?;
-        let rec = match catalogue::load_machine(&self.store, machine).await {
+        let rec = match catalogue::load_machine(&self.store, ck, machine).await {
             Ok(r) => r,
             Err(catalogue::CatalogueError::Missing { .. }) if segments.is_empty() => {
                 return Ok(()); // a new machine
@@ -100,14 +243,14 @@ impl PsSink {
                 self.orphan(&catalogue::segment_object(machine, s.first, s.last))
                     .await?;
             }
-            for p in catalogue::list_points(&self.store, machine).await? {
+            for p in catalogue::list_points(&self.store, Some(ck), machine).await? {
                 if p.seq > end {
                     self.orphan(&catalogue::point_object(machine, p.seq))
                         .await?;
                 }
             }
         }
-        for m in catalogue::list_inconsistent(&self.store, machine).await? {
+        for m in catalogue::list_inconsistent(&self.store, Some(ck), machine).await? {
             if m.seq > end {
                 self.store
                     .delete(&catalogue::inconsistent_object(machine, m.seq))
@@ -152,6 +295,9 @@ impl StreamSink for PsSink {
     /// machine the cache does not know may still have a stream in the store
     /// (the process server lost its cache): it continues from there.
     async fn open(&self, machine: &str, disks: &[DiskInfo], stream_id: StreamId) -> Result<Opened> {
+        if let Some(why) = self.ownership.fenced(machine) {
+            anyhow::bail!("{why}");
+        }
         let known = {
             let (cache, m) = (self.cache.clone(), machine.to_string());
             tokio::task::spawn_blocking(move || cache.machine(&m)).await??
@@ -248,6 +394,8 @@ pub async fn run(cfg: PsConfig, shutdown: CancellationToken) -> Result<()> {
     let kek = crate::pki::load_kek(&cfg.kek_file)?;
     let store = Store::open(&cfg.store)?;
     let cache = Arc::new(Cache::open(&cfg.cache_dir)?);
+    let ownership = Arc::new(Ownership::load(&cfg.cache_dir, cfg.listen)?);
+    info!("process server id {}", ownership.me.id);
     let listener = TcpListener::bind(cfg.listen)
         .await
         .with_context(|| format!("listening on {}", cfg.listen))?;
@@ -263,6 +411,7 @@ pub async fn run(cfg: PsConfig, shutdown: CancellationToken) -> Result<()> {
         cache: cache.clone(),
         store,
         kek,
+        ownership,
         uploaders: Mutex::new(HashMap::new()),
         tasks: tokio_util::task::TaskTracker::new(),
         cancel: upload_cancel.clone(),
@@ -278,13 +427,15 @@ pub async fn run(cfg: PsConfig, shutdown: CancellationToken) -> Result<()> {
     let control_task = {
         let path = crate::control::socket_path(&cfg.cache_dir);
         let (sessions, c) = (sessions.clone(), shutdown.clone());
+        let ownership = sink.ownership.clone();
         tokio::spawn(async move {
-            if let Err(e) = crate::control::serve(path.clone(), sessions, c).await {
+            if let Err(e) = crate::control::serve(path.clone(), sessions, ownership, c).await {
                 warn!("control socket {}: {e:#}", path.display());
             }
         })
     };
     let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let per_source = Arc::new(PerSource::default());
     let conns = tokio_util::task::TaskTracker::new();
     loop {
         let permit = tokio::select! {
@@ -302,14 +453,29 @@ pub async fn run(cfg: PsConfig, shutdown: CancellationToken) -> Result<()> {
             },
             _ = shutdown.cancelled() => break,
         };
+        let slot = match per_source.take(peer.ip(), cfg.max_connections_per_source) {
+            Ok(s) => s,
+            Err(open) => {
+                warn!(
+                    "refusing the connection from {peer}: {open} connections from {} are open already (max-connections-per-source = {})",
+                    peer.ip(),
+                    cfg.max_connections_per_source
+                );
+                drop(tcp);
+                continue;
+            }
+        };
         let _ = tcp.set_nodelay(true);
+        let (handshake_timeout, hello_timeout, idle_timeout) =
+            (cfg.handshake_timeout, cfg.hello_timeout, cfg.idle_timeout);
         let acceptor = acceptor.clone();
         let sink = sink.clone();
         let sessions = sessions.clone();
         let shutdown = shutdown.clone();
         conns.spawn(async move {
             let _permit = permit;
-            let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+            let _slot = slot;
+            let tls = match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
                 Ok(Ok(s)) => s,
                 Ok(Err(e)) => {
                     warn!("TLS handshake with {peer} failed: {e}");
@@ -331,7 +497,10 @@ pub async fn run(cfg: PsConfig, shutdown: CancellationToken) -> Result<()> {
                 return;
             };
             let auth = move |machine: &str| tls::cert_allows_machine(&cert, machine);
-            if let Err(e) = serve_connection(tls, &auth, sink, &sessions, shutdown).await {
+            let io = Limited::new(tls, hello_timeout, idle_timeout);
+            if let Err(e) =
+                serve_connection(io, &peer.to_string(), &auth, sink, &sessions, shutdown).await
+            {
                 warn!("connection from {peer}: {e}");
             }
         });

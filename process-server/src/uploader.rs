@@ -3,13 +3,22 @@
 //!
 //! Loop: read the next entries after `uploaded` from the cache → cut a segment
 //! (at `segment-max-bytes`, after `segment-max-age`, and always right after a tag)
-//! → zstd + AES-256-GCM → put `log/<first>-<last>.seg` → put
-//! `inconsistent/<seq>.json` for each inconsistent entry and `points/<seq>.json`
-//! for each tag in it → persist `uploaded` → delete the cached range. Up to
+//! → zstd + AES-256-GCM → put `points/<seq>.json` for each tag in it and
+//! `inconsistent/<seq>.json` for each inconsistent entry → put
+//! `log/<first>-<last>.seg` (the stream end moves with segments, so whoever
+//! sees a segment sees its points and marks) → persist `uploaded` → delete the
+//! cached range. Up to
 //! `upload-concurrency` segments are sealed and uploaded at once; `uploaded`
 //! advances strictly in order. Store errors retry with capped backoff forever
 //! (the cache absorbs the stream meanwhile); nothing is deleted before the
 //! segment and its points are stored.
+//!
+//! Ownership: before it writes anything the uploader claims the machine in
+//! the store (`ownership.rs`), and it re-checks the owner record before every
+//! segment put. Segments, points and marks are created, never overwritten: an
+//! existing one with equal content (a retry, or the same entries sealed again
+//! after a restart) is accepted, other content fences the machine here.
+//! Catalogue records are signed with the machine's catalogue key.
 //!
 //! Disk sizes: the uploader starts from the sizes in `machine.json` and follows
 //! the stream's resize entries; each point records the sizes at its seq, and a
@@ -23,12 +32,13 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 use bytes::Bytes;
 use lifeboat_common::catalogue::{
-    self, encode_segment, format_time_ms, point_object, segment_object, InconsistentRecord,
-    MachineRecord, PointRecord,
+    self, encode_segment, format_time_ms, point_object, segment_object, CatalogueKey,
+    InconsistentRecord, MachineRecord, PointRecord,
 };
+use lifeboat_common::owner::Held;
 use lifeboat_common::protocol::{DiskInfo, Entry, Op};
 use lifeboat_common::seal::{self, Key};
-use lifeboat_common::store::Store;
+use lifeboat_common::store::{Store, StoreError};
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -36,12 +46,41 @@ use tracing::{info, warn};
 
 use crate::cache::{Batch, Cache};
 use crate::config::PsConfig;
+use crate::ownership::{Fenced, Ownership};
 
 const RETRY_MIN: Duration = Duration::from_millis(200);
 const RETRY_MAX: Duration = Duration::from_secs(30);
 
 /// Runs `op` until it succeeds or `cancel` fires, backing off between attempts.
-pub async fn retry<T, F, Fut>(what: &str, cancel: &CancellationToken, mut op: F) -> Option<T>
+pub async fn retry<T, F, Fut>(what: &str, cancel: &CancellationToken, op: F) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T>>,
+{
+    match try_retry(what, cancel, |_| false, op).await {
+        Some(Ok(v)) => Some(v),
+        _ => None,
+    }
+}
+
+/// Errors no retry can mend: this server lost the machine, or an object it
+/// must create exists with other content.
+pub fn is_fencing(e: &anyhow::Error) -> bool {
+    e.is::<Fenced>()
+        || matches!(
+            e.downcast_ref::<StoreError>(),
+            Some(StoreError::Conflict { .. })
+        )
+}
+
+/// Like [`retry`], but stops at an error `is_permanent` accepts and returns
+/// it; `None` when cancelled.
+pub async fn try_retry<T, F, Fut>(
+    what: &str,
+    cancel: &CancellationToken,
+    is_permanent: impl Fn(&anyhow::Error) -> bool,
+    mut op: F,
+) -> Option<Result<T>>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T>>,
@@ -50,7 +89,8 @@ where
     let mut attempt = 0u32;
     loop {
         match op().await {
-            Ok(v) => return Some(v),
+            Ok(v) => return Some(Ok(v)),
+            Err(e) if is_permanent(&e) => return Some(Err(e)),
             Err(e) => {
                 attempt += 1;
                 warn!("{what} failed (attempt {attempt}, retrying in {delay:?}): {e:#}");
@@ -132,18 +172,48 @@ pub struct MachineUploader {
     pub tail: std::sync::Mutex<Tail>,
 }
 
-/// Writes `machine.json` and makes sure the machine's data key exists; returns
-/// the key and the record the uploader starts from. Disk sizes already in the
-/// store are kept: they are the sizes as of the last uploaded segment, and
-/// resize entries in the stream change them from there.
+/// A machine's keys: the data key seals segments, the catalogue key
+/// authenticates its catalogue objects.
+#[derive(Clone)]
+pub struct MachineKeys {
+    pub data: Key,
+    pub catalogue: CatalogueKey,
+}
+
+/// Makes sure the machine's data key exists and returns it.
+pub async fn machine_keys(store: &Store, kek: &Key, machine: &str) -> Result<MachineKeys> {
+    let name = catalogue::data_key_object(machine);
+    let fresh = Key::generate();
+    let created = store
+        .put_if_absent(
+            &name,
+            Bytes::from(catalogue::seal_data_key(kek, machine, &fresh)),
+        )
+        .await?;
+    let data = if created {
+        info!(%machine, "created data key {}", store.describe(&name));
+        fresh
+    } else {
+        catalogue::load_data_key(store, kek, machine).await?
+    };
+    Ok(MachineKeys {
+        catalogue: CatalogueKey::derive(&data),
+        data,
+    })
+}
+
+/// Writes `machine.json` (the caller owns the machine); returns the record
+/// the uploader starts from. Disk sizes already in the store are kept: they
+/// are the sizes as of the last uploaded segment, and resize entries in the
+/// stream change them from there.
 pub async fn prepare_machine(
     store: &Store,
-    kek: &Key,
+    keys: &MachineKeys,
     rec: &MachineRecord,
-) -> Result<(Key, MachineRecord)> {
+) -> Result<MachineRecord> {
     let m = &rec.machine;
     let mut rec = rec.clone();
-    match catalogue::load_machine(store, m).await {
+    match catalogue::load_machine(store, &keys.catalogue, m).await {
         Ok(stored) if stored.disks.len() == rec.disks.len() => {
             let cached = rec.clone();
             rec.disks = stored.disks.clone();
@@ -153,45 +223,47 @@ pub async fn prepare_machine(
         Ok(_) | Err(catalogue::CatalogueError::Missing { .. }) => rec.widen(None),
         Err(e) => return Err(e.into()),
     }
-    put_machine_json(store, &rec).await?;
-    let name = catalogue::data_key_object(m);
-    let fresh = Key::generate();
-    let created = store
-        .put_if_absent(&name, Bytes::from(catalogue::seal_data_key(kek, m, &fresh)))
-        .await?;
-    if created {
-        info!(machine = %m, "created data key {}", store.describe(&name));
-        return Ok((fresh, rec));
-    }
-    Ok((catalogue::load_data_key(store, kek, m).await?, rec))
+    put_machine_json(store, &keys.catalogue, &rec).await?;
+    Ok(rec)
 }
 
-/// Stores `value` as JSON at `obj`, retrying like every store write (`None`:
-/// cancelled).
-async fn put_json<T: serde::Serialize>(
+/// Creates `obj` holding `value` signed, retrying like every store write; an
+/// existing object is accepted if `same` finds its record equivalent (a retry
+/// or a re-upload after a restart), else it is a fencing error naming it.
+/// `None`: cancelled; `Some(Err)`: fencing.
+async fn create_json<T: serde::Serialize + serde::de::DeserializeOwned>(
     store: &Store,
+    key: &CatalogueKey,
     obj: &str,
     value: &T,
+    same: impl Fn(&T) -> bool,
     cancel: &CancellationToken,
-) -> Option<()> {
-    let body = Bytes::from(serde_json::to_vec_pretty(value).ok()?);
-    retry(
+) -> Option<Result<()>> {
+    let body = Bytes::from(catalogue::sign_record(key, obj, value));
+    let same = &same;
+    try_retry(
         &format!("recording {}", store.describe(obj)),
         cancel,
+        is_fencing,
         || {
             let body = body.clone();
-            async move { Ok(store.put(obj, body).await?) }
+            async move {
+                Ok(store
+                    .create(obj, body, |existing| {
+                        catalogue::open_record::<T>(key, store, obj, existing)
+                            .is_ok_and(|r| same(&r))
+                    })
+                    .await?)
+            }
         },
     )
     .await
 }
 
-async fn put_machine_json(store: &Store, rec: &MachineRecord) -> Result<()> {
+async fn put_machine_json(store: &Store, key: &CatalogueKey, rec: &MachineRecord) -> Result<()> {
+    let name = catalogue::machine_json(&rec.machine);
     store
-        .put(
-            &catalogue::machine_json(&rec.machine),
-            Bytes::from(serde_json::to_vec_pretty(rec)?),
-        )
+        .put(&name, Bytes::from(catalogue::sign_record(key, &name, rec)))
         .await?;
     Ok(())
 }
@@ -270,7 +342,25 @@ pub struct UploadEnv {
     pub cache: Arc<Cache>,
     pub store: Store,
     pub kek: Key,
+    pub ownership: Arc<Ownership>,
     pub cancel: CancellationToken,
+}
+
+/// What an upload task needs to check, cheaply, that this server still owns
+/// the machine before it puts a segment.
+struct OwnerCheck {
+    ownership: Arc<Ownership>,
+    key: CatalogueKey,
+    machine: String,
+    held: std::sync::Mutex<Held>,
+}
+
+impl OwnerCheck {
+    async fn verify(&self, store: &Store) -> Result<()> {
+        self.ownership
+            .verify(store, &self.key, &self.machine, &self.held)
+            .await
+    }
 }
 
 /// Runs the machine's uploader until `cancel`, starting it again whenever it
@@ -280,6 +370,10 @@ pub async fn supervise(env: UploadEnv, me: Arc<MachineUploader>) {
     loop {
         run_machine(env.clone(), me.clone()).await;
         if env.cancel.is_cancelled() {
+            return;
+        }
+        if env.ownership.fenced(&me.machine).is_some() {
+            // Logged when it was fenced; nothing to upload until an operator acts.
             return;
         }
         warn!(machine = %me.machine, "uploader stopped; starting it again in {RESTART_PAUSE:?}");
@@ -298,6 +392,7 @@ pub async fn run_machine(env: UploadEnv, me: Arc<MachineUploader>) {
         cache,
         store,
         kek,
+        ownership,
         cancel,
     } = env;
     let machine = me.machine.clone();
@@ -312,10 +407,37 @@ pub async fn run_machine(env: UploadEnv, me: Arc<MachineUploader>) {
         warn!(%machine, "no machine record in the cache; uploader not started");
         return;
     };
-    let Some((data_key, mut rec)) = retry(
+    let Some(keys) = retry(
+        &format!("opening the keys of {machine} in {}", store.url()),
+        &cancel,
+        || machine_keys(&store, &kek, &machine),
+    )
+    .await
+    else {
+        return;
+    };
+    // Only the owner writes the machine's objects.
+    let held = match try_retry(
+        &format!("claiming ownership of {machine} in {}", store.url()),
+        &cancel,
+        is_fencing,
+        || ownership.claim(&store, &cache, &keys.catalogue, &machine),
+    )
+    .await
+    {
+        Some(Ok(h)) => h,
+        _ => return, // cancelled, or fenced (logged)
+    };
+    let check = Arc::new(OwnerCheck {
+        ownership: ownership.clone(),
+        key: keys.catalogue.clone(),
+        machine: machine.clone(),
+        held: std::sync::Mutex::new(held),
+    });
+    let Some(mut rec) = retry(
         &format!("preparing {machine} in {}", store.url()),
         &cancel,
-        || prepare_machine(&store, &kek, &rec),
+        || prepare_machine(&store, &keys, &rec),
     )
     .await
     else {
@@ -348,7 +470,10 @@ pub async fn run_machine(env: UploadEnv, me: Arc<MachineUploader>) {
                 let done = retry(
                     &format!("recording the new disk sizes of {machine}"),
                     &cancel,
-                    || put_machine_json(&store, r),
+                    || async {
+                        check.verify(&store).await?;
+                        put_machine_json(&store, &keys.catalogue, r).await
+                    },
                 )
                 .await;
                 if done.is_none() {
@@ -461,11 +586,12 @@ pub async fn run_machine(env: UploadEnv, me: Arc<MachineUploader>) {
         });
         let task = upload_segment(
             store.clone(),
-            data_key.clone(),
+            keys.clone(),
             machine.clone(),
             disks_at_start,
             entries,
             cfg.zstd_level,
+            check.clone(),
             cancel.clone(),
         );
         let signal = done.clone();
@@ -483,13 +609,15 @@ pub async fn run_machine(env: UploadEnv, me: Arc<MachineUploader>) {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn upload_segment(
     store: Store,
-    key: Key,
+    keys: MachineKeys,
     machine: String,
     mut disks: Vec<DiskInfo>,
     entries: Vec<Entry>,
     level: i32,
+    check: Arc<OwnerCheck>,
     cancel: CancellationToken,
 ) -> Option<()> {
     let first = entries.first()?.seq;
@@ -527,35 +655,99 @@ async fn upload_segment(
             _ => {}
         }
     }
-    let sealed = {
+    let (plain, sealed) = {
         let name = name.clone();
         let machine = machine.clone();
+        let data_key = keys.data.clone();
         tokio::task::spawn_blocking(move || {
             let plain = encode_segment(&machine, &entries);
-            Bytes::from(seal::seal(&key, &name, 0, &plain, level))
+            let sealed = Bytes::from(seal::seal(&data_key, &name, 0, &plain, level));
+            (plain, sealed)
         })
         .await
         .ok()?
     };
-    // Before the segment: whoever sees the segment sees the mark too.
+    let fenced = |e: anyhow::Error| {
+        if !e.is::<Fenced>() {
+            // An object of ours exists with other content: someone else writes here.
+            check.ownership.fence(&machine, format!("{e:#}"));
+        }
+    };
+    // Only the owner writes; checked before the first object and again
+    // right before the segment.
+    let r = try_retry(
+        &format!("checking ownership of {machine}"),
+        &cancel,
+        is_fencing,
+        || check.verify(&store),
+    )
+    .await?;
+    if let Err(e) = r {
+        fenced(e);
+        return None;
+    }
+    // Marks and points before the segment: whoever sees the segment (the
+    // stream end moves with segments) sees its marks and points too. A point
+    // beyond the stored stream is not listed until its segment is stored.
+    for p in points {
+        let r = create_json(
+            &store,
+            &keys.catalogue,
+            &point_object(&machine, p.seq),
+            &p,
+            |o: &PointRecord| {
+                o.seq == p.seq && o.kind == p.kind && o.time_ms == p.time_ms && o.label == p.label
+            },
+            &cancel,
+        )
+        .await?;
+        if let Err(e) = r {
+            fenced(e);
+            return None;
+        }
+        info!(%machine, seq = p.seq, kind = p.kind.as_str(), "recovery point recorded");
+    }
     for m in unsettled {
         let obj = catalogue::inconsistent_object(&machine, m.seq);
-        put_json(&store, &obj, &m, &cancel).await?;
+        let r = create_json(
+            &store,
+            &keys.catalogue,
+            &obj,
+            &m,
+            |o: &InconsistentRecord| o.seq == m.seq && o.label == m.label,
+            &cancel,
+        )
+        .await?;
+        if let Err(e) = r {
+            fenced(e);
+            return None;
+        }
     }
-    retry(
+    // Checked right before the put; created, never overwritten. The same
+    // entries sealed again (a re-upload after a restart) are the same segment.
+    let r = try_retry(
         &format!("uploading {}", store.describe(&name)),
         &cancel,
+        is_fencing,
         || {
             let data = sealed.clone();
-            let store = &store;
-            let name = &name;
-            async move { Ok(store.put(name, data).await?) }
+            let (store, name, plain, key) = (&store, &name, &plain, &keys.data);
+            let check = &check;
+            async move {
+                check.verify(store).await?;
+                store
+                    .create(name, data, |existing| {
+                        seal::open(key, name, 0, existing).is_ok_and(|p| p == *plain)
+                    })
+                    .await?;
+                Ok(())
+            }
         },
     )
     .await?;
-    for p in points {
-        put_json(&store, &point_object(&machine, p.seq), &p, &cancel).await?;
-        info!(%machine, seq = p.seq, kind = p.kind.as_str(), "recovery point stored");
+    if let Err(e) = r {
+        fenced(e);
+        return None;
     }
     Some(())
 }

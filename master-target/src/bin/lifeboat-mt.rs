@@ -35,6 +35,7 @@ struct StoreArgs {
 
 impl StoreArgs {
     fn open(&self) -> Result<Store> {
+        lifeboat_common::ids::validate_id("machine", &self.machine).map_err(anyhow::Error::msg)?;
         let mut options = BTreeMap::new();
         for o in &self.options {
             let (k, v) = o
@@ -79,6 +80,10 @@ enum Cmd {
         store: StoreArgs,
         #[arg(long)]
         json: bool,
+        /// The key-encryption key file: with it the listed points are
+        /// authenticated (failover always authenticates them).
+        #[arg(long, env = "LIFEBOAT_KEK_FILE")]
+        key_file: Option<PathBuf>,
     },
     /// Write the machine's disks at a recovery point.
     Failover(FailoverArgs),
@@ -87,6 +92,12 @@ enum Cmd {
 }
 
 fn main() {
+    // Recovered images hold the machine's plaintext: private to this user
+    // (each image is also set 0600 explicitly).
+    // SAFETY: umask only sets the process's file-creation mask.
+    unsafe {
+        libc::umask(0o077);
+    }
     lifeboat_common::tune_allocator();
     lifeboat_common::init_logging("warn");
     let rt = match tokio::runtime::Runtime::new() {
@@ -105,9 +116,24 @@ fn main() {
 async fn real_main() -> Result<()> {
     lifeboat_common::tls::install_crypto_provider();
     match Cli::parse().cmd {
-        Cmd::Points { store, json } => {
+        Cmd::Points {
+            store,
+            json,
+            key_file,
+        } => {
             let s = store.open()?;
-            let inv = materialize::inventory(&s, &store.machine).await?;
+            let keys = match &key_file {
+                Some(f) => {
+                    Some(materialize::machine_keys(&s, &read_kek(f)?, &store.machine).await?)
+                }
+                None => {
+                    eprintln!("note: no --key-file: the points listed are not authenticated");
+                    None
+                }
+            };
+            let inv =
+                materialize::inventory(&s, keys.as_ref().map(|k| &k.catalogue), &store.machine)
+                    .await?;
             if json {
                 let v = serde_json::json!({
                     "machine": store.machine,
@@ -150,16 +176,39 @@ async fn real_main() -> Result<()> {
     }
 }
 
-async fn failover(a: FailoverArgs) -> Result<()> {
-    let kek = Key::from_hex(
-        &std::fs::read_to_string(&a.key_file)
-            .with_context(|| format!("reading the key-encryption key {}", a.key_file.display()))?,
+/// How often, and how far apart, `latest` looks again at a gap in the stream.
+const GAP_RECHECKS: usize = 5;
+const GAP_RECHECK_PAUSE: std::time::Duration = std::time::Duration::from_secs(2);
+
+fn read_kek(path: &std::path::Path) -> Result<Key> {
+    Key::from_hex(
+        &std::fs::read_to_string(path)
+            .with_context(|| format!("reading the key-encryption key {}", path.display()))?,
     )
-    .map_err(|e| anyhow::anyhow!("{} is not a key-encryption key: {e}", a.key_file.display()))?;
+    .map_err(|e| anyhow::anyhow!("{} is not a key-encryption key: {e}", path.display()))
+}
+
+async fn failover(a: FailoverArgs) -> Result<()> {
+    let kek = read_kek(&a.key_file)?;
     let store = a.store.open()?;
     let machine = &a.store.machine;
     let started = Instant::now();
-    let inv = materialize::inventory(&store, machine).await?;
+    let keys = materialize::machine_keys(&store, &kek, machine).await?;
+    let mut inv = materialize::inventory(&store, Some(&keys.catalogue), machine).await?;
+    // A gap with later segments behind it is usually uploads still in flight
+    // (a process server puts several segments at once): look again for a
+    // little while before `latest` is refused for it.
+    for _ in 0..GAP_RECHECKS {
+        if inv.after_gap.is_none() || a.point != PointSpec::Latest {
+            break;
+        }
+        eprintln!(
+            "segments after seq {} are not all stored yet; looking again in {GAP_RECHECK_PAUSE:?}",
+            inv.end
+        );
+        tokio::time::sleep(GAP_RECHECK_PAUSE).await;
+        inv = materialize::inventory(&store, Some(&keys.catalogue), machine).await?;
+    }
     let resolved = materialize::resolve(&inv, machine, &a.point, a.allow_inconsistent)?;
     if let (Some(m), PointSpec::Latest) = (inv.unsettled_end(), &a.point) {
         eprintln!(
@@ -171,11 +220,12 @@ async fn failover(a: FailoverArgs) -> Result<()> {
     let last_print = std::sync::Mutex::new(Instant::now());
     let report = materialize::materialize(
         &store,
-        &kek,
+        &keys,
         machine,
         &inv,
         &resolved,
         &a.out,
+        a.allow_inconsistent,
         |done, total| {
             let mut t = last_print.lock().unwrap_or_else(|p| p.into_inner());
             if t.elapsed().as_millis() >= 1000 || done == total {

@@ -1,4 +1,4 @@
-//! `lifeboat-ps`: init | issue-cert | serve | resync.
+//! `lifeboat-ps`: init | issue-cert | serve | resync | status.
 
 use std::path::{Path, PathBuf};
 
@@ -53,9 +53,21 @@ enum Cmd {
         #[arg(long)]
         disk: Option<String>,
     },
+    /// The running server's id and the machines it lost to another server
+    /// (fenced), as JSON.
+    Status {
+        #[arg(long)]
+        config: PathBuf,
+    },
 }
 
 fn main() {
+    // Everything this process creates (the RocksDB cache of plaintext writes,
+    // keys, certificates, the control socket) is private to its user.
+    // SAFETY: umask only sets the process's file-creation mask.
+    unsafe {
+        libc::umask(0o077);
+    }
     lifeboat_common::tune_allocator();
     lifeboat_common::init_logging("info");
     if let Err(e) = real_main() {
@@ -86,6 +98,20 @@ fn real_main() -> Result<()> {
             machine,
             disk,
         } => resync(&config, machine, disk),
+        Cmd::Status { config } => {
+            use lifeboat_ps::control;
+            let cfg = PsConfig::load(&config)?;
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let v = rt.block_on(control::request(
+                &control::socket_path(&cfg.cache_dir),
+                &control::Request::Status,
+                |_| {},
+            ))?;
+            println!("{}", serde_json::to_string_pretty(&v)?);
+            Ok(())
+        }
         Cmd::Serve { config } => {
             let cfg = PsConfig::load(&config)?;
             let rt = tokio::runtime::Runtime::new()?;
@@ -187,6 +213,13 @@ segment-max-age = "5s"
 # zstd level for segments (0 stores uncompressed).
 zstd-level = 1
 upload-concurrency = 4
+# Limits on agents' connections: TLS handshake, then the hello, must finish
+# within these; a connection silent for idle-timeout (>= 20s; agents ping
+# every 10s) is closed; at most this many connections per source IP.
+handshake-timeout = "10s"
+hello-timeout = "10s"
+idle-timeout = "60s"
+max-connections-per-source = 16
 
 [store]
 url = "{store}"
