@@ -633,10 +633,7 @@ mod tests {
         let mut rec = MachineRecord {
             format: FORMAT_VERSION,
             machine: "m".into(),
-            disks: vec![DiskInfo {
-                id: "root".into(),
-                size: 4096,
-            }],
+            disks: vec![DiskInfo::new("root", 4096)],
             stream_id: None,
             largest_sizes: vec![],
         };

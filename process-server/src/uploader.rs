@@ -569,7 +569,10 @@ pub async fn run_machine(env: UploadEnv, me: Arc<MachineUploader>) {
             if retry(
                 &format!("recording the disks of {machine} in {}", store.url()),
                 &cancel,
-                || put_machine_json(&store, &grown),
+                || async {
+                    check.verify(&store).await?;
+                    put_machine_json(&store, &keys.catalogue, &grown).await
+                },
             )
             .await
             .is_none()
