@@ -10,8 +10,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 
+pub mod faults;
+pub mod nbd;
 pub mod peers;
 pub mod powerfs;
+pub mod proxy;
 pub use peers::ObjectStorePeer;
 
 /// Directory of the workspace's built binaries (next to the test executable).

@@ -1,0 +1,111 @@
+//! The fault harness's CI run: a few seeds of the seeded schedule (agent and
+//! process-server kill -9, link cuts/stalls/delays, s3s-fs outages, power loss
+//! of the agent's state directory and of the process server's cache), each
+//! ending with every recovery point failed over and compared byte for byte.
+//! `LIFEBOAT_FAULT_SEED=N` re-runs one seed (in `reproduce_seed_from_env`),
+//! `LIFEBOAT_FAULT_SECS` sets each run's length (default 20 s here).
+//!
+//! Pinned seeds that found bugs get their own test below.
+
+use lifeboat_tests::faults::{self, FaultKind, Outcome, Scenario};
+use lifeboat_tests::powerfs::fuse_available;
+
+/// Workload seconds per CI seed (the final checks add ~20-40 s each).
+const CI_SECS: u64 = 20;
+
+fn scenario(seed: u64) -> Scenario {
+    let mut s = Scenario::new(seed);
+    s.secs = faults::fault_secs(CI_SECS);
+    s
+}
+
+fn check(s: Scenario) -> Outcome {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join(format!("seed-{}", s.seed));
+    let o = faults::run(&s, &root);
+    if !o.failures.is_empty() {
+        // Keep the logs for the post-mortem.
+        let kept = dir.keep();
+        panic!(
+            "seed {} broke {} invariant(s) (re-run: LIFEBOAT_FAULT_SEED={} LIFEBOAT_FAULT_SECS={} cargo test --release -p lifeboat-tests --test faults reproduce_seed_from_env -- --ignored --nocapture); work dir {}:\n{}\nschedule:\n{}",
+            s.seed,
+            o.failures.len(),
+            s.seed,
+            s.secs,
+            kept.display(),
+            o.failures.join("\n"),
+            o.schedule.join("\n")
+        );
+    }
+    assert_eq!(o.writes_lost, 0);
+    assert_eq!(o.failovers_compared, o.failovers_equal);
+    assert!(
+        o.failovers_compared >= 2,
+        "latest and the final point at least"
+    );
+    o
+}
+
+fn needs_fuse() -> bool {
+    if !fuse_available() {
+        eprintln!("skipping: needs root and /dev/fuse for the power-loss filesystem");
+        return false;
+    }
+    true
+}
+
+#[test]
+fn seed_1_every_fault_kind() {
+    if needs_fuse() {
+        check(scenario(1));
+    }
+}
+
+#[test]
+fn seed_2_every_fault_kind() {
+    if needs_fuse() {
+        check(scenario(2));
+    }
+}
+
+#[test]
+fn seed_3_kills_and_power_loss_only() {
+    if needs_fuse() {
+        let mut s = scenario(3);
+        s.kinds = vec![
+            FaultKind::AgentKill,
+            FaultKind::PsKill,
+            FaultKind::AgentPowerLoss,
+            FaultKind::PsPowerLoss,
+        ];
+        s.ops_per_fault = 25;
+        check(s);
+    }
+}
+
+/// Power loss of the file:// store directory on the appliance (with the
+/// process server and its cache): segments and points the server counted as
+/// uploaded must survive. Expected to fail today: the file:// store does not
+/// fsync its puts (object_store's LocalFileSystem writes a temporary file and
+/// renames it, with no fsync of the file or the directory).
+#[test]
+#[ignore = "enable once object puts are fsynced"]
+fn store_power_loss_keeps_uploaded_segments() {
+    if needs_fuse() {
+        let mut s = scenario(11);
+        s.kinds = vec![FaultKind::StorePowerLoss];
+        s.ops_per_fault = 30;
+        check(s);
+    }
+}
+
+/// `LIFEBOAT_FAULT_SEED=N [LIFEBOAT_FAULT_SECS=S] cargo test --release -p
+/// lifeboat-tests --test faults reproduce_seed_from_env -- --ignored --nocapture`
+#[test]
+#[ignore = "runs the seed in LIFEBOAT_FAULT_SEED"]
+fn reproduce_seed_from_env() {
+    let seed = faults::seed_from_env().expect("set LIFEBOAT_FAULT_SEED");
+    if needs_fuse() {
+        check(scenario(seed));
+    }
+}
