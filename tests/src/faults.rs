@@ -945,7 +945,7 @@ fn run_inner(s: &Scenario, root: &Path, out: &mut Outcome) -> Result<()> {
         }
         prev = (off, len);
         out.ops = op;
-        if op % 25 == 0 {
+        if op.is_multiple_of(25) {
             sample(&mut rig, &mut books, out);
         }
     }
