@@ -174,6 +174,20 @@ pub struct Scenario {
     /// over at the end; which ones is drawn from the seed. Points not drawn
     /// are still checked to be listed.
     pub max_point_failovers: usize,
+    /// The workload sends FLUSH and FUA (off: nothing is durable on the source
+    /// disk until the final FLUSH, so a power loss of the agent's machine takes
+    /// the source back to its initial state).
+    pub flushes: bool,
+    /// Before an `agent-power-loss`: wait for the stream to be acknowledged,
+    /// then this long idle (writes cold: past the activity log's 30 s).
+    pub idle_before_agent_power_loss: Duration,
+    /// After restarting the agent, wait until its sender has been welcomed
+    /// (status `connected`) before the workload goes on. Off: operations and
+    /// tags run at once, in the window before the welcome (see the pinned
+    /// test `seed_21_tag_before_the_welcome_is_stored`).
+    pub wait_welcome_after_restart: bool,
+    /// Take a point right after every agent restart.
+    pub tag_after_agent_restart: bool,
     /// Keep the work directory even when the run passes.
     pub keep: bool,
 }
@@ -188,6 +202,10 @@ impl Scenario {
             kinds: FaultKind::DEFAULT.to_vec(),
             ops_per_fault: 40,
             max_point_failovers: 6,
+            flushes: true,
+            idle_before_agent_power_loss: Duration::ZERO,
+            wait_welcome_after_restart: true,
+            tag_after_agent_restart: false,
             keep: false,
         }
     }
@@ -662,9 +680,24 @@ impl Rig {
         }
     }
 
-    fn restart_agent(&mut self) -> Result<()> {
+    fn restart_agent(&mut self, wait_welcome: bool) -> Result<()> {
         self.agent.start()?;
+        if wait_welcome {
+            self.wait_welcomed()?;
+        }
         self.connect()
+    }
+
+    /// Until the agent's sender was welcomed by the process server.
+    fn wait_welcomed(&self) -> Result<()> {
+        wait_for(
+            "the agent to be welcomed by the process server",
+            CATCH_UP,
+            || {
+                let st = self.agent.status().ok()?;
+                (st["connected"] == true).then_some(())
+            },
+        )
     }
 
     fn kill_ps(&mut self) {
@@ -868,14 +901,20 @@ fn run_inner(s: &Scenario, root: &Path, out: &mut Outcome) -> Result<()> {
         op += 1;
         rig.store_due(false)?;
         while let Some(f) = schedule.due(op) {
-            inject(&mut rig, &mut books, &f, out).with_context(|| f.describe())?;
+            inject(s, &mut rig, &mut books, &f).with_context(|| f.describe())?;
+            if s.tag_after_agent_restart
+                && matches!(f.kind, FaultKind::AgentKill | FaultKind::AgentPowerLoss)
+            {
+                tag_no += 1;
+                take_point(&mut rig, &mut books, out, &format!("h{tag_no}"), &image)?;
+            }
             out.schedule.push(f.describe());
             *out.faults.entry(f.kind.name()).or_default() += 1;
             sample(&mut rig, &mut books, out);
         }
         let pick = rng.below(100);
         let (off, len) = draw_range(&mut rng, s.disk_size, s.max_write as u64, prev);
-        let fua = rng.chance(8);
+        let fua = rng.chance(8) && s.flushes;
         let flags = if fua { FLAG_FUA } else { 0 };
         let r = match pick {
             0..=69 => {
@@ -905,6 +944,7 @@ fn run_inner(s: &Scenario, root: &Path, out: &mut Outcome) -> Result<()> {
                 }
                 r
             }
+            84..=94 if !s.flushes => Ok(()),
             84..=94 => {
                 let r = rig.nbd()?.flush();
                 if r.is_ok() {
@@ -1057,13 +1097,13 @@ fn sleep_ms(ms: u64) {
     std::thread::sleep(Duration::from_millis(ms));
 }
 
-fn inject(rig: &mut Rig, books: &mut Books, f: &Fault, out: &mut Outcome) -> Result<()> {
+fn inject(s: &Scenario, rig: &mut Rig, books: &mut Books, f: &Fault) -> Result<()> {
     eprintln!("  fault: {}", f.describe());
     match f.kind {
         FaultKind::AgentKill => {
             rig.kill_agent();
             sleep_ms(f.param_ms);
-            rig.restart_agent()?;
+            rig.restart_agent(s.wait_welcome_after_restart)?;
         }
         FaultKind::PsKill => {
             rig.kill_ps();
@@ -1085,6 +1125,14 @@ fn inject(rig: &mut Rig, books: &mut Books, f: &Fault, out: &mut Outcome) -> Res
             }
         }
         FaultKind::AgentPowerLoss => {
+            if !s.idle_before_agent_power_loss.is_zero() {
+                rig.agent.wait_acked(CATCH_UP)?;
+                eprintln!(
+                    "  (idle {:?} before the power loss)",
+                    s.idle_before_agent_power_loss
+                );
+                std::thread::sleep(s.idle_before_agent_power_loss);
+            }
             rig.kill_agent();
             if let Some(fs) = rig.agent_fs.as_mut() {
                 fs.crash()?;
@@ -1094,7 +1142,7 @@ fn inject(rig: &mut Rig, books: &mut Books, f: &Fault, out: &mut Outcome) -> Res
             if let Some(fs) = rig.agent_fs.as_mut() {
                 fs.start()?;
             }
-            rig.restart_agent()?;
+            rig.restart_agent(s.wait_welcome_after_restart)?;
         }
         FaultKind::PsPowerLoss | FaultKind::StorePowerLoss => {
             rig.kill_ps();
@@ -1117,7 +1165,6 @@ fn inject(rig: &mut Rig, books: &mut Books, f: &Fault, out: &mut Outcome) -> Res
             rig.ps.start()?;
         }
     }
-    let _ = out;
     Ok(())
 }
 
@@ -1135,6 +1182,7 @@ fn finish(
     rig.nbd()?.flush().context("the final FLUSH")?;
     books.flushed()?;
     out.flushes_acked += 1;
+    rig.wait_welcomed()?;
     // The final point: the agent takes it once it is streaming again.
     let deadline = Instant::now() + CATCH_UP;
     let final_seq = loop {

@@ -2,7 +2,8 @@
 //!
 //! ```text
 //! lifeboat-faults [--seed N] [--secs N] [--minutes N] [--kinds k1,k2,..]
-//!                 [--disk-mib N] [--ops-per-fault N] [--failovers N] [--work DIR] [--keep]
+//!                 [--disk-mib N] [--ops-per-fault N] [--failovers N] [--no-flush]
+//!                 [--no-wait-welcome] [--idle-before-power-loss SECS] [--work DIR] [--keep]
 //! ```
 //!
 //! One seed (`--seed`, else `LIFEBOAT_FAULT_SEED`, else one drawn from the
@@ -19,7 +20,7 @@ use lifeboat_tests::faults::{self, FaultKind, Scenario};
 
 fn usage() -> ! {
     eprintln!(
-        "usage: lifeboat-faults [--seed N] [--secs N] [--minutes N] [--kinds {}] [--disk-mib N] [--ops-per-fault N] [--failovers N] [--work DIR] [--keep]",
+        "usage: lifeboat-faults [--seed N] [--secs N] [--minutes N] [--kinds {}] [--disk-mib N] [--ops-per-fault N] [--failovers N] [--no-flush] [--no-wait-welcome] [--idle-before-power-loss SECS] [--work DIR] [--keep]",
         FaultKind::ALL.iter().map(|k| k.name()).collect::<Vec<_>>().join(",")
     );
     std::process::exit(2)
@@ -33,6 +34,9 @@ fn main() {
     let mut disk_mib = None;
     let mut ops_per_fault = None;
     let mut failovers = None;
+    let mut no_flush = false;
+    let mut idle = None;
+    let mut no_wait_welcome = false;
     let mut work = None;
     let mut keep = false;
     let mut args = std::env::args().skip(1);
@@ -48,6 +52,9 @@ fn main() {
             "--failovers" => failovers = Some(num(val())),
             "--work" => work = Some(PathBuf::from(val())),
             "--keep" => keep = true,
+            "--no-flush" => no_flush = true,
+            "--no-wait-welcome" => no_wait_welcome = true,
+            "--idle-before-power-loss" => idle = Some(num(val())),
             "--kinds" => {
                 let v = val();
                 kinds = Some(
@@ -88,6 +95,14 @@ fn main() {
             s.max_point_failovers = n as usize;
         }
         s.keep = keep;
+        s.flushes = !no_flush;
+        if no_wait_welcome {
+            s.wait_welcome_after_restart = false;
+            s.tag_after_agent_restart = true;
+        }
+        if let Some(i) = idle {
+            s.idle_before_agent_power_loss = Duration::from_secs(i);
+        }
         let root = work.join(format!("lifeboat-faults-{seed}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&root);
         let o = faults::run(&s, &root);
