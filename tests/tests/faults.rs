@@ -111,7 +111,9 @@ fn reproduce_seed_from_env() {
 }
 
 /// Seed 21: a tag taken right after the agent restarted from a power loss
-/// that cost its journal's tail, before the process server's welcome. The
+/// that cost its journal's tail (no FLUSH: the journal was never synced; the
+/// disk idle for 40 s first, so no region is left in the activity log and the
+/// agent starts `streaming`), before the process server's welcome. The
 /// agent accepts it and prints its seq (e.g. 68: the next after the 67 its
 /// journal kept), the welcome then says the server holds up to 71, the agent
 /// rebases ("the journal lost its tail; continuing after seq 71") and the
@@ -127,7 +129,10 @@ fn seed_21_tag_before_the_welcome_is_stored() {
         s.secs = faults::fault_secs(15);
         s.kinds = vec![FaultKind::AgentPowerLoss];
         s.flushes = false;
-        s.ops_per_fault = 40;
+        s.ops_per_fault = 60;
+        // Idle past the activity log's 30 s: the unclean restart finds no
+        // region to resync and starts `streaming`, so the tag is accepted.
+        s.idle_before_agent_power_loss = std::time::Duration::from_secs(40);
         s.wait_welcome_after_restart = false;
         s.tag_after_agent_restart = true;
         check(s);
