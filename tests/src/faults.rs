@@ -992,6 +992,45 @@ fn run_inner(s: &Scenario, root: &Path, out: &mut Outcome) -> Result<()> {
     finish(s, &mut rig, &mut books, out, &image)
 }
 
+/// The operations `from..=to` of a scenario's workload, described without
+/// running anything (the generator replayed: it must draw exactly as
+/// `run_inner` does). For post-mortems: which request wrote where.
+pub fn describe_ops(s: &Scenario, from: u64, to: u64) -> Vec<String> {
+    let mut rng = Rng::new(s.seed, 1);
+    let mut prev = (0u64, 0u64);
+    let mut out = Vec::new();
+    for op in 1..=to {
+        let pick = rng.below(100);
+        let (off, len) = draw_range(&mut rng, s.disk_size, s.max_write as u64, prev);
+        let fua = rng.chance(8) && s.flushes;
+        let what = match pick {
+            0..=69 => {
+                for _ in 0..len.div_ceil(8) {
+                    rng.0.next_u64();
+                }
+                format!("WRITE{}", if fua { "+FUA" } else { "" })
+            }
+            70..=76 => "TRIM".to_string(),
+            77..=83 => format!("WRITE_ZEROES{}", if fua { "+FUA" } else { "" }),
+            84..=94 if !s.flushes => "(no flush)".to_string(),
+            84..=94 => "FLUSH".to_string(),
+            95..=96 => "READ".to_string(),
+            _ => "TAG".to_string(),
+        };
+        if op >= from {
+            out.push(match what.as_str() {
+                "FLUSH" | "TAG" | "(no flush)" => format!("op {op}: {what}"),
+                _ => format!(
+                    "op {op}: {what} {len} bytes at {off} (0x{off:x}..0x{:x})",
+                    off + len
+                ),
+            });
+        }
+        prev = (off, len);
+    }
+    out
+}
+
 /// Positions and memory: positions never go backwards within an agent process,
 /// `acked` never below the highest seen, resident memory under its bound.
 fn sample(rig: &mut Rig, books: &mut Books, out: &mut Outcome) {

@@ -4,6 +4,7 @@
 //! lifeboat-faults [--seed N] [--secs N] [--minutes N] [--kinds k1,k2,..]
 //!                 [--disk-mib N] [--ops-per-fault N] [--failovers N] [--no-flush]
 //!                 [--no-wait-welcome] [--idle-before-power-loss SECS] [--work DIR] [--keep]
+//!                 [--show-ops FROM-TO]   (print the seed's operations, run nothing)
 //! ```
 //!
 //! One seed (`--seed`, else `LIFEBOAT_FAULT_SEED`, else one drawn from the
@@ -20,7 +21,7 @@ use lifeboat_tests::faults::{self, FaultKind, Scenario};
 
 fn usage() -> ! {
     eprintln!(
-        "usage: lifeboat-faults [--seed N] [--secs N] [--minutes N] [--kinds {}] [--disk-mib N] [--ops-per-fault N] [--failovers N] [--no-flush] [--no-wait-welcome] [--idle-before-power-loss SECS] [--work DIR] [--keep]",
+        "usage: lifeboat-faults [--seed N] [--secs N] [--minutes N] [--kinds {}] [--disk-mib N] [--ops-per-fault N] [--failovers N] [--no-flush] [--no-wait-welcome] [--idle-before-power-loss SECS] [--show-ops FROM-TO] [--work DIR] [--keep]",
         FaultKind::ALL.iter().map(|k| k.name()).collect::<Vec<_>>().join(",")
     );
     std::process::exit(2)
@@ -37,6 +38,7 @@ fn main() {
     let mut no_flush = false;
     let mut idle = None;
     let mut no_wait_welcome = false;
+    let mut show_ops = None;
     let mut work = None;
     let mut keep = false;
     let mut args = std::env::args().skip(1);
@@ -54,6 +56,11 @@ fn main() {
             "--keep" => keep = true,
             "--no-flush" => no_flush = true,
             "--no-wait-welcome" => no_wait_welcome = true,
+            "--show-ops" => {
+                let v = val();
+                let (a, b) = v.split_once('-').unwrap_or_else(|| usage());
+                show_ops = Some((num(a.to_string()), num(b.to_string())));
+            }
             "--idle-before-power-loss" => idle = Some(num(val())),
             "--kinds" => {
                 let v = val();
@@ -95,6 +102,12 @@ fn main() {
             s.max_point_failovers = n as usize;
         }
         s.keep = keep;
+        if let Some((a, b)) = show_ops {
+            for l in faults::describe_ops(&s, a, b) {
+                println!("{l}");
+            }
+            return;
+        }
         s.flushes = !no_flush;
         if no_wait_welcome {
             s.wait_welcome_after_restart = false;
