@@ -798,6 +798,9 @@ impl Books {
         self.mark(op, off, len);
         Books::apply(&self.model, &p)?;
         if fua {
+            // Earlier unflushed requests first (a disk may have written them
+            // back already): the shadow stays a state the source can be in.
+            self.flushed()?;
             Books::apply(&self.shadow, &p)?;
         } else {
             self.pending.push(p);
