@@ -10,17 +10,24 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 
+pub mod faults;
+pub mod nbd;
 pub mod peers;
+pub mod powerfs;
+pub mod proxy;
 pub use peers::ObjectStorePeer;
 
 /// Directory of the workspace's built binaries (next to the test executable).
 pub fn bin_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
-    // target/<profile>/deps/<test> → target/<profile>
-    exe.parent()
-        .and_then(|p| p.parent())
-        .expect("target dir")
-        .to_path_buf()
+    // target/<profile>/deps/<test> → target/<profile>; a binary of this crate
+    // (target/<profile>/lifeboat-faults) is already there.
+    let dir = exe.parent().expect("target dir");
+    if dir.file_name().is_some_and(|n| n == "deps") {
+        dir.parent().expect("target dir").to_path_buf()
+    } else {
+        dir.to_path_buf()
+    }
 }
 
 pub fn bin(name: &str) -> PathBuf {

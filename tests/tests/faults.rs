@@ -1,0 +1,158 @@
+//! The fault harness's CI run: a few seeds of the seeded schedule (agent and
+//! process-server kill -9, link cuts/stalls/delays, s3s-fs outages, power loss
+//! of the agent's state directory and of the process server's cache), each
+//! ending with every recovery point failed over and compared byte for byte.
+//! `LIFEBOAT_FAULT_SEED=N` re-runs one seed (in `reproduce_seed_from_env`),
+//! `LIFEBOAT_FAULT_SECS` sets each run's length (default 20 s here).
+//!
+//! Pinned seeds that found bugs get their own test below.
+
+use lifeboat_tests::faults::{self, FaultKind, Outcome, Scenario};
+use lifeboat_tests::powerfs::fuse_available;
+
+/// Workload seconds per CI seed (the final checks add ~20-40 s each).
+const CI_SECS: u64 = 20;
+
+fn scenario(seed: u64) -> Scenario {
+    let mut s = Scenario::new(seed);
+    s.secs = faults::fault_secs(CI_SECS);
+    s
+}
+
+fn check(s: Scenario) -> Outcome {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join(format!("seed-{}", s.seed));
+    let o = faults::run(&s, &root);
+    if !o.failures.is_empty() {
+        // Keep the logs for the post-mortem.
+        let kept = dir.keep();
+        panic!(
+            "seed {} broke {} invariant(s) (re-run: LIFEBOAT_FAULT_SEED={} LIFEBOAT_FAULT_SECS={} cargo test --release -p lifeboat-tests --test faults reproduce_seed_from_env -- --ignored --nocapture); work dir {}:\n{}\nschedule:\n{}",
+            s.seed,
+            o.failures.len(),
+            s.seed,
+            s.secs,
+            kept.display(),
+            o.failures.join("\n"),
+            o.schedule.join("\n")
+        );
+    }
+    assert_eq!(o.writes_lost, 0);
+    assert_eq!(o.failovers_compared, o.failovers_equal);
+    assert!(
+        o.failovers_compared >= 2,
+        "latest and the final point at least"
+    );
+    o
+}
+
+fn needs_fuse() -> bool {
+    if !fuse_available() {
+        eprintln!("skipping: needs root and /dev/fuse for the power-loss filesystem");
+        return false;
+    }
+    true
+}
+
+#[test]
+fn seed_1_every_fault_kind() {
+    if needs_fuse() {
+        check(scenario(1));
+    }
+}
+
+#[test]
+fn seed_2_every_fault_kind() {
+    if needs_fuse() {
+        check(scenario(2));
+    }
+}
+
+#[test]
+fn seed_3_kills_and_power_loss_only() {
+    if needs_fuse() {
+        let mut s = scenario(3);
+        s.kinds = vec![
+            FaultKind::AgentKill,
+            FaultKind::PsKill,
+            FaultKind::AgentPowerLoss,
+            FaultKind::PsPowerLoss,
+        ];
+        s.ops_per_fault = 25;
+        check(s);
+    }
+}
+
+/// Power loss of the file:// store directory on the appliance (with the
+/// process server and its cache): segments and points the server counted as
+/// uploaded must survive. Expected to fail today: the file:// store does not
+/// fsync its puts (object_store's LocalFileSystem writes a temporary file and
+/// renames it, with no fsync of the file or the directory).
+#[test]
+#[ignore = "enable once object puts are fsynced"]
+fn store_power_loss_keeps_uploaded_segments() {
+    if needs_fuse() {
+        let mut s = scenario(11);
+        s.kinds = vec![FaultKind::StorePowerLoss];
+        s.ops_per_fault = 30;
+        check(s);
+    }
+}
+
+/// `LIFEBOAT_FAULT_SEED=N [LIFEBOAT_FAULT_SECS=S] cargo test --release -p
+/// lifeboat-tests --test faults reproduce_seed_from_env -- --ignored --nocapture`
+#[test]
+#[ignore = "runs the seed in LIFEBOAT_FAULT_SEED"]
+fn reproduce_seed_from_env() {
+    let seed = faults::seed_from_env().expect("set LIFEBOAT_FAULT_SEED");
+    if needs_fuse() {
+        check(scenario(seed));
+    }
+}
+
+/// Seed 21: a tag taken right after the agent restarted from a power loss
+/// that cost its journal's tail (no FLUSH: the journal was never synced; the
+/// disk idle for 40 s first, so no region is left in the activity log and the
+/// agent starts `streaming`), before the process server's welcome. The
+/// agent accepts it and prints its seq (e.g. 68: the next after the 67 its
+/// journal kept), the welcome then says the server holds up to 71, the agent
+/// rebases ("the journal lost its tail; continuing after seq 71") and the
+/// point is silently gone: never stored, its seq is one the server already
+/// had. Found as "point 68 ("final") was acknowledged by the process server
+/// but is not listed" (and `latest` compared at the old stream end). Fix: no
+/// tags (and no seqs handed out) before the welcome confirmed the numbering.
+#[test]
+#[ignore = "product bug: a tag placed before the welcome after an unclean restart is silently dropped"]
+fn seed_21_tag_before_the_welcome_is_stored() {
+    if needs_fuse() {
+        let mut s = scenario(21);
+        s.secs = faults::fault_secs(15);
+        s.kinds = vec![FaultKind::AgentPowerLoss];
+        s.flushes = false;
+        s.ops_per_fault = 60;
+        // Idle past the activity log's 30 s: the unclean restart finds no
+        // region to resync and starts `streaming`, so the tag is accepted.
+        s.idle_before_agent_power_loss = std::time::Duration::from_secs(40);
+        s.wait_welcome_after_restart = false;
+        s.tag_after_agent_restart = true;
+        check(s);
+    }
+}
+
+/// Seed 1 with writes up to the export's maximum request (32 MiB). Today the
+/// process server ends every session at the first such write ("malformed
+/// frame: frame is 32735772 bytes, over the limit of 16781312"), and the agent
+/// cannot start again after a kill -9: its journal holds a record it wrote but
+/// refuses to replay ("journal/0000000000000001.jnl: record at byte 2120394:
+/// write data is 32735744 bytes, over the limit of 8388608"; `lifeboat-agent`
+/// exits at start). Run with the larger size by default once fixed, or set
+/// LIFEBOAT_FAULT_MAX_WRITE=32M for every seed.
+#[test]
+#[ignore = "enable once writes over 8 MiB are taken end to end (server frame limit, agent journal replay limit)"]
+fn seed_1_writes_up_to_32_mib() {
+    if needs_fuse() {
+        let mut s = scenario(1);
+        s.max_write = faults::EXPORT_MAX_REQUEST;
+        check(s);
+    }
+}
