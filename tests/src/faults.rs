@@ -30,12 +30,11 @@ use crate::powerfs::PowerMount;
 use crate::proxy::FaultProxy;
 use crate::{bin, failover, points, run_ok, wait_for, Agent, ObjectStorePeer, Proc, ProcessServer};
 
+/// The export's maximum request: the data path's one write limit.
+pub const EXPORT_MAX_REQUEST: usize = lifeboat_common::protocol::MAX_WRITE_LEN as usize;
 /// The largest write the workload sends unless `LIFEBOAT_FAULT_MAX_WRITE` says
-/// otherwise: the process server refuses writes over 8 MiB today (being fixed);
-/// raise to 32 MiB (the export's maximum request) once it takes them.
-pub const MAX_WRITE: usize = 8 << 20;
-/// The export's maximum request (`agent/src/capture/nbd.rs` MAX_REQUEST_LEN).
-pub const EXPORT_MAX_REQUEST: usize = 32 << 20;
+/// otherwise: the export's maximum.
+pub const MAX_WRITE: usize = EXPORT_MAX_REQUEST;
 /// Bounds on the resident memory of the agent and the process server.
 pub const AGENT_RSS_BOUND: u64 = 1536 << 20;
 pub const PS_RSS_BOUND: u64 = 1536 << 20;
