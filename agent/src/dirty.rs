@@ -245,8 +245,23 @@ impl DirtyMap {
         self.lock().logged.iter().filter(|d| **d).count()
     }
 
+    /// Whether [`Self::retire`] would drop a region now.
+    pub fn retirable(&self, acked: u64) -> bool {
+        let g = self.lock();
+        let now = std::time::Instant::now();
+        (0..self.regions).any(|i| Self::can_retire(&g, i, acked, now))
+    }
+
+    fn can_retire(g: &Inner, i: usize, acked: u64, now: std::time::Instant) -> bool {
+        let cold = g.touched[i].is_none_or(|t| now.duration_since(t) >= AL_COLD);
+        g.logged[i] && !g.dirty[i] && g.last_seq[i] <= acked && cold && !g.wanted[i]
+    }
+
     /// Drops from the activity log every region whose writes are all
-    /// acknowledged (and that is not dirty), and persists the log.
+    /// acknowledged (and that is not dirty), and persists the log. The caller
+    /// has made the disk itself durable first (a region retired while the
+    /// source still held its writes only in the page cache would not be
+    /// resent after a power loss took them from the source).
     pub async fn retire(&self, acked: u64) -> std::io::Result<()> {
         let _file = self.file_lock.lock().await;
         let data = {
@@ -254,8 +269,7 @@ impl DirtyMap {
             let mut changed = false;
             let now = std::time::Instant::now();
             for i in 0..self.regions {
-                let cold = g.touched[i].is_none_or(|t| now.duration_since(t) >= AL_COLD);
-                if g.logged[i] && !g.dirty[i] && g.last_seq[i] <= acked && cold && !g.wanted[i] {
+                if Self::can_retire(&g, i, acked, now) {
                     g.logged[i] = false;
                     changed = true;
                 }

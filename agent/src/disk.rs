@@ -207,6 +207,11 @@ impl ProtectedDisk {
         self.file.read_bulk(offset, len as usize).await
     }
 
+    /// Makes every completed write durable on the disk itself.
+    pub async fn sync_disk(&self) -> io::Result<()> {
+        self.file.sync().await
+    }
+
     async fn durable(&self) -> io::Result<()> {
         let (a, b) = tokio::join!(self.file.sync(), self.stream.sync_journal());
         a?;

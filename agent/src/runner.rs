@@ -221,6 +221,15 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<()> {
                 }
                 let acked = s.positions().acked;
                 for d in &disks {
+                    if !d.dirty.retirable(acked) {
+                        continue;
+                    }
+                    // The source disk first: writes still in its page cache
+                    // would be lost by a power loss the log then forgot.
+                    if let Err(e) = d.sync_disk().await {
+                        warn!(disk = %d.id, "syncing the disk before retiring activity-log regions: {e}");
+                        continue;
+                    }
                     if let Err(e) = d.dirty.retire(acked).await {
                         warn!(disk = %d.id, "writing the activity log: {e}");
                     }

@@ -37,6 +37,9 @@ use crate::session::{Action, ReceiverState, SessionError};
 
 /// Batches waiting for the persister, per connection.
 pub const PERSIST_QUEUE_DEPTH: usize = 64;
+/// Most entry bytes of one session decoded and waiting to be persisted (a
+/// frame larger than this waits until the queue is empty, then goes alone).
+pub const PERSIST_QUEUE_BYTES: usize = 64 * 1024 * 1024;
 /// Frames waiting for the writer, per connection.
 pub const REPLY_QUEUE_DEPTH: usize = 64;
 /// The most entry bytes one sink append coalesces.
@@ -467,7 +470,8 @@ struct SessionIo {
 
 /// What the reader hands the persister, in stream order.
 enum Work {
-    Entries(Vec<Entry>),
+    /// Entries to persist, with the share of [`PERSIST_QUEUE_BYTES`] they hold.
+    Entries(Vec<Entry>, tokio::sync::OwnedSemaphorePermit),
     Resync(Frame),
 }
 
@@ -606,6 +610,7 @@ where
         shutdown,
     } = io;
     let (persist_tx, mut persist_rx) = mpsc::channel::<Work>(PERSIST_QUEUE_DEPTH);
+    let queue_bytes = Arc::new(tokio::sync::Semaphore::new(PERSIST_QUEUE_BYTES));
     let (reply_tx, mut reply_rx) = mpsc::channel::<Frame>(REPLY_QUEUE_DEPTH);
 
     let writer = tokio::spawn(async move {
@@ -643,8 +648,12 @@ where
                         None => break,
                     },
                 };
+                let mut held = Vec::new();
                 let mut batch = match work {
-                    Work::Entries(batch) => batch,
+                    Work::Entries(batch, permit) => {
+                        held.push(permit);
+                        batch
+                    }
                     Work::Resync(frame) => {
                         match answer_resync(&*sink, &machine, &ctl, frame).await {
                             Ok(Some(reply)) => {
@@ -670,9 +679,10 @@ where
                 let mut bytes: usize = batch.iter().map(Entry::encoded_len).sum();
                 while bytes < MAX_COALESCED_BYTES {
                     match persist_rx.try_recv() {
-                        Ok(Work::Entries(more)) => {
+                        Ok(Work::Entries(more, permit)) => {
                             bytes += more.iter().map(Entry::encoded_len).sum::<usize>();
                             batch.extend(more);
+                            held.push(permit);
                         }
                         Ok(other) => {
                             next = Some(other);
@@ -685,6 +695,7 @@ where
                     .append(&machine, batch)
                     .await
                     .map_err(ReceiveError::Sink)?;
+                drop(held); // the queue may take more
                 if reply_tx.send(Frame::Ack { durable }).await.is_err() {
                     break;
                 }
@@ -723,7 +734,16 @@ where
                 }
                 Ok(Action::Persist(entries)) => {
                     debug!(n = entries.len(), "batch received");
-                    if persist_tx.send(Work::Entries(entries)).await.is_err() {
+                    let bytes: usize = entries.iter().map(Entry::encoded_len).sum();
+                    let share = bytes.clamp(1, PERSIST_QUEUE_BYTES) as u32;
+                    let Ok(permit) = queue_bytes.clone().acquire_many_owned(share).await else {
+                        return Ok(());
+                    };
+                    if persist_tx
+                        .send(Work::Entries(entries, permit))
+                        .await
+                        .is_err()
+                    {
                         return Ok(()); // persister failed; its error is reported below
                     }
                 }

@@ -124,6 +124,12 @@ impl PsConfig {
                 Duration::from_millis(100),
                 Duration::from_secs(300),
             ),
+            (
+                "segment-max-age",
+                cfg.segment_max_age,
+                Duration::from_millis(100),
+                Duration::from_secs(3600),
+            ),
             // Above the agents' ping interval (10 s) with room to spare.
             (
                 "idle-timeout",
@@ -146,6 +152,13 @@ impl PsConfig {
             anyhow::bail!(
                 "{}: max-connections-per-source must be at least 1",
                 path.display()
+            );
+        }
+        if !(0..=22).contains(&cfg.zstd_level) {
+            anyhow::bail!(
+                "{}: zstd-level must be between 0 (store) and 22, not {}",
+                path.display(),
+                cfg.zstd_level
             );
         }
         if cfg.upload_concurrency == 0 {

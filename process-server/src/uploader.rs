@@ -332,9 +332,6 @@ impl Drop for Upload {
     }
 }
 
-/// Pause before a stopped uploader task is started again.
-pub const RESTART_PAUSE: Duration = Duration::from_secs(5);
-
 /// What every machine's uploader works with.
 #[derive(Clone)]
 pub struct UploadEnv {
@@ -367,21 +364,21 @@ impl OwnerCheck {
 /// stops on an error (a cache read or write it could not retry): an uploader
 /// that quietly stayed down would let the cache grow and the RPO slip.
 pub async fn supervise(env: UploadEnv, me: Arc<MachineUploader>) {
-    loop {
-        run_machine(env.clone(), me.clone()).await;
-        if env.cancel.is_cancelled() {
-            return;
+    let name = format!("uploader of {}", me.machine);
+    let cancel = env.cancel.clone();
+    lifeboat_common::supervise::supervise(&name, cancel, move || {
+        let (env, me) = (env.clone(), me.clone());
+        async move {
+            run_machine(env.clone(), me.clone()).await;
+            if env.cancel.is_cancelled() || env.ownership.fenced(&me.machine).is_some() {
+                // Cancelled, or fenced (logged when it was; nothing to upload
+                // until an operator acts).
+                return Ok(());
+            }
+            anyhow::bail!("stopped on the error logged above")
         }
-        if env.ownership.fenced(&me.machine).is_some() {
-            // Logged when it was fenced; nothing to upload until an operator acts.
-            return;
-        }
-        warn!(machine = %me.machine, "uploader stopped; starting it again in {RESTART_PAUSE:?}");
-        tokio::select! {
-            _ = tokio::time::sleep(RESTART_PAUSE) => {}
-            _ = env.cancel.cancelled() => return,
-        }
-    }
+    })
+    .await
 }
 
 /// The uploader task of one machine. Returns when `cancel` fires, or on an
