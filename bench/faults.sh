@@ -8,7 +8,9 @@
 # kind, writes acknowledged, writes lost (must be 0), failovers compared (all
 # equal). Needs root and /dev/fuse.
 #   bench/faults.sh [--minutes N (30)] [--seed FIRST] [--secs PER_SEED (120)] [--kinds k1,k2]
-#   LIFEBOAT_FAULT_MAX_WRITE=32M raises the largest write (default 8 MiB).
+#   LIFEBOAT_FAULT_MAX_WRITE=8M lowers the largest write (default: the export's 32 MiB).
+#   LIFEBOAT_BENCH_BIN=DIR runs the binaries in DIR (a copy, so that a rebuild
+#   during the run does not change them under it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/cargo-env.sh
@@ -28,6 +30,7 @@ done
 [ -x target/release/lifeboat-faults ] && [ -x target/release/lifeboat-powerfs ] || build_release
 WORK="$(mktemp -d /tmp/lifeboat-faults.XXXXXX)"
 source scripts/lib.sh
+BIN="${LIFEBOAT_BENCH_BIN:-$BIN}"
 KEEP=1   # failed seeds keep their directories under $WORK; passing ones are removed
 echo "fault harness: ${MINUTES} min from seed $SEED, ${SECS} s per seed, work in $WORK"
 set +e
