@@ -8,6 +8,10 @@
 //! machine runs at a time: a newer connection for the same machine supersedes the
 //! older one, which is cancelled and fully stopped before the new one starts.
 //!
+//! Parts: `registry.rs` (one live session per machine, resync watchers),
+//! `compare.rs` (the resync comparison as plain functions); this file is the
+//! connection driver.
+//!
 //! Checksum resync: [`Sessions::start_resync`] injects a resync-start frame into
 //! the machine's live session and returns a channel of [`ResyncEvent`]s. The
 //! agent's hash frames travel through the persist queue, so each is answered
@@ -21,12 +25,11 @@
 //! holds; when it is not the hello's, the welcome says so and entries are
 //! refused (see `protocol.rs`).
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
 
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{mpsc, Mutex};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -34,6 +37,12 @@ use crate::framed::{read_frame, write_frame, FrameError};
 use crate::protocol::{error_code, DiskInfo, Entry, Frame, ResyncReport, StreamId, MAX_FRAME_LEN};
 use crate::resync::{self, BlockHash, REGION_BLOCKS};
 use crate::session::{Action, ReceiverState, SessionError};
+
+mod compare;
+mod registry;
+
+use registry::SessionCtl;
+pub use registry::{ResyncEvent, ResyncProgress, Sessions};
 
 /// Batches waiting for the persister, per connection.
 pub const PERSIST_QUEUE_DEPTH: usize = 64;
@@ -103,63 +112,6 @@ pub const INJECT_QUEUE_DEPTH: usize = 16;
 /// Regions whose block hashes are looked up at once.
 const LOOKUP_REGIONS: usize = 64;
 
-/// Progress of a checksum resync, for whoever started it.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "kebab-case", tag = "event")]
-pub enum ResyncEvent {
-    Progress(ResyncProgress),
-    /// The session ended before the resync did; the agent resumes it when it
-    /// reconnects, and the events go on.
-    Interrupted {
-        reason: String,
-    },
-    Done(ResyncReport),
-}
-
-/// What the receiver compared so far.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub struct ResyncProgress {
-    pub regions_compared: u64,
-    pub regions_differ: u64,
-    pub blocks_compared: u64,
-    pub blocks_differ: u64,
-}
-
-/// Whoever waits for each machine's checksum resync, with its progress so far.
-type Watchers =
-    std::sync::Mutex<HashMap<String, (mpsc::UnboundedSender<ResyncEvent>, ResyncProgress)>>;
-
-fn watch_event(
-    watchers: &Watchers,
-    machine: &str,
-    f: impl FnOnce(&mut ResyncProgress) -> Option<ResyncEvent>,
-) {
-    let mut w = watchers.lock().unwrap_or_else(|p| p.into_inner());
-    if let Some((tx, p)) = w.get_mut(machine) {
-        if let Some(ev) = f(p) {
-            let done = matches!(ev, ResyncEvent::Done(_));
-            if tx.send(ev).is_err() || done {
-                w.remove(machine);
-            }
-        }
-    }
-}
-
-/// The handle of a live session the receiver itself can act on.
-struct SessionCtl {
-    machine: String,
-    inject: mpsc::Sender<Frame>,
-    disks: Vec<DiskInfo>,
-    watchers: Arc<Watchers>,
-}
-
-impl SessionCtl {
-    fn event(&self, f: impl FnOnce(&mut ResyncProgress) -> Option<ResyncEvent>) {
-        watch_event(&self.watchers, &self.machine, f)
-    }
-}
-
 /// Which machine a connection's certificate allows.
 pub trait PeerAuth: Send + Sync {
     fn allows(&self, machine: &str) -> bool;
@@ -191,139 +143,6 @@ pub enum ReceiveError {
     Conflict(String),
     #[error("i/o: {0}")]
     Io(#[from] std::io::Error),
-}
-
-struct Slot {
-    generation: u64,
-    cancel: CancellationToken,
-    lock: Arc<Mutex<()>>,
-    ctl: Arc<SessionCtl>,
-    /// The stream id the live session's hello presented, and its peer.
-    stream_id: StreamId,
-    peer: String,
-}
-
-/// One live session per machine.
-#[derive(Default)]
-pub struct Sessions {
-    slots: std::sync::Mutex<HashMap<String, Slot>>,
-    next_generation: std::sync::atomic::AtomicU64,
-    watchers: Arc<Watchers>,
-}
-
-impl Sessions {
-    /// Starts a checksum resync of `disk` (every disk when `None`) in the
-    /// machine's live session; returns its events, ending with `Done` (or the
-    /// channel closes when the session ends first).
-    pub fn start_resync(
-        &self,
-        machine: &str,
-        disk: Option<&str>,
-    ) -> Result<mpsc::UnboundedReceiver<ResyncEvent>, String> {
-        let ctl = {
-            let slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
-            match slots.get(machine) {
-                Some(s) => s.ctl.clone(),
-                None => {
-                    return Err(format!(
-                    "machine {machine:?} has no live session (is its agent running and connected?)"
-                ))
-                }
-            }
-        };
-        let disks: Vec<u16> = match disk {
-            None => (0..ctl.disks.len() as u16).collect(),
-            Some(id) => match ctl.disks.iter().position(|d| d.id == id) {
-                Some(i) => vec![i as u16],
-                None => {
-                    return Err(format!(
-                        "machine {machine:?} has no disk {id:?}; its disks: {}",
-                        ctl.disks
-                            .iter()
-                            .map(|d| d.id.as_str())
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    ))
-                }
-            },
-        };
-        let mut w = self.watchers.lock().unwrap_or_else(|p| p.into_inner());
-        if w.get(machine).is_some_and(|(tx, _)| !tx.is_closed()) {
-            return Err(format!("a resync of {machine:?} is already running"));
-        }
-        let (tx, rx) = mpsc::unbounded_channel();
-        ctl.inject
-            .try_send(Frame::ResyncStart { disks })
-            .map_err(|e| format!("cannot reach the session of {machine:?}: {e}"))?;
-        w.insert(machine.to_string(), (tx, ResyncProgress::default()));
-        Ok(rx)
-    }
-
-    /// Tells the machine's resync watcher, if any, that its session ended.
-    fn interrupted(&self, machine: &str, reason: String) {
-        watch_event(&self.watchers, machine, |_| {
-            Some(ResyncEvent::Interrupted { reason })
-        });
-    }
-
-    /// Makes this connection the machine's session and returns its token and
-    /// lock. A live session with the same stream id is cancelled (the agent
-    /// reconnected; its old connection may not have noticed yet). A live
-    /// session with another stream id is kept and this one refused: two
-    /// agents present one machine (a cloned VM, or a copied state directory
-    /// gone separate ways), and their writes must never be merged. An agent
-    /// that really lost its state gets in once its old session ends (the
-    /// server's idle timeout bounds that).
-    fn claim(
-        &self,
-        machine: &str,
-        ctl: Arc<SessionCtl>,
-        stream_id: StreamId,
-        peer: &str,
-    ) -> Result<(u64, CancellationToken, Arc<Mutex<()>>), String> {
-        let generation = self
-            .next_generation
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let cancel = CancellationToken::new();
-        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
-        let lock = match slots.get(machine) {
-            Some(old) if old.stream_id != stream_id => {
-                return Err(format!(
-                    "machine {machine} is already connected from {} with stream {}; this connection from {peer} \
-                     presents stream {}: two agents claim one machine (a cloned machine or a copied state \
-                     directory?). Refusing the second; the two are never merged. Give the clone its own \
-                     machine id and certificate",
-                    old.peer,
-                    crate::hex(&old.stream_id),
-                    crate::hex(&stream_id)
-                ));
-            }
-            Some(old) => {
-                old.cancel.cancel();
-                old.lock.clone()
-            }
-            None => Arc::new(Mutex::new(())),
-        };
-        slots.insert(
-            machine.to_string(),
-            Slot {
-                generation,
-                cancel: cancel.clone(),
-                lock: lock.clone(),
-                ctl,
-                stream_id,
-                peer: peer.to_string(),
-            },
-        );
-        Ok((generation, cancel, lock))
-    }
-
-    fn release(&self, machine: &str, generation: u64) {
-        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
-        if slots.get(machine).map(|s| s.generation) == Some(generation) {
-            slots.remove(machine);
-        }
-    }
 }
 
 /// Serves one connection (from `peer`, named in messages) until the peer
@@ -509,21 +328,7 @@ async fn answer_resync<S: StreamSink>(
                     .map(|r| resync::blocks_in_region(size, r))
                     .sum();
                 let mine = sink.block_hashes(machine, disk, first_block, count).await?;
-                let mut at = 0usize;
-                for (j, theirs) in chunk.iter().enumerate() {
-                    let region = first + j as u64;
-                    let n = resync::blocks_in_region(size, region) as usize;
-                    let ours = mine.get(at..at + n).ok_or_else(|| {
-                        anyhow::anyhow!(
-                            "block hash lookup returned {} of {count} hashes",
-                            mine.len()
-                        )
-                    })?;
-                    at += n;
-                    if resync::region_hash(ours) != *theirs {
-                        regions.push(region);
-                    }
-                }
+                regions.extend(compare::differing_regions(size, first, chunk, &mine)?);
             }
             let differ = regions.len() as u64;
             ctl.event(|p| {
@@ -557,13 +362,7 @@ async fn answer_resync<S: StreamSink>(
             if mine.len() as u64 != n {
                 anyhow::bail!("block hash lookup returned {} of {n} hashes", mine.len());
             }
-            let blocks: Vec<u8> = mine
-                .iter()
-                .zip(&hashes)
-                .enumerate()
-                .filter(|(_, (m, t))| resync::wire_block_hash(m) != **t)
-                .map(|(i, _)| i as u8)
-                .collect();
+            let blocks = compare::differing_blocks(&hashes, &mine)?;
             let differ = blocks.len() as u64;
             ctl.event(|p| {
                 p.blocks_compared += n;
