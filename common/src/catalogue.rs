@@ -43,15 +43,13 @@ use serde::{Deserialize, Serialize};
 
 use ring::{hkdf, hmac};
 
-use crate::codec::{envelope, open_envelope, DecodeError, Reader, Writer};
+use crate::codec::{DecodeError, Reader, Writer};
+use crate::formats::{self, DataKeyRecord, SegmentRecord};
 use crate::protocol::{DiskInfo, Entry, TagKind};
 use crate::seal::{self, Key, SealError};
 use crate::store::{Store, StoreError};
 
 pub const FORMAT_VERSION: u32 = 1;
-const SEGMENT_MAGIC: [u8; 4] = *b"LBSG";
-const SEGMENT_VERSION: u16 = 1;
-const DATA_KEY_MAGIC: [u8; 4] = *b"LBDK";
 
 pub fn machine_dir(machine: &str) -> String {
     format!("machines/{machine}")
@@ -177,7 +175,7 @@ pub fn encode_segment(machine: &str, entries: &[Entry]) -> Vec<u8> {
     for e in entries {
         e.encode(&mut p);
     }
-    envelope(SEGMENT_MAGIC, SEGMENT_VERSION, &p)
+    formats::seal::<SegmentRecord>(&p)
 }
 
 /// Decodes a segment and checks it is what its name says.
@@ -186,7 +184,7 @@ pub fn decode_segment(
     machine: &str,
     name: SegmentName,
 ) -> Result<Vec<Entry>, DecodeError> {
-    let payload = open_envelope(plain, SEGMENT_MAGIC, SEGMENT_VERSION, "segment")?;
+    let payload = formats::open::<SegmentRecord>(plain)?;
     let src = Bytes::copy_from_slice(payload);
     let mut r = Reader::new(&src);
     let m = r.str16("segment machine")?;
@@ -381,7 +379,7 @@ pub fn seal_data_key(kek: &Key, machine: &str, data_key: &Key) -> Vec<u8> {
         kek,
         &data_key_object(machine),
         0,
-        &envelope(DATA_KEY_MAGIC, 1, data_key.as_bytes()),
+        &formats::seal::<DataKeyRecord>(data_key.as_bytes()),
         0,
     )
 }
@@ -400,12 +398,11 @@ pub fn open_data_key(
         },
         other => other.into(),
     })?;
-    let payload = open_envelope(&plain, DATA_KEY_MAGIC, 1, "data key").map_err(|source| {
-        CatalogueError::Decode {
+    let payload =
+        formats::open::<DataKeyRecord>(&plain).map_err(|source| CatalogueError::Decode {
             object: store.describe(&name),
             source,
-        }
-    })?;
+        })?;
     let arr: [u8; 32] = payload.try_into().map_err(|_| CatalogueError::Invalid {
         object: store.describe(&name),
         detail: "data key is not 32 bytes".into(),

@@ -13,6 +13,9 @@
 //! | [`CacheValue`] | `LBCV` | 1 | process-server RocksDB `log` values (protocol entry) |
 //! | [`CachePosition`] | `LBPO` | 1 | process-server RocksDB `meta` positions (u64) |
 //! | [`CacheMachine`] | `LBMR` | 1 | process-server RocksDB `meta` machine records (JSON) |
+//! | [`CacheOwnerEpoch`] | `LBOE` | 1 | process-server RocksDB `meta` owner epochs (u64) |
+//! | [`SegmentRecord`] | `LBSG` | 1 | store `log/<first>-<last>.seg`, inside the seal |
+//! | [`DataKeyRecord`] | `LBDK` | 1 | store `keys/data-key.sealed`, inside the seal |
 //!
 //! A record of the right magic but another version is a named
 //! [`DecodeError::Version`], never taken for a torn tail. Each format and
@@ -72,6 +75,19 @@ record!(
 record!(
     /// A machine record in the process server's cache (JSON).
     CacheMachine, b"LBMR", 1, "machine record"
+);
+record!(
+    /// The owner epoch the process server last held for a machine (u64).
+    CacheOwnerEpoch, b"LBOE", 1, "owner epoch"
+);
+
+record!(
+    /// A segment's plaintext (index + entries) before sealing.
+    SegmentRecord, b"LBSG", 1, "segment"
+);
+record!(
+    /// A machine's data key before it is sealed with the key-encryption key.
+    DataKeyRecord, b"LBDK", 1, "data key"
 );
 
 /// Every record type above: (what, magic, version). Magics are unique.

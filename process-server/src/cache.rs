@@ -34,7 +34,8 @@ use std::sync::Arc;
 use anyhow::{anyhow, Context, Result};
 use bytes::Bytes;
 use lifeboat_common::catalogue::MachineRecord;
-use lifeboat_common::codec::{envelope, open_envelope, Reader, ENVELOPE_HEADER};
+use lifeboat_common::codec::Reader;
+use lifeboat_common::formats::{self, CacheMachine, CacheOwnerEpoch, CachePosition, CacheValue};
 use lifeboat_common::protocol::{Entry, Op};
 use lifeboat_common::resync::{self, BlockHash, BLOCK, HASH_LEN};
 use rocksdb::{
@@ -46,10 +47,6 @@ const CF_META: &str = "meta";
 const CF_HASH: &str = "hash";
 /// Zeroed ranges up to this many blocks store hashes; longer ones delete a range.
 const ZERO_PUT_MAX_BLOCKS: u64 = 256;
-const VALUE_MAGIC: [u8; 4] = *b"LBCV";
-const POS_MAGIC: [u8; 4] = *b"LBPO";
-const MACHINE_MAGIC: [u8; 4] = *b"LBMR";
-const OWNER_EPOCH_MAGIC: [u8; 4] = *b"LBOE";
 
 pub struct Cache {
     db: Arc<DB>,
@@ -140,16 +137,10 @@ fn seq_of(machine: &str, key: &[u8]) -> Option<u64> {
     Some(u64::from_be_bytes(rest.try_into().ok()?))
 }
 
-/// `envelope(VALUE_MAGIC, 1, entry)` written in place, without an extra copy.
+/// A cache value (envelope of [`CacheValue`]) written in place, without an
+/// extra copy.
 fn envelope_entry(out: &mut Vec<u8>, e: &Entry) {
-    out.extend_from_slice(&VALUE_MAGIC);
-    out.extend_from_slice(&1u16.to_be_bytes());
-    out.extend_from_slice(&[0; 8]);
-    e.encode(out);
-    let len = (out.len() - ENVELOPE_HEADER) as u32;
-    let crc = crc32c::crc32c(&out[ENVELOPE_HEADER..]);
-    out[6..10].copy_from_slice(&len.to_be_bytes());
-    out[10..14].copy_from_slice(&crc.to_be_bytes());
+    formats::append::<CacheValue>(out, |o| e.encode(o));
 }
 
 /// A range of entries read for one segment.
@@ -272,7 +263,7 @@ impl Cache {
         match self.db.get_cf(cf, format!("uploaded/{machine}"))? {
             None => Ok(0),
             Some(v) => {
-                let p = open_envelope(&v, POS_MAGIC, 1, "uploaded position")
+                let p = formats::open::<CachePosition>(&v)
                     .with_context(|| format!("reading the uploaded position of {machine}"))?;
                 Ok(Reader::new(p).u64("uploaded position")?)
             }
@@ -312,7 +303,7 @@ impl Cache {
                     "cache of {machine} has a gap: expected seq {expect}, found {seq}"
                 ));
             }
-            let payload = open_envelope(&v, VALUE_MAGIC, 1, "cache value")
+            let payload = formats::open::<CacheValue>(&v)
                 .with_context(|| format!("cache entry {machine}/{seq}"))?;
             let src = Bytes::copy_from_slice(payload);
             let e = Entry::decode(&mut Reader::new(&src), &src)
@@ -340,7 +331,7 @@ impl Cache {
         self.db.put_cf_opt(
             meta,
             format!("uploaded/{machine}"),
-            envelope(POS_MAGIC, 1, &upto.to_be_bytes()),
+            formats::seal::<CachePosition>(&upto.to_be_bytes()),
             &wo,
         )?;
         let mut batch = WriteBatch::default();
@@ -361,7 +352,7 @@ impl Cache {
         self.db.put_cf_opt(
             meta,
             format!("machine/{}", rec.machine),
-            envelope(MACHINE_MAGIC, 1, &json),
+            formats::seal::<CacheMachine>(&json),
             &wo,
         )?;
         Ok(())
@@ -398,7 +389,7 @@ impl Cache {
         match self.db.get_cf(meta, format!("owner-epoch/{machine}"))? {
             None => Ok(None),
             Some(v) => {
-                let p = open_envelope(&v, OWNER_EPOCH_MAGIC, 1, "owner epoch")
+                let p = formats::open::<CacheOwnerEpoch>(&v)
                     .with_context(|| format!("reading the owner epoch of {machine}"))?;
                 let b: [u8; 8] = p
                     .try_into()
@@ -416,7 +407,7 @@ impl Cache {
         self.db.put_cf_opt(
             meta,
             format!("owner-epoch/{machine}"),
-            envelope(OWNER_EPOCH_MAGIC, 1, &epoch.to_be_bytes()),
+            formats::seal::<CacheOwnerEpoch>(&epoch.to_be_bytes()),
             &wo,
         )?;
         Ok(())
@@ -428,7 +419,7 @@ impl Cache {
         match self.db.get_cf(meta, format!("machine/{machine}"))? {
             None => Ok(None),
             Some(v) => {
-                let p = open_envelope(&v, MACHINE_MAGIC, 1, "machine record")
+                let p = formats::open::<CacheMachine>(&v)
                     .with_context(|| format!("reading the machine record of {machine}"))?;
                 Ok(Some(serde_json::from_slice(p)?))
             }
@@ -445,12 +436,12 @@ impl Cache {
         batch.put_cf(
             meta,
             format!("machine/{m}"),
-            envelope(MACHINE_MAGIC, 1, &serde_json::to_vec(rec)?),
+            formats::seal::<CacheMachine>(&serde_json::to_vec(rec)?),
         );
         batch.put_cf(
             meta,
             format!("uploaded/{m}"),
-            envelope(POS_MAGIC, 1, &end.to_be_bytes()),
+            formats::seal::<CachePosition>(&end.to_be_bytes()),
         );
         if end > 0 {
             batch.put_cf(meta, format!("hashes-unknown/{m}"), b"1");
@@ -475,7 +466,7 @@ impl Cache {
             if !k.starts_with(b"machine/") {
                 break;
             }
-            let p = open_envelope(&v, MACHINE_MAGIC, 1, "machine record")?;
+            let p = formats::open::<CacheMachine>(&v)?;
             out.push(serde_json::from_slice(p)?);
         }
         Ok(out)
@@ -484,6 +475,37 @@ impl Cache {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_kept_version_1_cache_value_and_position_read_back() {
+        use lifeboat_common::formats::{self, CachePosition, CacheValue};
+        use lifeboat_common::protocol::Op;
+        let entry = Entry {
+            seq: 42,
+            op: Op::Write {
+                disk: 1,
+                offset: 8192,
+                data: bytes::Bytes::from_static(b"fixture data"),
+            },
+        };
+        let v = formats::read_fixture::<CacheValue>("cache-value", || {
+            let mut b = Vec::new();
+            envelope_entry(&mut b, &entry);
+            b
+        });
+        let payload = bytes::Bytes::copy_from_slice(formats::open::<CacheValue>(&v).unwrap());
+        assert_eq!(
+            Entry::decode(&mut Reader::new(&payload), &payload).unwrap(),
+            entry
+        );
+        let p = formats::read_fixture::<CachePosition>("cache-position", || {
+            formats::seal::<CachePosition>(&77u64.to_be_bytes())
+        });
+        assert_eq!(
+            formats::open::<CachePosition>(&p).unwrap(),
+            77u64.to_be_bytes()
+        );
+    }
+
     use super::*;
     use lifeboat_common::protocol::TagKind;
 
