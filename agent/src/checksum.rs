@@ -397,6 +397,15 @@ async fn resync_all(
     // Before the first resend: until the closing point the stream's end is
     // not crash-consistent.
     stream.mark_inconsistent("checksum resync");
+    // The receiver compares with the replica as of the entries it holds, so
+    // what the journal still holds from before this run must be in it first:
+    // such an entry landing after its region was judged equal would overwrite
+    // it with data the disk may no longer hold, and nothing would resend it
+    // (after a restart, a plan of the whole disk replaces the resend of the
+    // activity log's regions, which covered writes the journal had no room
+    // for). Entries captured during the run are safe: a later change of their
+    // blocks is journaled after them or marked dirty.
+    wait_acked(stream, stream.positions().captured, out).await?;
     for pd in &plan.disks {
         let Some(d) = disks.iter().find(|d| d.id == pd.id) else {
             // Removed from the config since it was planned: retired, its
@@ -568,6 +577,18 @@ async fn resync_disk(
         first += count;
         stream.sync_journal().await.context("syncing the journal")?;
         ck.advance(&d.id, first).await?;
+    }
+    Ok(())
+}
+
+/// Waits until the receiver acknowledged every seq up to `seq` (it holds them
+/// in its replica before it reads anything sent after).
+async fn wait_acked(stream: &Stream, seq: u64, out: &mpsc::Sender<Frame>) -> Result<()> {
+    while stream.positions().acked < seq {
+        if out.is_closed() {
+            bail!("the session ended during the resync");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
     Ok(())
 }

@@ -296,3 +296,65 @@ fn rebuilt_process_server(gap: bool) {
         "the process server must say it continued from the store"
     );
 }
+
+/// The seeded fault run 4: a resync planned before a restart runs while the
+/// journal still holds entries from before it. The receiver answers against
+/// the replica as of the entries it holds, so those must be in it before the
+/// disk is compared: one landing after its region was judged equal would
+/// overwrite it with data the disk no longer holds, and nothing resends it.
+#[test]
+fn a_resync_compares_after_the_journal_backlog_is_in_the_replica() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let size = 64 * MIB;
+    let mut rng = Rng(0x5eed_0000_0004_0004);
+    let (mut ps, mut agent) = synced_random_disk(root, size, &mut rng, |ps| ps.port);
+    let image = agent.image("root");
+    let region = 52 * MIB;
+    let old = {
+        use std::os::unix::fs::FileExt;
+        let mut b = vec![0u8; MIB as usize];
+        std::fs::File::open(&image)
+            .unwrap()
+            .read_exact_at(&mut b, region)
+            .unwrap();
+        b
+    };
+
+    // 1. While the process server is down the journal fills with a backlog
+    //    (160 MiB elsewhere, then new data for one region); the agent stops.
+    ps.proc.as_mut().unwrap().stop(Duration::from_secs(30));
+    let source = root.join("random.bin");
+    std::fs::write(&source, []).unwrap();
+    fill_random(&source, 0, 16 * MIB, &mut rng);
+    let src = source.display().to_string();
+    let mut writes: Vec<String> = (0..10)
+        .map(|i| format!("write -s {src} {} 16M", (i % 3) * 16 * MIB))
+        .collect();
+    writes.push(format!("write -P 0x5a {region} 1M"));
+    let cmds: Vec<&str> = writes.iter().map(String::as_str).collect();
+    qemu_io(&agent.uri("root"), &cmds).unwrap();
+    agent.stop_clean();
+
+    // 2. While it is stopped the region gets its old content back (the write
+    //    that restored it is not in the journal, as a write the journal had no
+    //    room for), and the disk grows: the agent plans a resync of all of it.
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&image)
+            .unwrap();
+        f.write_all_at(&old, region).unwrap();
+        f.sync_all().unwrap();
+    }
+    resize_file(&image, size + MIB);
+    agent.start().unwrap();
+    ps.start().unwrap();
+
+    // 3. After the backlog the replica holds the new data there: the resync
+    //    must find that region (its 1 MiB is all it sends) and the point must
+    //    equal the disk.
+    resync_is_exact(&ps, &agent, MIB, &root.join("out"));
+    agent.stop_clean();
+}
