@@ -254,13 +254,16 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<()> {
         loop {
             tokio::select! {
                 _ = tick.tick() => {
-                    if !s.consistent() {
-                        info!("initial sync in progress: no recovery point this interval");
+                    if let Some(why) = s.why_inconsistent() {
+                        info!("no recovery point this interval: {why}");
                         continue;
                     }
                     match s.tag(TagKind::Crash, "").await {
                         Some(seq) => info!(seq, "crash-consistent tag placed"),
-                        None => info!("replica not consistent ({:?}): no recovery point this interval", s.mode().0),
+                        None => info!(
+                            "no recovery point this interval: {}",
+                            s.why_inconsistent().unwrap_or_else(|| "the state changed while writes drained".into())
+                        ),
                     }
                 }
                 _ = c.cancelled() => break,
@@ -272,7 +275,15 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<()> {
     cancel.cancelled().await;
     info!("shutting down");
     while tasks.join_next().await.is_some() {}
-    let synced = stream.sync_journal().await;
+    let mut synced = stream.sync_journal().await;
+    // The disks too: the marker says nothing needs resending, which holds
+    // only if the source keeps every write the journal holds.
+    for d in &disks {
+        if let Err(e) = d.sync_disk().await {
+            warn!(disk = %d.id, "syncing the disk at shutdown: {e}");
+            synced = Err(e);
+        }
+    }
     stream.close();
     // Clean only if the journal holds everything: not while dirty regions wait
     // for a resync (they are in the activity log and are resent at the next start).
