@@ -474,9 +474,10 @@ impl Agent {
     }
 }
 
-/// A started process server (file:// store) and a synced agent for "machine-1",
-/// under `root/ps` and `root/agent`; `extra` is added to agent.toml.
-pub fn start_pair(
+/// A started process server (file:// store) and an agent for "machine-1"
+/// configured but not started, under `root/ps` and `root/agent`; `extra` is
+/// added to agent.toml.
+pub fn configured_pair(
     root: &Path,
     disks: &[(&str, u64)],
     extra: &str,
@@ -484,7 +485,7 @@ pub fn start_pair(
     let mut ps = ProcessServer::init(&root.join("ps"), None, &[])?;
     ps.start()?;
     let certs = ps.dir.join("machines").join("machine-1");
-    let mut agent = Agent::configure(
+    let agent = Agent::configure(
         &root.join("agent"),
         "machine-1",
         &certs,
@@ -492,6 +493,16 @@ pub fn start_pair(
         disks,
         extra,
     )?;
+    Ok((ps, agent))
+}
+
+/// [`configured_pair`], with the agent started and synced.
+pub fn start_pair(
+    root: &Path,
+    disks: &[(&str, u64)],
+    extra: &str,
+) -> Result<(ProcessServer, Agent)> {
+    let (ps, mut agent) = configured_pair(root, disks, extra)?;
     agent.start()?;
     agent.wait_synced(Duration::from_secs(120))?;
     Ok((ps, agent))

@@ -149,18 +149,8 @@ fn wait_state(agent: &Agent, state: &str, timeout: Duration) -> serde_json::Valu
 fn a_full_journal_filesystem_degrades_and_recovers_by_itself() {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
-    let mut ps = ProcessServer::init(&root.join("ps"), None, &[]).unwrap();
-    ps.start().unwrap();
-    let certs = ps.dir.join("machines").join(MACHINE);
-    let mut agent = Agent::configure(
-        &root.join("agent"),
-        MACHINE,
-        &certs,
-        ps.port,
-        &[("root", 96 * MIB)],
-        "journal-max-bytes = 16777216",
-    )
-    .unwrap();
+    let (mut ps, mut agent) =
+        configured_pair(root, &[("root", 96 * MIB)], "journal-max-bytes = 16777216").unwrap();
     let fs = SmallFs::mount(&agent.dir.join("state/journal"), "48m");
     agent.start().unwrap();
     agent.wait_synced(Duration::from_secs(120)).unwrap();
