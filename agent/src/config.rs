@@ -229,6 +229,14 @@ mod tests {
     }
 
     #[test]
+    fn the_example_config_is_valid() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/examples/agent.toml");
+        let cfg = AgentConfig::load(&path).unwrap();
+        assert_eq!(cfg.journal_max_bytes, DEFAULT_JOURNAL_MAX_BYTES);
+        assert_eq!(cfg.tag_interval, DEFAULT_TAG_INTERVAL);
+    }
+
+    #[test]
     fn a_server_without_a_port_is_refused() {
         let text = "machine = \"m-1\"\nserver = \"ps.example\"\nca-cert = \"ca\"\nclient-cert = \"c\"\n\
                     client-key = \"k\"\nstate-dir = \"s\"\n[[disk]]\nid = \"root\"\npath = \"r\"\nsocket = \"s\"\n";

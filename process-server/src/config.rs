@@ -167,3 +167,16 @@ impl PsConfig {
         Ok(cfg)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_example_config_is_valid() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/examples/ps.toml");
+        let cfg = PsConfig::load(&path).unwrap();
+        assert_eq!(cfg.max_connections_per_source, 16);
+        assert!(cfg.store.url.starts_with("s3://"));
+    }
+}
