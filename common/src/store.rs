@@ -269,8 +269,21 @@ impl Store {
         rel: &str,
         data: Bytes,
     ) -> Result<Option<String>, StoreError> {
+        self.conditional_put(rel, data, PutMode::Create, "creating")
+            .await
+    }
+
+    /// A put in `mode` (create-if-absent or ETag-matched update): the new
+    /// ETag, or `None` when the condition failed (another writer won).
+    async fn conditional_put(
+        &self,
+        rel: &str,
+        data: Bytes,
+        mode: PutMode,
+        op: &'static str,
+    ) -> Result<Option<String>, StoreError> {
         let opts = PutOptions {
-            mode: PutMode::Create,
+            mode,
             ..Default::default()
         };
         match self
@@ -283,8 +296,9 @@ impl Store {
                 None => Ok(Some(self.etag(rel).await?.unwrap_or_default())),
             },
             Err(object_store::Error::AlreadyExists { .. })
-            | Err(object_store::Error::Precondition { .. }) => Ok(None),
-            Err(e) => Err(self.err("creating", rel, e)),
+            | Err(object_store::Error::Precondition { .. })
+            | Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(self.err(op, rel, e)),
         }
     }
 
@@ -333,26 +347,11 @@ impl Store {
             drop(lock);
             return r;
         }
-        let opts = PutOptions {
-            mode: PutMode::Update(UpdateVersion {
-                e_tag: Some(expected.to_string()),
-                version: None,
-            }),
-            ..Default::default()
-        };
-        match self
-            .inner
-            .put_opts(&self.path(rel), PutPayload::from(data), opts)
-            .await
-        {
-            Ok(r) => match r.e_tag {
-                Some(t) => Ok(Some(t)),
-                None => Ok(Some(self.etag(rel).await?.unwrap_or_default())),
-            },
-            Err(object_store::Error::Precondition { .. })
-            | Err(object_store::Error::NotFound { .. }) => Ok(None),
-            Err(e) => Err(self.err("updating", rel, e)),
-        }
+        let mode = PutMode::Update(UpdateVersion {
+            e_tag: Some(expected.to_string()),
+            version: None,
+        });
+        self.conditional_put(rel, data, mode, "updating").await
     }
 
     /// Objects under `rel_prefix` (names relative to the store root), sorted.
