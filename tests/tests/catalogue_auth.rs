@@ -166,20 +166,10 @@ fn resign_machine_json(ps: &ProcessServer, original: &[u8], id: &str) -> Option<
 fn deleted_inconsistent_mark_is_detected_from_the_stream() {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
-    let mut ps = ProcessServer::init(&root.join("ps"), None, &[]).unwrap();
-    ps.start().unwrap();
-    let certs = ps.dir.join("machines").join(MACHINE);
     let size = 256 * MIB;
     // 256 MiB at 8 MiB/s: the sync runs for half a minute.
-    let mut agent = Agent::configure(
-        &root.join("agent"),
-        MACHINE,
-        &certs,
-        ps.port,
-        &[("root", size)],
-        "sync-rate-limit = 8388608",
-    )
-    .unwrap();
+    let (ps, mut agent) =
+        configured_pair(root, &[("root", size)], "sync-rate-limit = 8388608").unwrap();
     fill_random(&agent.image("root"), 0, size, &mut Rng(0x1a7e));
     agent.start().unwrap();
     let marks = store_dir(&ps).join("inconsistent");

@@ -272,19 +272,9 @@ fn fill_random_file(path: &std::path::Path, len: u64, rng: &mut Rng) {
 fn an_initial_sync_read_error_is_retried_until_the_sync_completes() {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
-    let mut ps = ProcessServer::init(&root.join("ps"), None, &[]).unwrap();
-    ps.start().unwrap();
-    let certs = ps.dir.join("machines").join(MACHINE);
     let size = 192 * MIB;
-    let mut agent = Agent::configure(
-        &root.join("agent"),
-        MACHINE,
-        &certs,
-        ps.port,
-        &[("root", size)],
-        "sync-rate-limit = 33554432",
-    )
-    .unwrap();
+    let (ps, mut agent) =
+        configured_pair(root, &[("root", size)], "sync-rate-limit = 33554432").unwrap();
     let mut rng = Rng(0x7e57_0003);
     fill_random(&agent.image("root"), 0, size, &mut rng);
     let original = root.join("original.img");
