@@ -95,6 +95,8 @@ pub struct Journal {
     shared: Arc<(Mutex<Shared>, Condvar, Condvar)>,
     /// Signalled whenever more entries reached the OS (the sender waits for it).
     pub written: Arc<tokio::sync::Notify>,
+    /// `Shared::error` is set: read on every write without taking the lock.
+    failing: Arc<std::sync::atomic::AtomicBool>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
@@ -218,14 +220,17 @@ impl Journal {
         let dir2 = dir.to_path_buf();
         let written = Arc::new(tokio::sync::Notify::new());
         let w2 = written.clone();
+        let failing = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let f2 = failing.clone();
         let thread = std::thread::Builder::new()
             .name("journal".into())
-            .spawn(move || writer_thread(dir2, s2, current, w2))
+            .spawn(move || writer_thread(dir2, s2, current, w2, f2))
             .context("starting the journal writer")?;
         Ok((
             Journal {
                 shared,
                 written,
+                failing,
                 thread: Mutex::new(Some(thread)),
             },
             entries,
@@ -305,6 +310,9 @@ impl Journal {
 
     /// Why the last write or sync failed, while it has not succeeded since.
     pub fn failing(&self) -> Option<String> {
+        if !self.failing.load(std::sync::atomic::Ordering::Acquire) {
+            return None;
+        }
         let (m, _, _) = &*self.shared;
         m.lock().unwrap_or_else(|p| p.into_inner()).error.clone()
     }
@@ -334,6 +342,7 @@ fn writer_thread(
     shared: Arc<(Mutex<Shared>, Condvar, Condvar)>,
     mut current: Option<(u64, File, u64)>,
     written: Arc<tokio::sync::Notify>,
+    failing: Arc<std::sync::atomic::AtomicBool>,
 ) {
     let (m, work, done) = &*shared;
     // Consecutive failed attempts, and the length the current file must be cut
@@ -375,6 +384,7 @@ fn writer_thread(
                 Err(e) => s.error = Some(format!("rebasing on seq {base}: {e}")),
             }
             s.rebase = None;
+            failing.store(s.error.is_some(), std::sync::atomic::Ordering::Release);
             done.notify_all();
             continue;
         }
@@ -483,6 +493,7 @@ fn writer_thread(
                 }
                 (Err(_), _) => failures += 1,
             }
+            failing.store(s.error.is_some(), std::sync::atomic::Ordering::Release);
             done.notify_all();
             if shutdown && (s.pending.is_empty() || failures >= SHUTDOWN_ATTEMPTS) {
                 if failures > 0 {
