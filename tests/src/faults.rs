@@ -164,6 +164,10 @@ pub struct Scenario {
     pub seed: u64,
     /// How long the workload runs (the final checks come after).
     pub secs: u64,
+    /// Stop the workload after this many operations even if `secs` has not
+    /// passed (to end a run right after a given fault, as a slower machine
+    /// does).
+    pub max_ops: Option<u64>,
     pub disk_size: u64,
     pub max_write: usize,
     pub kinds: Vec<FaultKind>,
@@ -196,6 +200,7 @@ impl Scenario {
         Scenario {
             seed,
             secs: fault_secs(40),
+            max_ops: None,
             disk_size: 64 << 20,
             max_write: max_write(),
             kinds: FaultKind::DEFAULT.to_vec(),
@@ -481,6 +486,40 @@ fn log_tail(path: &Path, lines: usize) -> String {
     let s = std::fs::read_to_string(path).unwrap_or_default();
     let v: Vec<&str> = s.lines().collect();
     v[v.len().saturating_sub(lines)..].join("\n")
+}
+
+/// The last `lines` WARN/ERROR lines of every `*.log` under `root` (the
+/// processes' logs, wherever their directories live), so a failed run in CI
+/// says why without its work directory.
+fn log_warnings(root: &Path, lines: usize) -> String {
+    let mut out = String::new();
+    let mut seen = std::collections::HashSet::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        let mut entries: Vec<PathBuf> = rd.flatten().map(|e| e.path()).collect();
+        entries.sort();
+        for p in entries {
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.extension().is_some_and(|e| e == "log") {
+                let text = std::fs::read_to_string(&p).unwrap_or_default();
+                let bad: Vec<&str> = text
+                    .lines()
+                    .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+                    .collect();
+                if bad.is_empty() || !seen.insert(text.clone()) {
+                    continue;
+                }
+                out.push_str(&format!("--- {}\n", p.display()));
+                out.push_str(&bad[bad.len().saturating_sub(lines)..].join("\n"));
+                out.push('\n');
+            }
+        }
+    }
+    out
 }
 
 /// The store side: file:// (optionally on powerfs) or s3s-fs.
@@ -874,7 +913,10 @@ pub fn run(s: &Scenario, root: &Path) -> Outcome {
         eprintln!("  planned: {}", f.describe());
     }
     if let Err(e) = run_inner(s, root, &mut out) {
-        out.failures.push(format!("the run stopped: {e:#}"));
+        out.failures.push(format!(
+            "the run stopped: {e:#}\nwarnings and errors in the logs:\n{}",
+            log_warnings(root, 25)
+        ));
     }
     if !out.failures.is_empty() || s.keep {
         out.work_dir = Some(root.to_path_buf());
@@ -899,7 +941,7 @@ fn run_inner(s: &Scenario, root: &Path, out: &mut Outcome) -> Result<()> {
     let mut buf = vec![0u8; s.max_write];
     let mut tag_no = 0u64;
     sample(&mut rig, &mut books, out);
-    while started.elapsed() < Duration::from_secs(s.secs) {
+    while started.elapsed() < Duration::from_secs(s.secs) && s.max_ops.is_none_or(|m| op < m) {
         op += 1;
         rig.store_due(false)?;
         while let Some(f) = schedule.due(op) {

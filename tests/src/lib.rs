@@ -527,10 +527,23 @@ pub fn wait_stored(
     seq: u64,
     timeout: Duration,
 ) -> Result<()> {
-    wait_for(&format!("seq {seq} in the store"), timeout, || {
-        let v = points(store, machine, options).ok()?;
-        (v["stream-end"].as_u64()? >= seq).then_some(())
-    })
+    let mut seen = String::from("nothing yet");
+    wait_for(
+        &format!("seq {seq} in the store"),
+        timeout,
+        || match points(store, machine, options) {
+            Ok(v) => {
+                let end = v["stream-end"].as_u64();
+                seen = format!("stream end {end:?}");
+                (end? >= seq).then_some(())
+            }
+            Err(e) => {
+                seen = format!("`lifeboat-mt points` failed: {e:#}");
+                None
+            }
+        },
+    )
+    .map_err(|e| anyhow!("{e} (last seen: {seen})"))
 }
 
 /// `lifeboat-mt failover`; returns the command's output (success not required).

@@ -1,7 +1,7 @@
 //! `lifeboat-faults`: runs the seeded fault harness (tests/src/faults.rs).
 //!
 //! ```text
-//! lifeboat-faults [--seed N] [--secs N] [--minutes N] [--kinds k1,k2,..]
+//! lifeboat-faults [--seed N] [--secs N] [--max-ops N] [--minutes N] [--kinds k1,k2,..]
 //!                 [--disk-mib N] [--ops-per-fault N] [--failovers N] [--no-flush]
 //!                 [--no-wait-welcome] [--idle-before-power-loss SECS] [--work DIR] [--keep]
 //!                 [--show-ops FROM-TO]   (print the seed's operations, run nothing)
@@ -21,7 +21,7 @@ use lifeboat_tests::faults::{self, FaultKind, Scenario};
 
 fn usage() -> ! {
     eprintln!(
-        "usage: lifeboat-faults [--seed N] [--secs N] [--minutes N] [--kinds {}] [--disk-mib N] [--ops-per-fault N] [--failovers N] [--no-flush] [--no-wait-welcome] [--idle-before-power-loss SECS] [--show-ops FROM-TO] [--work DIR] [--keep]",
+        "usage: lifeboat-faults [--seed N] [--secs N] [--max-ops N] [--minutes N] [--kinds {}] [--disk-mib N] [--ops-per-fault N] [--failovers N] [--no-flush] [--no-wait-welcome] [--idle-before-power-loss SECS] [--show-ops FROM-TO] [--work DIR] [--keep]",
         FaultKind::ALL.iter().map(|k| k.name()).collect::<Vec<_>>().join(",")
     );
     std::process::exit(2)
@@ -30,6 +30,7 @@ fn usage() -> ! {
 fn main() {
     let mut seed = faults::seed_from_env();
     let mut secs = None;
+    let mut max_ops = None;
     let mut minutes = None;
     let mut kinds = None;
     let mut disk_mib = None;
@@ -48,6 +49,7 @@ fn main() {
         match a.as_str() {
             "--seed" => seed = Some(num(val())),
             "--secs" => secs = Some(num(val())),
+            "--max-ops" => max_ops = Some(num(val())),
             "--minutes" => minutes = Some(num(val())),
             "--disk-mib" => disk_mib = Some(num(val())),
             "--ops-per-fault" => ops_per_fault = Some(num(val())),
@@ -89,6 +91,7 @@ fn main() {
         if let Some(v) = secs {
             s.secs = v;
         }
+        s.max_ops = max_ops;
         if let Some(k) = &kinds {
             s.kinds = k.clone();
         }
