@@ -5,11 +5,25 @@
 //! machines/<machine>/
 //!     machine.json                               identity, disks, format version
 //!     keys/data-key.sealed                       data key sealed by the key-encryption key
-//!     log/<first-seq:016x>-<last-seq:016x>.seg   sealed segment
+//!     log/<first:016x>-<last:016x>-<epoch:016x>.seg   sealed segment, written by
+//!                                                the owner of that epoch
+//!                                                (`<first>-<last>.seg`: epoch 0,
+//!                                                written before epochs were named)
 //!     points/<seq:016x>.json                     recovery point
 //!     inconsistent/<seq:016x>.json               the stream is not crash-consistent
 //!                                                from this seq until the next point
+//!     epochs/<epoch:016x>.json                   a takeover: the owner of this epoch
+//!                                                continued the stream after seq `after`
 //! ```
+//!
+//! Takeovers ([`EpochRecord`], `owner.rs`): a process server that takes a
+//! machine over continues the stored stream after the end it found. The old
+//! owner may still land one request after that (its ownership check and its
+//! put are two requests), and its objects would then hold seqs the new owner
+//! numbers anew. So every segment, point and mark names the owner epoch that
+//! wrote it, and an object of an older epoch counts only up to the `after` of
+//! every later takeover ([`Fences`]); a segment straddling it counts up to
+//! there. Whatever lands late is ignored by every reader, never spliced in.
 //!
 //! Segment plaintext (before sealing; integers big-endian):
 //!
@@ -60,8 +74,11 @@ pub fn machine_json(machine: &str) -> String {
 pub fn data_key_object(machine: &str) -> String {
     format!("machines/{machine}/keys/data-key.sealed")
 }
-pub fn segment_object(machine: &str, first: u64, last: u64) -> String {
-    format!("machines/{machine}/log/{first:016x}-{last:016x}.seg")
+pub fn segment_object(machine: &str, name: &SegmentName) -> String {
+    format!("machines/{machine}/log/{name}")
+}
+pub fn epoch_object(machine: &str, epoch: u64) -> String {
+    format!("machines/{machine}/epochs/{epoch:016x}.json")
 }
 pub fn point_object(machine: &str, seq: u64) -> String {
     format!("machines/{machine}/points/{seq:016x}.json")
@@ -112,6 +129,9 @@ pub struct PointRecord {
     pub time: String,
     pub label: String,
     pub disks: Vec<DiskInfo>,
+    /// The owner epoch that recorded it (0: recorded before epochs were kept).
+    #[serde(default)]
+    pub epoch: u64,
 }
 
 pub fn inconsistent_object(machine: &str, seq: u64) -> String {
@@ -126,6 +146,53 @@ pub struct InconsistentRecord {
     pub format: u32,
     pub seq: u64,
     pub label: String,
+    /// The owner epoch that recorded it (0: recorded before epochs were kept).
+    #[serde(default)]
+    pub epoch: u64,
+}
+
+/// `epochs/<epoch>.json`: the owner of `epoch` took the machine over and
+/// continued the stream after seq `after` (the stored end it found). Objects
+/// of older epochs beyond `after` are not part of the stream.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub struct EpochRecord {
+    pub format: u32,
+    pub epoch: u64,
+    pub after: u64,
+    /// The server that took over (for the operator).
+    pub server: String,
+}
+
+/// Every takeover of a machine: how far each epoch's objects count.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Fences(Vec<EpochRecord>);
+
+impl Fences {
+    pub fn new(mut records: Vec<EpochRecord>) -> Fences {
+        records.sort_by_key(|r| r.epoch);
+        Fences(records)
+    }
+
+    pub fn records(&self) -> &[EpochRecord] {
+        &self.0
+    }
+
+    /// The last seq an object written at `epoch` may hold: the smallest
+    /// `after` of the takeovers that came after it (`u64::MAX`: none did).
+    pub fn limit(&self, epoch: u64) -> u64 {
+        self.0
+            .iter()
+            .filter(|r| r.epoch > epoch)
+            .map(|r| r.after)
+            .min()
+            .unwrap_or(u64::MAX)
+    }
+
+    /// Whether a point or mark at `seq` recorded at `epoch` belongs to the stream.
+    pub fn counts(&self, epoch: u64, seq: u64) -> bool {
+        seq <= self.limit(epoch)
+    }
 }
 
 pub fn point_id(seq: u64) -> String {
@@ -138,29 +205,53 @@ pub fn format_time_ms(ms: u64) -> String {
         .unwrap_or_else(|| format!("{ms}ms"))
 }
 
-/// A segment's name, parsed.
+/// A segment's name, parsed: its seqs and the owner epoch that wrote it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct SegmentName {
     pub first: u64,
     pub last: u64,
+    /// 0 for a name without an epoch (written before epochs were named).
+    pub epoch: u64,
 }
 
 impl SegmentName {
+    pub fn new(first: u64, last: u64, epoch: u64) -> SegmentName {
+        SegmentName { first, last, epoch }
+    }
+
     pub fn parse(file: &str) -> Option<SegmentName> {
         let stem = file.strip_suffix(".seg")?;
-        let (a, b) = stem.split_once('-')?;
-        if a.len() != 16 || b.len() != 16 {
+        let mut parts = stem.split('-');
+        let mut hex = || {
+            parts
+                .next()
+                .filter(|p| p.len() == 16)
+                .and_then(|p| u64::from_str_radix(p, 16).ok())
+        };
+        let (first, last) = (hex()?, hex()?);
+        let epoch = match parts.next() {
+            None => 0,
+            Some(p) if p.len() == 16 => u64::from_str_radix(p, 16).ok()?,
+            Some(_) => return None,
+        };
+        if parts.next().is_some() || first > last {
             return None;
         }
-        let first = u64::from_str_radix(a, 16).ok()?;
-        let last = u64::from_str_radix(b, 16).ok()?;
-        (first <= last).then_some(SegmentName { first, last })
+        Some(SegmentName { first, last, epoch })
     }
 }
 
 impl fmt::Display for SegmentName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:016x}-{:016x}.seg", self.first, self.last)
+        if self.epoch == 0 {
+            write!(f, "{:016x}-{:016x}.seg", self.first, self.last)
+        } else {
+            write!(
+                f,
+                "{:016x}-{:016x}-{:016x}.seg",
+                self.first, self.last, self.epoch
+            )
+        }
     }
 }
 
@@ -467,22 +558,69 @@ pub async fn list_segments(
     Ok(out)
 }
 
-/// The end of the stream that segments cover without a gap from seq 1, and the
-/// segments that make it up.
-pub fn contiguous_prefix(segments: &[SegmentName]) -> (u64, Vec<SegmentName>) {
-    let mut end = 0u64;
-    let mut used = Vec::new();
-    for s in segments {
-        if s.last <= end {
+/// A segment of the stream and the last seq of it that counts (below its
+/// `last` when a later takeover fenced its epoch there).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Span {
+    pub name: SegmentName,
+    pub upto: u64,
+}
+
+/// What the stored segments make of the stream.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Prefix {
+    /// The end of the stream that segments cover without a gap from seq 1.
+    pub end: u64,
+    /// The segments that make it up, by first seq.
+    pub spans: Vec<Span>,
+    /// The first seq of the next counted segment after a gap, if any.
+    pub after_gap: Option<u64>,
+}
+
+/// The stream the segments cover without a gap from seq 1, each segment
+/// counted up to its epoch's fence (see the module header).
+pub fn contiguous_prefix(segments: &[SegmentName], fences: &Fences) -> Prefix {
+    let mut sorted: Vec<Span> = segments
+        .iter()
+        .map(|s| Span {
+            name: *s,
+            upto: s.last.min(fences.limit(s.epoch)),
+        })
+        .filter(|s| s.upto >= s.name.first)
+        .collect();
+    sorted.sort_by_key(|s| (s.name.first, s.upto, s.name.epoch));
+    let mut p = Prefix::default();
+    for s in sorted {
+        if s.upto <= p.end {
             continue; // already covered (a re-upload after a crash)
         }
-        if s.first > end + 1 {
+        if s.name.first > p.end + 1 {
+            p.after_gap = Some(s.name.first);
             break;
         }
-        end = s.last;
-        used.push(*s);
+        p.end = s.upto;
+        p.spans.push(s);
     }
-    (end, used)
+    p
+}
+
+/// The machine's takeover records, authenticated (`key` `None`: display only).
+pub async fn list_fences(
+    store: &Store,
+    key: Option<&CatalogueKey>,
+    machine: &str,
+) -> Result<Fences, CatalogueError> {
+    let recs: Vec<(String, EpochRecord)> =
+        list_signed(store, key, &format!("{}/epochs/", machine_dir(machine))).await?;
+    for (name, r) in &recs {
+        if *name != epoch_object(machine, r.epoch) {
+            return Err(CatalogueError::Invalid {
+                object: store.describe(name),
+                detail: format!("holds the takeover record of epoch {}", r.epoch),
+            });
+        }
+    }
+    Ok(Fences::new(recs.into_iter().map(|(_, r)| r).collect()))
 }
 
 /// The machine's points, authenticated, by seq; a point whose name and
@@ -491,6 +629,7 @@ pub async fn list_points(
     store: &Store,
     key: Option<&CatalogueKey>,
     machine: &str,
+    fences: &Fences,
 ) -> Result<Vec<PointRecord>, CatalogueError> {
     let mut out: Vec<(String, PointRecord)> =
         list_signed(store, key, &format!("{}/points/", machine_dir(machine))).await?;
@@ -509,7 +648,11 @@ pub async fn list_points(
         }
     }
     out.sort_by_key(|(_, p)| p.seq);
-    Ok(out.into_iter().map(|(_, p)| p).collect())
+    Ok(out
+        .into_iter()
+        .map(|(_, p)| p)
+        .filter(|p| fences.counts(p.epoch, p.seq))
+        .collect())
 }
 
 /// The `inconsistent/` records of a machine, authenticated, by seq.
@@ -517,6 +660,7 @@ pub async fn list_inconsistent(
     store: &Store,
     key: Option<&CatalogueKey>,
     machine: &str,
+    fences: &Fences,
 ) -> Result<Vec<InconsistentRecord>, CatalogueError> {
     let mut out: Vec<(String, InconsistentRecord)> = list_signed(
         store,
@@ -533,7 +677,11 @@ pub async fn list_inconsistent(
         }
     }
     out.sort_by_key(|(_, m)| m.seq);
-    Ok(out.into_iter().map(|(_, m)| m).collect())
+    Ok(out
+        .into_iter()
+        .map(|(_, m)| m)
+        .filter(|m| fences.counts(m.epoch, m.seq))
+        .collect())
 }
 
 /// Every `*.json` object under `dir`, authenticated (unless `key` is `None`:
@@ -581,12 +729,28 @@ mod tests {
             })
             .collect();
         let enc = encode_segment("m", &entries);
-        let name = SegmentName { first: 5, last: 7 };
+        let name = SegmentName::new(5, 7, 3);
         assert_eq!(decode_segment(&enc, "m", name).unwrap(), entries);
         assert!(decode_segment(&enc, "other", name).is_err());
-        assert!(decode_segment(&enc, "m", SegmentName { first: 5, last: 8 }).is_err());
+        assert!(decode_segment(&enc, "m", SegmentName::new(5, 8, 3)).is_err());
         assert!(decode_segment(&enc[..enc.len() - 1], "m", name).is_err());
         assert_eq!(SegmentName::parse(&name.to_string()), Some(name));
+        assert_eq!(
+            name.to_string(),
+            "0000000000000005-0000000000000007-0000000000000003.seg"
+        );
+        // Names written before epochs were named are epoch 0.
+        let old = SegmentName::parse("0000000000000005-0000000000000007.seg").unwrap();
+        assert_eq!(old, SegmentName::new(5, 7, 0));
+        assert_eq!(old.to_string(), "0000000000000005-0000000000000007.seg");
+        for bad in [
+            "0000000000000007-0000000000000005.seg",
+            "5-7.seg",
+            "0000000000000005-0000000000000007-3.seg",
+            "0000000000000005-0000000000000007-0000000000000003-0000000000000001.seg",
+        ] {
+            assert_eq!(SegmentName::parse(bad), None, "{bad}");
+        }
     }
 
     #[test]
@@ -601,6 +765,7 @@ mod tests {
             format: FORMAT_VERSION,
             seq: 9,
             label: "initial sync".into(),
+            epoch: 1,
         };
         let name = inconsistent_object("m", 9);
         let signed = sign_record(&key, &name, &rec);
@@ -643,9 +808,67 @@ mod tests {
 
     #[test]
     fn contiguity() {
-        let s = |a, b| SegmentName { first: a, last: b };
-        assert_eq!(contiguous_prefix(&[s(1, 4), s(5, 9), s(11, 12)]).0, 9);
-        assert_eq!(contiguous_prefix(&[s(2, 4)]).0, 0);
-        assert_eq!(contiguous_prefix(&[s(1, 4), s(1, 4), s(5, 5)]).0, 5);
+        let s = |a, b| SegmentName::new(a, b, 1);
+        let none = Fences::default();
+        let end = |segs: &[SegmentName]| contiguous_prefix(segs, &none).end;
+        assert_eq!(end(&[s(1, 4), s(5, 9), s(11, 12)]), 9);
+        assert_eq!(
+            contiguous_prefix(&[s(1, 4), s(5, 9), s(11, 12)], &none).after_gap,
+            Some(11)
+        );
+        assert_eq!(end(&[s(2, 4)]), 0);
+        assert_eq!(end(&[s(1, 4), s(1, 4), s(5, 5)]), 5);
+    }
+
+    /// A takeover at seq 9 (epoch 2): epoch-1 objects beyond 9 landed late
+    /// and are not part of the stream, whatever their names.
+    #[test]
+    fn a_late_segment_of_the_old_owner_is_not_spliced_in() {
+        let fences = Fences::new(vec![EpochRecord {
+            format: FORMAT_VERSION,
+            epoch: 2,
+            after: 9,
+            server: "b".into(),
+        }]);
+        let old = |a, b| SegmentName::new(a, b, 1);
+        let new = |a, b| SegmentName::new(a, b, 2);
+        // The old owner's [10..12] sorts before the new owner's [10..20].
+        let p = contiguous_prefix(&[old(1, 9), old(10, 12), new(10, 20)], &fences);
+        assert_eq!(p.end, 20);
+        assert_eq!(
+            p.spans.iter().map(|s| s.name).collect::<Vec<_>>(),
+            vec![old(1, 9), new(10, 20)]
+        );
+        // A straddling old segment counts up to the fence only.
+        let p = contiguous_prefix(&[old(1, 5), old(6, 14), new(10, 11)], &fences);
+        assert_eq!(p.end, 11);
+        assert_eq!(
+            p.spans[1],
+            Span {
+                name: old(6, 14),
+                upto: 9
+            }
+        );
+        // Without the new owner's segment the stream ends at the fence.
+        assert_eq!(contiguous_prefix(&[old(1, 9), old(10, 12)], &fences).end, 9);
+        // Legacy names (epoch 0) are older than every takeover.
+        let legacy = SegmentName::new(10, 12, 0);
+        assert_eq!(contiguous_prefix(&[old(1, 9), legacy], &fences).end, 9);
+        // Points and marks: the same rule.
+        assert!(fences.counts(1, 9) && !fences.counts(1, 10));
+        assert!(fences.counts(2, 10) && fences.counts(0, 3) && !fences.counts(0, 12));
+        // A second takeover fences both older epochs at its own point.
+        let two = Fences::new(vec![
+            fences.records()[0].clone(),
+            EpochRecord {
+                format: FORMAT_VERSION,
+                epoch: 3,
+                after: 15,
+                server: "c".into(),
+            },
+        ]);
+        assert_eq!(two.limit(1), 9);
+        assert_eq!(two.limit(2), 15);
+        assert_eq!(two.limit(3), u64::MAX);
     }
 }

@@ -29,7 +29,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use futures::StreamExt;
 use lifeboat_common::catalogue::{
     self, contiguous_prefix, decode_segment, format_time_ms, list_points, list_segments,
-    segment_object, CatalogueKey, InconsistentRecord, PointRecord, SegmentName,
+    segment_object, CatalogueKey, InconsistentRecord, PointRecord, Span,
 };
 use lifeboat_common::protocol::{Entry, Op};
 use lifeboat_common::seal::{self, Key};
@@ -82,7 +82,8 @@ pub struct Inventory {
     pub end: u64,
     /// The first seq of a stored segment beyond a gap, if the stream has one.
     pub after_gap: Option<u64>,
-    pub segments: Vec<SegmentName>,
+    /// The segments that make up the stream, each counted up to its fence.
+    pub segments: Vec<Span>,
     pub points: Vec<PointRecord>,
     /// Where syncs and resyncs began (see [`Inventory::unsettled_end`]).
     pub inconsistent: Vec<InconsistentRecord>,
@@ -130,14 +131,15 @@ pub async fn inventory(
 ) -> Result<Inventory> {
     lifeboat_common::ids::validate_id("machine", machine).map_err(anyhow::Error::msg)?;
     let all = list_segments(store, machine).await?;
-    let (end, segments) = contiguous_prefix(&all);
-    let after_gap = all.iter().find(|s| s.first > end + 1).map(|s| s.first);
-    let points = list_points(store, key, machine).await?;
-    let inconsistent = catalogue::list_inconsistent(store, key, machine).await?;
+    // Takeovers fence what an old owner wrote late (see catalogue.rs).
+    let fences = catalogue::list_fences(store, key, machine).await?;
+    let prefix = contiguous_prefix(&all, &fences);
+    let points = list_points(store, key, machine, &fences).await?;
+    let inconsistent = catalogue::list_inconsistent(store, key, machine, &fences).await?;
     Ok(Inventory {
-        end,
-        after_gap,
-        segments,
+        end: prefix.end,
+        after_gap: prefix.after_gap,
+        segments: prefix.spans,
         points,
         inconsistent,
     })
@@ -332,21 +334,22 @@ pub async fn materialize(
     }
     let targets = Arc::new(std::sync::Mutex::new(targets));
 
-    let needed: Vec<SegmentName> = inv
+    let needed: Vec<Span> = inv
         .segments
         .iter()
         .copied()
-        .filter(|s| s.first <= resolved.seq)
+        .filter(|s| s.name.first <= resolved.seq)
         .collect();
     let total = needed.len() as u64;
     let key = Arc::new(key);
     let mut fetches = futures::stream::iter(needed.clone())
-        .map(|s| {
+        .map(|span: Span| {
             let store = store.clone();
             let key = key.clone();
             let machine = machine.to_string();
+            let s = span.name;
             async move {
-                let name = segment_object(&machine, s.first, s.last);
+                let name = segment_object(&machine, &s);
                 let sealed = store
                     .get(&name)
                     .await?
@@ -360,7 +363,7 @@ pub async fn materialize(
                     decode_segment(&plain, &machine, s).map_err(|e| anyhow!("{described}: {e}"))
                 })
                 .await??;
-                Ok::<_, anyhow::Error>((s, fetched, entries))
+                Ok::<_, anyhow::Error>((span, fetched, entries))
             }
         })
         .buffered(FETCH_CONCURRENCY);
@@ -374,18 +377,19 @@ pub async fn materialize(
     // point: the last tag and the last sync/resync start applied.
     let mut marks = StreamMarks::default();
     while let Some(item) = fetches.next().await {
-        let (s, fetched, entries) = item?;
+        let (span, fetched, entries) = item?;
         fetched_total += fetched;
         let targets = targets.clone();
-        let upto = resolved.seq;
-        let seg_name = store.describe(&segment_object(machine, s.first, s.last));
+        // A segment fenced by a later takeover counts only up to the fence.
+        let upto = resolved.seq.min(span.upto);
+        let seg_name = store.describe(&segment_object(machine, &span.name));
         let from = applied;
         let (found_tag, seen) = tokio::task::spawn_blocking(move || -> Result<_> {
             let mut t = targets.lock().unwrap_or_else(|p| p.into_inner());
             apply(&mut t, &entries, from, upto).with_context(|| format!("applying {seg_name}"))
         })
         .await??;
-        applied = applied.max(s.last.min(resolved.seq));
+        applied = applied.max(upto);
         saw_point_tag |= found_tag;
         marks.merge(seen);
         done += 1;

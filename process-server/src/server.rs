@@ -213,9 +213,11 @@ impl PsSink {
     async fn adopt_from_store(&self, machine: &str) -> Result<()> {
         let keys = uploader::machine_keys(&self.store, &self.kek, machine).await?;
         let ck = &keys.catalogue;
-        self.ownership
+        let held = self
+            .ownership
             .claim(&self.store, &self.cache, ck, machine)
             .await?;
+        let epoch = held.record.epoch;
         let segments = catalogue::list_segments(&self.store, machine).await?;
         let rec = match catalogue::load_machine(&self.store, ck, machine).await {
             Ok(r) => r,
@@ -231,26 +233,47 @@ impl PsSink {
                     .with_context(|| format!("reading the record of {machine} in the store"))
             }
         };
-        let (end, _) = catalogue::contiguous_prefix(&segments);
-        let beyond: Vec<_> = segments.iter().filter(|s| s.last > end).collect();
+        // Where this epoch continues the stream, recorded before anything
+        // else: what the old owner lands after it is not part of the stream
+        // (catalogue.rs, fences). A retry after a crash keeps the first answer.
+        let fences = catalogue::list_fences(&self.store, Some(ck), machine).await?;
+        let end = match fences.records().iter().find(|r| r.epoch == epoch) {
+            Some(r) => r.after,
+            None => {
+                let end = catalogue::contiguous_prefix(&segments, &fences).end;
+                let r = catalogue::EpochRecord {
+                    format: FORMAT_VERSION,
+                    epoch,
+                    after: end,
+                    server: self.ownership.me.id.clone(),
+                };
+                let name = catalogue::epoch_object(machine, epoch);
+                let body = bytes::Bytes::from(catalogue::sign_record(ck, &name, &r));
+                self.store.create(&name, body, |_| false).await?;
+                end
+            }
+        };
+        // Tidy: segments wholly beyond the end (after a gap, or landed late)
+        // and the points and marks after it go under orphaned/ (kept).
+        let beyond: Vec<_> = segments.iter().filter(|s| s.first > end).collect();
         if !beyond.is_empty() {
             warn!(
                 %machine,
-                "the stored stream has a gap after seq {end}; moving {} unreachable segments and the points after it under orphaned/",
+                "the stored stream has a gap or late uploads after seq {end}; moving {} unreachable segments and the points after it under orphaned/",
                 beyond.len()
             );
             for s in &beyond {
-                self.orphan(&catalogue::segment_object(machine, s.first, s.last))
-                    .await?;
-            }
-            for p in catalogue::list_points(&self.store, Some(ck), machine).await? {
-                if p.seq > end {
-                    self.orphan(&catalogue::point_object(machine, p.seq))
-                        .await?;
-                }
+                self.orphan(&catalogue::segment_object(machine, s)).await?;
             }
         }
-        for m in catalogue::list_inconsistent(&self.store, Some(ck), machine).await? {
+        let all = catalogue::Fences::default();
+        for p in catalogue::list_points(&self.store, Some(ck), machine, &all).await? {
+            if p.seq > end {
+                self.orphan(&catalogue::point_object(machine, p.seq))
+                    .await?;
+            }
+        }
+        for m in catalogue::list_inconsistent(&self.store, Some(ck), machine, &all).await? {
             if m.seq > end {
                 self.store
                     .delete(&catalogue::inconsistent_object(machine, m.seq))
@@ -260,7 +283,8 @@ impl PsSink {
         warn!(
             %machine,
             end,
-            "the cache knows nothing of this machine, but the store holds its stream up to seq {end}: continuing from there"
+            epoch,
+            "the cache knows nothing of this machine, but the store holds its stream up to seq {end}: continuing from there as owner epoch {epoch}"
         );
         let cache = self.cache.clone();
         tokio::task::spawn_blocking(move || cache.adopt(&rec, end)).await??;

@@ -15,9 +15,12 @@
 //!
 //! Ownership: before it writes anything the uploader claims the machine in
 //! the store (`ownership.rs`), and it re-checks the owner record before every
-//! segment put. Segments, points and marks are created, never overwritten: an
-//! existing one with equal content (a retry, or the same entries sealed again
-//! after a restart) is accepted, other content fences the machine here.
+//! segment put. Segments, points and marks carry the owner epoch (segments in
+//! their names) and are created, never overwritten: an existing one with
+//! equal content (a retry, or the same entries sealed again after a restart)
+//! is accepted, other content fences the machine here — except a point or
+//! mark that an older owner landed after this owner's takeover, which no
+//! reader counts (`catalogue.rs`, fences) and this owner replaces.
 //! Catalogue records are signed with the machine's catalogue key.
 //!
 //! Disk sizes: the uploader starts from the sizes in `machine.json` and follows
@@ -32,8 +35,8 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 use bytes::Bytes;
 use lifeboat_common::catalogue::{
-    self, encode_segment, format_time_ms, point_object, segment_object, CatalogueKey,
-    InconsistentRecord, MachineRecord, PointRecord,
+    self, encode_segment, format_time_ms, point_object, segment_object, CatalogueKey, Fences,
+    InconsistentRecord, MachineRecord, PointRecord, SegmentName,
 };
 use lifeboat_common::owner::Held;
 use lifeboat_common::protocol::{DiskInfo, Entry, Op};
@@ -231,16 +234,19 @@ pub async fn prepare_machine(
 /// existing object is accepted if `same` finds its record equivalent (a retry
 /// or a re-upload after a restart), else it is a fencing error naming it.
 /// `None`: cancelled; `Some(Err)`: fencing.
+/// `stale` finds an existing record one no reader counts (an older owner
+/// landed it after this owner's takeover): it is replaced.
 async fn create_json<T: serde::Serialize + serde::de::DeserializeOwned>(
     store: &Store,
     key: &CatalogueKey,
     obj: &str,
     value: &T,
     same: impl Fn(&T) -> bool,
+    stale: impl Fn(&T) -> bool,
     cancel: &CancellationToken,
 ) -> Option<Result<()>> {
     let body = Bytes::from(catalogue::sign_record(key, obj, value));
-    let same = &same;
+    let (same, stale) = (&same, &stale);
     try_retry(
         &format!("recording {}", store.describe(obj)),
         cancel,
@@ -248,12 +254,28 @@ async fn create_json<T: serde::Serialize + serde::de::DeserializeOwned>(
         || {
             let body = body.clone();
             async move {
-                Ok(store
-                    .create(obj, body, |existing| {
-                        catalogue::open_record::<T>(key, store, obj, existing)
-                            .is_ok_and(|r| same(&r))
+                let mut replace = false;
+                let created = store
+                    .create(obj, body.clone(), |existing| {
+                        match catalogue::open_record::<T>(key, store, obj, existing) {
+                            Ok(r) if same(&r) => true,
+                            Ok(r) if stale(&r) => {
+                                replace = true;
+                                true
+                            }
+                            _ => false,
+                        }
                     })
-                    .await?)
+                    .await;
+                created?;
+                if replace {
+                    warn!(
+                        "{} was recorded late by an older owner of the machine; replacing it",
+                        store.describe(obj)
+                    );
+                    store.put(obj, body).await?;
+                }
+                Ok(())
             }
         },
     )
@@ -353,6 +375,15 @@ struct OwnerCheck {
 }
 
 impl OwnerCheck {
+    /// The owner epoch this server holds the machine at.
+    fn epoch(&self) -> u64 {
+        self.held
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .record
+            .epoch
+    }
+
     async fn verify(&self, store: &Store) -> Result<()> {
         self.ownership
             .verify(store, &self.key, &self.machine, &self.held)
@@ -431,6 +462,20 @@ pub async fn run_machine(env: UploadEnv, me: Arc<MachineUploader>) {
         machine: machine.clone(),
         held: std::sync::Mutex::new(held),
     });
+    // The machine's takeovers: which late records of older owners to replace.
+    let Some(fences) = retry(
+        &format!(
+            "reading the takeover records of {machine} in {}",
+            store.url()
+        ),
+        &cancel,
+        || async { Ok(catalogue::list_fences(&store, Some(&keys.catalogue), &machine).await?) },
+    )
+    .await
+    else {
+        return;
+    };
+    let fences = Arc::new(fences);
     let Some(mut rec) = retry(
         &format!("preparing {machine} in {}", store.url()),
         &cancel,
@@ -592,6 +637,7 @@ pub async fn run_machine(env: UploadEnv, me: Arc<MachineUploader>) {
             entries,
             cfg.zstd_level,
             check.clone(),
+            fences.clone(),
             cancel.clone(),
         );
         let signal = done.clone();
@@ -618,11 +664,13 @@ async fn upload_segment(
     entries: Vec<Entry>,
     level: i32,
     check: Arc<OwnerCheck>,
+    fences: Arc<Fences>,
     cancel: CancellationToken,
 ) -> Option<()> {
     let first = entries.first()?.seq;
     let last = entries.last()?.seq;
-    let name = segment_object(&machine, first, last);
+    let epoch = check.epoch();
+    let name = segment_object(&machine, &SegmentName::new(first, last, epoch));
     // A point carries the disk sizes of its seq.
     let mut points: Vec<PointRecord> = Vec::new();
     let mut unsettled: Vec<InconsistentRecord> = Vec::new();
@@ -632,6 +680,7 @@ async fn upload_segment(
                 format: catalogue::FORMAT_VERSION,
                 seq: e.seq,
                 label: label.clone(),
+                epoch,
             }),
             Op::Resize { disk, size } => {
                 if let Some(d) = disks.get_mut(*disk as usize) {
@@ -651,6 +700,7 @@ async fn upload_segment(
                 time: format_time_ms(*time_ms),
                 label: label.clone(),
                 disks: disks.clone(),
+                epoch,
             }),
             _ => {}
         }
@@ -698,6 +748,7 @@ async fn upload_segment(
             |o: &PointRecord| {
                 o.seq == p.seq && o.kind == p.kind && o.time_ms == p.time_ms && o.label == p.label
             },
+            |o: &PointRecord| o.epoch < epoch && !fences.counts(o.epoch, o.seq),
             &cancel,
         )
         .await?;
@@ -715,6 +766,7 @@ async fn upload_segment(
             &obj,
             &m,
             |o: &InconsistentRecord| o.seq == m.seq && o.label == m.label,
+            |o: &InconsistentRecord| o.epoch < epoch && !fences.counts(o.epoch, o.seq),
             &cancel,
         )
         .await?;

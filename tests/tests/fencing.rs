@@ -8,11 +8,17 @@
 //! continues the stream from the store's end with a resync in a new numbering.
 //! When PS1's segment falls due it must not be stored: PS1 logs that it lost
 //! the machine, naming PS2, and every point stays byte-exact.
+//!
+//! PS1's ownership check and its put are two requests, so one put may still
+//! land after PS2 took over. The test lands one as PS1 would have (a segment
+//! and a point of epoch 1 at seqs PS2 numbers anew): no reader may count it.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use bytes::Bytes;
 use lifeboat_common::catalogue::{self, SegmentName};
+use lifeboat_common::protocol::{Entry, Op, TagKind};
 use lifeboat_common::seal::Key;
 use lifeboat_common::store::{Store, StoreConfig};
 use lifeboat_tests::peers::S3sFs;
@@ -83,12 +89,81 @@ fn stored_segments(
             .unwrap();
         let mut out = Vec::new();
         for s in catalogue::list_segments(&store, MACHINE).await.unwrap() {
-            let name = catalogue::segment_object(MACHINE, s.first, s.last);
+            let name = catalogue::segment_object(MACHINE, &s);
             let sealed = store.get(&name).await.unwrap().unwrap();
             let plain = lifeboat_common::seal::open(&key, &name, 0, &sealed).unwrap();
             out.push((s, catalogue::decode_segment(&plain, MACHINE, s).unwrap()));
         }
         out
+    })
+}
+
+/// Lands what PS1 (epoch 1) would have put had its last ownership check
+/// passed just before PS2 took over: a segment right after the seq PS2
+/// continued from, writing 0xEE over the first MiB, ending with a tag, and
+/// that tag's point. Returns the point's seq.
+fn land_late_upload_of_the_old_owner(ps: &ProcessServer, cfg: &StoreConfig) -> u64 {
+    let kek = Key::from_hex(&std::fs::read_to_string(ps.kek()).unwrap()).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let store = Store::open(cfg).unwrap();
+        let data = catalogue::load_data_key(&store, &kek, MACHINE)
+            .await
+            .unwrap();
+        let ck = catalogue::CatalogueKey::derive(&data);
+        let fences = catalogue::list_fences(&store, Some(&ck), MACHINE)
+            .await
+            .unwrap();
+        let took_over = fences
+            .records()
+            .iter()
+            .find(|r| r.epoch == 2)
+            .unwrap_or_else(|| panic!("PS2's takeover is recorded: {fences:?}"));
+        let first = took_over.after + 1;
+        let mut entries: Vec<Entry> = (0..4u64)
+            .map(|i| Entry {
+                seq: first + i,
+                op: Op::Write {
+                    disk: 0,
+                    offset: i * 256 * 1024,
+                    data: Bytes::from(vec![0xee; 256 * 1024]),
+                },
+            })
+            .collect();
+        let tag_seq = first + 4;
+        let time_ms = lifeboat_common::now_ms();
+        entries.push(Entry {
+            seq: tag_seq,
+            op: Op::Tag {
+                kind: TagKind::Crash,
+                time_ms,
+                label: "late".into(),
+            },
+        });
+        let name = SegmentName::new(first, tag_seq, 1);
+        let obj = catalogue::segment_object(MACHINE, &name);
+        let plain = catalogue::encode_segment(MACHINE, &entries);
+        let sealed = lifeboat_common::seal::seal(&data, &obj, 0, &plain, 3);
+        store.put(&obj, Bytes::from(sealed)).await.unwrap();
+        let point = catalogue::PointRecord {
+            format: catalogue::FORMAT_VERSION,
+            id: catalogue::point_id(tag_seq),
+            kind: TagKind::Crash,
+            seq: tag_seq,
+            time_ms,
+            time: catalogue::format_time_ms(time_ms),
+            label: "late".into(),
+            disks: vec![lifeboat_common::protocol::DiskInfo::new("root", 32 * MIB)],
+            epoch: 1,
+        };
+        let pobj = catalogue::point_object(MACHINE, tag_seq);
+        let body = Bytes::from(catalogue::sign_record(&ck, &pobj, &point));
+        // Not over a point PS2 recorded itself (PS1's create-only put could not).
+        assert!(
+            store.put_if_absent(&pobj, body).await.unwrap(),
+            "PS2 has a point at seq {tag_seq}; the test needs a free seq"
+        );
+        tag_seq
     })
 }
 
@@ -235,6 +310,32 @@ fn two_servers_one_store(root: &Path, cfg: Option<StoreConfig>) {
         "PS1's status names the owner: {status}"
     );
     assert!(ps1.proc.as_mut().unwrap().is_running(), "PS1 keeps running");
+
+    // A late put of PS1 is not part of the stream: its point is not listed,
+    // and neither it nor its segment changes what any point recovers.
+    let late = land_late_upload_of_the_old_owner(&ps2, &store_cfg);
+    let listed = points(&ps2.store_url, MACHINE, &opt_args).unwrap();
+    assert!(
+        !listed["points"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["seq"].as_u64() == Some(late) || p["label"] == "late"),
+        "the old owner's late point is listed: {listed}"
+    );
+    let o = failover(
+        &ps2.store_url,
+        MACHINE,
+        &late.to_string(),
+        &root.join("o-late"),
+        &ps2.kek(),
+        &opt_args,
+    )
+    .unwrap();
+    assert!(
+        !o.status.success(),
+        "failover at the old owner's late point {late} succeeded"
+    );
 
     // Every point recovers exactly what the disk held.
     for (point, out, want) in [
