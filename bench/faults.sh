@@ -47,6 +47,7 @@ for l in runs:
     kv = dict(f.split("=", 1) for f in l.split()[1:])
     for k in ("ops", "writes", "flushes", "lost", "failovers", "equal", "points"):
         tot[k] += int(kv[k])
+    tot["lost-to-takeover"] += int(kv.get("points-lost-to-takeover", 0))
     if kv["faults"] != "none":
         for f in kv["faults"].split(","):
             k, n = f.split(":"); kinds[k] += int(n)
@@ -60,7 +61,7 @@ for k, n in sorted(kinds.items()):
 print(f"operations:           {tot['ops']}")
 print(f"writes acknowledged:  {tot['writes']}  (flushes {tot['flushes']})")
 print(f"writes lost:          {tot['lost']}  (must be 0)")
-print(f"points taken:         {tot['points']}")
+print(f"points taken:         {tot['points']}  (held only by a server taken over from, not listed: {tot['lost-to-takeover']})")
 print(f"failovers compared:   {tot['failovers']}  equal: {tot['equal']}" + ("" if tot['failovers'] == tot['equal'] else "  <-- NOT ALL EQUAL"))
 PY
 if [ "$RC" != 0 ]; then echo "some seeds broke invariants: their directories are kept under $WORK"; exit 1; fi

@@ -87,6 +87,8 @@ pub struct Inventory {
     pub points: Vec<PointRecord>,
     /// Where syncs and resyncs began (see [`Inventory::unsettled_end`]).
     pub inconsistent: Vec<InconsistentRecord>,
+    /// The machine's takeovers by another process server.
+    pub fences: catalogue::Fences,
 }
 
 impl Inventory {
@@ -142,6 +144,7 @@ pub async fn inventory(
         segments: prefix.spans,
         points,
         inconsistent,
+        fences,
     })
 }
 

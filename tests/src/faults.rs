@@ -111,6 +111,12 @@ pub enum FaultKind {
     PsPowerLoss,
     /// As `PsPowerLoss`, and the file:// store directory on the appliance too.
     StorePowerLoss,
+    /// A second process server, rebuilt with an empty cache on the same
+    /// store, takes the machine over: the link is cut and the agent routed to
+    /// it, while the old one keeps running with what it had not uploaded (a
+    /// partition). The old one must stop uploading the machine; points only
+    /// it held may be lost (the data is not: the agent resyncs).
+    PsTakeover,
 }
 
 impl FaultKind {
@@ -125,6 +131,7 @@ impl FaultKind {
             FaultKind::AgentPowerLoss => "agent-power-loss",
             FaultKind::PsPowerLoss => "ps-power-loss",
             FaultKind::StorePowerLoss => "store-power-loss",
+            FaultKind::PsTakeover => "ps-takeover",
         }
     }
 
@@ -132,7 +139,7 @@ impl FaultKind {
         FaultKind::ALL.iter().copied().find(|k| k.name() == s)
     }
 
-    pub const ALL: [FaultKind; 9] = [
+    pub const ALL: [FaultKind; 10] = [
         FaultKind::AgentKill,
         FaultKind::PsKill,
         FaultKind::LinkCut,
@@ -142,6 +149,7 @@ impl FaultKind {
         FaultKind::AgentPowerLoss,
         FaultKind::PsPowerLoss,
         FaultKind::StorePowerLoss,
+        FaultKind::PsTakeover,
     ];
 
     /// Every kind that is expected to pass today (not `StorePowerLoss`: the
@@ -242,6 +250,9 @@ pub struct Outcome {
     /// Points taken but never acknowledged before a power loss of the agent
     /// took them (allowed), and not listed.
     pub points_lost_unacked: u64,
+    /// Points acknowledged only by a process server that another took the
+    /// machine over from before it uploaded them (allowed), and not listed.
+    pub points_lost_to_takeover: u64,
     /// Writes whose surviving bytes are missing from `latest` at the end.
     pub writes_lost: u64,
     pub max_agent_rss: u64,
@@ -263,7 +274,7 @@ impl Outcome {
             );
         }
         format!(
-            "FAULTS-RESULT seed={} ops={} writes={} flushes={} lost={} failovers={} equal={} points={} refused-tags={} faults={} agent-rss-mib={} ps-rss-mib={} failures={}",
+            "FAULTS-RESULT seed={} ops={} writes={} flushes={} lost={} failovers={} equal={} points={} refused-tags={} points-lost-to-takeover={} faults={} agent-rss-mib={} ps-rss-mib={} failures={}",
             self.seed,
             self.ops,
             self.writes_acked,
@@ -273,6 +284,7 @@ impl Outcome {
             self.failovers_equal,
             self.points_taken,
             self.tags_refused,
+            self.points_lost_to_takeover,
             if faults.is_empty() { "none".into() } else { faults },
             self.max_agent_rss >> 20,
             self.max_ps_rss >> 20,
@@ -413,6 +425,9 @@ struct Recorded {
     acked: bool,
     /// Agent power-loss epoch it was taken in.
     epoch: u64,
+    /// Process-server generation it was taken under (0: the first server;
+    /// each `ps-takeover` starts the next).
+    ps_gen: usize,
 }
 
 /// An operation of the workload (for the shadow: applied at the next FLUSH).
@@ -480,6 +495,15 @@ fn rss(pid: u32) -> u64 {
         })
         .map(|kib| kib << 10)
         .unwrap_or(0)
+}
+
+/// The id a process server keeps in its cache directory.
+fn server_id(cache_dir: &Path) -> Result<String> {
+    let p = cache_dir.join("server-id");
+    Ok(std::fs::read_to_string(&p)
+        .with_context(|| format!("reading {}", p.display()))?
+        .trim()
+        .to_string())
 }
 
 fn log_tail(path: &Path, lines: usize) -> String {
@@ -591,6 +615,10 @@ struct Rig {
     root: PathBuf,
     store: Store,
     ps: ProcessServer,
+    /// Server ids by generation (see [`FaultKind::PsTakeover`]).
+    ps_ids: Vec<String>,
+    /// Servers taken over from, still running (partitioned), and their caches.
+    old_ps: Vec<(ProcessServer, Option<PowerMount>)>,
     proxy: FaultProxy,
     agent: Agent,
     agent_fs: Option<PowerMount>,
@@ -670,10 +698,13 @@ impl Rig {
         agent.start()?;
         agent.wait_synced(CATCH_UP)?;
         agent.wait_acked(CATCH_UP)?;
+        let first_id = server_id(&cache_dir)?;
         let mut rig = Rig {
             root: root.to_path_buf(),
             store,
             ps,
+            ps_ids: vec![first_id],
+            old_ps: Vec::new(),
             proxy,
             agent,
             agent_fs,
@@ -709,6 +740,68 @@ impl Rig {
 
     fn ps_pid(&self) -> u32 {
         self.ps.proc.as_ref().map(|p| p.pid()).unwrap_or(0)
+    }
+
+    /// [`FaultKind::PsTakeover`]: a copy of the server's directory (CA,
+    /// certificates, key, config) with an empty cache of its own (on powerfs
+    /// if the current one is) and its own port takes the agent's link.
+    fn takeover(&mut self) -> Result<()> {
+        let gen = self.ps_ids.len();
+        let dir = self.root.join(format!("ps-{gen}"));
+        std::fs::create_dir_all(&dir)?;
+        for e in std::fs::read_dir(&self.ps.dir)? {
+            let p = e?.path();
+            if p.extension().is_some_and(|x| x == "log") {
+                continue;
+            }
+            run_ok(
+                Command::new("cp").arg("-a").arg(&p).arg(&dir),
+                Duration::from_secs(30),
+            )?;
+        }
+        let cache_dir = self.root.join(format!("ps-cache-{gen}"));
+        let cache_fs = if self.cache_fs.is_some() {
+            let (backing, logs) = (self.root.join("backing"), self.root.join("logs"));
+            Some(PowerMount::mount(
+                &backing.join(format!("ps-cache-{gen}")),
+                &cache_dir,
+                &logs,
+            )?)
+        } else {
+            std::fs::create_dir_all(&cache_dir)?;
+            None
+        };
+        let port = crate::free_port();
+        let cfg_path = dir.join("ps.toml");
+        let cfg: String = std::fs::read_to_string(&cfg_path)?
+            .lines()
+            .map(|l| {
+                if l.starts_with("listen =") {
+                    format!("listen = \"127.0.0.1:{port}\"\n")
+                } else if l.starts_with("cache-dir =") {
+                    format!("cache-dir = \"{}\"\n", cache_dir.display())
+                } else {
+                    format!("{l}\n")
+                }
+            })
+            .collect();
+        std::fs::write(&cfg_path, cfg)?;
+        let mut ps = ProcessServer {
+            dir: dir.canonicalize()?,
+            port,
+            store_url: self.ps.store_url.clone(),
+            proc: None,
+        };
+        ps.start()?;
+        self.ps_ids.push(server_id(&cache_dir)?);
+        self.proxy.retarget(port);
+        let old = std::mem::replace(&mut self.ps, ps);
+        let old_fs = match cache_fs {
+            Some(fs) => self.cache_fs.replace(fs),
+            None => None,
+        };
+        self.old_ps.push((old, old_fs));
+        Ok(())
     }
 
     fn kill_agent(&mut self) {
@@ -781,6 +874,9 @@ struct Books {
     /// Per agent process: the last positions seen (captured, sent, acked).
     positions: Option<(u32, u64, u64, u64)>,
     max_acked: u64,
+    /// Backward moves of the agent's positions still to be accepted (one per
+    /// takeover: the agent rebases on the new server's shorter stream).
+    rebases_allowed: u32,
 }
 
 impl Books {
@@ -801,6 +897,7 @@ impl Books {
             epoch: 0,
             positions: None,
             max_acked: 0,
+            rebases_allowed: 0,
         })
     }
 
@@ -1109,8 +1206,14 @@ fn sample(rig: &mut Rig, books: &mut Books, out: &mut Outcome) {
     };
     if let Some((pid, c0, s0, a0)) = books.positions {
         // `sent` rewinds to the server's durable position on a reconnect, by
-        // design (common/src/session.rs); captured and acked never go back.
-        if pid == apid && (c < c0 || a < a0) {
+        // design (common/src/session.rs); captured and acked never go back,
+        // except once per takeover (the agent rebases on the new server's
+        // shorter stream, in this process or the next one).
+        let back = pid == apid && (c < c0 || a < a0);
+        if (back || (pid != apid && a < books.max_acked)) && books.rebases_allowed > 0 {
+            books.rebases_allowed -= 1;
+            books.max_acked = a;
+        } else if back {
             out.failures.push(format!(
                 "agent positions went backwards within one process: captured {c0}→{c}, acked {a0}→{a} (sent {s0}→{se})"
             ));
@@ -1171,6 +1274,7 @@ fn take_point(
         hashes,
         acked: false,
         epoch: books.epoch,
+        ps_gen: rig.ps_ids.len() - 1,
     });
     out.points_taken += 1;
     Ok(true)
@@ -1226,6 +1330,13 @@ fn inject(s: &Scenario, rig: &mut Rig, books: &mut Books, f: &Fault) -> Result<(
                 fs.start()?;
             }
             rig.restart_agent(s.wait_welcome_after_restart)?;
+        }
+        FaultKind::PsTakeover => {
+            rig.takeover()?;
+            // The new server holds less than the old one acknowledged, so the
+            // agent rebases after the store's end: once, its positions may
+            // go below what the old server acked.
+            books.rebases_allowed += 1;
         }
         FaultKind::PsPowerLoss | FaultKind::StorePowerLoss => {
             rig.kill_ps();
@@ -1394,6 +1505,14 @@ fn finish(
         let _ = std::fs::remove_dir_all(&dir);
     }
     // Points taken and acknowledged must be listed.
+    let takeovers: Vec<(String, u64)> = listed["takeovers"]
+        .as_array()
+        .map(|v| {
+            v.iter()
+                .filter_map(|t| Some((t["server"].as_str()?.to_string(), t["after"].as_u64()?)))
+                .collect()
+        })
+        .unwrap_or_default();
     for r in &books.points {
         let is_listed = list
             .iter()
@@ -1401,7 +1520,19 @@ fn finish(
         if is_listed {
             continue;
         }
-        if r.acked {
+        // A later server took the machine over, continuing after a seq below
+        // this point: only the server it replaced held the point.
+        let taken_over = takeovers.iter().any(|(server, after)| {
+            r.seq > *after
+                && rig
+                    .ps_ids
+                    .iter()
+                    .position(|id| id == server)
+                    .is_some_and(|g| g > r.ps_gen)
+        });
+        if taken_over {
+            out.points_lost_to_takeover += 1;
+        } else if r.acked {
             out.failures.push(format!(
                 "point {} ({:?}) was acknowledged by the process server but is not listed",
                 r.seq, r.label
@@ -1423,6 +1554,11 @@ fn finish(
     }
     if let Some(p) = rig.ps.proc.as_mut() {
         p.stop(Duration::from_secs(30));
+    }
+    for (ps, _) in rig.old_ps.iter_mut() {
+        if let Some(p) = ps.proc.as_mut() {
+            p.stop(Duration::from_secs(30));
+        }
     }
     Ok(())
 }

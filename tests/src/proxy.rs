@@ -1,7 +1,9 @@
 //! A TCP proxy on 127.0.0.1 for link faults between the agent and the process
 //! server: it forwards every connection to a target port and, on command, cuts
 //! every live connection, stalls them (holds all bytes, both directions, for a
-//! while, keeping the sockets open), or delays every forwarded chunk.
+//! while, keeping the sockets open), delays every forwarded chunk, or sends
+//! new connections to another target (a partition from one process server
+//! and a route to another).
 //!
 //! One acceptor thread and two pump threads per connection; [`FaultProxy`]
 //! stops them all (and closes every socket) when dropped.
@@ -9,7 +11,7 @@
 use std::collections::HashMap;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -28,6 +30,7 @@ struct Faults {
 #[derive(Default)]
 struct Shared {
     stop: AtomicBool,
+    target: AtomicU16,
     cut: AtomicU64,
     accepted: AtomicU64,
     faults: Mutex<Faults>,
@@ -62,6 +65,7 @@ impl FaultProxy {
         let listener = TcpListener::bind(("127.0.0.1", port))?;
         listener.set_nonblocking(true)?;
         let shared = Arc::new(Shared::default());
+        shared.target.store(target_port, Ordering::Relaxed);
         let s = shared.clone();
         let acceptor = std::thread::spawn(move || {
             let mut next = 0u64;
@@ -78,7 +82,8 @@ impl FaultProxy {
                     }
                 };
                 let _ = client.set_nonblocking(false);
-                let Ok(server) = TcpStream::connect(("127.0.0.1", target_port)) else {
+                let target = s.target.load(Ordering::Relaxed);
+                let Ok(server) = TcpStream::connect(("127.0.0.1", target)) else {
                     let _ = client.shutdown(Shutdown::Both);
                     continue;
                 };
@@ -125,6 +130,12 @@ impl FaultProxy {
         }
         self.shared.cut.fetch_add(n, Ordering::Relaxed);
         n
+    }
+
+    /// Sends new connections to `port` from now on and cuts the live ones.
+    pub fn retarget(&self, port: u16) -> u64 {
+        self.shared.target.store(port, Ordering::Relaxed);
+        self.cut()
     }
 
     /// Holds every byte in both directions for `d` (connections stay open).

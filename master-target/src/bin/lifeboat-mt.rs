@@ -142,6 +142,7 @@ async fn real_main() -> Result<()> {
                     "inconsistent-from": inv.inconsistent.iter().filter(|m| m.seq <= inv.end).collect::<Vec<_>>(),
                     "gap-before": inv.after_gap,
                     "points": inv.points.iter().filter(|p| p.seq <= inv.end).collect::<Vec<_>>(),
+                    "takeovers": inv.fences.records(),
                 });
                 println!("{}", serde_json::to_string_pretty(&v)?);
                 return Ok(());
@@ -167,6 +168,12 @@ async fn real_main() -> Result<()> {
                     None => String::new(),
                 }
             );
+            for t in inv.fences.records() {
+                println!(
+                    "note: process server {} took the machine over at seq {} (owner epoch {}); what older owners wrote after it is not part of the stream",
+                    t.server, t.after, t.epoch
+                );
+            }
             if let Some(next) = inv.after_gap {
                 println!("warning: segments for seqs {}..={} are missing; later data cannot be recovered until they are restored", inv.end + 1, next - 1);
             }
