@@ -45,6 +45,11 @@ const SECTOR: u64 = 512;
 const CHUNK: u64 = 1 << 20;
 /// Every wait of the harness is bounded by one of these.
 const CATCH_UP: Duration = Duration::from_secs(300);
+/// The second disk of runs with `disk-reorder`: a fixed pattern, never
+/// written by the workload.
+const SECOND_DISK: &str = "data";
+const SECOND_DISK_SIZE: u64 = 8 << 20;
+
 /// Agent options: no periodic tag (every point is one the harness took).
 const AGENT_EXTRA: &str = "tag-interval = \"24h\"";
 
@@ -117,6 +122,10 @@ pub enum FaultKind {
     /// partition). The old one must stop uploading the machine; points only
     /// it held may be lost (the data is not: the agent resyncs).
     PsTakeover,
+    /// The agent killed and restarted with its `[[disk]]` blocks in the
+    /// opposite order (the run protects a second disk, `data`, with a fixed
+    /// pattern, and checks it in every failover).
+    DiskReorder,
 }
 
 impl FaultKind {
@@ -132,6 +141,7 @@ impl FaultKind {
             FaultKind::PsPowerLoss => "ps-power-loss",
             FaultKind::StorePowerLoss => "store-power-loss",
             FaultKind::PsTakeover => "ps-takeover",
+            FaultKind::DiskReorder => "disk-reorder",
         }
     }
 
@@ -139,7 +149,7 @@ impl FaultKind {
         FaultKind::ALL.iter().copied().find(|k| k.name() == s)
     }
 
-    pub const ALL: [FaultKind; 10] = [
+    pub const ALL: [FaultKind; 11] = [
         FaultKind::AgentKill,
         FaultKind::PsKill,
         FaultKind::LinkCut,
@@ -150,6 +160,7 @@ impl FaultKind {
         FaultKind::PsPowerLoss,
         FaultKind::StorePowerLoss,
         FaultKind::PsTakeover,
+        FaultKind::DiskReorder,
     ];
 
     /// Every kind that is expected to pass today (not `StorePowerLoss`: the
@@ -497,6 +508,43 @@ fn rss(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+/// Rewrites an agent.toml with its `[[disk]]` blocks in the opposite order.
+fn reverse_disk_blocks(config: &Path) -> Result<()> {
+    let text = std::fs::read_to_string(config)?;
+    let mut parts = text.split("\n[[disk]]\n");
+    let head = parts.next().unwrap_or_default().to_string();
+    let mut blocks: Vec<&str> = parts.collect();
+    blocks.reverse();
+    let mut out = head;
+    for b in blocks {
+        out.push_str("\n[[disk]]\n");
+        out.push_str(b.trim_end());
+        out.push('\n');
+    }
+    std::fs::write(config, out)?;
+    Ok(())
+}
+
+/// With a second disk: whether a failover in `dir` recovered it exactly
+/// (its content never changes); the failure otherwise.
+fn second_disk_differs(rig: &Rig, dir: &Path, what: &str) -> Option<String> {
+    let want = rig
+        .agent
+        .disks
+        .iter()
+        .find(|d| d.0 == SECOND_DISK)?
+        .1
+        .clone();
+    let got = dir.join(format!("{SECOND_DISK}.raw"));
+    match (std::fs::read(&got), std::fs::read(&want)) {
+        (Ok(a), Ok(b)) if a == b => None,
+        (Ok(_), Ok(_)) => Some(format!(
+            "{what}: disk {SECOND_DISK} recovered with other content than it holds (disks cross-wired?)"
+        )),
+        (Err(e), _) | (_, Err(e)) => Some(format!("{what}: disk {SECOND_DISK}: {e}")),
+    }
+}
+
 /// The id a process server keeps in its cache directory.
 fn server_id(cache_dir: &Path) -> Result<String> {
     let p = cache_dir.join("server-id");
@@ -687,14 +735,20 @@ impl Rig {
             None
         };
         let certs = ps.dir.join("machines").join(MACHINE);
-        let mut agent = Agent::configure(
-            &agent_dir,
-            MACHINE,
-            &certs,
-            proxy.port,
-            &[(DISK, s.disk_size)],
-            AGENT_EXTRA,
-        )?;
+        let mut disks = vec![(DISK, s.disk_size)];
+        if s.kinds.contains(&FaultKind::DiskReorder) {
+            disks.push((SECOND_DISK, SECOND_DISK_SIZE));
+        }
+        let mut agent =
+            Agent::configure(&agent_dir, MACHINE, &certs, proxy.port, &disks, AGENT_EXTRA)?;
+        if disks.len() > 1 {
+            crate::fill_random(
+                &agent.image(SECOND_DISK),
+                0,
+                SECOND_DISK_SIZE,
+                &mut crate::Rng(s.seed ^ 0xda7a),
+            );
+        }
         agent.start()?;
         agent.wait_synced(CATCH_UP)?;
         agent.wait_acked(CATCH_UP)?;
@@ -1297,6 +1351,11 @@ fn inject(s: &Scenario, rig: &mut Rig, books: &mut Books, f: &Fault) -> Result<(
             sleep_ms(f.param_ms);
             rig.ps.start()?;
         }
+        FaultKind::DiskReorder => {
+            rig.kill_agent();
+            reverse_disk_blocks(&rig.agent.config)?;
+            rig.restart_agent(s.wait_welcome_after_restart)?;
+        }
         FaultKind::LinkCut => {
             rig.proxy.cut();
         }
@@ -1422,6 +1481,9 @@ fn finish(
         ));
     } else {
         out.failovers_compared += 1;
+        if let Some(f) = second_disk_differs(rig, &dir, "latest") {
+            out.failures.push(f);
+        }
         let got = dir.join(format!("{DISK}.raw"));
         let diff = differing_sectors(&got, image, 1 << 20)?;
         if diff.is_empty() {
@@ -1477,6 +1539,9 @@ fn finish(
                 String::from_utf8_lossy(&o.stderr)
             ));
             continue;
+        }
+        if let Some(f) = second_disk_differs(rig, &dir, &format!("point {id}")) {
+            out.failures.push(f);
         }
         match books
             .points

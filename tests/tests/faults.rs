@@ -1,7 +1,7 @@
 //! The fault harness's CI run: a few seeds of the seeded schedule (agent and
 //! process-server kill -9, link cuts/stalls/delays, s3s-fs outages, power loss
 //! of the agent's state directory and of the process server's cache,
-//! process-server takeovers), each
+//! process-server takeovers, disk reorders), each
 //! ending with every recovery point failed over and compared byte for byte.
 //! `LIFEBOAT_FAULT_SEED=N` re-runs one seed (in `reproduce_seed_from_env`),
 //! `LIFEBOAT_FAULT_SECS` sets each run's length (default 20 s here).
@@ -105,17 +105,20 @@ fn store_power_loss_keeps_uploaded_segments() {
     }
 }
 
-/// Process-server takeovers among kills and power losses: a rebuilt server
-/// (empty cache, same store) takes the machine over while the old one keeps
-/// running with what it had not uploaded. The stream continues after the
-/// store's end in the new server's epoch; nothing the old one still uploads
-/// is counted, every listed point fails over exact.
+/// Process-server takeovers and disk reorders among kills and power losses:
+/// a rebuilt server (empty cache, same store) takes the machine over while
+/// the old one keeps running with what it had not uploaded, and the agent
+/// restarts with its two disks listed the other way round. The stream
+/// continues after the store's end in the new server's epoch; nothing the
+/// old one still uploads is counted; every listed point fails over exact,
+/// each disk with its own content.
 #[test]
-fn seed_6_process_server_takeovers() {
+fn seed_6_process_server_takeovers_and_disk_reorders() {
     if needs_fuse() {
         let mut s = scenario(6);
         s.kinds = vec![
             FaultKind::PsTakeover,
+            FaultKind::DiskReorder,
             FaultKind::PsKill,
             FaultKind::AgentKill,
             FaultKind::LinkCut,
