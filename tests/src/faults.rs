@@ -903,6 +903,30 @@ impl Rig {
         Ok(())
     }
 
+    /// Whether the servers are still running (a peer that died by itself
+    /// is named, with its log's tail).
+    fn health(&mut self) -> String {
+        let mut out = Vec::new();
+        let ps = self.ps.proc.as_mut().is_some_and(|p| p.is_running());
+        out.push(format!(
+            "lifeboat-ps {}",
+            if ps { "running" } else { "not running" }
+        ));
+        if let Store::S3 { s3, down_until } = &mut self.store {
+            if s3.proc.is_running() {
+                out.push("s3s-fs running".into());
+            } else if down_until.is_some() {
+                out.push("s3s-fs stopped by an outage".into());
+            } else {
+                out.push(format!(
+                    "s3s-fs EXITED BY ITSELF; its log:\n{}",
+                    log_tail(&s3.proc.log, 20)
+                ));
+            }
+        }
+        out.join(", ")
+    }
+
     fn agent_log(&self) -> String {
         self.agent
             .proc
@@ -1458,8 +1482,12 @@ fn finish(
         .context("waiting for the agent's stream to be acknowledged")?;
     sample(rig, books, out);
     let (url, opts) = (rig.store.url(), rig.store.options());
-    crate::wait_stored(&url, MACHINE, &opts, final_seq, CATCH_UP)
-        .context("waiting for the final point in the store")?;
+    if let Err(e) = crate::wait_stored(&url, MACHINE, &opts, final_seq, CATCH_UP) {
+        bail!(
+            "waiting for the final point in the store: {e:#}; {}",
+            rig.health()
+        );
+    }
     if let Some((_, _, _, a)) = books.positions {
         if a < books.max_acked {
             out.failures.push(format!(
