@@ -64,6 +64,10 @@ use crate::seal::{self, Key, SealError};
 use crate::store::{Store, StoreError};
 
 pub const FORMAT_VERSION: u32 = 1;
+/// The format `machine.json` is written in: 2 since segment names carry the
+/// owner epoch (a reader that knows only format 1 would ignore those
+/// segments; it refuses the record instead). Format 1 is still read.
+pub const MACHINE_FORMAT: u32 = 2;
 
 pub fn machine_dir(machine: &str) -> String {
     format!("machines/{machine}")
@@ -526,7 +530,7 @@ pub async fn load_machine(
             object: store.describe(&name),
         })?;
     let rec: MachineRecord = open_record(key, store, &name, &bytes)?;
-    if rec.format != FORMAT_VERSION || rec.machine != machine {
+    if !(1..=MACHINE_FORMAT).contains(&rec.format) || rec.machine != machine {
         return Err(CatalogueError::Invalid {
             object: store.describe(&name),
             detail: format!("format {} for machine {:?}", rec.format, rec.machine),

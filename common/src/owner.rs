@@ -17,9 +17,14 @@
 //!   uploading the machine and refuses its agent, naming the new owner.
 //! - The owner re-checks the record's ETag (one HEAD) before every segment
 //!   it puts; objects it writes are created, never overwritten, so a stale
-//!   owner that passed its check just before a takeover can at worst add a
-//!   segment the store already holds identically or fail on a conflict that
-//!   names the object — never replace the new owner's.
+//!   owner that passed its check just before a takeover can at worst add an
+//!   object — never replace the new owner's — and what it adds carries its
+//!   epoch, which readers fence at the takeover (catalogue.rs).
+//! - Epochs never repeat: a new record's epoch is above every epoch the
+//!   store has seen (the owner record, takeover records, segment names), so
+//!   a deleted owner record cannot hand a second server an epoch that shares
+//!   the first one's fence; and a server that held epoch E finding any epoch
+//!   above E there has lost the machine, record or not.
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
@@ -143,9 +148,37 @@ pub async fn claim(
 ) -> Result<Claim, OwnerError> {
     let name = owner_object(machine);
     for _ in 0..CLAIM_ATTEMPTS {
-        match current(store, key, machine).await? {
+        let cur = current(store, key, machine).await?;
+        if cur.as_ref().is_some_and(|(c, _)| c.server == me.id) {
+            let (cur, etag) = cur.expect("checked");
+            return Ok(Claim::Owned {
+                held: Held { record: cur, etag },
+                previous: None,
+            });
+        }
+        // Taking or retaking the machine: above every epoch seen so far.
+        let (floor, floor_server) = epoch_floor(store, key, machine).await?;
+        if let Some(e) = held_epoch {
+            let by = match &cur {
+                Some((c, _)) if c.epoch > e => Some(c.clone()),
+                _ if floor > e => Some(OwnerRecord {
+                    format: OWNER_FORMAT,
+                    machine: machine.to_string(),
+                    server: floor_server.clone(),
+                    address: "(from the store's takeover records and segment names)".into(),
+                    epoch: floor,
+                    since_ms: 0,
+                    since: "-".into(),
+                }),
+                _ => None,
+            };
+            if let Some(by) = by {
+                return Ok(Claim::Fenced { by, held_epoch: e });
+            }
+        }
+        match cur {
             None => {
-                let rec = record(machine, me, held_epoch.unwrap_or(0) + 1);
+                let rec = record(machine, me, held_epoch.unwrap_or(0).max(floor) + 1);
                 let body = Bytes::from(catalogue::sign_record(key, &name, &rec));
                 if let Some(etag) = store.create_versioned(&name, body).await? {
                     return Ok(Claim::Owned {
@@ -154,22 +187,12 @@ pub async fn claim(
                     });
                 }
             }
-            Some((cur, etag)) if cur.server == me.id => {
-                return Ok(Claim::Owned {
-                    held: Held { record: cur, etag },
-                    previous: None,
-                });
-            }
             Some((cur, etag)) => {
-                if let Some(e) = held_epoch {
-                    if cur.epoch > e {
-                        return Ok(Claim::Fenced {
-                            by: cur,
-                            held_epoch: e,
-                        });
-                    }
-                }
-                let rec = record(machine, me, cur.epoch.max(held_epoch.unwrap_or(0)) + 1);
+                let rec = record(
+                    machine,
+                    me,
+                    cur.epoch.max(held_epoch.unwrap_or(0)).max(floor) + 1,
+                );
                 let body = Bytes::from(catalogue::sign_record(key, &name, &rec));
                 if let Some(new) = store.update_versioned(&name, body, &etag).await? {
                     return Ok(Claim::Owned {
@@ -186,6 +209,24 @@ pub async fn claim(
     Err(OwnerError::Contended {
         object: store.describe(&name),
         machine: machine.to_string(),
+    })
+}
+
+/// The highest owner epoch the store shows for `machine` outside its owner
+/// record (takeover records, segment names), and who held it if a takeover
+/// record says so.
+async fn epoch_floor(
+    store: &Store,
+    key: &CatalogueKey,
+    machine: &str,
+) -> Result<(u64, String), OwnerError> {
+    let fences = catalogue::list_fences(store, Some(key), machine).await?;
+    let segments = catalogue::list_segments(store, machine).await?;
+    let from_segments = segments.iter().map(|s| s.epoch).max().unwrap_or(0);
+    let newest = fences.records().iter().max_by_key(|r| r.epoch);
+    Ok(match newest {
+        Some(r) if r.epoch >= from_segments => (r.epoch, r.server.clone()),
+        _ => (from_segments, "(unknown: named by its segments)".into()),
     })
 }
 
@@ -217,5 +258,83 @@ pub async fn verify(
             since_ms: 0,
             since: "-".into(),
         })),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::catalogue::{EpochRecord, SegmentName, FORMAT_VERSION};
+    use crate::seal::Key;
+    use crate::store::StoreConfig;
+
+    fn server(id: &str) -> ServerIdentity {
+        ServerIdentity {
+            id: id.into(),
+            address: format!("{id}-host 127.0.0.1:9443"),
+        }
+    }
+
+    fn epoch_of(c: &Claim) -> u64 {
+        match c {
+            Claim::Owned { held, .. } => held.record.epoch,
+            Claim::Fenced { .. } => 0,
+        }
+    }
+
+    /// A deleted owner record never hands out an epoch the store has seen:
+    /// the fences of a takeover would otherwise cover the new owner too.
+    #[tokio::test]
+    async fn epochs_never_repeat_after_the_owner_record_is_deleted() {
+        let dir = std::env::temp_dir().join(format!(
+            "lifeboat-owner-test-{}-{}",
+            std::process::id(),
+            crate::now_ms()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let store = Store::open(&StoreConfig::new(format!("file://{}", dir.display()))).unwrap();
+        let key = CatalogueKey::derive(&Key::from_bytes([3; 32]));
+        let m = "m";
+        // a owns it at 1; b (a rebuilt server) takes it over at 2.
+        let a = claim(&store, &key, m, &server("a"), None).await.unwrap();
+        assert_eq!(epoch_of(&a), 1);
+        let b = claim(&store, &key, m, &server("b"), None).await.unwrap();
+        assert_eq!(epoch_of(&b), 2);
+        let rec = EpochRecord {
+            format: FORMAT_VERSION,
+            epoch: 2,
+            after: 100,
+            server: "b".into(),
+        };
+        let name = catalogue::epoch_object(m, 2);
+        store
+            .put(
+                &name,
+                Bytes::from(catalogue::sign_record(&key, &name, &rec)),
+            )
+            .await
+            .unwrap();
+        // The owner record is deleted.
+        store.delete(&owner_object(m)).await.unwrap();
+        // a, which held epoch 1, has lost the machine to b: record or not.
+        match claim(&store, &key, m, &server("a"), Some(1)).await.unwrap() {
+            Claim::Fenced { by, held_epoch } => {
+                assert_eq!((by.epoch, by.server.as_str(), held_epoch), (2, "b", 1));
+            }
+            c => panic!("a must be fenced, got {c:?}"),
+        }
+        // A third server gets an epoch above every one seen: 3, not 1.
+        let d = claim(&store, &key, m, &server("d"), None).await.unwrap();
+        assert_eq!(epoch_of(&d), 3);
+        // Segment names count too.
+        store.delete(&owner_object(m)).await.unwrap();
+        let seg = catalogue::segment_object(m, &SegmentName::new(101, 110, 7));
+        store.put(&seg, Bytes::from_static(b"x")).await.unwrap();
+        let e = claim(&store, &key, m, &server("e"), None).await.unwrap();
+        assert_eq!(epoch_of(&e), 8);
+        // The owner itself keeps its epoch.
+        let again = claim(&store, &key, m, &server("e"), Some(8)).await.unwrap();
+        assert_eq!(epoch_of(&again), 8);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

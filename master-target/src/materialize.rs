@@ -385,11 +385,13 @@ pub async fn materialize(
         let targets = targets.clone();
         // A segment fenced by a later takeover counts only up to the fence.
         let upto = resolved.seq.min(span.upto);
+        let point = resolved.seq;
         let seg_name = store.describe(&segment_object(machine, &span.name));
         let from = applied;
         let (found_tag, seen) = tokio::task::spawn_blocking(move || -> Result<_> {
             let mut t = targets.lock().unwrap_or_else(|p| p.into_inner());
-            apply(&mut t, &entries, from, upto).with_context(|| format!("applying {seg_name}"))
+            apply(&mut t, &entries, from, upto, point)
+                .with_context(|| format!("applying {seg_name}"))
         })
         .await??;
         applied = applied.max(upto);
@@ -487,11 +489,14 @@ impl StreamMarks {
 
 /// Applies entries with `after < seq ≤ upto`; returns whether the tag at
 /// `upto` was seen, and the tags and sync starts applied.
+/// Applies `entries` with `after < seq <= upto`; returns whether one of them
+/// is the tag at `point` (the seq being recovered) and the marks seen.
 fn apply(
     targets: &mut BTreeMap<u16, Target>,
     entries: &[Entry],
     after: u64,
     upto: u64,
+    point: u64,
 ) -> Result<(bool, StreamMarks)> {
     let mut saw_tag = false;
     let mut marks = StreamMarks::default();
@@ -531,7 +536,7 @@ fn apply(
             }
             Op::Tag { .. } => {
                 marks.last_tag = e.seq;
-                if e.seq == upto {
+                if e.seq == point {
                     saw_tag = true;
                 }
             }

@@ -236,9 +236,19 @@ impl PsSink {
         // Where this epoch continues the stream, recorded before anything
         // else: what the old owner lands after it is not part of the stream
         // (catalogue.rs, fences). A retry after a crash keeps the first answer.
+        // The stream end under every fence, ours included: on a retry after a
+        // crash that is our record's `after` again (nothing of ours was
+        // uploaded yet), and if this server did upload in its epoch before it
+        // lost its cache, its own segments count.
         let fences = catalogue::list_fences(&self.store, Some(ck), machine).await?;
         let end = match fences.records().iter().find(|r| r.epoch == epoch) {
-            Some(r) => r.after,
+            Some(r) if r.server != self.ownership.me.id => anyhow::bail!(
+                "{} says process server {} took machine {machine} over at owner epoch {epoch}, the epoch this server ({}) was just given: refusing to continue its stream",
+                self.store.describe(&catalogue::epoch_object(machine, epoch)),
+                r.server,
+                self.ownership.me.id
+            ),
+            Some(_) => catalogue::contiguous_prefix(&segments, &fences).end,
             None => {
                 let end = catalogue::contiguous_prefix(&segments, &fences).end;
                 let r = catalogue::EpochRecord {

@@ -258,12 +258,12 @@ async fn create_json<T: serde::Serialize + serde::de::DeserializeOwned>(
                 let created = store
                     .create(obj, body.clone(), |existing| {
                         match catalogue::open_record::<T>(key, store, obj, existing) {
-                            Ok(r) if same(&r) => true,
                             Ok(r) if stale(&r) => {
                                 replace = true;
                                 true
                             }
-                            _ => false,
+                            Ok(r) => same(&r),
+                            Err(_) => false,
                         }
                     })
                     .await;
@@ -284,8 +284,12 @@ async fn create_json<T: serde::Serialize + serde::de::DeserializeOwned>(
 
 async fn put_machine_json(store: &Store, key: &CatalogueKey, rec: &MachineRecord) -> Result<()> {
     let name = catalogue::machine_json(&rec.machine);
+    let rec = MachineRecord {
+        format: catalogue::MACHINE_FORMAT,
+        ..rec.clone()
+    };
     store
-        .put(&name, Bytes::from(catalogue::sign_record(key, &name, rec)))
+        .put(&name, Bytes::from(catalogue::sign_record(key, &name, &rec)))
         .await?;
     Ok(())
 }

@@ -799,7 +799,8 @@ impl Rig {
     /// [`FaultKind::PsTakeover`]: a copy of the server's directory (CA,
     /// certificates, key, config) with an empty cache of its own (on powerfs
     /// if the current one is) and its own port takes the agent's link.
-    fn takeover(&mut self) -> Result<()> {
+    /// Returns the store's stream end just before the new server started.
+    fn takeover(&mut self) -> Result<u64> {
         let gen = self.ps_ids.len();
         let dir = self.root.join(format!("ps-{gen}"));
         std::fs::create_dir_all(&dir)?;
@@ -846,6 +847,10 @@ impl Rig {
             store_url: self.ps.store_url.clone(),
             proc: None,
         };
+        self.store_due(true)?;
+        let end_before = points(&self.store.url(), MACHINE, &self.store.options())?["stream-end"]
+            .as_u64()
+            .unwrap_or(0);
         ps.start()?;
         self.ps_ids.push(server_id(&cache_dir)?);
         self.proxy.retarget(port);
@@ -855,7 +860,7 @@ impl Rig {
             None => None,
         };
         self.old_ps.push((old, old_fs));
-        Ok(())
+        Ok(end_before)
     }
 
     fn kill_agent(&mut self) {
@@ -952,9 +957,14 @@ struct Books {
     /// Per agent process: the last positions seen (captured, sent, acked).
     positions: Option<(u32, u64, u64, u64)>,
     max_acked: u64,
-    /// Backward moves of the agent's positions still to be accepted (one per
-    /// takeover: the agent rebases on the new server's shorter stream).
-    rebases_allowed: u32,
+    /// Per takeover not yet followed by the agent's rebase: the store's
+    /// stream end just before it. One backward move of the agent's positions
+    /// is accepted per takeover, to no lower than that end.
+    rebase_floors: Vec<u64>,
+    /// Per takeover: the generation of the server that took over and the
+    /// store's stream end just before it. A point is excused from being
+    /// listed only if it lay beyond that end under an earlier server.
+    takeovers: Vec<(usize, u64)>,
 }
 
 impl Books {
@@ -975,7 +985,8 @@ impl Books {
             epoch: 0,
             positions: None,
             max_acked: 0,
-            rebases_allowed: 0,
+            rebase_floors: Vec::new(),
+            takeovers: Vec::new(),
         })
     }
 
@@ -1288,8 +1299,9 @@ fn sample(rig: &mut Rig, books: &mut Books, out: &mut Outcome) {
         // except once per takeover (the agent rebases on the new server's
         // shorter stream, in this process or the next one).
         let back = pid == apid && (c < c0 || a < a0);
-        if (back || (pid != apid && a < books.max_acked)) && books.rebases_allowed > 0 {
-            books.rebases_allowed -= 1;
+        let floor = books.rebase_floors.first().copied();
+        if (back || (pid != apid && a < books.max_acked)) && floor.is_some_and(|f| a >= f) {
+            books.rebase_floors.remove(0);
             books.max_acked = a;
         } else if back {
             out.failures.push(format!(
@@ -1415,11 +1427,12 @@ fn inject(s: &Scenario, rig: &mut Rig, books: &mut Books, f: &Fault) -> Result<(
             rig.restart_agent(s.wait_welcome_after_restart)?;
         }
         FaultKind::PsTakeover => {
-            rig.takeover()?;
+            let end_before = rig.takeover()?;
             // The new server holds less than the old one acknowledged, so the
             // agent rebases after the store's end: once, its positions may
-            // go below what the old server acked.
-            books.rebases_allowed += 1;
+            // go below what the old server acked — never below that end.
+            books.rebase_floors.push(end_before);
+            books.takeovers.push((rig.ps_ids.len() - 1, end_before));
         }
         FaultKind::PsPowerLoss | FaultKind::StorePowerLoss => {
             rig.kill_ps();
@@ -1598,14 +1611,6 @@ fn finish(
         let _ = std::fs::remove_dir_all(&dir);
     }
     // Points taken and acknowledged must be listed.
-    let takeovers: Vec<(String, u64)> = listed["takeovers"]
-        .as_array()
-        .map(|v| {
-            v.iter()
-                .filter_map(|t| Some((t["server"].as_str()?.to_string(), t["after"].as_u64()?)))
-                .collect()
-        })
-        .unwrap_or_default();
     for r in &books.points {
         let is_listed = list
             .iter()
@@ -1613,16 +1618,12 @@ fn finish(
         if is_listed {
             continue;
         }
-        // A later server took the machine over, continuing after a seq below
-        // this point: only the server it replaced held the point.
-        let taken_over = takeovers.iter().any(|(server, after)| {
-            r.seq > *after
-                && rig
-                    .ps_ids
-                    .iter()
-                    .position(|id| id == server)
-                    .is_some_and(|g| g > r.ps_gen)
-        });
+        // A later server took the machine over while the point was not yet
+        // in the store: only the server it replaced held the point.
+        let taken_over = books
+            .takeovers
+            .iter()
+            .any(|&(gen, end_before)| gen > r.ps_gen && r.seq > end_before);
         if taken_over {
             out.points_lost_to_takeover += 1;
         } else if r.acked {

@@ -231,3 +231,81 @@ fn deleted_inconsistent_mark_is_detected_from_the_stream() {
         "the refusal must say the stream is inside the sync and its mark is missing: {err}"
     );
 }
+
+/// A point record (validly signed) at a seq that holds a write, not a tag,
+/// in a later segment than the first: failover refuses it — the catalogue
+/// does not match the data — even though earlier segments end in tags.
+#[test]
+fn a_point_at_a_seq_without_a_tag_is_refused() {
+    use lifeboat_common::catalogue;
+    use lifeboat_common::seal::Key;
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let (ps, mut agent, first, _snap) = protected_with_point(root);
+    qemu_io(
+        &agent.uri("root"),
+        &["write -P 0x5a 1M 64k", "write -P 0x5b 5M 64k"],
+    )
+    .unwrap();
+    agent.wait_acked(Duration::from_secs(60)).unwrap();
+    let second = agent.tag().unwrap();
+    wait_stored(
+        &ps.store_url,
+        MACHINE,
+        &[],
+        second,
+        Duration::from_secs(120),
+    )
+    .unwrap();
+    agent.stop_clean();
+    // The write just before the second tag, well after the first point.
+    let forged = second - 1;
+    assert!(
+        forged > first + 1,
+        "writes between the points: {first}..{second}"
+    );
+    let listed = points(&ps.store_url, MACHINE, &[]).unwrap();
+    let real = listed["points"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["seq"].as_u64() == Some(second))
+        .cloned()
+        .expect("the second point is listed");
+    let mut rec: catalogue::PointRecord = serde_json::from_value(real).unwrap();
+    rec.seq = forged;
+    rec.id = catalogue::point_id(forged);
+    let kek = Key::from_hex(&std::fs::read_to_string(ps.kek()).unwrap()).unwrap();
+    let sealed = std::fs::read(store_dir(&ps).join("keys/data-key.sealed")).unwrap();
+    let store = lifeboat_common::store::Store::open(&lifeboat_common::store::StoreConfig::new(
+        ps.store_url.clone(),
+    ))
+    .unwrap();
+    let data = catalogue::open_data_key(&kek, MACHINE, &sealed, &store).unwrap();
+    let key = catalogue::CatalogueKey::derive(&data);
+    let name = catalogue::point_object(MACHINE, forged);
+    std::fs::write(
+        ps.dir.join("store").join(&name),
+        catalogue::sign_record(&key, &name, &rec),
+    )
+    .unwrap();
+    let out = root.join("out");
+    let o = failover(
+        &ps.store_url,
+        MACHINE,
+        &forged.to_string(),
+        &out,
+        &ps.kek(),
+        &[],
+    )
+    .unwrap();
+    let err = stderr(&o);
+    assert!(
+        !o.status.success(),
+        "failover at a point whose seq holds no tag must be refused"
+    );
+    assert!(
+        err.contains(&format!("holds no tag at seq {forged}")),
+        "the refusal names the mismatch: {err}"
+    );
+}

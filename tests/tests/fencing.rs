@@ -336,6 +336,11 @@ fn two_servers_one_store(root: &Path, cfg: Option<StoreConfig>) {
         !o.status.success(),
         "failover at the old owner's late point {late} succeeded"
     );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains(&format!("has no point {late}")),
+        "refused because the point is not part of the stream: {err}"
+    );
 
     // Every point recovers exactly what the disk held.
     for (point, out, want) in [
