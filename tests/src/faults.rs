@@ -878,16 +878,24 @@ impl Rig {
         self.connect()
     }
 
-    /// Until the agent's sender was welcomed by the process server.
-    fn wait_welcomed(&self) -> Result<()> {
-        wait_for(
-            "the agent to be welcomed by the process server",
-            CATCH_UP,
-            || {
-                let st = self.agent.status().ok()?;
-                (st["connected"] == true).then_some(())
-            },
-        )
+    /// Until the agent's sender was welcomed by the process server. A store
+    /// outage due to end meanwhile ends (a rebuilt server needs the store
+    /// before it can welcome the agent).
+    fn wait_welcomed(&mut self) -> Result<()> {
+        let deadline = Instant::now() + CATCH_UP;
+        loop {
+            self.store_due(false)?;
+            if self.agent.status().is_ok_and(|st| st["connected"] == true) {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "timed out after {CATCH_UP:?} waiting for the agent to be welcomed by the process server; {}",
+                    self.health()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     fn kill_ps(&mut self) {
@@ -1408,6 +1416,7 @@ fn inject(s: &Scenario, rig: &mut Rig, books: &mut Books, f: &Fault) -> Result<(
         }
         FaultKind::AgentPowerLoss => {
             if !s.idle_before_agent_power_loss.is_zero() {
+                rig.store_due(true)?;
                 rig.agent.wait_acked(CATCH_UP)?;
                 eprintln!(
                     "  (idle {:?} before the power loss)",
