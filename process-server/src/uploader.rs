@@ -109,7 +109,7 @@ where
 
 /// Entries kept in memory for the uploader, so the hot path never reads the
 /// cache back; beyond this the uploader reads RocksDB instead.
-pub const TAIL_MAX_BYTES: usize = 256 * 1024 * 1024;
+pub const TAIL_MAX_BYTES: usize = 64 * 1024 * 1024;
 
 /// The newest durable entries of a machine, consecutive by seq.
 #[derive(Default)]
