@@ -37,6 +37,17 @@
 //!
 //! The backing directory's own writes are not fsynced: powerfs models the power
 //! loss of the disk it serves, not of the host it runs on.
+//!
+//! # A full disk
+//!
+//! [`State::set_full`] (the binary: SIGUSR2 on, SIGHUP off) makes the disk
+//! full, as a filesystem with no free block: every request that needs new
+//! space fails with ENOSPC — a write or an allocating `fallocate` that reaches
+//! past the file's size, `mkdir`, `symlink` — and `statfs` reports no free
+//! space. Everything else goes on: overwrites inside a file, creating empty
+//! files (inodes are left), truncates, unlinks, renames and every fsync. The
+//! flag is not durable: a power loss ends it (the harness fills the disk
+//! again after power on if it should still be full).
 
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::{OsStr, OsString};
@@ -220,6 +231,8 @@ pub struct State {
     opts: Options,
     inodes: HashMap<u64, Inode>,
     next: u64,
+    /// The disk is full: requests that need new space fail (ENOSPC).
+    full: bool,
 }
 
 impl State {
@@ -243,6 +256,7 @@ impl State {
             opts,
             inodes: HashMap::from([(ROOT, root)]),
             next: ROOT + 1,
+            full: false,
         };
         let mut by_backing_ino: HashMap<u64, u64> = HashMap::new();
         let mut todo = vec![(ROOT, st.opts.backing.clone())];
@@ -297,6 +311,24 @@ impl State {
 
     fn get(&self, ino: u64) -> Res<&Inode> {
         self.inodes.get(&ino).ok_or(Errno::ENOENT)
+    }
+
+    /// The disk fills up (`true`: requests that need new space fail with
+    /// ENOSPC) or has room again.
+    pub fn set_full(&mut self, full: bool) {
+        self.full = full;
+    }
+
+    pub fn is_full(&self) -> bool {
+        self.full
+    }
+
+    /// ENOSPC when the disk is full and `ino` would grow to `end`.
+    fn room_for(&self, ino: u64, end: u64) -> Res<()> {
+        if self.full && end > self.get(ino)?.size {
+            return Err(Errno::ENOSPC);
+        }
+        Ok(())
     }
 
     fn get_mut(&mut self, ino: u64) -> Res<&mut Inode> {
@@ -474,6 +506,7 @@ impl State {
         if self.get(ino)?.kind != Kind::File {
             return Err(Errno::EISDIR);
         }
+        self.room_for(ino, off + data.len() as u64)?;
         self.scratch(ino)?.write_all_at(data, off).map_err(io)?;
         let i = self.get_mut(ino)?;
         let end = off + data.len() as u64;
@@ -938,6 +971,9 @@ impl Filesystem for PowerFs {
         reply: ReplyEntry,
     ) {
         let mut st = self.st();
+        if st.full {
+            return reply.error(Errno::ENOSPC);
+        }
         let i = Inode::new(Kind::Dir, mode & !umask & 0o7777, req.uid(), req.gid(), 0);
         match st.make(parent.0, name, i) {
             Ok(ino) => self.entry(&st, ino, reply),
@@ -986,6 +1022,9 @@ impl Filesystem for PowerFs {
         reply: ReplyEntry,
     ) {
         let mut st = self.st();
+        if st.full {
+            return reply.error(Errno::ENOSPC);
+        }
         let i = Inode::new(
             Kind::Symlink(target.to_path_buf()),
             0o777,
@@ -1188,7 +1227,10 @@ impl Filesystem for PowerFs {
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        let backing = self.st().opts.backing.clone();
+        let (backing, full) = {
+            let st = self.st();
+            (st.opts.backing.clone(), st.full)
+        };
         let c = match std::ffi::CString::new(backing.as_os_str().as_bytes()) {
             Ok(c) => c,
             Err(_) => return reply.error(Errno::EINVAL),
@@ -1198,10 +1240,15 @@ impl Filesystem for PowerFs {
         if unsafe { libc::statvfs(c.as_ptr(), &mut s) } != 0 {
             return reply.error(Errno::EIO);
         }
+        let (bfree, bavail) = if full {
+            (0, 0)
+        } else {
+            (s.f_bfree, s.f_bavail)
+        };
         reply.statfs(
             s.f_blocks,
-            s.f_bfree,
-            s.f_bavail,
+            bfree,
+            bavail,
             s.f_files,
             s.f_ffree,
             s.f_bsize as u32,
@@ -1250,7 +1297,7 @@ impl Filesystem for PowerFs {
         let r = (|| {
             let size = st.get(ino.0)?.size;
             match mode & !libc::FALLOC_FL_KEEP_SIZE {
-                0 => {}
+                0 => st.room_for(ino.0, end)?,
                 libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_ZERO_RANGE => {
                     st.zero(ino.0, offset, end.min(size))?;
                 }

@@ -27,11 +27,24 @@
 //! written or zeroed stores `UNKNOWN_HASH` (never matches: it is resent); a
 //! zeroed whole block is deleted (a missing key is the all-zero block, as a
 //! replica starts as zeros).
+//!
+//! A full cache filesystem (ENOSPC, EDQUOT): the failed write returns an error
+//! naming the cache directory and the lack of space, so nothing it held is
+//! acknowledged; RocksDB then refuses every write (its background-error
+//! state). [`Cache::health`] says so (`lifeboat-ps status`). RocksDB resumes by
+//! itself only once the free space exceeds the `log` family's write buffer
+//! (128 MiB, polled every 5 s) and its C API has no `Resume`, so
+//! [`Cache::recover`] (called every second by the server) probes with a
+//! small synced write and, while that fails and the filesystem has room
+//! again, closes and reopens the database: what was synced is replayed, a
+//! torn tail of the failed write dropped. Every operation holds a read lock on
+//! the open database; a reopen takes the write lock.
 
-use std::path::Path;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, RwLock, RwLockReadGuard};
+use std::time::{Duration, Instant, SystemTime};
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use bytes::Bytes;
 use lifeboat_common::catalogue::MachineRecord;
 use lifeboat_common::codec::Reader;
@@ -41,15 +54,111 @@ use lifeboat_common::resync::{self, BlockHash, BLOCK, HASH_LEN};
 use rocksdb::{
     ColumnFamilyDescriptor, Direction, IteratorMode, Options, WriteBatch, WriteOptions, DB,
 };
+use tracing::{error, info, warn};
 
 const CF_LOG: &str = "log";
 const CF_META: &str = "meta";
 const CF_HASH: &str = "hash";
 /// Zeroed ranges up to this many blocks store hashes; longer ones delete a range.
 const ZERO_PUT_MAX_BLOCKS: u64 = 256;
+/// [`Cache::recover`] reopens a database that refuses writes only when the
+/// filesystem has at least this much free (a new WAL, MANIFEST and the
+/// replayed log's L0 files need room; a reopen that fails is tried again).
+const REOPEN_MIN_FREE: u64 = 8 << 20;
+/// Pauses between reopen attempts that failed (doubling).
+const REOPEN_RETRY_MIN: Duration = Duration::from_secs(2);
+const REOPEN_RETRY_MAX: Duration = Duration::from_secs(60);
+const PROBE_KEY: &str = "write-probe";
 
 pub struct Cache {
-    db: Arc<DB>,
+    dir: PathBuf,
+    /// `None` only while a reopen is under way (or failed: retried).
+    db: RwLock<Option<DB>>,
+    health: Mutex<Health>,
+}
+
+/// Why the cache does not take writes, since when, and when to try a reopen.
+#[derive(Default)]
+struct Health {
+    error: Option<String>,
+    since: Option<SystemTime>,
+    next_reopen: Option<Instant>,
+    reopen_pause: Duration,
+}
+
+/// What `lifeboat-ps status` shows of the cache.
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct CacheHealth {
+    pub dir: PathBuf,
+    pub writable: bool,
+    pub error: Option<String>,
+    /// RFC 3339.
+    pub since: Option<String>,
+    pub free_bytes: Option<u64>,
+}
+
+/// The open database, read-locked for one operation.
+struct DbRef<'a>(RwLockReadGuard<'a, Option<DB>>);
+
+impl std::ops::Deref for DbRef<'_> {
+    type Target = DB;
+    fn deref(&self) -> &DB {
+        self.0
+            .as_ref()
+            .expect("checked when the reference was taken")
+    }
+}
+
+fn cf<'a>(db: &'a DB, name: &str) -> Result<&'a rocksdb::ColumnFamily> {
+    db.cf_handle(name)
+        .ok_or_else(|| anyhow!("cache has no column family {name}"))
+}
+
+/// Whether a RocksDB or I/O error says the filesystem is full.
+pub fn is_no_space(e: &str) -> bool {
+    let e = e.to_ascii_lowercase();
+    e.contains("no space left") || e.contains("nospace") || e.contains("quota exceeded")
+}
+
+/// Free bytes of the filesystem holding `dir` (for an unprivileged writer).
+pub fn free_bytes(dir: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    // SAFETY: statvfs(3) fills the zeroed struct we pass; the path is a C string.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return None;
+    }
+    Some(st.f_bavail as u64 * st.f_frsize as u64)
+}
+
+fn open_db(dir: &Path) -> Result<DB> {
+    let mut opts = Options::default();
+    opts.create_if_missing(true);
+    opts.create_missing_column_families(true);
+    opts.set_max_background_jobs(2);
+    let mut log_opts = Options::default();
+    // Entries live briefly: a large memtable lets most be deleted before a flush.
+    log_opts.set_write_buffer_size(128 * 1024 * 1024);
+    log_opts.set_max_write_buffer_number(4);
+    log_opts.set_compression_type(rocksdb::DBCompressionType::None);
+    let cfs = vec![
+        ColumnFamilyDescriptor::new(CF_LOG, log_opts),
+        ColumnFamilyDescriptor::new(CF_META, Options::default()),
+        ColumnFamilyDescriptor::new(CF_HASH, Options::default()),
+    ];
+    DB::open_cf_descriptors(&opts, dir, cfs).map_err(|e| {
+        let e = e.into_string();
+        if is_no_space(&e) {
+            anyhow!(
+                "opening the RocksDB cache in {}: the cache directory has no space left ({e}); free space there",
+                dir.display()
+            )
+        } else {
+            anyhow!("opening the RocksDB cache in {}: {e}", dir.display())
+        }
+    })
 }
 
 fn log_key(machine: &str, seq: u64) -> Vec<u8> {
@@ -161,50 +270,161 @@ impl Cache {
             std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
                 .with_context(|| format!("making {} private (0700)", dir.display()))?;
         }
-        let mut opts = Options::default();
-        opts.create_if_missing(true);
-        opts.create_missing_column_families(true);
-        opts.set_max_background_jobs(2);
-        let mut log_opts = Options::default();
-        // Entries live briefly: a large memtable lets most be deleted before a flush.
-        log_opts.set_write_buffer_size(128 * 1024 * 1024);
-        log_opts.set_max_write_buffer_number(4);
-        log_opts.set_compression_type(rocksdb::DBCompressionType::None);
-        let cfs = vec![
-            ColumnFamilyDescriptor::new(CF_LOG, log_opts),
-            ColumnFamilyDescriptor::new(CF_META, Options::default()),
-            ColumnFamilyDescriptor::new(CF_HASH, Options::default()),
-        ];
-        let db = DB::open_cf_descriptors(&opts, dir, cfs)
-            .with_context(|| format!("opening the RocksDB cache in {}", dir.display()))?;
-        Ok(Cache { db: Arc::new(db) })
+        let db = open_db(dir)?;
+        Ok(Cache {
+            dir: dir.to_path_buf(),
+            db: RwLock::new(Some(db)),
+            health: Mutex::new(Health::default()),
+        })
     }
 
-    fn cf(&self, name: &str) -> Result<&rocksdb::ColumnFamily> {
-        self.db
-            .cf_handle(name)
-            .ok_or_else(|| anyhow!("cache has no column family {name}"))
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn db(&self) -> Result<DbRef<'_>> {
+        let g = self.db.read().unwrap_or_else(|p| p.into_inner());
+        if g.is_none() {
+            let why = self.lock_health().error.clone().unwrap_or_default();
+            bail!(
+                "the cache in {} is closed while it is reopened after an error ({why})",
+                self.dir.display()
+            );
+        }
+        Ok(DbRef(g))
+    }
+
+    fn lock_health(&self) -> std::sync::MutexGuard<'_, Health> {
+        self.health.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The error of a failed write (`what`), naming the cache directory and,
+    /// if so, the full filesystem; remembered until a write succeeds again.
+    fn write_failed(&self, what: &str, e: rocksdb::Error) -> anyhow::Error {
+        let e = e.into_string();
+        let msg = if is_no_space(&e) {
+            format!(
+                "{what}: the cache directory {} has no space left ({e}); nothing more is acknowledged (agents keep their journals) until space is freed there, then the cache goes on by itself",
+                self.dir.display()
+            )
+        } else {
+            format!("{what}: the cache in {} failed: {e}", self.dir.display())
+        };
+        let mut h = self.lock_health();
+        if h.error.is_none() {
+            error!("{msg}");
+            h.since = Some(SystemTime::now());
+            h.reopen_pause = REOPEN_RETRY_MIN;
+            h.next_reopen = None;
+        }
+        h.error = Some(msg.clone());
+        anyhow!(msg)
+    }
+
+    /// Whether the cache takes writes, and why not.
+    pub fn health(&self) -> CacheHealth {
+        let h = self.lock_health();
+        CacheHealth {
+            dir: self.dir.clone(),
+            writable: h.error.is_none(),
+            error: h.error.clone(),
+            since: h.since.map(|t| {
+                chrono::DateTime::<chrono::Utc>::from(t)
+                    .to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+            }),
+            free_bytes: free_bytes(&self.dir),
+        }
+    }
+
+    /// After a failed write: whether writes work again (RocksDB resumed by
+    /// itself, a probe write says), else, once the filesystem has room, a
+    /// reopen of the database. Returns whether the cache takes writes. Call
+    /// it periodically; it does nothing while the cache is healthy.
+    pub fn recover(&self) -> bool {
+        if self.lock_health().error.is_none() {
+            return true;
+        }
+        let probe = self.db().and_then(|db| {
+            let mut wo = WriteOptions::default();
+            wo.set_sync(true);
+            db.put_cf_opt(cf(&db, CF_META)?, PROBE_KEY, b"", &wo)
+                .map_err(|e| anyhow!(e.into_string()))
+        });
+        if probe.is_ok() {
+            self.recovered("RocksDB resumed");
+            return true;
+        }
+        let free = free_bytes(&self.dir).unwrap_or(0);
+        {
+            let h = self.lock_health();
+            if free < REOPEN_MIN_FREE || h.next_reopen.is_some_and(|t| Instant::now() < t) {
+                return false;
+            }
+        }
+        match self.reopen() {
+            Ok(()) => {
+                self.recovered("reopened");
+                true
+            }
+            Err(e) => {
+                let mut h = self.lock_health();
+                warn!(
+                    "reopening the cache in {} failed, trying again in {:?}: {e:#}",
+                    self.dir.display(),
+                    h.reopen_pause
+                );
+                h.next_reopen = Some(Instant::now() + h.reopen_pause);
+                h.reopen_pause = (h.reopen_pause * 2).clamp(REOPEN_RETRY_MIN, REOPEN_RETRY_MAX);
+                false
+            }
+        }
+    }
+
+    fn recovered(&self, how: &str) {
+        let mut h = self.lock_health();
+        if let Some(was) = h.error.take() {
+            let down = h.since.and_then(|t| t.elapsed().ok()).unwrap_or_default();
+            info!(
+                "the cache in {} takes writes again ({how}, after {}s; it failed with: {was})",
+                self.dir.display(),
+                down.as_secs()
+            );
+        }
+        *h = Health::default();
+    }
+
+    /// Closes the database (once no operation holds it) and opens it again.
+    fn reopen(&self) -> Result<()> {
+        let mut g = self.db.write().unwrap_or_else(|p| p.into_inner());
+        // Dropping closes it (and cancels RocksDB's own recovery).
+        drop(g.take());
+        *g = Some(open_db(&self.dir)?);
+        Ok(())
     }
 
     /// Makes `entries` durable (synced), with the block hashes they imply, and
     /// returns the new durable position.
     pub fn append(&self, machine: &str, entries: &[Entry]) -> Result<u64> {
-        let cf = self.cf(CF_LOG)?;
-        let hash_cf = self.cf(CF_HASH)?;
+        let db = self.db()?;
+        let cf_log = cf(&db, CF_LOG)?;
+        let hash_cf = cf(&db, CF_HASH)?;
         let mut batch = WriteBatch::default();
         let mut buf = Vec::new();
         for e in entries {
             buf.clear();
             envelope_entry(&mut buf, e);
-            batch.put_cf(cf, log_key(machine, e.seq), &buf);
+            batch.put_cf(cf_log, log_key(machine, e.seq), &buf);
             hash_updates(&mut batch, hash_cf, machine, &e.op);
         }
         let mut wo = WriteOptions::default();
         wo.set_sync(true);
-        self.db.write_opt(batch, &wo).with_context(|| {
-            format!(
-                "writing {} entries of {machine} to the cache",
-                entries.len()
+        db.write_opt(batch, &wo).map_err(|e| {
+            self.write_failed(
+                &format!(
+                    "writing {} entries of {machine} to the cache",
+                    entries.len()
+                ),
+                e,
             )
         })?;
         Ok(entries.last().map(|e| e.seq).unwrap_or(0))
@@ -218,21 +438,20 @@ impl Cache {
         first: u64,
         count: u64,
     ) -> Result<Vec<BlockHash>> {
-        let cf = self.cf(CF_HASH)?;
         // A block with no hash was never written, unless the hashes were lost.
         let unwritten = if self.hashes_unknown(machine)? {
             resync::UNKNOWN_HASH
         } else {
             resync::zero_block_hash()
         };
+        let db = self.db()?;
+        let hash_cf = cf(&db, CF_HASH)?;
         let mut out = vec![unwritten; count as usize];
         let start = hash_key(machine, disk, first);
         let end = hash_key(machine, disk, first.saturating_add(count));
         let mut ro = rocksdb::ReadOptions::default();
         ro.set_iterate_upper_bound(end);
-        for item in self
-            .db
-            .iterator_cf_opt(cf, ro, IteratorMode::From(&start, Direction::Forward))
+        for item in db.iterator_cf_opt(hash_cf, ro, IteratorMode::From(&start, Direction::Forward))
         {
             let (k, v) = item.with_context(|| format!("reading block hashes of {machine}"))?;
             let Some(block) = k
@@ -259,8 +478,8 @@ impl Cache {
     }
 
     pub fn uploaded(&self, machine: &str) -> Result<u64> {
-        let cf = self.cf(CF_META)?;
-        match self.db.get_cf(cf, format!("uploaded/{machine}"))? {
+        let db = self.db()?;
+        match db.get_cf(cf(&db, CF_META)?, format!("uploaded/{machine}"))? {
             None => Ok(0),
             Some(v) => {
                 let p = formats::open::<CachePosition>(&v)
@@ -272,27 +491,31 @@ impl Cache {
 
     /// The last durable seq of the machine.
     pub fn durable(&self, machine: &str) -> Result<u64> {
-        let cf = self.cf(CF_LOG)?;
-        let end = log_key(machine, u64::MAX);
-        let mut it = self
-            .db
-            .iterator_cf(cf, IteratorMode::From(&end, Direction::Reverse));
-        let last = match it.next() {
-            Some(Ok((k, _))) => seq_of(machine, &k),
-            Some(Err(e)) => return Err(e.into()),
-            None => None,
+        let last = {
+            let db = self.db()?;
+            let end = log_key(machine, u64::MAX);
+            let mut it = db.iterator_cf(
+                cf(&db, CF_LOG)?,
+                IteratorMode::From(&end, Direction::Reverse),
+            );
+            match it.next() {
+                Some(Ok((k, _))) => seq_of(machine, &k),
+                Some(Err(e)) => return Err(e.into()),
+                None => None,
+            }
         };
         Ok(last.unwrap_or(0).max(self.uploaded(machine)?))
     }
 
     /// Reads entries from `from` on, up to about `max_bytes`, stopping after a tag.
     pub fn read_batch(&self, machine: &str, from: u64, max_bytes: usize) -> Result<Batch> {
-        let cf = self.cf(CF_LOG)?;
+        let db = self.db()?;
         let start = log_key(machine, from);
         let mut out = Batch::default();
-        let iter = self
-            .db
-            .iterator_cf(cf, IteratorMode::From(&start, Direction::Forward));
+        let iter = db.iterator_cf(
+            cf(&db, CF_LOG)?,
+            IteratorMode::From(&start, Direction::Forward),
+        );
         for (expect, item) in (from..).zip(iter) {
             let (k, v) = item?;
             let Some(seq) = seq_of(machine, &k) else {
@@ -324,69 +547,75 @@ impl Cache {
 
     /// Records that everything up to `upto` is in the object store, then frees it.
     pub fn mark_uploaded(&self, machine: &str, from: u64, upto: u64) -> Result<()> {
-        let meta = self.cf(CF_META)?;
-        let log = self.cf(CF_LOG)?;
+        let db = self.db()?;
+        let meta = cf(&db, CF_META)?;
+        let log = cf(&db, CF_LOG)?;
         let mut wo = WriteOptions::default();
         wo.set_sync(true);
-        self.db.put_cf_opt(
+        let what = || format!("recording that {machine} is uploaded up to {upto}");
+        db.put_cf_opt(
             meta,
             format!("uploaded/{machine}"),
             formats::seal::<CachePosition>(&upto.to_be_bytes()),
             &wo,
-        )?;
+        )
+        .map_err(|e| self.write_failed(&what(), e))?;
         let mut batch = WriteBatch::default();
         batch.delete_range_cf(
             log,
             log_key(machine, from.min(upto)),
             log_key(machine, upto + 1),
         );
-        self.db.write(batch)?;
+        db.write(batch).map_err(|e| self.write_failed(&what(), e))?;
         Ok(())
     }
 
-    pub fn put_machine(&self, rec: &MachineRecord) -> Result<()> {
-        let meta = self.cf(CF_META)?;
-        let json = serde_json::to_vec(rec)?;
+    /// One synced put into `meta`, its failure described by `what`.
+    fn put_meta(&self, what: &str, key: String, value: &[u8]) -> Result<()> {
+        let db = self.db()?;
         let mut wo = WriteOptions::default();
         wo.set_sync(true);
-        self.db.put_cf_opt(
-            meta,
+        db.put_cf_opt(cf(&db, CF_META)?, key, value, &wo)
+            .map_err(|e| self.write_failed(what, e))
+    }
+
+    pub fn put_machine(&self, rec: &MachineRecord) -> Result<()> {
+        let json = serde_json::to_vec(rec)?;
+        self.put_meta(
+            &format!("recording the machine {} in the cache", rec.machine),
             format!("machine/{}", rec.machine),
-            formats::seal::<CacheMachine>(&json),
-            &wo,
-        )?;
-        Ok(())
+            &formats::seal::<CacheMachine>(&json),
+        )
     }
 
     /// Whether this cache lacks block hashes of data the replica holds (it
     /// was rebuilt from the store): missing hashes then mean "unknown", not
     /// "never written", until a full checksum resync has stored them all.
     pub fn hashes_unknown(&self, machine: &str) -> Result<bool> {
-        let meta = self.cf(CF_META)?;
-        Ok(self
-            .db
-            .get_cf(meta, format!("hashes-unknown/{machine}"))?
+        let db = self.db()?;
+        Ok(db
+            .get_cf(cf(&db, CF_META)?, format!("hashes-unknown/{machine}"))?
             .is_some())
     }
 
     pub fn set_hashes_unknown(&self, machine: &str, unknown: bool) -> Result<()> {
-        let meta = self.cf(CF_META)?;
         let key = format!("hashes-unknown/{machine}");
+        let what = format!("recording whether the block hashes of {machine} are known");
+        if unknown {
+            return self.put_meta(&what, key, b"1");
+        }
+        let db = self.db()?;
         let mut wo = WriteOptions::default();
         wo.set_sync(true);
-        if unknown {
-            self.db.put_cf_opt(meta, key, b"1", &wo)?;
-        } else {
-            self.db.delete_cf_opt(meta, key, &wo)?;
-        }
-        Ok(())
+        db.delete_cf_opt(cf(&db, CF_META)?, key, &wo)
+            .map_err(|e| self.write_failed(&what, e))
     }
 
     /// The ownership epoch this server last held for `machine` in the store
     /// (`owner.rs`), `None` if it never owned it.
     pub fn owner_epoch(&self, machine: &str) -> Result<Option<u64>> {
-        let meta = self.cf(CF_META)?;
-        match self.db.get_cf(meta, format!("owner-epoch/{machine}"))? {
+        let db = self.db()?;
+        match db.get_cf(cf(&db, CF_META)?, format!("owner-epoch/{machine}"))? {
             None => Ok(None),
             Some(v) => {
                 let p = formats::open::<CacheOwnerEpoch>(&v)
@@ -401,22 +630,17 @@ impl Cache {
 
     /// Records (synced) that this server holds `machine` at `epoch`.
     pub fn set_owner_epoch(&self, machine: &str, epoch: u64) -> Result<()> {
-        let meta = self.cf(CF_META)?;
-        let mut wo = WriteOptions::default();
-        wo.set_sync(true);
-        self.db.put_cf_opt(
-            meta,
+        self.put_meta(
+            &format!("recording the ownership epoch {epoch} of {machine}"),
             format!("owner-epoch/{machine}"),
-            formats::seal::<CacheOwnerEpoch>(&epoch.to_be_bytes()),
-            &wo,
-        )?;
-        Ok(())
+            &formats::seal::<CacheOwnerEpoch>(&epoch.to_be_bytes()),
+        )
     }
 
     /// The record of one machine, if it ever connected.
     pub fn machine(&self, machine: &str) -> Result<Option<MachineRecord>> {
-        let meta = self.cf(CF_META)?;
-        match self.db.get_cf(meta, format!("machine/{machine}"))? {
+        let db = self.db()?;
+        match db.get_cf(cf(&db, CF_META)?, format!("machine/{machine}"))? {
             None => Ok(None),
             Some(v) => {
                 let p = formats::open::<CacheMachine>(&v)
@@ -430,7 +654,8 @@ impl Cache {
     /// cache, in one synced batch: its record, `uploaded = end`, and (when
     /// `end > 0`) its block hashes flagged unknown.
     pub fn adopt(&self, rec: &MachineRecord, end: u64) -> Result<()> {
-        let meta = self.cf(CF_META)?;
+        let db = self.db()?;
+        let meta = cf(&db, CF_META)?;
         let mut batch = WriteBatch::default();
         let m = &rec.machine;
         batch.put_cf(
@@ -448,20 +673,19 @@ impl Cache {
         }
         let mut wo = WriteOptions::default();
         wo.set_sync(true);
-        self.db
-            .write_opt(batch, &wo)
-            .with_context(|| format!("taking {m} into the cache"))?;
+        db.write_opt(batch, &wo)
+            .map_err(|e| self.write_failed(&format!("taking {m} into the cache"), e))?;
         Ok(())
     }
 
     /// Every machine this cache has seen, with its last announced disks.
     pub fn machines(&self) -> Result<Vec<MachineRecord>> {
-        let meta = self.cf(CF_META)?;
+        let db = self.db()?;
         let mut out = Vec::new();
-        for item in self
-            .db
-            .iterator_cf(meta, IteratorMode::From(b"machine/", Direction::Forward))
-        {
+        for item in db.iterator_cf(
+            cf(&db, CF_META)?,
+            IteratorMode::From(b"machine/", Direction::Forward),
+        ) {
             let (k, v) = item?;
             if !k.starts_with(b"machine/") {
                 break;
@@ -552,6 +776,24 @@ mod tests {
         c.mark_uploaded("m", 5, 5).unwrap();
         assert_eq!(c.durable("m").unwrap(), 5, "durable never moves back");
         assert!(c.read_batch("m", 6, 1 << 20).unwrap().entries.is_empty());
+    }
+
+    #[test]
+    fn a_full_filesystem_is_told_apart_and_a_healthy_cache_says_so() {
+        assert!(is_no_space(
+            "IO error: No space left on device: While appending to file: /c/000004.log"
+        ));
+        assert!(is_no_space("IO error: Disk quota exceeded"));
+        assert!(!is_no_space("Corruption: block checksum mismatch"));
+        let dir = tempfile::tempdir().unwrap();
+        let c = Cache::open(dir.path()).unwrap();
+        let h = c.health();
+        assert!(
+            h.writable && h.error.is_none() && h.since.is_none(),
+            "{h:?}"
+        );
+        assert_eq!(h.dir, dir.path());
+        assert!(c.recover(), "a healthy cache needs no recovery");
     }
 
     fn entry(seq: u64, op: Op) -> Entry {

@@ -9,8 +9,11 @@
 //!   → {"ok":true,"event":"done","hashed-bytes":..,"hash-bytes":..,"block-bytes":..,..}
 //!   or {"ok":false,"error":".."}
 //! {"cmd":"status"}
-//!   → {"ok":true,"server-id":"..","address":"..","fenced":{"<machine>":"<why>",..}}
-//!     (fenced: machines this server lost to another; see ownership.rs)
+//!   → {"ok":true,"server-id":"..","address":"..","fenced":{"<machine>":"<why>",..},
+//!      "cache":{"dir":"..","writable":true,"error":null,"since":null,"free-bytes":..}}
+//!     (fenced: machines this server lost to another; see ownership.rs;
+//!     cache: whether the RocksDB cache takes writes, and why not: e.g. its
+//!     filesystem is full; see cache.rs)
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -24,6 +27,7 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
+use crate::cache::Cache;
 use crate::ownership::Ownership;
 
 pub const SOCKET_NAME: &str = "control.sock";
@@ -53,19 +57,25 @@ async fn handle<W: AsyncWriteExt + Unpin>(
     req: Request,
     sessions: &Sessions,
     ownership: &Ownership,
+    cache: &Arc<Cache>,
     wr: &mut W,
 ) -> std::io::Result<()> {
     let (machine, disk) = match req {
         Request::Resync { machine, disk } => (machine, disk),
         Request::Status => {
+            let c = cache.clone();
+            let health = tokio::task::spawn_blocking(move || c.health())
+                .await
+                .map_err(std::io::Error::other)?;
             return wr
                 .write_all(&line(&serde_json::json!({
                     "ok": true,
                     "server-id": ownership.me.id,
                     "address": ownership.me.address,
                     "fenced": ownership.fenced_all(),
+                    "cache": health,
                 })))
-                .await
+                .await;
         }
     };
     let mut events = match sessions.start_resync(&machine, disk.as_deref()) {
@@ -98,6 +108,7 @@ pub async fn serve(
     path: PathBuf,
     sessions: Arc<Sessions>,
     ownership: Arc<Ownership>,
+    cache: Arc<Cache>,
     cancel: CancellationToken,
 ) -> Result<()> {
     let _ = std::fs::remove_file(&path);
@@ -114,12 +125,13 @@ pub async fn serve(
         };
         let sessions = sessions.clone();
         let ownership = ownership.clone();
+        let cache = cache.clone();
         tokio::spawn(async move {
             let (rd, mut wr) = conn.into_split();
             let mut lines = BufReader::new(rd).lines();
             while let Ok(Some(l)) = lines.next_line().await {
                 let r = match serde_json::from_str::<Request>(&l) {
-                    Ok(req) => handle(req, &sessions, &ownership, &mut wr).await,
+                    Ok(req) => handle(req, &sessions, &ownership, &cache, &mut wr).await,
                     Err(e) => {
                         wr.write_all(&line(
                             &serde_json::json!({"ok": false, "error": format!("bad request: {e}")}),

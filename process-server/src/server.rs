@@ -35,6 +35,9 @@ use crate::ownership::Ownership;
 use crate::uploader::{self, MachineUploader};
 
 pub const MAX_CONNECTIONS: usize = 1024;
+/// How often a cache that failed a write is probed (and, with room again,
+/// reopened): [`Cache::recover`].
+pub const CACHE_RECOVERY_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Connections open per source address.
 #[derive(Default)]
@@ -457,13 +460,30 @@ pub async fn run(cfg: PsConfig, shutdown: CancellationToken) -> Result<()> {
         }
     }
 
+    // A cache that failed a write (a full filesystem) goes on by itself.
+    let recovery_task = {
+        let (cache, c) = (cache.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(CACHE_RECOVERY_INTERVAL) => {}
+                    _ = c.cancelled() => break,
+                }
+                let cache = cache.clone();
+                let _ = tokio::task::spawn_blocking(move || cache.recover()).await;
+            }
+        })
+    };
+
     let sessions = Arc::new(Sessions::default());
     let control_task = {
         let path = crate::control::socket_path(&cfg.cache_dir);
         let (sessions, c) = (sessions.clone(), shutdown.clone());
         let ownership = sink.ownership.clone();
+        let cache = cache.clone();
         tokio::spawn(async move {
-            if let Err(e) = crate::control::serve(path.clone(), sessions, ownership, c).await {
+            if let Err(e) = crate::control::serve(path.clone(), sessions, ownership, cache, c).await
+            {
                 warn!("control socket {}: {e:#}", path.display());
             }
         })
@@ -541,6 +561,7 @@ pub async fn run(cfg: PsConfig, shutdown: CancellationToken) -> Result<()> {
     }
     info!("shutting down: closing sessions");
     let _ = control_task.await;
+    let _ = recovery_task.await;
     conns.close();
     let _ = tokio::time::timeout(Duration::from_secs(10), conns.wait()).await;
     upload_cancel.cancel();

@@ -1,7 +1,8 @@
 //! The seeded fault harness: a workload of writes through the agent's NBD export
-//! while a schedule drawn from the same seed kills, cuts, stalls and powers off
-//! the parts; at the end every recovery point is failed over and compared byte
-//! for byte with what the source held when it was taken. See docs/FAULTS.md.
+//! while a schedule drawn from the same seed kills, cuts, stalls, powers off
+//! and fills the filesystems of the parts; at the end every recovery point is
+//! failed over and compared byte for byte with what the source held when it
+//! was taken. See docs/FAULTS.md.
 //!
 //! Owns: the workload (sizes 512 B ..= [`max_write`], 512-byte alignment with
 //! unaligned-to-4K offsets, overlaps, trims, write-zeroes, FUA, flushes, tags),
@@ -24,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use crate::nbd::{NbdClient, FLAG_FUA};
+use crate::nbd::{NbdClient, NbdReplyError, FLAG_FUA};
 use crate::peers::{S3sFs, DEFAULT_PREFIX};
 use crate::powerfs::PowerMount;
 use crate::proxy::FaultProxy;
@@ -126,6 +127,12 @@ pub enum FaultKind {
     /// opposite order (the run protects a second disk, `data`, with a fixed
     /// pattern, and checks it in every failover).
     DiskReorder,
+    /// The process server's cache filesystem (powerfs) is full for a while:
+    /// RocksDB's writes fail with ENOSPC; then it has room again.
+    CacheFull,
+    /// The agent's state filesystem (powerfs: journal, activity log, state
+    /// files) is full for a while; then it has room again.
+    JournalFull,
 }
 
 impl FaultKind {
@@ -142,6 +149,8 @@ impl FaultKind {
             FaultKind::StorePowerLoss => "store-power-loss",
             FaultKind::PsTakeover => "ps-takeover",
             FaultKind::DiskReorder => "disk-reorder",
+            FaultKind::CacheFull => "cache-full",
+            FaultKind::JournalFull => "journal-full",
         }
     }
 
@@ -149,7 +158,7 @@ impl FaultKind {
         FaultKind::ALL.iter().copied().find(|k| k.name() == s)
     }
 
-    pub const ALL: [FaultKind; 11] = [
+    pub const ALL: [FaultKind; 13] = [
         FaultKind::AgentKill,
         FaultKind::PsKill,
         FaultKind::LinkCut,
@@ -161,10 +170,13 @@ impl FaultKind {
         FaultKind::StorePowerLoss,
         FaultKind::PsTakeover,
         FaultKind::DiskReorder,
+        FaultKind::CacheFull,
+        FaultKind::JournalFull,
     ];
 
-    /// Every kind that is expected to pass today (not `StorePowerLoss`: the
-    /// file:// store does not fsync its puts yet).
+    /// The kinds of the CI seeds (not `StorePowerLoss`: the runs use s3s-fs
+    /// for outages; not `CacheFull`/`JournalFull`: pinned on their own, see
+    /// docs/FAULTS.md).
     pub const DEFAULT: [FaultKind; 8] = [
         FaultKind::AgentKill,
         FaultKind::PsKill,
@@ -253,6 +265,10 @@ pub struct Outcome {
     pub schedule: Vec<String>,
     pub points_taken: u64,
     pub tags_refused: u64,
+    /// NBD requests that failed while the agent's state filesystem was full
+    /// (or before a FLUSH succeeded once it had room again): accepted, the
+    /// model follows what the source holds.
+    pub requests_failed: u64,
     /// Recovery points failed over and compared with their recorded source.
     pub failovers_compared: u64,
     pub failovers_equal: u64,
@@ -285,7 +301,7 @@ impl Outcome {
             );
         }
         format!(
-            "FAULTS-RESULT seed={} ops={} writes={} flushes={} lost={} failovers={} equal={} points={} refused-tags={} points-lost-to-takeover={} faults={} agent-rss-mib={} ps-rss-mib={} failures={}",
+            "FAULTS-RESULT seed={} ops={} writes={} flushes={} lost={} failovers={} equal={} points={} refused-tags={} points-lost-to-takeover={} failed-requests={} faults={} agent-rss-mib={} ps-rss-mib={} failures={}",
             self.seed,
             self.ops,
             self.writes_acked,
@@ -296,6 +312,7 @@ impl Outcome {
             self.points_taken,
             self.tags_refused,
             self.points_lost_to_takeover,
+            self.requests_failed,
             if faults.is_empty() { "none".into() } else { faults },
             self.max_agent_rss >> 20,
             self.max_ps_rss >> 20,
@@ -345,7 +362,10 @@ pub struct Fault {
 impl Fault {
     pub fn describe(&self) -> String {
         match self.kind {
-            FaultKind::LinkStall | FaultKind::StoreOutage => {
+            FaultKind::LinkStall
+            | FaultKind::StoreOutage
+            | FaultKind::CacheFull
+            | FaultKind::JournalFull => {
                 format!(
                     "op {}: {} {} ms",
                     self.at_op,
@@ -401,6 +421,7 @@ impl Schedule {
             FaultKind::LinkStall => self.rng.range(300, 5000),
             FaultKind::LinkDelay => self.rng.range(1, 40),
             FaultKind::StoreOutage => self.rng.range(1000, 8000),
+            FaultKind::CacheFull | FaultKind::JournalFull => self.rng.range(1000, 6000),
             FaultKind::AgentKill | FaultKind::PsKill => self.rng.range(0, 1500),
             _ => 0,
         };
@@ -673,13 +694,27 @@ struct Rig {
     cache_fs: Option<PowerMount>,
     store_fs: Option<PowerMount>,
     nbd: Option<NbdClient>,
+    /// The cache's / the agent's state filesystem is full until then.
+    cache_full_until: Option<Instant>,
+    journal_full_until: Option<Instant>,
+    /// The agent's state filesystem was full and no FLUSH has succeeded
+    /// since it had room again: NBD errors are expected.
+    journal_unsettled: bool,
+    /// The operation being run, where the last full window began and ended,
+    /// and the requests that failed since it began (for the log).
+    op: u64,
+    journal_full_op: u64,
+    journal_room_op: Option<u64>,
+    journal_failed: u64,
 }
 
 impl Rig {
     fn start(s: &Scenario, root: &Path) -> Result<Rig> {
-        let power_agent = s.kinds.contains(&FaultKind::AgentPowerLoss);
+        let power_agent = s.kinds.contains(&FaultKind::AgentPowerLoss)
+            || s.kinds.contains(&FaultKind::JournalFull);
         let power_ps = s.kinds.contains(&FaultKind::PsPowerLoss)
-            || s.kinds.contains(&FaultKind::StorePowerLoss);
+            || s.kinds.contains(&FaultKind::StorePowerLoss)
+            || s.kinds.contains(&FaultKind::CacheFull);
         let power_store = s.kinds.contains(&FaultKind::StorePowerLoss);
         let logs = root.join("logs");
         std::fs::create_dir_all(&logs)?;
@@ -765,6 +800,13 @@ impl Rig {
             cache_fs,
             store_fs,
             nbd: None,
+            cache_full_until: None,
+            journal_full_until: None,
+            journal_unsettled: false,
+            op: 0,
+            journal_full_op: 0,
+            journal_room_op: None,
+            journal_failed: 0,
         };
         rig.connect()?;
         Ok(rig)
@@ -801,6 +843,8 @@ impl Rig {
     /// if the current one is) and its own port takes the agent's link.
     /// Returns the store's stream end just before the new server started.
     fn takeover(&mut self) -> Result<u64> {
+        // The old server keeps its cache as it is; a full window on it ends.
+        self.end_cache_full()?;
         let gen = self.ps_ids.len();
         let dir = self.root.join(format!("ps-{gen}"));
         std::fs::create_dir_all(&dir)?;
@@ -871,19 +915,102 @@ impl Rig {
     }
 
     fn restart_agent(&mut self, wait_welcome: bool) -> Result<()> {
-        self.agent.start()?;
+        if let Err(e) = self.agent.start() {
+            // On a full state filesystem the agent may not start; it must
+            // say why. It starts once there is room (systemd would try
+            // again every 2 s): the window ends now.
+            if self.journal_full_until.is_none() {
+                return Err(e);
+            }
+            let why = format!("{e:#}");
+            if !why.to_lowercase().contains("no space") {
+                bail!("the agent did not start on its full state filesystem, and does not say it is full: {why}");
+            }
+            eprintln!(
+                "  (the agent did not start on its full state filesystem; it has room again)"
+            );
+            self.end_journal_full()?;
+            self.agent.start()?;
+        }
         if wait_welcome {
             self.wait_welcomed()?;
         }
         self.connect()
     }
 
-    /// Until the agent's sender was welcomed by the process server. A store
-    /// outage due to end meanwhile ends (a rebuilt server needs the store
-    /// before it can welcome the agent).
+    /// Starts the process server again; on a full cache filesystem it may
+    /// refuse to start (naming the lack of space), and starts once the
+    /// window ended.
+    fn restart_ps(&mut self) -> Result<()> {
+        if let Err(e) = self.ps.start() {
+            if self.cache_full_until.is_none() {
+                return Err(e);
+            }
+            let why = format!("{e:#}");
+            if !why.to_lowercase().contains("no space") {
+                bail!("the process server did not start on its full cache filesystem, and does not say it is full: {why}");
+            }
+            eprintln!("  (the process server did not start on its full cache; it has room again)");
+            self.end_cache_full()?;
+            self.ps.start()?;
+        }
+        Ok(())
+    }
+
+    fn end_cache_full(&mut self) -> Result<()> {
+        if self.cache_full_until.take().is_some() {
+            if let Some(fs) = self.cache_fs.as_mut() {
+                fs.free()?;
+            }
+        }
+        Ok(())
+    }
+
+    fn end_journal_full(&mut self) -> Result<()> {
+        if self.journal_full_until.take().is_some() {
+            if let Some(fs) = self.agent_fs.as_mut() {
+                fs.free()?;
+            }
+            self.journal_room_op = Some(self.op);
+        }
+        Ok(())
+    }
+
+    /// A FLUSH succeeded: once the state filesystem has room, errors are no
+    /// longer expected.
+    fn journal_flushed(&mut self) {
+        if self.journal_unsettled && self.journal_full_until.is_none() {
+            self.journal_unsettled = false;
+            eprintln!(
+                "  (journal settled at op {}: {} requests failed since op {}, room again at op {})",
+                self.op,
+                self.journal_failed,
+                self.journal_full_op,
+                self.journal_room_op.unwrap_or(self.op)
+            );
+        }
+    }
+
+    /// Ends the full-filesystem windows that are over (all with `force`).
+    fn full_due(&mut self, force: bool) -> Result<()> {
+        let now = Instant::now();
+        if self.cache_full_until.is_some_and(|t| force || now >= t) {
+            self.end_cache_full()?;
+        }
+        if self.journal_full_until.is_some_and(|t| force || now >= t) {
+            self.end_journal_full()?;
+        }
+        Ok(())
+    }
+
+    /// Until the agent's sender was welcomed by the process server. Full
+    /// filesystems get room again and a store outage ends meanwhile when
+    /// their time is up (a rebuilt server needs the store before it can
+    /// welcome the agent).
     fn wait_welcomed(&mut self) -> Result<()> {
         let deadline = Instant::now() + CATCH_UP;
         loop {
+            self.full_due(false)?;
             self.store_due(false)?;
             if self.agent.status().is_ok_and(|st| st["connected"] == true) {
                 return Ok(());
@@ -1047,6 +1174,25 @@ impl Books {
         Ok(())
     }
 
+    /// A write, trim or zeroes at `off` that failed: the source holds `got`
+    /// (read back: the old data, the new, or a mix), into the model now and
+    /// into the shadow at the next FLUSH (durable or not, a power loss may
+    /// keep what was there before).
+    fn failed(&mut self, op: u64, off: u64, got: Vec<u8>) -> Result<()> {
+        let mut old = vec![0u8; got.len()];
+        self.model.read_exact_at(&mut old, off)?;
+        let s = SECTOR as usize;
+        for (i, (a, b)) in old.chunks(s).zip(got.chunks(s)).enumerate() {
+            if a != b {
+                self.last_writer[(off / SECTOR) as usize + i] = op as u32;
+            }
+        }
+        let p = Pending::Data(off, got);
+        Books::apply(&self.model, &p)?;
+        self.pending.push(p);
+        Ok(())
+    }
+
     /// Power loss of the source: it keeps only what was durable.
     fn power_loss(&mut self, image: &Path) -> Result<()> {
         self.pending.clear();
@@ -1137,7 +1283,9 @@ fn run_inner(s: &Scenario, root: &Path, out: &mut Outcome) -> Result<()> {
     sample(&mut rig, &mut books, out);
     while started.elapsed() < Duration::from_secs(s.secs) && s.max_ops.is_none_or(|m| op < m) {
         op += 1;
+        rig.op = op;
         rig.store_due(false)?;
+        rig.full_due(false)?;
         while let Some(f) = schedule.due(op) {
             inject(s, &mut rig, &mut books, &f).with_context(|| f.describe())?;
             if s.tag_after_agent_restart
@@ -1188,6 +1336,7 @@ fn run_inner(s: &Scenario, root: &Path, out: &mut Outcome) -> Result<()> {
                 if r.is_ok() {
                     out.flushes_acked += 1;
                     books.flushed()?;
+                    rig.journal_flushed();
                 }
                 r
             }
@@ -1212,6 +1361,29 @@ fn run_inner(s: &Scenario, root: &Path, out: &mut Outcome) -> Result<()> {
                 take_point(&mut rig, &mut books, out, &format!("h{tag_no}"), &image)?;
                 Ok(())
             }
+        };
+        // While the agent's state filesystem is full (and until a FLUSH
+        // succeeds once it has room), a FLUSH, a FUA write or a write that
+        // needs a new activity-log region fails: accepted, the model takes
+        // what the source holds.
+        let r = match r {
+            Err(e)
+                if rig.journal_unsettled
+                    && pick <= 94
+                    && e.downcast_ref::<NbdReplyError>().is_some() =>
+            {
+                out.requests_failed += 1;
+                rig.journal_failed += 1;
+                if pick <= 83 {
+                    let mut got = vec![0u8; len as usize];
+                    rig.nbd()?
+                        .read(off, &mut got)
+                        .with_context(|| format!("op {op}: reading back a failed request"))?;
+                    books.failed(op, off, got)?;
+                }
+                Ok(())
+            }
+            r => r,
         };
         if let Err(e) = r {
             let alive = rig.agent.proc.as_mut().is_some_and(|p| p.is_running());
@@ -1393,7 +1565,30 @@ fn inject(s: &Scenario, rig: &mut Rig, books: &mut Books, f: &Fault) -> Result<(
         FaultKind::PsKill => {
             rig.kill_ps();
             sleep_ms(f.param_ms);
-            rig.ps.start()?;
+            rig.restart_ps()?;
+        }
+        FaultKind::CacheFull => {
+            let until = Instant::now() + Duration::from_millis(f.param_ms);
+            if rig.cache_full_until.is_none() {
+                if let Some(fs) = rig.cache_fs.as_mut() {
+                    fs.fill()?;
+                }
+            }
+            rig.cache_full_until = rig.cache_full_until.max(Some(until));
+        }
+        FaultKind::JournalFull => {
+            let until = Instant::now() + Duration::from_millis(f.param_ms);
+            if rig.journal_full_until.is_none() {
+                if let Some(fs) = rig.agent_fs.as_mut() {
+                    fs.fill()?;
+                }
+            }
+            rig.journal_full_until = rig.journal_full_until.max(Some(until));
+            if !rig.journal_unsettled {
+                rig.journal_unsettled = true;
+                rig.journal_full_op = rig.op;
+                rig.journal_failed = 0;
+            }
         }
         FaultKind::DiskReorder => {
             rig.kill_agent();
@@ -1417,6 +1612,8 @@ fn inject(s: &Scenario, rig: &mut Rig, books: &mut Books, f: &Fault) -> Result<(
         FaultKind::AgentPowerLoss => {
             if !s.idle_before_agent_power_loss.is_zero() {
                 rig.store_due(true)?;
+                // Nothing is acknowledged while the cache is full.
+                rig.end_cache_full()?;
                 rig.agent.wait_acked(CATCH_UP)?;
                 eprintln!(
                     "  (idle {:?} before the power loss)",
@@ -1432,6 +1629,10 @@ fn inject(s: &Scenario, rig: &mut Rig, books: &mut Books, f: &Fault) -> Result<(
             books.power_loss(&image)?;
             if let Some(fs) = rig.agent_fs.as_mut() {
                 fs.start()?;
+                // A full disk is still full after the power comes back.
+                if rig.journal_full_until.is_some() {
+                    fs.fill()?;
+                }
             }
             rig.restart_agent(s.wait_welcome_after_restart)?;
         }
@@ -1455,13 +1656,16 @@ fn inject(s: &Scenario, rig: &mut Rig, books: &mut Books, f: &Fault) -> Result<(
             }
             if let Some(fs) = rig.cache_fs.as_mut() {
                 fs.start()?;
+                if rig.cache_full_until.is_some() {
+                    fs.fill()?;
+                }
             }
             if f.kind == FaultKind::StorePowerLoss {
                 if let Some(fs) = rig.store_fs.as_mut() {
                     fs.start()?;
                 }
             }
-            rig.ps.start()?;
+            rig.restart_ps()?;
         }
     }
     Ok(())
@@ -1478,7 +1682,24 @@ fn finish(
 ) -> Result<()> {
     rig.proxy.heal();
     rig.store_due(true)?;
-    rig.nbd()?.flush().context("the final FLUSH")?;
+    rig.full_due(true)?;
+    // The final FLUSH (the journal may still be writing what it kept while
+    // its filesystem was full: retried until it succeeds).
+    let deadline = Instant::now() + CATCH_UP;
+    loop {
+        match rig.nbd()?.flush() {
+            Ok(()) => break,
+            Err(e) if rig.journal_unsettled && Instant::now() < deadline => {
+                if e.downcast_ref::<NbdReplyError>().is_none() {
+                    return Err(e.context("the final FLUSH"));
+                }
+                out.requests_failed += 1;
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            Err(e) => return Err(e.context("the final FLUSH")),
+        }
+    }
+    rig.journal_flushed();
     books.flushed()?;
     out.flushes_acked += 1;
     rig.wait_welcomed()?;

@@ -812,3 +812,43 @@ pub fn fio_randwrite(uri: &str, report: &Path, args: &[&str]) -> Result<String> 
     .arg(format!("--output={}", report.display()));
     run_ok(&mut cmd, Duration::from_secs(300))
 }
+
+/// A size-limited tmpfs mounted at `.0` (created), unmounted (lazily) on drop:
+/// a filesystem a test can fill up.
+pub struct SmallFs(pub PathBuf);
+
+impl SmallFs {
+    pub fn mount(dir: &Path, size: &str) -> SmallFs {
+        std::fs::create_dir_all(dir).unwrap();
+        run_ok(
+            Command::new("mount")
+                .args([
+                    "-t",
+                    "tmpfs",
+                    "-o",
+                    &format!("size={size},mode=0700"),
+                    "tmpfs",
+                ])
+                .arg(dir),
+            Duration::from_secs(30),
+        )
+        .expect("mounting a tmpfs (the suite runs as root)");
+        SmallFs(dir.to_path_buf())
+    }
+
+    /// Bytes an unprivileged writer could still allocate.
+    pub fn free(&self) -> u64 {
+        // SAFETY: statvfs(3) fills the zeroed struct we pass.
+        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+        let c = std::ffi::CString::new(self.0.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: a valid path and an out-parameter of the right type.
+        assert_eq!(unsafe { libc::statvfs(c.as_ptr(), &mut st) }, 0);
+        st.f_bavail * st.f_frsize
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}

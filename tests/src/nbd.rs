@@ -42,6 +42,26 @@ const CMD_WRITE_ZEROES: u16 = 6;
 /// Command flag: force unit access.
 pub const FLAG_FUA: u16 = 1;
 
+/// The export answered a request with an NBD error (the connection is
+/// fine); a transport failure is another error.
+#[derive(Debug)]
+pub struct NbdReplyError {
+    pub what: String,
+    pub code: u32,
+}
+
+impl std::fmt::Display for NbdReplyError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "server answered {} with NBD error {}",
+            self.what, self.code
+        )
+    }
+}
+
+impl std::error::Error for NbdReplyError {}
+
 /// One NBD connection in transmission phase.
 pub struct NbdClient {
     sock: UnixStream,
@@ -152,7 +172,11 @@ impl NbdClient {
             bail!("reply cookie {cookie} to {what}, expected {}", self.cookie);
         }
         if err != 0 {
-            bail!("server answered {what} with NBD error {err}");
+            return Err(NbdReplyError {
+                what: what.to_string(),
+                code: err,
+            }
+            .into());
         }
         if !data.is_empty() {
             self.sock.read_exact(data)?;

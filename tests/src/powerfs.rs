@@ -8,6 +8,9 @@
 //! - [`PowerMount::start`] again over the same backing directory: "power on".
 //! - [`PowerMount::stop`] / drop: SIGTERM — a clean unmount (everything made
 //!   durable first); SIGKILL and a lazy unmount if that does not finish.
+//! - [`PowerMount::fill`] / [`PowerMount::free`]: SIGUSR2 / SIGHUP — the disk
+//!   is full (requests that need space fail with ENOSPC) / has room again;
+//!   each returns once `statfs` on the mount shows it.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -157,6 +160,51 @@ impl PowerMount {
     pub fn stop(&mut self) -> bool {
         self.signal_and_wait(libc::SIGTERM)
     }
+
+    /// The disk fills up: requests that need new space fail with ENOSPC
+    /// until [`PowerMount::free`] (or a power loss).
+    pub fn fill(&mut self) -> Result<()> {
+        self.set_full(true)
+    }
+
+    /// The disk has room again.
+    pub fn free(&mut self) -> Result<()> {
+        self.set_full(false)
+    }
+
+    fn set_full(&mut self, full: bool) -> Result<()> {
+        let Some(p) = self.proc.as_ref() else {
+            bail!("powerfs at {} is not running", self.mount.display());
+        };
+        // SAFETY: kill(2) on our own child's PID.
+        unsafe {
+            libc::kill(
+                p.pid() as i32,
+                if full { libc::SIGUSR2 } else { libc::SIGHUP },
+            );
+        }
+        let mount = self.mount.clone();
+        wait_for(
+            if full {
+                "powerfs to report itself full"
+            } else {
+                "powerfs to report free space"
+            },
+            MOUNT_TIMEOUT,
+            || (free_bytes(&mount)? == 0).eq(&full).then_some(()),
+        )
+    }
+}
+
+/// Free bytes `statfs` reports for the filesystem at `path`.
+pub fn free_bytes(path: &Path) -> Option<u64> {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).ok()?;
+    // SAFETY: statvfs(3) fills the zeroed struct we pass; the path is a C string.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return None;
+    }
+    Some(st.f_bavail * st.f_frsize)
 }
 
 impl Drop for PowerMount {

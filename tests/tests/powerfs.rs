@@ -268,3 +268,53 @@ fn a_unix_socket_can_be_bound_and_reached() {
     t.join().unwrap();
     assert_eq!(got, "hello");
 }
+
+/// A full disk (SIGUSR2 until SIGHUP): what needs new space fails with
+/// ENOSPC (and statfs shows none free), overwrites, creates, removals and
+/// fsyncs go on; with room again everything works, and what was fsynced
+/// while full survives a power loss.
+#[test]
+fn a_full_disk_refuses_what_needs_space_until_it_has_room_again() {
+    let Some((_d, mut m)) = mount() else { return };
+    let dir = m.mount.clone();
+    let enospc = |r: std::io::Result<()>| {
+        let e = r.expect_err("must fail on a full disk");
+        assert_eq!(e.raw_os_error(), Some(libc::ENOSPC), "{e}");
+    };
+    let f = dir.join("wal");
+    let mut h = OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .read(true)
+        .write(true)
+        .open(&f)
+        .unwrap();
+    h.write_all(b"0123456789").unwrap();
+    h.sync_all().unwrap();
+    fsync_dir(&dir);
+    std::fs::write(dir.join("junk"), b"to be removed").unwrap();
+    m.fill().unwrap();
+    assert_eq!(lifeboat_tests::powerfs::free_bytes(&dir), Some(0));
+    enospc(h.write_all(b"append"));
+    enospc(h.write_all_at(b"past the end", 8));
+    enospc(std::fs::create_dir(dir.join("d")));
+    enospc(std::os::unix::fs::symlink("wal", dir.join("l")));
+    // Room inside the file, a new (empty) file, removals and fsyncs.
+    h.write_all_at(b"abc", 0).unwrap();
+    h.sync_all().unwrap();
+    let empty = dir.join("empty");
+    File::create(&empty).unwrap().sync_all().unwrap();
+    std::fs::remove_file(dir.join("junk")).unwrap();
+    fsync_dir(&dir);
+    let mut buf = [0u8; 10];
+    h.read_exact_at(&mut buf, 0).unwrap();
+    assert_eq!(&buf, b"abc3456789");
+    m.free().unwrap();
+    assert!(lifeboat_tests::powerfs::free_bytes(&dir).unwrap() > 0);
+    h.write_all_at(b"!", 10).unwrap();
+    std::fs::create_dir(dir.join("d")).unwrap();
+    drop(h);
+    crash(&mut m);
+    assert_eq!(read(&f).unwrap(), b"abc3456789", "fsynced while full");
+    assert!(empty.exists() && !dir.join("junk").exists());
+}

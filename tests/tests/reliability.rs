@@ -65,46 +65,6 @@ fn writes_up_to_the_export_maximum_replicate() {
     assert_tag_exact(&ps, &agent, tag, &root.join("out2"));
 }
 
-/// A size-limited tmpfs mounted at `dir` (created), unmounted on drop.
-struct SmallFs(std::path::PathBuf);
-
-impl SmallFs {
-    fn mount(dir: &std::path::Path, size: &str) -> SmallFs {
-        std::fs::create_dir_all(dir).unwrap();
-        run_ok(
-            std::process::Command::new("mount")
-                .args([
-                    "-t",
-                    "tmpfs",
-                    "-o",
-                    &format!("size={size},mode=0700"),
-                    "tmpfs",
-                ])
-                .arg(dir),
-            Duration::from_secs(30),
-        )
-        .expect("mounting a tmpfs (the suite runs as root)");
-        SmallFs(dir.to_path_buf())
-    }
-
-    fn free(&self) -> u64 {
-        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-        let c = std::ffi::CString::new(self.0.as_os_str().as_encoded_bytes()).unwrap();
-        // SAFETY: a valid path and an out-parameter of the right type.
-        assert_eq!(unsafe { libc::statvfs(c.as_ptr(), &mut st) }, 0);
-        st.f_bavail * st.f_frsize
-    }
-}
-
-impl Drop for SmallFs {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount")
-            .arg("-l")
-            .arg(&self.0)
-            .status();
-    }
-}
-
 /// qemu-io without failing on the tool's own error reports: returns whether
 /// every command succeeded, and the output.
 fn qemu_io_status(uri: &str, cmds: &[&str]) -> (bool, String) {

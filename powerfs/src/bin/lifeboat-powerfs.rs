@@ -3,7 +3,9 @@
 //! Mounts powerfs (see the library) and serves it until a signal:
 //! SIGUSR1 = power loss (everything unsynced is dropped, the mount goes away,
 //! exit status 0); SIGTERM/SIGINT = clean unmount (everything made durable
-//! first). Prints `mounted` on stdout once the mount serves requests.
+//! first). SIGUSR2 = the disk is full (requests that need new space fail with
+//! ENOSPC, statfs shows no free space), SIGHUP = it has room again; both keep
+//! serving. Prints `mounted` on stdout once the mount serves requests.
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -48,7 +50,13 @@ fn main() -> Result<()> {
     let set = unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut set);
-        for s in [libc::SIGUSR1, libc::SIGTERM, libc::SIGINT] {
+        for s in [
+            libc::SIGUSR1,
+            libc::SIGTERM,
+            libc::SIGINT,
+            libc::SIGUSR2,
+            libc::SIGHUP,
+        ] {
             libc::sigaddset(&mut set, s);
         }
         libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
@@ -78,8 +86,23 @@ fn main() -> Result<()> {
     let mount_for_signals = mount.clone();
     std::thread::spawn(move || {
         let mut sig: libc::c_int = 0;
-        // SAFETY: sigwait on the set blocked above.
-        unsafe { libc::sigwait(&set, &mut sig) };
+        loop {
+            // SAFETY: sigwait on the set blocked above.
+            unsafe { libc::sigwait(&set, &mut sig) };
+            if sig != libc::SIGUSR2 && sig != libc::SIGHUP {
+                break;
+            }
+            let full = sig == libc::SIGUSR2;
+            state
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .set_full(full);
+            eprintln!(
+                "powerfs: {} {}",
+                mount_for_signals.display(),
+                if full { "is full" } else { "has room again" }
+            );
+        }
         let mut st = state.lock().unwrap_or_else(|p| p.into_inner());
         if sig != libc::SIGUSR1 {
             if let Err(e) = st.sync_all() {

@@ -1,0 +1,186 @@
+//! The process server's cache filesystem fills up (issue 7) while an agent
+//! keeps writing: RocksDB's writes fail with ENOSPC. Nothing is acknowledged
+//! that the cache did not make durable, the server names the cache directory
+//! and the lack of space (its log, `lifeboat-ps status`, the agent's
+//! `last-error`), the agent keeps what it captured in its journal, and once
+//! space returns the same server process goes on by itself: the stream is
+//! acknowledged, and failover of the latest point (and of a point taken
+//! while the cache was full) is the source byte for byte.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use lifeboat_tests::*;
+
+const MACHINE: &str = "machine-1";
+const MIB: u64 = 1024 * 1024;
+
+fn ps_status(ps: &ProcessServer) -> serde_json::Value {
+    let out = run_ok(
+        Command::new(bin("lifeboat-ps"))
+            .args(["status", "--config"])
+            .arg(ps.dir.join("ps.toml")),
+        Duration::from_secs(30),
+    )
+    .unwrap();
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("status {out:?}: {e}"))
+}
+
+fn positions(agent: &Agent) -> (u64, u64) {
+    let s = agent.status().unwrap();
+    let p = &s["positions"];
+    (
+        p["captured"].as_u64().unwrap(),
+        p["acked"].as_u64().unwrap(),
+    )
+}
+
+/// `len` random bytes from `rng` into a new file.
+fn random_file(path: &Path, len: u64, rng: &mut Rng) {
+    std::fs::File::create(path).unwrap().set_len(len).unwrap();
+    fill_random(path, 0, len, rng);
+}
+
+#[test]
+fn a_full_cache_filesystem_acknowledges_nothing_and_recovers_by_itself() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let mut ps = ProcessServer::init(&root.join("ps"), None, &[]).unwrap();
+    let cache_dir = ps.dir.join("cache");
+    // 64 MiB: smaller than RocksDB's WAL preallocation (1.1 × the log
+    // family's 128 MiB write buffer), which tmpfs then refuses as a whole, so
+    // WAL appends allocate as they go and meet the full filesystem at once.
+    let fs = SmallFs::mount(&cache_dir, "64m");
+    ps.start().unwrap();
+    let ps_pid = ps.proc.as_ref().unwrap().pid();
+    let certs = ps.dir.join("machines").join(MACHINE);
+    let mut agent = Agent::configure(
+        &root.join("agent"),
+        MACHINE,
+        &certs,
+        ps.port,
+        &[("root", 64 * MIB)],
+        "",
+    )
+    .unwrap();
+    agent.start().unwrap();
+    agent.wait_synced(Duration::from_secs(120)).unwrap();
+    let uri = agent.uri("root");
+    qemu_io(&uri, &["write -P 0x11 0 4M", "flush"]).unwrap();
+    let before = agent.wait_acked(Duration::from_secs(120)).unwrap();
+
+    // Something else takes the cache's filesystem (256 KiB left), and the
+    // agent keeps writing: three writes of 4 MiB, each larger than what is left.
+    let filler = fs.0.join("filler");
+    std::fs::write(&filler, vec![0u8; (fs.free() - 256 * 1024) as usize]).unwrap();
+    let mut rng = Rng(0x7e57_00c1);
+    let data = root.join("data.bin");
+    random_file(&data, 4 * MIB, &mut rng);
+    let cmds: Vec<String> = (0..3)
+        .map(|i| format!("write -s {} {}M 4M", data.display(), 8 + i * 6))
+        .chain(["flush".to_string()])
+        .collect();
+    let cmds: Vec<&str> = cmds.iter().map(String::as_str).collect();
+    // The agent's own journal has room: the writes and the FLUSH succeed.
+    qemu_io(&uri, &cmds).unwrap();
+    let while_full = agent.tag().unwrap();
+    let full_image = root.join("while-full.img");
+    snapshot(&agent.image("root"), &full_image);
+
+    // The server says why, naming the cache directory and the lack of space.
+    let cache_name = cache_dir.display().to_string();
+    wait_for(
+        "the process server to log the full cache",
+        Duration::from_secs(60),
+        || {
+            let log = ps.log();
+            log.lines()
+                .any(|l| l.contains(&cache_name) && l.to_lowercase().contains("no space"))
+                .then_some(())
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}; log:\n{}", ps.log()));
+    let st = wait_for(
+        "`lifeboat-ps status` to report the full cache",
+        Duration::from_secs(60),
+        || {
+            let st = ps_status(&ps);
+            st["cache"]["error"].as_str().is_some().then_some(st)
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}: {}", ps_status(&ps)));
+    let why = st["cache"]["error"].as_str().unwrap();
+    assert!(
+        why.contains(&cache_name) && why.to_lowercase().contains("no space"),
+        "status: {st}"
+    );
+    assert_eq!(st["cache"]["writable"], false, "status: {st}");
+    // The agent is told too, and keeps everything unacknowledged in its
+    // journal (it stays out of `bitmap`: nothing is dropped from it).
+    let s = wait_for(
+        "the agent to name the full cache",
+        Duration::from_secs(60),
+        || {
+            let s = agent.status().ok()?;
+            s["last-error"]
+                .as_str()?
+                .to_lowercase()
+                .contains("no space")
+                .then_some(s)
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}: {:?}", agent.status().ok()));
+    assert_ne!(s["mode"], "bitmap", "agent status: {s}");
+    // Nothing written while the cache is full was acknowledged: none of it
+    // fits in what is left, and an acknowledgement follows only a synced write.
+    let (captured, acked) = positions(&agent);
+    assert!(captured >= while_full, "captured {captured}");
+    assert_eq!(
+        acked,
+        before,
+        "acknowledged while the cache could not hold it; server log:\n{}",
+        ps.log()
+    );
+    // Still nothing after the agent was refused twice more.
+    let refusals = |ps: &ProcessServer| ps.log().matches("session ended: sink:").count();
+    let seen = refusals(&ps);
+    wait_for(
+        "the agent to be refused twice more",
+        Duration::from_secs(120),
+        || (refusals(&ps) >= seen + 2).then_some(()),
+    )
+    .unwrap();
+    assert_eq!(positions(&agent).1, before);
+
+    // Space returns: the same server process goes on by itself.
+    std::fs::remove_file(&filler).unwrap();
+    agent
+        .wait_acked(Duration::from_secs(180))
+        .unwrap_or_else(|e| panic!("{e}; server log:\n{}", ps.log()));
+    let p = ps.proc.as_mut().unwrap();
+    assert!(p.is_running(), "the server exited:\n{}", ps.log());
+    assert_eq!(p.pid(), ps_pid);
+    let st = wait_for(
+        "`lifeboat-ps status` to report the cache writable",
+        Duration::from_secs(60),
+        || {
+            let st = ps_status(&ps);
+            (st["cache"]["writable"] == true).then_some(st)
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}: {}", ps_status(&ps)));
+    assert!(st["cache"]["error"].is_null(), "status: {st}");
+    qemu_io(&uri, &["write -P 0x22 40M 3M", "flush"]).unwrap();
+    agent.wait_acked(Duration::from_secs(120)).unwrap();
+    let last = agent.tag().unwrap();
+    wait_stored(&ps.store_url, MACHINE, &[], last, Duration::from_secs(180)).unwrap();
+
+    // The point taken while the cache was full, and the latest, are exact.
+    let out = ps.failover_ok(MACHINE, &while_full.to_string(), &root.join("out-full"));
+    assert_same(&out.join("root.raw"), &full_image);
+    let out = ps.failover_ok(MACHINE, "latest", &root.join("out-latest"));
+    assert_same(&out.join("root.raw"), &agent.image("root"));
+    agent.stop_clean();
+    drop(fs);
+}
