@@ -33,7 +33,7 @@
 //! acknowledged; RocksDB then refuses every write (its background-error
 //! state). [`Cache::health`] says so (`lifeboat-ps status`). RocksDB resumes by
 //! itself only once the free space exceeds the `log` family's write buffer
-//! (128 MiB, polled every 5 s) and its C API has no `Resume`, so
+//! (64 MiB, polled every 5 s) and its C API has no `Resume`, so
 //! [`Cache::recover`] (called every second by the server) probes with a
 //! small synced write and, while that fails and the filesystem has room
 //! again, closes and reopens the database: what was synced is replayed, a
@@ -139,8 +139,9 @@ fn open_db(dir: &Path) -> Result<DB> {
     opts.create_missing_column_families(true);
     opts.set_max_background_jobs(2);
     let mut log_opts = Options::default();
-    // Entries live briefly: a large memtable lets most be deleted before a flush.
-    log_opts.set_write_buffer_size(128 * 1024 * 1024);
+    // Entries live briefly: a large memtable lets most be deleted before a
+    // flush. 64 MiB × 4 bounds the log's memtables at 256 MiB.
+    log_opts.set_write_buffer_size(64 * 1024 * 1024);
     log_opts.set_max_write_buffer_number(4);
     log_opts.set_compression_type(rocksdb::DBCompressionType::None);
     let cfs = vec![
