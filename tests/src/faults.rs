@@ -1178,19 +1178,33 @@ impl Books {
     /// (read back: the old data, the new, or a mix), into the model now and
     /// into the shadow at the next FLUSH (durable or not, a power loss may
     /// keep what was there before).
-    fn failed(&mut self, op: u64, off: u64, got: Vec<u8>) -> Result<()> {
+    /// Each sector must hold the old data or `new` (what the request
+    /// wrote: its data, or zeros): anything else is a failure, returned.
+    fn failed(&mut self, op: u64, off: u64, got: Vec<u8>, new: &[u8]) -> Result<Option<String>> {
         let mut old = vec![0u8; got.len()];
         self.model.read_exact_at(&mut old, off)?;
         let s = SECTOR as usize;
-        for (i, (a, b)) in old.chunks(s).zip(got.chunks(s)).enumerate() {
+        let mut bad = None;
+        for (i, ((a, b), n)) in old
+            .chunks(s)
+            .zip(got.chunks(s))
+            .zip(new.chunks(s))
+            .enumerate()
+        {
             if a != b {
+                if b != n && bad.is_none() {
+                    bad = Some(format!(
+                        "op {op}: after the request failed, the sector at byte {} holds neither the old data nor what the request wrote",
+                        off + (i * s) as u64
+                    ));
+                }
                 self.last_writer[(off / SECTOR) as usize + i] = op as u32;
             }
         }
         let p = Pending::Data(off, got);
         Books::apply(&self.model, &p)?;
         self.pending.push(p);
-        Ok(())
+        Ok(bad)
     }
 
     /// Power loss of the source: it keeps only what was durable.
@@ -1379,7 +1393,14 @@ fn run_inner(s: &Scenario, root: &Path, out: &mut Outcome) -> Result<()> {
                     rig.nbd()?
                         .read(off, &mut got)
                         .with_context(|| format!("op {op}: reading back a failed request"))?;
-                    books.failed(op, off, got)?;
+                    let new = if pick <= 69 {
+                        buf[..len as usize].to_vec()
+                    } else {
+                        vec![0u8; len as usize]
+                    };
+                    if let Some(f) = books.failed(op, off, got, &new)? {
+                        out.failures.push(f);
+                    }
                 }
                 Ok(())
             }
