@@ -65,7 +65,10 @@ const ZERO_PUT_MAX_BLOCKS: u64 = 256;
 /// filesystem has at least this much free (a new WAL, MANIFEST and the
 /// replayed log's L0 files need room; a reopen that fails is tried again).
 const REOPEN_MIN_FREE: u64 = 8 << 20;
-/// Pauses between reopen attempts that failed (doubling).
+/// Pauses between reopens (doubling), successful or not: a reopen that
+/// fails, or one after which a write fails again at once, waits longer
+/// before the next. The pause starts again from the minimum once the cache
+/// took writes for [`REOPEN_RETRY_MAX`].
 const REOPEN_RETRY_MIN: Duration = Duration::from_secs(2);
 const REOPEN_RETRY_MAX: Duration = Duration::from_secs(60);
 const PROBE_KEY: &str = "write-probe";
@@ -82,8 +85,11 @@ pub struct Cache {
 struct Health {
     error: Option<String>,
     since: Option<SystemTime>,
+    /// No reopen before this; the pause after the next one.
     next_reopen: Option<Instant>,
     reopen_pause: Duration,
+    /// When writes last worked again.
+    recovered_at: Option<Instant>,
 }
 
 /// What `lifeboat-ps status` shows of the cache.
@@ -314,8 +320,12 @@ impl Cache {
         if h.error.is_none() {
             error!("{msg}");
             h.since = Some(SystemTime::now());
-            h.reopen_pause = REOPEN_RETRY_MIN;
-            h.next_reopen = None;
+            if h.recovered_at
+                .is_none_or(|t| t.elapsed() >= REOPEN_RETRY_MAX)
+            {
+                h.reopen_pause = REOPEN_RETRY_MIN;
+                h.next_reopen = None;
+            }
         }
         h.error = Some(msg.clone());
         anyhow!(msg)
@@ -361,20 +371,22 @@ impl Cache {
                 return false;
             }
         }
-        match self.reopen() {
+        let reopened = self.reopen();
+        let mut h = self.lock_health();
+        let pause = h.reopen_pause.max(REOPEN_RETRY_MIN);
+        h.next_reopen = Some(Instant::now() + pause);
+        h.reopen_pause = (pause * 2).min(REOPEN_RETRY_MAX);
+        drop(h);
+        match reopened {
             Ok(()) => {
                 self.recovered("reopened");
                 true
             }
             Err(e) => {
-                let mut h = self.lock_health();
                 warn!(
-                    "reopening the cache in {} failed, trying again in {:?}: {e:#}",
-                    self.dir.display(),
-                    h.reopen_pause
+                    "reopening the cache in {} failed, trying again in {pause:?}: {e:#}",
+                    self.dir.display()
                 );
-                h.next_reopen = Some(Instant::now() + h.reopen_pause);
-                h.reopen_pause = (h.reopen_pause * 2).clamp(REOPEN_RETRY_MIN, REOPEN_RETRY_MAX);
                 false
             }
         }
@@ -390,7 +402,8 @@ impl Cache {
                 down.as_secs()
             );
         }
-        *h = Health::default();
+        h.since = None;
+        h.recovered_at = Some(Instant::now());
     }
 
     /// Closes the database (once no operation holds it) and opens it again.
