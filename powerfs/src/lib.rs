@@ -40,6 +40,10 @@
 //!
 //! # A full disk
 //!
+//! `Options::statfs_free_max` makes `statfs` report at most that much free
+//! (a small disk as software that decides by free space sees it, e.g.
+//! RocksDB resuming after ENOSPC); writes are not limited by it.
+//!
 //! [`State::set_full`] (the binary: SIGUSR2 on, SIGHUP off) makes the disk
 //! full, as a filesystem with no free block: every request that needs new
 //! space fails with ENOSPC — a write or an allocating `fallocate` that reaches
@@ -78,6 +82,9 @@ pub struct Options {
     pub scratch: PathBuf,
     /// fsync of a file also makes its names durable (ext4-like).
     pub fsync_persists_name: bool,
+    /// `statfs` reports at most this many free bytes (a small disk, as seen
+    /// by software that decides by the free space; writes are not limited).
+    pub statfs_free_max: Option<u64>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -1227,9 +1234,9 @@ impl Filesystem for PowerFs {
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        let (backing, full) = {
+        let (backing, full, free_max) = {
             let st = self.st();
-            (st.opts.backing.clone(), st.full)
+            (st.opts.backing.clone(), st.full, st.opts.statfs_free_max)
         };
         let c = match std::ffi::CString::new(backing.as_os_str().as_bytes()) {
             Ok(c) => c,
@@ -1240,10 +1247,13 @@ impl Filesystem for PowerFs {
         if unsafe { libc::statvfs(c.as_ptr(), &mut s) } != 0 {
             return reply.error(Errno::EIO);
         }
-        let (bfree, bavail) = if full {
-            (0, 0)
-        } else {
-            (s.f_bfree, s.f_bavail)
+        let (bfree, bavail) = match (full, free_max) {
+            (true, _) => (0, 0),
+            (false, Some(max)) => {
+                let blocks = max / (s.f_frsize.max(1) as u64);
+                (s.f_bfree.min(blocks), s.f_bavail.min(blocks))
+            }
+            (false, None) => (s.f_bfree, s.f_bavail),
         };
         reply.statfs(
             s.f_blocks,

@@ -65,7 +65,10 @@ const ZERO_PUT_MAX_BLOCKS: u64 = 256;
 /// filesystem has at least this much free (a new WAL, MANIFEST and the
 /// replayed log's L0 files need room; a reopen that fails is tried again).
 const REOPEN_MIN_FREE: u64 = 8 << 20;
-/// Pauses between reopen attempts that failed (doubling).
+/// Pauses between reopens (doubling), successful or not: a reopen that
+/// fails, or one after which a write fails again at once, waits longer
+/// before the next. The pause starts again from the minimum once the cache
+/// took writes for [`REOPEN_RETRY_MAX`].
 const REOPEN_RETRY_MIN: Duration = Duration::from_secs(2);
 const REOPEN_RETRY_MAX: Duration = Duration::from_secs(60);
 const PROBE_KEY: &str = "write-probe";
@@ -82,8 +85,11 @@ pub struct Cache {
 struct Health {
     error: Option<String>,
     since: Option<SystemTime>,
+    /// No reopen before this; the pause after the next one.
     next_reopen: Option<Instant>,
     reopen_pause: Duration,
+    /// When writes last worked again.
+    recovered_at: Option<Instant>,
 }
 
 /// What `lifeboat-ps status` shows of the cache.
@@ -315,8 +321,12 @@ impl Cache {
         if h.error.is_none() {
             error!("{msg}");
             h.since = Some(SystemTime::now());
-            h.reopen_pause = REOPEN_RETRY_MIN;
-            h.next_reopen = None;
+            if h.recovered_at
+                .is_none_or(|t| t.elapsed() >= REOPEN_RETRY_MAX)
+            {
+                h.reopen_pause = REOPEN_RETRY_MIN;
+                h.next_reopen = None;
+            }
         }
         h.error = Some(msg.clone());
         anyhow!(msg)
@@ -358,24 +368,31 @@ impl Cache {
         let free = free_bytes(&self.dir).unwrap_or(0);
         {
             let h = self.lock_health();
-            if free < REOPEN_MIN_FREE || h.next_reopen.is_some_and(|t| Instant::now() < t) {
+            // Only a full filesystem is mended by a reopen; another error
+            // (EIO, corruption) stays until an operator acts.
+            if !h.error.as_deref().is_some_and(is_no_space)
+                || free < REOPEN_MIN_FREE
+                || h.next_reopen.is_some_and(|t| Instant::now() < t)
+            {
                 return false;
             }
         }
-        match self.reopen() {
+        let reopened = self.reopen();
+        let mut h = self.lock_health();
+        let pause = h.reopen_pause.max(REOPEN_RETRY_MIN);
+        h.next_reopen = Some(Instant::now() + pause);
+        h.reopen_pause = (pause * 2).min(REOPEN_RETRY_MAX);
+        drop(h);
+        match reopened {
             Ok(()) => {
                 self.recovered("reopened");
                 true
             }
             Err(e) => {
-                let mut h = self.lock_health();
                 warn!(
-                    "reopening the cache in {} failed, trying again in {:?}: {e:#}",
-                    self.dir.display(),
-                    h.reopen_pause
+                    "reopening the cache in {} failed, trying again in {pause:?}: {e:#}",
+                    self.dir.display()
                 );
-                h.next_reopen = Some(Instant::now() + h.reopen_pause);
-                h.reopen_pause = (h.reopen_pause * 2).clamp(REOPEN_RETRY_MIN, REOPEN_RETRY_MAX);
                 false
             }
         }
@@ -391,7 +408,8 @@ impl Cache {
                 down.as_secs()
             );
         }
-        *h = Health::default();
+        h.since = None;
+        h.recovered_at = Some(Instant::now());
     }
 
     /// Closes the database (once no operation holds it) and opens it again.
@@ -547,7 +565,7 @@ impl Cache {
     }
 
     /// Records that everything up to `upto` is in the object store, then frees it.
-    pub fn mark_uploaded(&self, machine: &str, from: u64, upto: u64) -> Result<()> {
+    pub fn mark_uploaded(&self, machine: &str, upto: u64) -> Result<()> {
         let db = self.db()?;
         let meta = cf(&db, CF_META)?;
         let log = cf(&db, CF_LOG)?;
@@ -561,12 +579,11 @@ impl Cache {
             &wo,
         )
         .map_err(|e| self.write_failed(&what(), e))?;
+        // From the machine's first seq, not the segment's: a delete that
+        // failed before (a full filesystem) is not retried for its own range,
+        // since the uploader goes on after `uploaded`; this one covers it.
         let mut batch = WriteBatch::default();
-        batch.delete_range_cf(
-            log,
-            log_key(machine, from.min(upto)),
-            log_key(machine, upto + 1),
-        );
+        batch.delete_range_cf(log, log_key(machine, 0), log_key(machine, upto + 1));
         db.write(batch).map_err(|e| self.write_failed(&what(), e))?;
         Ok(())
     }
@@ -766,7 +783,7 @@ mod tests {
             let b = c.read_batch("m", 1, 1 << 20).unwrap();
             assert_eq!(b.entries.len(), 4);
             assert!(b.ends_at_tag);
-            c.mark_uploaded("m", 1, 4).unwrap();
+            c.mark_uploaded("m", 4).unwrap();
         }
         let c = Cache::open(dir.path()).unwrap();
         assert_eq!(c.uploaded("m").unwrap(), 4);
@@ -774,7 +791,7 @@ mod tests {
         assert_eq!(c.durable("m2").unwrap(), 1);
         let b = c.read_batch("m", 5, 1 << 20).unwrap();
         assert_eq!(b.entries, vec![w(5)]);
-        c.mark_uploaded("m", 5, 5).unwrap();
+        c.mark_uploaded("m", 5).unwrap();
         assert_eq!(c.durable("m").unwrap(), 5, "durable never moves back");
         assert!(c.read_batch("m", 6, 1 << 20).unwrap().entries.is_empty());
     }

@@ -529,7 +529,7 @@ pub async fn run_machine(env: UploadEnv, me: Arc<MachineUploader>) {
             let c = cache.clone();
             let m = machine.clone();
             let (first, last) = (u.first, u.last);
-            match tokio::task::spawn_blocking(move || c.mark_uploaded(&m, first, last)).await {
+            match tokio::task::spawn_blocking(move || c.mark_uploaded(&m, last)).await {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => {
                     warn!(%machine, "recording upload of {first}..={last}: {e:#}");

@@ -51,6 +51,10 @@ const CATCH_UP: Duration = Duration::from_secs(300);
 const SECOND_DISK: &str = "data";
 const SECOND_DISK_SIZE: u64 = 8 << 20;
 
+/// With `cache-full`: the free space the cache's filesystem reports when it
+/// has room (below the 64 MiB write buffer RocksDB needs free to resume by
+/// itself, above the 8 MiB the server needs to reopen its cache).
+const CACHE_FREE_AFTER_FULL: u64 = 48 << 20;
 /// Agent options: no periodic tag (every point is one the harness took).
 const AGENT_EXTRA: &str = "tag-interval = \"24h\"";
 
@@ -749,7 +753,19 @@ impl Rig {
         let mut ps = ProcessServer::init(&root.join("ps"), Some(url.as_str()), &opt_refs)?;
         let cache_dir = root.join("ps-cache");
         let cache_fs = if power_ps {
-            Some(mount("ps-cache", &cache_dir)?)
+            // With `cache-full`, the cache's disk is small once it has room
+            // again: RocksDB does not resume by itself below its write
+            // buffer's size, the server must (cache.rs).
+            let free_max = s
+                .kinds
+                .contains(&FaultKind::CacheFull)
+                .then_some(CACHE_FREE_AFTER_FULL);
+            Some(PowerMount::mount_small(
+                &backing.join("ps-cache"),
+                &cache_dir,
+                &logs,
+                free_max,
+            )?)
         } else {
             std::fs::create_dir_all(&cache_dir)?;
             None

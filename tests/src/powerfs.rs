@@ -65,6 +65,8 @@ pub struct PowerMount {
     pub backing: PathBuf,
     pub mount: PathBuf,
     pub fsync_persists_name: bool,
+    /// `--statfs-free-max`: the free space `statfs` reports at most.
+    pub statfs_free_max: Option<u64>,
     pub proc: Option<Proc>,
     log_dir: PathBuf,
     pub crashes: u64,
@@ -73,12 +75,24 @@ pub struct PowerMount {
 impl PowerMount {
     /// Creates both directories and mounts. Logs go to `log_dir`.
     pub fn mount(backing: &Path, mount: &Path, log_dir: &Path) -> Result<PowerMount> {
+        PowerMount::mount_small(backing, mount, log_dir, None)
+    }
+
+    /// [`PowerMount::mount`], with `statfs` reporting at most `free_max`
+    /// free bytes (if given).
+    pub fn mount_small(
+        backing: &Path,
+        mount: &Path,
+        log_dir: &Path,
+        free_max: Option<u64>,
+    ) -> Result<PowerMount> {
         std::fs::create_dir_all(backing)?;
         std::fs::create_dir_all(mount)?;
         let mut m = PowerMount {
             backing: backing.canonicalize()?,
             mount: mount.canonicalize()?,
             fsync_persists_name: false,
+            statfs_free_max: free_max,
             proc: None,
             log_dir: log_dir.to_path_buf(),
             crashes: 0,
@@ -105,6 +119,9 @@ impl PowerMount {
             .arg(&self.mount);
         if self.fsync_persists_name {
             cmd.arg("--fsync-persists-name");
+        }
+        if let Some(n) = self.statfs_free_max {
+            cmd.arg("--statfs-free-max").arg(n.to_string());
         }
         let mut p = Proc::spawn("lifeboat-powerfs", &mut cmd, &log)?;
         let mount = self.mount.clone();

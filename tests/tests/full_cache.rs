@@ -42,16 +42,38 @@ fn random_file(path: &Path, len: u64, rng: &mut Rng) {
     fill_random(path, 0, len, rng);
 }
 
+/// A small cache filesystem: 48 MiB, smaller than RocksDB's WAL
+/// preallocation (1.1 × the log family's 64 MiB write buffer), which tmpfs
+/// then refuses as a whole, so WAL appends allocate as they go and meet the
+/// full filesystem at once: none of the writes made while it is full is
+/// acknowledged. With room again it has less free than the 64 MiB RocksDB
+/// needs to resume by itself: the server reopens its cache.
 #[test]
 fn a_full_cache_filesystem_acknowledges_nothing_and_recovers_by_itself() {
+    full_cache("48m", 3, true);
+}
+
+/// A larger cache filesystem (768 MiB): the WAL's 70 MiB preallocation
+/// holds the first writes made while the rest is full (they are durable and
+/// acknowledged), the memtable's flush and the next WAL then hit ENOSPC.
+/// With room again RocksDB's own recovery (it polls every 5 s once 64 MiB
+/// are free) and the server's reopen both may run.
+#[test]
+fn a_full_cache_filesystem_with_room_for_rocksdb_to_resume_recovers_by_itself() {
+    full_cache("768m", 48, false);
+}
+
+/// Fills the cache's filesystem (`size`), makes `writes` 4 MiB writes
+/// through the agent, checks that the server says why and acknowledges
+/// nothing more (`none_acked`: not even the first write), frees the space
+/// and checks that the same server process goes on and both points fail
+/// over exact.
+fn full_cache(size: &str, writes: u64, none_acked: bool) {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
     let mut ps = ProcessServer::init(&root.join("ps"), None, &[]).unwrap();
     let cache_dir = ps.dir.join("cache");
-    // 64 MiB: smaller than RocksDB's WAL preallocation (1.1 × the log
-    // family's 128 MiB write buffer), which tmpfs then refuses as a whole, so
-    // WAL appends allocate as they go and meet the full filesystem at once.
-    let fs = SmallFs::mount(&cache_dir, "64m");
+    let fs = SmallFs::mount(&cache_dir, size);
     ps.start().unwrap();
     let ps_pid = ps.proc.as_ref().unwrap().pid();
     let certs = ps.dir.join("machines").join(MACHINE);
@@ -71,14 +93,14 @@ fn a_full_cache_filesystem_acknowledges_nothing_and_recovers_by_itself() {
     let before = agent.wait_acked(Duration::from_secs(120)).unwrap();
 
     // Something else takes the cache's filesystem (256 KiB left), and the
-    // agent keeps writing: three writes of 4 MiB, each larger than what is left.
+    // agent keeps writing 4 MiB writes, each larger than what is left.
     let filler = fs.0.join("filler");
     std::fs::write(&filler, vec![0u8; (fs.free() - 256 * 1024) as usize]).unwrap();
     let mut rng = Rng(0x7e57_00c1);
     let data = root.join("data.bin");
     random_file(&data, 4 * MIB, &mut rng);
-    let cmds: Vec<String> = (0..3)
-        .map(|i| format!("write -s {} {}M 4M", data.display(), 8 + i * 6))
+    let cmds: Vec<String> = (0..writes)
+        .map(|i| format!("write -s {} {}M 4M", data.display(), 8 + i % 9 * 6))
         .chain(["flush".to_string()])
         .collect();
     let cmds: Vec<&str> = cmds.iter().map(String::as_str).collect();
@@ -132,16 +154,20 @@ fn a_full_cache_filesystem_acknowledges_nothing_and_recovers_by_itself() {
     )
     .unwrap_or_else(|e| panic!("{e}: {:?}", agent.status().ok()));
     assert_ne!(s["mode"], "bitmap", "agent status: {s}");
-    // Nothing written while the cache is full was acknowledged: none of it
-    // fits in what is left, and an acknowledgement follows only a synced write.
+    // Not everything written while the cache is full was acknowledged (with
+    // a small cache: nothing; none of it fits in what is left), and an
+    // acknowledgement follows only a synced write.
     let (captured, acked) = positions(&agent);
     assert!(captured >= while_full, "captured {captured}");
-    assert_eq!(
-        acked,
-        before,
-        "acknowledged while the cache could not hold it; server log:\n{}",
-        ps.log()
-    );
+    assert!(acked < while_full, "the tag at {while_full} acknowledged");
+    if none_acked {
+        assert_eq!(
+            acked,
+            before,
+            "acknowledged while the cache could not hold it; server log:\n{}",
+            ps.log()
+        );
+    }
     // Still nothing after the agent was refused twice more.
     let refusals = |ps: &ProcessServer| ps.log().matches("session ended: sink:").count();
     let seen = refusals(&ps);
@@ -151,7 +177,7 @@ fn a_full_cache_filesystem_acknowledges_nothing_and_recovers_by_itself() {
         || (refusals(&ps) >= seen + 2).then_some(()),
     )
     .unwrap();
-    assert_eq!(positions(&agent).1, before);
+    assert_eq!(positions(&agent).1, acked);
 
     // Space returns: the same server process goes on by itself.
     std::fs::remove_file(&filler).unwrap();

@@ -318,3 +318,27 @@ fn a_full_disk_refuses_what_needs_space_until_it_has_room_again() {
     assert_eq!(read(&f).unwrap(), b"abc3456789", "fsynced while full");
     assert!(empty.exists() && !dir.join("junk").exists());
 }
+
+/// `--statfs-free-max`: a small disk as `statfs` shows it (writes are not
+/// limited by it).
+#[test]
+fn statfs_reports_at_most_the_free_space_it_is_told() {
+    if !fuse_available() {
+        eprintln!("skipping: needs root and /dev/fuse");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut m = PowerMount::mount_small(
+        &dir.path().join("backing"),
+        &dir.path().join("mnt"),
+        dir.path(),
+        Some(1 << 20),
+    )
+    .unwrap();
+    let free = lifeboat_tests::powerfs::free_bytes(&m.mount).unwrap();
+    assert!(free > 0 && free <= 1 << 20, "{free}");
+    std::fs::write(m.mount.join("big"), vec![1u8; 3 << 20]).unwrap();
+    m.fill().unwrap();
+    m.free().unwrap();
+    assert!(lifeboat_tests::powerfs::free_bytes(&m.mount).unwrap() <= 1 << 20);
+}

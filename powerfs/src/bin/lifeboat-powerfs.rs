@@ -1,4 +1,5 @@
-//! `lifeboat-powerfs --backing DIR --mount DIR [--scratch DIR] [--fsync-persists-name]`
+//! `lifeboat-powerfs --backing DIR --mount DIR [--scratch DIR] [--fsync-persists-name]
+//! [--statfs-free-max BYTES]`
 //!
 //! Mounts powerfs (see the library) and serves it until a signal:
 //! SIGUSR1 = power loss (everything unsynced is dropped, the mount goes away,
@@ -18,6 +19,7 @@ fn main() -> Result<()> {
     let mut mount = None;
     let mut scratch = None;
     let mut fsync_persists_name = false;
+    let mut statfs_free_max = None;
     let mut args = std::env::args_os().skip(1);
     while let Some(a) = args.next() {
         match a.to_str() {
@@ -25,8 +27,15 @@ fn main() -> Result<()> {
             Some("--mount") => mount = args.next().map(PathBuf::from),
             Some("--scratch") => scratch = args.next().map(PathBuf::from),
             Some("--fsync-persists-name") => fsync_persists_name = true,
+            Some("--statfs-free-max") => {
+                let v = args.next().and_then(|v| v.to_str()?.parse::<u64>().ok());
+                let Some(v) = v else {
+                    bail!("--statfs-free-max needs a number of bytes");
+                };
+                statfs_free_max = Some(v);
+            }
             _ => bail!(
-                "unknown argument {a:?}; usage: lifeboat-powerfs --backing DIR --mount DIR [--scratch DIR] [--fsync-persists-name]"
+                "unknown argument {a:?}; usage: lifeboat-powerfs --backing DIR --mount DIR [--scratch DIR] [--fsync-persists-name] [--statfs-free-max BYTES]"
             ),
         }
     }
@@ -67,6 +76,7 @@ fn main() -> Result<()> {
         backing: backing.clone(),
         scratch,
         fsync_persists_name,
+        statfs_free_max,
     })
     .with_context(|| format!("loading {}", backing.display()))?;
     let state = Arc::new(Mutex::new(state));
