@@ -139,6 +139,18 @@ pub fn free_bytes(dir: &Path) -> Option<u64> {
     Some(st.f_bavail as u64 * st.f_frsize as u64)
 }
 
+/// Gives the memory a closed database freed back to the system before a
+/// reopen fills its memtables again: glibc keeps up to `M_TRIM_THRESHOLD`
+/// (256 MiB, `common::tune_allocator`) otherwise, and the process would
+/// hold both.
+fn release_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns free heap pages to the kernel.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 fn open_db(dir: &Path) -> Result<DB> {
     let mut opts = Options::default();
     opts.create_if_missing(true);
@@ -377,7 +389,9 @@ impl Cache {
                 return false;
             }
         }
+        let started = Instant::now();
         let reopened = self.reopen();
+        let took = started.elapsed();
         let mut h = self.lock_health();
         let pause = h.reopen_pause.max(REOPEN_RETRY_MIN);
         h.next_reopen = Some(Instant::now() + pause);
@@ -385,7 +399,7 @@ impl Cache {
         drop(h);
         match reopened {
             Ok(()) => {
-                self.recovered("reopened");
+                self.recovered(&format!("reopened in {} ms", took.as_millis()));
                 true
             }
             Err(e) => {
@@ -417,6 +431,7 @@ impl Cache {
         let mut g = self.db.write().unwrap_or_else(|p| p.into_inner());
         // Dropping closes it (and cancels RocksDB's own recovery).
         drop(g.take());
+        release_freed_memory();
         *g = Some(open_db(&self.dir)?);
         Ok(())
     }
