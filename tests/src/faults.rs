@@ -1007,6 +1007,13 @@ impl Rig {
         }
     }
 
+    /// Ends every fault window that is over — store outages and full
+    /// filesystems (all of them with `force`).
+    fn windows_due(&mut self, force: bool) -> Result<()> {
+        self.store_due(force)?;
+        self.full_due(force)
+    }
+
     /// Ends the full-filesystem windows that are over (all with `force`).
     fn full_due(&mut self, force: bool) -> Result<()> {
         let now = Instant::now();
@@ -1026,8 +1033,7 @@ impl Rig {
     fn wait_welcomed(&mut self) -> Result<()> {
         let deadline = Instant::now() + CATCH_UP;
         loop {
-            self.full_due(false)?;
-            self.store_due(false)?;
+            self.windows_due(false)?;
             if self.agent.status().is_ok_and(|st| st["connected"] == true) {
                 return Ok(());
             }
@@ -1314,8 +1320,7 @@ fn run_inner(s: &Scenario, root: &Path, out: &mut Outcome) -> Result<()> {
     while started.elapsed() < Duration::from_secs(s.secs) && s.max_ops.is_none_or(|m| op < m) {
         op += 1;
         rig.op = op;
-        rig.store_due(false)?;
-        rig.full_due(false)?;
+        rig.windows_due(false)?;
         while let Some(f) = schedule.due(op) {
             inject(s, &mut rig, &mut books, &f).with_context(|| f.describe())?;
             if s.tag_after_agent_restart
@@ -1718,8 +1723,7 @@ fn finish(
     image: &Path,
 ) -> Result<()> {
     rig.proxy.heal();
-    rig.store_due(true)?;
-    rig.full_due(true)?;
+    rig.windows_due(true)?;
     // The final FLUSH (the journal may still be writing what it kept while
     // its filesystem was full: retried until it succeeds).
     let deadline = Instant::now() + CATCH_UP;

@@ -136,14 +136,11 @@ fn disk_id_with_a_path_in_machine_json_writes_nothing_outside_out() {
     }
 }
 
-/// The signed machine.json with disk 0 renamed `id`, signed with the
-/// machine's real catalogue key; `None` if the stored record is not signed.
-fn resign_machine_json(ps: &ProcessServer, original: &[u8], id: &str) -> Option<Vec<u8>> {
+/// The machine's real catalogue key (from its sealed data key and the KEK),
+/// to sign records as the process server would.
+fn catalogue_key(ps: &ProcessServer) -> lifeboat_common::catalogue::CatalogueKey {
     use lifeboat_common::catalogue;
     use lifeboat_common::seal::Key;
-    let outer: serde_json::Value = serde_json::from_slice(original).ok()?;
-    let mut rec: serde_json::Value = serde_json::from_str(outer.get("record")?.as_str()?).ok()?;
-    rec["disks"][0]["id"] = serde_json::json!(id);
     let kek = Key::from_hex(&std::fs::read_to_string(ps.kek()).unwrap()).unwrap();
     let sealed = std::fs::read(store_dir(ps).join("keys/data-key.sealed")).unwrap();
     let store = lifeboat_common::store::Store::open(&lifeboat_common::store::StoreConfig::new(
@@ -151,7 +148,17 @@ fn resign_machine_json(ps: &ProcessServer, original: &[u8], id: &str) -> Option<
     ))
     .unwrap();
     let data = catalogue::open_data_key(&kek, MACHINE, &sealed, &store).unwrap();
-    let key = catalogue::CatalogueKey::derive(&data);
+    catalogue::CatalogueKey::derive(&data)
+}
+
+/// The signed machine.json with disk 0 renamed `id`, signed with the
+/// machine's real catalogue key; `None` if the stored record is not signed.
+fn resign_machine_json(ps: &ProcessServer, original: &[u8], id: &str) -> Option<Vec<u8>> {
+    use lifeboat_common::catalogue;
+    let outer: serde_json::Value = serde_json::from_slice(original).ok()?;
+    let mut rec: serde_json::Value = serde_json::from_str(outer.get("record")?.as_str()?).ok()?;
+    rec["disks"][0]["id"] = serde_json::json!(id);
+    let key = catalogue_key(ps);
     Some(catalogue::sign_record(
         &key,
         &catalogue::machine_json(MACHINE),
@@ -238,7 +245,6 @@ fn deleted_inconsistent_mark_is_detected_from_the_stream() {
 #[test]
 fn a_point_at_a_seq_without_a_tag_is_refused() {
     use lifeboat_common::catalogue;
-    use lifeboat_common::seal::Key;
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
     let (ps, mut agent, first, _snap) = protected_with_point(root);
@@ -275,14 +281,7 @@ fn a_point_at_a_seq_without_a_tag_is_refused() {
     let mut rec: catalogue::PointRecord = serde_json::from_value(real).unwrap();
     rec.seq = forged;
     rec.id = catalogue::point_id(forged);
-    let kek = Key::from_hex(&std::fs::read_to_string(ps.kek()).unwrap()).unwrap();
-    let sealed = std::fs::read(store_dir(&ps).join("keys/data-key.sealed")).unwrap();
-    let store = lifeboat_common::store::Store::open(&lifeboat_common::store::StoreConfig::new(
-        ps.store_url.clone(),
-    ))
-    .unwrap();
-    let data = catalogue::open_data_key(&kek, MACHINE, &sealed, &store).unwrap();
-    let key = catalogue::CatalogueKey::derive(&data);
+    let key = catalogue_key(&ps);
     let name = catalogue::point_object(MACHINE, forged);
     std::fs::write(
         ps.dir.join("store").join(&name),
