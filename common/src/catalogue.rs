@@ -573,7 +573,8 @@ pub struct Span {
 /// What the stored segments make of the stream.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Prefix {
-    /// The end of the stream that segments cover without a gap from seq 1.
+    /// The end of the stream that segments cover without a gap from the
+    /// start (seq 1, or just after the base the stream starts from).
     pub end: u64,
     /// The segments that make it up, by first seq.
     pub spans: Vec<Span>,
@@ -581,9 +582,11 @@ pub struct Prefix {
     pub after_gap: Option<u64>,
 }
 
-/// The stream the segments cover without a gap from seq 1, each segment
-/// counted up to its epoch's fence (see the module header).
-pub fn contiguous_prefix(segments: &[SegmentName], fences: &Fences) -> Prefix {
+/// The stream the segments cover without a gap after `start` (0, or the seq
+/// of the base the stream starts from: segments wholly at or below it are
+/// folded into it), each segment counted up to its epoch's fence (see the
+/// module header).
+pub fn contiguous_prefix(segments: &[SegmentName], fences: &Fences, start: u64) -> Prefix {
     let mut sorted: Vec<Span> = segments
         .iter()
         .map(|s| Span {
@@ -593,7 +596,10 @@ pub fn contiguous_prefix(segments: &[SegmentName], fences: &Fences) -> Prefix {
         .filter(|s| s.upto >= s.name.first)
         .collect();
     sorted.sort_by_key(|s| (s.name.first, s.upto, s.name.epoch));
-    let mut p = Prefix::default();
+    let mut p = Prefix {
+        end: start,
+        ..Prefix::default()
+    };
     for s in sorted {
         if s.upto <= p.end {
             continue; // already covered (a re-upload after a crash)
@@ -690,7 +696,8 @@ pub async fn list_inconsistent(
 
 /// Every `*.json` object under `dir`, authenticated (unless `key` is `None`:
 /// listing for display only, never for recovery) and parsed, with its name.
-async fn list_signed<T: serde::de::DeserializeOwned>(
+/// An object deleted between the listing and its read is left out.
+pub(crate) async fn list_signed<T: serde::de::DeserializeOwned>(
     store: &Store,
     key: Option<&CatalogueKey>,
     dir: &str,
@@ -700,12 +707,10 @@ async fn list_signed<T: serde::de::DeserializeOwned>(
         if !rel.ends_with(".json") {
             continue;
         }
-        let bytes = store
-            .get(&rel)
-            .await?
-            .ok_or_else(|| CatalogueError::Missing {
-                object: store.describe(&rel),
-            })?;
+        // Gone since the listing: deleted by retention or compaction.
+        let Some(bytes) = store.get(&rel).await? else {
+            continue;
+        };
         let v = match key {
             Some(key) => open_record(key, store, &rel, &bytes)?,
             None => open_record_unverified(store, &rel, &bytes)?,
@@ -814,10 +819,10 @@ mod tests {
     fn contiguity() {
         let s = |a, b| SegmentName::new(a, b, 1);
         let none = Fences::default();
-        let end = |segs: &[SegmentName]| contiguous_prefix(segs, &none).end;
+        let end = |segs: &[SegmentName]| contiguous_prefix(segs, &none, 0).end;
         assert_eq!(end(&[s(1, 4), s(5, 9), s(11, 12)]), 9);
         assert_eq!(
-            contiguous_prefix(&[s(1, 4), s(5, 9), s(11, 12)], &none).after_gap,
+            contiguous_prefix(&[s(1, 4), s(5, 9), s(11, 12)], &none, 0).after_gap,
             Some(11)
         );
         assert_eq!(end(&[s(2, 4)]), 0);
@@ -837,14 +842,14 @@ mod tests {
         let old = |a, b| SegmentName::new(a, b, 1);
         let new = |a, b| SegmentName::new(a, b, 2);
         // The old owner's [10..12] sorts before the new owner's [10..20].
-        let p = contiguous_prefix(&[old(1, 9), old(10, 12), new(10, 20)], &fences);
+        let p = contiguous_prefix(&[old(1, 9), old(10, 12), new(10, 20)], &fences, 0);
         assert_eq!(p.end, 20);
         assert_eq!(
             p.spans.iter().map(|s| s.name).collect::<Vec<_>>(),
             vec![old(1, 9), new(10, 20)]
         );
         // A straddling old segment counts up to the fence only.
-        let p = contiguous_prefix(&[old(1, 5), old(6, 14), new(10, 11)], &fences);
+        let p = contiguous_prefix(&[old(1, 5), old(6, 14), new(10, 11)], &fences, 0);
         assert_eq!(p.end, 11);
         assert_eq!(
             p.spans[1],
@@ -854,10 +859,10 @@ mod tests {
             }
         );
         // Without the new owner's segment the stream ends at the fence.
-        assert_eq!(contiguous_prefix(&[old(1, 9), old(10, 12)], &fences).end, 9);
+        assert_eq!(contiguous_prefix(&[old(1, 9), old(10, 12)], &fences, 0).end, 9);
         // Legacy names (epoch 0) are older than every takeover.
         let legacy = SegmentName::new(10, 12, 0);
-        assert_eq!(contiguous_prefix(&[old(1, 9), legacy], &fences).end, 9);
+        assert_eq!(contiguous_prefix(&[old(1, 9), legacy], &fences, 0).end, 9);
         // Points and marks: the same rule.
         assert!(fences.counts(1, 9) && !fences.counts(1, 10));
         assert!(fences.counts(2, 10) && fences.counts(0, 3) && !fences.counts(0, 12));

@@ -2,11 +2,13 @@
 //! logic (no I/O), the receiving side of a session, the object-store layout and
 //! its formats, sealing (zstd + AES-256-GCM), TLS helpers, ids.
 
+pub mod base;
 pub mod catalogue;
 pub mod codec;
 pub mod formats;
 pub mod framed;
 pub mod ids;
+pub mod image;
 pub mod owner;
 pub mod protocol;
 pub mod receiver;

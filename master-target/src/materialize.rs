@@ -19,19 +19,20 @@
 //! `latest` from the segments themselves, whether or not its mark exists.
 
 use std::collections::BTreeMap;
-use std::fs::{File, OpenOptions};
+use std::fs::OpenOptions;
 use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt, PermissionsExt};
-use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Context, Result};
 use futures::StreamExt;
+use lifeboat_common::base::{self, BaseManifest, ChunkNamer, CHUNK_SIZE};
 use lifeboat_common::catalogue::{
-    self, contiguous_prefix, decode_segment, format_time_ms, list_points, list_segments,
-    segment_object, CatalogueKey, InconsistentRecord, PointRecord, Span,
+    self, decode_segment, format_time_ms, list_points, segment_object, CatalogueKey,
+    InconsistentRecord, PointRecord, Span,
 };
-use lifeboat_common::protocol::{Entry, Op};
+use lifeboat_common::image::{apply, StreamMarks, Target};
+use lifeboat_common::protocol::Entry;
 use lifeboat_common::seal::{self, Key};
 use lifeboat_common::store::Store;
 
@@ -82,8 +83,13 @@ pub struct Inventory {
     pub end: u64,
     /// The first seq of a stored segment beyond a gap, if the stream has one.
     pub after_gap: Option<u64>,
-    /// The segments that make up the stream, each counted up to its fence.
+    /// The base the stream starts from (retention folded everything up to
+    /// its seq into it); `None`: the stream starts at seq 1.
+    pub base: Option<BaseManifest>,
+    /// The segments after the base that make up the stream, each counted up
+    /// to its fence.
     pub segments: Vec<Span>,
+    /// The recoverable points: at or after the base's seq.
     pub points: Vec<PointRecord>,
     /// Where syncs and resyncs began (see [`Inventory::unsettled_end`]).
     pub inconsistent: Vec<InconsistentRecord>,
@@ -92,6 +98,11 @@ pub struct Inventory {
 }
 
 impl Inventory {
+    /// The seq the stream starts after (its base's; 0: no base).
+    pub fn start(&self) -> u64 {
+        self.base.as_ref().map_or(0, |b| b.seq)
+    }
+
     /// If the stream's end is not crash-consistent (a sync or resync began
     /// after the last point at or before it), the record saying so.
     pub fn unsettled_end(&self) -> Option<&InconsistentRecord> {
@@ -101,7 +112,8 @@ impl Inventory {
             .filter(|p| p.seq <= self.end)
             .map(|p| p.seq)
             .max()
-            .unwrap_or(0);
+            .unwrap_or(0)
+            .max(self.start());
         self.inconsistent
             .iter()
             .rev()
@@ -132,18 +144,20 @@ pub async fn inventory(
     machine: &str,
 ) -> Result<Inventory> {
     lifeboat_common::ids::validate_id("machine", machine).map_err(anyhow::Error::msg)?;
-    let all = list_segments(store, machine).await?;
-    // Takeovers fence what an old owner wrote late (see catalogue.rs).
-    let fences = catalogue::list_fences(store, key, machine).await?;
-    let prefix = contiguous_prefix(&all, &fences);
+    // Takeovers fence what an old owner wrote late (see catalogue.rs); the
+    // stream starts from the newest base.
+    let view = base::stream_view(store, key, machine).await?;
+    let start = view.start();
+    let fences = view.fences.clone();
     let points = list_points(store, key, machine, &fences).await?;
     let inconsistent = catalogue::list_inconsistent(store, key, machine, &fences).await?;
     Ok(Inventory {
-        end: prefix.end,
-        after_gap: prefix.after_gap,
-        segments: prefix.spans,
-        points,
-        inconsistent,
+        end: view.prefix.end,
+        after_gap: view.prefix.after_gap,
+        base: view.base().cloned(),
+        segments: view.prefix.spans,
+        points: points.into_iter().filter(|p| p.seq >= start).collect(),
+        inconsistent: inconsistent.into_iter().filter(|m| m.seq > start).collect(),
         fences,
     })
 }
@@ -218,6 +232,14 @@ pub fn resolve(
             if let Some(p) = stored.iter().find(|p| &p.id == id) {
                 return Ok(pick(p));
             }
+            if let Some(b) = inv.base.as_ref().filter(|b| id.parse::<u64>().is_ok_and(|n| n < b.seq)) {
+                bail!(
+                    "point {id} of machine {machine} is older than the retention kept: the stream now starts \
+                     from the base at seq {} ({}); `lifeboat-mt points` lists what can be recovered",
+                    b.seq,
+                    b.time
+                );
+            }
             if inv.points.iter().any(|p| &p.id == id) {
                 bail!("point {id} of machine {machine} is recorded, but the stream up to it is incomplete in the store (it ends at seq {})", inv.end);
             }
@@ -251,18 +273,21 @@ pub struct Report {
     pub machine: String,
     pub seq: u64,
     pub point: String,
+    /// The base the images started from (its seq), if the stream has one.
+    pub base: Option<u64>,
+    pub chunks_read: usize,
     pub segments_read: usize,
     pub bytes_fetched: u64,
     pub disks: Vec<DiskReport>,
 }
 
-struct Target {
-    file: File,
-    /// No write may reach past this (the largest size the disk had).
-    limit: u64,
-    /// The size set by the last resize entry applied.
-    resized_to: Option<u64>,
-    written: u64,
+/// Progress of a materialisation: objects (chunks, then segments) done of
+/// the total, and bytes fetched so far.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Progress {
+    pub done: u64,
+    pub total: u64,
+    pub bytes: u64,
 }
 
 /// Writes every disk of `machine` at `resolved` into `out_dir/<disk>.raw`
@@ -279,15 +304,22 @@ pub async fn materialize(
     resolved: &Resolved,
     out_dir: &Path,
     allow_inconsistent: bool,
-    progress: impl Fn(u64, u64) + Send + Sync,
+    progress: impl Fn(Progress) + Send + Sync,
 ) -> Result<Report> {
     let rec = catalogue::load_machine(store, &keys.catalogue, machine).await?;
-    let key = keys.data.clone();
+    let key = Arc::new(keys.data.clone());
     if resolved.seq > inv.end {
         bail!(
             "seq {} is beyond the end of the stored stream ({}): a segment is missing",
             resolved.seq,
             inv.end
+        );
+    }
+    let start = inv.start();
+    if resolved.seq < start {
+        bail!(
+            "seq {} is older than the base the stream starts from (seq {start}): retention folded it",
+            resolved.seq
         );
     }
     if !out_dir.exists() {
@@ -301,6 +333,12 @@ pub async fn materialize(
     // shrink may follow older writes), then cut to the size at the point.
     let size_at =
         |p: &PointRecord, i: usize, id: &str| p.disks.get(i).filter(|d| d.id == id).map(|d| d.size);
+    let base_disk = |i: usize, id: &str| {
+        inv.base
+            .as_ref()
+            .and_then(|b| b.disks.get(i))
+            .filter(|d| d.id == id)
+    };
     let mut targets = BTreeMap::new();
     let mut paths = Vec::new();
     for (i, d) in rec.disks.iter().enumerate() {
@@ -309,6 +347,7 @@ pub async fn materialize(
             .points
             .iter()
             .filter_map(|p| size_at(p, i, &d.id))
+            .chain(base_disk(i, &d.id).map(|b| b.largest.max(b.size)))
             .fold(rec.largest(i), u64::max);
         let file = OpenOptions::new()
             .read(true)
@@ -324,27 +363,75 @@ pub async fn materialize(
             .with_context(|| format!("making {} private (0600)", path.display()))?;
         file.set_len(limit)
             .with_context(|| format!("sizing {} to {limit} bytes", path.display()))?;
-        targets.insert(
-            i as u16,
-            Target {
-                file,
-                limit,
-                resized_to: None,
-                written: 0,
-            },
-        );
+        targets.insert(i as u16, Target::new(file, limit, false));
         paths.push(path);
     }
-    let targets = Arc::new(std::sync::Mutex::new(targets));
 
     let needed: Vec<Span> = inv
         .segments
         .iter()
         .copied()
-        .filter(|s| s.name.first <= resolved.seq)
+        .filter(|s| s.name.first <= resolved.seq && s.upto > start)
         .collect();
-    let total = needed.len() as u64;
-    let key = Arc::new(key);
+    // The base's chunks first (any order: they do not overlap), then the
+    // segments after it in seq order.
+    let mut chunk_jobs = Vec::new();
+    if let Some(b) = &inv.base {
+        for (i, d) in rec.disks.iter().enumerate() {
+            if let Some(bd) = base_disk(i, &d.id) {
+                let file = targets[&(i as u16)].file.try_clone()?;
+                let file = Arc::new(file);
+                for (index, id) in &bd.chunks {
+                    chunk_jobs.push((file.clone(), *index, id.clone(), paths[i].clone()));
+                }
+            } else if b.disks.iter().any(|x| x.id == d.id) {
+                bail!(
+                    "{} lists disk {} at another position than machine.json; refusing to guess",
+                    store.describe(&base::base_object(machine, b.seq)),
+                    d.id
+                );
+            }
+        }
+    }
+    let total = (chunk_jobs.len() + needed.len()) as u64;
+    let mut done = Progress {
+        total,
+        ..Progress::default()
+    };
+    let chunks_read = chunk_jobs.len();
+    let namer = Arc::new(ChunkNamer::derive(&keys.data));
+    let mut fetches = futures::stream::iter(chunk_jobs)
+        .map(|(file, index, id, path)| {
+            let (store, key, namer) = (store.clone(), key.clone(), namer.clone());
+            let machine = machine.to_string();
+            async move {
+                let name = base::chunk_object(&machine, &id);
+                let sealed = store.get(&name).await?.ok_or_else(|| {
+                    anyhow!(
+                        "{} is missing (a chunk of the base); refusing to use this recovery point",
+                        store.describe(&name)
+                    )
+                })?;
+                let fetched = sealed.len() as u64;
+                tokio::task::spawn_blocking(move || -> Result<u64> {
+                    let plain = base::open_chunk(&key, &namer, &store, &machine, &id, &sealed)
+                        .map_err(|e| anyhow!("{e}; refusing to use this recovery point"))?;
+                    file.write_all_at(&plain, index * CHUNK_SIZE)
+                        .with_context(|| format!("writing {}", path.display()))?;
+                    Ok(fetched)
+                })
+                .await?
+            }
+        })
+        .buffer_unordered(FETCH_CONCURRENCY);
+    while let Some(fetched) = fetches.next().await {
+        done.bytes += fetched?;
+        done.done += 1;
+        progress(done);
+    }
+    drop(fetches);
+    let targets = Arc::new(std::sync::Mutex::new(targets));
+
     let mut fetches = futures::stream::iter(needed.clone())
         .map(|span: Span| {
             let store = store.clone();
@@ -371,17 +458,18 @@ pub async fn materialize(
         })
         .buffered(FETCH_CONCURRENCY);
 
-    let mut done = 0u64;
-    let mut fetched_total = 0u64;
     // Segments may overlap (a re-upload after a crash): apply each seq once.
-    let mut applied = 0u64;
-    let mut saw_point_tag = resolved.point.is_none();
+    let mut applied = start;
+    // The base sits at a point: its tag was folded into it.
+    let mut saw_point_tag = resolved.point.is_none() || (start > 0 && resolved.seq == start);
     // What the authenticated stream itself says about consistency up to the
     // point: the last tag and the last sync/resync start applied.
-    let mut marks = StreamMarks::default();
+    let mut marks = StreamMarks {
+        last_tag: start,
+        ..StreamMarks::default()
+    };
     while let Some(item) = fetches.next().await {
         let (span, fetched, entries) = item?;
-        fetched_total += fetched;
         let targets = targets.clone();
         // A segment fenced by a later takeover counts only up to the fence.
         let upto = resolved.seq.min(span.upto);
@@ -397,8 +485,9 @@ pub async fn materialize(
         applied = applied.max(upto);
         saw_point_tag |= found_tag;
         marks.merge(seen);
-        done += 1;
-        progress(done, total);
+        done.bytes += fetched;
+        done.done += 1;
+        progress(done);
     }
     if !saw_point_tag {
         bail!(
@@ -435,10 +524,11 @@ pub async fn materialize(
     for (i, ((_, target), (d, path))) in t.into_iter().zip(rec.disks.iter().zip(paths)).enumerate()
     {
         // The authenticated stream wins: the last resize entry applied, then
-        // the (authenticated) point, then machine.json.
+        // the (authenticated) point, then the base, then machine.json.
         let size = target
             .resized_to
             .or_else(|| resolved.point.as_ref().and_then(|p| size_at(p, i, &d.id)))
+            .or_else(|| base_disk(i, &d.id).map(|b| b.size))
             .unwrap_or(d.size);
         target
             .file
@@ -456,131 +546,10 @@ pub async fn materialize(
         machine: machine.to_string(),
         seq: resolved.seq,
         point: resolved.description.clone(),
+        base: inv.base.as_ref().map(|b| b.seq),
+        chunks_read,
         segments_read: needed.len(),
-        bytes_fetched: fetched_total,
+        bytes_fetched: done.bytes,
         disks,
     })
-}
-
-/// The last tag and the last sync/resync start (seq, label) seen in the stream.
-#[derive(Debug, Default, Clone)]
-struct StreamMarks {
-    last_tag: u64,
-    last_inconsistent: Option<(u64, String)>,
-}
-
-impl StreamMarks {
-    fn merge(&mut self, later: StreamMarks) {
-        self.last_tag = self.last_tag.max(later.last_tag);
-        if let Some(m) = later.last_inconsistent {
-            if self.last_inconsistent.as_ref().is_none_or(|o| o.0 < m.0) {
-                self.last_inconsistent = Some(m);
-            }
-        }
-    }
-
-    /// The sync/resync start not followed by a tag, if any.
-    fn unsettled(&self) -> Option<(u64, String)> {
-        self.last_inconsistent
-            .clone()
-            .filter(|(seq, _)| *seq > self.last_tag)
-    }
-}
-
-/// Applies entries with `after < seq ≤ upto`; returns whether the tag at
-/// `upto` was seen, and the tags and sync starts applied.
-/// Applies `entries` with `after < seq <= upto`; returns whether one of them
-/// is the tag at `point` (the seq being recovered) and the marks seen.
-fn apply(
-    targets: &mut BTreeMap<u16, Target>,
-    entries: &[Entry],
-    after: u64,
-    upto: u64,
-    point: u64,
-) -> Result<(bool, StreamMarks)> {
-    let mut saw_tag = false;
-    let mut marks = StreamMarks::default();
-    for e in entries.iter().filter(|e| e.seq > after) {
-        if e.seq > upto {
-            break;
-        }
-        match &e.op {
-            Op::Write { disk, offset, data } => {
-                let t = target(targets, *disk, e.seq)?;
-                check_range(t, *disk, e.seq, *offset, data.len() as u64)?;
-                t.file
-                    .write_all_at(data, *offset)
-                    .with_context(|| format!("writing seq {} to disk {disk}", e.seq))?;
-                t.written += data.len() as u64;
-            }
-            Op::Zero { disk, offset, len } => {
-                let t = target(targets, *disk, e.seq)?;
-                check_range(t, *disk, e.seq, *offset, *len as u64)?;
-                zero_range(&t.file, *offset, *len as u64)
-                    .with_context(|| format!("zeroing seq {} on disk {disk}", e.seq))?;
-            }
-            Op::Resize { disk, size } => {
-                let t = target(targets, *disk, e.seq)?;
-                // What lies past a shrunk disk's end reads as zeros if it grows again.
-                if *size < t.limit {
-                    zero_range(&t.file, *size, t.limit - *size)
-                        .with_context(|| format!("resizing disk {disk} at seq {}", e.seq))?;
-                } else {
-                    t.file.set_len(*size)?;
-                    t.limit = *size;
-                }
-                t.resized_to = Some(*size);
-            }
-            Op::Inconsistent { label } => {
-                marks.last_inconsistent = Some((e.seq, label.clone()));
-            }
-            Op::Tag { .. } => {
-                marks.last_tag = e.seq;
-                if e.seq == point {
-                    saw_tag = true;
-                }
-            }
-        }
-    }
-    Ok((saw_tag, marks))
-}
-
-fn target(targets: &mut BTreeMap<u16, Target>, disk: u16, seq: u64) -> Result<&mut Target> {
-    targets
-        .get_mut(&disk)
-        .ok_or_else(|| anyhow!("seq {seq} writes disk #{disk}, which machine.json does not list"))
-}
-
-fn check_range(t: &Target, disk: u16, seq: u64, offset: u64, len: u64) -> Result<()> {
-    if offset.checked_add(len).is_none_or(|end| end > t.limit) {
-        bail!(
-            "seq {seq} writes {len} bytes at {offset} on disk #{disk}, beyond its size {}",
-            t.limit
-        );
-    }
-    Ok(())
-}
-
-/// Makes a range of an image read as zeros (punching a hole where possible).
-pub fn zero_range(file: &File, offset: u64, len: u64) -> std::io::Result<()> {
-    // SAFETY: fallocate on a valid open descriptor with plain integer arguments.
-    let r = unsafe {
-        libc::fallocate(
-            file.as_raw_fd(),
-            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-            offset as libc::off_t,
-            len as libc::off_t,
-        )
-    };
-    if r == 0 {
-        return Ok(());
-    }
-    let zeros = vec![0u8; (len as usize).min(1 << 20)];
-    let mut done = 0u64;
-    while done < len {
-        let n = (len - done).min(zeros.len() as u64) as usize;
-        file.write_all_at(&zeros[..n], offset + done)?;
-        done += n as u64;
-    }
-    Ok(())
 }

@@ -84,6 +84,125 @@ pub struct PsConfig {
     #[serde(default = "default_max_connections_per_source")]
     pub max_connections_per_source: usize,
     pub store: StoreConfig,
+    /// How long history is kept, and how it is thinned and compacted.
+    #[serde(default)]
+    pub retention: Retention,
+}
+
+/// Retention defaults: a day of history, every point for the last two hours.
+pub const DEFAULT_KEEP: Duration = Duration::from_secs(24 * 3600);
+pub const MAX_KEEP: Duration = Duration::from_secs(30 * 24 * 3600);
+pub const DEFAULT_FINE_WINDOW: Duration = Duration::from_secs(2 * 3600);
+pub const DEFAULT_COMPACT_EVERY: Duration = Duration::from_secs(600);
+
+/// One thinning tier: points older than `older-than` keep one per `every`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Tier {
+    #[serde(with = "humantime_serde")]
+    pub older_than: Duration,
+    #[serde(with = "humantime_serde")]
+    pub every: Duration,
+}
+
+fn default_keep() -> Duration {
+    DEFAULT_KEEP
+}
+fn default_fine_window() -> Duration {
+    DEFAULT_FINE_WINDOW
+}
+fn default_compact_every() -> Duration {
+    DEFAULT_COMPACT_EVERY
+}
+fn default_tiers() -> Vec<Tier> {
+    vec![
+        Tier {
+            older_than: DEFAULT_FINE_WINDOW,
+            every: Duration::from_secs(3600),
+        },
+        Tier {
+            older_than: Duration::from_secs(24 * 3600),
+            every: Duration::from_secs(24 * 3600),
+        },
+    ]
+}
+
+/// `[retention]` of ps.toml (see `compact.rs`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Retention {
+    /// History kept: older points are folded into a base and deleted.
+    #[serde(default = "default_keep", with = "humantime_serde")]
+    pub keep: Duration,
+    /// Every point younger than this is kept (and `--time` recovers to the second).
+    #[serde(default = "default_fine_window", with = "humantime_serde")]
+    pub fine_window: Duration,
+    /// Thinning beyond the fine window, by increasing age.
+    #[serde(default = "default_tiers")]
+    pub tiers: Vec<Tier>,
+    /// App-consistent points keep one per this much time beyond the fine
+    /// window; 0 keeps every one (until `keep`).
+    #[serde(default, with = "humantime_serde")]
+    pub app_every: Duration,
+    /// How often retention runs per machine.
+    #[serde(default = "default_compact_every", with = "humantime_serde")]
+    pub compact_every: Duration,
+    /// Work files of a fold (sparse images of the changed chunks); default
+    /// `<cache-dir>/fold`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub work_dir: Option<PathBuf>,
+}
+
+impl Default for Retention {
+    fn default() -> Retention {
+        Retention {
+            keep: DEFAULT_KEEP,
+            fine_window: DEFAULT_FINE_WINDOW,
+            tiers: default_tiers(),
+            app_every: Duration::ZERO,
+            compact_every: DEFAULT_COMPACT_EVERY,
+            work_dir: None,
+        }
+    }
+}
+
+impl Retention {
+    fn check(&self, path: &Path) -> Result<()> {
+        let d = humantime::format_duration;
+        let bad = |what: String| anyhow::anyhow!("{}: [retention] {what}", path.display());
+        if self.keep < Duration::from_secs(60) || self.keep > MAX_KEEP {
+            return Err(bad(format!(
+                "keep must be between 1m and 30days, not {}",
+                d(self.keep)
+            )));
+        }
+        if self.fine_window > self.keep {
+            return Err(bad(format!(
+                "fine-window ({}) must not exceed keep ({})",
+                d(self.fine_window),
+                d(self.keep)
+            )));
+        }
+        if self.compact_every < Duration::from_secs(1) || self.compact_every > Duration::from_secs(24 * 3600) {
+            return Err(bad(format!(
+                "compact-every must be between 1s and 24h, not {}",
+                d(self.compact_every)
+            )));
+        }
+        let mut prev = Duration::ZERO;
+        for t in &self.tiers {
+            if t.older_than < self.fine_window || t.older_than < prev || t.every.is_zero() {
+                return Err(bad(format!(
+                    "tiers must be in increasing older-than order, none younger than fine-window ({}), each with a non-zero every (found older-than = {}, every = {})",
+                    d(self.fine_window),
+                    d(t.older_than),
+                    d(t.every)
+                )));
+            }
+            prev = t.older_than;
+        }
+        Ok(())
+    }
 }
 
 impl PsConfig {
@@ -160,6 +279,12 @@ impl PsConfig {
                 path.display(),
                 cfg.zstd_level
             );
+        }
+        cfg.retention.check(path)?;
+        if let Some(w) = &mut cfg.retention.work_dir {
+            if w.is_relative() {
+                *w = base.join(&*w);
+            }
         }
         if cfg.upload_concurrency == 0 {
             anyhow::bail!("{}: upload-concurrency must be at least 1", path.display());

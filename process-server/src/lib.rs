@@ -4,11 +4,13 @@
 //!
 //! Modules: [`config`] (ps.toml), [`pki`] (CA, certificates, key-encryption key),
 //! [`server`] (TLS accept loop and the cache sink), [`cache`] (RocksDB),
-//! [`uploader`] (segments, sealing, points), [`ownership`] (fencing: which
+//! [`uploader`] (segments, sealing, points), [`compact`] (retention: bases,
+//! thinning, chunk collection), [`ownership`] (fencing: which
 //! server owns a machine in the store), [`control`] (local control socket:
 //! checksum resync).
 
 pub mod cache;
+pub mod compact;
 pub mod config;
 pub mod control;
 pub mod ownership;

@@ -243,7 +243,8 @@ impl PsSink {
         // crash that is our record's `after` again (nothing of ours was
         // uploaded yet), and if this server did upload in its epoch before it
         // lost its cache, its own segments count.
-        let fences = catalogue::list_fences(&self.store, Some(ck), machine).await?;
+        let view = lifeboat_common::base::stream_view(&self.store, Some(ck), machine).await?;
+        let fences = &view.fences;
         let end = match fences.records().iter().find(|r| r.epoch == epoch) {
             Some(r) if r.server != self.ownership.me.id => anyhow::bail!(
                 "{} says process server {} took machine {machine} over at owner epoch {epoch}, the epoch this server ({}) was just given: refusing to continue its stream",
@@ -251,9 +252,9 @@ impl PsSink {
                 r.server,
                 self.ownership.me.id
             ),
-            Some(_) => catalogue::contiguous_prefix(&segments, &fences).end,
+            Some(_) => view.prefix.end,
             None => {
-                let end = catalogue::contiguous_prefix(&segments, &fences).end;
+                let end = view.prefix.end;
                 let r = catalogue::EpochRecord {
                     format: FORMAT_VERSION,
                     epoch,

@@ -351,6 +351,15 @@ struct Upload {
     machine_json: Option<MachineRecord>,
 }
 
+/// Aborts a task when its owner stops.
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// An uploader that stops (cancelled, or on an error) stops its uploads too.
 impl Drop for Upload {
     fn drop(&mut self) {
@@ -371,7 +380,7 @@ pub struct UploadEnv {
 
 /// What an upload task needs to check, cheaply, that this server still owns
 /// the machine before it puts a segment.
-struct OwnerCheck {
+pub struct OwnerCheck {
     ownership: Arc<Ownership>,
     key: CatalogueKey,
     machine: String,
@@ -380,7 +389,7 @@ struct OwnerCheck {
 
 impl OwnerCheck {
     /// The owner epoch this server holds the machine at.
-    fn epoch(&self) -> u64 {
+    pub fn epoch(&self) -> u64 {
         self.held
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -388,7 +397,7 @@ impl OwnerCheck {
             .epoch
     }
 
-    async fn verify(&self, store: &Store) -> Result<()> {
+    pub async fn verify(&self, store: &Store) -> Result<()> {
         self.ownership
             .verify(store, &self.key, &self.machine, &self.held)
             .await
@@ -466,6 +475,17 @@ pub async fn run_machine(env: UploadEnv, me: Arc<MachineUploader>) {
         machine: machine.clone(),
         held: std::sync::Mutex::new(held),
     });
+    // Retention runs beside the uploader, as the same owner, and stops with it.
+    let compactor = tokio::spawn(crate::compact::run(crate::compact::Compactor {
+        cfg: cfg.clone(),
+        cache: cache.clone(),
+        store: store.clone(),
+        keys: keys.clone(),
+        check: check.clone(),
+        machine: machine.clone(),
+        cancel: cancel.child_token(),
+    }));
+    let _compactor = AbortOnDrop(compactor);
     // The machine's takeovers: which late records of older owners to replace.
     let Some(fences) = retry(
         &format!(

@@ -233,10 +233,17 @@ async fn failover(a: FailoverArgs) -> Result<()> {
         &resolved,
         &a.out,
         a.allow_inconsistent,
-        |done, total| {
+        |p: materialize::Progress| {
             let mut t = last_print.lock().unwrap_or_else(|p| p.into_inner());
-            if t.elapsed().as_millis() >= 1000 || done == total {
-                eprintln!("  {done}/{total} segments applied");
+            if t.elapsed().as_millis() >= 1000 || p.done == p.total {
+                let secs = started.elapsed().as_secs_f64().max(1e-3);
+                eprintln!(
+                    "  {}/{} objects applied (base chunks, then segments), {:.1} MiB fetched, {:.1} MiB/s",
+                    p.done,
+                    p.total,
+                    p.bytes as f64 / 1048576.0,
+                    p.bytes as f64 / 1048576.0 / secs
+                );
                 *t = Instant::now();
             }
         },
@@ -246,8 +253,12 @@ async fn failover(a: FailoverArgs) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(());
     }
+    let from_base = match report.base {
+        Some(seq) => format!("the base at seq {seq} ({} chunks) and ", report.chunks_read),
+        None => String::new(),
+    };
     println!(
-        "recovered {} at {} from {} segments ({} bytes fetched) in {:.2?}",
+        "recovered {} at {} from {from_base}{} segments ({} bytes fetched) in {:.2?}",
         report.machine,
         report.point,
         report.segments_read,
