@@ -31,7 +31,9 @@ use serde::{Deserialize, Serialize};
 
 use ring::hkdf;
 
-use crate::catalogue::{self, machine_dir, CatalogueError, CatalogueKey, Fences, Prefix, SegmentName};
+use crate::catalogue::{
+    self, machine_dir, CatalogueError, CatalogueKey, Fences, Prefix, SegmentName,
+};
 use crate::seal::{self, Key};
 use crate::store::Store;
 
@@ -280,7 +282,11 @@ mod tests {
         let (a, b) = (ChunkNamer::derive(&k1), ChunkNamer::derive(&k2));
         let data = vec![7u8; 4096];
         assert_eq!(a.id(&data), a.id(&data.clone()));
-        assert_ne!(a.id(&data), b.id(&data), "another machine's key names it differently");
+        assert_ne!(
+            a.id(&data),
+            b.id(&data),
+            "another machine's key names it differently"
+        );
         assert_ne!(a.id(&data), a.id(&[7u8; 4095]));
         assert_eq!(a.id(&data).len(), 2 * CHUNK_ID_LEN);
     }

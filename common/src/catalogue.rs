@@ -859,7 +859,10 @@ mod tests {
             }
         );
         // Without the new owner's segment the stream ends at the fence.
-        assert_eq!(contiguous_prefix(&[old(1, 9), old(10, 12)], &fences, 0).end, 9);
+        assert_eq!(
+            contiguous_prefix(&[old(1, 9), old(10, 12)], &fences, 0).end,
+            9
+        );
         // Legacy names (epoch 0) are older than every takeover.
         let legacy = SegmentName::new(10, 12, 0);
         assert_eq!(contiguous_prefix(&[old(1, 9), legacy], &fences, 0).end, 9);

@@ -232,7 +232,11 @@ pub fn resolve(
             if let Some(p) = stored.iter().find(|p| &p.id == id) {
                 return Ok(pick(p));
             }
-            if let Some(b) = inv.base.as_ref().filter(|b| id.parse::<u64>().is_ok_and(|n| n < b.seq)) {
+            if let Some(b) = inv
+                .base
+                .as_ref()
+                .filter(|b| id.parse::<u64>().is_ok_and(|n| n < b.seq))
+            {
                 bail!(
                     "point {id} of machine {machine} is older than the retention kept: the stream now starts \
                      from the base at seq {} ({}); `lifeboat-mt points` lists what can be recovered",

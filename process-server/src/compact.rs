@@ -120,7 +120,9 @@ pub async fn run(c: Compactor) {
                 warn!(machine = %c.machine, "retention stopped: {e:#}");
                 return;
             }
-            Err(e) => warn!(machine = %c.machine, "retention run failed (retried in {}): {e:#}", humantime::format_duration(every)),
+            Err(e) => {
+                warn!(machine = %c.machine, "retention run failed (retried in {}): {e:#}", humantime::format_duration(every))
+            }
         }
     }
 }
@@ -255,10 +257,13 @@ async fn fold(
         let (span, entries) = item?;
         let upto = h.min(span.upto);
         let from = applied;
-        let mut t = targets.take().expect("targets are put back after each segment");
+        let mut t = targets
+            .take()
+            .expect("targets are put back after each segment");
         let seg = store.describe(&segment_object(m, &span.name));
         let (t, r) = tokio::task::spawn_blocking(move || {
-            let r = apply(&mut t, &entries, from, upto, h).with_context(|| format!("folding {seg}"));
+            let r =
+                apply(&mut t, &entries, from, upto, h).with_context(|| format!("folding {seg}"));
             (t, r)
         })
         .await?;
@@ -597,7 +602,10 @@ mod tests {
         points.push(point(1000, now - 5 * hour, TagKind::App));
         points.sort_by_key(|p| p.seq);
         let dropped: HashSet<u64> = thinned(&r, &points, 0, now).into_iter().collect();
-        let kept: Vec<&PointRecord> = points.iter().filter(|p| !dropped.contains(&p.seq)).collect();
+        let kept: Vec<&PointRecord> = points
+            .iter()
+            .filter(|p| !dropped.contains(&p.seq))
+            .collect();
         // Everything younger than 2 h is kept.
         assert!(points
             .iter()
@@ -612,7 +620,11 @@ mod tests {
             .collect();
         let unique: HashSet<_> = mid.iter().collect();
         assert_eq!(mid.len(), unique.len(), "one per hour");
-        assert!(mid.len() >= 21, "about one per hour for 22 h, got {}", mid.len());
+        assert!(
+            mid.len() >= 21,
+            "about one per hour for 22 h, got {}",
+            mid.len()
+        );
         // Older than 24 h: one per day bucket.
         let old: Vec<_> = kept
             .iter()

@@ -170,9 +170,9 @@ impl Retention {
     fn check(&self, path: &Path) -> Result<()> {
         let d = humantime::format_duration;
         let bad = |what: String| anyhow::anyhow!("{}: [retention] {what}", path.display());
-        if self.keep < Duration::from_secs(60) || self.keep > MAX_KEEP {
+        if self.keep < Duration::from_secs(10) || self.keep > MAX_KEEP {
             return Err(bad(format!(
-                "keep must be between 1m and 30days, not {}",
+                "keep must be between 10s and 30days, not {}",
                 d(self.keep)
             )));
         }
@@ -183,7 +183,9 @@ impl Retention {
                 d(self.keep)
             )));
         }
-        if self.compact_every < Duration::from_secs(1) || self.compact_every > Duration::from_secs(24 * 3600) {
+        if self.compact_every < Duration::from_secs(1)
+            || self.compact_every > Duration::from_secs(24 * 3600)
+        {
             return Err(bad(format!(
                 "compact-every must be between 1s and 24h, not {}",
                 d(self.compact_every)

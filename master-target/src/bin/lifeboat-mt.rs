@@ -134,27 +134,88 @@ async fn real_main() -> Result<()> {
             let inv =
                 materialize::inventory(&s, keys.as_ref().map(|k| &k.catalogue), &store.machine)
                     .await?;
+            // What each point adds: the sealed bytes of the segments after
+            // the previous point up to it (segments are cut at every tag).
+            let sizes: std::collections::BTreeMap<String, u64> = s
+                .list(&format!("machines/{}/log/", store.machine))
+                .await?
+                .into_iter()
+                .collect();
+            let seg_size = |sp: &lifeboat_common::catalogue::Span| {
+                sizes
+                    .get(&lifeboat_common::catalogue::segment_object(
+                        &store.machine,
+                        &sp.name,
+                    ))
+                    .copied()
+                    .unwrap_or(0)
+            };
+            let listed: Vec<_> = inv.points.iter().filter(|p| p.seq <= inv.end).collect();
+            let mut adds = Vec::new();
+            let mut prev = inv.start();
+            for p in &listed {
+                let b: u64 = inv
+                    .segments
+                    .iter()
+                    .filter(|sp| sp.name.first > prev && sp.name.first <= p.seq)
+                    .map(seg_size)
+                    .sum();
+                adds.push(b);
+                prev = p.seq;
+            }
+            let base = inv.base.as_ref().map(|b| {
+                serde_json::json!({
+                    "seq": b.seq,
+                    "time": b.time,
+                    "chunks": b.chunk_ids().count(),
+                    "data-bytes": b.data_bytes(),
+                })
+            });
             if json {
+                let points: Vec<serde_json::Value> = listed
+                    .iter()
+                    .zip(&adds)
+                    .map(|(p, a)| {
+                        let mut v = serde_json::to_value(p).unwrap_or_default();
+                        v["adds-bytes"] = (*a).into();
+                        v
+                    })
+                    .collect();
                 let v = serde_json::json!({
                     "machine": store.machine,
                     "stream-end": inv.end,
                     "stream-end-consistent": inv.unsettled_end().is_none(),
                     "inconsistent-from": inv.inconsistent.iter().filter(|m| m.seq <= inv.end).collect::<Vec<_>>(),
                     "gap-before": inv.after_gap,
-                    "points": inv.points.iter().filter(|p| p.seq <= inv.end).collect::<Vec<_>>(),
+                    "base": base,
+                    "points": points,
                     "takeovers": inv.fences.records(),
                 });
                 println!("{}", serde_json::to_string_pretty(&v)?);
                 return Ok(());
             }
-            println!("{:<12} {:<6} {:<26} {:>12}", "ID", "KIND", "TIME", "SEQ");
-            for p in inv.points.iter().filter(|p| p.seq <= inv.end) {
+            if let Some(b) = &inv.base {
                 println!(
-                    "{:<12} {:<6} {:<26} {:>12}",
+                    "history starts from the base at seq {} ({}): {} chunks, {} bytes of data; older points were folded into it",
+                    b.seq,
+                    b.time,
+                    b.chunk_ids().count(),
+                    b.data_bytes()
+                );
+            }
+            println!(
+                "{:<12} {:<6} {:<26} {:>12} {:>14}  {}",
+                "ID", "KIND", "TIME", "SEQ", "ADDS (BYTES)", "LABEL"
+            );
+            for (p, a) in listed.iter().zip(&adds) {
+                println!(
+                    "{:<12} {:<6} {:<26} {:>12} {:>14}  {}",
                     p.id,
                     p.kind.as_str(),
                     p.time,
-                    p.seq
+                    p.seq,
+                    a,
+                    p.label
                 );
             }
             println!(
@@ -216,39 +277,60 @@ async fn failover(a: FailoverArgs) -> Result<()> {
         tokio::time::sleep(GAP_RECHECK_PAUSE).await;
         inv = materialize::inventory(&store, Some(&keys.catalogue), machine).await?;
     }
-    let resolved = materialize::resolve(&inv, machine, &a.point, a.allow_inconsistent)?;
-    if let (Some(m), PointSpec::Latest) = (inv.unsettled_end(), &a.point) {
-        eprintln!(
-            "warning: the stream ends inside a {} (from seq {}): these disks are not crash-consistent",
-            m.label, m.seq
-        );
-    }
-    eprintln!("recovering {machine} at {}", resolved.description);
-    let last_print = std::sync::Mutex::new(Instant::now());
-    let report = materialize::materialize(
-        &store,
-        &keys,
-        machine,
-        &inv,
-        &resolved,
-        &a.out,
-        a.allow_inconsistent,
-        |p: materialize::Progress| {
-            let mut t = last_print.lock().unwrap_or_else(|p| p.into_inner());
-            if t.elapsed().as_millis() >= 1000 || p.done == p.total {
-                let secs = started.elapsed().as_secs_f64().max(1e-3);
+    // Retention may fold the stream while this runs, deleting segments it
+    // was about to read; then it starts again from the new base.
+    let mut attempt = 0;
+    let report = loop {
+        attempt += 1;
+        let resolved = materialize::resolve(&inv, machine, &a.point, a.allow_inconsistent)?;
+        if let (Some(m), PointSpec::Latest) = (inv.unsettled_end(), &a.point) {
+            eprintln!(
+                "warning: the stream ends inside a {} (from seq {}): these disks are not crash-consistent",
+                m.label, m.seq
+            );
+        }
+        eprintln!("recovering {machine} at {}", resolved.description);
+        let last_print = std::sync::Mutex::new(Instant::now());
+        let result = materialize::materialize(
+            &store,
+            &keys,
+            machine,
+            &inv,
+            &resolved,
+            &a.out,
+            a.allow_inconsistent,
+            |p: materialize::Progress| {
+                let mut t = last_print.lock().unwrap_or_else(|p| p.into_inner());
+                if t.elapsed().as_millis() >= 1000 || p.done == p.total {
+                    let secs = started.elapsed().as_secs_f64().max(1e-3);
+                    eprintln!(
+                        "  {}/{} objects applied (base chunks, then segments), {:.1} MiB fetched, {:.1} MiB/s",
+                        p.done,
+                        p.total,
+                        p.bytes as f64 / 1048576.0,
+                        p.bytes as f64 / 1048576.0 / secs
+                    );
+                    *t = Instant::now();
+                }
+            },
+        )
+        .await;
+        match result {
+            Ok(r) => break r,
+            Err(e) if attempt < 3 => {
+                let again = materialize::inventory(&store, Some(&keys.catalogue), machine).await?;
+                if again.start() == inv.start() {
+                    return Err(e);
+                }
                 eprintln!(
-                    "  {}/{} objects applied (base chunks, then segments), {:.1} MiB fetched, {:.1} MiB/s",
-                    p.done,
-                    p.total,
-                    p.bytes as f64 / 1048576.0,
-                    p.bytes as f64 / 1048576.0 / secs
+                    "retention folded the stream into a new base (seq {}) while recovering ({e:#}); starting again from it",
+                    again.start()
                 );
-                *t = Instant::now();
+                inv = again;
             }
-        },
-    )
-    .await?;
+            Err(e) => return Err(e),
+        }
+    };
     if a.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(());
