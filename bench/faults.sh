@@ -48,6 +48,7 @@ for l in runs:
     for k in ("ops", "writes", "flushes", "lost", "failovers", "equal", "points"):
         tot[k] += int(kv[k])
     tot["lost-to-takeover"] += int(kv.get("points-lost-to-takeover", 0))
+    tot["folded"] += int(kv.get("points-folded", 0))
     if kv["faults"] != "none":
         for f in kv["faults"].split(","):
             k, n = f.split(":"); kinds[k] += int(n)
@@ -61,7 +62,7 @@ for k, n in sorted(kinds.items()):
 print(f"operations:           {tot['ops']}")
 print(f"writes acknowledged:  {tot['writes']}  (flushes {tot['flushes']})")
 print(f"writes lost:          {tot['lost']}  (must be 0)")
-print(f"points taken:         {tot['points']}  (held only by a server taken over from, not listed: {tot['lost-to-takeover']})")
+print(f"points taken:         {tot['points']}  (held only by a server taken over from, not listed: {tot['lost-to-takeover']}; folded by retention: {tot['folded']})")
 print(f"failovers compared:   {tot['failovers']}  equal: {tot['equal']}" + ("" if tot['failovers'] == tot['equal'] else "  <-- NOT ALL EQUAL"))
 PY
 if [ "$RC" != 0 ]; then echo "some seeds broke invariants: their directories are kept under $WORK"; exit 1; fi

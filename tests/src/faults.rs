@@ -228,6 +228,10 @@ pub struct Scenario {
     pub tag_after_agent_restart: bool,
     /// Keep the work directory even when the run passes.
     pub keep: bool,
+    /// The process server's retention (`keep`; folds every 2 s), so that
+    /// folds, tidies and chunk collection run under every fault. `None`:
+    /// retention at its default (a day: nothing is folded in a run).
+    pub retention: Option<Duration>,
 }
 
 impl Scenario {
@@ -246,6 +250,7 @@ impl Scenario {
             wait_welcome_after_restart: true,
             tag_after_agent_restart: false,
             keep: false,
+            retention: Some(Duration::from_secs(15)),
         }
     }
 
@@ -284,6 +289,9 @@ pub struct Outcome {
     /// Points acknowledged only by a process server that another took the
     /// machine over from before it uploaded them (allowed), and not listed.
     pub points_lost_to_takeover: u64,
+    /// Points taken that retention folded into the base (older than its
+    /// `keep`), and so no longer listed (allowed).
+    pub points_folded: u64,
     /// Writes whose surviving bytes are missing from `latest` at the end.
     pub writes_lost: u64,
     pub max_agent_rss: u64,
@@ -305,7 +313,7 @@ impl Outcome {
             );
         }
         format!(
-            "FAULTS-RESULT seed={} ops={} writes={} flushes={} lost={} failovers={} equal={} points={} refused-tags={} points-lost-to-takeover={} failed-requests={} faults={} agent-rss-mib={} ps-rss-mib={} failures={}",
+            "FAULTS-RESULT seed={} ops={} writes={} flushes={} lost={} failovers={} equal={} points={} refused-tags={} points-lost-to-takeover={} points-folded={} failed-requests={} faults={} agent-rss-mib={} ps-rss-mib={} failures={}",
             self.seed,
             self.ops,
             self.writes_acked,
@@ -316,6 +324,7 @@ impl Outcome {
             self.points_taken,
             self.tags_refused,
             self.points_lost_to_takeover,
+            self.points_folded,
             self.requests_failed,
             if faults.is_empty() { "none".into() } else { faults },
             self.max_agent_rss >> 20,
@@ -771,10 +780,17 @@ impl Rig {
             None
         };
         let cfg_path = ps.dir.join("ps.toml");
-        let cfg = std::fs::read_to_string(&cfg_path)?.replace(
+        let mut cfg = std::fs::read_to_string(&cfg_path)?.replace(
             "cache-dir = \"cache\"",
             &format!("cache-dir = \"{}\"", cache_dir.canonicalize()?.display()),
         );
+        if let Some(keep) = s.retention {
+            cfg.push_str(&format!(
+                "\n[retention]\nkeep = \"{}s\"\nfine-window = \"{}s\"\ntiers = []\ncompact-every = \"2s\"\n",
+                keep.as_secs(),
+                keep.as_secs()
+            ));
+        }
         std::fs::write(&cfg_path, cfg)?;
         ps.start()?;
         let proxy = FaultProxy::start(ps.port)?;
@@ -1845,6 +1861,14 @@ fn finish(
         let label = p["label"].as_str().unwrap_or("");
         let dir = fo_root.join(id);
         let o = failover(&url, MACHINE, id, &dir, &kek, &opts)?;
+        // Retention goes on while the checks run: a point listed a moment
+        // ago may have been folded since.
+        if !o.status.success()
+            && String::from_utf8_lossy(&o.stderr).contains("older than the retention kept")
+        {
+            out.points_folded += 1;
+            continue;
+        }
         if !o.status.success() {
             out.failures.push(format!(
                 "failover at listed point {id} (seq {seq}, {label:?}) failed: {}",
@@ -1881,7 +1905,9 @@ fn finish(
         }
         let _ = std::fs::remove_dir_all(&dir);
     }
-    // Points taken and acknowledged must be listed.
+    // Points taken and acknowledged must be listed, unless retention folded
+    // them into the base.
+    let folded_below = listed["base"]["seq"].as_u64().unwrap_or(0);
     for r in &books.points {
         let is_listed = list
             .iter()
@@ -1895,7 +1921,9 @@ fn finish(
             .takeovers
             .iter()
             .any(|&(gen, end_before)| gen > r.ps_gen && r.seq > end_before);
-        if taken_over {
+        if r.seq < folded_below {
+            out.points_folded += 1;
+        } else if taken_over {
             out.points_lost_to_takeover += 1;
         } else if r.acked {
             out.failures.push(format!(

@@ -3,7 +3,8 @@
 //! ```text
 //! lifeboat-faults [--seed N] [--secs N] [--max-ops N] [--minutes N] [--kinds k1,k2,..]
 //!                 [--disk-mib N] [--ops-per-fault N] [--failovers N] [--no-flush]
-//!                 [--no-wait-welcome] [--idle-before-power-loss SECS] [--work DIR] [--keep]
+//!                 [--no-wait-welcome] [--idle-before-power-loss SECS] [--retention SECS]
+//!                 [--work DIR] [--keep]
 //!                 [--show-ops FROM-TO]   (print the seed's operations, run nothing)
 //! ```
 //!
@@ -21,7 +22,7 @@ use lifeboat_tests::faults::{self, FaultKind, Scenario};
 
 fn usage() -> ! {
     eprintln!(
-        "usage: lifeboat-faults [--seed N] [--secs N] [--max-ops N] [--minutes N] [--kinds {}] [--disk-mib N] [--ops-per-fault N] [--failovers N] [--no-flush] [--no-wait-welcome] [--idle-before-power-loss SECS] [--show-ops FROM-TO] [--work DIR] [--keep]",
+        "usage: lifeboat-faults [--seed N] [--secs N] [--max-ops N] [--minutes N] [--kinds {}] [--disk-mib N] [--ops-per-fault N] [--failovers N] [--no-flush] [--no-wait-welcome] [--idle-before-power-loss SECS] [--show-ops FROM-TO] [--retention SECS (0: off)] [--work DIR] [--keep]",
         FaultKind::ALL.iter().map(|k| k.name()).collect::<Vec<_>>().join(",")
     );
     std::process::exit(2)
@@ -42,6 +43,7 @@ fn main() {
     let mut show_ops = None;
     let mut work = None;
     let mut keep = false;
+    let mut retention = None;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut val = || args.next().unwrap_or_else(|| usage());
@@ -56,6 +58,7 @@ fn main() {
             "--failovers" => failovers = Some(num(val())),
             "--work" => work = Some(PathBuf::from(val())),
             "--keep" => keep = true,
+            "--retention" => retention = Some(num(val())),
             "--no-flush" => no_flush = true,
             "--no-wait-welcome" => no_wait_welcome = true,
             "--show-ops" => {
@@ -105,6 +108,9 @@ fn main() {
             s.max_point_failovers = n as usize;
         }
         s.keep = keep;
+        if let Some(r) = retention {
+            s.retention = (r > 0).then(|| Duration::from_secs(r));
+        }
         if let Some((a, b)) = show_ops {
             for l in faults::describe_ops(&s, a, b) {
                 println!("{l}");
