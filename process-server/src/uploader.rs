@@ -693,6 +693,7 @@ async fn upload_segment(
             }
             Op::Tag {
                 kind,
+                source,
                 time_ms,
                 label,
             } => points.push(PointRecord {
@@ -705,6 +706,7 @@ async fn upload_segment(
                 label: label.clone(),
                 disks: disks.clone(),
                 epoch,
+                source: *source,
             }),
             _ => {}
         }

@@ -74,7 +74,8 @@ struct FailoverArgs {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// List a machine's recovery points.
+    /// List a machine's recovery points: id, kind (crash, app, group), source
+    /// of an app-consistent point (fsfreeze, script, vss), time and seq.
     Points {
         #[command(flatten)]
         store: StoreArgs,
@@ -147,20 +148,25 @@ async fn real_main() -> Result<()> {
                 println!("{}", serde_json::to_string_pretty(&v)?);
                 return Ok(());
             }
-            println!("{:<12} {:<6} {:<26} {:>12}", "ID", "KIND", "TIME", "SEQ");
+            println!(
+                "{:<12} {:<6} {:<8} {:<26} {:>12}",
+                "ID", "KIND", "SOURCE", "TIME", "SEQ"
+            );
             for p in inv.points.iter().filter(|p| p.seq <= inv.end) {
                 println!(
-                    "{:<12} {:<6} {:<26} {:>12}",
+                    "{:<12} {:<6} {:<8} {:<26} {:>12}",
                     p.id,
                     p.kind.as_str(),
+                    p.source_str(),
                     p.time,
                     p.seq
                 );
             }
             println!(
-                "{:<12} {:<6} {:<26} {:>12}{}",
+                "{:<12} {:<6} {:<8} {:<26} {:>12}{}",
                 "latest",
                 "stream",
+                "-",
                 "-",
                 inv.end,
                 match inv.unsettled_end() {
