@@ -365,3 +365,228 @@ impl AppPoints {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Instant;
+
+    /// Counts calls; `freeze` sleeps `freeze_for` (a FIFREEZE that hangs),
+    /// `prepare` fails when `fail_prepare`, `freeze` panics when `panic`.
+    #[derive(Default)]
+    struct Fake {
+        freeze_for: Duration,
+        fail_prepare: bool,
+        panic: bool,
+        frozen: Mutex<bool>,
+        prepares: AtomicUsize,
+        freezes: AtomicUsize,
+        thaws: AtomicUsize,
+        finishes: AtomicUsize,
+    }
+
+    impl Quiescer for Fake {
+        fn source(&self) -> TagSource {
+            TagSource::Fsfreeze
+        }
+        fn prepare(&self) -> Result<(), QuiesceError> {
+            self.prepares.fetch_add(1, Ordering::SeqCst);
+            if self.fail_prepare {
+                return Err(QuiesceError::Script {
+                    phase: "pre-freeze",
+                    path: "/x.sh".into(),
+                    why: "exit status: 1".into(),
+                });
+            }
+            Ok(())
+        }
+        fn freeze(&self) -> Result<(), QuiesceError> {
+            self.freezes.fetch_add(1, Ordering::SeqCst);
+            *self.frozen.lock().unwrap() = true;
+            if self.panic {
+                panic!("freeze blew up");
+            }
+            std::thread::sleep(self.freeze_for);
+            Ok(())
+        }
+        fn thaw(&self) -> Result<(), QuiesceError> {
+            self.thaws.fetch_add(1, Ordering::SeqCst);
+            *self.frozen.lock().unwrap() = false;
+            Ok(())
+        }
+        fn finish(&self) -> Result<(), QuiesceError> {
+            self.finishes.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }
+    }
+
+    fn setup(fake: Arc<Fake>, cfg: AppConfig) -> (tempfile::TempDir, Arc<Stream>, AppPoints) {
+        let dir = tempfile::tempdir().unwrap();
+        let (journal, replay) = crate::journal::Journal::open(dir.path()).unwrap();
+        let stream = Stream::new(journal, replay, 16 << 20);
+        stream.mark_welcomed();
+        let cfg = AppConfig {
+            freeze: vec!["/srv/db".into()],
+            ..cfg
+        };
+        let app = AppPoints::with_quiescer(
+            cfg,
+            stream.clone(),
+            Box::new(move |_: &str| fake.clone() as Arc<dyn Quiescer>),
+        );
+        (dir, stream, app)
+    }
+
+    fn quick() -> AppConfig {
+        AppConfig {
+            freeze_timeout: Duration::from_secs(1),
+            freeze_hold: Duration::from_secs(1),
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_point_records_its_source_and_every_step_runs_once() {
+        let fake = Arc::new(Fake::default());
+        let (_d, stream, app) = setup(fake.clone(), quick());
+        let before = stream.positions().captured;
+        let p = app.take("nightly").await.unwrap();
+        assert_eq!((p.seq, p.source), (before + 1, TagSource::Fsfreeze));
+        let calls = |f: &Fake| {
+            [&f.prepares, &f.freezes, &f.thaws, &f.finishes].map(|c| c.load(Ordering::SeqCst))
+        };
+        assert_eq!(calls(&fake), [1, 1, 1, 1]);
+        assert!(!*fake.frozen.lock().unwrap());
+        let s = app.status();
+        assert_eq!(s.last_point.unwrap().seq, p.seq);
+        assert!(s.last_failure.is_none() && s.running.is_none());
+        let queued = stream.lock_state().poll_transmit(1 << 20);
+        assert!(
+            queued.iter().any(|f| matches!(f,
+                lifeboat_common::protocol::Frame::Tag(e) if e.seq == p.seq && matches!(e.op,
+                    lifeboat_common::protocol::Op::Tag { kind: TagKind::App, source: Some(TagSource::Fsfreeze), .. }))),
+            "{queued:?}"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_hung_freeze_is_given_up_at_its_bound_thawed_and_crash_tags_go_on() {
+        let fake = Arc::new(Fake {
+            freeze_for: Duration::from_secs(4),
+            ..Default::default()
+        });
+        let (_d, stream, app) = setup(fake.clone(), quick());
+        let app = Arc::new(app);
+        let t = Instant::now();
+        let a = app.clone();
+        let attempt = tokio::spawn(async move { a.take("x").await });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        // The freeze hangs: a crash-consistent tag does not wait for it.
+        let crash = tokio::time::timeout(
+            Duration::from_millis(500),
+            stream.tag(TagKind::Crash, None, ""),
+        )
+        .await
+        .expect("the crash tag waited behind the quiesce");
+        assert!(crash.is_some());
+        assert_eq!(app.status().running, Some("freeze"));
+        let e = attempt.await.unwrap().unwrap_err();
+        assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+        assert!(
+            e.to_string()
+                .contains("freeze failed: did not finish within 1s"),
+            "{e}"
+        );
+        assert!(fake.thaws.load(Ordering::SeqCst) >= 1);
+        assert_eq!(fake.finishes.load(Ordering::SeqCst), 1);
+        // Only the crash tag is in the stream.
+        assert_eq!(stream.positions().captured, crash.unwrap());
+        let s = app.status();
+        assert!(s.last_failure.unwrap().error.contains("freeze failed"));
+        assert!(s.last_point.is_none());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn writes_that_do_not_drain_end_the_hold_at_its_bound() {
+        let fake = Arc::new(Fake::default());
+        let (_d, stream, app) = setup(fake.clone(), quick());
+        let before = stream.positions().captured;
+        // A write in flight that never completes: the tag cannot drain.
+        let permit = stream.write_permit().await;
+        let t = Instant::now();
+        let e = app.take("x").await.unwrap_err();
+        assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+        assert!(e.to_string().contains("tag failed"), "{e}");
+        assert!(!*fake.frozen.lock().unwrap(), "left frozen");
+        assert_eq!(stream.positions().captured, before, "a tag was placed");
+        drop(permit);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_prepare_freezes_nothing_and_still_runs_post_thaw() {
+        let fake = Arc::new(Fake {
+            fail_prepare: true,
+            ..Default::default()
+        });
+        let (_d, stream, app) = setup(fake.clone(), quick());
+        let before = stream.positions().captured;
+        let e = app.take("x").await.unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("pre-freeze failed: pre-freeze script /x.sh"),
+            "{e}"
+        );
+        assert_eq!(fake.freezes.load(Ordering::SeqCst), 0);
+        assert_eq!(fake.finishes.load(Ordering::SeqCst), 1);
+        assert_eq!(stream.positions().captured, before);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_freeze_that_panics_is_thawed_and_reported() {
+        let fake = Arc::new(Fake {
+            panic: true,
+            ..Default::default()
+        });
+        let (_d, _stream, app) = setup(fake.clone(), quick());
+        let e = app.take("x").await.unwrap_err();
+        assert!(e.to_string().contains("freeze panicked"), "{e}");
+        assert!(!*fake.frozen.lock().unwrap(), "left frozen");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_abandoned_attempt_is_thawed_by_its_guard() {
+        let fake = Arc::new(Fake {
+            freeze_for: Duration::from_millis(300),
+            ..Default::default()
+        });
+        let (_d, _stream, app) = setup(fake.clone(), quick());
+        // The control connection's task is dropped mid-freeze.
+        let _ = tokio::time::timeout(Duration::from_millis(100), app.take("x")).await;
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert!(fake.thaws.load(Ordering::SeqCst) >= 1);
+        assert!(!*fake.frozen.lock().unwrap(), "left frozen");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn nothing_configured_is_refused_by_name_and_one_attempt_runs_at_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let (journal, replay) = crate::journal::Journal::open(dir.path()).unwrap();
+        let stream = Stream::new(journal, replay, 16 << 20);
+        stream.mark_welcomed();
+        let app = AppPoints::new(AppConfig::default(), stream.clone(), vec![]);
+        let e = app.take("x").await.unwrap_err();
+        assert!(e.to_string().contains("[app] freeze"), "{e}");
+        let fake = Arc::new(Fake {
+            freeze_for: Duration::from_millis(500),
+            ..Default::default()
+        });
+        let (_d, _s, app) = setup(fake, quick());
+        let (a, b) = tokio::join!(app.take("a"), async {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            app.take("b").await
+        });
+        assert!(a.is_ok());
+        assert!(matches!(b, Err(AppPointError::Busy)), "{b:?}");
+    }
+}
