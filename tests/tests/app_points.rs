@@ -19,6 +19,16 @@ fn script(path: &Path, body: &str) -> PathBuf {
     path.to_path_buf()
 }
 
+/// agent.toml's `[app]`: freeze `mnt`, one pre-freeze and one post-thaw script.
+fn app_section(mnt: &Path, pre: &Path, post: &Path, extra: &str) -> String {
+    format!(
+        "[app]\nfreeze = [\"{}\"]\npre-freeze = [\"{}\"]\npost-thaw = [\"{}\"]\n{extra}",
+        mnt.display(),
+        pre.display(),
+        post.display()
+    )
+}
+
 /// The stored point at `seq` (waits until the store holds it).
 fn stored_point(ps: &ProcessServer, seq: u64) -> serde_json::Value {
     wait_stored(&ps.store_url, MACHINE, &[], seq, Duration::from_secs(60)).unwrap();
@@ -85,12 +95,7 @@ fn app_point_under_sqlite_writes_recovers_clean_with_every_committed_row() {
         &root.join("post.sh"),
         &format!("echo \"$LIFEBOAT_PHASE\" > {}", post_ran.display()),
     );
-    let app = format!(
-        "[app]\nfreeze = [\"{}\"]\npre-freeze = [\"{}\"]\npost-thaw = [\"{}\"]\n",
-        mnt.display(),
-        pre.display(),
-        post.display()
-    );
+    let app = app_section(&mnt, &pre, &post, "");
     let (ps, agent) = start_pair(&root, &[("root", 128 * MIB)], &app).unwrap();
     let fs = Ext4OverExport::create(&root, &agent.disks[0].2);
     assert_eq!(fs.mnt, mnt);
@@ -244,12 +249,7 @@ fn a_hanging_pre_freeze_script_is_killed_at_its_bound_and_no_point_is_recorded()
         &root.join("post.sh"),
         &format!("touch {}", post_ran.display()),
     );
-    let app = format!(
-        "[app]\nfreeze = [\"{}\"]\npre-freeze = [\"{}\"]\npost-thaw = [\"{}\"]\nscript-timeout = \"3s\"\n",
-        mnt.display(),
-        hang.display(),
-        post.display()
-    );
+    let app = app_section(&mnt, &hang, &post, "script-timeout = \"3s\"\n");
     let (ps, agent) = start_pair(&root, &[("root", 64 * MIB)], &app).unwrap();
     let fs = Ext4OverExport::create(&root, &agent.disks[0].2);
 
