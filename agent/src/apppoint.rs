@@ -152,19 +152,27 @@ impl Drop for ThawGuard {
     }
 }
 
-/// Thaws at `after` unless told first: whatever the runtime does, no
-/// filesystem stays frozen past the bound.
+/// Thaws at `after` unless told first (or at once when the sequence is
+/// dropped without telling): whatever the runtime does, no filesystem stays
+/// frozen past the bound.
 fn watchdog(q: Arc<dyn Quiescer>, after: Duration) -> std::sync::mpsc::Sender<()> {
     let (tx, rx) = std::sync::mpsc::channel::<()>();
     let _ = std::thread::Builder::new()
         .name("app-thaw-watchdog".into())
         .spawn(move || {
-            if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(after) {
-                warn!(
-                    "filesystems frozen for {}: thawing (freeze-timeout + freeze-hold)",
-                    humantime::format_duration(after)
-                );
-                let _ = q.thaw();
+            match rx.recv_timeout(after) {
+                Ok(()) => {} // the sequence thawed
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                    warn!(
+                        "filesystems frozen for {}: thawing (freeze-timeout + freeze-hold)",
+                        humantime::format_duration(after)
+                    );
+                    let _ = q.thaw();
+                }
+                // The sequence is gone without saying it thawed.
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                    let _ = q.thaw();
+                }
             }
         });
     tx

@@ -25,7 +25,8 @@ enum Cmd {
         #[arg(long)]
         config: PathBuf,
     },
-    /// Ask the running agent for a crash-consistent point now; prints its seq.
+    /// Ask the running agent for a recovery point now (crash-consistent, or
+    /// app-consistent with --app); prints its seq.
     ///
     /// With --app, an app-consistent point: pre-freeze scripts, freeze of the
     /// filesystems in [app] freeze, the tag, thaw, post-thaw scripts. Exits
