@@ -13,6 +13,8 @@
 #   fuse3         - fusermount3 for nbdfuse
 #   rsync         - resync peer
 #   e2fsprogs     - mkfs.ext4 / e2fsck for filesystem checks of recovered images
+#   sqlite3       - PRAGMA integrity_check of a database recovered at an app-consistent point
+#   python3       - the SQLite writer of that test (its sqlite3 module)
 #
 # Object-store servers, cached OUTSIDE the clone in
 # ${LIFEBOAT_TOOLS:-$HOME/.cache/lifeboat/tools}:
@@ -27,7 +29,7 @@ set -euo pipefail
 
 TOOLS="${LIFEBOAT_TOOLS:-$HOME/.cache/lifeboat/tools}"
 
-DEB_PACKAGES=(libclang-dev qemu-utils nbdkit libnbd-bin python3-libnbd fio fuse3 rsync e2fsprogs)
+DEB_PACKAGES=(libclang-dev qemu-utils nbdkit libnbd-bin python3-libnbd fio fuse3 rsync e2fsprogs sqlite3 python3)
 
 SUDO=()
 if [ "$(id -u)" -ne 0 ]; then

@@ -434,12 +434,15 @@ async fn resync_all(
             stream.mode().1
         );
     }
-    let seq = stream.tag(TagKind::Crash, TAG_LABEL).await.ok_or_else(|| {
-        anyhow!(
-            "could not place the {TAG_LABEL} point: state {:?}",
-            stream.mode().0
-        )
-    })?;
+    let seq = stream
+        .tag(TagKind::Crash, None, TAG_LABEL)
+        .await
+        .ok_or_else(|| {
+            anyhow!(
+                "could not place the {TAG_LABEL} point: state {:?}",
+                stream.mode().0
+            )
+        })?;
     info!(
         seq,
         "checksum resync complete: crash-consistent point placed"

@@ -1,4 +1,7 @@
-//! The agent's configuration file (`agent.toml`).
+//! The agent's configuration file (`agent.toml`): one struct, kebab-case
+//! keys, unknown keys refused, every value checked by [`AgentConfig::validate`]
+//! with an error that names the key. Every key is documented in
+//! `packaging/examples/agent.toml`.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -18,6 +21,23 @@ pub const MIN_JOURNAL_MAX_BYTES: u64 = 16 * 1024 * 1024;
 pub const MAX_TAG_INTERVAL: Duration = Duration::from_secs(24 * 3600);
 /// Most `[[disk]]` blocks (disks are numbered by u16 in the stream).
 pub const MAX_DISKS: usize = 1024;
+
+/// App-consistent points are taken this often by default.
+pub const DEFAULT_APP_INTERVAL: Duration = Duration::from_secs(4 * 3600);
+/// Shortest and longest `[app] interval`.
+pub const MIN_APP_INTERVAL: Duration = Duration::from_secs(3600);
+pub const MAX_APP_INTERVAL: Duration = Duration::from_secs(12 * 3600);
+/// Longest one pre-freeze or post-thaw script may run before it is killed.
+pub const DEFAULT_SCRIPT_TIMEOUT: Duration = Duration::from_secs(60);
+/// Longest FIFREEZE of every listed filesystem may take (it flushes them).
+pub const DEFAULT_FREEZE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest the filesystems stay frozen once frozen (the tag is placed then).
+pub const DEFAULT_FREEZE_HOLD: Duration = Duration::from_secs(10);
+/// Upper bound of `script-timeout`.
+pub const MAX_SCRIPT_TIMEOUT: Duration = Duration::from_secs(3600);
+/// Upper bound of `freeze-timeout` and `freeze-hold`: writers to a frozen
+/// filesystem wait, so both stay short.
+pub const MAX_FREEZE_BOUND: Duration = Duration::from_secs(60);
 
 fn default_tag_interval() -> Duration {
     DEFAULT_TAG_INTERVAL
@@ -56,6 +76,133 @@ fn default_io_mode() -> String {
     "auto".into()
 }
 
+/// How app-consistent points quiesce the machine (`[app] quiesce`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum QuiesceMode {
+    /// Pre-freeze scripts, FIFREEZE of `freeze`, FITHAW, post-thaw scripts.
+    #[default]
+    Fsfreeze,
+    /// TEST ONLY: quiesces nothing and records the point as made by VSS, so
+    /// tests can carry a `vss` point through stream, catalogue and CLI on
+    /// Linux. Never use it on a protected machine.
+    VssTest,
+}
+
+/// App-consistent points (`[app]`): see `agent/src/apppoint.rs`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct AppConfig {
+    /// How often the agent takes an app-consistent point by itself (1h to 12h).
+    #[serde(default = "default_app_interval", with = "humantime_serde")]
+    pub interval: Duration,
+    #[serde(default)]
+    pub quiesce: QuiesceMode,
+    /// Mount points to freeze, in order (thawed in reverse). Listed, not
+    /// discovered: the agent serves its disks over NBD and cannot always tell
+    /// which mount sits on them.
+    #[serde(default)]
+    pub freeze: Vec<PathBuf>,
+    /// Programs run, in order, before the freeze; one that fails or times out
+    /// cancels the point.
+    #[serde(default)]
+    pub pre_freeze: Vec<PathBuf>,
+    /// Programs run, in order, after the thaw (also after a failed attempt).
+    #[serde(default)]
+    pub post_thaw: Vec<PathBuf>,
+    /// Longest one script may run; it is killed (its process group) then.
+    #[serde(default = "default_script_timeout", with = "humantime_serde")]
+    pub script_timeout: Duration,
+    /// Longest freezing every listed filesystem may take.
+    #[serde(default = "default_freeze_timeout", with = "humantime_serde")]
+    pub freeze_timeout: Duration,
+    /// Longest the filesystems stay frozen after the freeze completed.
+    #[serde(default = "default_freeze_hold", with = "humantime_serde")]
+    pub freeze_hold: Duration,
+}
+
+fn default_app_interval() -> Duration {
+    DEFAULT_APP_INTERVAL
+}
+fn default_script_timeout() -> Duration {
+    DEFAULT_SCRIPT_TIMEOUT
+}
+fn default_freeze_timeout() -> Duration {
+    DEFAULT_FREEZE_TIMEOUT
+}
+fn default_freeze_hold() -> Duration {
+    DEFAULT_FREEZE_HOLD
+}
+
+impl Default for AppConfig {
+    fn default() -> AppConfig {
+        AppConfig {
+            interval: DEFAULT_APP_INTERVAL,
+            quiesce: QuiesceMode::default(),
+            freeze: Vec::new(),
+            pre_freeze: Vec::new(),
+            post_thaw: Vec::new(),
+            script_timeout: DEFAULT_SCRIPT_TIMEOUT,
+            freeze_timeout: DEFAULT_FREEZE_TIMEOUT,
+            freeze_hold: DEFAULT_FREEZE_HOLD,
+        }
+    }
+}
+
+impl AppConfig {
+    /// Whether anything quiesces the machine: without it no app point is taken.
+    pub fn configured(&self) -> bool {
+        self.quiesce == QuiesceMode::VssTest
+            || !self.freeze.is_empty()
+            || !self.pre_freeze.is_empty()
+            || !self.post_thaw.is_empty()
+    }
+
+    fn validate(&self) -> Result<()> {
+        let fmt = |d: Duration| humantime::format_duration(d).to_string();
+        if self.interval < MIN_APP_INTERVAL || self.interval > MAX_APP_INTERVAL {
+            bail!(
+                "[app] interval = {}: must be between 1h and 12h",
+                fmt(self.interval)
+            );
+        }
+        for (key, d, max) in [
+            ("script-timeout", self.script_timeout, MAX_SCRIPT_TIMEOUT),
+            ("freeze-timeout", self.freeze_timeout, MAX_FREEZE_BOUND),
+            ("freeze-hold", self.freeze_hold, MAX_FREEZE_BOUND),
+        ] {
+            if d < Duration::from_secs(1) || d > max {
+                bail!(
+                    "[app] {key} = {}: must be between 1s and {}",
+                    fmt(d),
+                    fmt(max)
+                );
+            }
+        }
+        let mut seen = std::collections::HashSet::new();
+        for m in &self.freeze {
+            if !m.is_absolute() {
+                bail!("[app] freeze: {} is not an absolute path", m.display());
+            }
+            if m == Path::new("/") {
+                bail!("[app] freeze: / cannot be frozen (the agent and its journal run on it)");
+            }
+            if !seen.insert(m) {
+                bail!("[app] freeze: {} is listed twice", m.display());
+            }
+        }
+        for (key, list) in [
+            ("pre-freeze", &self.pre_freeze),
+            ("post-thaw", &self.post_thaw),
+        ] {
+            if let Some(p) = list.iter().find(|p| !p.is_absolute()) {
+                bail!("[app] {key}: {} is not an absolute path", p.display());
+            }
+        }
+        Ok(())
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct AgentConfig {
@@ -78,6 +225,9 @@ pub struct AgentConfig {
     /// Upper bound of the initial sync's read rate, in bytes per second (none by default).
     #[serde(default)]
     pub sync_rate_limit: Option<u64>,
+    /// App-consistent points: schedule, scripts, filesystems to freeze.
+    #[serde(default)]
+    pub app: AppConfig,
     #[serde(rename = "disk")]
     pub disks: Vec<DiskConfig>,
 }
@@ -178,6 +328,7 @@ impl AgentConfig {
                 humantime::format_duration(self.tag_interval)
             );
         }
+        self.app.validate()?;
         if self.sync_rate_limit == Some(0) {
             bail!("sync-rate-limit = 0: must be at least 1 (bytes per second); leave it out for no limit");
         }
@@ -229,11 +380,43 @@ mod tests {
     }
 
     #[test]
+    fn app_keys_are_checked_by_name() {
+        let cfg = parse("", "").unwrap();
+        assert_eq!(cfg.app.interval, DEFAULT_APP_INTERVAL);
+        assert!(!cfg.app.configured());
+        let cfg = parse(
+            "[app]\ninterval = \"1h\"\nfreeze = [\"/srv/db\"]\npre-freeze = [\"/etc/lb/pre\"]\n\
+             script-timeout = \"5s\"\nfreeze-hold = \"3s\"",
+            "",
+        )
+        .unwrap();
+        assert!(cfg.app.configured());
+        assert_eq!(cfg.app.freeze_hold, Duration::from_secs(3));
+        parse("[app]\ninterval = \"12h\"\nquiesce = \"vss-test\"", "").unwrap();
+        refused("[app]\ninterval = \"59m\"", "", "[app] interval = 59m");
+        refused("[app]\ninterval = \"13h\"", "", "between 1h and 12h");
+        refused("[app]\nscript-timeout = \"0s\"", "", "script-timeout");
+        refused("[app]\nfreeze-timeout = \"2m\"", "", "freeze-timeout");
+        refused("[app]\nfreeze-hold = \"61s\"", "", "freeze-hold");
+        refused("[app]\nfreeze = [\"db\"]", "", "not an absolute path");
+        refused("[app]\nfreeze = [\"/\"]", "", "/ cannot be frozen");
+        refused("[app]\nfreeze = [\"/a\", \"/a\"]", "", "listed twice");
+        refused("[app]\npost-thaw = [\"x.sh\"]", "", "post-thaw");
+        refused("[app]\nquiesce = \"vss\"", "", "quiesce");
+        refused("[app]\nbogus = 1", "", "bogus");
+    }
+
+    #[test]
     fn the_example_config_is_valid() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/examples/agent.toml");
         let cfg = AgentConfig::load(&path).unwrap();
         assert_eq!(cfg.journal_max_bytes, DEFAULT_JOURNAL_MAX_BYTES);
         assert_eq!(cfg.tag_interval, DEFAULT_TAG_INTERVAL);
+        assert_eq!(cfg.app.interval, DEFAULT_APP_INTERVAL);
+        assert_eq!(cfg.app.script_timeout, DEFAULT_SCRIPT_TIMEOUT);
+        assert_eq!(cfg.app.freeze_timeout, DEFAULT_FREEZE_TIMEOUT);
+        assert_eq!(cfg.app.freeze_hold, DEFAULT_FREEZE_HOLD);
+        assert_eq!(cfg.app.quiesce, QuiesceMode::Fsfreeze);
     }
 
     #[test]

@@ -4,7 +4,13 @@
 //! ```text
 //! {"cmd":"status"}                 → {"ok":true,"machine":..,"connected":..,"positions":{..},"disks":[..]}
 //! {"cmd":"tag","label":"before-upgrade"} → {"ok":true,"seq":N}
+//! {"cmd":"tag","label":"L","app":true} → {"ok":true,"seq":N,"kind":"app","source":"fsfreeze"[,"warning":".."]}
+//!                                  or {"ok":false,"error":"app-consistent point: pre-freeze failed: .."}
 //! ```
+//!
+//! An app-consistent tag runs the whole quiesce sequence (`apppoint.rs`)
+//! before it replies; each connection is served by its own task, so status
+//! and crash-consistent tags are answered meanwhile.
 
 use std::path::Path;
 use std::sync::atomic::Ordering;
@@ -27,6 +33,9 @@ pub enum Request {
     Tag {
         #[serde(default)]
         label: String,
+        /// An app-consistent point (quiesce first) instead of a crash-consistent one.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        app: bool,
     },
 }
 
@@ -38,6 +47,7 @@ pub struct Control {
     pub sync: Vec<Arc<crate::sync::SyncProgress>>,
     pub dirty: Vec<Arc<crate::disk::ProtectedDisk>>,
     pub checksum: Arc<crate::checksum::Checksum>,
+    pub app: Arc<crate::apppoint::AppPoints>,
 }
 
 /// Unacknowledged entries with no acknowledgement for this long: `stalled`.
@@ -105,12 +115,20 @@ impl Control {
                 "journal-error": self.stream.journal_failing(),
                 "resync-bytes": self.stream.resync_bytes.load(std::sync::atomic::Ordering::Relaxed),
                 "checksum-resync": self.checksum.snapshot(),
+                "app-points": self.app.status(),
                 "dirty-regions": self.dirty.iter().map(|d| serde_json::json!({
                     "disk": d.id, "dirty": d.dirty.dirty_count(), "activity-log": d.dirty.logged_count(),
                 })).collect::<Vec<_>>(),
                 })
             }
-            Request::Tag { label } => {
+            Request::Tag { label, app: true } => match self.app.take(&label).await {
+                Ok(p) => serde_json::json!({
+                    "ok": true, "seq": p.seq, "kind": "app", "source": p.source, "warning": p.warning,
+                }),
+                Err(e) => serde_json::json!({"ok": false, "error": format!(
+                    "app-consistent point: {e} (see `lifeboat-agent status`, app-points)")}),
+            },
+            Request::Tag { label, app: false } => {
                 let refused = |why: String| {
                     serde_json::json!({"ok": false, "error": format!(
                     "no recovery point can be taken now: {why} (see `lifeboat-agent status`)")})
@@ -118,7 +136,7 @@ impl Control {
                 if let Some(why) = self.stream.why_inconsistent() {
                     return refused(why);
                 }
-                match self.stream.tag(TagKind::Crash, &label).await {
+                match self.stream.tag(TagKind::Crash, None, &label).await {
                     Some(seq) => serde_json::json!({"ok": true, "seq": seq}),
                     None => refused(
                         self.stream

@@ -777,6 +777,7 @@ mod tests {
                     seq: 9,
                     op: Op::Tag {
                         kind: lifeboat_common::protocol::TagKind::Crash,
+                        source: None,
                         time_ms: 1_700_000_000_000,
                         label: "fixture".into(),
                     },

@@ -1,5 +1,6 @@
 //! The Lifeboat agent: captures every write to a protected disk and ships the stream.
 
+pub mod apppoint;
 pub mod capture;
 pub mod checksum;
 pub mod config;
@@ -10,6 +11,7 @@ pub mod diskio;
 pub mod disks;
 pub mod fsutil;
 pub mod journal;
+pub mod quiesce;
 pub mod rebase;
 pub mod replication;
 pub mod runner;

@@ -192,6 +192,16 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<()> {
         }));
     }
 
+    // The agent's own files: their filesystems are never frozen.
+    let keep_writable = std::iter::once(cfg.state_dir.clone())
+        .chain(cfg.disks.iter().map(|d| d.path.clone()))
+        .collect();
+    let app = Arc::new(crate::apppoint::AppPoints::new(
+        cfg.app.clone(),
+        stream.clone(),
+        keep_writable,
+    ));
+    tasks.spawn(app.clone().schedule(cancel.clone()));
     let control = Arc::new(Control {
         machine: cfg.machine.clone(),
         disks: infos,
@@ -200,6 +210,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<()> {
         sync: progress,
         dirty: disks.clone(),
         checksum,
+        app,
     });
 
     {
@@ -258,7 +269,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<()> {
                         info!("no recovery point this interval: {why}");
                         continue;
                     }
-                    match s.tag(TagKind::Crash, "").await {
+                    match s.tag(TagKind::Crash, None, "").await {
                         Some(seq) => info!(seq, "crash-consistent tag placed"),
                         None => info!(
                             "no recovery point this interval: {}",

@@ -220,10 +220,10 @@ async fn session(
     });
     write_frame(&mut wr, &hello).await?;
     wr.flush().await?;
-    let (durable, theirs) = match tokio::time::timeout(CONNECT_TIMEOUT, read_frame(&mut rd, MAX_FRAME_LEN)).await {
+    let (durable, theirs, version) = match tokio::time::timeout(CONNECT_TIMEOUT, read_frame(&mut rd, MAX_FRAME_LEN)).await {
         Err(_) => bail!("no welcome from {} within {CONNECT_TIMEOUT:?}", cfg.server),
         Ok(r) => match r? {
-            Some(Frame::Welcome { durable, stream_id, .. }) => (durable, stream_id),
+            Some(Frame::Welcome { durable, stream_id, version, .. }) => (durable, stream_id, version),
             Some(Frame::Error { code, message }) => bail!("process server refused the session (code {code}): {message}"),
             Some(other) => bail!("expected a welcome, got {other:?}"),
             None => bail!("process server closed the connection during the hello (is this machine's certificate accepted?)"),
@@ -251,6 +251,9 @@ async fn session(
     link.connected.store(true, Ordering::Relaxed);
     *link.last_error.lock().unwrap_or_else(|p| p.into_inner()) = None;
     info!("replicating to {} from seq {}", cfg.server, durable + 1);
+    if version < lifeboat_common::protocol::PROTOCOL_TAG_SOURCE {
+        warn!("the process server speaks protocol {version}: app-consistent points are recorded without their source");
+    }
 
     // Frames of the checksum resync task, written between stream frames.
     let (ctl_tx, mut ctl_rx) = mpsc::channel::<Frame>(64);
@@ -388,8 +391,9 @@ async fn session(
                 }
                 continue;
             }
-            for f in &frames {
-                write_frame(&mut wr, f).await?;
+            for f in frames {
+                // A version 3 server reads tags without their source.
+                write_frame(&mut wr, &f.for_version(version)).await?;
             }
             wr.flush().await?;
         }

@@ -22,7 +22,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use lifeboat_common::protocol::{Entry, Op, TagKind};
+use lifeboat_common::protocol::{Entry, Op, TagKind, TagSource};
 use lifeboat_common::session::SenderState;
 use tokio::sync::{Notify, RwLock, RwLockReadGuard};
 
@@ -393,7 +393,7 @@ impl Stream {
     /// Places a consistency tag after draining in-flight writes; returns its seq,
     /// or `None` when the replica cannot be consistent now (initial sync, bitmap
     /// or resync state).
-    pub async fn tag(&self, kind: TagKind, label: &str) -> Option<u64> {
+    pub async fn tag(&self, kind: TagKind, source: Option<TagSource>, label: &str) -> Option<u64> {
         let guard = tokio::time::timeout(TAG_DRAIN_TIMEOUT, self.gate.write()).await;
         if guard.is_err() {
             warn!("writes did not drain within {TAG_DRAIN_TIMEOUT:?}; placing the {} tag without draining", kind.as_str());
@@ -406,6 +406,7 @@ impl Stream {
         }
         let seq = self.capture(Op::Tag {
             kind,
+            source,
             time_ms: lifeboat_common::now_ms(),
             label: label.to_string(),
         });

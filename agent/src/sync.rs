@@ -215,7 +215,10 @@ pub async fn run(
     }
     result?;
     if any && !cancel.is_cancelled() {
-        match stream.tag(TagKind::Crash, "initial-sync-complete").await {
+        match stream
+            .tag(TagKind::Crash, None, "initial-sync-complete")
+            .await
+        {
             Some(seq) => info!(seq, "initial sync complete: first recovery point placed"),
             None => {
                 info!("initial sync complete; the first point follows the resync of dirty regions")
@@ -296,7 +299,7 @@ pub async fn run_resync(
                         _ = stream.wait_welcomed() => {}
                         _ = cancel.cancelled() => break,
                     }
-                    if let Some(seq) = stream.tag(TagKind::Crash, "resync-complete").await {
+                    if let Some(seq) = stream.tag(TagKind::Crash, None, "resync-complete").await {
                         info!(seq, "resync complete: crash-consistent point placed");
                     }
                 }

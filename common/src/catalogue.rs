@@ -59,7 +59,7 @@ use ring::{hkdf, hmac};
 
 use crate::codec::{DecodeError, Reader, Writer};
 use crate::formats::{self, DataKeyRecord, SegmentRecord};
-use crate::protocol::{DiskInfo, Entry, TagKind};
+use crate::protocol::{DiskInfo, Entry, TagKind, TagSource};
 use crate::seal::{self, Key, SealError};
 use crate::store::{Store, StoreError};
 
@@ -136,6 +136,18 @@ pub struct PointRecord {
     /// The owner epoch that recorded it (0: recorded before epochs were kept).
     #[serde(default)]
     pub epoch: u64,
+    /// How an app-consistent point was made (`fsfreeze`, `script`, `vss`);
+    /// absent on crash-consistent points and on points recorded before
+    /// sources were kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<TagSource>,
+}
+
+impl PointRecord {
+    /// The source as listings show it: `-` when the point has none.
+    pub fn source_str(&self) -> &'static str {
+        self.source.map_or("-", TagSource::as_str)
+    }
 }
 
 pub fn inconsistent_object(machine: &str, seq: u64) -> String {
@@ -882,5 +894,24 @@ mod tests {
         assert_eq!(two.limit(1), 9);
         assert_eq!(two.limit(2), 15);
         assert_eq!(two.limit(3), u64::MAX);
+    }
+
+    #[test]
+    fn a_point_without_a_source_reads_and_one_with_it_round_trips() {
+        // A point recorded before sources were kept.
+        let old = r#"{"format":1,"id":"p-1","kind":"crash","seq":1,"time-ms":5,
+            "time":"t","label":"","disks":[{"id":"root","size":4096}],"epoch":1}"#;
+        let p: PointRecord = serde_json::from_str(old).unwrap();
+        assert_eq!((p.source, p.source_str()), (None, "-"));
+        assert!(!serde_json::to_string(&p).unwrap().contains("source"));
+        let app = PointRecord {
+            kind: TagKind::App,
+            source: Some(TagSource::Vss),
+            ..p
+        };
+        let text = serde_json::to_string(&app).unwrap();
+        assert!(text.contains(r#""source":"vss""#), "{text}");
+        let back: PointRecord = serde_json::from_str(&text).unwrap();
+        assert_eq!((back.source_str(), back), ("vss", app));
     }
 }

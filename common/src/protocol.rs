@@ -67,7 +67,16 @@
 //!                 | op=5 INCONSISTENT label str16                (from this seq until the
 //!                 |                    next tag the replica is not crash-consistent:
 //!                 |                    a sync or resync is under way)
+//!                 | op=6 TAG_SOURCED kind u8 | source u8 | time_ms u64 | label str16
+//!                 |                    (protocol 4: a tag that says how the point was
+//!                 |                    made; source 1 fsfreeze, 2 script, 3 vss)
 //! ```
+//!
+//! A tag without a source (every crash-consistent tag) is still written as
+//! op=3, byte for byte as before, so journals, caches and segments written
+//! before protocol 4 read unchanged; op=6 is only written for a tag with a
+//! source. A session negotiated at version 3 carries such a tag as op=3
+//! ([`Frame::for_version`]): the point stays, its source is dropped.
 //!
 //! Decoding is fallible everywhere: a frame whose claimed length exceeds the bound
 //! is refused before any buffer of that size is allocated.
@@ -79,9 +88,12 @@ use crate::codec::{DecodeError, Reader, Writer};
 /// Protocol versions this build speaks.
 /// Version 2 added the stream id (hello, welcome), the resize and the
 /// inconsistent entries; version 3 the hello's per-disk flags (retired disks:
-/// a disk's number, its position in the hello, is stable for its id).
+/// a disk's number, its position in the hello, is stable for its id);
+/// version 4 the tag's source (op=6, [`TagSource`]).
 pub const PROTOCOL_MIN: u16 = 3;
-pub const PROTOCOL_MAX: u16 = 3;
+pub const PROTOCOL_MAX: u16 = 4;
+/// The first version whose tags carry their source.
+pub const PROTOCOL_TAG_SOURCE: u16 = 4;
 pub const HELLO_MAGIC: [u8; 4] = *b"LBOT";
 
 /// The largest write, defined once for the whole data path: the NBD export
@@ -163,6 +175,49 @@ impl TagKind {
     }
 }
 
+/// How an app-consistent point was made (absent on crash-consistent ones).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TagSource {
+    /// Pre-freeze scripts, FIFREEZE of the configured filesystems, FITHAW,
+    /// post-thaw scripts (Linux).
+    Fsfreeze,
+    /// Pre-freeze and post-thaw scripts only: no filesystem was frozen.
+    Script,
+    /// A VSS copy backup (Windows; see docs/VSS.md).
+    Vss,
+}
+
+impl TagSource {
+    fn code(self) -> u8 {
+        match self {
+            TagSource::Fsfreeze => 1,
+            TagSource::Script => 2,
+            TagSource::Vss => 3,
+        }
+    }
+    fn from_code(c: u8) -> Result<Self, DecodeError> {
+        Ok(match c {
+            1 => TagSource::Fsfreeze,
+            2 => TagSource::Script,
+            3 => TagSource::Vss,
+            _ => {
+                return Err(DecodeError::Invalid {
+                    what: "tag source",
+                    detail: format!("unknown code {c}"),
+                })
+            }
+        })
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TagSource::Fsfreeze => "fsfreeze",
+            TagSource::Script => "script",
+            TagSource::Vss => "vss",
+        }
+    }
+}
+
 /// What one stream entry does.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Op {
@@ -178,6 +233,9 @@ pub enum Op {
     },
     Tag {
         kind: TagKind,
+        /// How the point was made; `None` for crash-consistent tags (and for
+        /// every tag written before protocol 4).
+        source: Option<TagSource>,
         time_ms: u64,
         label: String,
     },
@@ -207,7 +265,9 @@ impl Entry {
         9 + match &self.op {
             Op::Write { data, .. } => 14 + data.len(),
             Op::Zero { .. } => 14,
-            Op::Tag { label, .. } => 11 + label.len().min(u16::MAX as usize),
+            Op::Tag { source, label, .. } => {
+                11 + usize::from(source.is_some()) + label.len().min(u16::MAX as usize)
+            }
             Op::Resize { .. } => 10,
             Op::Inconsistent { label } => 2 + label.len().min(u16::MAX as usize),
         }
@@ -231,11 +291,21 @@ impl Entry {
             }
             Op::Tag {
                 kind,
+                source,
                 time_ms,
                 label,
             } => {
-                out.put_u8(3);
-                out.put_u8(kind.code());
+                match source {
+                    None => {
+                        out.put_u8(3);
+                        out.put_u8(kind.code());
+                    }
+                    Some(s) => {
+                        out.put_u8(6);
+                        out.put_u8(kind.code());
+                        out.put_u8(s.code());
+                    }
+                }
                 out.put_u64(*time_ms);
                 out.put_str16(label);
             }
@@ -280,6 +350,13 @@ impl Entry {
             },
             3 => Op::Tag {
                 kind: TagKind::from_code(r.u8("tag kind")?)?,
+                source: None,
+                time_ms: r.u64("tag time")?,
+                label: r.str16("tag label")?,
+            },
+            6 => Op::Tag {
+                kind: TagKind::from_code(r.u8("tag kind")?)?,
+                source: Some(TagSource::from_code(r.u8("tag source")?)?),
                 time_ms: r.u64("tag time")?,
                 label: r.str16("tag label")?,
             },
@@ -407,6 +484,32 @@ fn too_many(what: &'static str, n: u64, limit: u64) -> Result<(), DecodeError> {
 }
 
 impl Frame {
+    /// This frame as a peer that speaks `version` can read it: below
+    /// [`PROTOCOL_TAG_SOURCE`] a tag loses its source (op=3 instead of op=6).
+    pub fn for_version(self, version: u16) -> Frame {
+        match self {
+            Frame::Tag(Entry {
+                seq,
+                op:
+                    Op::Tag {
+                        kind,
+                        source: Some(_),
+                        time_ms,
+                        label,
+                    },
+            }) if version < PROTOCOL_TAG_SOURCE => Frame::Tag(Entry {
+                seq,
+                op: Op::Tag {
+                    kind,
+                    source: None,
+                    time_ms,
+                    label,
+                },
+            }),
+            other => other,
+        }
+    }
+
     fn type_code(&self) -> u8 {
         match self {
             Frame::Hello(_) => 1,
@@ -861,10 +964,22 @@ mod tests {
             seq: 3,
             op: Op::Tag {
                 kind: TagKind::Crash,
+                source: None,
                 time_ms: 17,
                 label: "x".into(),
             },
         }));
+        for source in [TagSource::Fsfreeze, TagSource::Script, TagSource::Vss] {
+            round_trip(Frame::Tag(Entry {
+                seq: 4,
+                op: Op::Tag {
+                    kind: TagKind::App,
+                    source: Some(source),
+                    time_ms: 18,
+                    label: "nightly".into(),
+                },
+            }));
+        }
         round_trip(Frame::Ack { durable: 9 });
         round_trip(Frame::Error {
             code: 1,
@@ -990,6 +1105,7 @@ mod tests {
             seq: 1,
             op: Op::Tag {
                 kind: TagKind::App,
+                source: None,
                 time_ms: 1,
                 label: "abc".into(),
             },
@@ -997,6 +1113,94 @@ mod tests {
         let mut v = Vec::new();
         e.encode(&mut v);
         assert_eq!(v.len(), e.encoded_len());
+        let e = Entry {
+            seq: 1,
+            op: Op::Tag {
+                kind: TagKind::App,
+                source: Some(TagSource::Vss),
+                time_ms: 1,
+                label: "abc".into(),
+            },
+        };
+        let mut v = Vec::new();
+        e.encode(&mut v);
+        assert_eq!(v.len(), e.encoded_len());
+    }
+
+    /// The bytes of tag entries are pinned: op=3 as every version wrote it
+    /// (journals, caches and segments from before protocol 4 hold it), op=6
+    /// with its source from protocol 4 on.
+    #[test]
+    fn tag_entries_keep_their_bytes_and_older_ones_read() {
+        let old: &[u8] = &[
+            0, 0, 0, 0, 0, 0, 0, 7, // seq 7
+            3, 2, // TAG, kind app
+            0, 0, 0, 0, 0, 0, 0, 42, // time_ms
+            0, 2, b'h', b'i', // label "hi"
+        ];
+        let sourced: &[u8] = &[
+            0, 0, 0, 0, 0, 0, 0, 7, // seq 7
+            6, 2, 1, // TAG_SOURCED, kind app, source fsfreeze
+            0, 0, 0, 0, 0, 0, 0, 42, // time_ms
+            0, 2, b'h', b'i', // label "hi"
+        ];
+        let entry = |source| Entry {
+            seq: 7,
+            op: Op::Tag {
+                kind: TagKind::App,
+                source,
+                time_ms: 42,
+                label: "hi".into(),
+            },
+        };
+        for (bytes, want) in [
+            (old, entry(None)),
+            (sourced, entry(Some(TagSource::Fsfreeze))),
+        ] {
+            let b = Bytes::copy_from_slice(bytes);
+            assert_eq!(Entry::decode(&mut Reader::new(&b), &b).unwrap(), want);
+            let mut out = Vec::new();
+            want.encode(&mut out);
+            assert_eq!(out, bytes);
+            for cut in 0..bytes.len() {
+                let b = Bytes::copy_from_slice(&bytes[..cut]);
+                assert!(Entry::decode(&mut Reader::new(&b), &b).is_err());
+            }
+        }
+        let mut bad = sourced.to_vec();
+        bad[10] = 9;
+        let b = Bytes::from(bad);
+        assert!(matches!(
+            Entry::decode(&mut Reader::new(&b), &b),
+            Err(DecodeError::Invalid {
+                what: "tag source",
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn a_version_3_peer_gets_tags_without_their_source() {
+        let tag = |source| {
+            Frame::Tag(Entry {
+                seq: 9,
+                op: Op::Tag {
+                    kind: TagKind::App,
+                    source,
+                    time_ms: 1,
+                    label: "x".into(),
+                },
+            })
+        };
+        assert_eq!(tag(Some(TagSource::Vss)).for_version(3), tag(None));
+        assert_eq!(
+            tag(Some(TagSource::Vss)).for_version(PROTOCOL_TAG_SOURCE),
+            tag(Some(TagSource::Vss))
+        );
+        assert_eq!(
+            tag(Some(TagSource::Vss)).for_version(3).to_bytes()[5 + 8],
+            3
+        );
     }
 
     #[test]

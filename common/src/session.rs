@@ -603,6 +603,7 @@ mod tests {
             seq: 2,
             op: Op::Tag {
                 kind: protocol::TagKind::Crash,
+                source: None,
                 time_ms: 0,
                 label: String::new(),
             },

@@ -175,9 +175,12 @@ pub fn resolve(
         seq: p.seq,
         point: Some(p.clone()),
         description: format!(
-            "point {} ({}, {}, seq {})",
+            "point {} ({}{}, {}, seq {})",
             p.id,
             p.kind.as_str(),
+            p.source
+                .map(|s| format!(" by {}", s.as_str()))
+                .unwrap_or_default(),
             p.time,
             p.seq
         ),

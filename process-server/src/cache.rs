@@ -788,6 +788,7 @@ mod tests {
                 seq: 4,
                 op: Op::Tag {
                     kind: TagKind::Crash,
+                    source: None,
                     time_ms: 1,
                     label: String::new(),
                 },

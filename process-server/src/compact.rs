@@ -587,6 +587,7 @@ mod tests {
             label: String::new(),
             disks: vec![DiskInfo::new("root", 1)],
             epoch: 1,
+            source: None,
         }
     }
 

@@ -713,6 +713,7 @@ async fn upload_segment(
             }
             Op::Tag {
                 kind,
+                source,
                 time_ms,
                 label,
             } => points.push(PointRecord {
@@ -725,6 +726,7 @@ async fn upload_segment(
                 label: label.clone(),
                 disks: disks.clone(),
                 epoch,
+                source: *source,
             }),
             _ => {}
         }

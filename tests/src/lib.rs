@@ -451,6 +451,17 @@ impl Agent {
             .with_context(|| format!("tag printed {out:?}"))
     }
 
+    /// `lifeboat-agent tag --app --label <label>`; returns the command's
+    /// output (success not required).
+    pub fn tag_app(&self, label: &str) -> Result<Output> {
+        run_timeout(
+            Command::new(bin("lifeboat-agent"))
+                .args(["tag", "--app", "--label", label, "--config"])
+                .arg(&self.config),
+            Duration::from_secs(300),
+        )
+    }
+
     pub fn status(&self) -> Result<serde_json::Value> {
         let out = run_ok(
             Command::new(bin("lifeboat-agent"))
@@ -850,5 +861,84 @@ impl SmallFs {
 impl Drop for SmallFs {
     fn drop(&mut self) {
         let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// ext4 on a loop device over nbdfuse over one of the agent's NBD exports,
+/// mounted at `mnt` (the way a host without the kernel NBD client puts a
+/// real filesystem on a protected disk). Dropped: unmount, detach the loop
+/// device, unmount nbdfuse, stop it — in that order, each by name.
+pub struct Ext4OverExport {
+    pub mnt: PathBuf,
+    pub loopdev: String,
+    fuse_dir: PathBuf,
+    nbdfuse: Option<Proc>,
+}
+
+impl Ext4OverExport {
+    /// Makes a fresh ext4 on `socket`'s export, under `root` (`fuse/`, `mnt/`).
+    pub fn create(root: &Path, socket: &Path) -> Ext4OverExport {
+        assert!(
+            Path::new("/dev/fuse").exists(),
+            "/dev/fuse is missing: this test needs FUSE"
+        );
+        let fuse_dir = root.join("fuse");
+        let mnt = root.join("mnt");
+        std::fs::create_dir_all(&fuse_dir).unwrap();
+        std::fs::create_dir_all(&mnt).unwrap();
+        let nbdfuse = Proc::spawn(
+            "nbdfuse",
+            Command::new("nbdfuse")
+                .arg(fuse_dir.join("disk"))
+                .args(["--unix"])
+                .arg(socket),
+            &root.join("nbdfuse.log"),
+        )
+        .unwrap();
+        let fuse_file = fuse_dir.join("disk");
+        wait_for("nbdfuse", Duration::from_secs(20), || {
+            fuse_file.metadata().ok().filter(|m| m.len() > 0)
+        })
+        .unwrap();
+        let mut fs = Ext4OverExport {
+            mnt: mnt.clone(),
+            loopdev: String::new(),
+            fuse_dir,
+            nbdfuse: Some(nbdfuse),
+        };
+        fs.loopdev = run_ok(
+            Command::new("losetup")
+                .args(["-f", "--show"])
+                .arg(&fuse_file),
+            Duration::from_secs(30),
+        )
+        .unwrap()
+        .trim()
+        .to_string();
+        run_ok(
+            Command::new("mkfs.ext4").args(["-q", "-F", &fs.loopdev]),
+            Duration::from_secs(120),
+        )
+        .unwrap();
+        run_ok(
+            Command::new("mount").arg(&fs.loopdev).arg(&mnt),
+            Duration::from_secs(60),
+        )
+        .unwrap();
+        fs
+    }
+}
+
+impl Drop for Ext4OverExport {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.mnt).status();
+        if !self.loopdev.is_empty() {
+            let _ = Command::new("losetup").args(["-d", &self.loopdev]).status();
+        }
+        let _ = Command::new("fusermount3")
+            .arg("-u")
+            .arg(&self.fuse_dir)
+            .status();
+        drop(self.nbdfuse.take());
     }
 }

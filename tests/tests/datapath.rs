@@ -2,7 +2,6 @@
 //! stores the stream, and `lifeboat-mt failover` must give images byte-equal to
 //! the source disk at each recovery point.
 
-use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
@@ -215,54 +214,9 @@ fn kill9_process_server_mid_stream_loses_nothing() {
 
 #[test]
 fn ext4_over_nbdfuse_recovers_clean_with_every_file() {
-    if !Path::new("/dev/fuse").exists() {
-        panic!("/dev/fuse is missing: this test needs FUSE");
-    }
     let s = setup(&[("root", 128 * MIB), ("data", 4 * MIB)], None, &[]);
-    let fuse_dir = s.root.join("fuse");
-    let mnt = s.root.join("mnt");
-    std::fs::create_dir_all(&fuse_dir).unwrap();
-    std::fs::create_dir_all(&mnt).unwrap();
-    let sock = s.agent.disks[0].2.clone();
-    let nbdfuse = Proc::spawn(
-        "nbdfuse",
-        Command::new("nbdfuse")
-            .arg(fuse_dir.join("disk"))
-            .args(["--unix"])
-            .arg(&sock),
-        &s.root.join("nbdfuse.log"),
-    )
-    .unwrap();
-    let fuse_file = fuse_dir.join("disk");
-    wait_for("nbdfuse", Duration::from_secs(20), || {
-        fuse_file.metadata().ok().filter(|m| m.len() > 0)
-    })
-    .unwrap();
-    let cleanup = FsCleanup {
-        mnt: mnt.clone(),
-        loopdev: std::cell::RefCell::new(None),
-        fuse: fuse_dir.clone(),
-    };
-    let lo = run_ok(
-        Command::new("losetup")
-            .args(["-f", "--show"])
-            .arg(&fuse_file),
-        Duration::from_secs(30),
-    )
-    .unwrap()
-    .trim()
-    .to_string();
-    *cleanup.loopdev.borrow_mut() = Some(lo.clone());
-    run_ok(
-        Command::new("mkfs.ext4").args(["-q", "-F", &lo]),
-        Duration::from_secs(120),
-    )
-    .unwrap();
-    run_ok(
-        Command::new("mount").arg(&lo).arg(&mnt),
-        Duration::from_secs(60),
-    )
-    .unwrap();
+    let fs = Ext4OverExport::create(&s.root, &s.agent.disks[0].2);
+    let mnt = fs.mnt.clone();
     let mut sums = Vec::new();
     for i in 0..20u32 {
         let data: Vec<u8> = (0..(50_000 + i * 7919))
@@ -279,8 +233,7 @@ fn ext4_over_nbdfuse_recovers_clean_with_every_file() {
         Duration::from_secs(60),
     )
     .unwrap();
-    drop(cleanup); // umount, detach the loop device, unmount nbdfuse
-    drop(nbdfuse);
+    drop(fs); // umount, detach the loop device, unmount nbdfuse
     let tag = s.agent.tag().unwrap();
     s.wait_all_stored();
     let out = s.failover(&tag.to_string(), "out");
@@ -315,23 +268,4 @@ fn ext4_over_nbdfuse_recovers_clean_with_every_file() {
     let r = std::panic::catch_unwind(check);
     let _ = Command::new("umount").arg(&rmnt).status();
     r.unwrap();
-}
-
-struct FsCleanup {
-    mnt: std::path::PathBuf,
-    loopdev: std::cell::RefCell<Option<String>>,
-    fuse: std::path::PathBuf,
-}
-
-impl Drop for FsCleanup {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.mnt).status();
-        if let Some(lo) = self.loopdev.borrow().as_ref() {
-            let _ = Command::new("losetup").args(["-d", lo]).status();
-        }
-        let _ = Command::new("fusermount3")
-            .arg("-u")
-            .arg(&self.fuse)
-            .status();
-    }
 }

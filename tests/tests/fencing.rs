@@ -136,6 +136,7 @@ fn land_late_upload_of_the_old_owner(ps: &ProcessServer, cfg: &StoreConfig) -> u
             seq: tag_seq,
             op: Op::Tag {
                 kind: TagKind::Crash,
+                source: None,
                 time_ms,
                 label: "late".into(),
             },
@@ -155,6 +156,7 @@ fn land_late_upload_of_the_old_owner(ps: &ProcessServer, cfg: &StoreConfig) -> u
             label: "late".into(),
             disks: vec![lifeboat_common::protocol::DiskInfo::new("root", 32 * MIB)],
             epoch: 1,
+            source: None,
         };
         let pobj = catalogue::point_object(MACHINE, tag_seq);
         let body = Bytes::from(catalogue::sign_record(&ck, &pobj, &point));

@@ -1,4 +1,4 @@
-//! `lifeboat-agent`: run | tag | status.
+//! `lifeboat-agent`: run | tag [--app] | status | progress.
 
 use std::path::PathBuf;
 
@@ -25,12 +25,21 @@ enum Cmd {
         #[arg(long)]
         config: PathBuf,
     },
-    /// Ask the running agent for a crash-consistent point now; prints its seq.
+    /// Ask the running agent for a recovery point now (crash-consistent, or
+    /// app-consistent with --app); prints its seq.
+    ///
+    /// With --app, an app-consistent point: pre-freeze scripts, freeze of the
+    /// filesystems in [app] freeze, the tag, thaw, post-thaw scripts. Exits
+    /// non-zero naming the step and the reason when quiescing fails (no
+    /// point is placed then; the filesystems are thawed).
     Tag {
         #[arg(long)]
         config: PathBuf,
         #[arg(long, default_value = "")]
         label: String,
+        /// Quiesce first: an app-consistent point (see [app] in agent.toml).
+        #[arg(long)]
+        app: bool,
     },
     /// Print the running agent's status as JSON.
     Status {
@@ -78,10 +87,13 @@ async fn real_main() -> Result<()> {
             });
             lifeboat_agent::run(cfg, shutdown).await
         }
-        Cmd::Tag { config, label } => {
+        Cmd::Tag { config, label, app } => {
             let cfg = AgentConfig::load(&config)?;
-            let v = control::request(&cfg.control_socket(), &Request::Tag { label }).await?;
+            let v = control::request(&cfg.control_socket(), &Request::Tag { label, app }).await?;
             println!("{}", v["seq"]);
+            if let Some(w) = v["warning"].as_str() {
+                eprintln!("lifeboat-agent: warning: the point was placed, but {w}");
+            }
             Ok(())
         }
         Cmd::Progress { config } => progress(&config).await,

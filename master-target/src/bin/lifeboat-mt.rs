@@ -74,7 +74,8 @@ struct FailoverArgs {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// List a machine's recovery points.
+    /// List a machine's recovery points: id, kind (crash, app, group), source
+    /// of an app-consistent point (fsfreeze, script, vss), time and seq.
     Points {
         #[command(flatten)]
         store: StoreArgs,
@@ -204,14 +205,15 @@ async fn real_main() -> Result<()> {
                 );
             }
             println!(
-                "{:<12} {:<6} {:<26} {:>12} {:>14}  {}",
-                "ID", "KIND", "TIME", "SEQ", "ADDS (BYTES)", "LABEL"
+                "{:<12} {:<6} {:<8} {:<26} {:>12} {:>14}  {}",
+                "ID", "KIND", "SOURCE", "TIME", "SEQ", "ADDS (BYTES)", "LABEL"
             );
             for (p, a) in listed.iter().zip(&adds) {
                 println!(
-                    "{:<12} {:<6} {:<26} {:>12} {:>14}  {}",
+                    "{:<12} {:<6} {:<8} {:<26} {:>12} {:>14}  {}",
                     p.id,
                     p.kind.as_str(),
+                    p.source_str(),
                     p.time,
                     p.seq,
                     a,
@@ -219,9 +221,10 @@ async fn real_main() -> Result<()> {
                 );
             }
             println!(
-                "{:<12} {:<6} {:<26} {:>12}{}",
+                "{:<12} {:<6} {:<8} {:<26} {:>12}{}",
                 "latest",
                 "stream",
+                "-",
                 "-",
                 inv.end,
                 match inv.unsettled_end() {
