@@ -1,6 +1,8 @@
 //! `lifeboat-mt`, the master target: lists recovery points and materialises
 //! them into disk images (failover, test failover), reading only the object store.
 //!
-//! Modules: [`materialize`] (point resolution and image writing).
+//! Modules: [`materialize`] (point resolution and image writing), [`verify`]
+//! (a point's chain and objects checked, its disks' checksums, no failover).
 
 pub mod materialize;
+pub mod verify;

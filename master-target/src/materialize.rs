@@ -45,6 +45,8 @@ pub enum PointSpec {
     Latest,
     /// The newest app-consistent point.
     LatestApp,
+    /// The newest crash-consistent point.
+    LatestCrash,
     /// A point id as listed by `points`.
     Id(String),
     /// The newest point at or before this time (ms since the epoch).
@@ -57,13 +59,14 @@ impl std::str::FromStr for PointSpec {
         match s {
             "latest" => Ok(PointSpec::Latest),
             "latest-app" => Ok(PointSpec::LatestApp),
+            "latest-crash" => Ok(PointSpec::LatestCrash),
             _ if s.bytes().all(|b| b.is_ascii_digit()) && !s.is_empty() => {
                 Ok(PointSpec::Id(s.to_string()))
             }
             _ => chrono::DateTime::parse_from_rfc3339(s)
                 .map(|t| PointSpec::Time(t.timestamp_millis().max(0) as u64))
                 .map_err(|_| {
-                    format!("{s:?} is not a point: use latest, latest-app, a point id or an RFC 3339 time")
+                    format!("{s:?} is not a point: use latest, latest-app, latest-crash, a point id or an RFC 3339 time")
                 }),
         }
     }
@@ -98,6 +101,25 @@ pub struct Inventory {
 }
 
 impl Inventory {
+    /// What is missing after the stream's end up to `upto`, for an error
+    /// message: the seqs no stored segment holds, and where they belong.
+    pub fn missing(&self, upto: u64) -> String {
+        match self.after_gap {
+            Some(next) => format!(
+                "no segment holds seqs {}..={} (the next stored segment starts at seq {next}); \
+                 segments are log/<first>-<last>-<epoch>.seg under the machine's prefix",
+                self.end + 1,
+                next - 1
+            ),
+            None => format!(
+                "no segment holds seqs {}..={upto} (the stored stream ends at seq {}); \
+                 segments are log/<first>-<last>-<epoch>.seg under the machine's prefix",
+                self.end + 1,
+                self.end
+            ),
+        }
+    }
+
     /// The seq the stream starts after (its base's; 0: no base).
     pub fn start(&self) -> u64 {
         self.base.as_ref().map_or(0, |b| b.seq)
@@ -231,6 +253,12 @@ pub fn resolve(
             .find(|p| p.kind == lifeboat_common::protocol::TagKind::App)
             .map(|p| pick(p))
             .ok_or_else(|| anyhow!("machine {machine} has no app-consistent point in the store")),
+        PointSpec::LatestCrash => stored
+            .iter()
+            .rev()
+            .find(|p| p.kind == lifeboat_common::protocol::TagKind::Crash)
+            .map(|p| pick(p))
+            .ok_or_else(|| anyhow!("machine {machine} has no crash-consistent point in the store")),
         PointSpec::Id(id) => {
             if let Some(p) = stored.iter().find(|p| &p.id == id) {
                 return Ok(pick(p));
@@ -247,8 +275,11 @@ pub fn resolve(
                     b.time
                 );
             }
-            if inv.points.iter().any(|p| &p.id == id) {
-                bail!("point {id} of machine {machine} is recorded, but the stream up to it is incomplete in the store (it ends at seq {})", inv.end);
+            if let Some(p) = inv.points.iter().find(|p| &p.id == id) {
+                bail!(
+                    "point {id} of machine {machine} is recorded, but the stream up to it is incomplete in the store: {}",
+                    inv.missing(p.seq)
+                );
             }
             bail!("machine {machine} has no point {id}; `lifeboat-mt points` lists them")
         }

@@ -60,6 +60,10 @@ const FOLD_FETCH: usize = 2;
 /// Chunks read, sealed and put at once.
 const CHUNK_PUTS: usize = 4;
 
+/// A touched chunk whose uncovered ranges come from the old base: (chunk
+/// index, old chunk id, the byte ranges not covered by the stream).
+type Fill = (u64, String, Vec<(u64, u64)>);
+
 /// What one machine's compactor works with.
 pub struct Compactor {
     pub cfg: Arc<PsConfig>,
@@ -293,7 +297,7 @@ async fn fold(
             .unwrap_or_default();
         let file = Arc::new(t.file.try_clone()?);
         // Old content under the uncovered parts of touched chunks.
-        let fills: Vec<(u64, String, Vec<(u64, u64)>)> = touched
+        let fills: Vec<Fill> = touched
             .iter()
             .filter_map(|&ci| {
                 let id = chunks.get(&ci)?;

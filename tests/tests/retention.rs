@@ -107,21 +107,15 @@ fn check_retained(ps: &ProcessServer, expected: &BTreeMap<u64, String>, out: &Pa
     checked
 }
 
-fn base_seq(ps: &ProcessServer) -> u64 {
-    points(&ps.store_url, MACHINE, &[]).unwrap()["base"]["seq"]
-        .as_u64()
-        .unwrap_or(0)
-}
-
-#[test]
-fn rewriting_the_same_64_mib_keeps_the_store_bounded_and_retained_points_exact() {
-    let root = tempfile::tempdir().unwrap();
-    let mut ps = ProcessServer::init(&root.path().join("ps"), None, &[]).unwrap();
-    set_retention(&ps, "15s");
+/// A process server with retention `keep`, and a synced agent whose disk
+/// the returned workload writes through its NBD export.
+fn start(root: &Path, keep: &str, seed: u64) -> (ProcessServer, Agent, Workload) {
+    let mut ps = ProcessServer::init(&root.join("ps"), None, &[]).unwrap();
+    set_retention(&ps, keep);
     ps.start().unwrap();
     let certs = ps.dir.join("machines").join(MACHINE);
     let mut agent = Agent::configure(
-        &root.path().join("agent"),
+        &root.join("agent"),
         MACHINE,
         &certs,
         ps.port,
@@ -132,11 +126,24 @@ fn rewriting_the_same_64_mib_keeps_the_store_bounded_and_retained_points_exact()
     agent.start().unwrap();
     agent.wait_synced(Duration::from_secs(120)).unwrap();
     let sock = agent.disks[0].2.clone();
-    let mut w = Workload {
+    let w = Workload {
         nbd: NbdClient::connect(&sock, "root").unwrap(),
-        rng: Rng(11),
+        rng: Rng(seed),
         expected: BTreeMap::new(),
     };
+    (ps, agent, w)
+}
+
+fn base_seq(ps: &ProcessServer) -> u64 {
+    points(&ps.store_url, MACHINE, &[]).unwrap()["base"]["seq"]
+        .as_u64()
+        .unwrap_or(0)
+}
+
+#[test]
+fn rewriting_the_same_64_mib_keeps_the_store_bounded_and_retained_points_exact() {
+    let root = tempfile::tempdir().unwrap();
+    let (ps, agent, mut w) = start(root.path(), "15s", 11);
     const CYCLES: usize = 10;
     let mut seqs = Vec::new();
     for _ in 0..CYCLES {
@@ -200,27 +207,7 @@ fn rewriting_the_same_64_mib_keeps_the_store_bounded_and_retained_points_exact()
 #[test]
 fn a_process_server_killed_while_it_folds_loses_no_retained_point() {
     let root = tempfile::tempdir().unwrap();
-    let mut ps = ProcessServer::init(&root.path().join("ps"), None, &[]).unwrap();
-    set_retention(&ps, "10s");
-    ps.start().unwrap();
-    let certs = ps.dir.join("machines").join(MACHINE);
-    let mut agent = Agent::configure(
-        &root.path().join("agent"),
-        MACHINE,
-        &certs,
-        ps.port,
-        &[("root", DISK)],
-        "",
-    )
-    .unwrap();
-    agent.start().unwrap();
-    agent.wait_synced(Duration::from_secs(120)).unwrap();
-    let sock = agent.disks[0].2.clone();
-    let mut w = Workload {
-        nbd: NbdClient::connect(&sock, "root").unwrap(),
-        rng: Rng(23),
-        expected: BTreeMap::new(),
-    };
+    let (mut ps, agent, mut w) = start(root.path(), "10s", 23);
     let mut rng = Rng(5);
     let mut kills = 0;
     let mut last = 0;
@@ -252,4 +239,126 @@ fn a_process_server_killed_while_it_folds_loses_no_retained_point() {
     let latest = root.path().join("out/latest");
     ps.failover_ok(MACHINE, "latest", &latest);
     assert_eq!(sha(&latest.join("root.raw")), sha(&agent.image("root")));
+}
+
+/// The objects of one kind in a file:// store, by name.
+fn objects(store_url: &str, kind: &str) -> Vec<std::path::PathBuf> {
+    let root = store_url.strip_prefix("file://").unwrap();
+    let dir = Path::new(root).join("machines").join(MACHINE).join(kind);
+    let mut out: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    out.sort();
+    out
+}
+
+fn verify(ps: &ProcessServer, point: &str) -> std::process::Output {
+    run_timeout(
+        std::process::Command::new(bin("lifeboat-mt"))
+            .args([
+                "verify",
+                "--store",
+                &ps.store_url,
+                "--machine",
+                MACHINE,
+                "--point",
+                point,
+            ])
+            .arg("--key-file")
+            .arg(ps.kek()),
+        Duration::from_secs(120),
+    )
+    .unwrap()
+}
+
+/// The sha256 sum of a file, as `sha256sum` prints it.
+fn sha256sum(path: &Path) -> String {
+    let out = run_ok(
+        std::process::Command::new("sha256sum").arg(path),
+        Duration::from_secs(60),
+    )
+    .unwrap();
+    out.split_whitespace().next().unwrap().to_string()
+}
+
+#[test]
+fn verify_checks_a_point_and_names_a_deleted_segment_a_truncated_chunk_and_a_flipped_byte() {
+    let root = tempfile::tempdir().unwrap();
+    let (mut ps, agent, mut w) = start(root.path(), "10s", 31);
+    w.cycle(&agent);
+    std::thread::sleep(Duration::from_secs(11));
+    // Later writes in segments after the base: half the region again.
+    let mut buf = vec![0u8; MIB as usize];
+    for i in 0..REGION / MIB / 2 {
+        w.rng.fill(&mut buf);
+        w.nbd.write(i * 2 * MIB, &buf, 0).unwrap();
+    }
+    w.nbd.flush().unwrap();
+    let last = agent.tag().unwrap();
+    wait_stored(&ps.store_url, MACHINE, &[], last, Duration::from_secs(120)).unwrap();
+    wait_for("a base", Duration::from_secs(60), || {
+        (base_seq(&ps) > 0).then_some(())
+    })
+    .unwrap();
+    // No more folds while objects are tampered with.
+    ps.proc.as_mut().unwrap().stop(Duration::from_secs(30));
+
+    let o = verify(&ps, &last.to_string());
+    let stdout = String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(
+        o.status.success(),
+        "verify: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let want = sha256sum(&agent.image("root"));
+    assert!(
+        stdout.contains(&format!("sha256 {want}")),
+        "verify must print the source's sha256 {want}: {stdout}"
+    );
+    assert!(stdout.contains("the base at seq"), "{stdout}");
+
+    let refused = |what: &str, name: &str| {
+        let o = verify(&ps, &last.to_string());
+        let err = String::from_utf8_lossy(&o.stderr).to_string();
+        assert!(!o.status.success(), "verify passed with {what}");
+        assert!(
+            err.contains(name),
+            "verify must name {name} for {what}: {err}"
+        );
+    };
+    // A deleted segment: the missing seqs are named.
+    let segs = objects(&ps.store_url, "log");
+    let seg = segs.last().unwrap().clone();
+    let aside = root.path().join("aside");
+    std::fs::copy(&seg, &aside).unwrap();
+    std::fs::remove_file(&seg).unwrap();
+    let file = seg.file_name().unwrap().to_string_lossy().to_string();
+    let first = u64::from_str_radix(file.split('-').next().unwrap(), 16).unwrap();
+    refused(
+        "a deleted segment",
+        &format!("no segment holds seqs {first}..="),
+    );
+    std::fs::copy(&aside, &seg).unwrap();
+    // A flipped byte in a segment.
+    let mut bytes = std::fs::read(&seg).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x01;
+    std::fs::write(&seg, &bytes).unwrap();
+    refused("a flipped byte", &file);
+    std::fs::copy(&aside, &seg).unwrap();
+    // A truncated chunk.
+    let chunk = objects(&ps.store_url, "chunks")[0].clone();
+    let id = chunk.file_name().unwrap().to_string_lossy().to_string();
+    let bytes = std::fs::read(&chunk).unwrap();
+    std::fs::write(&chunk, &bytes[..bytes.len() / 2]).unwrap();
+    refused("a truncated chunk", &id);
+    std::fs::write(&chunk, &bytes).unwrap();
+    let o = verify(&ps, &last.to_string());
+    assert!(
+        o.status.success(),
+        "restored: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
 }
