@@ -304,6 +304,7 @@ mod tests {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/examples/ps.toml");
         let cfg = PsConfig::load(&path).unwrap();
         assert_eq!(cfg.max_connections_per_source, 16);
+        assert_eq!(cfg.retention, Retention::default());
         assert!(cfg.store.url.starts_with("s3://"));
     }
 }

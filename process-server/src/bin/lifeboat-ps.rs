@@ -224,6 +224,16 @@ max-connections-per-source = 16
 [store]
 url = "{store}"
 # options = {{ aws_endpoint = "http://127.0.0.1:8014", aws_region = "us-east-1" }}
+
+# History kept in the store (these are the defaults; uncomment to change).
+# Older points are folded into a base of shared chunks and deleted.
+# [retention]
+# keep = "24h"            # 10s .. 30days
+# fine-window = "2h"      # every point younger than this is kept
+# tiers = [{{ older-than = "2h", every = "1h" }}, {{ older-than = "24h", every = "1day" }}]
+# app-every = "0s"        # app-consistent points beyond the fine window: one per this; 0 keeps all
+# compact-every = "10m"   # how often retention runs per machine
+# work-dir = "cache/fold" # fold work files (sparse images of the changed chunks)
 "#,
         ca = pki::CA_CERT,
         sc = pki::SERVER_CERT,
