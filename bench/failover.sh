@@ -44,6 +44,7 @@ keep = "10s"
 fine-window = "10s"
 tiers = []
 compact-every = "2s"
+reader-grace = "0s"
 TOML
 PS_CERTS="$WORK/ps/machines/machine-1"
 serve_ps
@@ -89,7 +90,8 @@ T=$(tag); wait_stored "$T"
 kill -TERM "$AGENT_PID" "$PS_PID"; wait "$PS_PID" 2>/dev/null || true
 BASE=$(points_json | json 'd["base"]["seq"]')
 SEGS=$(points_json | json 'len([p for p in d["points"]])')
-sync; echo 3 >/proc/sys/vm/drop_caches 2>/dev/null || true
+# Both sides read from the page cache: the store's objects (just written)
+# and, for cp, the recovered image.
 F0=$(now)
 "$BIN/lifeboat-mt" failover --store "$STORE" --machine machine-1 --point latest \
   --out "$WORK/recovered" --key-file "$WORK/ps/kek.key" >"$WORK/failover.out" 2>"$WORK/failover.err"
@@ -110,6 +112,7 @@ wait_streaming
 for i in $(seq "$CYCLES"); do
   fio --name=cycle --ioengine=nbd --uri="$AURI" --rw=write --bs=1M --iodepth=8 --size=1G \
       --buffer_compress_percentage=50 --refill_buffers=1 >/dev/null
+  wait_streaming
   tag >/dev/null
 done
 wait_streaming

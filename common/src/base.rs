@@ -81,6 +81,10 @@ pub struct BaseManifest {
     /// When the stream reached `seq` (the point there), ms since the epoch.
     pub time_ms: u64,
     pub time: String,
+    /// When the base was stored, ms since the Unix epoch: what it replaces
+    /// is deleted only a grace period later (readers in flight).
+    #[serde(default)]
+    pub created_ms: u64,
     /// The disks in the machine's disk order (disk number = index).
     pub disks: Vec<BaseDisk>,
 }
@@ -205,7 +209,8 @@ pub async fn list_bases(
     fences: &Fences,
 ) -> Result<Vec<BaseManifest>, CatalogueError> {
     let mut out: Vec<(String, BaseManifest)> =
-        catalogue::list_signed(store, key, &format!("{}/base/", machine_dir(machine))).await?;
+        catalogue::list_signed(store, key, &format!("{}/base/", machine_dir(machine)), true)
+            .await?;
     for (name, b) in &out {
         if *name != base_object(machine, b.seq) {
             return Err(CatalogueError::Invalid {
@@ -258,9 +263,12 @@ pub async fn stream_view(
     key: Option<&CatalogueKey>,
     machine: &str,
 ) -> Result<StreamView, CatalogueError> {
+    // Segments first: a fold creates its base before it deletes the
+    // segments it replaces, so a base listed after the segments is never
+    // newer than what they cover (the other order could show a gap).
+    let segments = catalogue::list_segments(store, machine).await?;
     let fences = catalogue::list_fences(store, key, machine).await?;
     let bases = list_bases(store, key, machine, &fences).await?;
-    let segments = catalogue::list_segments(store, machine).await?;
     let start = newest(&bases).map_or(0, |b| b.seq);
     let prefix = catalogue::contiguous_prefix(&segments, &fences, start);
     Ok(StreamView {

@@ -5,10 +5,13 @@
 //! machines/<machine>/
 //!     machine.json                               identity, disks, format version
 //!     keys/data-key.sealed                       data key sealed by the key-encryption key
-//!     log/<first:016x>-<last:016x>-<epoch:016x>.seg   sealed segment, written by
-//!                                                the owner of that epoch
-//!                                                (`<first>-<last>.seg`: epoch 0,
-//!                                                written before epochs were named)
+//!     log/<first:016x>-<last:016x>-<epoch:016x>-<time-ms:016x>.seg
+//!                                                sealed segment, written by the
+//!                                                owner of that epoch; every entry
+//!                                                was durable at time-ms (older
+//!                                                names: `<first>-<last>-<epoch>.seg`,
+//!                                                time unknown; `<first>-<last>.seg`:
+//!                                                epoch 0, before epochs were named)
 //!     points/<seq:016x>.json                     recovery point
 //!     inconsistent/<seq:016x>.json               the stream is not crash-consistent
 //!                                                from this seq until the next point
@@ -66,8 +69,9 @@ use crate::store::{Store, StoreError};
 pub const FORMAT_VERSION: u32 = 1;
 /// The format `machine.json` is written in: 2 since segment names carry the
 /// owner epoch (a reader that knows only format 1 would ignore those
-/// segments; it refuses the record instead). Format 1 is still read.
-pub const MACHINE_FORMAT: u32 = 2;
+/// segments; it refuses the record instead), 3 since they carry the time
+/// their entries were durable. Formats 1 and 2 are still read.
+pub const MACHINE_FORMAT: u32 = 3;
 
 pub fn machine_dir(machine: &str) -> String {
     format!("machines/{machine}")
@@ -221,18 +225,33 @@ pub fn format_time_ms(ms: u64) -> String {
         .unwrap_or_else(|| format!("{ms}ms"))
 }
 
-/// A segment's name, parsed: its seqs and the owner epoch that wrote it.
+/// A segment's name, parsed: its seqs, the owner epoch that wrote it, and
+/// when its entries were all durable on the process server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct SegmentName {
     pub first: u64,
     pub last: u64,
     /// 0 for a name without an epoch (written before epochs were named).
     pub epoch: u64,
+    /// Milliseconds since the Unix epoch at which every entry of the segment
+    /// was durable on the process server (at or a little after the last
+    /// one's acknowledgement); 0: not recorded (older names). The name is
+    /// authenticated: it is the seal's associated data.
+    pub time_ms: u64,
 }
 
 impl SegmentName {
     pub fn new(first: u64, last: u64, epoch: u64) -> SegmentName {
-        SegmentName { first, last, epoch }
+        SegmentName {
+            first,
+            last,
+            epoch,
+            time_ms: 0,
+        }
+    }
+
+    pub fn with_time(self, time_ms: u64) -> SegmentName {
+        SegmentName { time_ms, ..self }
     }
 
     pub fn parse(file: &str) -> Option<SegmentName> {
@@ -245,15 +264,21 @@ impl SegmentName {
                 .and_then(|p| u64::from_str_radix(p, 16).ok())
         };
         let (first, last) = (hex()?, hex()?);
-        let epoch = match parts.next() {
-            None => 0,
-            Some(p) if p.len() == 16 => u64::from_str_radix(p, 16).ok()?,
-            Some(_) => return None,
+        let mut opt = || match parts.next() {
+            None => Some(0),
+            Some(p) if p.len() == 16 => u64::from_str_radix(p, 16).ok(),
+            Some(_) => None,
         };
-        if parts.next().is_some() || first > last {
+        let (epoch, time_ms) = (opt()?, opt()?);
+        if parts.next().is_some() || first > last || (time_ms > 0 && epoch == 0) {
             return None;
         }
-        Some(SegmentName { first, last, epoch })
+        Some(SegmentName {
+            first,
+            last,
+            epoch,
+            time_ms,
+        })
     }
 }
 
@@ -261,11 +286,17 @@ impl fmt::Display for SegmentName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if self.epoch == 0 {
             write!(f, "{:016x}-{:016x}.seg", self.first, self.last)
-        } else {
+        } else if self.time_ms == 0 {
             write!(
                 f,
                 "{:016x}-{:016x}-{:016x}.seg",
                 self.first, self.last, self.epoch
+            )
+        } else {
+            write!(
+                f,
+                "{:016x}-{:016x}-{:016x}-{:016x}.seg",
+                self.first, self.last, self.epoch, self.time_ms
             )
         }
     }
@@ -632,8 +663,13 @@ pub async fn list_fences(
     key: Option<&CatalogueKey>,
     machine: &str,
 ) -> Result<Fences, CatalogueError> {
-    let recs: Vec<(String, EpochRecord)> =
-        list_signed(store, key, &format!("{}/epochs/", machine_dir(machine))).await?;
+    let recs: Vec<(String, EpochRecord)> = list_signed(
+        store,
+        key,
+        &format!("{}/epochs/", machine_dir(machine)),
+        false,
+    )
+    .await?;
     for (name, r) in &recs {
         if *name != epoch_object(machine, r.epoch) {
             return Err(CatalogueError::Invalid {
@@ -653,8 +689,13 @@ pub async fn list_points(
     machine: &str,
     fences: &Fences,
 ) -> Result<Vec<PointRecord>, CatalogueError> {
-    let mut out: Vec<(String, PointRecord)> =
-        list_signed(store, key, &format!("{}/points/", machine_dir(machine))).await?;
+    let mut out: Vec<(String, PointRecord)> = list_signed(
+        store,
+        key,
+        &format!("{}/points/", machine_dir(machine)),
+        true,
+    )
+    .await?;
     for (name, p) in &out {
         if *name != point_object(machine, p.seq) || p.id != point_id(p.seq) {
             return Err(CatalogueError::Invalid {
@@ -688,6 +729,7 @@ pub async fn list_inconsistent(
         store,
         key,
         &format!("{}/inconsistent/", machine_dir(machine)),
+        true,
     )
     .await?;
     for (name, m) in &out {
@@ -708,20 +750,26 @@ pub async fn list_inconsistent(
 
 /// Every `*.json` object under `dir`, authenticated (unless `key` is `None`:
 /// listing for display only, never for recovery) and parsed, with its name.
-/// An object deleted between the listing and its read is left out.
+/// An object deleted between the listing and its read is left out when
+/// `vanish_ok` (retention deletes points, marks and bases), else an error.
 pub(crate) async fn list_signed<T: serde::de::DeserializeOwned>(
     store: &Store,
     key: Option<&CatalogueKey>,
     dir: &str,
+    vanish_ok: bool,
 ) -> Result<Vec<(String, T)>, CatalogueError> {
     let mut out = Vec::new();
     for (rel, _) in store.list(dir).await? {
         if !rel.ends_with(".json") {
             continue;
         }
-        // Gone since the listing: deleted by retention or compaction.
         let Some(bytes) = store.get(&rel).await? else {
-            continue;
+            if vanish_ok {
+                continue; // deleted by retention since the listing
+            }
+            return Err(CatalogueError::Missing {
+                object: store.describe(&rel),
+            });
         };
         let v = match key {
             Some(key) => open_record(key, store, &rel, &bytes)?,
@@ -764,11 +812,19 @@ mod tests {
         let old = SegmentName::parse("0000000000000005-0000000000000007.seg").unwrap();
         assert_eq!(old, SegmentName::new(5, 7, 0));
         assert_eq!(old.to_string(), "0000000000000005-0000000000000007.seg");
+        // Names with the time their entries were durable.
+        let timed = name.with_time(0x1234);
+        assert_eq!(
+            timed.to_string(),
+            "0000000000000005-0000000000000007-0000000000000003-0000000000001234.seg"
+        );
+        assert_eq!(SegmentName::parse(&timed.to_string()), Some(timed));
         for bad in [
             "0000000000000007-0000000000000005.seg",
             "5-7.seg",
             "0000000000000005-0000000000000007-3.seg",
-            "0000000000000005-0000000000000007-0000000000000003-0000000000000001.seg",
+            "0000000000000005-0000000000000007-0000000000000000-0000000000000001.seg",
+            "0000000000000005-0000000000000007-0000000000000003-0000000000000001-0000000000000001.seg",
         ] {
             assert_eq!(SegmentName::parse(bad), None, "{bad}");
         }

@@ -222,11 +222,24 @@ async fn epoch_floor(
 ) -> Result<(u64, String), OwnerError> {
     let fences = catalogue::list_fences(store, Some(key), machine).await?;
     let segments = catalogue::list_segments(store, machine).await?;
-    let from_segments = segments.iter().map(|s| s.epoch).max().unwrap_or(0);
+    // Retention deletes old segments: bases and points name epochs too.
+    let all = catalogue::Fences::default();
+    let bases = crate::base::list_bases(store, Some(key), machine, &all).await?;
+    let points = catalogue::list_points(store, Some(key), machine, &all).await?;
+    let from_segments = segments
+        .iter()
+        .map(|s| s.epoch)
+        .chain(bases.iter().map(|b| b.epoch))
+        .chain(points.iter().map(|p| p.epoch))
+        .max()
+        .unwrap_or(0);
     let newest = fences.records().iter().max_by_key(|r| r.epoch);
     Ok(match newest {
         Some(r) if r.epoch >= from_segments => (r.epoch, r.server.clone()),
-        _ => (from_segments, "(unknown: named by its segments)".into()),
+        _ => (
+            from_segments,
+            "(unknown: named by its segments, bases or points)".into(),
+        ),
     })
 }
 

@@ -1,10 +1,13 @@
 //! Materialising a recovery point: the machine's disks as sparse raw images,
 //! read from the object store alone (the process server may be gone).
 //!
-//! Every segment from seq 1 to the point's seq is fetched (up to
-//! `FETCH_CONCURRENCY` at once), authenticated and decrypted, checked against its
-//! name, and its entries with `seq ≤ point` are applied in seq order — so the
-//! image is exactly the source disk after the point's last write. A missing
+//! The newest base's chunks are written first (each authenticated and checked
+//! against its id), then every segment after the base up to the point's seq is
+//! fetched (up to `FETCH_CONCURRENCY` at once), authenticated and decrypted,
+//! checked against its name, and its entries with `base < seq ≤ point` are
+//! applied in seq order — so the image is exactly the source disk after the
+//! point's last write. `--time T` recovers the stream as it stood at T: up to
+//! the last segment whose name says its entries were all durable by T. A missing
 //! segment (a gap in the stream), a tampered object or a write outside a disk is
 //! an error naming the object, and the images are then not to be used.
 //!
@@ -283,17 +286,63 @@ pub fn resolve(
             }
             bail!("machine {machine} has no point {id}; `lifeboat-mt points` lists them")
         }
-        PointSpec::Time(t) => stored
-            .iter()
-            .rev()
-            .find(|p| p.time_ms <= *t)
-            .map(|p| pick(p))
-            .ok_or_else(|| {
-                anyhow!(
+        PointSpec::Time(t) => {
+            let t = *t;
+            if let Some(b) = inv.base.as_ref().filter(|b| t < b.time_ms) {
+                bail!(
+                    "{} is older than the retention kept for machine {machine}: the stream now starts \
+                     from the base at seq {} ({})",
+                    format_time_ms(t),
+                    b.seq,
+                    b.time
+                );
+            }
+            // The stream as it stood at T: up to the last segment whose
+            // entries were all durable by then (segment names say when).
+            let mut at = None;
+            for s in &inv.segments {
+                if s.name.time_ms > t {
+                    break;
+                }
+                if s.name.time_ms != 0 {
+                    at = Some(s.upto);
+                }
+            }
+            let newest_point = stored.iter().rev().find(|p| p.time_ms <= t);
+            let seq = match (at, &inv.base) {
+                (Some(seq), _) => seq,
+                (None, Some(b)) => b.seq,
+                (None, None) => 0,
+            };
+            let unsettled = inv
+                .inconsistent
+                .iter()
+                .filter(|m| m.seq <= seq)
+                .map(|m| m.seq)
+                .max()
+                .is_some_and(|m| {
+                    !stored.iter().any(|p| p.seq >= m && p.seq <= seq) && inv.start() < m
+                });
+            match newest_point {
+                // A point at exactly that prefix, or a better-known one when
+                // the times do not reach T or the prefix is not consistent.
+                Some(p) if p.seq == seq || (p.seq > seq && at.is_none()) || unsettled => {
+                    Ok(pick(p))
+                }
+                _ if seq == 0 || unsettled => Err(anyhow!(
                     "machine {machine} has no point at or before {}",
-                    format_time_ms(*t)
-                )
-            }),
+                    format_time_ms(t)
+                )),
+                _ => Ok(Resolved {
+                    seq,
+                    point: stored.iter().find(|p| p.seq == seq).map(|p| (*p).clone()),
+                    description: format!(
+                        "the stream as it stood at {} (seq {seq})",
+                        format_time_ms(t)
+                    ),
+                }),
+            }
+        }
     }
 }
 

@@ -39,6 +39,10 @@ pub struct VerifyReport {
     pub chunks_checked: usize,
     pub segments_checked: usize,
     pub bytes_fetched: u64,
+    /// False when the point is the stream's end inside a sync or resync: the
+    /// objects are sound, but failover refuses it without
+    /// `--allow-inconsistent` (the disks are not crash-consistent there).
+    pub consistent: bool,
     pub disks: Vec<DiskSum>,
 }
 
@@ -54,6 +58,7 @@ pub async fn verify(
 ) -> Result<VerifyReport> {
     let inv: Inventory = materialize::inventory(store, Some(&keys.catalogue), machine).await?;
     let resolved: Resolved = materialize::resolve(&inv, machine, spec, true)?;
+    let consistent = resolved.point.is_some() || inv.unsettled_end().is_none();
     if resolved.seq > inv.end {
         anyhow::bail!(
             "point at seq {} of machine {machine} cannot be recovered: {}",
@@ -94,6 +99,7 @@ pub async fn verify(
         chunks_checked: report.chunks_read,
         segments_checked: report.segments_read,
         bytes_fetched: report.bytes_fetched,
+        consistent,
         disks,
     })
 }

@@ -278,6 +278,9 @@ pub struct Batch {
     pub bytes: usize,
     /// Whether the batch ends at a tag (segments are always cut there).
     pub ends_at_tag: bool,
+    /// When its last entry was durable, ms since the Unix epoch, if known
+    /// (0: read back from the cache, not seen being made durable).
+    pub durable_ms: u64,
 }
 
 impl Cache {

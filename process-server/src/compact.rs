@@ -52,7 +52,14 @@ use tracing::{info, warn};
 
 use crate::cache::Cache;
 use crate::config::{PsConfig, Retention};
-use crate::uploader::{is_fencing, MachineKeys, OwnerCheck};
+use crate::ownership::Fenced;
+use crate::uploader::{MachineKeys, OwnerCheck};
+
+/// Free space a fold leaves on its work filesystem at the least.
+const FOLD_RESERVE: u64 = 256 << 20;
+
+/// Folds running at once on this server (work files and CPU are shared).
+static FOLDS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(1);
 
 /// Segments fetched and decoded at once by a fold (each up to
 /// `segment-max-bytes` sealed, and about as much again decoded).
@@ -120,7 +127,7 @@ pub async fn run(c: Compactor) {
                 r.points_deleted,
                 r.chunks_deleted
             ),
-            Err(e) if is_fencing(&e) => {
+            Err(e) if e.is::<Fenced>() => {
                 warn!(machine = %c.machine, "retention stopped: {e:#}");
                 return;
             }
@@ -153,15 +160,21 @@ pub async fn run_once(
         .iter()
         .filter(|p| p.seq > start && p.seq <= ready && p.time_ms <= horizon_ms)
         .max_by_key(|p| p.seq);
+    // A failed fold does not hold up the rest: what an earlier base
+    // replaced is still tidied, points thinned and chunks collected.
+    let mut folded = Ok(());
     if let Some(point) = horizon {
-        fold(c, &view, point, &mut report).await?;
+        folded = fold(c, &view, point, &mut report).await;
+        if folded.as_ref().is_err_and(|e| e.is::<Fenced>()) {
+            return folded.map(|()| report);
+        }
         view = base::stream_view(store, Some(ck), m).await?;
     }
-    tidy(c, &view, &mut report).await?;
+    tidy(c, &view, now_ms, &mut report).await?;
     let points = catalogue::list_points(store, Some(ck), m, &view.fences).await?;
     thin(c, &points, view.start(), now_ms, &mut report).await?;
     collect(c, unreferenced, &mut report).await?;
-    Ok(report)
+    folded.map(|()| report)
 }
 
 /// Where the fold's work files of `machine` go.
@@ -181,16 +194,68 @@ async fn fold(
     report: &mut RunReport,
 ) -> Result<()> {
     let (store, m) = (&c.store, c.machine.as_str());
+    // One fold at a time on this server: each holds work files and CPU.
+    let _one = FOLDS.acquire().await?;
     let rec = catalogue::load_machine(store, &c.keys.catalogue, m).await?;
     let old = view.base();
     let start = view.start();
     let h = point.seq;
+    // Disk numbers are positions: the point, the old base and machine.json
+    // must agree on the id at each (disks are only ever appended).
+    for (i, d) in point.disks.iter().enumerate() {
+        let clash = |other: Option<&str>, what: &str| match other {
+            Some(o) if o != d.id => Err(anyhow!(
+                "disk #{i} is {:?} in point {} but {o:?} in {what}; not folding",
+                d.id,
+                point.id
+            )),
+            _ => Ok(()),
+        };
+        clash(
+            old.and_then(|b| b.disks.get(i)).map(|x| x.id.as_str()),
+            "the current base",
+        )?;
+        clash(rec.disks.get(i).map(|x| x.id.as_str()), "machine.json")?;
+    }
+    if let Some(b) = old.filter(|b| b.disks.len() > point.disks.len()) {
+        bail!(
+            "the current base (seq {}) has {} disks, point {} only {}; not folding",
+            b.seq,
+            b.disks.len(),
+            point.id,
+            point.disks.len()
+        );
+    }
     let dir = work_dir(&c.cfg, m);
     if dir.exists() {
         std::fs::remove_dir_all(&dir).with_context(|| format!("clearing {}", dir.display()))?;
     }
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let _cleanup = RemoveOnDrop(dir.clone());
+    // The work files hold what the stream wrote since the old base (at most
+    // the disks' sizes): refuse to start a fold that would fill their
+    // filesystem (it is the cache's by default, and a full cache stops
+    // acknowledgements).
+    let sizes: BTreeMap<String, u64> = store
+        .list(&format!("{}/log/", catalogue::machine_dir(m)))
+        .await?
+        .into_iter()
+        .collect();
+    let sealed: u64 = view
+        .prefix
+        .spans
+        .iter()
+        .filter(|s| s.name.first <= h && s.upto > start)
+        .filter_map(|s| sizes.get(&segment_object(m, &s.name)))
+        .sum();
+    let disks_total: u64 = point.disks.iter().map(|d| d.size).sum();
+    let need = disks_total.min(sealed.saturating_mul(4)) + FOLD_RESERVE;
+    if let Some(free) = crate::cache::free_bytes(&dir).filter(|f| *f < need) {
+        bail!(
+            "{} has {free} bytes free; folding up to seq {h} may need {need}: not folding until there is room",
+            dir.display()
+        );
+    }
 
     // The disks at H are the point's; each may reach up to its largest size.
     let old_disk = |i: usize, id: &str| {
@@ -283,6 +348,10 @@ async fn fold(
         );
     }
     let targets = targets.expect("targets are back");
+    // A resize entry may have grown a disk past what the records said.
+    for (i, l) in largest.iter_mut().enumerate() {
+        *l = (*l).max(targets[&(i as u16)].limit);
+    }
 
     // Per disk: the chunks the stream touched get their uncovered bytes from
     // the old base, then each is named and put unless stored.
@@ -410,62 +479,114 @@ async fn fold(
         chunk_size: CHUNK_SIZE,
         time_ms: point.time_ms,
         time: point.time.clone(),
+        created_ms: lifeboat_common::now_ms(),
         disks,
     };
+    // Every chunk the base names must be stored before the base is: the
+    // ones this fold put or found, and those carried over from the old base.
+    let stored: HashSet<String> = store
+        .list(&base::chunk_dir(m))
+        .await?
+        .into_iter()
+        .filter_map(|(rel, _)| rel.rsplit('/').next().map(str::to_string))
+        .collect();
+    if let Some(id) = manifest.chunk_ids().find(|id| !stored.contains(*id)) {
+        bail!(
+            "{} is missing although the new base needs it; not folding",
+            store.describe(&base::chunk_object(m, id))
+        );
+    }
     let name = base::base_object(m, h);
     c.check.verify(store).await?;
     let body = Bytes::from(catalogue::sign_record(&c.keys.catalogue, &name, &manifest));
     let ck = &c.keys.catalogue;
-    store
-        .create(&name, body, |existing| {
-            catalogue::open_record::<BaseManifest>(ck, store, &name, existing)
-                .is_ok_and(|b| b == manifest)
+    let fences = &view.fences;
+    let mut stale = false;
+    let created = store
+        .create(&name, body.clone(), |existing| {
+            match catalogue::open_record::<BaseManifest>(ck, store, &name, existing) {
+                Ok(b) if !fences.counts(b.epoch, b.seq) => {
+                    stale = true; // an older owner's, landed after a takeover
+                    true
+                }
+                Ok(b) => {
+                    BaseManifest { created_ms: 0, ..b }
+                        == BaseManifest {
+                            created_ms: 0,
+                            ..manifest.clone()
+                        }
+                }
+                Err(_) => false,
+            }
         })
-        .await?;
+        .await;
+    created?;
+    if stale {
+        warn!(machine = %m, "{} was written by an older owner after a takeover; replacing it", store.describe(&name));
+        c.check.verify(store).await?;
+        store.put(&name, body).await?;
+    }
     report.folded = Some(h);
     Ok(())
 }
 
-/// Deletes what the newest base made unnecessary (see the module header).
-async fn tidy(c: &Compactor, view: &StreamView, report: &mut RunReport) -> Result<()> {
-    let Some(b) = view.base() else {
-        return Ok(());
-    };
+/// Deletes, every this many objects, only after checking ownership again.
+const DELETES_PER_CHECK: usize = 64;
+
+/// Deletes `names`, checking ownership before the first and every
+/// [`DELETES_PER_CHECK`] after it.
+async fn delete_all(c: &Compactor, names: &[String]) -> Result<usize> {
+    for (i, n) in names.iter().enumerate() {
+        if i % DELETES_PER_CHECK == 0 {
+            c.check.verify(&c.store).await?;
+        }
+        c.store.delete(n).await?;
+    }
+    Ok(names.len())
+}
+
+/// Deletes what a base made unnecessary (see the module header): below the
+/// newest base stored at least `reader-grace` ago, so that a failover that
+/// began from an older base still finds what it reads; and bases no reader
+/// counts (an older owner's, landed after a takeover).
+async fn tidy(c: &Compactor, view: &StreamView, now_ms: u64, report: &mut RunReport) -> Result<()> {
     let (store, m, ck) = (&c.store, c.machine.as_str(), &c.keys.catalogue);
-    let h = b.seq;
-    let segments: Vec<_> = view.segments.iter().filter(|s| s.last <= h).collect();
+    let grace = c.cfg.retention.reader_grace.as_millis() as u64;
     let all = catalogue::Fences::default();
-    let points: Vec<_> = catalogue::list_points(store, Some(ck), m, &all)
-        .await?
-        .into_iter()
-        .filter(|p| p.seq < h)
+    let every_base = base::list_bases(store, Some(ck), m, &all).await?;
+    let h = view
+        .bases
+        .iter()
+        .filter(|b| b.created_ms.saturating_add(grace) <= now_ms)
+        .map(|b| b.seq)
+        .max()
+        .unwrap_or(0);
+    let mut names: Vec<String> = every_base
+        .iter()
+        .filter(|b| b.seq < h || !view.fences.counts(b.epoch, b.seq))
+        .map(|b| base::base_object(m, b.seq))
         .collect();
-    let marks: Vec<_> = catalogue::list_inconsistent(store, Some(ck), m, &all)
-        .await?
-        .into_iter()
-        .filter(|x| x.seq <= h)
-        .collect();
-    let bases: Vec<_> = view.bases.iter().filter(|x| x.seq < h).collect();
-    if segments.is_empty() && points.is_empty() && marks.is_empty() && bases.is_empty() {
-        return Ok(());
+    if h > 0 {
+        let segments = view.segments.iter().filter(|s| s.last <= h);
+        names.extend(segments.map(|s| segment_object(m, s)));
+        let points = catalogue::list_points(store, Some(ck), m, &all).await?;
+        let dropped: Vec<String> = points
+            .iter()
+            .filter(|p| p.seq < h)
+            .map(|p| catalogue::point_object(m, p.seq))
+            .collect();
+        report.points_deleted += dropped.len();
+        names.extend(dropped);
+        let marks = catalogue::list_inconsistent(store, Some(ck), m, &all).await?;
+        names.extend(
+            marks
+                .iter()
+                .filter(|x| x.seq <= h)
+                .map(|x| catalogue::inconsistent_object(m, x.seq)),
+        );
+        report.segments_deleted += view.segments.iter().filter(|s| s.last <= h).count();
     }
-    c.check.verify(store).await?;
-    for s in segments {
-        store.delete(&segment_object(m, s)).await?;
-        report.segments_deleted += 1;
-    }
-    for p in points {
-        store.delete(&catalogue::point_object(m, p.seq)).await?;
-        report.points_deleted += 1;
-    }
-    for x in marks {
-        store
-            .delete(&catalogue::inconsistent_object(m, x.seq))
-            .await?;
-    }
-    for x in bases {
-        store.delete(&base::base_object(m, x.seq)).await?;
-    }
+    delete_all(c, &names).await?;
     Ok(())
 }
 
@@ -483,6 +604,9 @@ pub fn thinned(r: &Retention, points: &[PointRecord], base: u64, now_ms: u64) ->
         let age = now_ms.saturating_sub(p.time_ms);
         if age < fine_ms {
             continue;
+        }
+        if p.kind == TagKind::Group {
+            continue; // shared with other machines: thinned by none alone
         }
         let app = p.kind == TagKind::App;
         let every = if app {
@@ -516,17 +640,11 @@ async fn thin(
     now_ms: u64,
     report: &mut RunReport,
 ) -> Result<()> {
-    let drop = thinned(&c.cfg.retention, points, base, now_ms);
-    if drop.is_empty() {
-        return Ok(());
-    }
-    c.check.verify(&c.store).await?;
-    for seq in drop {
-        c.store
-            .delete(&catalogue::point_object(&c.machine, seq))
-            .await?;
-        report.points_deleted += 1;
-    }
+    let names: Vec<String> = thinned(&c.cfg.retention, points, base, now_ms)
+        .into_iter()
+        .map(|seq| catalogue::point_object(&c.machine, seq))
+        .collect();
+    report.points_deleted += delete_all(c, &names).await?;
     Ok(())
 }
 
@@ -555,13 +673,10 @@ async fn collect(
         .filter(|id| unreferenced.contains(*id))
         .cloned()
         .collect();
-    if !doomed.is_empty() {
-        c.check.verify(store).await?;
-        for id in &doomed {
-            store.delete(&base::chunk_object(m, id)).await?;
-            report.chunks_deleted += 1;
-            now_unreferenced.remove(id);
-        }
+    let names: Vec<String> = doomed.iter().map(|id| base::chunk_object(m, id)).collect();
+    report.chunks_deleted += delete_all(c, &names).await?;
+    for id in &doomed {
+        now_unreferenced.remove(id);
     }
     *unreferenced = now_unreferenced;
     Ok(())

@@ -111,6 +111,10 @@ fn default_keep() -> Duration {
 fn default_fine_window() -> Duration {
     DEFAULT_FINE_WINDOW
 }
+pub const DEFAULT_READER_GRACE: Duration = Duration::from_secs(3600);
+fn default_reader_grace() -> Duration {
+    DEFAULT_READER_GRACE
+}
 fn default_compact_every() -> Duration {
     DEFAULT_COMPACT_EVERY
 }
@@ -147,6 +151,11 @@ pub struct Retention {
     /// How often retention runs per machine.
     #[serde(default = "default_compact_every", with = "humantime_serde")]
     pub compact_every: Duration,
+    /// What a new base replaces is deleted only this long after the base
+    /// was stored, so that a failover or verify that began from the older
+    /// base still finds what it reads.
+    #[serde(default = "default_reader_grace", with = "humantime_serde")]
+    pub reader_grace: Duration,
     /// Work files of a fold (sparse images of the changed chunks); default
     /// `<cache-dir>/fold`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -161,6 +170,7 @@ impl Default for Retention {
             tiers: default_tiers(),
             app_every: Duration::ZERO,
             compact_every: DEFAULT_COMPACT_EVERY,
+            reader_grace: DEFAULT_READER_GRACE,
             work_dir: None,
         }
     }
@@ -189,6 +199,12 @@ impl Retention {
             return Err(bad(format!(
                 "compact-every must be between 1s and 24h, not {}",
                 d(self.compact_every)
+            )));
+        }
+        if self.reader_grace > Duration::from_secs(7 * 24 * 3600) {
+            return Err(bad(format!(
+                "reader-grace must be at most 7days, not {}",
+                d(self.reader_grace)
             )));
         }
         let mut prev = Duration::ZERO;

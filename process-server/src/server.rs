@@ -222,14 +222,19 @@ impl PsSink {
             .await?;
         let epoch = held.record.epoch;
         let segments = catalogue::list_segments(&self.store, machine).await?;
+        let all = catalogue::Fences::default();
+        let bases = lifeboat_common::base::list_bases(&self.store, Some(ck), machine, &all).await?;
         let rec = match catalogue::load_machine(&self.store, ck, machine).await {
             Ok(r) => r,
-            Err(catalogue::CatalogueError::Missing { .. }) if segments.is_empty() => {
+            Err(catalogue::CatalogueError::Missing { .. })
+                if segments.is_empty() && bases.is_empty() =>
+            {
                 return Ok(()); // a new machine
             }
             Err(catalogue::CatalogueError::Missing { object }) => anyhow::bail!(
-                "the store holds {} segments of {machine} but not its record {object}: restore it before this machine can continue",
-                segments.len()
+                "the store holds {} segments and {} bases of {machine} but not its record {object}: restore it before this machine can continue",
+                segments.len(),
+                bases.len()
             ),
             Err(e) => {
                 return Err(e)

@@ -115,6 +115,8 @@ pub const TAIL_MAX_BYTES: usize = 64 * 1024 * 1024;
 #[derive(Default)]
 pub struct Tail {
     entries: VecDeque<Entry>,
+    /// When each entry was pushed (made durable), ms since the Unix epoch.
+    times: VecDeque<u64>,
     bytes: usize,
 }
 
@@ -126,6 +128,7 @@ impl Tail {
         };
         if self.entries.back().is_some_and(|b| b.seq + 1 != first.seq) {
             self.entries.clear();
+            self.times.clear();
             self.bytes = 0;
         }
         let add: usize = entries.iter().map(Entry::encoded_len).sum();
@@ -134,6 +137,8 @@ impl Tail {
         }
         self.bytes += add;
         self.entries.extend(entries.iter().cloned());
+        let now = lifeboat_common::now_ms();
+        self.times.extend(std::iter::repeat_n(now, entries.len()));
     }
 
     /// Takes entries from `from` on (up to `budget` bytes, stopping after a tag) if
@@ -141,6 +146,7 @@ impl Tail {
     fn take(&mut self, from: u64, budget: usize) -> Option<Batch> {
         while self.entries.front().is_some_and(|e| e.seq < from) {
             let e = self.entries.pop_front().expect("non-empty");
+            self.times.pop_front();
             self.bytes -= e.encoded_len();
         }
         match self.entries.front() {
@@ -149,6 +155,7 @@ impl Tail {
             Some(_) => {
                 let mut b = Batch::default();
                 while let Some(e) = self.entries.pop_front() {
+                    b.durable_ms = self.times.pop_front().unwrap_or(0);
                     let len = e.encoded_len();
                     self.bytes -= len;
                     b.bytes += len;
@@ -589,6 +596,13 @@ pub async fn run_machine(env: UploadEnv, me: Arc<MachineUploader>) {
             };
             match read {
                 Ok(Ok(b)) => {
+                    if !b.entries.is_empty() {
+                        // Read back from the cache: durable by now at the latest.
+                        pending.durable_ms = match b.durable_ms {
+                            0 => lifeboat_common::now_ms(),
+                            t => t,
+                        };
+                    }
                     pending.entries.extend(b.entries);
                     pending.bytes += b.bytes;
                     pending.ends_at_tag = b.ends_at_tag;
@@ -624,6 +638,7 @@ pub async fn run_machine(env: UploadEnv, me: Arc<MachineUploader>) {
         }
 
         let entries = std::mem::take(&mut pending.entries);
+        let durable_ms = pending.durable_ms;
         pending = Batch::default();
         pending_since = None;
         let first = next;
@@ -659,6 +674,7 @@ pub async fn run_machine(env: UploadEnv, me: Arc<MachineUploader>) {
             machine.clone(),
             disks_at_start,
             entries,
+            durable_ms,
             cfg.zstd_level,
             check.clone(),
             fences.clone(),
@@ -686,6 +702,7 @@ async fn upload_segment(
     machine: String,
     mut disks: Vec<DiskInfo>,
     entries: Vec<Entry>,
+    durable_ms: u64,
     level: i32,
     check: Arc<OwnerCheck>,
     fences: Arc<Fences>,
@@ -694,7 +711,10 @@ async fn upload_segment(
     let first = entries.first()?.seq;
     let last = entries.last()?.seq;
     let epoch = check.epoch();
-    let name = segment_object(&machine, &SegmentName::new(first, last, epoch));
+    let name = segment_object(
+        &machine,
+        &SegmentName::new(first, last, epoch).with_time(durable_ms.max(1)),
+    );
     // A point carries the disk sizes of its seq.
     let mut points: Vec<PointRecord> = Vec::new();
     let mut unsettled: Vec<InconsistentRecord> = Vec::new();

@@ -786,7 +786,7 @@ impl Rig {
         );
         if let Some(keep) = s.retention {
             cfg.push_str(&format!(
-                "\n[retention]\nkeep = \"{}s\"\nfine-window = \"{}s\"\ntiers = []\ncompact-every = \"2s\"\n",
+                "\n[retention]\nkeep = \"{}s\"\nfine-window = \"{}s\"\ntiers = []\ncompact-every = \"2s\"\nreader-grace = \"3s\"\n",
                 keep.as_secs(),
                 keep.as_secs()
             ));

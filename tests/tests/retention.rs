@@ -57,7 +57,7 @@ fn set_retention(ps: &ProcessServer, keep: &str) {
     let cfg = ps.dir.join("ps.toml");
     let mut text = std::fs::read_to_string(&cfg).unwrap();
     text.push_str(&format!(
-        "\n[retention]\nkeep = \"{keep}\"\nfine-window = \"{keep}\"\ntiers = []\ncompact-every = \"2s\"\n"
+        "\n[retention]\nkeep = \"{keep}\"\nfine-window = \"{keep}\"\ntiers = []\ncompact-every = \"2s\"\nreader-grace = \"0s\"\n"
     ));
     std::fs::write(&cfg, text).unwrap();
 }
@@ -361,4 +361,55 @@ fn verify_checks_a_point_and_names_a_deleted_segment_a_truncated_chunk_and_a_fli
         "restored: {}",
         String::from_utf8_lossy(&o.stderr)
     );
+}
+
+#[test]
+fn time_recovers_the_stream_as_it_stood_at_that_moment_between_points() {
+    let root = tempfile::tempdir().unwrap();
+    // Nothing is folded in this test: every moment is inside retention.
+    let (ps, agent, mut w) = start(root.path(), "1h", 41);
+    let mut moments = Vec::new();
+    let mut buf = vec![0u8; MIB as usize];
+    for round in 0..4u64 {
+        // A burst of writes (no point is taken), acknowledged, then a
+        // quiet moment T, then the next burst.
+        for i in 0..3 {
+            w.rng.fill(&mut buf);
+            w.nbd.write((round * 8 + i) * MIB, &buf, 0).unwrap();
+        }
+        w.nbd.flush().unwrap();
+        agent.wait_acked(Duration::from_secs(60)).unwrap();
+        std::thread::sleep(Duration::from_millis(700));
+        let t = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+        moments.push((t, sha(&agent.image("root"))));
+        std::thread::sleep(Duration::from_millis(700));
+    }
+    let captured = agent.status().unwrap()["positions"]["captured"]
+        .as_u64()
+        .unwrap();
+    wait_stored(
+        &ps.store_url,
+        MACHINE,
+        &[],
+        captured,
+        Duration::from_secs(60),
+    )
+    .unwrap();
+    let listed = points(&ps.store_url, MACHINE, &[]).unwrap();
+    let out = root.path().join("out");
+    for (i, (t, want)) in moments.iter().enumerate() {
+        let dir = out.join(i.to_string());
+        let o = failover(&ps.store_url, MACHINE, t, &dir, &ps.kek(), &[]).unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(o.status.success(), "failover --point {t}: {err}");
+        assert!(
+            err.contains("as it stood at"),
+            "not recovered to the moment: {err}"
+        );
+        assert_eq!(
+            &sha(&dir.join("root.raw")),
+            want,
+            "--point {t} is not the disk as it was then (points: {listed})"
+        );
+    }
 }

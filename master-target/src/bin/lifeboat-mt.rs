@@ -299,6 +299,11 @@ async fn real_main() -> Result<()> {
             for d in &r.disks {
                 println!("  disk {}: {} bytes, sha256 {}", d.id, d.size, d.sha256);
             }
+            if !r.consistent {
+                println!(
+                    "  warning: the stream ends inside a sync or resync here: failover refuses it without --allow-inconsistent"
+                );
+            }
             Ok(())
         }
     }

@@ -233,7 +233,8 @@ url = "{store}"
 # tiers = [{{ older-than = "2h", every = "1h" }}, {{ older-than = "24h", every = "1day" }}]
 # app-every = "0s"        # app-consistent points beyond the fine window: one per this; 0 keeps all
 # compact-every = "10m"   # how often retention runs per machine
-# work-dir = "cache/fold" # fold work files (sparse images of the changed chunks)
+# reader-grace = "1h"     # what a new base replaces is deleted this long after it
+# work-dir = "cache/fold" # fold work files (what the stream wrote since the last base)
 "#,
         ca = pki::CA_CERT,
         sc = pki::SERVER_CERT,
