@@ -6,6 +6,7 @@ pub mod base;
 pub mod catalogue;
 pub mod codec;
 pub mod formats;
+pub mod group;
 pub mod framed;
 pub mod ids;
 pub mod image;
