@@ -29,7 +29,7 @@ struct StoreArgs {
     /// Backend option KEY=VALUE (e.g. aws_endpoint=http://127.0.0.1:8014); repeatable.
     #[arg(long = "store-option", value_name = "KEY=VALUE")]
     options: Vec<String>,
-    /// The machine (or, with --group, every machine of a consistency group).
+    /// The machine (not with --group, which names the machines).
     #[arg(long, required_unless_present = "group", conflicts_with = "group")]
     machine: Option<String>,
 }
