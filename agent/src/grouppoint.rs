@@ -182,14 +182,22 @@ mod tests {
     async fn prepare_holds_writes_commit_tags_and_releases() {
         let (_d, stream) = stream();
         let g = Arc::new(GroupHold::default());
-        g.prepare(&stream, 7, "g", Duration::from_secs(5)).await.unwrap();
+        g.prepare(&stream, 7, "g", Duration::from_secs(5))
+            .await
+            .unwrap();
         assert_eq!(g.holding(), Some(7));
         assert!(write_waits(&stream).await, "a write went through the hold");
-        assert!(g.prepare(&stream, 8, "g", Duration::from_secs(5)).await.is_err());
+        assert!(g
+            .prepare(&stream, 8, "g", Duration::from_secs(5))
+            .await
+            .is_err());
         assert!(g.commit(&stream, 8, "x").is_err());
         let seq = g.commit(&stream, 7, "g:7").unwrap();
         assert_eq!(seq, stream.positions().captured);
-        assert!(!write_waits(&stream).await, "writes stay held after the commit");
+        assert!(
+            !write_waits(&stream).await,
+            "writes stay held after the commit"
+        );
         assert!(g.commit(&stream, 7, "again").is_err());
     }
 
@@ -197,15 +205,22 @@ mod tests {
     async fn a_hold_ends_by_itself_after_its_bound_and_on_release() {
         let (_d, stream) = stream();
         let g = Arc::new(GroupHold::default());
-        g.prepare(&stream, 1, "g", Duration::from_millis(300)).await.unwrap();
+        g.prepare(&stream, 1, "g", Duration::from_millis(300))
+            .await
+            .unwrap();
         assert!(write_waits(&stream).await);
         tokio::time::sleep(Duration::from_millis(400)).await;
         assert_eq!(g.holding(), None);
-        assert!(!write_waits(&stream).await, "the bound did not release the hold");
+        assert!(
+            !write_waits(&stream).await,
+            "the bound did not release the hold"
+        );
         let err = g.commit(&stream, 1, "late").unwrap_err();
         assert!(err.contains("bound"), "{err}");
 
-        g.prepare(&stream, 2, "g", Duration::from_secs(30)).await.unwrap();
+        g.prepare(&stream, 2, "g", Duration::from_secs(30))
+            .await
+            .unwrap();
         g.release(Some(3), "not this one");
         assert_eq!(g.holding(), Some(2));
         g.release(None, "session ended");

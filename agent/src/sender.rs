@@ -344,7 +344,8 @@ async fn session(
                     let _ = ctl_tx.send(Frame::GroupCommitted { id, seq, error }).await;
                 }
                 Some(Frame::GroupRelease { id }) => {
-                    cfg.groups.release(Some(id), "the process server released it");
+                    cfg.groups
+                        .release(Some(id), "the process server released it");
                 }
                 Some(f @ (Frame::RegionsDiffer { .. } | Frame::BlocksDiffer { .. })) => {
                     if !resync.forward(f) {
@@ -438,6 +439,7 @@ async fn session(
         r = writer => r,
         r = resumer => r,
     };
-    cfg.groups.release(None, "the session with the process server ended");
+    cfg.groups
+        .release(None, "the session with the process server ended");
     r
 }

@@ -185,7 +185,12 @@ impl Stream {
 
     /// Places a tag while the caller holds the writes ([`Self::hold_writes`]);
     /// `None` when the replica cannot be consistent now.
-    pub fn tag_held(&self, _hold: &OwnedRwLockWriteGuard<()>, kind: TagKind, label: &str) -> Option<u64> {
+    pub fn tag_held(
+        &self,
+        _hold: &OwnedRwLockWriteGuard<()>,
+        kind: TagKind,
+        label: &str,
+    ) -> Option<u64> {
         let r = self.repl();
         if r.why_inconsistent().is_some() {
             return None;

@@ -21,7 +21,9 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::catalogue::{format_time_ms, open_record, open_record_unverified, CatalogueError, CatalogueKey};
+use crate::catalogue::{
+    format_time_ms, open_record, open_record_unverified, CatalogueError, CatalogueKey,
+};
 use crate::store::Store;
 
 pub const GROUP_FORMAT: u32 = 1;
@@ -59,7 +61,13 @@ pub struct GroupRecord {
 }
 
 impl GroupRecord {
-    pub fn new(group: &str, id: u64, time_ms: u64, label: &str, mut members: Vec<GroupMember>) -> GroupRecord {
+    pub fn new(
+        group: &str,
+        id: u64,
+        time_ms: u64,
+        label: &str,
+        mut members: Vec<GroupMember>,
+    ) -> GroupRecord {
         members.sort_by(|a, b| a.machine.cmp(&b.machine));
         GroupRecord {
             format: GROUP_FORMAT,
@@ -73,7 +81,10 @@ impl GroupRecord {
     }
 
     pub fn seq_of(&self, machine: &str) -> Option<u64> {
-        self.members.iter().find(|m| m.machine == machine).map(|m| m.seq)
+        self.members
+            .iter()
+            .find(|m| m.machine == machine)
+            .map(|m| m.seq)
     }
 }
 
@@ -117,9 +128,12 @@ fn invalid(store: &Store, object: &str, detail: impl Into<String>) -> CatalogueE
 /// Reads the index of group point `id`; its machine ids are checked.
 pub async fn load_index(store: &Store, group: &str, id: u64) -> Result<GroupIndex, CatalogueError> {
     let name = index_object(group, id);
-    let bytes = store.get(&name).await?.ok_or_else(|| CatalogueError::Missing {
-        object: store.describe(&name),
-    })?;
+    let bytes = store
+        .get(&name)
+        .await?
+        .ok_or_else(|| CatalogueError::Missing {
+            object: store.describe(&name),
+        })?;
     let idx: GroupIndex =
         serde_json::from_slice(&bytes).map_err(|e| invalid(store, &name, e.to_string()))?;
     if idx.format != GROUP_FORMAT || idx.group != group || idx.id != id {
@@ -160,7 +174,10 @@ pub async fn open_member(
         return Err(invalid(
             store,
             &name,
-            format!("holds point {} of group {:?}, not naming {machine}", rec.id, rec.group),
+            format!(
+                "holds point {} of group {:?}, not naming {machine}",
+                rec.id, rec.group
+            ),
         ));
     }
     for m in &rec.members {
@@ -183,7 +200,10 @@ pub async fn check_point<'a>(
         return Ok(Err("its index names no machine".into()));
     };
     let Some(rec) = open_member(store, key_of(first), first, group, id).await? else {
-        return Ok(Err(format!("{} is missing", store.describe(&member_object(first, group, id)))));
+        return Ok(Err(format!(
+            "{} is missing",
+            store.describe(&member_object(first, group, id))
+        )));
     };
     let listed: Vec<&str> = rec.members.iter().map(|m| m.machine.as_str()).collect();
     let mut indexed: Vec<&str> = idx.machines.iter().map(String::as_str).collect();
@@ -221,7 +241,10 @@ mod tests {
 
     #[test]
     fn names_and_members() {
-        assert_eq!(member_object("a", "g", 255), "machines/a/groups/g/00000000000000ff.json");
+        assert_eq!(
+            member_object("a", "g", 255),
+            "machines/a/groups/g/00000000000000ff.json"
+        );
         assert_eq!(index_object("g", 255), "groups/g/00000000000000ff.json");
         let r = GroupRecord::new(
             "g",
@@ -229,8 +252,14 @@ mod tests {
             0,
             "l",
             vec![
-                GroupMember { machine: "b".into(), seq: 2 },
-                GroupMember { machine: "a".into(), seq: 9 },
+                GroupMember {
+                    machine: "b".into(),
+                    seq: 2,
+                },
+                GroupMember {
+                    machine: "a".into(),
+                    seq: 9,
+                },
             ],
         );
         assert_eq!(r.members[0].machine, "a");

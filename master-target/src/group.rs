@@ -45,8 +45,14 @@ pub async fn list(store: &Store, kek: Option<&Key>, name: &str) -> Result<GroupP
             }
         }
         let key_of = |m: &str| keys.get(m);
-        match group::check_point(store, name, id, |m| if kek.is_some() { key_of(m) } else { None })
-            .await?
+        match group::check_point(store, name, id, |m| {
+            if kek.is_some() {
+                key_of(m)
+            } else {
+                None
+            }
+        })
+        .await?
         {
             Ok(rec) => out.points.push(rec),
             Err(why) => out.unusable.push((id, why)),

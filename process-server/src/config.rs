@@ -129,7 +129,8 @@ fn check_groups(groups: &[GroupConfig], path: &Path) -> Result<()> {
     let mut member_of = std::collections::HashMap::new();
     let mut names = std::collections::HashSet::new();
     for g in groups {
-        let bad = |what: String| anyhow::anyhow!("{}: [[group]] {:?}: {what}", path.display(), g.name);
+        let bad =
+            |what: String| anyhow::anyhow!("{}: [[group]] {:?}: {what}", path.display(), g.name);
         lifeboat_common::ids::validate_id("group", &g.name).map_err(bad)?;
         if !names.insert(g.name.as_str()) {
             return Err(bad("a second group has this name".into()));
@@ -404,8 +405,14 @@ mod tests {
         for (groups, want) in [
             (vec![g("db", &["a"])], "at least 2"),
             (vec![g("db", &["a", "a"])], "twice"),
-            (vec![g("db", &["a", "b"]), g("web", &["b", "c"])], "already in group \"db\""),
-            (vec![g("db", &["a", "b"]), g("db", &["c", "d"])], "second group"),
+            (
+                vec![g("db", &["a", "b"]), g("web", &["b", "c"])],
+                "already in group \"db\"",
+            ),
+            (
+                vec![g("db", &["a", "b"]), g("db", &["c", "d"])],
+                "second group",
+            ),
             (vec![g("../x", &["a", "b"])], "group"),
             (
                 vec![GroupConfig {

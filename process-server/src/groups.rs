@@ -68,7 +68,12 @@ impl Drop for Busy<'_> {
 }
 
 impl Groups {
-    pub fn new(groups: Vec<GroupConfig>, sessions: Arc<Sessions>, store: Store, kek: Key) -> Groups {
+    pub fn new(
+        groups: Vec<GroupConfig>,
+        sessions: Arc<Sessions>,
+        store: Store,
+        kek: Key,
+    ) -> Groups {
         Groups {
             groups,
             sessions,
@@ -91,7 +96,11 @@ impl Groups {
             let known: Vec<&str> = self.groups.iter().map(|g| g.name.as_str()).collect();
             return Err(format!(
                 "no group {name:?} in this process server's ps.toml (groups: {})",
-                if known.is_empty() { "none".to_string() } else { known.join(", ") }
+                if known.is_empty() {
+                    "none".to_string()
+                } else {
+                    known.join(", ")
+                }
             ));
         };
         if !self
@@ -124,7 +133,12 @@ impl Groups {
     }
 
     /// Steps 1–4 of the module header.
-    async fn attempt(&self, cfg: &GroupConfig, id: u64, label: &str) -> Result<GroupRecord, String> {
+    async fn attempt(
+        &self,
+        cfg: &GroupConfig,
+        id: u64,
+        label: &str,
+    ) -> Result<GroupRecord, String> {
         let mut links = Vec::new();
         let mut refused = Vec::new();
         for m in &cfg.machines {
@@ -144,14 +158,16 @@ impl Groups {
                 hold_ms,
                 group: cfg.name.clone(),
             })?;
-            let replies = collect(&mut links, id, deadline, cfg.hold_timeout, "group-prepare").await;
+            let replies =
+                collect(&mut links, id, deadline, cfg.hold_timeout, "group-prepare").await;
             let mut failed = Vec::new();
             for (link, r) in links.iter().zip(replies) {
                 match r {
                     Ok(Frame::GroupPrepared { error, .. }) if error.is_empty() => {}
-                    Ok(Frame::GroupPrepared { error, .. }) => {
-                        failed.push(format!("{} cannot hold its writes: {error}", link.machine()))
-                    }
+                    Ok(Frame::GroupPrepared { error, .. }) => failed.push(format!(
+                        "{} cannot hold its writes: {error}",
+                        link.machine()
+                    )),
                     Ok(other) => failed.push(format!("{} answered {other:?}", link.machine())),
                     Err(e) => failed.push(e),
                 }
@@ -198,7 +214,10 @@ impl Groups {
             let _ = l.send(Frame::GroupRelease { id });
         }
         if let Err(e) = &result {
-            warn!(group = cfg.name, id, "group point abandoned, every member released: {e}");
+            warn!(
+                group = cfg.name,
+                id, "group point abandoned, every member released: {e}"
+            );
         }
         result
     }

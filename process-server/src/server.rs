@@ -497,8 +497,7 @@ pub async fn run(cfg: PsConfig, shutdown: CancellationToken) -> Result<()> {
                 cache,
                 groups,
             };
-            if let Err(e) = crate::control::serve(path.clone(), ctl, c).await
-            {
+            if let Err(e) = crate::control::serve(path.clone(), ctl, c).await {
                 warn!("control socket {}: {e:#}", path.display());
             }
         })

@@ -117,7 +117,8 @@ fn start_group(root: &Path, every: &str) -> Group {
     let mut agents = Vec::new();
     for m in MACHINES {
         let certs = ps.issue_cert(m).unwrap();
-        let mut a = Agent::configure(&root.join(m), m, &certs, ps.port, &[("d0", DISK)], "").unwrap();
+        let mut a =
+            Agent::configure(&root.join(m), m, &certs, ps.port, &[("d0", DISK)], "").unwrap();
         a.start().unwrap();
         agents.push(a);
     }
@@ -140,7 +141,15 @@ fn group_tag(ps: &ProcessServer) -> std::process::Output {
 fn group_points(ps: &ProcessServer) -> serde_json::Value {
     let out = run_ok(
         Command::new(bin("lifeboat-mt"))
-            .args(["points", "--json", "--group", GROUP, "--store", &ps.store_url, "--key-file"])
+            .args([
+                "points",
+                "--json",
+                "--group",
+                GROUP,
+                "--store",
+                &ps.store_url,
+                "--key-file",
+            ])
             .arg(ps.kek()),
         Duration::from_secs(60),
     )
@@ -167,7 +176,10 @@ fn group_points_fail_over_every_member_to_one_moment() {
         let o = group_tag(&g.ps);
         let err = String::from_utf8_lossy(&o.stderr).to_string();
         if !o.status.success() {
-            assert!(err.contains("being taken already"), "group-tag failed: {err}");
+            assert!(
+                err.contains("being taken already"),
+                "group-tag failed: {err}"
+            );
             continue;
         }
         let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
@@ -187,18 +199,34 @@ fn group_points_fail_over_every_member_to_one_moment() {
     for (m, a) in g.agents.iter().enumerate() {
         let src = std::fs::read(a.image("d0")).unwrap();
         let want = state(m, &logs[m], logs[m].len() as u64);
-        assert_eq!(first_difference(&src, &want), None, "source of {}", MACHINES[m]);
-        assert!(logs[m].len() > 100, "{} wrote only {} blocks", MACHINES[m], logs[m].len());
+        assert_eq!(
+            first_difference(&src, &want),
+            None,
+            "source of {}",
+            MACHINES[m]
+        );
+        assert!(
+            logs[m].len() > 100,
+            "{} wrote only {} blocks",
+            MACHINES[m],
+            logs[m].len()
+        );
         a.wait_acked(Duration::from_secs(60)).unwrap();
     }
 
     let listed = group_points(&g.ps);
     let points = listed["points"].as_array().unwrap().clone();
     assert!(listed["verified"].as_bool().unwrap());
-    assert!(listed["unusable"].as_array().unwrap().is_empty(), "{listed}");
+    assert!(
+        listed["unusable"].as_array().unwrap().is_empty(),
+        "{listed}"
+    );
     let ids: Vec<u64> = points.iter().map(|p| p["id"].as_u64().unwrap()).collect();
     for id in &on_demand {
-        assert!(ids.contains(id), "on-demand point {id} not listed: {listed}");
+        assert!(
+            ids.contains(id),
+            "on-demand point {id} not listed: {listed}"
+        );
     }
     let scheduled: Vec<u64> = points
         .iter()
@@ -214,7 +242,15 @@ fn group_points_fail_over_every_member_to_one_moment() {
         let out = root.path().join(format!("out-{spec}"));
         let o = run_timeout(
             Command::new(bin("lifeboat-mt"))
-                .args(["failover", "--group", GROUP, "--point", &spec, "--store", &g.ps.store_url])
+                .args([
+                    "failover",
+                    "--group",
+                    GROUP,
+                    "--point",
+                    &spec,
+                    "--store",
+                    &g.ps.store_url,
+                ])
                 .arg("--out")
                 .arg(&out)
                 .arg("--key-file")
@@ -222,7 +258,11 @@ fn group_points_fail_over_every_member_to_one_moment() {
             Duration::from_secs(300),
         )
         .unwrap();
-        assert!(o.status.success(), "group failover at {spec}: {}", String::from_utf8_lossy(&o.stderr));
+        assert!(
+            o.status.success(),
+            "group failover at {spec}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
         let text = String::from_utf8_lossy(&o.stdout);
         assert!(text.contains(&format!("group point {id}")), "{text}");
         let mut cut = Vec::new();
@@ -247,7 +287,10 @@ fn group_points_fail_over_every_member_to_one_moment() {
             .filter_map(|m| logs[m].get(cut[m] as usize).map(|d| d.ack))
             .min();
         if let (Some(s), Some(a)) = (latest_start, earliest_ack) {
-            assert!(s < a, "group point {spec}: the cuts {cut:?} are not one moment");
+            assert!(
+                s < a,
+                "group point {spec}: the cuts {cut:?} are not one moment"
+            );
         }
     }
 }
@@ -285,14 +328,27 @@ fn a_stopped_member_times_out_releases_the_others_and_records_nothing() {
     let err = String::from_utf8_lossy(&o.stderr).to_string();
     // SAFETY: as above.
     unsafe { libc::kill(stopped, libc::SIGCONT) };
-    assert!(!o.status.success(), "the group point with a stopped member succeeded");
-    assert!(err.contains(MACHINES[2]) && err.contains("hold-timeout"), "{err}");
+    assert!(
+        !o.status.success(),
+        "the group point with a stopped member succeeded"
+    );
+    assert!(
+        err.contains(MACHINES[2]) && err.contains("hold-timeout"),
+        "{err}"
+    );
     assert!(err.contains("no group point was recorded"), "{err}");
-    assert!(done < HOLD + Duration::from_secs(3), "the write waited {done:?}");
+    assert!(
+        done < HOLD + Duration::from_secs(3),
+        "the write waited {done:?}"
+    );
     // Writes go on.
     let t = Instant::now();
     c.write(BLOCK, &pattern(0, 2), 0).unwrap();
-    assert!(t.elapsed() < Duration::from_secs(1), "a write after the release waited {:?}", t.elapsed());
+    assert!(
+        t.elapsed() < Duration::from_secs(1),
+        "a write after the release waited {:?}",
+        t.elapsed()
+    );
     c.disconnect();
 
     let after = group_points(&g.ps);
@@ -303,5 +359,8 @@ fn a_stopped_member_times_out_releases_the_others_and_records_nothing() {
     std::thread::sleep(HOLD + Duration::from_secs(1));
     let o = group_tag(&g.ps);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    assert_eq!(group_points(&g.ps)["points"].as_array().unwrap().len(), before + 1);
+    assert_eq!(
+        group_points(&g.ps)["points"].as_array().unwrap().len(),
+        before + 1
+    );
 }

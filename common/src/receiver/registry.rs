@@ -120,8 +120,7 @@ impl GroupLink {
 impl Drop for GroupLink {
     fn drop(&mut self) {
         let mut g = self.waiters.lock().unwrap_or_else(|p| p.into_inner());
-        if g
-            .get(&self.machine)
+        if g.get(&self.machine)
             .is_some_and(|tx| tx.same_channel(&self.reply_tx))
         {
             g.remove(&self.machine);
@@ -157,11 +156,9 @@ impl Sessions {
             let slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
             match slots.get(machine) {
                 Some(s) => s.ctl.clone(),
-                None => {
-                    return Err(format!(
-                        "machine {machine:?} has no live session (is its agent running and connected?)"
-                    ))
-                }
+                None => return Err(format!(
+                    "machine {machine:?} has no live session (is its agent running and connected?)"
+                )),
             }
         };
         if ctl.version < crate::protocol::PROTOCOL_GROUPS {

@@ -43,9 +43,7 @@ struct MachineArgs {
 
 impl StoreArgs {
     fn for_machine(self) -> Result<MachineArgs> {
-        let machine = self
-            .machine
-            .context("--machine (or --group) is required")?;
+        let machine = self.machine.context("--machine (or --group) is required")?;
         lifeboat_common::ids::validate_id("machine", &machine).map_err(anyhow::Error::msg)?;
         Ok(MachineArgs {
             store: self.store,
@@ -313,8 +311,15 @@ async fn failover(a: FailoverArgs) -> Result<()> {
     let store = a.store.open()?;
     let machine = a.store.for_machine()?.machine;
     let started = Instant::now();
-    let report =
-        failover_machine(&store, &kek, &machine, &a.point, &a.out, a.allow_inconsistent).await?;
+    let report = failover_machine(
+        &store,
+        &kek,
+        &machine,
+        &a.point,
+        &a.out,
+        a.allow_inconsistent,
+    )
+    .await?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(());
@@ -333,8 +338,8 @@ async fn failover_machine(
     allow_inconsistent: bool,
 ) -> Result<materialize::Report> {
     let started = Instant::now();
-    let keys = materialize::machine_keys(&store, &kek, machine).await?;
-    let mut inv = materialize::inventory(&store, Some(&keys.catalogue), machine).await?;
+    let keys = materialize::machine_keys(store, kek, machine).await?;
+    let mut inv = materialize::inventory(store, Some(&keys.catalogue), machine).await?;
     // A gap with later segments behind it is usually uploads still in flight
     // (a process server puts several segments at once): look again for a
     // little while before `latest` is refused for it.
@@ -347,7 +352,7 @@ async fn failover_machine(
             inv.end
         );
         tokio::time::sleep(GAP_RECHECK_PAUSE).await;
-        inv = materialize::inventory(&store, Some(&keys.catalogue), machine).await?;
+        inv = materialize::inventory(store, Some(&keys.catalogue), machine).await?;
     }
     // Retention may fold the stream while this runs, deleting segments it
     // was about to read; then it starts again from the new base.
@@ -364,7 +369,7 @@ async fn failover_machine(
         eprintln!("recovering {machine} at {}", resolved.description);
         let last_print = std::sync::Mutex::new(Instant::now());
         let result = materialize::materialize(
-            &store,
+            store,
             &keys,
             machine,
             &inv,
@@ -390,7 +395,7 @@ async fn failover_machine(
         match result {
             Ok(r) => break r,
             Err(e) if attempt < 3 => {
-                let again = materialize::inventory(&store, Some(&keys.catalogue), machine).await?;
+                let again = materialize::inventory(store, Some(&keys.catalogue), machine).await?;
                 if again.start() == inv.start() {
                     return Err(e);
                 }
@@ -413,11 +418,7 @@ fn print_report(report: &materialize::Report, elapsed: std::time::Duration) {
     };
     println!(
         "recovered {} at {} from {from_base}{} segments ({} bytes fetched) in {:.2?}",
-        report.machine,
-        report.point,
-        report.segments_read,
-        report.bytes_fetched,
-        elapsed
+        report.machine, report.point, report.segments_read, report.bytes_fetched, elapsed
     );
     for d in &report.disks {
         println!(
@@ -460,7 +461,13 @@ async fn group_points(
             .iter()
             .map(|m| format!("{}={}", m.machine, m.seq))
             .collect();
-        println!("{:<16} {:<26} {:<40}  {}", p.id, p.time, members.join(" "), p.label);
+        println!(
+            "{:<16} {:<26} {:<40}  {}",
+            p.id,
+            p.time,
+            members.join(" "),
+            p.label
+        );
     }
     for (id, why) in &gp.unusable {
         println!("note: group point {id} is not usable: {why}");
@@ -477,9 +484,9 @@ async fn group_failover(a: FailoverArgs) -> Result<()> {
     let spec = match &a.point {
         PointSpec::Latest => "latest".to_string(),
         PointSpec::Id(id) => id.clone(),
-        other => anyhow::bail!(
-            "with --group, --point is latest or a group point id, not {other:?}"
-        ),
+        other => {
+            anyhow::bail!("with --group, --point is latest or a group point id, not {other:?}")
+        }
     };
     let gp = lifeboat_mt::group::list(&store, Some(&kek), &group).await?;
     let point = lifeboat_mt::group::pick(&gp, &group, &spec)?.clone();
