@@ -10,6 +10,7 @@ pub mod disk;
 pub mod diskio;
 pub mod disks;
 pub mod fsutil;
+pub mod grouppoint;
 pub mod journal;
 pub mod quiesce;
 pub mod rebase;

@@ -129,6 +129,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<()> {
             protected: disks.clone(),
             checksum: checksum.clone(),
             stream_id,
+            groups: Arc::new(crate::grouppoint::GroupHold::default()),
         },
         stream.clone(),
         link.clone(),

@@ -12,6 +12,9 @@
 //! agent when a plan is pending (a resize, lost state, a resync cut short) and
 //! no initial sync runs (a failed run is retried after a growing pause). It is aborted when the session ends; its persisted
 //! plan makes the next session resume it.
+//!
+//! Group frames (prepare, commit, release) go to the machine's group hold
+//! (`grouppoint.rs`); a hold still in place when the session ends is released.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -55,6 +58,8 @@ pub struct SenderConfig {
     pub protected: Vec<Arc<crate::disk::ProtectedDisk>>,
     pub checksum: Arc<Checksum>,
     pub stream_id: Arc<StreamIdFile>,
+    /// The consistency-group hold (`grouppoint.rs`).
+    pub groups: Arc<crate::grouppoint::GroupHold>,
 }
 
 /// How often a session looks for a pending checksum resync to resume.
@@ -313,6 +318,35 @@ async fn session(
                         }
                     }
                 }
+                Some(Frame::GroupPrepare { id, hold_ms, group }) => {
+                    // The drain may take a while: acks go on meanwhile.
+                    let (groups, stream, tx) = (cfg.groups.clone(), stream.clone(), ctl_tx.clone());
+                    tokio::spawn(async move {
+                        let hold = Duration::from_millis(hold_ms.into());
+                        let error = match groups.prepare(&stream, id, &group, hold).await {
+                            Ok(()) => String::new(),
+                            Err(e) => {
+                                warn!("group point {id} of {group}: cannot hold writes: {e}");
+                                e
+                            }
+                        };
+                        let _ = tx.send(Frame::GroupPrepared { id, error }).await;
+                    });
+                }
+                Some(Frame::GroupCommit { id, label }) => {
+                    let (seq, error) = match cfg.groups.commit(stream, id, &label) {
+                        Ok(seq) => (seq, String::new()),
+                        Err(e) => {
+                            warn!("group point {id}: no tag placed: {e}");
+                            (0, e)
+                        }
+                    };
+                    let _ = ctl_tx.send(Frame::GroupCommitted { id, seq, error }).await;
+                }
+                Some(Frame::GroupRelease { id }) => {
+                    cfg.groups
+                        .release(Some(id), "the process server released it");
+                }
                 Some(f @ (Frame::RegionsDiffer { .. } | Frame::BlocksDiffer { .. })) => {
                     if !resync.forward(f) {
                         bail!("resync reply from the process server while no resync runs");
@@ -400,9 +434,12 @@ async fn session(
         #[allow(unreachable_code)]
         Ok::<(), anyhow::Error>(())
     };
-    tokio::select! {
+    let r = tokio::select! {
         r = reader => r,
         r = writer => r,
         r = resumer => r,
-    }
+    };
+    cfg.groups
+        .release(None, "the session with the process server ended");
+    r
 }

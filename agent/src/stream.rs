@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use lifeboat_common::protocol::{Entry, Op, TagKind, TagSource};
 use lifeboat_common::session::SenderState;
-use tokio::sync::{Notify, RwLock, RwLockReadGuard};
+use tokio::sync::{Notify, OwnedRwLockWriteGuard, RwLock, RwLockReadGuard};
 
 use tracing::warn;
 
@@ -49,7 +49,9 @@ pub struct Stream {
     state: Mutex<SenderState>,
     journal: Journal,
     max_bytes: usize,
-    gate: RwLock<()>,
+    /// Writes hold it shared; a tag, and a group hold (`grouppoint.rs`),
+    /// exclusively.
+    gate: Arc<RwLock<()>>,
     /// Acknowledgements freed journal space.
     space: Notify,
     /// The replication state; see `replication.rs`.
@@ -132,7 +134,7 @@ impl Stream {
             state: Mutex::new(state),
             journal,
             max_bytes: max_bytes as usize,
-            gate: RwLock::new(()),
+            gate: Arc::new(RwLock::new(())),
             space: Notify::new(),
             repl: Mutex::new(Replication::default()),
             changes: tokio::sync::watch::channel(Replication::default().snapshot().clone()).0,
@@ -172,6 +174,35 @@ impl Stream {
     /// Never waits for the process server.
     pub async fn write_permit(&self) -> RwLockReadGuard<'_, ()> {
         self.gate.read().await
+    }
+
+    /// Holds new writes (they wait for the guard to drop) once the writes
+    /// in flight have completed and taken their seqs: a consistency group's
+    /// prepare. The caller bounds the wait and the hold.
+    pub async fn hold_writes(&self) -> OwnedRwLockWriteGuard<()> {
+        self.gate.clone().write_owned().await
+    }
+
+    /// Places a tag while the caller holds the writes ([`Self::hold_writes`]);
+    /// `None` when the replica cannot be consistent now.
+    pub fn tag_held(
+        &self,
+        _hold: &OwnedRwLockWriteGuard<()>,
+        kind: TagKind,
+        label: &str,
+    ) -> Option<u64> {
+        let r = self.repl();
+        if r.why_inconsistent().is_some() {
+            return None;
+        }
+        let seq = self.capture(Op::Tag {
+            kind,
+            source: None,
+            time_ms: lifeboat_common::now_ms(),
+            label: label.to_string(),
+        });
+        drop(r);
+        Some(seq)
     }
 
     /// Waits until unacknowledged entries are below `fraction` of the bound

@@ -7,6 +7,7 @@ pub mod catalogue;
 pub mod codec;
 pub mod formats;
 pub mod framed;
+pub mod group;
 pub mod ids;
 pub mod image;
 pub mod owner;

@@ -8,7 +8,10 @@
 //! 4      1    type     1 hello, 2 welcome, 3 writes, 4 tag, 5 ack, 6 error, 7 ping,
 //!                      checksum resync: 8 resync-start, 9 region-hashes,
 //!                      10 regions-differ, 11 block-hashes, 12 blocks-differ,
-//!                      13 resync-done
+//!                      13 resync-done,
+//!                      consistency groups (protocol 5): 14 group-prepare,
+//!                      15 group-prepared, 16 group-commit, 17 group-committed,
+//!                      18 group-release
 //! 5      n    body
 //! 5      n    body
 //! ```
@@ -54,6 +57,26 @@
 //!                | error str16             (tag_seq 0: no point; error "" = ok)
 //! ```
 //!
+//! Consistency groups (protocol 5; `process-server/src/groups.rs` runs them).
+//! The receiver prepares every member of a group, commits each once all
+//! are held, then releases; `id` names one attempt (the group point id):
+//!
+//! ```text
+//! group-prepare   (receiver → agent) id u64 | hold_ms u32 | group str16
+//!                 (hold new writes, drain those in flight; the agent releases
+//!                 by itself after hold_ms, which it caps at its own bound)
+//! group-prepared  (agent → receiver) id u64 | error str16   (error "" = held)
+//! group-commit    (receiver → agent) id u64 | label str16
+//!                 (place the group tag under the hold, then release it)
+//! group-committed (agent → receiver) id u64 | seq u64 | error str16
+//!                 (seq of the tag; 0 and an error when none was placed)
+//! group-release   (receiver → agent) id u64  (end the hold of `id`, if any)
+//! ```
+//!
+//! Only a session negotiated at version 5 or later gets group frames; the
+//! group tag itself is an ordinary op=3 entry of kind group, so no stored
+//! format changes.
+//!
 //! A stream *entry* — also the unit stored in the process server's cache and in
 //! segments — is
 //!
@@ -89,11 +112,14 @@ use crate::codec::{DecodeError, Reader, Writer};
 /// Version 2 added the stream id (hello, welcome), the resize and the
 /// inconsistent entries; version 3 the hello's per-disk flags (retired disks:
 /// a disk's number, its position in the hello, is stable for its id);
-/// version 4 the tag's source (op=6, [`TagSource`]).
+/// version 4 the tag's source (op=6, [`TagSource`]); version 5 the
+/// consistency-group frames (group-prepare … group-release).
 pub const PROTOCOL_MIN: u16 = 3;
-pub const PROTOCOL_MAX: u16 = 4;
+pub const PROTOCOL_MAX: u16 = 5;
 /// The first version whose tags carry their source.
 pub const PROTOCOL_TAG_SOURCE: u16 = 4;
+/// The first version that takes part in consistency groups.
+pub const PROTOCOL_GROUPS: u16 = 5;
 pub const HELLO_MAGIC: [u8; 4] = *b"LBOT";
 
 /// The largest write, defined once for the whole data path: the NBD export
@@ -470,6 +496,27 @@ pub enum Frame {
         blocks: Vec<u8>,
     },
     ResyncDone(ResyncReport),
+    GroupPrepare {
+        id: u64,
+        hold_ms: u32,
+        group: String,
+    },
+    GroupPrepared {
+        id: u64,
+        error: String,
+    },
+    GroupCommit {
+        id: u64,
+        label: String,
+    },
+    GroupCommitted {
+        id: u64,
+        seq: u64,
+        error: String,
+    },
+    GroupRelease {
+        id: u64,
+    },
 }
 
 fn too_many(what: &'static str, n: u64, limit: u64) -> Result<(), DecodeError> {
@@ -525,6 +572,11 @@ impl Frame {
             Frame::BlockHashes { .. } => 11,
             Frame::BlocksDiffer { .. } => 12,
             Frame::ResyncDone(_) => 13,
+            Frame::GroupPrepare { .. } => 14,
+            Frame::GroupPrepared { .. } => 15,
+            Frame::GroupCommit { .. } => 16,
+            Frame::GroupCommitted { .. } => 17,
+            Frame::GroupRelease { .. } => 18,
         }
     }
 
@@ -639,6 +691,25 @@ impl Frame {
                 out.put_u64(r.tag_seq);
                 out.put_str16(&r.error);
             }
+            Frame::GroupPrepare { id, hold_ms, group } => {
+                out.put_u64(*id);
+                out.put_u32(*hold_ms);
+                out.put_str16(group);
+            }
+            Frame::GroupPrepared { id, error } => {
+                out.put_u64(*id);
+                out.put_str16(error);
+            }
+            Frame::GroupCommit { id, label } => {
+                out.put_u64(*id);
+                out.put_str16(label);
+            }
+            Frame::GroupCommitted { id, seq, error } => {
+                out.put_u64(*id);
+                out.put_u64(*seq);
+                out.put_str16(error);
+            }
+            Frame::GroupRelease { id } => out.put_u64(*id),
         }
         let len = (out.len() - start - 4) as u32;
         out[start..start + 4].copy_from_slice(&len.to_be_bytes());
@@ -834,6 +905,27 @@ impl Frame {
                 tag_seq: r.u64("resync-done tag seq")?,
                 error: r.str16("resync-done error")?,
             }),
+            14 => Frame::GroupPrepare {
+                id: r.u64("group-prepare id")?,
+                hold_ms: r.u32("group-prepare hold")?,
+                group: r.str16("group-prepare group")?,
+            },
+            15 => Frame::GroupPrepared {
+                id: r.u64("group-prepared id")?,
+                error: r.str16("group-prepared error")?,
+            },
+            16 => Frame::GroupCommit {
+                id: r.u64("group-commit id")?,
+                label: r.str16("group-commit label")?,
+            },
+            17 => Frame::GroupCommitted {
+                id: r.u64("group-committed id")?,
+                seq: r.u64("group-committed seq")?,
+                error: r.str16("group-committed error")?,
+            },
+            18 => Frame::GroupRelease {
+                id: r.u64("group-release id")?,
+            },
             other => {
                 return Err(DecodeError::Invalid {
                     what: "frame type",
@@ -1063,6 +1155,54 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// Group frames round-trip, a cut anywhere is an error, and their bytes
+    /// are pinned (a kept fixture of the protocol 5 layout).
+    #[test]
+    fn group_frames_round_trip_keep_their_bytes_and_truncation_is_an_error() {
+        let frames = vec![
+            Frame::GroupPrepare {
+                id: 7,
+                hold_ms: 10_000,
+                group: "g".into(),
+            },
+            Frame::GroupPrepared {
+                id: 7,
+                error: String::new(),
+            },
+            Frame::GroupCommit {
+                id: 7,
+                label: "l".into(),
+            },
+            Frame::GroupCommitted {
+                id: 7,
+                seq: 42,
+                error: "e".into(),
+            },
+            Frame::GroupRelease { id: 7 },
+        ];
+        for f in &frames {
+            round_trip(f.clone());
+            let bytes = f.to_bytes();
+            for cut in 5..bytes.len() {
+                assert!(
+                    Frame::decode(Bytes::copy_from_slice(&bytes[4..cut])).is_err(),
+                    "{f:?} cut at {cut}"
+                );
+            }
+        }
+        let hex: Vec<String> = frames.iter().map(|f| crate::hex(&f.to_bytes())).collect();
+        assert_eq!(
+            hex,
+            [
+                "000000100e000000000000000700002710000167",
+                "0000000b0f00000000000000070000",
+                "0000000c10000000000000000700016c",
+                "00000014110000000000000007000000000000002a000165",
+                "00000009120000000000000007",
+            ]
+        );
     }
 
     #[test]

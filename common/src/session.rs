@@ -268,6 +268,9 @@ pub enum Action {
     /// A checksum-resync frame of the agent: answer it once everything received
     /// before it is durable.
     Resync(Frame),
+    /// A consistency-group reply of the agent: hand it to whoever runs the
+    /// group point (`Sessions::group_link`).
+    Group(Frame),
 }
 
 /// The receiving side: version negotiation, dedup and gap detection.
@@ -284,6 +287,11 @@ pub struct ReceiverState {
 impl ReceiverState {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// The negotiated protocol version (0 before the hello).
+    pub fn version(&self) -> u16 {
+        self.version
     }
 
     pub fn hello(&self) -> Option<&Hello> {
@@ -355,6 +363,12 @@ impl ReceiverState {
             f @ (Frame::RegionHashes { .. } | Frame::BlockHashes { .. } | Frame::ResyncDone(_)) => {
                 return Ok(Action::Resync(f))
             }
+            f @ (Frame::GroupPrepared { .. } | Frame::GroupCommitted { .. }) => {
+                return Ok(Action::Group(f))
+            }
+            Frame::GroupPrepare { .. } => return Err(SessionError::Unexpected("group-prepare")),
+            Frame::GroupCommit { .. } => return Err(SessionError::Unexpected("group-commit")),
+            Frame::GroupRelease { .. } => return Err(SessionError::Unexpected("group-release")),
             Frame::ResyncStart { .. } => return Err(SessionError::Unexpected("resync-start")),
             Frame::RegionsDiffer { .. } => return Err(SessionError::Unexpected("regions-differ")),
             Frame::BlocksDiffer { .. } => return Err(SessionError::Unexpected("blocks-differ")),

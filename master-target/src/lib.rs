@@ -2,7 +2,9 @@
 //! them into disk images (failover, test failover), reading only the object store.
 //!
 //! Modules: [`materialize`] (point resolution and image writing), [`verify`]
-//! (a point's chain and objects checked, its disks' checksums, no failover).
+//! (a point's chain and objects checked, its disks' checksums, no failover),
+//! [`group`] (consistency-group points: listing, authentication, choice).
 
+pub mod group;
 pub mod materialize;
 pub mod verify;

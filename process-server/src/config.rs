@@ -87,6 +87,87 @@ pub struct PsConfig {
     /// How long history is kept, and how it is thinned and compacted.
     #[serde(default)]
     pub retention: Retention,
+    /// Consistency groups (`[[group]]`): machines that share group points.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub group: Vec<GroupConfig>,
+}
+
+/// Group points are taken this often by default (like crash points).
+pub const DEFAULT_GROUP_EVERY: Duration = Duration::from_secs(300);
+/// How long a group point may hold the members' writes by default: prepare
+/// and commit of every member must finish within it.
+pub const DEFAULT_GROUP_HOLD_TIMEOUT: Duration = Duration::from_secs(10);
+/// The longest hold a group may configure (agents cap theirs at 60 s too).
+pub const MAX_GROUP_HOLD_TIMEOUT: Duration = Duration::from_secs(60);
+
+fn default_group_every() -> Duration {
+    DEFAULT_GROUP_EVERY
+}
+fn default_group_hold_timeout() -> Duration {
+    DEFAULT_GROUP_HOLD_TIMEOUT
+}
+
+/// One `[[group]]` of ps.toml (see `groups.rs`). Every member must be served
+/// by this process server.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct GroupConfig {
+    pub name: String,
+    pub machines: Vec<String>,
+    /// A group point this often; 0 takes them only on demand
+    /// (`lifeboat-ps group-tag`).
+    #[serde(default = "default_group_every", with = "humantime_serde")]
+    pub every: Duration,
+    /// The bound of one attempt: every member held and committed within it,
+    /// or every member is released and no group point is recorded.
+    #[serde(default = "default_group_hold_timeout", with = "humantime_serde")]
+    pub hold_timeout: Duration,
+}
+
+fn check_groups(groups: &[GroupConfig], path: &Path) -> Result<()> {
+    let d = humantime::format_duration;
+    let mut member_of = std::collections::HashMap::new();
+    let mut names = std::collections::HashSet::new();
+    for g in groups {
+        let bad =
+            |what: String| anyhow::anyhow!("{}: [[group]] {:?}: {what}", path.display(), g.name);
+        lifeboat_common::ids::validate_id("group", &g.name).map_err(bad)?;
+        if !names.insert(g.name.as_str()) {
+            return Err(bad("a second group has this name".into()));
+        }
+        if g.machines.len() < 2 {
+            return Err(bad(format!(
+                "lists {} machine(s); a group needs at least 2",
+                g.machines.len()
+            )));
+        }
+        for m in &g.machines {
+            lifeboat_common::ids::validate_id("machine", m).map_err(bad)?;
+            if let Some(other) = member_of.insert(m.as_str(), g.name.as_str()) {
+                return Err(bad(if other == g.name {
+                    format!("lists machine {m:?} twice")
+                } else {
+                    format!("machine {m:?} is already in group {other:?}; a machine is in one group at most")
+                }));
+            }
+        }
+        if !g.every.is_zero()
+            && (g.every < Duration::from_secs(1) || g.every > Duration::from_secs(24 * 3600))
+        {
+            return Err(bad(format!(
+                "every must be 0 (on demand only) or between 1s and 24h, not {}",
+                d(g.every)
+            )));
+        }
+        if g.hold_timeout < Duration::from_millis(100) || g.hold_timeout > MAX_GROUP_HOLD_TIMEOUT {
+            return Err(bad(format!(
+                "hold-timeout must be between 100ms and {}, not {}",
+                d(MAX_GROUP_HOLD_TIMEOUT),
+                d(g.hold_timeout)
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Retention defaults: a day of history, every point for the last two hours.
@@ -299,6 +380,7 @@ impl PsConfig {
             );
         }
         cfg.retention.check(path)?;
+        check_groups(&cfg.group, path)?;
         if let Some(w) = &mut cfg.retention.work_dir {
             if w.is_relative() {
                 *w = base.join(&*w);
@@ -322,5 +404,43 @@ mod tests {
         assert_eq!(cfg.max_connections_per_source, 16);
         assert_eq!(cfg.retention, Retention::default());
         assert!(cfg.store.url.starts_with("s3://"));
+        assert_eq!(cfg.group.len(), 1);
+        assert_eq!(cfg.group[0].every, DEFAULT_GROUP_EVERY);
+        assert_eq!(cfg.group[0].hold_timeout, DEFAULT_GROUP_HOLD_TIMEOUT);
+    }
+
+    #[test]
+    fn bad_groups_are_refused_by_name() {
+        let g = |name: &str, machines: &[&str]| GroupConfig {
+            name: name.into(),
+            machines: machines.iter().map(|m| m.to_string()).collect(),
+            every: DEFAULT_GROUP_EVERY,
+            hold_timeout: DEFAULT_GROUP_HOLD_TIMEOUT,
+        };
+        let p = Path::new("ps.toml");
+        assert!(check_groups(&[g("db", &["a", "b"]), g("web", &["c", "d"])], p).is_ok());
+        for (groups, want) in [
+            (vec![g("db", &["a"])], "at least 2"),
+            (vec![g("db", &["a", "a"])], "twice"),
+            (
+                vec![g("db", &["a", "b"]), g("web", &["b", "c"])],
+                "already in group \"db\"",
+            ),
+            (
+                vec![g("db", &["a", "b"]), g("db", &["c", "d"])],
+                "second group",
+            ),
+            (vec![g("../x", &["a", "b"])], "group"),
+            (
+                vec![GroupConfig {
+                    hold_timeout: Duration::from_secs(600),
+                    ..g("db", &["a", "b"])
+                }],
+                "hold-timeout",
+            ),
+        ] {
+            let e = check_groups(&groups, p).unwrap_err().to_string();
+            assert!(e.contains(want), "{e}");
+        }
     }
 }

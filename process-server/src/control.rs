@@ -14,6 +14,10 @@
 //!     (fenced: machines this server lost to another; see ownership.rs;
 //!     cache: whether the RocksDB cache takes writes, and why not: e.g. its
 //!     filesystem is full; see cache.rs)
+//! {"cmd":"group-tag","group":"billing","label":null}
+//!   → {"ok":true,"group":"billing","id":..,"time":"..","label":"..",
+//!      "members":[{"machine":"db-1","seq":..},..]}   (a group point; groups.rs)
+//!   or {"ok":false,"error":".."}   (none recorded: why, naming the member)
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -45,6 +49,19 @@ pub enum Request {
         disk: Option<String>,
     },
     Status,
+    GroupTag {
+        group: String,
+        #[serde(default)]
+        label: Option<String>,
+    },
+}
+
+/// What the control socket acts on.
+pub struct Control {
+    pub sessions: Arc<Sessions>,
+    pub ownership: Arc<Ownership>,
+    pub cache: Arc<Cache>,
+    pub groups: Arc<crate::groups::Groups>,
 }
 
 fn line(v: &serde_json::Value) -> Vec<u8> {
@@ -55,13 +72,28 @@ fn line(v: &serde_json::Value) -> Vec<u8> {
 
 async fn handle<W: AsyncWriteExt + Unpin>(
     req: Request,
-    sessions: &Sessions,
-    ownership: &Ownership,
-    cache: &Arc<Cache>,
+    ctl: &Control,
     wr: &mut W,
 ) -> std::io::Result<()> {
+    let Control {
+        sessions,
+        ownership,
+        cache,
+        groups,
+    } = ctl;
     let (machine, disk) = match req {
         Request::Resync { machine, disk } => (machine, disk),
+        Request::GroupTag { group, label } => {
+            let reply = match groups.take(&group, label.as_deref()).await {
+                Ok(rec) => {
+                    let mut v = serde_json::to_value(&rec).unwrap_or_default();
+                    v["ok"] = serde_json::Value::Bool(true);
+                    v
+                }
+                Err(e) => serde_json::json!({"ok": false, "error": e}),
+            };
+            return wr.write_all(&line(&reply)).await;
+        }
         Request::Status => {
             let c = cache.clone();
             let health = tokio::task::spawn_blocking(move || c.health())
@@ -104,13 +136,8 @@ async fn handle<W: AsyncWriteExt + Unpin>(
     .await
 }
 
-pub async fn serve(
-    path: PathBuf,
-    sessions: Arc<Sessions>,
-    ownership: Arc<Ownership>,
-    cache: Arc<Cache>,
-    cancel: CancellationToken,
-) -> Result<()> {
+pub async fn serve(path: PathBuf, ctl: Control, cancel: CancellationToken) -> Result<()> {
+    let ctl = Arc::new(ctl);
     let _ = std::fs::remove_file(&path);
     let listener =
         UnixListener::bind(&path).with_context(|| format!("binding {}", path.display()))?;
@@ -123,15 +150,13 @@ pub async fn serve(
             r = listener.accept() => r?,
             _ = cancel.cancelled() => break,
         };
-        let sessions = sessions.clone();
-        let ownership = ownership.clone();
-        let cache = cache.clone();
+        let ctl = ctl.clone();
         tokio::spawn(async move {
             let (rd, mut wr) = conn.into_split();
             let mut lines = BufReader::new(rd).lines();
             while let Ok(Some(l)) = lines.next_line().await {
                 let r = match serde_json::from_str::<Request>(&l) {
-                    Ok(req) => handle(req, &sessions, &ownership, &cache, &mut wr).await,
+                    Ok(req) => handle(req, &ctl, &mut wr).await,
                     Err(e) => {
                         wr.write_all(&line(
                             &serde_json::json!({"ok": false, "error": format!("bad request: {e}")}),

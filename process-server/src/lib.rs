@@ -13,6 +13,7 @@ pub mod cache;
 pub mod compact;
 pub mod config;
 pub mod control;
+pub mod groups;
 pub mod ownership;
 pub mod pki;
 pub mod server;

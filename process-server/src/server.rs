@@ -482,14 +482,27 @@ pub async fn run(cfg: PsConfig, shutdown: CancellationToken) -> Result<()> {
     };
 
     let sessions = Arc::new(Sessions::default());
+    let groups = Arc::new(crate::groups::Groups::new(
+        cfg.group.clone(),
+        sessions.clone(),
+        sink.store.clone(),
+        sink.kek.clone(),
+    ));
+    let group_task = tokio::spawn(groups.clone().run_schedule(shutdown.clone()));
     let control_task = {
         let path = crate::control::socket_path(&cfg.cache_dir);
         let (sessions, c) = (sessions.clone(), shutdown.clone());
         let ownership = sink.ownership.clone();
         let cache = cache.clone();
+        let groups = groups.clone();
         tokio::spawn(async move {
-            if let Err(e) = crate::control::serve(path.clone(), sessions, ownership, cache, c).await
-            {
+            let ctl = crate::control::Control {
+                sessions,
+                ownership,
+                cache,
+                groups,
+            };
+            if let Err(e) = crate::control::serve(path.clone(), ctl, c).await {
                 warn!("control socket {}: {e:#}", path.display());
             }
         })
@@ -567,6 +580,7 @@ pub async fn run(cfg: PsConfig, shutdown: CancellationToken) -> Result<()> {
     }
     info!("shutting down: closing sessions");
     let _ = control_task.await;
+    let _ = group_task.await;
     let _ = recovery_task.await;
     conns.close();
     let _ = tokio::time::timeout(Duration::from_secs(10), conns.wait()).await;

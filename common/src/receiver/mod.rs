@@ -42,7 +42,7 @@ mod compare;
 mod registry;
 
 use registry::SessionCtl;
-pub use registry::{ResyncEvent, ResyncProgress, Sessions};
+pub use registry::{GroupLink, ResyncEvent, ResyncProgress, Sessions};
 
 /// Batches waiting for the persister, per connection.
 pub const PERSIST_QUEUE_DEPTH: usize = 64;
@@ -196,6 +196,8 @@ where
         inject,
         disks: hello.disks.clone(),
         watchers: sessions.watchers.clone(),
+        version: state.version(),
+        groups: sessions.groups.clone(),
     });
     let (generation, cancel, lock) =
         match sessions.claim(&machine, ctl.clone(), hello.stream_id, peer) {
@@ -546,6 +548,7 @@ where
                         return Ok(()); // persister failed; its error is reported below
                     }
                 }
+                Ok(Action::Group(f)) => ctl.group_reply(f),
                 Ok(Action::Resync(f)) => {
                     if persist_tx.send(Work::Resync(f)).await.is_err() {
                         return Ok(());

@@ -1,8 +1,10 @@
 //! The session registry of the receiving side: one live session per machine
 //! (a reconnect of the same stream supersedes the old session; another stream
 //! for a live machine is refused, never merged), the handle the receiver acts
-//! on a live session with (inject resync-start), and the watchers of each
-//! machine's checksum resync, which outlive sessions.
+//! on a live session with (inject resync-start), the watchers of each
+//! machine's checksum resync, which outlive sessions, and the links a
+//! consistency-group coordinator holds to members' sessions (one at a time
+//! per machine; the agent's replies are routed to it).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -55,17 +57,74 @@ fn watch_event(
     }
 }
 
+/// Per machine, where its agent's group replies go (the open [`GroupLink`]).
+pub(super) type GroupWaiters = std::sync::Mutex<HashMap<String, mpsc::UnboundedSender<Frame>>>;
+
 /// The handle of a live session the receiver itself can act on.
 pub(super) struct SessionCtl {
     pub(super) machine: String,
     pub(super) inject: mpsc::Sender<Frame>,
     pub(super) disks: Vec<DiskInfo>,
     pub(super) watchers: Arc<Watchers>,
+    /// The session's negotiated protocol version.
+    pub(super) version: u16,
+    pub(super) groups: Arc<GroupWaiters>,
 }
 
 impl SessionCtl {
     pub(super) fn event(&self, f: impl FnOnce(&mut ResyncProgress) -> Option<ResyncEvent>) {
         watch_event(&self.watchers, &self.machine, f)
+    }
+
+    /// Hands a group reply of the agent to the machine's open link (dropped
+    /// when none is open: the attempt it answers was given up).
+    pub(super) fn group_reply(&self, f: Frame) {
+        let g = self.groups.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(tx) = g.get(&self.machine) {
+            let _ = tx.send(f);
+        }
+    }
+}
+
+/// A group coordinator's line to one member's live session: frames go in
+/// (group-prepare, -commit, -release), the agent's replies come out. One per
+/// machine at a time; closing it (drop) stops the routing.
+pub struct GroupLink {
+    machine: String,
+    inject: mpsc::Sender<Frame>,
+    replies: mpsc::UnboundedReceiver<Frame>,
+    reply_tx: mpsc::UnboundedSender<Frame>,
+    waiters: Arc<GroupWaiters>,
+}
+
+impl GroupLink {
+    pub fn machine(&self) -> &str {
+        &self.machine
+    }
+
+    /// Queues `f` for the agent; an error when its session is gone or its
+    /// queue is full.
+    pub fn send(&self, f: Frame) -> Result<(), String> {
+        self.inject
+            .try_send(f)
+            .map_err(|e| format!("cannot reach the session of {:?}: {e}", self.machine))
+    }
+
+    /// The agent's next group reply; `None` never comes while the link is
+    /// open (a session that ends just stops replying: bound the wait).
+    pub async fn recv(&mut self) -> Option<Frame> {
+        self.replies.recv().await
+    }
+}
+
+impl Drop for GroupLink {
+    fn drop(&mut self) {
+        let mut g = self.waiters.lock().unwrap_or_else(|p| p.into_inner());
+        if g.get(&self.machine)
+            .is_some_and(|tx| tx.same_channel(&self.reply_tx))
+        {
+            g.remove(&self.machine);
+        }
     }
 }
 
@@ -85,9 +144,49 @@ pub struct Sessions {
     slots: std::sync::Mutex<HashMap<String, Slot>>,
     next_generation: std::sync::atomic::AtomicU64,
     pub(super) watchers: Arc<Watchers>,
+    pub(super) groups: Arc<GroupWaiters>,
 }
 
 impl Sessions {
+    /// Opens a group link to the machine's live session: refused by name when
+    /// it has none, when its agent speaks a protocol without groups, or when
+    /// another group point is using it.
+    pub fn group_link(&self, machine: &str) -> Result<GroupLink, String> {
+        let ctl = {
+            let slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+            match slots.get(machine) {
+                Some(s) => s.ctl.clone(),
+                None => {
+                    return Err(format!(
+                    "machine {machine:?} has no live session (is its agent running and connected?)"
+                ))
+                }
+            }
+        };
+        if ctl.version < crate::protocol::PROTOCOL_GROUPS {
+            return Err(format!(
+                "the agent of {machine:?} speaks protocol {}; consistency groups need {} (upgrade that agent)",
+                ctl.version,
+                crate::protocol::PROTOCOL_GROUPS
+            ));
+        }
+        let mut g = self.groups.lock().unwrap_or_else(|p| p.into_inner());
+        if g.get(machine).is_some_and(|tx| !tx.is_closed()) {
+            return Err(format!(
+                "machine {machine:?} is taking part in another group point"
+            ));
+        }
+        let (reply_tx, replies) = mpsc::unbounded_channel();
+        g.insert(machine.to_string(), reply_tx.clone());
+        Ok(GroupLink {
+            machine: machine.to_string(),
+            inject: ctl.inject.clone(),
+            replies,
+            reply_tx,
+            waiters: self.groups.clone(),
+        })
+    }
+
     /// Starts a checksum resync of `disk` (every disk when `None`) in the
     /// machine's live session; returns its events, ending with `Done` (or the
     /// channel closes when the session ends first).

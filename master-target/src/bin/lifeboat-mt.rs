@@ -29,22 +29,52 @@ struct StoreArgs {
     /// Backend option KEY=VALUE (e.g. aws_endpoint=http://127.0.0.1:8014); repeatable.
     #[arg(long = "store-option", value_name = "KEY=VALUE")]
     options: Vec<String>,
-    #[arg(long)]
+    /// The machine (`points` and `failover` take --group instead for a
+    /// consistency group).
+    #[arg(long, required_unless_present = "group", conflicts_with = "group")]
+    machine: Option<String>,
+}
+
+/// The store and one machine (what every command but `--group` works on).
+struct MachineArgs {
+    store: String,
+    options: Vec<String>,
     machine: String,
 }
 
 impl StoreArgs {
+    fn for_machine(self) -> Result<MachineArgs> {
+        let machine = self.machine.context("--machine (or --group) is required")?;
+        lifeboat_common::ids::validate_id("machine", &machine).map_err(anyhow::Error::msg)?;
+        Ok(MachineArgs {
+            store: self.store,
+            options: self.options,
+            machine,
+        })
+    }
+
     fn open(&self) -> Result<Store> {
-        lifeboat_common::ids::validate_id("machine", &self.machine).map_err(anyhow::Error::msg)?;
+        open_store(&self.store, &self.options)
+    }
+}
+
+impl MachineArgs {
+    fn open(&self) -> Result<Store> {
+        open_store(&self.store, &self.options)
+    }
+}
+
+fn open_store(url: &str, opts: &[String]) -> Result<Store> {
+    {
         let mut options = BTreeMap::new();
-        for o in &self.options {
+        for o in opts {
             let (k, v) = o
                 .split_once('=')
                 .with_context(|| format!("--store-option {o:?} is not KEY=VALUE"))?;
             options.insert(k.to_string(), v.to_string());
         }
         Ok(Store::open(&StoreConfig {
-            url: self.store.clone(),
+            url: url.to_string(),
             options,
         })?)
     }
@@ -54,12 +84,17 @@ impl StoreArgs {
 struct FailoverArgs {
     #[command(flatten)]
     store: StoreArgs,
-    /// latest | latest-app | latest-crash | <point id> | <RFC 3339 time>
+    /// latest | latest-app | latest-crash | <point id> | <RFC 3339 time>;
+    /// with --group: latest | <group point id>.
     #[arg(long, default_value = "latest")]
     point: PointSpec,
-    /// Directory for the disk images (<disk>.raw).
+    /// Directory for the disk images (<disk>.raw; with --group each machine's
+    /// in <machine>/).
     #[arg(long)]
     out: PathBuf,
+    /// Recover every machine of this consistency group at one group point.
+    #[arg(long)]
+    group: Option<String>,
     /// The key-encryption key file (kek.key from `lifeboat-ps init`).
     #[arg(long, env = "LIFEBOAT_KEK_FILE")]
     key_file: PathBuf,
@@ -75,10 +110,14 @@ struct FailoverArgs {
 #[derive(Subcommand)]
 enum Cmd {
     /// List a machine's recovery points: id, kind (crash, app, group), source
-    /// of an app-consistent point (fsfreeze, script, vss), time and seq.
+    /// of an app-consistent point (fsfreeze, script, vss), time and seq; with
+    /// --group, the group's points: id, time and each member's seq.
     Points {
         #[command(flatten)]
         store: StoreArgs,
+        /// List this consistency group's points instead.
+        #[arg(long)]
+        group: Option<String>,
         #[arg(long)]
         json: bool,
         /// The key-encryption key file: with it the listed points are
@@ -138,9 +177,17 @@ async fn real_main() -> Result<()> {
     match Cli::parse().cmd {
         Cmd::Points {
             store,
+            group: Some(group),
+            json,
+            key_file,
+        } => group_points(store, &group, json, key_file).await,
+        Cmd::Points {
+            store,
+            group: None,
             json,
             key_file,
         } => {
+            let store = store.for_machine()?;
             let s = store.open()?;
             let keys = match &key_file {
                 Some(f) => {
@@ -262,6 +309,7 @@ async fn real_main() -> Result<()> {
             }
             Ok(())
         }
+        Cmd::Failover(a) | Cmd::TestFailover(a) if a.group.is_some() => group_failover(a).await,
         Cmd::Failover(a) | Cmd::TestFailover(a) => failover(a).await,
         Cmd::Verify {
             store,
@@ -271,6 +319,7 @@ async fn real_main() -> Result<()> {
             json,
         } => {
             let kek = read_kek(&key_file)?;
+            let store = store.for_machine()?;
             let s = store.open()?;
             let keys = materialize::machine_keys(&s, &kek, &store.machine).await?;
             let started = Instant::now();
@@ -324,15 +373,42 @@ fn read_kek(path: &std::path::Path) -> Result<Key> {
 async fn failover(a: FailoverArgs) -> Result<()> {
     let kek = read_kek(&a.key_file)?;
     let store = a.store.open()?;
-    let machine = &a.store.machine;
+    let machine = a.store.for_machine()?.machine;
     let started = Instant::now();
-    let keys = materialize::machine_keys(&store, &kek, machine).await?;
-    let mut inv = materialize::inventory(&store, Some(&keys.catalogue), machine).await?;
+    let report = failover_machine(
+        &store,
+        &kek,
+        &machine,
+        &a.point,
+        &a.out,
+        a.allow_inconsistent,
+    )
+    .await?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    print_report(&report, started.elapsed());
+    Ok(())
+}
+
+/// Recovers `machine` at `point` into `out`.
+async fn failover_machine(
+    store: &Store,
+    kek: &Key,
+    machine: &str,
+    point: &PointSpec,
+    out: &std::path::Path,
+    allow_inconsistent: bool,
+) -> Result<materialize::Report> {
+    let started = Instant::now();
+    let keys = materialize::machine_keys(store, kek, machine).await?;
+    let mut inv = materialize::inventory(store, Some(&keys.catalogue), machine).await?;
     // A gap with later segments behind it is usually uploads still in flight
     // (a process server puts several segments at once): look again for a
     // little while before `latest` is refused for it.
     for _ in 0..GAP_RECHECKS {
-        if inv.after_gap.is_none() || a.point != PointSpec::Latest {
+        if inv.after_gap.is_none() || *point != PointSpec::Latest {
             break;
         }
         eprintln!(
@@ -340,15 +416,15 @@ async fn failover(a: FailoverArgs) -> Result<()> {
             inv.end
         );
         tokio::time::sleep(GAP_RECHECK_PAUSE).await;
-        inv = materialize::inventory(&store, Some(&keys.catalogue), machine).await?;
+        inv = materialize::inventory(store, Some(&keys.catalogue), machine).await?;
     }
     // Retention may fold the stream while this runs, deleting segments it
     // was about to read; then it starts again from the new base.
     let mut attempt = 0;
     let report = loop {
         attempt += 1;
-        let resolved = materialize::resolve(&inv, machine, &a.point, a.allow_inconsistent)?;
-        if let (Some(m), PointSpec::Latest) = (inv.unsettled_end(), &a.point) {
+        let resolved = materialize::resolve(&inv, machine, point, allow_inconsistent)?;
+        if let (Some(m), PointSpec::Latest) = (inv.unsettled_end(), point) {
             eprintln!(
                 "warning: the stream ends inside a {} (from seq {}): these disks are not crash-consistent",
                 m.label, m.seq
@@ -357,13 +433,13 @@ async fn failover(a: FailoverArgs) -> Result<()> {
         eprintln!("recovering {machine} at {}", resolved.description);
         let last_print = std::sync::Mutex::new(Instant::now());
         let result = materialize::materialize(
-            &store,
+            store,
             &keys,
             machine,
             &inv,
             &resolved,
-            &a.out,
-            a.allow_inconsistent,
+            out,
+            allow_inconsistent,
             |p: materialize::Progress| {
                 let mut t = last_print.lock().unwrap_or_else(|p| p.into_inner());
                 if t.elapsed().as_millis() >= 1000 || p.done == p.total {
@@ -383,7 +459,7 @@ async fn failover(a: FailoverArgs) -> Result<()> {
         match result {
             Ok(r) => break r,
             Err(e) if attempt < 3 => {
-                let again = materialize::inventory(&store, Some(&keys.catalogue), machine).await?;
+                let again = materialize::inventory(store, Some(&keys.catalogue), machine).await?;
                 if again.start() == inv.start() {
                     return Err(e);
                 }
@@ -396,21 +472,17 @@ async fn failover(a: FailoverArgs) -> Result<()> {
             Err(e) => return Err(e),
         }
     };
-    if a.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
-        return Ok(());
-    }
+    Ok(report)
+}
+
+fn print_report(report: &materialize::Report, elapsed: std::time::Duration) {
     let from_base = match report.base {
         Some(seq) => format!("the base at seq {seq} ({} chunks) and ", report.chunks_read),
         None => String::new(),
     };
     println!(
         "recovered {} at {} from {from_base}{} segments ({} bytes fetched) in {:.2?}",
-        report.machine,
-        report.point,
-        report.segments_read,
-        report.bytes_fetched,
-        started.elapsed()
+        report.machine, report.point, report.segments_read, report.bytes_fetched, elapsed
     );
     for d in &report.disks {
         println!(
@@ -420,6 +492,131 @@ async fn failover(a: FailoverArgs) -> Result<()> {
             d.size,
             d.bytes_written
         );
+    }
+}
+
+/// `points --group`: the group's points, each member's seq.
+async fn group_points(
+    store: StoreArgs,
+    group: &str,
+    json: bool,
+    key_file: Option<PathBuf>,
+) -> Result<()> {
+    let s = store.open()?;
+    let kek = key_file.as_deref().map(read_kek).transpose()?;
+    if kek.is_none() {
+        eprintln!("note: no --key-file: the group points listed are not authenticated");
+    }
+    let gp = lifeboat_mt::group::list(&s, kek.as_ref(), group).await?;
+    if json {
+        let v = serde_json::json!({
+            "group": group,
+            "verified": gp.verified,
+            "points": gp.points,
+            "unusable": gp.unusable.iter().map(|(id, why)| serde_json::json!({"id": id, "why": why})).collect::<Vec<_>>(),
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    println!("{:<16} {:<26} {:<40}  LABEL", "ID", "TIME", "MEMBERS (SEQ)");
+    for p in &gp.points {
+        let members: Vec<String> = p
+            .members
+            .iter()
+            .map(|m| format!("{}={}", m.machine, m.seq))
+            .collect();
+        println!(
+            "{:<16} {:<26} {:<40}  {}",
+            p.id,
+            p.time,
+            members.join(" "),
+            p.label
+        );
+    }
+    for (id, why) in &gp.unusable {
+        println!("note: group point {id} is not usable: {why}");
+    }
+    Ok(())
+}
+
+/// `failover --group`: every member of the group at one group point, each
+/// into `<out>/<machine>/`.
+async fn group_failover(a: FailoverArgs) -> Result<()> {
+    let group = a.group.clone().unwrap_or_default();
+    let kek = read_kek(&a.key_file)?;
+    let store = a.store.open()?;
+    let spec = match &a.point {
+        PointSpec::Latest => "latest".to_string(),
+        PointSpec::Id(id) => id.clone(),
+        other => {
+            anyhow::bail!("with --group, --point is latest or a group point id, not {other:?}")
+        }
+    };
+    let gp = lifeboat_mt::group::list(&store, Some(&kek), &group).await?;
+    let point = lifeboat_mt::group::pick(&gp, &group, &spec)?.clone();
+    eprintln!(
+        "recovering group {group} at group point {} ({}): {}",
+        point.id,
+        point.time,
+        point
+            .members
+            .iter()
+            .map(|m| format!("{} seq {}", m.machine, m.seq))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    // Every member's tag must be stored before anything is written.
+    for m in &point.members {
+        let keys = materialize::machine_keys(&store, &kek, &m.machine).await?;
+        let mut stored = false;
+        for _ in 0..GAP_RECHECKS {
+            let inv = materialize::inventory(&store, Some(&keys.catalogue), &m.machine).await?;
+            if inv.points.iter().any(|p| p.seq == m.seq) && m.seq <= inv.end {
+                stored = true;
+                break;
+            }
+            eprintln!(
+                "the group tag of {} (seq {}) is not stored yet; looking again in {GAP_RECHECK_PAUSE:?}",
+                m.machine, m.seq
+            );
+            tokio::time::sleep(GAP_RECHECK_PAUSE).await;
+        }
+        if !stored {
+            anyhow::bail!(
+                "the group tag of {} (seq {}) of group point {} is not in the store (is the process server still uploading it?); nothing was written",
+                m.machine, m.seq, point.id
+            );
+        }
+    }
+    let started = Instant::now();
+    let mut reports = Vec::new();
+    for m in &point.members {
+        let out = a.out.join(&m.machine);
+        let r = failover_machine(
+            &store,
+            &kek,
+            &m.machine,
+            &PointSpec::Id(lifeboat_common::catalogue::point_id(m.seq)),
+            &out,
+            false,
+        )
+        .await
+        .with_context(|| format!("recovering {} of group {group}", m.machine))?;
+        reports.push(r);
+    }
+    if a.json {
+        let v = serde_json::json!({"group": group, "point": point, "machines": reports});
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    println!(
+        "recovered group {group} at group point {} ({}) in {:.2?}",
+        point.id,
+        point.time,
+        started.elapsed()
+    );
+    for r in &reports {
+        print_report(r, started.elapsed());
     }
     Ok(())
 }

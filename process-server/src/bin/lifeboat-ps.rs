@@ -1,4 +1,4 @@
-//! `lifeboat-ps`: init | issue-cert | serve | resync | status.
+//! `lifeboat-ps`: init | issue-cert | serve | resync | status | group-tag.
 
 use std::path::{Path, PathBuf};
 
@@ -59,6 +59,20 @@ enum Cmd {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Take a consistency-group point now: hold every member's writes, tag
+    /// each, release ([[group]] in ps.toml; every member must be connected).
+    /// Prints the group point's id and each member's seq, as JSON with --json.
+    GroupTag {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        group: String,
+        /// A label for the point (kept in each member's tag).
+        #[arg(long)]
+        label: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() {
@@ -110,6 +124,45 @@ fn real_main() -> Result<()> {
                 |_| {},
             ))?;
             println!("{}", serde_json::to_string_pretty(&v)?);
+            Ok(())
+        }
+        Cmd::GroupTag {
+            config,
+            group,
+            label,
+            json,
+        } => {
+            use lifeboat_ps::control;
+            let cfg = PsConfig::load(&config)?;
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let v = rt
+                .block_on(control::request(
+                    &control::socket_path(&cfg.cache_dir),
+                    &control::Request::GroupTag {
+                        group: group.clone(),
+                        label,
+                    },
+                    |_| {},
+                ))
+                .with_context(|| format!("group point of {group}"))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+                return Ok(());
+            }
+            let members: Vec<String> = v["members"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|m| format!("{} seq {}", m["machine"].as_str().unwrap_or("?"), m["seq"]))
+                .collect();
+            println!(
+                "group point {} of {group} at {}: {}",
+                v["id"],
+                v["time"].as_str().unwrap_or("?"),
+                members.join(", ")
+            );
             Ok(())
         }
         Cmd::Serve { config } => {

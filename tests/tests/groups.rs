@@ -1,0 +1,366 @@
+//! Consistency groups: three agents in one group on one process server, each
+//! writing its own disk through its NBD export at the same time. Group points
+//! (scheduled and on demand) exist, and a group failover gives each machine
+//! an image equal to its source at that point — and the three cuts are one
+//! moment. A member stopped with SIGSTOP makes the attempt time out: the
+//! others are released (a write held by the attempt completes after the
+//! bound) and no group point is recorded.
+//!
+//! How the test knows each source at a point: every writer writes one 4 KiB
+//! block at a time (the next only after the last was acknowledged), each
+//! block stamped with its write number. A tag lies between two writes, so a
+//! recovered image must equal "the first k writes" for some k, read from the
+//! image's highest stamp; and the cut is one moment when every machine's
+//! write k started before every machine's write k+1 was acknowledged.
+
+use std::path::Path;
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use lifeboat_tests::nbd::NbdClient;
+use lifeboat_tests::*;
+
+const MACHINES: [&str; 3] = ["grp-a", "grp-b", "grp-c"];
+const GROUP: &str = "g1";
+const BLOCK: u64 = 4096;
+const DISK: u64 = 8 * 1024 * 1024;
+const BLOCKS: u64 = DISK / BLOCK;
+const HOLD: Duration = Duration::from_secs(3);
+
+/// One acknowledged write: its number, block, and when it was issued and acked.
+#[derive(Clone, Copy)]
+struct Done {
+    block: u64,
+    start: Instant,
+    ack: Instant,
+}
+
+fn block_of(m: usize, k: u64) -> u64 {
+    (k.wrapping_mul(2654435761) ^ (m as u64 * 977)) % BLOCKS
+}
+
+fn pattern(m: usize, k: u64) -> Vec<u8> {
+    let mut b = vec![(m as u8 + 1).wrapping_mul(k as u8 | 1); BLOCK as usize];
+    b[..8].copy_from_slice(&k.to_le_bytes());
+    b[8] = m as u8 + 1;
+    b
+}
+
+/// The source as it was after the first `k` writes (`log[i]` is write i+1).
+fn state(m: usize, log: &[Done], k: u64) -> Vec<u8> {
+    let mut img = vec![0u8; DISK as usize];
+    for (i, d) in log.iter().take(k as usize).enumerate() {
+        let o = (d.block * BLOCK) as usize;
+        img[o..o + BLOCK as usize].copy_from_slice(&pattern(m, i as u64 + 1));
+    }
+    img
+}
+
+fn highest_stamp(img: &[u8]) -> u64 {
+    img.chunks(BLOCK as usize)
+        .map(|b| u64::from_le_bytes(b[..8].try_into().unwrap()))
+        .max()
+        .unwrap_or(0)
+}
+
+fn first_difference(a: &[u8], b: &[u8]) -> Option<usize> {
+    a.iter().zip(b).position(|(x, y)| x != y)
+}
+
+struct Writer {
+    log: Arc<Mutex<Vec<Done>>>,
+    thread: JoinHandle<()>,
+}
+
+fn start_writer(m: usize, agent: &Agent, stop: Arc<AtomicBool>) -> Writer {
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let (l, sock) = (log.clone(), agent.disks[0].2.clone());
+    let thread = std::thread::spawn(move || {
+        let mut c = NbdClient::connect(&sock, "d0").unwrap();
+        let mut k = 0u64;
+        while !stop.load(Ordering::Relaxed) {
+            k += 1;
+            let block = block_of(m, k);
+            let start = Instant::now();
+            c.write(block * BLOCK, &pattern(m, k), 0).unwrap();
+            l.lock().unwrap().push(Done {
+                block,
+                start,
+                ack: Instant::now(),
+            });
+            std::thread::sleep(Duration::from_millis(3));
+        }
+        c.disconnect();
+    });
+    Writer { log, thread }
+}
+
+struct Group {
+    ps: ProcessServer,
+    agents: Vec<Agent>,
+}
+
+fn start_group(root: &Path, every: &str) -> Group {
+    let mut ps = ProcessServer::init(&root.join("ps"), None, &[]).unwrap();
+    let cfg = ps.dir.join("ps.toml");
+    let mut text = std::fs::read_to_string(&cfg).unwrap();
+    text.push_str(&format!(
+        "\n[[group]]\nname = \"{GROUP}\"\nmachines = [{}]\nevery = \"{every}\"\nhold-timeout = \"{}s\"\n",
+        MACHINES.map(|m| format!("\"{m}\"")).join(", "),
+        HOLD.as_secs()
+    ));
+    std::fs::write(&cfg, text).unwrap();
+    ps.start().unwrap();
+    let mut agents = Vec::new();
+    for m in MACHINES {
+        let certs = ps.issue_cert(m).unwrap();
+        let mut a =
+            Agent::configure(&root.join(m), m, &certs, ps.port, &[("d0", DISK)], "").unwrap();
+        a.start().unwrap();
+        agents.push(a);
+    }
+    for a in &agents {
+        a.wait_synced(Duration::from_secs(60)).unwrap();
+    }
+    Group { ps, agents }
+}
+
+fn group_tag(ps: &ProcessServer) -> std::process::Output {
+    run_timeout(
+        Command::new(bin("lifeboat-ps"))
+            .args(["group-tag", "--json", "--group", GROUP, "--config"])
+            .arg(ps.dir.join("ps.toml")),
+        Duration::from_secs(60),
+    )
+    .unwrap()
+}
+
+fn group_points(ps: &ProcessServer) -> serde_json::Value {
+    let out = run_ok(
+        Command::new(bin("lifeboat-mt"))
+            .args([
+                "points",
+                "--json",
+                "--group",
+                GROUP,
+                "--store",
+                &ps.store_url,
+                "--key-file",
+            ])
+            .arg(ps.kek()),
+        Duration::from_secs(60),
+    )
+    .unwrap();
+    serde_json::from_str(&out).unwrap()
+}
+
+#[test]
+fn group_points_fail_over_every_member_to_one_moment() {
+    let root = tempfile::tempdir().unwrap();
+    let g = start_group(root.path(), "3s");
+    let stop = Arc::new(AtomicBool::new(false));
+    let writers: Vec<Writer> = g
+        .agents
+        .iter()
+        .enumerate()
+        .map(|(m, a)| start_writer(m, a, stop.clone()))
+        .collect();
+
+    // On demand, while the schedule also takes its points.
+    let mut on_demand = Vec::new();
+    while on_demand.len() < 2 {
+        std::thread::sleep(Duration::from_millis(1500));
+        let o = group_tag(&g.ps);
+        let err = String::from_utf8_lossy(&o.stderr).to_string();
+        if !o.status.success() {
+            assert!(
+                err.contains("being taken already"),
+                "group-tag failed: {err}"
+            );
+            continue;
+        }
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert_eq!(v["members"].as_array().unwrap().len(), 3, "{v}");
+        on_demand.push(v["id"].as_u64().unwrap());
+    }
+    std::thread::sleep(Duration::from_secs(4));
+    stop.store(true, Ordering::Relaxed);
+    let logs: Vec<Vec<Done>> = writers
+        .into_iter()
+        .map(|w| {
+            w.thread.join().unwrap();
+            w.log.lock().unwrap().clone()
+        })
+        .collect();
+    // The model is right: each source is "all its writes".
+    for (m, a) in g.agents.iter().enumerate() {
+        let src = std::fs::read(a.image("d0")).unwrap();
+        let want = state(m, &logs[m], logs[m].len() as u64);
+        assert_eq!(
+            first_difference(&src, &want),
+            None,
+            "source of {}",
+            MACHINES[m]
+        );
+        assert!(
+            logs[m].len() > 100,
+            "{} wrote only {} blocks",
+            MACHINES[m],
+            logs[m].len()
+        );
+        a.wait_acked(Duration::from_secs(60)).unwrap();
+    }
+
+    let listed = group_points(&g.ps);
+    let points = listed["points"].as_array().unwrap().clone();
+    assert!(listed["verified"].as_bool().unwrap());
+    assert!(
+        listed["unusable"].as_array().unwrap().is_empty(),
+        "{listed}"
+    );
+    let ids: Vec<u64> = points.iter().map(|p| p["id"].as_u64().unwrap()).collect();
+    for id in &on_demand {
+        assert!(
+            ids.contains(id),
+            "on-demand point {id} not listed: {listed}"
+        );
+    }
+    let scheduled: Vec<u64> = points
+        .iter()
+        .filter(|p| p["label"].as_str().unwrap().ends_with("scheduled"))
+        .map(|p| p["id"].as_u64().unwrap())
+        .collect();
+    assert!(!scheduled.is_empty(), "no scheduled group point: {listed}");
+
+    let mut check: Vec<(String, u64)> = on_demand.iter().map(|id| (id.to_string(), *id)).collect();
+    check.push((scheduled[0].to_string(), scheduled[0]));
+    check.push(("latest".into(), *ids.last().unwrap()));
+    for (spec, id) in check {
+        let out = root.path().join(format!("out-{spec}"));
+        let o = run_timeout(
+            Command::new(bin("lifeboat-mt"))
+                .args([
+                    "failover",
+                    "--group",
+                    GROUP,
+                    "--point",
+                    &spec,
+                    "--store",
+                    &g.ps.store_url,
+                ])
+                .arg("--out")
+                .arg(&out)
+                .arg("--key-file")
+                .arg(g.ps.kek()),
+            Duration::from_secs(300),
+        )
+        .unwrap();
+        assert!(
+            o.status.success(),
+            "group failover at {spec}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let text = String::from_utf8_lossy(&o.stdout);
+        assert!(text.contains(&format!("group point {id}")), "{text}");
+        let mut cut = Vec::new();
+        for (m, name) in MACHINES.iter().enumerate() {
+            let img = std::fs::read(out.join(name).join("d0.raw")).unwrap();
+            let k = highest_stamp(&img);
+            let want = state(m, &logs[m], k);
+            assert_eq!(
+                first_difference(&img, &want),
+                None,
+                "{name} at group point {spec}: not the source after its first {k} writes"
+            );
+            cut.push(k);
+        }
+        // One moment: every write before the cut was issued before any write
+        // after it was acknowledged.
+        let latest_start = (0..3)
+            .filter(|&m| cut[m] > 0)
+            .map(|m| logs[m][cut[m] as usize - 1].start)
+            .max();
+        let earliest_ack = (0..3)
+            .filter_map(|m| logs[m].get(cut[m] as usize).map(|d| d.ack))
+            .min();
+        if let (Some(s), Some(a)) = (latest_start, earliest_ack) {
+            assert!(
+                s < a,
+                "group point {spec}: the cuts {cut:?} are not one moment"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_stopped_member_times_out_releases_the_others_and_records_nothing() {
+    let root = tempfile::tempdir().unwrap();
+    let g = start_group(root.path(), "0s");
+    let o = group_tag(&g.ps);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let before = group_points(&g.ps)["points"].as_array().unwrap().len();
+    assert_eq!(before, 1);
+
+    let stopped = g.agents[2].proc.as_ref().unwrap().pid() as i32;
+    // SAFETY: signals a process this test started.
+    unsafe { libc::kill(stopped, libc::SIGSTOP) };
+    let started = Instant::now();
+    let ps_dir = g.ps.dir.clone();
+    let attempt = std::thread::spawn(move || {
+        run_timeout(
+            Command::new(bin("lifeboat-ps"))
+                .args(["group-tag", "--group", GROUP, "--config"])
+                .arg(ps_dir.join("ps.toml")),
+            Duration::from_secs(60),
+        )
+        .unwrap()
+    });
+    // The others hold their writes now: a write waits, then completes after
+    // the bound released them.
+    std::thread::sleep(Duration::from_millis(700));
+    let mut c = NbdClient::connect(&g.agents[0].disks[0].2, "d0").unwrap();
+    c.write(0, &pattern(0, 1), 0).unwrap();
+    let done = started.elapsed();
+    let o = attempt.join().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    // SAFETY: as above.
+    unsafe { libc::kill(stopped, libc::SIGCONT) };
+    assert!(
+        !o.status.success(),
+        "the group point with a stopped member succeeded"
+    );
+    assert!(
+        err.contains(MACHINES[2]) && err.contains("hold-timeout"),
+        "{err}"
+    );
+    assert!(err.contains("no group point was recorded"), "{err}");
+    assert!(
+        done < HOLD + Duration::from_secs(3),
+        "the write waited {done:?}"
+    );
+    // Writes go on.
+    let t = Instant::now();
+    c.write(BLOCK, &pattern(0, 2), 0).unwrap();
+    assert!(
+        t.elapsed() < Duration::from_secs(1),
+        "a write after the release waited {:?}",
+        t.elapsed()
+    );
+    c.disconnect();
+
+    let after = group_points(&g.ps);
+    assert_eq!(after["points"].as_array().unwrap().len(), before, "{after}");
+    assert!(after["unusable"].as_array().unwrap().is_empty(), "{after}");
+    // The stopped member, resumed, holds at most its bound, and the group
+    // works again.
+    std::thread::sleep(HOLD + Duration::from_secs(1));
+    let o = group_tag(&g.ps);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(
+        group_points(&g.ps)["points"].as_array().unwrap().len(),
+        before + 1
+    );
+}
