@@ -145,6 +145,11 @@ pub struct PointRecord {
     /// sources were kept.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source: Option<TagSource>,
+    /// The churn since the previous point (`churn.rs`); absent on points
+    /// recorded before it was kept, and on the first point after a process
+    /// server restart (the churn before it was not counted).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub churn: Option<crate::churn::Churn>,
 }
 
 impl PointRecord {

@@ -4,6 +4,7 @@
 
 pub mod base;
 pub mod catalogue;
+pub mod churn;
 pub mod codec;
 pub mod formats;
 pub mod framed;

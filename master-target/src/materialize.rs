@@ -50,6 +50,9 @@ pub enum PointSpec {
     LatestApp,
     /// The newest crash-consistent point.
     LatestCrash,
+    /// The newest point before the first one the encryption alarm marks
+    /// suspect (`lifeboat_common::churn`).
+    LastClean,
     /// A point id as listed by `points`.
     Id(String),
     /// The newest point at or before this time (ms since the epoch).
@@ -63,13 +66,14 @@ impl std::str::FromStr for PointSpec {
             "latest" => Ok(PointSpec::Latest),
             "latest-app" => Ok(PointSpec::LatestApp),
             "latest-crash" => Ok(PointSpec::LatestCrash),
+            "last-clean" => Ok(PointSpec::LastClean),
             _ if s.bytes().all(|b| b.is_ascii_digit()) && !s.is_empty() => {
                 Ok(PointSpec::Id(s.to_string()))
             }
             _ => chrono::DateTime::parse_from_rfc3339(s)
                 .map(|t| PointSpec::Time(t.timestamp_millis().max(0) as u64))
                 .map_err(|_| {
-                    format!("{s:?} is not a point: use latest, latest-app, latest-crash, a point id or an RFC 3339 time")
+                    format!("{s:?} is not a point: use latest, latest-app, latest-crash, last-clean, a point id or an RFC 3339 time")
                 }),
         }
     }
@@ -256,6 +260,19 @@ pub fn resolve(
             .find(|p| p.kind == lifeboat_common::protocol::TagKind::App)
             .map(|p| pick(p))
             .ok_or_else(|| anyhow!("machine {machine} has no app-consistent point in the store")),
+        PointSpec::LastClean => {
+            let suspect = lifeboat_common::churn::suspects(
+                &stored.iter().map(|p| p.churn).collect::<Vec<_>>(),
+            );
+            let first = suspect.iter().position(|s| *s);
+            let clean = &stored[..first.unwrap_or(stored.len())];
+            clean.last().map(|p| pick(p)).ok_or_else(|| match first {
+                Some(_) => anyhow!(
+                    "every stored point of machine {machine} is suspect (incompressible churn from the first one on)"
+                ),
+                None => anyhow!("machine {machine} has no point in the store yet"),
+            })
+        }
         PointSpec::LatestCrash => stored
             .iter()
             .rev()

@@ -707,6 +707,7 @@ mod tests {
             disks: vec![DiskInfo::new("root", 1)],
             epoch: 1,
             source: None,
+            churn: None,
         }
     }
 

@@ -38,6 +38,7 @@ use lifeboat_common::catalogue::{
     self, encode_segment, format_time_ms, point_object, segment_object, CatalogueKey, Fences,
     InconsistentRecord, MachineRecord, PointRecord, SegmentName,
 };
+use lifeboat_common::churn::Churn;
 use lifeboat_common::owner::Held;
 use lifeboat_common::protocol::{DiskInfo, Entry, Op};
 use lifeboat_common::seal::{self, Key};
@@ -358,6 +359,37 @@ struct Upload {
     machine_json: Option<MachineRecord>,
 }
 
+/// How the uploads of one machine pass the churn since the last point on,
+/// in segment order, while they seal in parallel.
+struct ChurnChain {
+    /// What the next segment receives from the one cut before it.
+    last: Option<tokio::sync::oneshot::Receiver<Option<Churn>>>,
+}
+
+/// One upload's place in the chain: what came before it (`None`: not
+/// counted since this uploader started), and where to pass its total.
+struct ChurnLink {
+    before: tokio::sync::oneshot::Receiver<Option<Churn>>,
+    after: tokio::sync::oneshot::Sender<Option<Churn>>,
+}
+
+impl ChurnChain {
+    fn new() -> ChurnChain {
+        ChurnChain { last: None }
+    }
+
+    fn link(&mut self) -> ChurnLink {
+        let (after, next) = tokio::sync::oneshot::channel();
+        let before = self.last.replace(next).unwrap_or_else(|| {
+            // The first segment since start: what came before is unknown.
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            let _ = tx.send(None);
+            rx
+        });
+        ChurnLink { before, after }
+    }
+}
+
 /// Aborts a task when its owner stops.
 struct AbortOnDrop(JoinHandle<()>);
 
@@ -531,6 +563,7 @@ pub async fn run_machine(env: UploadEnv, me: Arc<MachineUploader>) {
     let mut pending_since: Option<Instant> = None;
     // Signalled whenever an upload task finishes.
     let done = Arc::new(Notify::new());
+    let mut churn_chain = ChurnChain::new();
     loop {
         // Retire finished uploads in order.
         while in_flight.front().is_some_and(|u| u.handle.is_finished()) {
@@ -675,6 +708,7 @@ pub async fn run_machine(env: UploadEnv, me: Arc<MachineUploader>) {
             disks_at_start,
             entries,
             durable_ms,
+            churn_chain.link(),
             cfg.zstd_level,
             check.clone(),
             fences.clone(),
@@ -703,6 +737,7 @@ async fn upload_segment(
     mut disks: Vec<DiskInfo>,
     entries: Vec<Entry>,
     durable_ms: u64,
+    churn: ChurnLink,
     level: i32,
     check: Arc<OwnerCheck>,
     fences: Arc<Fences>,
@@ -747,10 +782,18 @@ async fn upload_segment(
                 disks: disks.clone(),
                 epoch,
                 source: *source,
+                churn: None,
             }),
             _ => {}
         }
     }
+    let write_bytes: u64 = entries
+        .iter()
+        .map(|e| match &e.op {
+            Op::Write { data, .. } => data.len() as u64,
+            _ => 0,
+        })
+        .sum();
     let (plain, sealed) = {
         let name = name.clone();
         let machine = machine.clone();
@@ -763,6 +806,22 @@ async fn upload_segment(
         .await
         .ok()?
     };
+    // The churn since the previous point: this segment's, added to what the
+    // segments before it (sealed in parallel, passed on in order) counted.
+    let mine = Churn {
+        write_bytes,
+        plain_bytes: plain.len() as u64,
+        sealed_bytes: sealed.len() as u64,
+    };
+    let total = churn.before.await.ok().flatten().map(|b| b.plus(mine));
+    let _ = churn.after.send(if points.is_empty() {
+        total
+    } else {
+        Some(Churn::default())
+    });
+    for p in &mut points {
+        p.churn = total;
+    }
     let fenced = |e: anyhow::Error| {
         if !e.is::<Fenced>() {
             // An object of ours exists with other content: someone else writes here.

@@ -157,6 +157,7 @@ fn land_late_upload_of_the_old_owner(ps: &ProcessServer, cfg: &StoreConfig) -> u
             disks: vec![lifeboat_common::protocol::DiskInfo::new("root", 32 * MIB)],
             epoch: 1,
             source: None,
+            churn: None,
         };
         let pobj = catalogue::point_object(MACHINE, tag_seq);
         let body = Bytes::from(catalogue::sign_record(&ck, &pobj, &point));

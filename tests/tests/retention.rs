@@ -413,3 +413,63 @@ fn time_recovers_the_stream_as_it_stood_at_that_moment_between_points() {
         );
     }
 }
+
+#[test]
+fn a_workload_that_turns_to_random_overwrites_marks_points_suspect_and_last_clean_is_before_it() {
+    let root = tempfile::tempdir().unwrap();
+    let (ps, agent, mut w) = start(root.path(), "1h", 53);
+    let mut buf = vec![0u8; MIB as usize];
+    let mut write_cycle = |w: &mut Workload, compressible: bool| {
+        for i in 0..16u64 {
+            w.rng.fill(&mut buf);
+            if compressible {
+                // Half of every 4 KiB block is zeros: zstd halves it.
+                for block in buf.chunks_mut(4096) {
+                    block[2048..].fill(0);
+                }
+            }
+            w.nbd.write(i * MIB, &buf, 0).unwrap();
+        }
+        w.nbd.flush().unwrap();
+        let seq = agent.tag().unwrap();
+        w.expected.insert(seq, sha(&agent.image("root")));
+        seq
+    };
+    let clean: Vec<u64> = (0..4).map(|_| write_cycle(&mut w, true)).collect();
+    let encrypted: Vec<u64> = (0..3).map(|_| write_cycle(&mut w, false)).collect();
+    wait_stored(
+        &ps.store_url,
+        MACHINE,
+        &[],
+        *encrypted.last().unwrap(),
+        Duration::from_secs(60),
+    )
+    .unwrap();
+    let listed = points(&ps.store_url, MACHINE, &[]).unwrap();
+    let suspect = |seq: u64| {
+        listed["points"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["seq"] == seq)
+            .unwrap_or_else(|| panic!("point {seq} not listed: {listed}"))["suspect"]
+            .as_bool()
+            .unwrap()
+    };
+    for s in &clean {
+        assert!(
+            !suspect(*s),
+            "compressible churn marked suspect at {s}: {listed}"
+        );
+    }
+    // One burst is not enough; from the second incompressible point on.
+    assert!(!suspect(encrypted[0]), "{listed}");
+    assert!(suspect(encrypted[1]) && suspect(encrypted[2]), "{listed}");
+    // last-clean is the newest point before the first suspect one.
+    let out = root.path().join("clean");
+    let o = failover(&ps.store_url, MACHINE, "last-clean", &out, &ps.kek(), &[]).unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains(&format!("point {}", encrypted[0])), "{err}");
+    assert_eq!(&sha(&out.join("root.raw")), &w.expected[&encrypted[0]]);
+}

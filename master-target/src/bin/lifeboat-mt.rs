@@ -84,7 +84,7 @@ fn open_store(url: &str, opts: &[String]) -> Result<Store> {
 struct FailoverArgs {
     #[command(flatten)]
     store: StoreArgs,
-    /// latest | latest-app | latest-crash | <point id> | <RFC 3339 time>;
+    /// latest | latest-app | latest-crash | last-clean | <point id> | <RFC 3339 time>;
     /// with --group: latest | <group point id>.
     #[arg(long, default_value = "latest")]
     point: PointSpec,
@@ -136,7 +136,7 @@ enum Cmd {
     Verify {
         #[command(flatten)]
         store: StoreArgs,
-        /// latest | latest-app | latest-crash | <point id> | <RFC 3339 time>
+        /// latest | latest-app | latest-crash | last-clean | <point id> | <RFC 3339 time>
         #[arg(long, default_value = "latest")]
         point: PointSpec,
         /// The key-encryption key file (kek.key from `lifeboat-ps init`).
@@ -230,6 +230,9 @@ async fn real_main() -> Result<()> {
                 adds.push(b);
                 prev = p.seq;
             }
+            let suspect = lifeboat_common::churn::suspects(
+                &listed.iter().map(|p| p.churn).collect::<Vec<_>>(),
+            );
             let base = inv.base.as_ref().map(|b| {
                 serde_json::json!({
                     "seq": b.seq,
@@ -242,9 +245,14 @@ async fn real_main() -> Result<()> {
                 let points: Vec<serde_json::Value> = listed
                     .iter()
                     .zip(&adds)
-                    .map(|(p, a)| {
+                    .zip(&suspect)
+                    .map(|((p, a), sus)| {
                         let mut v = serde_json::to_value(p).unwrap_or_default();
                         v["adds-bytes"] = (*a).into();
+                        v["suspect"] = (*sus).into();
+                        if let Some(c) = p.churn {
+                            v["incompressible"] = c.incompressible().into();
+                        }
                         v
                     })
                     .collect();
@@ -274,16 +282,27 @@ async fn real_main() -> Result<()> {
                 "{:<12} {:<6} {:<8} {:<26} {:>12} {:>14}  LABEL",
                 "ID", "KIND", "SOURCE", "TIME", "SEQ", "ADDS (BYTES)"
             );
-            for (p, a) in listed.iter().zip(&adds) {
+            for ((p, a), sus) in listed.iter().zip(&adds).zip(&suspect) {
                 println!(
-                    "{:<12} {:<6} {:<8} {:<26} {:>12} {:>14}  {}",
+                    "{:<12} {:<6} {:<8} {:<26} {:>12} {:>14}  {}{}",
                     p.id,
                     p.kind.as_str(),
                     p.source_str(),
                     p.time,
                     p.seq,
                     a,
-                    p.label
+                    p.label,
+                    if *sus {
+                        "  SUSPECT: incompressible churn (encryption?)"
+                    } else {
+                        ""
+                    }
+                );
+            }
+            if let Some(i) = suspect.iter().position(|s| *s) {
+                println!(
+                    "warning: a sustained rise in incompressible churn marks points from {} on as suspect; `--point last-clean` recovers the newest point before it",
+                    listed[i].id
                 );
             }
             println!(
