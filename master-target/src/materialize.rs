@@ -504,6 +504,9 @@ pub async fn materialize(
     };
     let chunks_read = chunk_jobs.len();
     let namer = Arc::new(ChunkNamer::derive(&keys.data));
+    // Chunks are fetched and opened in parallel, and written one at a time:
+    // parallel writes to one file only contend for its inode lock
+    // (measured: a third of the CPU spinning in ext4's write path).
     let mut fetches = futures::stream::iter(chunk_jobs)
         .map(|(file, index, id, path)| {
             let (store, key, namer) = (store.clone(), key.clone(), namer.clone());
@@ -517,19 +520,20 @@ pub async fn materialize(
                     )
                 })?;
                 let fetched = sealed.len() as u64;
-                tokio::task::spawn_blocking(move || -> Result<u64> {
-                    let plain = base::open_chunk(&key, &namer, &store, &machine, &id, &sealed)
-                        .map_err(|e| anyhow!("{e}; refusing to use this recovery point"))?;
-                    file.write_all_at(&plain, index * CHUNK_SIZE)
-                        .with_context(|| format!("writing {}", path.display()))?;
-                    Ok(fetched)
+                let plain = tokio::task::spawn_blocking(move || {
+                    base::open_chunk(&key, &namer, &store, &machine, &id, &sealed)
+                        .map_err(|e| anyhow!("{e}; refusing to use this recovery point"))
                 })
-                .await?
+                .await??;
+                Ok::<_, anyhow::Error>((file, index, path, plain, fetched))
             }
         })
         .buffer_unordered(FETCH_CONCURRENCY);
-    while let Some(fetched) = fetches.next().await {
-        done.bytes += fetched?;
+    while let Some(item) = fetches.next().await {
+        let (file, index, path, plain, fetched) = item?;
+        tokio::task::block_in_place(|| file.write_all_at(&plain, index * CHUNK_SIZE))
+            .with_context(|| format!("writing {}", path.display()))?;
+        done.bytes += fetched;
         done.done += 1;
         progress(done);
     }
