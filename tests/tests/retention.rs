@@ -110,6 +110,10 @@ fn check_retained(ps: &ProcessServer, expected: &BTreeMap<u64, String>, out: &Pa
 /// A process server with retention `keep`, and a synced agent whose disk
 /// the returned workload writes through its NBD export.
 fn start(root: &Path, keep: &str, seed: u64) -> (ProcessServer, Agent, Workload) {
+    start_sized(root, keep, seed, DISK)
+}
+
+fn start_sized(root: &Path, keep: &str, seed: u64, size: u64) -> (ProcessServer, Agent, Workload) {
     let mut ps = ProcessServer::init(&root.join("ps"), None, &[]).unwrap();
     set_retention(&ps, keep);
     ps.start().unwrap();
@@ -119,7 +123,7 @@ fn start(root: &Path, keep: &str, seed: u64) -> (ProcessServer, Agent, Workload)
         MACHINE,
         &certs,
         ps.port,
-        &[("root", DISK)],
+        &[("root", size)],
         "",
     )
     .unwrap();
@@ -472,4 +476,77 @@ fn a_workload_that_turns_to_random_overwrites_marks_points_suspect_and_last_clea
     assert!(o.status.success(), "{err}");
     assert!(err.contains(&format!("point {}", encrypted[0])), "{err}");
     assert_eq!(&sha(&out.join("root.raw")), &w.expected[&encrypted[0]]);
+}
+
+#[test]
+fn a_disk_grown_and_shrunk_across_bases_with_a_partial_last_chunk_recovers_exactly() {
+    let root = tempfile::tempdir().unwrap();
+    let r = root.path();
+    // Not a multiple of the 1 MiB chunk: the last chunk is partial.
+    let size = 10 * MIB + 3 * 4096 + 512;
+    let (ps, mut agent, mut w) = start_sized(r, "10s", 61, size);
+    let image = agent.image("root");
+    let mut buf = vec![0u8; 4096];
+    for i in 0..(size / 4096) {
+        w.rng.fill(&mut buf);
+        w.nbd.write(i * 4096, &buf, 0).unwrap();
+    }
+    w.rng.fill(&mut buf[..512]);
+    w.nbd.write(size - 512, &buf[..512], 0).unwrap();
+    w.nbd.flush().unwrap();
+    let mut snaps = BTreeMap::new();
+    let a = agent.tag().unwrap();
+    snaps.insert(a, sha(&image));
+    let folded_to = |seq: u64| {
+        wait_for(
+            &format!("a base at or after seq {seq}"),
+            Duration::from_secs(90),
+            || (base_seq(&ps) >= seq).then_some(()),
+        )
+        .unwrap()
+    };
+    std::thread::sleep(Duration::from_secs(10));
+    folded_to(a);
+    drop(w);
+    // Grown while stopped (its new end holds data), then shrunk below the
+    // first size: each a checksum resync and its point, each folded.
+    let mut rng = Rng(62);
+    for (i, new_size) in [14 * MIB + 1000, 6 * MIB + 700].into_iter().enumerate() {
+        agent.stop_clean();
+        resize_file(&image, new_size);
+        if i == 0 {
+            fill_random(&image, 12 * MIB, 2 * MIB + 1000, &mut rng);
+        }
+        agent.start().unwrap();
+        let report = agent
+            .wait_checksum_resync(Duration::from_secs(120))
+            .unwrap();
+        let seq = report["tag-seq"].as_u64().unwrap();
+        snaps.insert(seq, sha(&image));
+        wait_stored(&ps.store_url, MACHINE, &[], seq, Duration::from_secs(60)).unwrap();
+        std::thread::sleep(Duration::from_secs(10));
+        folded_to(seq);
+    }
+    // And writes after the last base.
+    let sock = agent.disks[0].2.clone();
+    let mut nbd = NbdClient::connect(&sock, "root").unwrap();
+    rng.fill(&mut buf);
+    nbd.write(6 * MIB - 4096, &buf, 0).unwrap();
+    nbd.flush().unwrap();
+    let d = agent.tag().unwrap();
+    snaps.insert(d, sha(&image));
+    wait_stored(&ps.store_url, MACHINE, &[], d, Duration::from_secs(60)).unwrap();
+    let out = r.join("out");
+    let checked = check_retained(&ps, &snaps, &out);
+    assert!(
+        checked >= 2,
+        "the base's point and the later one: {checked}"
+    );
+    let latest = out.join("latest");
+    ps.failover_ok(MACHINE, "latest", &latest);
+    assert_eq!(
+        std::fs::metadata(latest.join("root.raw")).unwrap().len(),
+        6 * MIB + 700
+    );
+    assert_eq!(sha(&latest.join("root.raw")), sha(&image));
 }
