@@ -12,8 +12,10 @@ use serde::{Deserialize, Serialize};
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:9443";
 /// A segment is cut when it holds this many bytes of entries...
 pub const DEFAULT_SEGMENT_MAX_BYTES: u64 = 32 * 1024 * 1024;
-/// ...or when its oldest entry has waited this long (bounds the RPO).
-pub const DEFAULT_SEGMENT_MAX_AGE: Duration = Duration::from_secs(5);
+/// ...or when its oldest entry has waited this long. It bounds the RPO and
+/// how closely `--time` recovers a moment (a segment's name says when its
+/// last entry was durable); at most one PUT per second per machine.
+pub const DEFAULT_SEGMENT_MAX_AGE: Duration = Duration::from_secs(1);
 pub const DEFAULT_ZSTD_LEVEL: i32 = 1;
 /// Segments sealed and uploaded at the same time, per machine.
 pub const DEFAULT_UPLOAD_CONCURRENCY: usize = 4;
