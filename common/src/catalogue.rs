@@ -269,9 +269,11 @@ impl SegmentName {
                 .and_then(|p| u64::from_str_radix(p, 16).ok())
         };
         let (first, last) = (hex()?, hex()?);
+        // An epoch or time that is present is never 0 (0 means absent): one
+        // name per segment.
         let mut opt = || match parts.next() {
             None => Some(0),
-            Some(p) if p.len() == 16 => u64::from_str_radix(p, 16).ok(),
+            Some(p) if p.len() == 16 => u64::from_str_radix(p, 16).ok().filter(|v| *v > 0),
             Some(_) => None,
         };
         let (epoch, time_ms) = (opt()?, opt()?);
@@ -829,6 +831,8 @@ mod tests {
             "5-7.seg",
             "0000000000000005-0000000000000007-3.seg",
             "0000000000000005-0000000000000007-0000000000000000-0000000000000001.seg",
+            "0000000000000005-0000000000000007-0000000000000000.seg",
+            "0000000000000005-0000000000000007-0000000000000003-0000000000000000.seg",
             "0000000000000005-0000000000000007-0000000000000003-0000000000000001-0000000000000001.seg",
         ] {
             assert_eq!(SegmentName::parse(bad), None, "{bad}");

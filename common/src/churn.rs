@@ -14,10 +14,19 @@
 //!   least [`HIGH`] and at least [`RISE`] above its baseline (with no
 //!   baseline yet, nothing is a candidate);
 //! - two candidates in a row (sustained, not one burst of compressed
-//!   backups) make the second and every later point `suspect` — the
-//!   encrypted data stays in every later image.
+//!   backups) make both and every later point `suspect` — the encrypted
+//!   data stays in every later image. Points without statistics (the first
+//!   after a process-server restart) and points with less churn than
+//!   [`MIN_BYTES`] neither count nor break a run.
 //!
 //! `last-clean` is the newest point before the first suspect one.
+//!
+//! Limits: the rule sees the points that are still stored. Thinning merges
+//! the churn of deleted points into none (a kept point's churn covers only
+//! the time since the point before it), and retention removes the history a
+//! baseline needs; an encryption that fits between two kept points of an
+//! old tier, or a run that began before the base, is not seen. Encryption
+//! finished within one point interval gives one candidate and no alarm.
 
 use serde::{Deserialize, Serialize};
 
@@ -63,33 +72,34 @@ impl Churn {
 pub fn suspects(points: &[Option<Churn>]) -> Vec<bool> {
     let mut out = vec![false; points.len()];
     let mut history: Vec<f64> = Vec::new();
-    let mut previous_candidate = false;
+    // The last candidate not yet followed by a judged point.
+    let mut previous_candidate: Option<usize> = None;
     let mut latched = false;
     for (i, c) in points.iter().enumerate() {
         if latched {
             out[i] = true;
             continue;
         }
-        let Some(c) = c else {
-            previous_candidate = false;
+        // Unknown or too little churn: neither counts nor breaks a run.
+        let Some(c) = c.filter(|c| c.write_bytes >= MIN_BYTES) else {
             continue;
         };
         let f = c.incompressible();
-        let candidate = c.write_bytes >= MIN_BYTES
-            && !history.is_empty()
-            && f >= HIGH
-            && f >= median(&history) + RISE;
-        if candidate && previous_candidate {
+        let candidate = !history.is_empty() && f >= HIGH && f >= median(&history) + RISE;
+        if let (true, Some(first)) = (candidate, previous_candidate) {
             latched = true;
-            out[i] = true;
+            for o in &mut out[first..=i] {
+                *o = true;
+            }
+            continue;
         }
-        if !candidate && c.write_bytes >= MIN_BYTES {
+        if !candidate {
             history.push(f);
             if history.len() > BASELINE_POINTS {
                 history.remove(0);
             }
         }
-        previous_candidate = candidate;
+        previous_candidate = candidate.then_some(i);
     }
     out
 }
@@ -123,7 +133,18 @@ mod tests {
             c(64, 0.99),
             c(8, 0.3),
         ];
-        assert_eq!(suspects(&pts), [false, false, false, false, true, true]);
+        // Both candidates: the first already holds encrypted data.
+        assert_eq!(suspects(&pts), [false, false, false, true, true, true]);
+        // Unknown and small churn between them do not break the run.
+        let pts = [
+            c(64, 0.4),
+            c(64, 0.45),
+            c(64, 0.98),
+            None,
+            c(1, 0.2),
+            c(64, 0.99),
+        ];
+        assert_eq!(suspects(&pts), [false, false, true, true, true, true]);
     }
 
     #[test]
@@ -137,8 +158,8 @@ mod tests {
         // A machine that always wrote incompressible data has that baseline.
         let pts = [c(64, 0.99), c(64, 0.99), c(64, 0.99), c(64, 0.99)];
         assert!(suspects(&pts).iter().all(|s| !s));
-        // Points without statistics break a run.
-        let pts = [c(64, 0.4), c(64, 0.98), None, c(64, 0.98)];
+        // A clean point between two candidates breaks the run.
+        let pts = [c(64, 0.4), c(64, 0.98), c(64, 0.4), c(64, 0.98)];
         assert!(suspects(&pts).iter().all(|s| !s));
     }
 }

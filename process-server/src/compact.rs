@@ -147,6 +147,9 @@ pub async fn run_once(
     let (store, ck, m) = (&c.store, &c.keys.catalogue, c.machine.as_str());
     let r = &c.cfg.retention;
     let mut report = RunReport::default();
+    // One run that may fold at a time on this server (work files and CPU
+    // are shared), and the view read after the wait, not before it.
+    let _one = FOLDS.acquire().await?;
     let mut view = base::stream_view(store, Some(ck), m).await?;
     let points = catalogue::list_points(store, Some(ck), m, &view.fences).await?;
     let uploaded = {
@@ -194,8 +197,6 @@ async fn fold(
     report: &mut RunReport,
 ) -> Result<()> {
     let (store, m) = (&c.store, c.machine.as_str());
-    // One fold at a time on this server: each holds work files and CPU.
-    let _one = FOLDS.acquire().await?;
     let rec = catalogue::load_machine(store, &c.keys.catalogue, m).await?;
     let old = view.base();
     let start = view.start();
@@ -348,6 +349,24 @@ async fn fold(
         );
     }
     let targets = targets.expect("targets are back");
+    // Every touched chunk is filled in whole from the old base: check the
+    // room for that before filling (scattered small writes touch many).
+    let touched_bytes: u64 = targets
+        .values()
+        .map(|t| {
+            t.covered
+                .as_ref()
+                .map_or(0, |c| c.touched(CHUNK_SIZE).len() as u64)
+                * CHUNK_SIZE
+        })
+        .sum();
+    if let Some(free) = crate::cache::free_bytes(&dir).filter(|f| *f < touched_bytes + FOLD_RESERVE)
+    {
+        bail!(
+            "{} has {free} bytes free; filling the {touched_bytes} bytes of chunks the stream touched up to seq {h} needs more: not folding until there is room",
+            dir.display()
+        );
+    }
     // A resize entry may have grown a disk past what the records said.
     for (i, l) in largest.iter_mut().enumerate() {
         *l = (*l).max(targets[&(i as u16)].limit);

@@ -5,7 +5,9 @@
 //! (at `segment-max-bytes`, after `segment-max-age`, and always right after a tag)
 //! → zstd + AES-256-GCM → put `points/<seq>.json` for each tag in it and
 //! `inconsistent/<seq>.json` for each inconsistent entry → put
-//! `log/<first>-<last>.seg` (the stream end moves with segments, so whoever
+//! `log/<first>-<last>-<epoch>-<time>.seg` (time: when its entries were all
+//! durable; a segment stored before a restart and cut again at the same
+//! seqs keeps its name. The stream end moves with segments, so whoever
 //! sees a segment sees its points and marks) → persist `uploaded` → delete the
 //! cached range. Up to
 //! `upload-concurrency` segments are sealed and uploaded at once; `uploaded`
@@ -556,6 +558,27 @@ pub async fn run_machine(env: UploadEnv, me: Arc<MachineUploader>) {
             return;
         }
     };
+    // Segments this epoch stored beyond `uploaded` before a restart: the
+    // same seqs cut again get the same name (its time included), so an
+    // equal re-upload is recognised and a different one is a conflict.
+    let Some(stored_times) = retry(
+        &format!("listing the segments of {machine} in {}", store.url()),
+        &cancel,
+        || async {
+            let epoch = check.epoch();
+            Ok(catalogue::list_segments(&store, &machine)
+                .await?
+                .into_iter()
+                .filter(|s| s.epoch == epoch && s.first >= next && s.time_ms > 0)
+                .map(|s| ((s.first, s.last), s.time_ms))
+                .collect::<std::collections::HashMap<_, _>>())
+        },
+    )
+    .await
+    else {
+        return;
+    };
+    let stored_times = Arc::new(stored_times);
     let mut in_flight: VecDeque<Upload> = VecDeque::new();
     let max = cfg.segment_max_bytes as usize;
     // Entries read from the cache for the next segment, and when the first arrived.
@@ -671,7 +694,13 @@ pub async fn run_machine(env: UploadEnv, me: Arc<MachineUploader>) {
         }
 
         let entries = std::mem::take(&mut pending.entries);
-        let durable_ms = pending.durable_ms;
+        let durable_ms = match (entries.first(), entries.last()) {
+            (Some(a), Some(b)) => stored_times
+                .get(&(a.seq, b.seq))
+                .copied()
+                .unwrap_or(pending.durable_ms),
+            _ => pending.durable_ms,
+        };
         pending = Batch::default();
         pending_since = None;
         let first = next;

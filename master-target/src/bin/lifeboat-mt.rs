@@ -590,7 +590,14 @@ async fn group_failover(a: FailoverArgs) -> Result<()> {
         let mut stored = false;
         for _ in 0..GAP_RECHECKS {
             let inv = materialize::inventory(&store, Some(&keys.catalogue), &m.machine).await?;
-            if inv.points.iter().any(|p| p.seq == m.seq) && m.seq <= inv.end {
+            // The member's own group tag, not any point at that seq: an agent
+            // that lost its journal's tail may have numbered the seq anew.
+            let tagged = inv.points.iter().any(|p| {
+                p.seq == m.seq
+                    && p.kind == lifeboat_common::protocol::TagKind::Group
+                    && p.label == point.label
+            });
+            if tagged && m.seq <= inv.end {
                 stored = true;
                 break;
             }
