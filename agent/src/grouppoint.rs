@@ -14,8 +14,9 @@
 //! Invariants: at most one hold at a time; a hold never outlives its bound
 //! (the prepare's `hold_ms`, capped at [`GROUP_HOLD_MAX`]): a watchdog
 //! releases it when no commit or release came (the process server vanished
-//! or gave up), and the end of the session releases it too. Writes blocked
-//! by a hold wait, they never fail.
+//! or gave up), and the end of the session releases it too; a prepare
+//! released (or whose session ended) while it still drains never takes the
+//! hold. Writes blocked by a hold wait, they never fail.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -42,6 +43,9 @@ pub struct GroupHold {
     held: Mutex<Option<Held>>,
     /// The id of a prepare still draining (refuses a second one meanwhile).
     preparing: Mutex<Option<u64>>,
+    /// A prepare released (or whose session ended) while it drained: it
+    /// must not take the hold when the drain ends.
+    abandoned: Mutex<Option<u64>>,
 }
 
 impl GroupHold {
@@ -102,11 +106,25 @@ impl GroupHold {
         if let Some(why) = stream.why_inconsistent() {
             return Err(format!("no consistent point can be taken now: {why}"));
         }
-        *self.held() = Some(Held {
+        let mut held = self.held();
+        if self
+            .abandoned
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take_if(|a| *a == id)
+            .is_some()
+        {
+            drop(guard);
+            return Err(format!(
+                "group point {id} was released while its writes drained; not holding"
+            ));
+        }
+        *held = Some(Held {
             id,
             group: group.to_string(),
             guard,
         });
+        drop(held);
         info!("holding writes for group point {id} of {group} (at most {hold:?})");
         let me = self.clone();
         tokio::spawn(async move {
@@ -151,6 +169,11 @@ impl GroupHold {
     /// Ends the hold of `id` (or any hold when `None`), if there is one.
     pub fn release(&self, id: Option<u64>, why: &str) {
         let mut h = self.held();
+        // A prepare still draining must not take the hold afterwards.
+        let preparing = *self.preparing.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(p) = preparing.filter(|p| id.is_none_or(|id| id == *p)) {
+            *self.abandoned.lock().unwrap_or_else(|p| p.into_inner()) = Some(p);
+        }
         if let Some(held) = h.take_if(|h| id.is_none_or(|id| h.id == id)) {
             info!(
                 "released the writes held for group point {} of {}: {why}",
@@ -225,6 +248,28 @@ mod tests {
         assert_eq!(g.holding(), Some(2));
         g.release(None, "session ended");
         assert!(!write_waits(&stream).await);
+    }
+
+    #[tokio::test]
+    async fn a_prepare_released_while_it_drains_never_holds() {
+        let (_d, stream) = stream();
+        let g = Arc::new(GroupHold::default());
+        // A write in flight: the prepare drains behind it.
+        let in_flight = stream.write_permit().await;
+        let (g2, s2) = (g.clone(), stream.clone());
+        let prepare =
+            tokio::spawn(async move { g2.prepare(&s2, 4, "g", Duration::from_secs(30)).await });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        // The process server gave up (or the session ended) meanwhile.
+        g.release(Some(4), "the process server released it");
+        drop(in_flight);
+        let err = prepare.await.unwrap().unwrap_err();
+        assert!(err.contains("released while"), "{err}");
+        assert_eq!(g.holding(), None);
+        assert!(
+            !write_waits(&stream).await,
+            "a released prepare held writes"
+        );
     }
 
     #[tokio::test]
