@@ -1866,7 +1866,9 @@ fn finish(
         if !o.status.success()
             && String::from_utf8_lossy(&o.stderr).contains("older than the retention kept")
         {
-            out.points_folded += 1;
+            if ours(p) {
+                out.points_folded += 1;
+            }
             continue;
         }
         if !o.status.success() {
