@@ -102,7 +102,7 @@ rm -f "$WORK/copy.img"
 FT=$(secs "$F0" "$F1"); CT=$(secs "$C0" "$C1")
 echo "$(cat "$WORK/failover.out" | head -1)"
 echo "failover ${DISK_GIB} GiB disk (base at seq $BASE + ${LATER_GIB} GiB of later writes), latest: lifeboat-mt $FT s (byte-equal), cp of the image $CT s, ratio $(python3 -c "print(f'{$FT/$CT:.2f}')") (target <= 1.5)"
-echo "  engine: portable (pwrite); the master target has no io_uring engine yet"
+echo "  engine: portable (base chunks with O_DIRECT pwrite where the filesystem allows, segments buffered pwrite); the master target has no io_uring engine yet"
 rm -rf "$WORK/recovered"
 
 # Store size after CYCLES rewrites of 1 GiB.
