@@ -110,8 +110,10 @@ struct FailoverArgs {
 #[derive(Subcommand)]
 enum Cmd {
     /// List a machine's recovery points: id, kind (crash, app, group), source
-    /// of an app-consistent point (fsfreeze, script, vss), time and seq; with
-    /// --group, the group's points: id, time and each member's seq.
+    /// of an app-consistent point (fsfreeze, script, vss), time, seq, the
+    /// bytes it adds and whether churn marks it suspect; the base the history
+    /// starts from; with --group, the group's points: id, time and each
+    /// member's seq.
     Points {
         #[command(flatten)]
         store: StoreArgs,
