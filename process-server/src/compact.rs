@@ -609,15 +609,27 @@ async fn tidy(c: &Compactor, view: &StreamView, now_ms: u64, report: &mut RunRep
     Ok(())
 }
 
-/// The points to thin away (see the module header): `points` by seq.
-pub fn thinned(r: &Retention, points: &[PointRecord], base: u64, now_ms: u64) -> Vec<u64> {
+/// The points to thin away (see the module header): `points` by seq;
+/// `marks`: the seqs where a sync or resync began. The first point after
+/// each mark is kept: it is what says the stream is consistent again.
+pub fn thinned(
+    r: &Retention,
+    points: &[PointRecord],
+    base: u64,
+    now_ms: u64,
+    marks: &[u64],
+) -> Vec<u64> {
     let newest = points.iter().map(|p| p.seq).max().unwrap_or(0);
+    let closing: HashSet<u64> = marks
+        .iter()
+        .filter_map(|m| points.iter().map(|p| p.seq).find(|s| s >= m))
+        .collect();
     let fine_ms = r.fine_window.as_millis() as u64;
     // Newest first: the first point seen in a bucket is kept.
     let mut kept_buckets: HashSet<(bool, usize, u64)> = HashSet::new();
     let mut out = Vec::new();
     for p in points.iter().rev() {
-        if p.seq == base || p.seq == newest || p.seq < base {
+        if p.seq == base || p.seq == newest || p.seq < base || closing.contains(&p.seq) {
             continue;
         }
         let age = now_ms.saturating_sub(p.time_ms);
@@ -659,7 +671,17 @@ async fn thin(
     now_ms: u64,
     report: &mut RunReport,
 ) -> Result<()> {
-    let names: Vec<String> = thinned(&c.cfg.retention, points, base, now_ms)
+    let marks: Vec<u64> = catalogue::list_inconsistent(
+        &c.store,
+        Some(&c.keys.catalogue),
+        &c.machine,
+        &catalogue::Fences::default(),
+    )
+    .await?
+    .into_iter()
+    .map(|m| m.seq)
+    .collect();
+    let names: Vec<String> = thinned(&c.cfg.retention, points, base, now_ms, &marks)
         .into_iter()
         .map(|seq| catalogue::point_object(&c.machine, seq))
         .collect();
@@ -741,7 +763,7 @@ mod tests {
             .collect();
         points.push(point(1000, now - 5 * hour, TagKind::App));
         points.sort_by_key(|p| p.seq);
-        let dropped: HashSet<u64> = thinned(&r, &points, 0, now).into_iter().collect();
+        let dropped: HashSet<u64> = thinned(&r, &points, 0, now, &[]).into_iter().collect();
         let kept: Vec<&PointRecord> = points
             .iter()
             .filter(|p| !dropped.contains(&p.seq))
@@ -776,7 +798,15 @@ mod tests {
         // App points keep their own rule (default: all).
         assert!(!dropped.contains(&1000));
         // The newest point and the base's point are never thinned.
-        let dropped = thinned(&r, &points, 2, now);
+        let dropped = thinned(&r, &points, 2, now, &[]);
         assert!(!dropped.contains(&2));
+        // The first point after a sync or resync began is kept.
+        let plain = thinned(&r, &points, 0, now, &[]);
+        let victim = *plain.first().expect("something is thinned");
+        let kept = thinned(&r, &points, 0, now, &[victim]);
+        assert!(
+            !kept.contains(&victim),
+            "the point closing a resync was thinned"
+        );
     }
 }
