@@ -242,6 +242,8 @@ pub struct StreamView {
     pub bases: Vec<BaseManifest>,
     /// Every segment in the store, counted or not, by name.
     pub segments: Vec<SegmentName>,
+    /// Each segment's stored (sealed) size, from the same listing.
+    pub segment_bytes: std::collections::BTreeMap<SegmentName, u64>,
     /// The segments after the newest base, up to the stream's end.
     pub prefix: Prefix,
 }
@@ -266,7 +268,8 @@ pub async fn stream_view(
     // Segments first: a fold creates its base before it deletes the
     // segments it replaces, so a base listed after the segments is never
     // newer than what they cover (the other order could show a gap).
-    let segments = catalogue::list_segments(store, machine).await?;
+    let sized = catalogue::list_segments_sized(store, machine).await?;
+    let segments: Vec<SegmentName> = sized.iter().map(|(s, _)| *s).collect();
     let fences = catalogue::list_fences(store, key, machine).await?;
     let bases = list_bases(store, key, machine, &fences).await?;
     let start = newest(&bases).map_or(0, |b| b.seq);
@@ -275,6 +278,7 @@ pub async fn stream_view(
         fences,
         bases,
         segments,
+        segment_bytes: sized.into_iter().collect(),
         prefix,
     })
 }

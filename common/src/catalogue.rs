@@ -595,12 +595,24 @@ pub async fn list_segments(
     store: &Store,
     machine: &str,
 ) -> Result<Vec<SegmentName>, CatalogueError> {
+    Ok(list_segments_sized(store, machine)
+        .await?
+        .into_iter()
+        .map(|(s, _)| s)
+        .collect())
+}
+
+/// The machine's segments with their stored (sealed) sizes, by name.
+pub async fn list_segments_sized(
+    store: &Store,
+    machine: &str,
+) -> Result<Vec<(SegmentName, u64)>, CatalogueError> {
     let dir = format!("{}/log/", machine_dir(machine));
     let mut out = Vec::new();
-    for (rel, _) in store.list(&dir).await? {
+    for (rel, size) in store.list(&dir).await? {
         let file = rel.rsplit('/').next().unwrap_or("");
         match SegmentName::parse(file) {
-            Some(s) => out.push(s),
+            Some(s) => out.push((s, size)),
             None => {
                 if !file.ends_with(".tmp") {
                     tracing::warn!("ignoring unexpected object {}", store.describe(&rel));

@@ -222,15 +222,15 @@ async fn epoch_floor(
 ) -> Result<(u64, String), OwnerError> {
     let fences = catalogue::list_fences(store, Some(key), machine).await?;
     let segments = catalogue::list_segments(store, machine).await?;
-    // Retention deletes old segments: bases and points name epochs too.
+    // Retention deletes old segments, but only into a base written by the
+    // owner of that time or a later one (epochs only grow): the bases'
+    // epochs cover what the folded segments named.
     let all = catalogue::Fences::default();
     let bases = crate::base::list_bases(store, Some(key), machine, &all).await?;
-    let points = catalogue::list_points(store, Some(key), machine, &all).await?;
     let from_segments = segments
         .iter()
         .map(|s| s.epoch)
         .chain(bases.iter().map(|b| b.epoch))
-        .chain(points.iter().map(|p| p.epoch))
         .max()
         .unwrap_or(0);
     let newest = fences.records().iter().max_by_key(|r| r.epoch);
@@ -238,7 +238,7 @@ async fn epoch_floor(
         Some(r) if r.epoch >= from_segments => (r.epoch, r.server.clone()),
         _ => (
             from_segments,
-            "(unknown: named by its segments, bases or points)".into(),
+            "(unknown: named by its segments or bases)".into(),
         ),
     })
 }

@@ -99,6 +99,8 @@ pub struct Inventory {
     /// The segments after the base that make up the stream, each counted up
     /// to its fence.
     pub segments: Vec<Span>,
+    /// Each stored segment's sealed size.
+    pub segment_bytes: BTreeMap<catalogue::SegmentName, u64>,
     /// The recoverable points: at or after the base's seq.
     pub points: Vec<PointRecord>,
     /// Where syncs and resyncs began (see [`Inventory::unsettled_end`]).
@@ -185,6 +187,7 @@ pub async fn inventory(
         after_gap: view.prefix.after_gap,
         base: view.base().cloned(),
         segments: view.prefix.spans,
+        segment_bytes: view.segment_bytes,
         points: points.into_iter().filter(|p| p.seq >= start).collect(),
         inconsistent: inconsistent.into_iter().filter(|m| m.seq > start).collect(),
         fences,

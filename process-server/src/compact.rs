@@ -237,17 +237,12 @@ async fn fold(
     // the disks' sizes): refuse to start a fold that would fill their
     // filesystem (it is the cache's by default, and a full cache stops
     // acknowledgements).
-    let sizes: BTreeMap<String, u64> = store
-        .list(&format!("{}/log/", catalogue::machine_dir(m)))
-        .await?
-        .into_iter()
-        .collect();
     let sealed: u64 = view
         .prefix
         .spans
         .iter()
         .filter(|s| s.name.first <= h && s.upto > start)
-        .filter_map(|s| sizes.get(&segment_object(m, &s.name)))
+        .filter_map(|s| view.segment_bytes.get(&s.name))
         .sum();
     let disks_total: u64 = point.disks.iter().map(|d| d.size).sum();
     let need = disks_total.min(sealed.saturating_mul(4)) + FOLD_RESERVE;

@@ -205,19 +205,8 @@ async fn real_main() -> Result<()> {
                     .await?;
             // What each point adds: the sealed bytes of the segments after
             // the previous point up to it (segments are cut at every tag).
-            let sizes: std::collections::BTreeMap<String, u64> = s
-                .list(&format!("machines/{}/log/", store.machine))
-                .await?
-                .into_iter()
-                .collect();
             let seg_size = |sp: &lifeboat_common::catalogue::Span| {
-                sizes
-                    .get(&lifeboat_common::catalogue::segment_object(
-                        &store.machine,
-                        &sp.name,
-                    ))
-                    .copied()
-                    .unwrap_or(0)
+                inv.segment_bytes.get(&sp.name).copied().unwrap_or(0)
             };
             let listed: Vec<_> = inv.points.iter().filter(|p| p.seq <= inv.end).collect();
             let mut adds = Vec::new();
