@@ -3,7 +3,8 @@
 //!
 //! Write path: make the regions durable in the activity log → take a stream
 //! permit (tag gate) → lock the byte range (overlapping writes run one after
-//! another, so seq order is disk order) → write the disk → take the seq (journal
+//! another, so seq order is disk order) → hash the chunks a point still needs
+//! (`pointsum.rs`) → write the disk → take the seq (journal
 //! and queue), or in `bitmap` state mark the regions dirty → unlock → FUA: sync
 //! disk and journal → reply. Writes never wait for the process server.
 //!
@@ -20,6 +21,7 @@ use tokio::sync::Notify;
 use crate::capture::BlockBackend;
 use crate::dirty::DirtyMap;
 use crate::diskio::DiskFile;
+use crate::pointsum::DiskSums;
 use crate::stream::{Captured, Stream};
 
 /// Byte ranges of writes in flight; overlapping writers wait.
@@ -71,6 +73,8 @@ pub struct ProtectedDisk {
     stream: Arc<Stream>,
     ranges: RangeLocks,
     pub dirty: DirtyMap,
+    /// Leaves of the points' checksums (`pointsum.rs`).
+    pub sums: DiskSums,
 }
 
 impl ProtectedDisk {
@@ -90,6 +94,7 @@ impl ProtectedDisk {
             stream,
             ranges: RangeLocks::default(),
             dirty,
+            sums: DiskSums::new(size),
         }
     }
 
@@ -236,6 +241,7 @@ impl BlockBackend for ProtectedDisk {
         {
             let _permit = self.stream.write_permit().await;
             let _range = self.ranges.lock(offset, len).await;
+            self.sums.before_change(self, offset, len).await;
             if let Err(e) = self.file.write_at(offset, data.clone()).await {
                 self.failed_write(offset, len, "write", &e);
                 return Err(e);
@@ -262,6 +268,7 @@ impl BlockBackend for ProtectedDisk {
         {
             let _permit = self.stream.write_permit().await;
             let _range = self.ranges.lock(offset, len as u64).await;
+            self.sums.before_change(self, offset, len as u64).await;
             if let Err(e) = self.file.zero_range(offset, len as u64).await {
                 self.failed_write(offset, len as u64, "zeroing", &e);
                 return Err(e);

@@ -12,6 +12,7 @@ pub mod disks;
 pub mod fsutil;
 pub mod grouppoint;
 pub mod journal;
+pub mod pointsum;
 pub mod quiesce;
 pub mod rebase;
 pub mod replication;

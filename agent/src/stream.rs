@@ -6,7 +6,9 @@
 //!   acknowledged to the writer, under one lock that also journals and queues it,
 //!   so seq order = journal order = send order, and every prefix is crash-consistent;
 //! - a tag takes the write gate exclusively: in-flight writes drain (bounded by
-//!   `TAG_DRAIN_TIMEOUT`), the tag takes the next seq, writes resume;
+//!   `TAG_DRAIN_TIMEOUT`), the tag takes the next seq, writes resume; a tag
+//!   that drained starts hashing its disks' checksums (`pointsum.rs`), which
+//!   later arrive as a SUMS entry;
 //! - positions `captured ≥ sent ≥ acked` live in [`SenderState`]; only entries the
 //!   journal has handed to the OS are sent, so an agent killed and restarted never
 //!   gives a seq the process server already holds to a different write;
@@ -29,6 +31,7 @@ use tokio::sync::{Notify, OwnedRwLockWriteGuard, RwLock, RwLockReadGuard};
 use tracing::warn;
 
 use crate::journal::Journal;
+use crate::pointsum::{PointSums, SUMS_WAIT};
 
 pub use crate::replication::Mode;
 use crate::replication::{Pressure, Replication, Snapshot, Transition};
@@ -60,6 +63,9 @@ pub struct Stream {
     changes: tokio::sync::watch::Sender<Snapshot>,
     /// Bytes resent by resyncs since start (dirty regions, unclean restart).
     pub resync_bytes: std::sync::atomic::AtomicU64,
+    /// Hashes each point's disk checksums (`pointsum.rs`); set once the
+    /// disks exist.
+    point_sums: std::sync::OnceLock<Arc<PointSums>>,
 }
 
 /// The replication state, locked: changes are published when it is dropped.
@@ -139,7 +145,14 @@ impl Stream {
             repl: Mutex::new(Replication::default()),
             changes: tokio::sync::watch::channel(Replication::default().snapshot().clone()).0,
             resync_bytes: std::sync::atomic::AtomicU64::new(0),
+            point_sums: std::sync::OnceLock::new(),
         })
+    }
+
+    /// From now on every tag placed after drained writes gets its disks'
+    /// checksums (`pointsum.rs`).
+    pub fn set_point_sums(&self, sums: Arc<PointSums>) {
+        let _ = self.point_sums.set(sums);
     }
 
     /// Signalled when the journal wrote more entries (which may now be sent).
@@ -201,6 +214,9 @@ impl Stream {
             time_ms: lifeboat_common::now_ms(),
             label: label.to_string(),
         });
+        if let Some(p) = self.point_sums.get() {
+            p.begin(seq, true);
+        }
         drop(r);
         Some(seq)
     }
@@ -425,6 +441,10 @@ impl Stream {
     /// or `None` when the replica cannot be consistent now (initial sync, bitmap
     /// or resync state).
     pub async fn tag(&self, kind: TagKind, source: Option<TagSource>, label: &str) -> Option<u64> {
+        // The previous point's checksums first (writes go on meanwhile).
+        if let Some(p) = self.point_sums.get() {
+            p.wait_idle(SUMS_WAIT).await;
+        }
         let guard = tokio::time::timeout(TAG_DRAIN_TIMEOUT, self.gate.write()).await;
         if guard.is_err() {
             warn!("writes did not drain within {TAG_DRAIN_TIMEOUT:?}; placing the {} tag without draining", kind.as_str());
@@ -441,6 +461,9 @@ impl Stream {
             time_ms: lifeboat_common::now_ms(),
             label: label.to_string(),
         });
+        if let Some(p) = self.point_sums.get() {
+            p.begin(seq, guard.is_ok());
+        }
         drop(r);
         Some(seq)
     }

@@ -159,6 +159,67 @@ impl PointRecord {
     }
 }
 
+pub fn sums_object(machine: &str, point: u64) -> String {
+    format!("machines/{machine}/sums/{point:016x}.json")
+}
+
+/// `sums/<point seq>.json`: each disk's checksum (`disksum.rs`) at a point,
+/// as the agent hashed its disks there. Written when the stream's SUMS
+/// entry (seq `seq`, after the point's tag) is uploaded; a point without one
+/// (hashing skipped or still running, older versions) has no record.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub struct SumsRecord {
+    pub format: u32,
+    pub point: u64,
+    pub seq: u64,
+    pub disks: Vec<DiskChecksum>,
+    #[serde(default)]
+    pub epoch: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub struct DiskChecksum {
+    pub id: String,
+    pub size: u64,
+    /// `lifeboat-disk-v1`, lower-case hex.
+    pub sum: String,
+}
+
+impl SumsRecord {
+    /// The checksum of disk `id`, if the record holds one.
+    pub fn disk(&self, id: &str) -> Option<&DiskChecksum> {
+        self.disks.iter().find(|d| d.id == id)
+    }
+}
+
+/// The checksums recorded for the point at `point`, authenticated; `None`
+/// when none were recorded (or the record of an epoch a takeover fenced).
+pub async fn load_sums(
+    store: &Store,
+    key: &CatalogueKey,
+    machine: &str,
+    point: u64,
+    fences: &Fences,
+) -> Result<Option<SumsRecord>, CatalogueError> {
+    let name = sums_object(machine, point);
+    let Some(bytes) = store.get(&name).await? else {
+        return Ok(None);
+    };
+    let rec: SumsRecord = open_record(key, store, &name, &bytes)?;
+    if rec.point != point || rec.seq <= point {
+        return Err(CatalogueError::Invalid {
+            object: store.describe(&name),
+            detail: format!(
+                "holds the checksums of point {} (entry {})",
+                rec.point, rec.seq
+            ),
+        });
+    }
+    Ok(fences.counts(rec.epoch, rec.seq).then_some(rec))
+}
+
 pub fn inconsistent_object(machine: &str, seq: u64) -> String {
     format!("machines/{machine}/inconsistent/{seq:016x}.json")
 }

@@ -190,6 +190,8 @@ pub fn apply(
             Op::Inconsistent { label } => {
                 marks.last_inconsistent = Some((e.seq, label.clone()));
             }
+            // Checksums of an earlier point: nothing to write.
+            Op::Sums { .. } => {}
             Op::Tag { .. } => {
                 marks.last_tag = e.seq;
                 if e.seq == point {

@@ -93,6 +93,10 @@
 //!                 | op=6 TAG_SOURCED kind u8 | source u8 | time_ms u64 | label str16
 //!                 |                    (protocol 4: a tag that says how the point was
 //!                 |                    made; source 1 fsfreeze, 2 script, 3 vss)
+//!                 | op=7 SUMS   point u64 | count u16 | { disk u16 | size u64
+//!                 |                    | sum[32] }*count               (≤ 1024 disks)
+//!                 |                    (protocol 6: each disk's checksum at the
+//!                 |                    earlier tag `point`, `disksum.rs`)
 //! ```
 //!
 //! A tag without a source (every crash-consistent tag) is still written as
@@ -100,6 +104,11 @@
 //! before protocol 4 read unchanged; op=6 is only written for a tag with a
 //! source. A session negotiated at version 3 carries such a tag as op=3
 //! ([`Frame::for_version`]): the point stays, its source is dropped.
+//!
+//! The agent hashes the chunks a point needs after placing its tag, while
+//! writes go on, and sends the result as a later SUMS entry with its own seq.
+//! A session negotiated below version 6 carries it as a zero of 0 bytes on
+//! disk 0 (the seq stays, the checksums are dropped; nothing changes on disk).
 //!
 //! Decoding is fallible everywhere: a frame whose claimed length exceeds the bound
 //! is refused before any buffer of that size is allocated.
@@ -113,13 +122,18 @@ use crate::codec::{DecodeError, Reader, Writer};
 /// inconsistent entries; version 3 the hello's per-disk flags (retired disks:
 /// a disk's number, its position in the hello, is stable for its id);
 /// version 4 the tag's source (op=6, [`TagSource`]); version 5 the
-/// consistency-group frames (group-prepare … group-release).
+/// consistency-group frames (group-prepare … group-release); version 6 the
+/// per-point disk checksums (op=7).
 pub const PROTOCOL_MIN: u16 = 3;
-pub const PROTOCOL_MAX: u16 = 5;
+pub const PROTOCOL_MAX: u16 = 6;
 /// The first version whose tags carry their source.
 pub const PROTOCOL_TAG_SOURCE: u16 = 4;
 /// The first version that takes part in consistency groups.
 pub const PROTOCOL_GROUPS: u16 = 5;
+/// The first version whose streams carry disk checksums (op=7).
+pub const PROTOCOL_SUMS: u16 = 6;
+/// The most disks one SUMS entry lists.
+pub const MAX_SUM_DISKS: usize = 1024;
 pub const HELLO_MAGIC: [u8; 4] = *b"LBOT";
 
 /// The largest write, defined once for the whole data path: the NBD export
@@ -276,6 +290,20 @@ pub enum Op {
     Inconsistent {
         label: String,
     },
+    /// Each disk's checksum (`disksum.rs`) at the earlier tag `point`,
+    /// hashed by the agent after it placed the tag.
+    Sums {
+        point: u64,
+        disks: Vec<DiskSum>,
+    },
+}
+
+/// One disk's checksum at a point.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskSum {
+    pub disk: u16,
+    pub size: u64,
+    pub sum: [u8; 32],
 }
 
 /// One numbered element of a machine's write stream.
@@ -296,6 +324,7 @@ impl Entry {
             }
             Op::Resize { .. } => 10,
             Op::Inconsistent { label } => 2 + label.len().min(u16::MAX as usize),
+            Op::Sums { disks, .. } => 10 + 42 * disks.len(),
         }
     }
 
@@ -343,6 +372,16 @@ impl Entry {
             Op::Inconsistent { label } => {
                 out.put_u8(5);
                 out.put_str16(label);
+            }
+            Op::Sums { point, disks } => {
+                out.put_u8(7);
+                out.put_u64(*point);
+                out.put_u16(disks.len() as u16);
+                for d in disks {
+                    out.put_u16(d.disk);
+                    out.put_u64(d.size);
+                    out.extend_from_slice(&d.sum);
+                }
             }
         }
     }
@@ -393,6 +432,20 @@ impl Entry {
             5 => Op::Inconsistent {
                 label: r.str16("inconsistent label")?,
             },
+            7 => {
+                let point = r.u64("sums point")?;
+                let n = r.u16("sums disk count")?;
+                too_many("sums disks", n as u64, MAX_SUM_DISKS as u64)?;
+                let mut disks = Vec::with_capacity(n as usize);
+                for _ in 0..n {
+                    disks.push(DiskSum {
+                        disk: r.u16("sums disk")?,
+                        size: r.u64("sums size")?,
+                        sum: r.array("sums checksum")?,
+                    });
+                }
+                Op::Sums { point, disks }
+            }
             other => {
                 return Err(DecodeError::Invalid {
                     what: "entry op",
@@ -532,9 +585,31 @@ fn too_many(what: &'static str, n: u64, limit: u64) -> Result<(), DecodeError> {
 
 impl Frame {
     /// This frame as a peer that speaks `version` can read it: below
-    /// [`PROTOCOL_TAG_SOURCE`] a tag loses its source (op=3 instead of op=6).
+    /// [`PROTOCOL_TAG_SOURCE`] a tag loses its source (op=3 instead of op=6);
+    /// below [`PROTOCOL_SUMS`] a sums entry becomes a zero of 0 bytes.
     pub fn for_version(self, version: u16) -> Frame {
         match self {
+            Frame::Writes(entries)
+                if version < PROTOCOL_SUMS
+                    && entries.iter().any(|e| matches!(e.op, Op::Sums { .. })) =>
+            {
+                Frame::Writes(
+                    entries
+                        .into_iter()
+                        .map(|e| match e.op {
+                            Op::Sums { .. } => Entry {
+                                seq: e.seq,
+                                op: Op::Zero {
+                                    disk: 0,
+                                    offset: 0,
+                                    len: 0,
+                                },
+                            },
+                            _ => e,
+                        })
+                        .collect(),
+                )
+            }
             Frame::Tag(Entry {
                 seq,
                 op:
@@ -1344,8 +1419,48 @@ mod tests {
     }
 
     #[test]
+    fn a_sums_entry_round_trips_and_becomes_an_empty_zero_below_version_6() {
+        let e = Entry {
+            seq: 9,
+            op: Op::Sums {
+                point: 7,
+                disks: vec![
+                    DiskSum {
+                        disk: 0,
+                        size: 12345,
+                        sum: [3u8; 32],
+                    },
+                    DiskSum {
+                        disk: 2,
+                        size: 1 << 40,
+                        sum: [0xa5u8; 32],
+                    },
+                ],
+            },
+        };
+        let f = Frame::Writes(vec![e.clone()]);
+        let bytes = f.to_bytes();
+        assert_eq!(bytes.len(), 5 + 4 + e.encoded_len());
+        let back = Frame::decode(Bytes::copy_from_slice(&bytes[4..])).unwrap();
+        assert_eq!(back, f);
+        let old = f.for_version(5);
+        assert_eq!(
+            old,
+            Frame::Writes(vec![Entry {
+                seq: 9,
+                op: Op::Zero {
+                    disk: 0,
+                    offset: 0,
+                    len: 0
+                }
+            }])
+        );
+    }
+
+    #[test]
     fn version_negotiation() {
-        assert_eq!(negotiate(1, 5), Some(PROTOCOL_MAX));
+        assert_eq!(negotiate(1, 5), Some(5));
+        assert_eq!(negotiate(1, 9), Some(PROTOCOL_MAX));
         assert_eq!(negotiate(1, 1), None);
         assert_eq!(negotiate(PROTOCOL_MAX + 1, PROTOCOL_MAX + 3), None);
     }

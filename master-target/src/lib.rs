@@ -3,8 +3,10 @@
 //!
 //! Modules: [`materialize`] (point resolution and image writing), [`verify`]
 //! (a point's chain and objects checked, its disks' checksums, no failover),
-//! [`group`] (consistency-group points: listing, authentication, choice).
+//! [`group`] (consistency-group points: listing, authentication, choice),
+//! [`sums`] (recovered images against the checksums recorded at the point).
 
 pub mod group;
 pub mod materialize;
+pub mod sums;
 pub mod verify;

@@ -7,7 +7,9 @@
 //!   the base (AES-GCM, and its content against its id), each segment
 //!   (AES-GCM, its entries against its name), and the catalogue records.
 //! - Each disk's SHA-256 at the point (comparable with `sha256sum` of the
-//!   source disk or of a recovered image).
+//!   source disk or of a recovered image), and its `lifeboat-disk-v1`
+//!   checksum, compared with the one the agent recorded at the point
+//!   (`sums.rs`; a difference is an error naming the disk).
 //!
 //! The disks are assembled in a temporary directory (sparse files, private,
 //! removed when verify ends, also on failure): no recovery target is
@@ -44,6 +46,7 @@ pub struct VerifyReport {
     /// `--allow-inconsistent` (the disks are not crash-consistent there).
     pub consistent: bool,
     pub disks: Vec<DiskSum>,
+    pub checksums: crate::sums::Checked,
 }
 
 /// Verifies `spec` of `machine` (see the module header); `work` is where the
@@ -81,6 +84,21 @@ pub async fn verify(
         progress,
     )
     .await?;
+    let images: Vec<_> = report
+        .disks
+        .iter()
+        .map(|d| (d.id.clone(), d.path.clone(), d.size))
+        .collect();
+    let checksums = crate::sums::check_images(
+        store,
+        keys,
+        machine,
+        &inv.fences,
+        resolved.seq,
+        resolved.point.is_some(),
+        &images,
+    )
+    .await?;
     let mut disks = Vec::new();
     for d in &report.disks {
         let path = d.path.clone();
@@ -101,6 +119,7 @@ pub async fn verify(
         bytes_fetched: report.bytes_fetched,
         consistent,
         disks,
+        checksums,
     })
 }
 

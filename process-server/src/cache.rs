@@ -202,7 +202,7 @@ fn hash_updates(batch: &mut WriteBatch, cf: &rocksdb::ColumnFamily, machine: &st
     let (disk, offset, len, data) = match op {
         Op::Write { disk, offset, data } => (*disk, *offset, data.len() as u64, Some(data)),
         Op::Zero { disk, offset, len } => (*disk, *offset, *len as u64, None),
-        Op::Tag { .. } | Op::Inconsistent { .. } => return,
+        Op::Tag { .. } | Op::Inconsistent { .. } | Op::Sums { .. } => return,
         Op::Resize { disk, size } => {
             // Blocks past the new end read as zeros if the disk grows again.
             batch.delete_range_cf(

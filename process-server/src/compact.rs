@@ -591,6 +591,17 @@ async fn tidy(c: &Compactor, view: &StreamView, now_ms: u64, report: &mut RunRep
             .collect();
         report.points_deleted += dropped.len();
         names.extend(dropped);
+        // Their checksums (`sums/<point>.json`), also of points thinned earlier.
+        let sums_dir = format!("machines/{m}/sums/");
+        for (name, _) in store.list(&sums_dir).await? {
+            let seq = name
+                .strip_prefix(&sums_dir)
+                .and_then(|f| f.strip_suffix(".json"))
+                .and_then(|f| u64::from_str_radix(f, 16).ok());
+            if seq.is_some_and(|seq| seq < h) {
+                names.push(name);
+            }
+        }
         let marks = catalogue::list_inconsistent(store, Some(ck), m, &all).await?;
         names.extend(
             marks
@@ -676,11 +687,18 @@ async fn thin(
     .into_iter()
     .map(|m| m.seq)
     .collect();
-    let names: Vec<String> = thinned(&c.cfg.retention, points, base, now_ms, &marks)
-        .into_iter()
-        .map(|seq| catalogue::point_object(&c.machine, seq))
+    let seqs = thinned(&c.cfg.retention, points, base, now_ms, &marks);
+    let names: Vec<String> = seqs
+        .iter()
+        .map(|&seq| catalogue::point_object(&c.machine, seq))
         .collect();
     report.points_deleted += delete_all(c, &names).await?;
+    // The thinned points' checksums after the points themselves.
+    let sums: Vec<String> = seqs
+        .iter()
+        .map(|&seq| catalogue::sums_object(&c.machine, seq))
+        .collect();
+    delete_all(c, &sums).await?;
     Ok(())
 }
 

@@ -37,10 +37,11 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 use bytes::Bytes;
 use lifeboat_common::catalogue::{
-    self, encode_segment, format_time_ms, point_object, segment_object, CatalogueKey, Fences,
-    InconsistentRecord, MachineRecord, PointRecord, SegmentName,
+    self, encode_segment, format_time_ms, point_object, segment_object, CatalogueKey, DiskChecksum,
+    Fences, InconsistentRecord, MachineRecord, PointRecord, SegmentName, SumsRecord,
 };
 use lifeboat_common::churn::Churn;
+use lifeboat_common::disksum;
 use lifeboat_common::owner::Held;
 use lifeboat_common::protocol::{DiskInfo, Entry, Op};
 use lifeboat_common::seal::{self, Key};
@@ -782,8 +783,25 @@ async fn upload_segment(
     // A point carries the disk sizes of its seq.
     let mut points: Vec<PointRecord> = Vec::new();
     let mut unsettled: Vec<InconsistentRecord> = Vec::new();
+    let mut sums: Vec<SumsRecord> = Vec::new();
     for e in &entries {
         match &e.op {
+            Op::Sums { point, disks: list } => sums.push(SumsRecord {
+                format: catalogue::FORMAT_VERSION,
+                point: *point,
+                seq: e.seq,
+                disks: list
+                    .iter()
+                    .filter_map(|d| {
+                        Some(DiskChecksum {
+                            id: disks.get(d.disk as usize)?.id.clone(),
+                            size: d.size,
+                            sum: disksum::hex(&d.sum),
+                        })
+                    })
+                    .collect(),
+                epoch,
+            }),
             Op::Inconsistent { label } => unsettled.push(InconsistentRecord {
                 format: catalogue::FORMAT_VERSION,
                 seq: e.seq,
@@ -891,6 +909,23 @@ async fn upload_segment(
             return None;
         }
         info!(%machine, seq = p.seq, kind = p.kind.as_str(), "recovery point recorded");
+    }
+    for m in sums {
+        let obj = catalogue::sums_object(&machine, m.point);
+        let r = create_json(
+            &store,
+            &keys.catalogue,
+            &obj,
+            &m,
+            |o: &SumsRecord| o.point == m.point && o.seq == m.seq && o.disks == m.disks,
+            |o: &SumsRecord| o.epoch < epoch && !fences.counts(o.epoch, o.seq),
+            &cancel,
+        )
+        .await?;
+        if let Err(e) = r {
+            fenced(e);
+            return None;
+        }
     }
     for m in unsettled {
         let obj = catalogue::inconsistent_object(&machine, m.seq);

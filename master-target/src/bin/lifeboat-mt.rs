@@ -105,13 +105,19 @@ struct FailoverArgs {
     /// disks are then not crash-consistent).
     #[arg(long)]
     allow_inconsistent: bool,
+    /// Do not re-read the images to compare them with the disk checksums the
+    /// agent recorded at the point (by default a difference fails the
+    /// failover, naming the disk).
+    #[arg(long)]
+    skip_checksum: bool,
 }
 
 #[derive(Subcommand)]
 enum Cmd {
     /// List a machine's recovery points: id, kind (crash, app, group), source
     /// of an app-consistent point (fsfreeze, script, vss), time, seq, the
-    /// bytes it adds and whether churn marks it suspect; the base the history
+    /// bytes it adds, whether it carries the disks' checksums and whether
+    /// churn marks it suspect; the base the history
     /// starts from; with --group, the group's points: id, time and each
     /// member's seq.
     Points {
@@ -131,10 +137,19 @@ enum Cmd {
     Failover(FailoverArgs),
     /// The same as failover, without touching replication state.
     TestFailover(FailoverArgs),
+    /// Print the lifeboat-disk-v1 checksum of image files or block devices
+    /// (what points record and failover compares; see docs/ARCHITECTURE.md).
+    Checksum {
+        /// Images or block devices.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
     /// Check that a point can be recovered, without failing over: the chain
     /// of base and segments is complete, every object it needs
-    /// authenticates, and each disk's SHA-256 at the point is printed. Exits
-    /// non-zero naming the first missing or tampered object.
+    /// authenticates, each disk's SHA-256 and lifeboat-disk-v1 checksum at
+    /// the point are printed, and the latter is compared with the checksum
+    /// the agent recorded there. Exits non-zero naming the first missing or
+    /// tampered object, or a disk whose checksum differs.
     Verify {
         #[command(flatten)]
         store: StoreArgs,
@@ -221,6 +236,19 @@ async fn real_main() -> Result<()> {
                 adds.push(b);
                 prev = p.seq;
             }
+            // Which points carry the disks' checksums (one listing).
+            let summed: std::collections::BTreeSet<String> = s
+                .list(&format!("machines/{}/sums/", store.machine))
+                .await?
+                .into_iter()
+                .map(|(name, _)| name)
+                .collect();
+            let has_sums = |p: &lifeboat_common::catalogue::PointRecord| {
+                summed.contains(&lifeboat_common::catalogue::sums_object(
+                    &store.machine,
+                    p.seq,
+                ))
+            };
             let suspect = lifeboat_common::churn::suspects(
                 &listed.iter().map(|p| p.churn).collect::<Vec<_>>(),
             );
@@ -241,6 +269,7 @@ async fn real_main() -> Result<()> {
                         let mut v = serde_json::to_value(p).unwrap_or_default();
                         v["adds-bytes"] = (*a).into();
                         v["suspect"] = (*sus).into();
+                        v["checksums"] = has_sums(p).into();
                         if let Some(c) = p.churn {
                             v["incompressible"] = c.incompressible().into();
                         }
@@ -270,18 +299,19 @@ async fn real_main() -> Result<()> {
                 );
             }
             println!(
-                "{:<12} {:<6} {:<8} {:<26} {:>12} {:>14}  LABEL",
-                "ID", "KIND", "SOURCE", "TIME", "SEQ", "ADDS (BYTES)"
+                "{:<12} {:<6} {:<8} {:<26} {:>12} {:>14} {:<4}  LABEL",
+                "ID", "KIND", "SOURCE", "TIME", "SEQ", "ADDS (BYTES)", "SUMS"
             );
             for ((p, a), sus) in listed.iter().zip(&adds).zip(&suspect) {
                 println!(
-                    "{:<12} {:<6} {:<8} {:<26} {:>12} {:>14}  {}{}",
+                    "{:<12} {:<6} {:<8} {:<26} {:>12} {:>14} {:<4}  {}{}",
                     p.id,
                     p.kind.as_str(),
                     p.source_str(),
                     p.time,
                     p.seq,
                     a,
+                    if has_sums(p) { "yes" } else { "-" },
                     p.label,
                     if *sus {
                         "  SUSPECT: incompressible churn (encryption?)"
@@ -316,6 +346,19 @@ async fn real_main() -> Result<()> {
             }
             if let Some(next) = inv.after_gap {
                 println!("warning: segments for seqs {}..={} are missing; later data cannot be recovered until they are restored", inv.end + 1, next - 1);
+            }
+            Ok(())
+        }
+        Cmd::Checksum { files } => {
+            for f in files {
+                let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+                let (size, sum) = lifeboat_common::disksum::sum_path(&f, threads)
+                    .with_context(|| format!("checksumming {}", f.display()))?;
+                println!(
+                    "{}  {size}  {}",
+                    lifeboat_common::disksum::hex(&sum),
+                    f.display()
+                );
             }
             Ok(())
         }
@@ -358,6 +401,7 @@ async fn real_main() -> Result<()> {
             for d in &r.disks {
                 println!("  disk {}: {} bytes, sha256 {}", d.id, d.size, d.sha256);
             }
+            r.checksums.print();
             if !r.consistent {
                 println!(
                     "  warning: the stream ends inside a sync or resync here: failover refuses it without --allow-inconsistent"
@@ -392,6 +436,7 @@ async fn failover(a: FailoverArgs) -> Result<()> {
         &a.point,
         &a.out,
         a.allow_inconsistent,
+        !a.skip_checksum,
     )
     .await?;
     if a.json {
@@ -402,7 +447,18 @@ async fn failover(a: FailoverArgs) -> Result<()> {
     Ok(())
 }
 
-/// Recovers `machine` at `point` into `out`.
+/// A failover's report: what was written, and how it compared with the
+/// checksums recorded at the point.
+#[derive(serde::Serialize)]
+struct Recovered {
+    #[serde(flatten)]
+    report: materialize::Report,
+    /// `None`: not compared (`--skip-checksum`).
+    checksums: Option<lifeboat_mt::sums::Checked>,
+}
+
+/// Recovers `machine` at `point` into `out`; with `check`, compares the
+/// images with the checksums recorded at the point.
 async fn failover_machine(
     store: &Store,
     kek: &Key,
@@ -410,7 +466,8 @@ async fn failover_machine(
     point: &PointSpec,
     out: &std::path::Path,
     allow_inconsistent: bool,
-) -> Result<materialize::Report> {
+    check: bool,
+) -> Result<Recovered> {
     let started = Instant::now();
     let keys = materialize::machine_keys(store, kek, machine).await?;
     let mut inv = materialize::inventory(store, Some(&keys.catalogue), machine).await?;
@@ -482,10 +539,34 @@ async fn failover_machine(
             Err(e) => return Err(e),
         }
     };
-    Ok(report)
+    let checksums = if check {
+        eprintln!("comparing the images with the checksums recorded at the point");
+        let images: Vec<_> = report
+            .disks
+            .iter()
+            .map(|d| (d.id.clone(), d.path.clone(), d.size))
+            .collect();
+        let is_point = inv.points.iter().any(|p| p.seq == report.seq);
+        Some(
+            lifeboat_mt::sums::check_images(
+                store,
+                &keys,
+                machine,
+                &inv.fences,
+                report.seq,
+                is_point,
+                &images,
+            )
+            .await?,
+        )
+    } else {
+        None
+    };
+    Ok(Recovered { report, checksums })
 }
 
-fn print_report(report: &materialize::Report, elapsed: std::time::Duration) {
+fn print_report(recovered: &Recovered, elapsed: std::time::Duration) {
+    let report = &recovered.report;
     let from_base = match report.base {
         Some(seq) => format!("the base at seq {seq} ({} chunks) and ", report.chunks_read),
         None => String::new(),
@@ -502,6 +583,10 @@ fn print_report(report: &materialize::Report, elapsed: std::time::Duration) {
             d.size,
             d.bytes_written
         );
+    }
+    match &recovered.checksums {
+        Some(c) => c.print(),
+        None => println!("  checksums not compared (--skip-checksum)"),
     }
 }
 
@@ -616,6 +701,7 @@ async fn group_failover(a: FailoverArgs) -> Result<()> {
             &PointSpec::Id(lifeboat_common::catalogue::point_id(m.seq)),
             &out,
             false,
+            !a.skip_checksum,
         )
         .await
         .with_context(|| format!("recovering {} of group {group}", m.machine))?;

@@ -1,0 +1,336 @@
+//! Each recovery point's disk checksums (`lifeboat_common::disksum`), hashed
+//! from the protected disks themselves while writes go on.
+//!
+//! Per disk, [`DiskSums`] keeps one leaf hash per 1 MiB chunk and three bit
+//! sets: `dirty` (written since its leaf was taken), `pending` (the point
+//! being hashed still needs it) and `hashing` (someone reads it now).
+//!
+//! - A tag that drained the writes ([`PointSums::begin`], called under the
+//!   write gate right after the tag took its seq) moves `dirty` to `pending`:
+//!   at that instant every pending chunk on disk is exactly as at the point.
+//! - A background task hashes the pending chunks. A write or zeroing that
+//!   touches a pending chunk first hashes it itself ([`DiskSums::before_change`],
+//!   inside the write's gate permit and range lock, before the disk changes),
+//!   so a leaf is always taken before anything after the point reaches it.
+//!   Every write marks its chunks dirty before it reaches the disk.
+//! - When no chunk is pending, the leaves give each disk's sum, and a SUMS
+//!   entry naming the point goes into the stream (uploaded as
+//!   `sums/<point>.json` by the process server).
+//!
+//! A tag placed while the previous point is still being hashed, or one that
+//! did not drain the writes in time, gets no checksums and changes nothing
+//! here (its chunks stay dirty for the next point). A tag first waits up to
+//! [`SUMS_WAIT`] for the previous hashing (writes are not held meanwhile). A
+//! read error abandons that point's checksums and leaves the chunk dirty.
+//! After a start every chunk is dirty: the first point hashes whole disks.
+//!
+//! Memory: 32 bytes of leaf and 3 bits per MiB of disk (32 MiB per TiB).
+
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::Duration;
+
+use lifeboat_common::disksum::{self, Hash, CHUNK};
+use lifeboat_common::protocol::{DiskSum, Op};
+use tokio::sync::Notify;
+use tracing::{info, warn};
+
+use crate::disk::ProtectedDisk;
+use crate::stream::Stream;
+
+/// The longest a tag waits for the previous point's hashing.
+pub const SUMS_WAIT: Duration = Duration::from_secs(10);
+
+#[derive(Default)]
+struct Bits(Vec<u64>);
+
+impl Bits {
+    fn zeros(n: u64) -> Bits {
+        Bits(vec![0; n.div_ceil(64) as usize])
+    }
+    fn ones(n: u64) -> Bits {
+        let mut v = vec![u64::MAX; n.div_ceil(64) as usize];
+        if !n.is_multiple_of(64) {
+            if let Some(last) = v.last_mut() {
+                *last = (1u64 << (n % 64)) - 1;
+            }
+        }
+        Bits(v)
+    }
+    fn get(&self, i: u64) -> bool {
+        self.0[(i / 64) as usize] & (1 << (i % 64)) != 0
+    }
+    fn set(&mut self, i: u64, on: bool) {
+        let w = &mut self.0[(i / 64) as usize];
+        if on {
+            *w |= 1 << (i % 64);
+        } else {
+            *w &= !(1 << (i % 64));
+        }
+    }
+    fn count(&self) -> u64 {
+        self.0.iter().map(|w| w.count_ones() as u64).sum()
+    }
+}
+
+struct SumState {
+    leaves: Vec<Hash>,
+    dirty: Bits,
+    pending: Bits,
+    hashing: Bits,
+    /// Pending chunks not yet hashed.
+    left: u64,
+    /// A read failed: this point gets no checksum for the disk.
+    failed: bool,
+}
+
+/// One disk's leaves and chunk states (see the module header).
+pub struct DiskSums {
+    size: u64,
+    st: Mutex<SumState>,
+    changed: Notify,
+}
+
+/// What a caller must do for one chunk.
+enum Claim {
+    /// Nothing pending there: marked dirty, go on.
+    Clear,
+    /// Hash it now (its `hashing` bit is ours).
+    Mine,
+    /// Someone else hashes it: wait.
+    Wait,
+}
+
+impl DiskSums {
+    pub fn new(size: u64) -> DiskSums {
+        let n = disksum::chunks(size);
+        DiskSums {
+            size,
+            st: Mutex::new(SumState {
+                leaves: vec![[0u8; 32]; n as usize],
+                dirty: Bits::ones(n),
+                pending: Bits::zeros(n),
+                hashing: Bits::zeros(n),
+                left: 0,
+                failed: false,
+            }),
+            changed: Notify::new(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, SumState> {
+        self.st.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn chunk_len(&self, i: u64) -> usize {
+        CHUNK.min(self.size - i * CHUNK) as usize
+    }
+
+    /// The point starts: what was dirty is pending (under the write gate).
+    fn start(&self) {
+        let mut st = self.lock();
+        let n = disksum::chunks(self.size);
+        st.pending = std::mem::replace(&mut st.dirty, Bits::zeros(n));
+        st.left = st.pending.count();
+        st.failed = false;
+    }
+
+    fn claim(&self, i: u64, writer: bool) -> Claim {
+        let mut st = self.lock();
+        if st.hashing.get(i) {
+            return Claim::Wait;
+        }
+        if st.pending.get(i) {
+            st.hashing.set(i, true);
+            return Claim::Mine;
+        }
+        if writer {
+            st.dirty.set(i, true);
+        }
+        Claim::Clear
+    }
+
+    fn finish(&self, i: u64, leaf: Option<Hash>, writer: bool) {
+        let mut st = self.lock();
+        match leaf {
+            Some(l) => st.leaves[i as usize] = l,
+            None => {
+                st.failed = true;
+                st.dirty.set(i, true);
+            }
+        }
+        st.hashing.set(i, false);
+        st.pending.set(i, false);
+        st.left -= 1;
+        if writer {
+            st.dirty.set(i, true);
+        }
+        drop(st);
+        self.changed.notify_waiters();
+    }
+
+    /// Hashes chunk `i` as the disk holds it now.
+    async fn hash(&self, disk: &ProtectedDisk, i: u64) -> Option<Hash> {
+        match disk
+            .read_unlocked(i * CHUNK, self.chunk_len(i) as u64)
+            .await
+        {
+            Ok(data) => Some(disksum::leaf(&data)),
+            Err(e) => {
+                warn!(disk = %disk.id, chunk = i, "reading the disk for the point's checksum: {e}; this point gets no checksum");
+                None
+            }
+        }
+    }
+
+    /// Called by a write or zeroing of `offset..offset+len`, inside its gate
+    /// permit and range lock, before it changes the disk.
+    pub async fn before_change(&self, disk: &ProtectedDisk, offset: u64, len: u64) {
+        let n = disksum::chunks(self.size);
+        if len == 0 || offset / CHUNK >= n {
+            return;
+        }
+        let last = ((offset + len - 1) / CHUNK).min(n - 1);
+        for i in offset / CHUNK..=last {
+            loop {
+                let changed = self.changed.notified();
+                tokio::pin!(changed);
+                changed.as_mut().enable();
+                match self.claim(i, true) {
+                    Claim::Clear => break,
+                    Claim::Mine => {
+                        let leaf = self.hash(disk, i).await;
+                        self.finish(i, leaf, true);
+                        break;
+                    }
+                    Claim::Wait => changed.await,
+                }
+            }
+        }
+    }
+
+    /// Hashes every pending chunk, then returns the disk's sum (`None` when a
+    /// read failed).
+    async fn run(&self, disk: &ProtectedDisk) -> Option<Hash> {
+        for i in 0..disksum::chunks(self.size) {
+            if let Claim::Mine = self.claim(i, false) {
+                let leaf = self.hash(disk, i).await;
+                self.finish(i, leaf, false);
+            }
+        }
+        // Chunks that writers were hashing.
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            {
+                let st = self.lock();
+                if st.left == 0 {
+                    return (!st.failed).then(|| disksum::combine(self.size, &st.leaves));
+                }
+            }
+            changed.await;
+        }
+    }
+}
+
+/// The machine's point hashing (see the module header).
+pub struct PointSums {
+    disks: Vec<Weak<ProtectedDisk>>,
+    stream: Weak<Stream>,
+    /// The point being hashed, if any.
+    running: Mutex<Option<u64>>,
+    idle: Notify,
+}
+
+impl PointSums {
+    pub fn new(disks: &[Arc<ProtectedDisk>], stream: &Arc<Stream>) -> Arc<PointSums> {
+        Arc::new(PointSums {
+            disks: disks.iter().map(Arc::downgrade).collect(),
+            stream: Arc::downgrade(stream),
+            running: Mutex::new(None),
+            idle: Notify::new(),
+        })
+    }
+
+    fn running(&self) -> MutexGuard<'_, Option<u64>> {
+        self.running.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Waits up to `bound` for the previous point's hashing to end.
+    pub async fn wait_idle(&self, bound: Duration) {
+        let _ = tokio::time::timeout(bound, async {
+            loop {
+                let idle = self.idle.notified();
+                tokio::pin!(idle);
+                idle.as_mut().enable();
+                if self.running().is_none() {
+                    return;
+                }
+                idle.await;
+            }
+        })
+        .await;
+    }
+
+    /// The tag at `seq` was placed; `drained`: under the write gate, with
+    /// no write in flight. Starts hashing its checksums (see the header).
+    pub fn begin(self: &Arc<Self>, seq: u64, drained: bool) {
+        if !drained {
+            info!(seq, "no checksum for this point: the writes did not drain");
+            return;
+        }
+        let mut running = self.running();
+        if let Some(prev) = *running {
+            info!(
+                seq,
+                "no checksum for this point: point {prev}'s hashing still runs"
+            );
+            return;
+        }
+        let disks: Vec<Arc<ProtectedDisk>> = self.disks.iter().filter_map(Weak::upgrade).collect();
+        for d in &disks {
+            d.sums.start();
+        }
+        *running = Some(seq);
+        let me = self.clone();
+        tokio::spawn(async move {
+            let mut sums = Vec::new();
+            for d in &disks {
+                if let Some(sum) = d.sums.run(d).await {
+                    sums.push(DiskSum {
+                        disk: d.index,
+                        size: d.size_bytes(),
+                        sum,
+                    });
+                }
+            }
+            if !sums.is_empty() {
+                if let Some(stream) = me.stream.upgrade() {
+                    let at = stream.capture(Op::Sums {
+                        point: seq,
+                        disks: sums,
+                    });
+                    info!(point = seq, seq = at, "point checksums hashed");
+                }
+            }
+            *me.running() = None;
+            me.idle.notify_waiters();
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bits_cover_exactly_n() {
+        for n in [0u64, 1, 63, 64, 65, 130] {
+            let b = Bits::ones(n);
+            assert_eq!(b.count(), n);
+            if n > 0 {
+                assert!(b.get(n - 1));
+            }
+        }
+    }
+}
