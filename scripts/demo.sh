@@ -7,7 +7,7 @@
 # on any mismatch.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-./scripts/install-deps.sh
+./scripts/install-deps.sh --demo
 source scripts/cargo-env.sh
 build_release
 WORK="$(mktemp -d /tmp/lifeboat-demo.XXXXXX)"

@@ -23,13 +23,27 @@
 #                                             s3s-fs@0.14.1, ~3 min on an idle machine; its
 #                                             build dir s3s-fs-target/ is removed afterwards)
 #
+# `install-deps.sh --demo` installs only what scripts/demo.sh uses (the Debian
+# packages libclang-dev, qemu-utils and fio): the demo runs on the embedded
+# local-filesystem store, so it never waits for the test-only object-store servers.
+#
 # It only installs: it exports nothing and changes no configuration. The tests find the
 # servers through $LIFEBOAT_TOOLS or the default path above.
 set -euo pipefail
 
+DEMO=0
+case "${1:-}" in
+    --demo) DEMO=1 ;;
+    "") ;;
+    *) echo "usage: $0 [--demo]" >&2; exit 2 ;;
+esac
+
 TOOLS="${LIFEBOAT_TOOLS:-$HOME/.cache/lifeboat/tools}"
 
 DEB_PACKAGES=(libclang-dev qemu-utils nbdkit libnbd-bin python3-libnbd fio fuse3 rsync e2fsprogs sqlite3 python3)
+if [ "$DEMO" = 1 ]; then
+    DEB_PACKAGES=(libclang-dev qemu-utils fio python3)
+fi
 
 SUDO=()
 if [ "$(id -u)" -ne 0 ]; then
@@ -50,6 +64,10 @@ if [ "${#missing[@]}" -gt 0 ]; then
 fi
 
 # Azurite (Azure Blob emulator).
+if [ "$DEMO" = 1 ]; then
+    exit 0
+fi
+
 AZURITE_BIN="$TOOLS/azurite/node_modules/.bin/azurite-blob"
 if [ ! -x "$AZURITE_BIN" ]; then
     if ! command -v npm >/dev/null 2>&1; then
