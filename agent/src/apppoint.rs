@@ -285,6 +285,9 @@ impl AppPoints {
             return Err(failed("pre-freeze", why));
         }
 
+        // The previous point's checksums before anything is frozen: the
+        // tag below must not wait for them (`pointsum.rs`).
+        self.stream.wait_point_sums().await;
         // From here on every path thaws.
         self.step(Some("freeze"));
         let mut guard = ThawGuard(Some(q.clone()));

@@ -494,7 +494,7 @@ async fn resync_disk(
         let end = ((first + count) * REGION).min(size);
         let read = |at: u64| {
             let (d, len) = (d.clone(), READ_UNIT.min(end - at));
-            tokio::spawn(async move {
+            lifeboat_common::spawn(async move {
                 d.read_unlocked(at, len)
                     .await
                     .with_context(|| format!("reading {len} bytes at {at}"))

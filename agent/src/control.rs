@@ -163,7 +163,7 @@ pub async fn serve(path: &Path, control: Arc<Control>, cancel: CancellationToken
             _ = cancel.cancelled() => break,
         };
         let control = control.clone();
-        tokio::spawn(async move {
+        lifeboat_common::spawn(async move {
             let (rd, mut wr) = conn.into_split();
             let mut lines = BufReader::new(rd).lines();
             while let Ok(Some(line)) = lines.next_line().await {

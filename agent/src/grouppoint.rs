@@ -127,7 +127,7 @@ impl GroupHold {
         drop(held);
         info!("holding writes for group point {id} of {group} (at most {hold:?})");
         let me = self.clone();
-        tokio::spawn(async move {
+        lifeboat_common::spawn(async move {
             tokio::time::sleep(hold).await;
             let mut h = me.held();
             if h.as_ref().is_some_and(|h| h.id == id) {

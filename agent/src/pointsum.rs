@@ -19,16 +19,22 @@
 //!
 //! A tag placed while the previous point is still being hashed, or one that
 //! did not drain the writes in time, gets no checksums and changes nothing
-//! here (its chunks stay dirty for the next point). A tag first waits up to
-//! [`SUMS_WAIT`] for the previous hashing (writes are not held meanwhile). A
-//! read error abandons that point's checksums and leaves the chunk dirty.
-//! After a start every chunk is dirty: the first point hashes whole disks.
+//! here (its chunks stay dirty for the next point). A crash-consistent tag
+//! first waits up to [`SUMS_WAIT`] for the previous hashing (writes are not
+//! held meanwhile); an app-consistent point waits before it freezes
+//! anything; a group tag, placed under the group's hold, does not wait. A
+//! read error abandons that point's checksum for the disk and leaves the
+//! chunk dirty. A rebase of the numbering meanwhile drops the checksums (the
+//! point's seq then names another entry). After a start every chunk is
+//! dirty: the first point hashes whole disks, [`HASH_CONCURRENCY`] chunks at
+//! a time; writes to chunks it has not reached hash them first.
 //!
 //! Memory: 32 bytes of leaf and 3 bits per MiB of disk (32 MiB per TiB).
 
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
+use futures::StreamExt;
 use lifeboat_common::disksum::{self, Hash, CHUNK};
 use lifeboat_common::protocol::{DiskSum, Op};
 use tokio::sync::Notify;
@@ -39,6 +45,9 @@ use crate::stream::Stream;
 
 /// The longest a tag waits for the previous point's hashing.
 pub const SUMS_WAIT: Duration = Duration::from_secs(10);
+
+/// Chunks read and hashed at once, by the background task and by a write.
+const HASH_CONCURRENCY: usize = 4;
 
 #[derive(Default)]
 struct Bits(Vec<u64>);
@@ -168,13 +177,20 @@ impl DiskSums {
         self.changed.notify_waiters();
     }
 
-    /// Hashes chunk `i` as the disk holds it now.
+    /// Hashes chunk `i` as the disk holds it now (the hashing off the
+    /// runtime's threads).
     async fn hash(&self, disk: &ProtectedDisk, i: u64) -> Option<Hash> {
-        match disk
+        let read = disk
             .read_unlocked(i * CHUNK, self.chunk_len(i) as u64)
-            .await
-        {
-            Ok(data) => Some(disksum::leaf(&data)),
+            .await;
+        let hashed = match read {
+            Ok(data) => tokio::task::spawn_blocking(move || disksum::leaf(&data))
+                .await
+                .map_err(std::io::Error::other),
+            Err(e) => Err(e),
+        };
+        match hashed {
+            Ok(leaf) => Some(leaf),
             Err(e) => {
                 warn!(disk = %disk.id, chunk = i, "reading the disk for the point's checksum: {e}; this point gets no checksum");
                 None
@@ -190,7 +206,26 @@ impl DiskSums {
             return;
         }
         let last = ((offset + len - 1) / CHUNK).min(n - 1);
+        // Claim what is pending and hash it (a few chunks at once: a large
+        // trim may cover many), then wait for chunks others were hashing.
+        let mut mine = Vec::new();
+        let mut others = Vec::new();
         for i in offset / CHUNK..=last {
+            match self.claim(i, true) {
+                Claim::Clear => {}
+                Claim::Mine => mine.push(i),
+                Claim::Wait => others.push(i),
+            }
+        }
+        futures::stream::iter(mine)
+            .map(|i| async move {
+                let leaf = self.hash(disk, i).await;
+                self.finish(i, leaf, true);
+            })
+            .buffer_unordered(HASH_CONCURRENCY)
+            .collect::<()>()
+            .await;
+        for i in others {
             loop {
                 let changed = self.changed.notified();
                 tokio::pin!(changed);
@@ -208,27 +243,67 @@ impl DiskSums {
         }
     }
 
+    /// The pending chunks from `from` on, at most `max` (set words only).
+    fn next_pending(&self, from: u64, max: usize) -> Vec<u64> {
+        let st = self.lock();
+        let mut out = Vec::new();
+        let first = (from / 64) as usize;
+        for w in first..st.pending.0.len() {
+            let mut word = st.pending.0[w];
+            if w == first {
+                word &= u64::MAX << (from % 64);
+            }
+            while word != 0 {
+                if out.len() == max {
+                    return out;
+                }
+                out.push(w as u64 * 64 + word.trailing_zeros() as u64);
+                word &= word - 1;
+            }
+        }
+        out
+    }
+
     /// Hashes every pending chunk, then returns the disk's sum (`None` when a
     /// read failed).
     async fn run(&self, disk: &ProtectedDisk) -> Option<Hash> {
-        for i in 0..disksum::chunks(self.size) {
-            if let Claim::Mine = self.claim(i, false) {
-                let leaf = self.hash(disk, i).await;
-                self.finish(i, leaf, false);
-            }
+        let mut from = 0;
+        loop {
+            let batch = self.next_pending(from, 256);
+            let Some(&last) = batch.last() else {
+                break;
+            };
+            from = last + 1;
+            futures::stream::iter(batch)
+                .map(|i| async move {
+                    if let Claim::Mine = self.claim(i, false) {
+                        let leaf = self.hash(disk, i).await;
+                        self.finish(i, leaf, false);
+                    }
+                })
+                .buffer_unordered(HASH_CONCURRENCY)
+                .collect::<()>()
+                .await;
         }
         // Chunks that writers were hashing.
         loop {
             let changed = self.changed.notified();
             tokio::pin!(changed);
             changed.as_mut().enable();
-            {
+            let done = {
                 let st = self.lock();
-                if st.left == 0 {
-                    return (!st.failed).then(|| disksum::combine(self.size, &st.leaves));
+                (st.left == 0).then(|| (!st.failed).then(|| st.leaves.clone()))
+            };
+            match done {
+                Some(None) => return None,
+                Some(Some(leaves)) => {
+                    let size = self.size;
+                    return tokio::task::spawn_blocking(move || disksum::combine(size, &leaves))
+                        .await
+                        .ok();
                 }
+                None => changed.await,
             }
-            changed.await;
         }
     }
 }
@@ -292,8 +367,13 @@ impl PointSums {
             d.sums.start();
         }
         *running = Some(seq);
+        // The numbering the tag's seq belongs to: after a rebase meanwhile,
+        // `seq` names another entry, and the checksums are dropped.
+        let rebases = self.stream.upgrade().map(|s| s.rebases());
         let me = self.clone();
-        tokio::spawn(async move {
+        lifeboat_common::spawn(async move {
+            // `running` ends however this task does.
+            let _idle = Idle(me.clone());
             let mut sums = Vec::new();
             for d in &disks {
                 if let Some(sum) = d.sums.run(d).await {
@@ -304,18 +384,32 @@ impl PointSums {
                     });
                 }
             }
-            if !sums.is_empty() {
-                if let Some(stream) = me.stream.upgrade() {
-                    let at = stream.capture(Op::Sums {
-                        point: seq,
-                        disks: sums,
-                    });
-                    info!(point = seq, seq = at, "point checksums hashed");
+            if let (false, Some(stream), Some(rebases)) =
+                (sums.is_empty(), me.stream.upgrade(), rebases)
+            {
+                let op = Op::Sums {
+                    point: seq,
+                    disks: sums,
+                };
+                match stream.capture_in_numbering(op, rebases) {
+                    Some(at) => info!(point = seq, seq = at, "point checksums hashed"),
+                    None => info!(
+                        point = seq,
+                        "point checksums dropped: the stream was renumbered meanwhile"
+                    ),
                 }
             }
-            *me.running() = None;
-            me.idle.notify_waiters();
         });
+    }
+}
+
+/// Ends [`PointSums::running`] when dropped.
+struct Idle(Arc<PointSums>);
+
+impl Drop for Idle {
+    fn drop(&mut self) {
+        *self.0.running() = None;
+        self.0.idle.notify_waiters();
     }
 }
 

@@ -2,6 +2,7 @@
 //! NBD export, ships the stream, takes a crash-consistent tag every
 //! `tag-interval`, and answers the control socket, until shutdown.
 
+use lifeboat_common::SpawnHere;
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
@@ -120,7 +121,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<()> {
     let cancel = shutdown.child_token();
     let link = Arc::new(Link::default());
     let mut tasks = tokio::task::JoinSet::new();
-    tasks.spawn(sender::run(
+    tasks.spawn_here(sender::run(
         SenderConfig {
             machine: cfg.machine.clone(),
             server: cfg.server.clone(),
@@ -142,7 +143,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<()> {
         let path = d.socket.clone();
         let c = cancel.clone();
         let ex = exports.clone();
-        tasks.spawn(async move {
+        tasks.spawn_here(async move {
             if let Err(e) = nbd::serve_unix(&path, ex, c.clone()).await {
                 error!("NBD export on {}: {e}", path.display());
                 c.cancel();
@@ -162,7 +163,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<()> {
                 );
             }
             let c = cancel.clone();
-            tasks.spawn(async move {
+            tasks.spawn_here(async move {
                 if let Err(e) = nbd::serve_tcp(addr, exports, c.clone()).await {
                     error!("NBD export on {addr}: {e}");
                     c.cancel();
@@ -182,7 +183,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<()> {
         let limit = cfg.sync_rate_limit;
         // Supervised: a read error ends one run, not the sync; the next run
         // continues each disk from its progress.
-        tasks.spawn(supervise("initial sync", c.clone(), move || {
+        tasks.spawn_here(supervise("initial sync", c.clone(), move || {
             crate::sync::run(
                 dir.clone(),
                 disks.clone(),
@@ -203,7 +204,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<()> {
         stream.clone(),
         keep_writable,
     ));
-    tasks.spawn(app.clone().schedule(cancel.clone()));
+    tasks.spawn_here(app.clone().schedule(cancel.clone()));
     let control = Arc::new(Control {
         machine: cfg.machine.clone(),
         disks: infos,
@@ -219,14 +220,14 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<()> {
         let (disks, s, c) = (disks.clone(), stream.clone(), cancel.clone());
         // Supervised: a resync loop that failed or panicked starts again (a
         // region it held is dirty again), or the stream would stay in resync.
-        tasks.spawn(supervise("resync of dirty regions", c.clone(), move || {
+        tasks.spawn_here(supervise("resync of dirty regions", c.clone(), move || {
             crate::sync::run_resync(disks.clone(), s.clone(), c.clone())
         }));
     }
     {
         // Retire acknowledged regions from the activity logs.
         let (disks, s, c) = (disks.clone(), stream.clone(), cancel.clone());
-        tasks.spawn(async move {
+        tasks.spawn_here(async move {
             loop {
                 tokio::select! {
                     _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
@@ -252,7 +253,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<()> {
     }
     let sock = cfg.control_socket();
     let c = cancel.clone();
-    tasks.spawn(async move {
+    tasks.spawn_here(async move {
         if let Err(e) = control::serve(&sock, control, c.clone()).await {
             error!("control socket {}: {e:#}", sock.display());
             c.cancel();
@@ -262,7 +263,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<()> {
     let interval = cfg.tag_interval;
     let s = stream.clone();
     let c = cancel.clone();
-    tasks.spawn(async move {
+    tasks.spawn_here(async move {
         let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
         loop {
             tokio::select! {

@@ -101,7 +101,7 @@ impl ResyncSlot {
             return false;
         }
         let (tx, rx) = mpsc::unbounded_channel();
-        let task = tokio::spawn(crate::checksum::run(
+        let task = lifeboat_common::spawn(crate::checksum::run(
             cfg.checksum.clone(),
             cfg.protected.clone(),
             stream.clone(),
@@ -321,7 +321,7 @@ async fn session(
                 Some(Frame::GroupPrepare { id, hold_ms, group }) => {
                     // The drain may take a while: acks go on meanwhile.
                     let (groups, stream, tx) = (cfg.groups.clone(), stream.clone(), ctl_tx.clone());
-                    tokio::spawn(async move {
+                    lifeboat_common::spawn(async move {
                         let hold = Duration::from_millis(hold_ms.into());
                         let error = match groups.prepare(&stream, id, &group, hold).await {
                             Ok(()) => String::new(),

@@ -155,6 +155,39 @@ impl Stream {
         let _ = self.point_sums.set(sums);
     }
 
+    /// Waits up to `SUMS_WAIT` for the previous point's checksums (writes go
+    /// on meanwhile), so that the next tag gets its own.
+    pub async fn wait_point_sums(&self) {
+        if let Some(p) = self.point_sums.get() {
+            p.wait_idle(SUMS_WAIT).await;
+        }
+    }
+
+    /// How many times the numbering was rebased: an entry computed for a seq
+    /// of an older numbering must not be captured in a newer one.
+    pub fn rebases(&self) -> u64 {
+        self.journal.rebases()
+    }
+
+    /// [`Self::capture`], only if the numbering is still the one counted by
+    /// `rebases` (checked under the state lock, which a rebase holds).
+    pub fn capture_in_numbering(&self, op: Op, rebases: u64) -> Option<u64> {
+        let mut s = self.lock_state();
+        (self.journal.rebases() == rebases).then(|| self.append(&mut s, op))
+    }
+
+    /// Numbers, journals and queues `op` under the state lock `s`.
+    fn append(&self, s: &mut SenderState, op: Op) -> u64 {
+        let e = Entry {
+            seq: s.next_seq(),
+            op,
+        };
+        self.journal.append(&e);
+        let seq = e.seq;
+        s.push(e);
+        seq
+    }
+
     /// Signalled when the journal wrote more entries (which may now be sent).
     pub fn journal_written(&self) -> Arc<Notify> {
         self.journal.written.clone()
@@ -409,18 +442,8 @@ impl Stream {
 
     /// Gives a completed operation its seq, journals and queues it.
     pub fn capture(&self, op: Op) -> u64 {
-        let seq = {
-            let mut s = self.lock_state();
-            let e = Entry {
-                seq: s.next_seq(),
-                op,
-            };
-            self.journal.append(&e);
-            let seq = e.seq;
-            s.push(e);
-            seq
-        };
-        seq
+        let mut s = self.lock_state();
+        self.append(&mut s, op)
     }
 
     pub fn begin_sync(&self) {
@@ -440,10 +463,11 @@ impl Stream {
     /// Places a consistency tag after draining in-flight writes; returns its seq,
     /// or `None` when the replica cannot be consistent now (initial sync, bitmap
     /// or resync state).
+    /// An app-consistent tag does not wait: its caller waited with
+    /// [`Self::wait_point_sums`] before freezing the filesystems.
     pub async fn tag(&self, kind: TagKind, source: Option<TagSource>, label: &str) -> Option<u64> {
-        // The previous point's checksums first (writes go on meanwhile).
-        if let Some(p) = self.point_sums.get() {
-            p.wait_idle(SUMS_WAIT).await;
+        if kind != TagKind::App {
+            self.wait_point_sums().await;
         }
         let guard = tokio::time::timeout(TAG_DRAIN_TIMEOUT, self.gate.write()).await;
         if guard.is_err() {

@@ -15,6 +15,7 @@
 //! every disk replaces the initial sync when the replica turns out to hold
 //! data already (the agent lost its state: `rebase.rs`) or the disk was resized.
 
+use lifeboat_common::SpawnHere;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -196,13 +197,17 @@ pub async fn run(
         }
         any = true;
         info!(disk = %d.id, from = p.cursor.load(Ordering::Relaxed), "initial sync started");
-        tasks.spawn(sync_disk(
-            state_dir.clone(),
-            d,
-            p,
-            stream.clone(),
-            rate_limit,
-            cancel.clone(),
+        let span = tracing::info_span!("sync", disk = %d.id);
+        tasks.spawn_here(tracing::Instrument::instrument(
+            sync_disk(
+                state_dir.clone(),
+                d,
+                p,
+                stream.clone(),
+                rate_limit,
+                cancel.clone(),
+            ),
+            span,
         ));
     }
     let mut result = Ok(());

@@ -22,14 +22,50 @@ pub mod store;
 pub mod supervise;
 pub mod tls;
 
+/// How log lines are written to stderr (`--log-format`, or the environment
+/// variable `LIFEBOAT_LOG_FORMAT`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum LogFormat {
+    /// One human-readable line per event, its spans' fields (machine, disk)
+    /// in front.
+    #[default]
+    Text,
+    /// One JSON object per line: `timestamp`, `level`, `fields` (with
+    /// `message`), `target`, and `spans` — every enclosing span with its
+    /// fields, so data-path events carry `machine` and `disk`.
+    Json,
+}
+
+/// The `--log-format` option every binary takes.
+#[derive(Debug, Clone, clap::Args)]
+pub struct LogArgs {
+    /// Log lines on stderr as text or as JSON objects (one per line, with
+    /// the machine and disk of data-path events).
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value_t,
+        env = "LIFEBOAT_LOG_FORMAT"
+    )]
+    pub log_format: LogFormat,
+}
+
 /// Sets up logging to stderr; `RUST_LOG` overrides `default` (e.g. "info").
-pub fn init_logging(default: &str) {
+pub fn init_logging(default: &str, format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let _ = tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder
+            .json()
+            .with_current_span(false)
+            .with_span_list(true)
+            .try_init(),
+    };
 }
 
 /// Makes every file, directory and socket this process creates private to its
@@ -78,4 +114,47 @@ pub fn unhex<const N: usize>(s: &str) -> Option<[u8; N]> {
         *o = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).ok()?;
     }
     Some(out)
+}
+
+/// `tokio::spawn` inside the caller's span: the task's events keep the
+/// span's fields (the machine, the disk) in every log line.
+pub fn spawn<F>(f: F) -> tokio::task::JoinHandle<F::Output>
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    use tracing::Instrument;
+    tokio::spawn(f.in_current_span())
+}
+
+/// `spawn` on a `JoinSet`, inside the caller's span (see [`spawn`]).
+pub trait SpawnHere<F: std::future::Future> {
+    fn spawn_here(&mut self, f: F);
+}
+
+impl<F> SpawnHere<F> for tokio::task::JoinSet<F::Output>
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    fn spawn_here(&mut self, f: F) {
+        use tracing::Instrument;
+        self.spawn(f.in_current_span());
+    }
+}
+
+/// [`SpawnHere`] for a `TaskTracker` (shared, not `&mut`).
+pub trait TrackHere<F: std::future::Future> {
+    fn spawn_here(&self, f: F);
+}
+
+impl<F> TrackHere<F> for tokio_util::task::TaskTracker
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    fn spawn_here(&self, f: F) {
+        use tracing::Instrument;
+        self.spawn(f.in_current_span());
+    }
 }

@@ -41,7 +41,7 @@ pub async fn supervise_with<F, Fut>(
     let mut pause = min_pause;
     while !cancel.is_cancelled() {
         let started = tokio::time::Instant::now();
-        let run = tokio::spawn(make());
+        let run = crate::spawn(make());
         let failure = tokio::select! {
             r = run => match r {
                 Ok(Ok(())) => return,

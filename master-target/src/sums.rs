@@ -2,11 +2,14 @@
 //! point (`sums/<point>.json`, `lifeboat_common::disksum`): proof that an
 //! image is what the source disk held, beyond the objects being authentic.
 //!
-//! Every image is re-read and hashed (on every core). A point with no
-//! recorded checksums (the stream's end, `--time` between points, a point
-//! whose hashing was skipped, or one recorded by an older agent) is reported
-//! as unchecked, never as a match. A difference is an error naming the
-//! disk, both sums and the record.
+//! Every image is re-read and hashed (on every core) when there is a record
+//! to compare with: that of the point recovered, or — for `latest` or a time
+//! — that of the newest point before it when the stream after that point
+//! holds only its checksums (nothing was written since). Otherwise (a point
+//! whose hashing was skipped, one recorded by an older agent, a stream end
+//! with writes after the last point) nothing is re-read and the report says
+//! why, never claiming a match. A difference is an error naming the disk,
+//! both sums and the record.
 
 use std::path::Path;
 
@@ -22,8 +25,9 @@ use crate::materialize::MachineKeys;
 pub struct ImageSum {
     pub id: String,
     pub size: u64,
-    /// `lifeboat-disk-v1` of the image, lower-case hex.
-    pub checksum: String,
+    /// `lifeboat-disk-v1` of the image, lower-case hex (`None`: nothing to
+    /// compare with, not computed).
+    pub checksum: Option<String>,
     /// What the agent recorded at the point; equal to `checksum` whenever
     /// present (a difference is an error).
     pub recorded: Option<String>,
@@ -46,24 +50,57 @@ pub fn sum_image(path: &Path, size: u64) -> Result<String> {
     Ok(disksum::hex(&sum))
 }
 
-/// Hashes each image (`id`, path, size) and compares it with what the agent
-/// recorded at the point at `seq`, if it recorded anything; `point` is
-/// whether `seq` is a recovery point (not the stream's end or a time).
+/// Hashes each image (`id`, path, size) of the stream at `seq` and compares
+/// it with the checksums the agent recorded there (see the module header);
+/// `points`: the machine's recovery points.
 pub async fn check_images(
     store: &Store,
     keys: &MachineKeys,
     machine: &str,
     fences: &Fences,
+    points: &[u64],
     seq: u64,
-    point: bool,
     images: &[(String, std::path::PathBuf, u64)],
 ) -> Result<Checked> {
-    let record = if point {
-        catalogue::load_sums(store, &keys.catalogue, machine, seq, fences).await?
+    let load = |p: u64| catalogue::load_sums(store, &keys.catalogue, machine, p, fences);
+    let (record, why_none) = if points.contains(&seq) {
+        (
+            load(seq).await?,
+            format!(
+                "no checksums are recorded at point {seq} (the agent skipped its hashing, its record is not uploaded yet, or the agent is older)"
+            ),
+        )
     } else {
-        None
+        // The stream's end or a time: the newest point before it, when
+        // nothing but its checksums follows it.
+        let before = points.iter().copied().filter(|&p| p < seq).max();
+        let rec = match before {
+            Some(p) => load(p).await?.filter(|r| r.seq == p + 1 && seq == p + 1),
+            None => None,
+        };
+        (
+            rec,
+            format!("seq {seq} is not a recovery point and writes followed the last point before it (checksums are recorded at points)"),
+        )
     };
+    let Some(record) = record else {
+        return Ok(Checked {
+            against: format!("nothing: {why_none}"),
+            matched: false,
+            disks: images
+                .iter()
+                .map(|(id, _, size)| ImageSum {
+                    id: id.clone(),
+                    size: *size,
+                    checksum: None,
+                    recorded: None,
+                })
+                .collect(),
+        });
+    };
+    let seq = record.point;
     let object = store.describe(&catalogue::sums_object(machine, seq));
+    let record = Some(record);
     let mut disks = Vec::new();
     for (id, path, size) in images {
         let (p, s) = (path.clone(), *size);
@@ -91,17 +128,23 @@ pub async fn check_images(
         disks.push(ImageSum {
             id: id.clone(),
             size: *size,
-            checksum,
+            checksum: Some(checksum),
             recorded: recorded.map(|r| r.sum.clone()),
         });
     }
-    let matched = record.is_some() && disks.iter().all(|d| d.recorded.is_some());
-    let against = match (&record, point) {
-        (Some(_), _) => object,
-        (None, true) => format!(
-            "nothing: no checksums were recorded at seq {seq} (the agent skipped its hashing, or is older)"
-        ),
-        (None, false) => format!("nothing: seq {seq} is not a recovery point (checksums are recorded at points)"),
+    let missing: Vec<&str> = disks
+        .iter()
+        .filter(|d| d.recorded.is_none())
+        .map(|d| d.id.as_str())
+        .collect();
+    let matched = missing.is_empty();
+    let against = if matched {
+        object
+    } else {
+        format!(
+            "{object}, which holds no checksum for disk {} (reading it failed on the agent); the other disks match",
+            missing.join(", ")
+        )
     };
     Ok(Checked {
         against,
@@ -122,7 +165,9 @@ impl Checked {
             println!("  checksums not compared: {}", self.against);
         }
         for d in &self.disks {
-            println!("  disk {}: checksum {}", d.id, d.checksum);
+            if let Some(c) = &d.checksum {
+                println!("  disk {}: checksum {c}", d.id);
+            }
         }
     }
 }
@@ -172,22 +217,33 @@ mod tests {
         let (store, keys, img, size) = setup(dir.path(), |s| s.to_string()).await;
         let images = vec![("root".to_string(), img.clone(), size)];
         let fences = Fences::default();
-        let ok = check_images(&store, &keys, "m", &fences, 5, true, &images)
+        let ok = check_images(&store, &keys, "m", &fences, &[5, 9], 5, &images)
             .await
             .unwrap();
         assert!(ok.matched, "{ok:?}");
-        // Not a point, or a point without a record: unchecked, never a match.
-        let none = check_images(&store, &keys, "m", &fences, 9, true, &images)
+        // The stream's end right after the point's checksums is the point.
+        let end = check_images(&store, &keys, "m", &fences, &[5], 6, &images)
             .await
             .unwrap();
-        assert!(!none.matched && none.against.contains("no checksums were recorded"));
+        assert!(end.matched, "{end:?}");
+        // A point without a record, or writes after the point: unchecked,
+        // never a match, nothing re-read.
+        let none = check_images(&store, &keys, "m", &fences, &[5, 9], 9, &images)
+            .await
+            .unwrap();
+        assert!(!none.matched && none.against.contains("no checksums are recorded"));
+        assert!(none.disks[0].checksum.is_none());
+        let later = check_images(&store, &keys, "m", &fences, &[5], 7, &images)
+            .await
+            .unwrap();
+        assert!(!later.matched && later.against.contains("writes followed"));
 
         // One byte differs from what the source had.
         let bytes = std::fs::read(&img).unwrap();
         let mut changed = bytes.clone();
         changed[disksum::CHUNK as usize + 3] ^= 1;
         std::fs::write(&img, &changed).unwrap();
-        let e = check_images(&store, &keys, "m", &fences, 5, true, &images)
+        let e = check_images(&store, &keys, "m", &fences, &[5], 5, &images)
             .await
             .unwrap_err()
             .to_string();
@@ -204,7 +260,7 @@ mod tests {
             data: Key::generate(),
         };
         let images2 = vec![("root".to_string(), img2, size)];
-        let e = check_images(&store2, &other, "m", &fences, 5, true, &images2)
+        let e = check_images(&store2, &other, "m", &fences, &[5], 5, &images2)
             .await
             .unwrap_err()
             .to_string();

@@ -89,13 +89,14 @@ pub async fn verify(
         .iter()
         .map(|d| (d.id.clone(), d.path.clone(), d.size))
         .collect();
+    let points: Vec<u64> = inv.points.iter().map(|p| p.seq).collect();
     let checksums = crate::sums::check_images(
         store,
         keys,
         machine,
         &inv.fences,
+        &points,
         resolved.seq,
-        resolved.point.is_some(),
         &images,
     )
     .await?;

@@ -151,7 +151,7 @@ pub async fn serve(path: PathBuf, ctl: Control, cancel: CancellationToken) -> Re
             _ = cancel.cancelled() => break,
         };
         let ctl = ctl.clone();
-        tokio::spawn(async move {
+        lifeboat_common::spawn(async move {
             let (rd, mut wr) = conn.into_split();
             let mut lines = BufReader::new(rd).lines();
             while let Ok(Some(l)) = lines.next_line().await {

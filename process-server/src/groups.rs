@@ -26,6 +26,7 @@
 //! `lifeboat-ps group-tag` takes one on demand (control socket). One attempt
 //! per group at a time.
 
+use lifeboat_common::TrackHere;
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -262,7 +263,7 @@ impl Groups {
         let tasks = tokio_util::task::TaskTracker::new();
         for g in self.groups.iter().filter(|g| !g.every.is_zero()) {
             let (me, c, name, every) = (self.clone(), cancel.clone(), g.name.clone(), g.every);
-            tasks.spawn(async move {
+            tasks.spawn_here(async move {
                 loop {
                     tokio::select! {
                         _ = tokio::time::sleep(every) => {}

@@ -8,6 +8,7 @@
 //! nothing for `idle-timeout` is closed ([`Limited`]). A failed handshake or a
 //! misbehaving agent is logged and closed without disturbing the others.
 
+use lifeboat_common::TrackHere;
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::IpAddr;
@@ -195,7 +196,11 @@ impl PsSink {
             ownership: self.ownership.clone(),
             cancel: self.cancel.clone(),
         };
-        self.tasks.spawn(uploader::supervise(env, u.clone()));
+        let span = tracing::info_span!("upload", machine = %machine);
+        self.tasks.spawn_here(tracing::Instrument::instrument(
+            uploader::supervise(env, u.clone()),
+            span,
+        ));
         u
     }
 
@@ -469,7 +474,7 @@ pub async fn run(cfg: PsConfig, shutdown: CancellationToken) -> Result<()> {
     // A cache that failed a write (a full filesystem) goes on by itself.
     let recovery_task = {
         let (cache, c) = (cache.clone(), shutdown.clone());
-        tokio::spawn(async move {
+        lifeboat_common::spawn(async move {
             loop {
                 tokio::select! {
                     _ = tokio::time::sleep(CACHE_RECOVERY_INTERVAL) => {}
@@ -488,14 +493,14 @@ pub async fn run(cfg: PsConfig, shutdown: CancellationToken) -> Result<()> {
         sink.store.clone(),
         sink.kek.clone(),
     ));
-    let group_task = tokio::spawn(groups.clone().run_schedule(shutdown.clone()));
+    let group_task = lifeboat_common::spawn(groups.clone().run_schedule(shutdown.clone()));
     let control_task = {
         let path = crate::control::socket_path(&cfg.cache_dir);
         let (sessions, c) = (sessions.clone(), shutdown.clone());
         let ownership = sink.ownership.clone();
         let cache = cache.clone();
         let groups = groups.clone();
-        tokio::spawn(async move {
+        lifeboat_common::spawn(async move {
             let ctl = crate::control::Control {
                 sessions,
                 ownership,
@@ -545,7 +550,11 @@ pub async fn run(cfg: PsConfig, shutdown: CancellationToken) -> Result<()> {
         let sink = sink.clone();
         let sessions = sessions.clone();
         let shutdown = shutdown.clone();
-        conns.spawn(async move {
+        // Every event of the connection carries the peer, and the machine
+        // once its hello named it.
+        let span = tracing::info_span!("session", %peer, machine = tracing::field::Empty);
+        let _in_span = span.enter();
+        conns.spawn_here(async move {
             let _permit = permit;
             let _slot = slot;
             let tls = match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
@@ -577,6 +586,7 @@ pub async fn run(cfg: PsConfig, shutdown: CancellationToken) -> Result<()> {
                 warn!("connection from {peer}: {e}");
             }
         });
+        drop(_in_span);
     }
     info!("shutting down: closing sessions");
     let _ = control_task.await;

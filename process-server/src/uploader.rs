@@ -518,7 +518,7 @@ pub async fn run_machine(env: UploadEnv, me: Arc<MachineUploader>) {
         held: std::sync::Mutex::new(held),
     });
     // Retention runs beside the uploader, as the same owner, and stops with it.
-    let compactor = tokio::spawn(crate::compact::run(crate::compact::Compactor {
+    let compactor = lifeboat_common::spawn(crate::compact::run(crate::compact::Compactor {
         cfg: cfg.clone(),
         cache: cache.clone(),
         store: store.clone(),
@@ -745,7 +745,7 @@ pub async fn run_machine(env: UploadEnv, me: Arc<MachineUploader>) {
             cancel.clone(),
         );
         let signal = done.clone();
-        let handle = tokio::spawn(async move {
+        let handle = lifeboat_common::spawn(async move {
             let r = task.await;
             signal.notify_one();
             r
@@ -786,6 +786,9 @@ async fn upload_segment(
     let mut sums: Vec<SumsRecord> = Vec::new();
     for e in &entries {
         match &e.op {
+            Op::Sums { point, .. } if *point >= e.seq => {
+                warn!(%machine, seq = e.seq, point, "a checksums entry names a point after it; ignored");
+            }
             Op::Sums { point, disks: list } => sums.push(SumsRecord {
                 format: catalogue::FORMAT_VERSION,
                 point: *point,
@@ -917,7 +920,9 @@ async fn upload_segment(
             &keys.catalogue,
             &obj,
             &m,
-            |o: &SumsRecord| o.point == m.point && o.seq == m.seq && o.disks == m.disks,
+            // Another record of the point's checksums (a re-upload) is kept:
+            // metadata, no reason to fence the machine over.
+            |o: &SumsRecord| o.point == m.point,
             |o: &SumsRecord| o.epoch < epoch && !fences.counts(o.epoch, o.seq),
             &cancel,
         )

@@ -54,20 +54,7 @@ fn recorded(store_url: &str, seq: u64) -> String {
 #[test]
 fn points_carry_the_source_checksum_and_failover_matches_it_under_concurrent_writes() {
     let root = tempfile::tempdir().unwrap();
-    let mut ps = ProcessServer::init(&root.path().join("ps"), None, &[]).unwrap();
-    ps.start().unwrap();
-    let certs = ps.dir.join("machines").join(MACHINE);
-    let mut agent = Agent::configure(
-        &root.path().join("agent"),
-        MACHINE,
-        &certs,
-        ps.port,
-        &[("root", DISK)],
-        "",
-    )
-    .unwrap();
-    agent.start().unwrap();
-    agent.wait_synced(Duration::from_secs(120)).unwrap();
+    let (ps, agent) = start_pair(root.path(), &[("root", DISK)], "").unwrap();
     let sock = agent.disks[0].2.clone();
     let mut nbd = NbdClient::connect(&sock, "root").unwrap();
     let mut rng = Rng(77);

@@ -16,6 +16,8 @@ use lifeboat_agent::control::{self, Request};
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
+    #[command(flatten)]
+    log: lifeboat_common::LogArgs,
 }
 
 #[derive(Subcommand)]
@@ -56,7 +58,8 @@ enum Cmd {
 fn main() {
     lifeboat_common::restrict_umask();
     lifeboat_common::tune_allocator();
-    lifeboat_common::init_logging("info");
+    let cli = Cli::parse();
+    lifeboat_common::init_logging("info", cli.log.log_format);
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -64,28 +67,30 @@ fn main() {
             std::process::exit(1);
         }
     };
-    if let Err(e) = rt.block_on(real_main()) {
+    if let Err(e) = rt.block_on(real_main(cli)) {
         eprintln!("lifeboat-agent: error: {e:#}");
         std::process::exit(1);
     }
 }
 
-async fn real_main() -> Result<()> {
-    match Cli::parse().cmd {
+async fn real_main(cli: Cli) -> Result<()> {
+    match cli.cmd {
         Cmd::Run { config } => {
             let cfg = AgentConfig::load(&config)?;
             let shutdown = tokio_util::sync::CancellationToken::new();
             let s = shutdown.clone();
             let mut term =
                 tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-            tokio::spawn(async move {
+            lifeboat_common::spawn(async move {
                 tokio::select! {
                     _ = tokio::signal::ctrl_c() => {}
                     _ = term.recv() => {}
                 }
                 s.cancel();
             });
-            lifeboat_agent::run(cfg, shutdown).await
+            // Every event of the run carries the machine's id.
+            let span = tracing::info_span!("agent", machine = %cfg.machine);
+            tracing::Instrument::instrument(lifeboat_agent::run(cfg, shutdown), span).await
         }
         Cmd::Tag { config, label, app } => {
             let cfg = AgentConfig::load(&config)?;

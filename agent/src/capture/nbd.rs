@@ -54,6 +54,7 @@
 //! Shutdown: the listener stops accepting, each connection stops reading requests,
 //! in-flight requests complete and their replies are sent, then the socket closes.
 
+use lifeboat_common::SpawnHere;
 use std::collections::BTreeMap;
 use std::io;
 use std::net::SocketAddr;
@@ -296,7 +297,7 @@ async fn accept_loop<B: BlockBackend, L: Listener>(
         match accepted {
             Ok((r, w, peer)) => {
                 let (exports, cancel) = (exports.clone(), shutdown.clone());
-                conns.spawn(async move {
+                conns.spawn_here(async move {
                     if let Err(e) = serve_split(r, w, exports, cancel).await {
                         tracing::warn!(%peer, error = %e, "NBD connection ended with an error");
                     }
@@ -619,7 +620,7 @@ where
     let (tx, rx) = mpsc::channel::<Reply>(MAX_IN_FLIGHT);
     // Cancelled by shutdown, or by the writer when the client stops reading.
     let stop = shutdown.child_token();
-    let writer = tokio::spawn(write_replies(w, rx, stop.clone()));
+    let writer = lifeboat_common::spawn(write_replies(w, rx, stop.clone()));
     let read = read_requests(&mut r, &backend, tx, &stop).await;
     // Every in-flight request holds a sender; the writer ends after the last reply.
     let written = writer
@@ -814,7 +815,7 @@ where
             }
             Ok(cmd) => {
                 let (backend, tx) = (backend.clone(), tx.clone());
-                tokio::spawn(async move {
+                lifeboat_common::spawn(async move {
                     let reply = execute(&*backend, cmd, offset, cookie, permits).await;
                     // The writer has gone only if the client went away.
                     let _ = tx.send(reply).await;

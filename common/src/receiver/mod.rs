@@ -190,6 +190,9 @@ where
         return Err(e);
     }
     let machine = hello.machine.clone();
+    // The connection's span (if its caller made one with an empty
+    // `machine` field) names the machine from here on.
+    tracing::Span::current().record("machine", machine.as_str());
     let (inject, inject_rx) = mpsc::channel(INJECT_QUEUE_DEPTH);
     let ctl = Arc::new(SessionCtl {
         machine: machine.clone(),
@@ -414,7 +417,7 @@ where
     let queue_bytes = Arc::new(tokio::sync::Semaphore::new(PERSIST_QUEUE_BYTES));
     let (reply_tx, mut reply_rx) = mpsc::channel::<Frame>(REPLY_QUEUE_DEPTH);
 
-    let writer = tokio::spawn(async move {
+    let writer = crate::spawn(async move {
         loop {
             // Replies end the writer when every sender is gone; injected frames
             // (their sender lives in the session slot) never do.

@@ -19,6 +19,8 @@ use lifeboat_mt::materialize::{self, PointSpec};
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
+    #[command(flatten)]
+    log: lifeboat_common::LogArgs,
 }
 
 #[derive(Args)]
@@ -175,7 +177,8 @@ fn main() {
         libc::umask(0o077);
     }
     lifeboat_common::tune_allocator();
-    lifeboat_common::init_logging("warn");
+    let cli = Cli::parse();
+    lifeboat_common::init_logging("warn", cli.log.log_format);
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -183,15 +186,15 @@ fn main() {
             std::process::exit(1);
         }
     };
-    if let Err(e) = rt.block_on(real_main()) {
+    if let Err(e) = rt.block_on(real_main(cli)) {
         eprintln!("lifeboat-mt: error: {e:#}");
         std::process::exit(1);
     }
 }
 
-async fn real_main() -> Result<()> {
+async fn real_main(cli: Cli) -> Result<()> {
     lifeboat_common::tls::install_crypto_provider();
-    match Cli::parse().cmd {
+    match cli.cmd {
         Cmd::Points {
             store,
             group: Some(group),
@@ -540,21 +543,20 @@ async fn failover_machine(
         }
     };
     let checksums = if check {
-        eprintln!("comparing the images with the checksums recorded at the point");
         let images: Vec<_> = report
             .disks
             .iter()
             .map(|d| (d.id.clone(), d.path.clone(), d.size))
             .collect();
-        let is_point = inv.points.iter().any(|p| p.seq == report.seq);
+        let points: Vec<u64> = inv.points.iter().map(|p| p.seq).collect();
         Some(
             lifeboat_mt::sums::check_images(
                 store,
                 &keys,
                 machine,
                 &inv.fences,
+                &points,
                 report.seq,
-                is_point,
                 &images,
             )
             .await?,

@@ -12,6 +12,8 @@ use lifeboat_ps::pki;
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
+    #[command(flatten)]
+    log: lifeboat_common::LogArgs,
 }
 
 #[derive(Subcommand)]
@@ -83,15 +85,16 @@ fn main() {
         libc::umask(0o077);
     }
     lifeboat_common::tune_allocator();
-    lifeboat_common::init_logging("info");
-    if let Err(e) = real_main() {
+    let cli = Cli::parse();
+    lifeboat_common::init_logging("info", cli.log.log_format);
+    if let Err(e) = real_main(cli) {
         eprintln!("lifeboat-ps: error: {e:#}");
         std::process::exit(1);
     }
 }
 
-fn real_main() -> Result<()> {
-    match Cli::parse().cmd {
+fn real_main(cli: Cli) -> Result<()> {
+    match cli.cmd {
         Cmd::Init {
             dir,
             machine,
@@ -171,7 +174,7 @@ fn real_main() -> Result<()> {
             rt.block_on(async {
                 let shutdown = tokio_util::sync::CancellationToken::new();
                 let s = shutdown.clone();
-                tokio::spawn(async move {
+                lifeboat_common::spawn(async move {
                     let mut term =
                         tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
                             .expect("installing a SIGTERM handler");
