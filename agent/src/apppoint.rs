@@ -24,6 +24,13 @@
 //! - a failed attempt places no tag, and says which step failed and why:
 //!   WARN in the log, `app-points.last-failure` in status, the control reply;
 //! - one attempt at a time; crash-consistent tags never wait for one.
+//!
+//! [`AppPoints::quiesce`] (checks, pre-freeze, freeze — each step bounded,
+//! all by an optional deadline) returns a [`Quiesced`] that holds the one
+//! attempt; [`Quiesced::end`] thaws, then runs the post-thaw scripts, on a
+//! thread of its own. The single-machine sequence is quiesce → tag → end;
+//! an app-consistent group point (`grouppoint.rs`) is quiesce → the group's
+//! write hold → tag → release of the hold → end.
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
