@@ -24,6 +24,13 @@
 //! - a failed attempt places no tag, and says which step failed and why:
 //!   WARN in the log, `app-points.last-failure` in status, the control reply;
 //! - one attempt at a time; crash-consistent tags never wait for one.
+//!
+//! [`AppPoints::quiesce`] (checks, pre-freeze, freeze — each step bounded,
+//! all by an optional deadline) returns a [`Quiesced`] that holds the one
+//! attempt; [`Quiesced::end`] thaws, then runs the post-thaw scripts, on a
+//! thread of its own. The single-machine sequence is quiesce → tag → end;
+//! an app-consistent group point (`grouppoint.rs`) is quiesce → the group's
+//! write hold → tag → release of the hold → end.
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -96,12 +103,17 @@ pub struct AppPoints {
     cfg: AppConfig,
     make: MakeQuiescer,
     stream: Arc<Stream>,
-    busy: tokio::sync::Mutex<()>,
-    status: Mutex<AppStatus>,
+    /// Held by the attempt under way (a [`Quiesced`] carries it).
+    busy: Arc<tokio::sync::Mutex<()>>,
+    status: Arc<Mutex<AppStatus>>,
 }
 
 fn now_rfc3339() -> String {
     chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+fn lock(status: &Mutex<AppStatus>) -> std::sync::MutexGuard<'_, AppStatus> {
+    status.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Runs `f` on a thread of its own and waits for it at most `bound`. A panic
@@ -164,7 +176,7 @@ fn watchdog(q: Arc<dyn Quiescer>, after: Duration) -> std::sync::mpsc::Sender<()
                 Ok(()) => {} // the sequence thawed
                 Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
                     warn!(
-                        "filesystems frozen for {}: thawing (freeze-timeout + freeze-hold)",
+                        "filesystems frozen for {}: thawing (their bound)",
                         humantime::format_duration(after)
                     );
                     let _ = q.thaw();
@@ -176,6 +188,118 @@ fn watchdog(q: Arc<dyn Quiescer>, after: Duration) -> std::sync::mpsc::Sender<()
             }
         });
     tx
+}
+
+/// What ending a quiesced attempt gave: the thaw's and the post-thaw
+/// scripts' outcome.
+pub struct Ended {
+    pub thawed: Result<(), String>,
+    pub finished: Result<(), String>,
+}
+
+impl Ended {
+    /// A thaw or post-thaw failure, as a warning of a point placed anyway.
+    pub fn warning(&self) -> Option<String> {
+        match (&self.thawed, &self.finished) {
+            (Err(e), _) => Some(format!("thawing: {e}")),
+            (Ok(()), Err(e)) => Some(format!("post-thaw: {e}")),
+            (Ok(()), Ok(())) => None,
+        }
+    }
+}
+
+/// A machine quiesced for a point (pre-freeze scripts run, filesystems
+/// frozen), holding the one attempt there may be. [`Quiesced::end`] thaws,
+/// then runs the post-thaw scripts, on a thread of its own; dropped without
+/// `end`, the guard thaws at once; whatever happens, the watchdog thaws at
+/// the bound given to [`AppPoints::quiesce`].
+pub struct Quiesced {
+    q: Arc<dyn Quiescer>,
+    source: TagSource,
+    guard: ThawGuard,
+    watchdog: std::sync::mpsc::Sender<()>,
+    finish_bound: Duration,
+    status: Arc<Mutex<AppStatus>>,
+    busy: tokio::sync::OwnedMutexGuard<()>,
+}
+
+impl Quiesced {
+    pub fn source(&self) -> TagSource {
+        self.source
+    }
+
+    /// Thaws, then runs the post-thaw scripts, on a thread of its own (FITHAW
+    /// may write, e.g. ext4's superblock, and that write may need this
+    /// agent's write gate: never call this under a write hold you wait on).
+    /// The receiver gets the outcome; the thread ends the attempt.
+    pub fn end(
+        self,
+    ) -> (
+        std::thread::JoinHandle<()>,
+        tokio::sync::oneshot::Receiver<Ended>,
+    ) {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let Quiesced {
+            q,
+            mut guard,
+            watchdog,
+            finish_bound,
+            status,
+            busy,
+            ..
+        } = self;
+        let run = move || {
+            let step = |s| lock(&status).running = s;
+            step(Some("thaw"));
+            let thawed = catch(|| q.thaw());
+            guard.disarm();
+            let _ = watchdog.send(());
+            step(Some("finish"));
+            let started = std::time::Instant::now();
+            let mut finished = catch(|| q.finish());
+            if finished.is_ok() && started.elapsed() > finish_bound {
+                finished = Err(format!(
+                    "took {} (bound {})",
+                    humantime::format_duration(started.elapsed()),
+                    humantime::format_duration(finish_bound)
+                ));
+            }
+            if let Err(e) = &finished {
+                warn!("post-thaw: {e}");
+            }
+            step(None);
+            drop(busy);
+            let _ = tx.send(Ended { thawed, finished });
+        };
+        let handle = std::thread::Builder::new()
+            .name("app-thaw".into())
+            .spawn(run)
+            .unwrap_or_else(|e| {
+                // No thread: the dropped guard thaws and the watchdog too.
+                warn!("starting the thaw thread: {e}");
+                std::thread::spawn(|| {})
+            });
+        (handle, rx)
+    }
+}
+
+/// `f`, a panic made an error.
+fn catch(f: impl FnOnce() -> Result<(), QuiesceError>) -> Result<(), String> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(r) => r.map_err(|e| e.to_string()),
+        Err(_) => Err("panicked".into()),
+    }
+}
+
+/// `bound`, or less when `deadline` comes first (then also saying so).
+fn within(bound: Duration, deadline: Option<tokio::time::Instant>) -> (Duration, bool) {
+    match deadline {
+        Some(d) if d.saturating_duration_since(tokio::time::Instant::now()) < bound => (
+            d.saturating_duration_since(tokio::time::Instant::now()),
+            true,
+        ),
+        _ => (bound, false),
+    }
 }
 
 impl AppPoints {
@@ -212,8 +336,8 @@ impl AppPoints {
             cfg,
             make,
             stream,
-            busy: tokio::sync::Mutex::new(()),
-            status: Mutex::new(status),
+            busy: Arc::new(tokio::sync::Mutex::new(())),
+            status: Arc::new(Mutex::new(status)),
         }
     }
 
@@ -222,137 +346,176 @@ impl AppPoints {
     }
 
     fn lock_status(&self) -> std::sync::MutexGuard<'_, AppStatus> {
-        self.status.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.status)
     }
 
     fn step(&self, step: Option<&'static str>) {
         self.lock_status().running = step;
     }
 
+    /// Records a placed point (and a warning that came with it) in status.
+    pub fn placed(&self, p: &AppPoint) {
+        info!(
+            seq = p.seq,
+            "app-consistent point placed ({}){}",
+            p.source.as_str(),
+            p.warning
+                .as_ref()
+                .map(|w| format!("; but {w}"))
+                .unwrap_or_default()
+        );
+        let mut s = self.lock_status();
+        s.last_point = Some(p.clone());
+        if let Some(w) = &p.warning {
+            s.last_failure = Some(Failure {
+                time: now_rfc3339(),
+                error: w.clone(),
+            });
+        }
+    }
+
+    /// Records a failed attempt in the log and status.
+    pub fn failed(&self, e: &AppPointError) {
+        warn!("app-consistent point not taken: {e}");
+        self.lock_status().last_failure = Some(Failure {
+            time: now_rfc3339(),
+            error: e.to_string(),
+        });
+    }
+
     /// Takes one app-consistent point: the whole sequence, every step bounded.
     pub async fn take(&self, label: &str) -> Result<AppPoint, AppPointError> {
-        if !self.cfg.configured() {
-            return Err(AppPointError::NotConfigured);
-        }
-        let _busy = self.busy.try_lock().map_err(|_| AppPointError::Busy)?;
         let r = self.sequence(label).await;
         self.step(None);
         match &r {
-            Ok(p) => {
-                info!(
-                    seq = p.seq,
-                    "app-consistent point placed ({}){}",
-                    p.source.as_str(),
-                    p.warning
-                        .as_ref()
-                        .map(|w| format!("; but {w}"))
-                        .unwrap_or_default()
-                );
-                let mut s = self.lock_status();
-                s.last_point = Some(p.clone());
-                if let Some(w) = &p.warning {
-                    s.last_failure = Some(Failure {
-                        time: now_rfc3339(),
-                        error: w.clone(),
-                    });
-                }
-            }
-            Err(e) => {
-                warn!("app-consistent point not taken: {e}");
-                self.lock_status().last_failure = Some(Failure {
-                    time: now_rfc3339(),
-                    error: e.to_string(),
-                });
-            }
+            Ok(p) => self.placed(p),
+            Err(e) => self.failed(e),
         }
         r
     }
 
     async fn sequence(&self, label: &str) -> Result<AppPoint, AppPointError> {
+        let cfg = &self.cfg;
+        let quiesced = self.quiesce(label, None, cfg.freeze_hold).await?;
+        let source = quiesced.source();
+        self.step(Some("tag"));
+        let tag = match tokio::time::timeout(
+            cfg.freeze_hold,
+            self.stream.tag(TagKind::App, Some(source), label),
+        )
+        .await
+        {
+            Ok(Some(seq)) => Ok(seq),
+            Ok(None) => Err(AppPointError::Inconsistent(
+                self.stream
+                    .why_inconsistent()
+                    .unwrap_or_else(|| "the state changed while writes drained".into()),
+            )),
+            Err(_) => Err(AppPointError::Failed {
+                step: "tag",
+                why: format!(
+                    "in-flight writes did not drain within {} (freeze-hold)",
+                    humantime::format_duration(cfg.freeze_hold)
+                ),
+            }),
+        };
+        let ended = self.end(quiesced).await;
+        let seq = tag?;
+        Ok(AppPoint {
+            seq,
+            source,
+            label: label.to_string(),
+            time: now_rfc3339(),
+            warning: ended.warning(),
+        })
+    }
+
+    /// Ends `q` and waits for its thaw and post-thaw scripts, bounded.
+    async fn end(&self, q: Quiesced) -> Ended {
+        let bound = THAW_TIMEOUT + q.finish_bound;
+        let (_thread, rx) = q.end();
+        match tokio::time::timeout(bound, rx).await {
+            Ok(Ok(ended)) => ended,
+            _ => Ended {
+                thawed: Ok(()),
+                finished: Err(format!(
+                    "thaw and post-thaw did not finish within {}",
+                    humantime::format_duration(bound)
+                )),
+            },
+        }
+    }
+
+    /// Quiesces the machine for a point: checks (configured, one attempt,
+    /// streaming), the pre-freeze scripts, the freeze — each step bounded by
+    /// its own bound, and all by `deadline` if one is given. Once frozen,
+    /// the watchdog thaws at freeze-timeout + `hold` whatever happens. A
+    /// failed step is thawed and its post-thaw scripts run before the error
+    /// returns (it names the step).
+    pub async fn quiesce(
+        &self,
+        label: &str,
+        deadline: Option<tokio::time::Instant>,
+        hold: Duration,
+    ) -> Result<Quiesced, AppPointError> {
+        if !self.cfg.configured() {
+            return Err(AppPointError::NotConfigured);
+        }
+        let busy = self
+            .busy
+            .clone()
+            .try_lock_owned()
+            .map_err(|_| AppPointError::Busy)?;
         if let Some(why) = self.stream.why_inconsistent() {
             return Err(AppPointError::Inconsistent(why));
         }
         let cfg = &self.cfg;
         let q = (self.make)(label);
         let source = q.source();
-        let failed = |step, why| AppPointError::Failed { step, why };
+        let failed = |step, (why, by_deadline): (String, bool)| AppPointError::Failed {
+            step,
+            why: if by_deadline {
+                format!("{why} (the group's quiesce-timeout)")
+            } else {
+                why
+            },
+        };
+        let finish_bound = cfg.script_timeout * (cfg.post_thaw.len() as u32) + SCRIPTS_SLACK;
 
         self.step(Some("prepare"));
-        let scripts_bound = cfg.script_timeout * (cfg.pre_freeze.len() as u32) + SCRIPTS_SLACK;
+        let (bound, by_deadline) = within(
+            cfg.script_timeout * (cfg.pre_freeze.len() as u32) + SCRIPTS_SLACK,
+            deadline,
+        );
         let qq = q.clone();
-        if let Err(why) = bounded("pre-freeze", scripts_bound, move || qq.prepare()).await {
-            let _ = self.finish(&q).await; // logged by finish
-            return Err(failed("pre-freeze", why));
-        }
+        let prepared = bounded("pre-freeze", bound, move || qq.prepare()).await;
 
-        // The previous point's checksums before anything is frozen: the
-        // tag below must not wait for them (`pointsum.rs`).
-        self.stream.wait_point_sums().await;
-        // From here on every path thaws.
-        self.step(Some("freeze"));
-        let mut guard = ThawGuard(Some(q.clone()));
-        let watchdog = watchdog(q.clone(), cfg.freeze_timeout + cfg.freeze_hold);
-        let qq = q.clone();
-        let frozen = bounded("freeze", cfg.freeze_timeout, move || qq.freeze()).await;
-        let tag = match frozen {
-            Err(why) => Err(failed("freeze", why)),
-            Ok(()) => {
-                self.step(Some("tag"));
-                match tokio::time::timeout(
-                    cfg.freeze_hold,
-                    self.stream.tag(TagKind::App, Some(source), label),
-                )
-                .await
-                {
-                    Ok(Some(seq)) => Ok(seq),
-                    Ok(None) => Err(AppPointError::Inconsistent(
-                        self.stream
-                            .why_inconsistent()
-                            .unwrap_or_else(|| "the state changed while writes drained".into()),
-                    )),
-                    Err(_) => Err(failed(
-                        "tag",
-                        format!(
-                            "in-flight writes did not drain within {} (freeze-hold)",
-                            humantime::format_duration(cfg.freeze_hold)
-                        ),
-                    )),
-                }
-            }
-        };
-
-        self.step(Some("thaw"));
-        let qq = q.clone();
-        let thawed = bounded("thaw", THAW_TIMEOUT, move || qq.thaw()).await;
-        guard.disarm();
-        let _ = watchdog.send(());
-        let finished = self.finish(&q).await;
-
-        let seq = tag?;
-        let warning = match (thawed, finished) {
-            (Err(e), _) => Some(format!("thawing: {e}")),
-            (Ok(()), Err(e)) => Some(format!("post-thaw: {e}")),
-            (Ok(()), Ok(())) => None,
-        };
-        Ok(AppPoint {
-            seq,
+        // From here on every path thaws (a thaw before a freeze is harmless).
+        let quiesced = Quiesced {
+            q: q.clone(),
             source,
-            label: label.to_string(),
-            time: now_rfc3339(),
-            warning,
-        })
-    }
-
-    /// The post-thaw scripts, bounded; a failure is logged and returned.
-    async fn finish(&self, q: &Arc<dyn Quiescer>) -> Result<(), String> {
-        self.step(Some("finish"));
-        let bound = self.cfg.script_timeout * (self.cfg.post_thaw.len() as u32) + SCRIPTS_SLACK;
-        let qq = q.clone();
-        let r = bounded("post-thaw", bound, move || qq.finish()).await;
-        if let Err(e) = &r {
-            warn!("post-thaw: {e}");
+            guard: ThawGuard(Some(q.clone())),
+            watchdog: watchdog(q.clone(), cfg.freeze_timeout + hold),
+            finish_bound,
+            status: self.status.clone(),
+            busy,
+        };
+        if let Err(why) = prepared {
+            self.end(quiesced).await;
+            return Err(failed("pre-freeze", (why, by_deadline)));
         }
-        r
+        // The previous point's checksums before anything is frozen: the tag
+        // placed while frozen must not wait for them (`pointsum.rs`).
+        self.stream.wait_point_sums().await;
+        self.step(Some("freeze"));
+        let (bound, by_deadline) = within(cfg.freeze_timeout, deadline);
+        let qq = q.clone();
+        if let Err(why) = bounded("freeze", bound, move || qq.freeze()).await {
+            self.end(quiesced).await;
+            return Err(failed("freeze", (why, by_deadline)));
+        }
+        self.step(Some("frozen"));
+        Ok(quiesced)
     }
 
     /// Takes a point every `interval` until cancelled (nothing when no

@@ -21,6 +21,9 @@ use crate::journal::Journal;
 use crate::sender::{self, Link, SenderConfig};
 use crate::stream::Stream;
 
+/// How long shutdown waits for a group point's thaw and post-thaw scripts.
+const THAW_AT_SHUTDOWN: std::time::Duration = std::time::Duration::from_secs(30);
+
 pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<()> {
     tls::install_crypto_provider();
     std::fs::create_dir_all(&cfg.state_dir)
@@ -118,6 +121,16 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<()> {
     if disks.iter().any(|d| d.dirty.dirty_count() > 0) {
         stream.enter_resync("the agent did not stop cleanly: resending the regions it was writing");
     }
+    // The agent's own files: their filesystems are never frozen.
+    let keep_writable = std::iter::once(cfg.state_dir.clone())
+        .chain(cfg.disks.iter().map(|d| d.path.clone()))
+        .collect();
+    let app = Arc::new(crate::apppoint::AppPoints::new(
+        cfg.app.clone(),
+        stream.clone(),
+        keep_writable,
+    ));
+    let groups = Arc::new(crate::grouppoint::GroupHold::new(app.clone()));
     let cancel = shutdown.child_token();
     let link = Arc::new(Link::default());
     let mut tasks = tokio::task::JoinSet::new();
@@ -131,7 +144,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<()> {
             protected: disks.clone(),
             checksum: checksum.clone(),
             stream_id,
-            groups: Arc::new(crate::grouppoint::GroupHold::default()),
+            groups: groups.clone(),
         },
         stream.clone(),
         link.clone(),
@@ -195,15 +208,6 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<()> {
         }));
     }
 
-    // The agent's own files: their filesystems are never frozen.
-    let keep_writable = std::iter::once(cfg.state_dir.clone())
-        .chain(cfg.disks.iter().map(|d| d.path.clone()))
-        .collect();
-    let app = Arc::new(crate::apppoint::AppPoints::new(
-        cfg.app.clone(),
-        stream.clone(),
-        keep_writable,
-    ));
     tasks.spawn_here(app.clone().schedule(cancel.clone()));
     let control = Arc::new(Control {
         machine: cfg.machine.clone(),
@@ -289,6 +293,9 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<()> {
     cancel.cancelled().await;
     info!("shutting down");
     while tasks.join_next().await.is_some() {}
+    // The session's end released any group hold and began a thaw.
+    groups.release(None, "the agent is shutting down");
+    groups.wait_thawed(THAW_AT_SHUTDOWN).await;
     let mut synced = stream.sync_journal().await;
     // The disks too: the marker says nothing needs resending, which holds
     // only if the source keeps every write the journal holds.

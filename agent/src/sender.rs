@@ -13,8 +13,9 @@
 //! no initial sync runs (a failed run is retried after a growing pause). It is aborted when the session ends; its persisted
 //! plan makes the next session resume it.
 //!
-//! Group frames (prepare, commit, release) go to the machine's group hold
-//! (`grouppoint.rs`); a hold still in place when the session ends is released.
+//! Group frames (quiesce, prepare, commit, release) go to the machine's group
+//! hold (`grouppoint.rs`); a hold still in place when the session ends is
+//! released, and a quiesce thawed.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -331,6 +332,27 @@ async fn session(
                             }
                         };
                         let _ = tx.send(Frame::GroupPrepared { id, error }).await;
+                    });
+                }
+                Some(Frame::GroupQuiesce {
+                    id,
+                    quiesce_ms,
+                    hold_ms,
+                    group,
+                }) => {
+                    // Scripts and the freeze take a while: acks go on meanwhile.
+                    let (groups, tx) = (cfg.groups.clone(), ctl_tx.clone());
+                    tokio::spawn(async move {
+                        let bound = Duration::from_millis(quiesce_ms.into());
+                        let hold = Duration::from_millis(hold_ms.into());
+                        let (source, error) = match groups.quiesce(id, &group, bound, hold).await {
+                            Ok(source) => (Some(source), String::new()),
+                            Err(e) => {
+                                warn!("group point {id} of {group}: cannot quiesce: {e}");
+                                (None, e)
+                            }
+                        };
+                        let _ = tx.send(Frame::GroupQuiesced { id, source, error }).await;
                     });
                 }
                 Some(Frame::GroupCommit { id, label }) => {

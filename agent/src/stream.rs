@@ -235,6 +235,7 @@ impl Stream {
         &self,
         _hold: &OwnedRwLockWriteGuard<()>,
         kind: TagKind,
+        source: Option<TagSource>,
         label: &str,
     ) -> Option<u64> {
         let r = self.repl();
@@ -243,7 +244,7 @@ impl Stream {
         }
         let seq = self.capture(Op::Tag {
             kind,
-            source: None,
+            source,
             time_ms: lifeboat_common::now_ms(),
             label: label.to_string(),
         });

@@ -11,7 +11,11 @@
 //!                                              last: names the members
 //! ```
 //!
-//! Both are JSON (`format` 1). The index only says where to look: a reader
+//! Both are JSON (`format` 1). A record says its `kind`: `crash` (absent in
+//! records written before app-consistent group points, and still left out
+//! for crash points, so they read as before) or `app` (every member
+//! quiesced inside the hold, each member's `source` saying how: fsfreeze,
+//! script, vss). The index only says where to look: a reader
 //! (failover) opens every member's signed copy and uses the point only when
 //! all exist, authenticate and agree; the member list it trusts is the one
 //! the signed copies carry. An attempt that timed out or failed has no index
@@ -24,6 +28,7 @@ use serde::{Deserialize, Serialize};
 use crate::catalogue::{
     format_time_ms, open_record, open_record_unverified, CatalogueError, CatalogueKey,
 };
+use crate::protocol::TagSource;
 use crate::store::Store;
 
 pub const GROUP_FORMAT: u32 = 1;
@@ -38,12 +43,39 @@ pub fn index_object(group: &str, id: u64) -> String {
     format!("groups/{group}/{id:016x}.json")
 }
 
-/// One member's place in a group point: its group tag's seq.
+/// What a group point is consistent for.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum GroupKind {
+    /// Every member's writes held at one moment (its tag is a `group` tag).
+    #[default]
+    Crash,
+    /// Every member quiesced, then held at one moment (its tag is an `app`
+    /// tag with the member's source).
+    App,
+}
+
+impl GroupKind {
+    pub fn is_crash(&self) -> bool {
+        *self == GroupKind::Crash
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GroupKind::Crash => "crash",
+            GroupKind::App => "app",
+        }
+    }
+}
+
+/// One member's place in a group point: its group tag's seq (and, for an
+/// app-consistent point, how the member quiesced).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct GroupMember {
     pub machine: String,
     pub seq: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<TagSource>,
 }
 
 /// A group point: each member's seq of the tag placed under the common hold.
@@ -56,6 +88,8 @@ pub struct GroupRecord {
     pub time_ms: u64,
     pub time: String,
     pub label: String,
+    #[serde(default, skip_serializing_if = "GroupKind::is_crash")]
+    pub kind: GroupKind,
     /// Sorted by machine.
     pub members: Vec<GroupMember>,
 }
@@ -66,6 +100,7 @@ impl GroupRecord {
         id: u64,
         time_ms: u64,
         label: &str,
+        kind: GroupKind,
         mut members: Vec<GroupMember>,
     ) -> GroupRecord {
         members.sort_by(|a, b| a.machine.cmp(&b.machine));
@@ -76,6 +111,7 @@ impl GroupRecord {
             time_ms,
             time: format_time_ms(time_ms),
             label: label.to_string(),
+            kind,
             members,
         }
     }
@@ -251,14 +287,17 @@ mod tests {
             1,
             0,
             "l",
+            GroupKind::Crash,
             vec![
                 GroupMember {
                     machine: "b".into(),
                     seq: 2,
+                    source: None,
                 },
                 GroupMember {
                     machine: "a".into(),
                     seq: 9,
+                    source: None,
                 },
             ],
         );
@@ -267,5 +306,28 @@ mod tests {
         assert_eq!(r.seq_of("c"), None);
         let back: GroupRecord = serde_json::from_str(&serde_json::to_string(&r).unwrap()).unwrap();
         assert_eq!(back, r);
+    }
+
+    /// A record written before app-consistent group points (no kind, no
+    /// sources) reads as a crash point, and a crash point is still written
+    /// without them; an app point keeps its kind and sources.
+    #[test]
+    fn old_records_read_as_crash_and_app_records_round_trip() {
+        let old = r#"{"format":1,"group":"g","id":5,"time-ms":0,"time":"1970-01-01T00:00:00.000Z","label":"g:5","members":[{"machine":"a","seq":3},{"machine":"b","seq":4}]}"#;
+        let r: GroupRecord = serde_json::from_str(old).unwrap();
+        assert_eq!(r.kind, GroupKind::Crash);
+        assert!(r.members.iter().all(|m| m.source.is_none()));
+        assert_eq!(serde_json::to_string(&r).unwrap(), old);
+        let mut app = r.clone();
+        app.kind = GroupKind::App;
+        app.members[0].source = Some(TagSource::Fsfreeze);
+        app.members[1].source = Some(TagSource::Vss);
+        let text = serde_json::to_string(&app).unwrap();
+        assert!(
+            text.contains(r#""kind":"app""#) && text.contains(r#""source":"vss""#),
+            "{text}"
+        );
+        let back: GroupRecord = serde_json::from_str(&text).unwrap();
+        assert_eq!(back, app);
     }
 }

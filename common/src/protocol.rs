@@ -11,7 +11,7 @@
 //!                      13 resync-done,
 //!                      consistency groups (protocol 5): 14 group-prepare,
 //!                      15 group-prepared, 16 group-commit, 17 group-committed,
-//!                      18 group-release
+//!                      18 group-release, 19 group-quiesce, 20 group-quiesced
 //! 5      n    body
 //! 5      n    body
 //! ```
@@ -70,8 +70,23 @@
 //!                 (place the group tag under the hold, then release it)
 //! group-committed (agent → receiver) id u64 | seq u64 | error str16
 //!                 (seq of the tag; 0 and an error when none was placed)
-//! group-release   (receiver → agent) id u64  (end the hold of `id`, if any)
+//! group-release   (receiver → agent) id u64  (end the hold of `id`, if any,
+//!                 then thaw what a group-quiesce of `id` froze)
+//! group-quiesce   (receiver → agent) id u64 | quiesce_ms u32 | hold_ms u32
+//!                 | group str16
+//!                 (an app-consistent group point, before its group-prepare:
+//!                 quiesce with the agent's own [app] quiescer — pre-freeze
+//!                 scripts, freeze — within quiesce_ms; stay quiesced until the
+//!                 commit or release of `id`, at most quiesce_ms + hold_ms)
+//! group-quiesced  (agent → receiver) id u64 | source u8 | error str16
+//!                 (source as in op=6, 0 with an error; error "" = quiesced)
 //! ```
+//!
+//! A commit of a quiesced `id` places an `app` tag with that source (op=6)
+//! instead of a `group` tag. Frames 19–20 came with app-consistent group
+//! points, still at protocol 5 (before any release): an agent of an earlier
+//! protocol-5 build ends its session on a group-quiesce, and the app group
+//! point fails naming it; crash group points are unchanged.
 //!
 //! Only a session negotiated at version 5 or later gets group frames; the
 //! group tag itself is an ordinary op=3 entry of kind group, so no stored
@@ -570,6 +585,18 @@ pub enum Frame {
     GroupRelease {
         id: u64,
     },
+    GroupQuiesce {
+        id: u64,
+        quiesce_ms: u32,
+        hold_ms: u32,
+        group: String,
+    },
+    GroupQuiesced {
+        id: u64,
+        /// `None` with an error.
+        source: Option<TagSource>,
+        error: String,
+    },
 }
 
 fn too_many(what: &'static str, n: u64, limit: u64) -> Result<(), DecodeError> {
@@ -652,6 +679,8 @@ impl Frame {
             Frame::GroupCommit { .. } => 16,
             Frame::GroupCommitted { .. } => 17,
             Frame::GroupRelease { .. } => 18,
+            Frame::GroupQuiesce { .. } => 19,
+            Frame::GroupQuiesced { .. } => 20,
         }
     }
 
@@ -785,6 +814,22 @@ impl Frame {
                 out.put_str16(error);
             }
             Frame::GroupRelease { id } => out.put_u64(*id),
+            Frame::GroupQuiesce {
+                id,
+                quiesce_ms,
+                hold_ms,
+                group,
+            } => {
+                out.put_u64(*id);
+                out.put_u32(*quiesce_ms);
+                out.put_u32(*hold_ms);
+                out.put_str16(group);
+            }
+            Frame::GroupQuiesced { id, source, error } => {
+                out.put_u64(*id);
+                out.put_u8(source.map_or(0, TagSource::code));
+                out.put_str16(error);
+            }
         }
         let len = (out.len() - start - 4) as u32;
         out[start..start + 4].copy_from_slice(&len.to_be_bytes());
@@ -1000,6 +1045,20 @@ impl Frame {
             },
             18 => Frame::GroupRelease {
                 id: r.u64("group-release id")?,
+            },
+            19 => Frame::GroupQuiesce {
+                id: r.u64("group-quiesce id")?,
+                quiesce_ms: r.u32("group-quiesce bound")?,
+                hold_ms: r.u32("group-quiesce hold")?,
+                group: r.str16("group-quiesce group")?,
+            },
+            20 => Frame::GroupQuiesced {
+                id: r.u64("group-quiesced id")?,
+                source: match r.u8("group-quiesced source")? {
+                    0 => None,
+                    c => Some(TagSource::from_code(c)?),
+                },
+                error: r.str16("group-quiesced error")?,
             },
             other => {
                 return Err(DecodeError::Invalid {
@@ -1256,6 +1315,22 @@ mod tests {
                 error: "e".into(),
             },
             Frame::GroupRelease { id: 7 },
+            Frame::GroupQuiesce {
+                id: 7,
+                quiesce_ms: 60_000,
+                hold_ms: 10_000,
+                group: "g".into(),
+            },
+            Frame::GroupQuiesced {
+                id: 7,
+                source: Some(TagSource::Vss),
+                error: String::new(),
+            },
+            Frame::GroupQuiesced {
+                id: 7,
+                source: None,
+                error: "e".into(),
+            },
         ];
         for f in &frames {
             round_trip(f.clone());
@@ -1276,6 +1351,9 @@ mod tests {
                 "0000000c10000000000000000700016c",
                 "00000014110000000000000007000000000000002a000165",
                 "00000009120000000000000007",
+                "000000141300000000000000070000ea6000002710000167",
+                "0000000c140000000000000007030000",
+                "0000000d14000000000000000700000165",
             ]
         );
     }

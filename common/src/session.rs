@@ -363,9 +363,10 @@ impl ReceiverState {
             f @ (Frame::RegionHashes { .. } | Frame::BlockHashes { .. } | Frame::ResyncDone(_)) => {
                 return Ok(Action::Resync(f))
             }
-            f @ (Frame::GroupPrepared { .. } | Frame::GroupCommitted { .. }) => {
-                return Ok(Action::Group(f))
-            }
+            f @ (Frame::GroupPrepared { .. }
+            | Frame::GroupCommitted { .. }
+            | Frame::GroupQuiesced { .. }) => return Ok(Action::Group(f)),
+            Frame::GroupQuiesce { .. } => return Err(SessionError::Unexpected("group-quiesce")),
             Frame::GroupPrepare { .. } => return Err(SessionError::Unexpected("group-prepare")),
             Frame::GroupCommit { .. } => return Err(SessionError::Unexpected("group-commit")),
             Frame::GroupRelease { .. } => return Err(SessionError::Unexpected("group-release")),

@@ -102,8 +102,48 @@ pub const DEFAULT_GROUP_HOLD_TIMEOUT: Duration = Duration::from_secs(10);
 /// The longest hold a group may configure (agents cap theirs at 60 s too).
 pub const MAX_GROUP_HOLD_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// App-consistent group points by default this often, between these bounds
+/// (as the agent's `[app] interval`), or `"off"`.
+pub const DEFAULT_GROUP_APP_INTERVAL: Duration = Duration::from_secs(4 * 3600);
+pub const MIN_GROUP_APP_INTERVAL: Duration = Duration::from_secs(3600);
+pub const MAX_GROUP_APP_INTERVAL: Duration = Duration::from_secs(12 * 3600);
+/// How long the members of an app-consistent group point may take to quiesce
+/// (pre-freeze scripts and freeze) by default, and at most. Its own bound:
+/// the write hold (`hold-timeout`) begins only once every member quiesced.
+pub const DEFAULT_GROUP_QUIESCE_TIMEOUT: Duration = Duration::from_secs(120);
+pub const MAX_GROUP_QUIESCE_TIMEOUT: Duration = Duration::from_secs(600);
+
 fn default_group_every() -> Duration {
     DEFAULT_GROUP_EVERY
+}
+fn default_group_app_interval() -> Option<Duration> {
+    Some(DEFAULT_GROUP_APP_INTERVAL)
+}
+fn default_group_quiesce_timeout() -> Duration {
+    DEFAULT_GROUP_QUIESCE_TIMEOUT
+}
+
+/// A duration, or `"off"` (`None`).
+mod duration_or_off {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::time::Duration;
+
+    pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            None => s.serialize_str("off"),
+            Some(d) => s.serialize_str(&humantime::format_duration(*d).to_string()),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        let text = String::deserialize(d)?;
+        if text == "off" {
+            return Ok(None);
+        }
+        humantime::parse_duration(&text)
+            .map(Some)
+            .map_err(|e| serde::de::Error::custom(format!("{text:?}: {e} (or \"off\")")))
+    }
 }
 fn default_group_hold_timeout() -> Duration {
     DEFAULT_GROUP_HOLD_TIMEOUT
@@ -124,6 +164,16 @@ pub struct GroupConfig {
     /// or every member is released and no group point is recorded.
     #[serde(default = "default_group_hold_timeout", with = "humantime_serde")]
     pub hold_timeout: Duration,
+    /// An app-consistent group point this often (every member quiesced
+    /// first, with its own `[app]` quiescer); `None` (`"off"`): only on
+    /// demand (`lifeboat-ps group-tag --app`).
+    #[serde(default = "default_group_app_interval", with = "duration_or_off")]
+    pub app_interval: Option<Duration>,
+    /// The bound of the quiesce of an app-consistent group point: every
+    /// member quiesced within it, or every member is thawed and no group
+    /// point is recorded.
+    #[serde(default = "default_group_quiesce_timeout", with = "humantime_serde")]
+    pub quiesce_timeout: Duration,
 }
 
 fn check_groups(groups: &[GroupConfig], path: &Path) -> Result<()> {
@@ -166,6 +216,23 @@ fn check_groups(groups: &[GroupConfig], path: &Path) -> Result<()> {
                 "hold-timeout must be between 100ms and {}, not {}",
                 d(MAX_GROUP_HOLD_TIMEOUT),
                 d(g.hold_timeout)
+            )));
+        }
+        if let Some(every) = g.app_interval {
+            if !(MIN_GROUP_APP_INTERVAL..=MAX_GROUP_APP_INTERVAL).contains(&every) {
+                return Err(bad(format!(
+                    "app-interval must be \"off\" or between 1h and 12h, not {}",
+                    d(every)
+                )));
+            }
+        }
+        if g.quiesce_timeout < Duration::from_secs(1)
+            || g.quiesce_timeout > MAX_GROUP_QUIESCE_TIMEOUT
+        {
+            return Err(bad(format!(
+                "quiesce-timeout must be between 1s and {}, not {}",
+                d(MAX_GROUP_QUIESCE_TIMEOUT),
+                d(g.quiesce_timeout)
             )));
         }
     }
@@ -409,6 +476,26 @@ mod tests {
         assert_eq!(cfg.group.len(), 1);
         assert_eq!(cfg.group[0].every, DEFAULT_GROUP_EVERY);
         assert_eq!(cfg.group[0].hold_timeout, DEFAULT_GROUP_HOLD_TIMEOUT);
+        assert_eq!(cfg.group[0].app_interval, Some(DEFAULT_GROUP_APP_INTERVAL));
+        assert_eq!(cfg.group[0].quiesce_timeout, DEFAULT_GROUP_QUIESCE_TIMEOUT);
+    }
+
+    #[test]
+    fn a_groups_app_interval_is_a_duration_or_off() {
+        let parse = |extra: &str| -> GroupConfig {
+            toml::from_str(&format!("name = \"g\"\nmachines = [\"a\", \"b\"]\n{extra}")).unwrap()
+        };
+        assert_eq!(parse("").app_interval, Some(DEFAULT_GROUP_APP_INTERVAL));
+        assert_eq!(parse("app-interval = \"off\"").app_interval, None);
+        assert_eq!(
+            parse("app-interval = \"2h\"").app_interval,
+            Some(Duration::from_secs(7200))
+        );
+        let e =
+            toml::from_str::<GroupConfig>("name = \"g\"\nmachines = []\napp-interval = \"never\"")
+                .unwrap_err()
+                .to_string();
+        assert!(e.contains("off"), "{e}");
     }
 
     #[test]
@@ -418,6 +505,8 @@ mod tests {
             machines: machines.iter().map(|m| m.to_string()).collect(),
             every: DEFAULT_GROUP_EVERY,
             hold_timeout: DEFAULT_GROUP_HOLD_TIMEOUT,
+            app_interval: Some(DEFAULT_GROUP_APP_INTERVAL),
+            quiesce_timeout: DEFAULT_GROUP_QUIESCE_TIMEOUT,
         };
         let p = Path::new("ps.toml");
         assert!(check_groups(&[g("db", &["a", "b"]), g("web", &["c", "d"])], p).is_ok());
@@ -439,6 +528,20 @@ mod tests {
                     ..g("db", &["a", "b"])
                 }],
                 "hold-timeout",
+            ),
+            (
+                vec![GroupConfig {
+                    app_interval: Some(Duration::from_secs(600)),
+                    ..g("db", &["a", "b"])
+                }],
+                "app-interval must be \"off\" or between 1h and 12h",
+            ),
+            (
+                vec![GroupConfig {
+                    quiesce_timeout: Duration::from_millis(10),
+                    ..g("db", &["a", "b"])
+                }],
+                "quiesce-timeout",
             ),
         ] {
             let e = check_groups(&groups, p).unwrap_err().to_string();

@@ -14,10 +14,15 @@
 //!     (fenced: machines this server lost to another; see ownership.rs;
 //!     cache: whether the RocksDB cache takes writes, and why not: e.g. its
 //!     filesystem is full; see cache.rs)
-//! {"cmd":"group-tag","group":"billing","label":null}
+//!     groups: each [[group]]'s last point and last failure:
+//!     "groups":{"<group>":{"last-point":{"id":..,"kind":"app","time":".."},
+//!     "last-failure":{"kind":"app","time":"..","error":".."}},..}
+//! {"cmd":"group-tag","group":"billing","label":null,"app":false}
 //!   → {"ok":true,"group":"billing","id":..,"time":"..","label":"..",
-//!      "members":[{"machine":"db-1","seq":..},..]}   (a group point; groups.rs)
-//!   or {"ok":false,"error":".."}   (none recorded: why, naming the member)
+//!      ("kind":"app",) "members":[{"machine":"db-1","seq":..(,"source":"fsfreeze")},..]}
+//!      (a group point; groups.rs; `app`: every member quiesced first)
+//!   or {"ok":false,"error":".."}   (none recorded: why, naming the member
+//!      and the step)
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -53,6 +58,9 @@ pub enum Request {
         group: String,
         #[serde(default)]
         label: Option<String>,
+        /// An app-consistent group point (every member quiesced first).
+        #[serde(default)]
+        app: bool,
     },
 }
 
@@ -83,8 +91,13 @@ async fn handle<W: AsyncWriteExt + Unpin>(
     } = ctl;
     let (machine, disk) = match req {
         Request::Resync { machine, disk } => (machine, disk),
-        Request::GroupTag { group, label } => {
-            let reply = match groups.take(&group, label.as_deref()).await {
+        Request::GroupTag { group, label, app } => {
+            let kind = if app {
+                lifeboat_common::group::GroupKind::App
+            } else {
+                lifeboat_common::group::GroupKind::Crash
+            };
+            let reply = match groups.take(&group, label.as_deref(), kind).await {
                 Ok(rec) => {
                     let mut v = serde_json::to_value(&rec).unwrap_or_default();
                     v["ok"] = serde_json::Value::Bool(true);
@@ -106,6 +119,7 @@ async fn handle<W: AsyncWriteExt + Unpin>(
                     "address": ownership.me.address,
                     "fenced": ownership.fenced_all(),
                     "cache": health,
+                    "groups": groups.status(),
                 })))
                 .await;
         }

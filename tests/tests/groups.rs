@@ -4,7 +4,12 @@
 //! an image equal to its source at that point — and the three cuts are one
 //! moment. A member stopped with SIGSTOP makes the attempt time out: the
 //! others are released (a write held by the attempt completes after the
-//! bound) and no group point is recorded.
+//! bound) and no group point is recorded. App-consistent group points:
+//! each member quiesces with its own quiescer (vss-test, scripts, a real
+//! FIFREEZE of an ext4 on a loop device) before the hold, is thawed after
+//! it, and `failover --group --point latest-app` recovers the same cut; a
+//! member whose pre-freeze script hangs fails the point (named, with its
+//! step) while every member is released and thawed.
 //!
 //! How the test knows each source at a point: every writer writes one 4 KiB
 //! block at a time (the next only after the last was acknowledged), each
@@ -98,27 +103,45 @@ fn start_writer(m: usize, agent: &Agent, stop: Arc<AtomicBool>) -> Writer {
     Writer { log, thread }
 }
 
+/// A writer on every member's disk, and the flag that stops them.
+fn start_writers(g: &Group) -> (Arc<AtomicBool>, Vec<Writer>) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let writers = g
+        .agents
+        .iter()
+        .enumerate()
+        .map(|(m, a)| start_writer(m, a, stop.clone()))
+        .collect();
+    (stop, writers)
+}
+
 struct Group {
     ps: ProcessServer,
     agents: Vec<Agent>,
 }
 
 fn start_group(root: &Path, every: &str) -> Group {
+    start_group_with(root, every, "", ["", "", ""])
+}
+
+/// `group_extra` goes into the `[[group]]`, `apps[m]` into machine m's
+/// agent.toml.
+fn start_group_with(root: &Path, every: &str, group_extra: &str, apps: [&str; 3]) -> Group {
     let mut ps = ProcessServer::init(&root.join("ps"), None, &[]).unwrap();
     let cfg = ps.dir.join("ps.toml");
     let mut text = std::fs::read_to_string(&cfg).unwrap();
     text.push_str(&format!(
-        "\n[[group]]\nname = \"{GROUP}\"\nmachines = [{}]\nevery = \"{every}\"\nhold-timeout = \"{}s\"\n",
+        "\n[[group]]\nname = \"{GROUP}\"\nmachines = [{}]\nevery = \"{every}\"\nhold-timeout = \"{}s\"\n{group_extra}\n",
         MACHINES.map(|m| format!("\"{m}\"")).join(", "),
         HOLD.as_secs()
     ));
     std::fs::write(&cfg, text).unwrap();
     ps.start().unwrap();
     let mut agents = Vec::new();
-    for m in MACHINES {
+    for (m, app) in MACHINES.into_iter().zip(apps) {
         let certs = ps.issue_cert(m).unwrap();
         let mut a =
-            Agent::configure(&root.join(m), m, &certs, ps.port, &[("d0", DISK)], "").unwrap();
+            Agent::configure(&root.join(m), m, &certs, ps.port, &[("d0", DISK)], app).unwrap();
         a.start().unwrap();
         agents.push(a);
     }
@@ -129,64 +152,24 @@ fn start_group(root: &Path, every: &str) -> Group {
 }
 
 fn group_tag(ps: &ProcessServer) -> std::process::Output {
+    group_tag_with(ps, &[])
+}
+
+fn group_tag_with(ps: &ProcessServer, extra: &[&str]) -> std::process::Output {
     run_timeout(
         Command::new(bin("lifeboat-ps"))
-            .args(["group-tag", "--json", "--group", GROUP, "--config"])
+            .args(["group-tag", "--json", "--group", GROUP])
+            .args(extra)
+            .arg("--config")
             .arg(ps.dir.join("ps.toml")),
         Duration::from_secs(60),
     )
     .unwrap()
 }
 
-fn group_points(ps: &ProcessServer) -> serde_json::Value {
-    let out = run_ok(
-        Command::new(bin("lifeboat-mt"))
-            .args([
-                "points",
-                "--json",
-                "--group",
-                GROUP,
-                "--store",
-                &ps.store_url,
-                "--key-file",
-            ])
-            .arg(ps.kek()),
-        Duration::from_secs(60),
-    )
-    .unwrap();
-    serde_json::from_str(&out).unwrap()
-}
-
-#[test]
-fn group_points_fail_over_every_member_to_one_moment() {
-    let root = tempfile::tempdir().unwrap();
-    let g = start_group(root.path(), "3s");
-    let stop = Arc::new(AtomicBool::new(false));
-    let writers: Vec<Writer> = g
-        .agents
-        .iter()
-        .enumerate()
-        .map(|(m, a)| start_writer(m, a, stop.clone()))
-        .collect();
-
-    // On demand, while the schedule also takes its points.
-    let mut on_demand = Vec::new();
-    while on_demand.len() < 2 {
-        std::thread::sleep(Duration::from_millis(1500));
-        let o = group_tag(&g.ps);
-        let err = String::from_utf8_lossy(&o.stderr).to_string();
-        if !o.status.success() {
-            assert!(
-                err.contains("being taken already"),
-                "group-tag failed: {err}"
-            );
-            continue;
-        }
-        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-        assert_eq!(v["members"].as_array().unwrap().len(), 3, "{v}");
-        on_demand.push(v["id"].as_u64().unwrap());
-    }
-    std::thread::sleep(Duration::from_secs(4));
+/// Stops the writers; checks each source is "all its writes" and waits until
+/// every agent's writes are acknowledged.
+fn stop_writers(g: &Group, stop: &AtomicBool, writers: Vec<Writer>) -> Vec<Vec<Done>> {
     stop.store(true, Ordering::Relaxed);
     let logs: Vec<Vec<Done>> = writers
         .into_iter()
@@ -213,6 +196,123 @@ fn group_points_fail_over_every_member_to_one_moment() {
         );
         a.wait_acked(Duration::from_secs(60)).unwrap();
     }
+    logs
+}
+
+/// `failover --group --point spec` must recover group point `id` (`latest`:
+/// `id` or a newer one): each
+/// machine's image its source after its first k writes, the cuts one moment.
+fn fail_over_and_check(root: &Path, g: &Group, logs: &[Vec<Done>], spec: &str, id: u64) {
+    let out = root.join(format!("out-{spec}"));
+    let o = run_timeout(
+        Command::new(bin("lifeboat-mt"))
+            .args([
+                "failover",
+                "--group",
+                GROUP,
+                "--point",
+                spec,
+                "--store",
+                &g.ps.store_url,
+            ])
+            .arg("--out")
+            .arg(&out)
+            .arg("--key-file")
+            .arg(g.ps.kek()),
+        Duration::from_secs(300),
+    )
+    .unwrap();
+    assert!(
+        o.status.success(),
+        "group failover at {spec}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let text = String::from_utf8_lossy(&o.stdout);
+    let got: u64 = text
+        .split("group point ")
+        .nth(1)
+        .and_then(|t| t.split_whitespace().next())
+        .and_then(|t| t.parse().ok())
+        .unwrap_or_else(|| panic!("no group point in {text}"));
+    // `latest` may be a point the schedule recorded since it was listed.
+    if spec == "latest" {
+        assert!(got >= id, "latest recovered {got}, older than {id}: {text}");
+    } else {
+        assert_eq!(got, id, "{text}");
+    }
+    let mut cut = Vec::new();
+    for (m, name) in MACHINES.iter().enumerate() {
+        let img = std::fs::read(out.join(name).join("d0.raw")).unwrap();
+        let k = highest_stamp(&img);
+        let want = state(m, &logs[m], k);
+        assert_eq!(
+            first_difference(&img, &want),
+            None,
+            "{name} at group point {spec}: not the source after its first {k} writes"
+        );
+        cut.push(k);
+    }
+    // One moment: every write before the cut was issued before any write
+    // after it was acknowledged.
+    let latest_start = (0..3)
+        .filter(|&m| cut[m] > 0)
+        .map(|m| logs[m][cut[m] as usize - 1].start)
+        .max();
+    let earliest_ack = (0..3)
+        .filter_map(|m| logs[m].get(cut[m] as usize).map(|d| d.ack))
+        .min();
+    if let (Some(s), Some(a)) = (latest_start, earliest_ack) {
+        assert!(
+            s < a,
+            "group point {spec}: the cuts {cut:?} are not one moment"
+        );
+    }
+}
+
+fn group_points(ps: &ProcessServer) -> serde_json::Value {
+    let out = run_ok(
+        Command::new(bin("lifeboat-mt"))
+            .args([
+                "points",
+                "--json",
+                "--group",
+                GROUP,
+                "--store",
+                &ps.store_url,
+                "--key-file",
+            ])
+            .arg(ps.kek()),
+        Duration::from_secs(60),
+    )
+    .unwrap();
+    serde_json::from_str(&out).unwrap()
+}
+
+#[test]
+fn group_points_fail_over_every_member_to_one_moment() {
+    let root = tempfile::tempdir().unwrap();
+    let g = start_group(root.path(), "3s");
+    let (stop, writers) = start_writers(&g);
+
+    // On demand, while the schedule also takes its points.
+    let mut on_demand = Vec::new();
+    while on_demand.len() < 2 {
+        std::thread::sleep(Duration::from_millis(1500));
+        let o = group_tag(&g.ps);
+        let err = String::from_utf8_lossy(&o.stderr).to_string();
+        if !o.status.success() {
+            assert!(
+                err.contains("being taken already"),
+                "group-tag failed: {err}"
+            );
+            continue;
+        }
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert_eq!(v["members"].as_array().unwrap().len(), 3, "{v}");
+        on_demand.push(v["id"].as_u64().unwrap());
+    }
+    std::thread::sleep(Duration::from_secs(4));
+    let logs = stop_writers(&g, &stop, writers);
 
     let listed = group_points(&g.ps);
     let points = listed["points"].as_array().unwrap().clone();
@@ -239,59 +339,7 @@ fn group_points_fail_over_every_member_to_one_moment() {
     check.push((scheduled[0].to_string(), scheduled[0]));
     check.push(("latest".into(), *ids.last().unwrap()));
     for (spec, id) in check {
-        let out = root.path().join(format!("out-{spec}"));
-        let o = run_timeout(
-            Command::new(bin("lifeboat-mt"))
-                .args([
-                    "failover",
-                    "--group",
-                    GROUP,
-                    "--point",
-                    &spec,
-                    "--store",
-                    &g.ps.store_url,
-                ])
-                .arg("--out")
-                .arg(&out)
-                .arg("--key-file")
-                .arg(g.ps.kek()),
-            Duration::from_secs(300),
-        )
-        .unwrap();
-        assert!(
-            o.status.success(),
-            "group failover at {spec}: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-        let text = String::from_utf8_lossy(&o.stdout);
-        assert!(text.contains(&format!("group point {id}")), "{text}");
-        let mut cut = Vec::new();
-        for (m, name) in MACHINES.iter().enumerate() {
-            let img = std::fs::read(out.join(name).join("d0.raw")).unwrap();
-            let k = highest_stamp(&img);
-            let want = state(m, &logs[m], k);
-            assert_eq!(
-                first_difference(&img, &want),
-                None,
-                "{name} at group point {spec}: not the source after its first {k} writes"
-            );
-            cut.push(k);
-        }
-        // One moment: every write before the cut was issued before any write
-        // after it was acknowledged.
-        let latest_start = (0..3)
-            .filter(|&m| cut[m] > 0)
-            .map(|m| logs[m][cut[m] as usize - 1].start)
-            .max();
-        let earliest_ack = (0..3)
-            .filter_map(|m| logs[m].get(cut[m] as usize).map(|d| d.ack))
-            .min();
-        if let (Some(s), Some(a)) = (latest_start, earliest_ack) {
-            assert!(
-                s < a,
-                "group point {spec}: the cuts {cut:?} are not one moment"
-            );
-        }
+        fail_over_and_check(root.path(), &g, &logs, &spec, id);
     }
 }
 
@@ -363,4 +411,262 @@ fn a_stopped_member_times_out_releases_the_others_and_records_nothing() {
         group_points(&g.ps)["points"].as_array().unwrap().len(),
         before + 1
     );
+}
+
+fn script(path: &Path, body: &str) -> std::path::PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, format!("#!/bin/sh\n{body}\n")).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    path.to_path_buf()
+}
+
+/// An ext4 on a loop device over an image file, mounted at `.0` (a real
+/// filesystem to FIFREEZE; not on a protected disk); unmounted on drop.
+struct LoopExt4(std::path::PathBuf);
+
+impl LoopExt4 {
+    fn create(root: &Path) -> LoopExt4 {
+        let img = root.join("freeze-fs.img");
+        std::fs::File::create(&img)
+            .unwrap()
+            .set_len(32 << 20)
+            .unwrap();
+        run_ok(
+            Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&img),
+            Duration::from_secs(60),
+        )
+        .unwrap();
+        let mnt = root.join("freeze-mnt");
+        std::fs::create_dir_all(&mnt).unwrap();
+        run_ok(
+            Command::new("mount")
+                .args(["-o", "loop"])
+                .arg(&img)
+                .arg(&mnt),
+            Duration::from_secs(60),
+        )
+        .expect("mounting an ext4 on a loop device (the suite runs as root)");
+        LoopExt4(mnt)
+    }
+
+    /// A write and fsync on it finish within `bound` (it is not frozen).
+    fn writable_within(&self, bound: Duration) -> bool {
+        let p = self.0.clone();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let r = std::fs::write(p.join("probe"), b"thawed")
+                .and_then(|_| std::fs::File::open(p.join("probe"))?.sync_all());
+            let _ = tx.send(r.is_ok());
+        });
+        rx.recv_timeout(bound).unwrap_or(false)
+    }
+}
+
+impl Drop for LoopExt4 {
+    fn drop(&mut self) {
+        let _ = Command::new("fsfreeze").arg("-u").arg(&self.0).status();
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// The three members' quiescers: vss-test, scripts, FIFREEZE of `fs`.
+fn app_sections(root: &Path, fs: &LoopExt4, pre_b: &str, extra_b: &str) -> [String; 3] {
+    let pre = script(&root.join("b-pre.sh"), pre_b);
+    let post = script(
+        &root.join("b-post.sh"),
+        &format!(
+            "echo \"$LIFEBOAT_LABEL\" >> {}",
+            root.join("b-post-ran").display()
+        ),
+    );
+    [
+        "[app]\nquiesce = \"vss-test\"\n".to_string(),
+        format!(
+            "[app]\npre-freeze = [\"{}\"]\npost-thaw = [\"{}\"]\n{extra_b}",
+            pre.display(),
+            post.display()
+        ),
+        format!("[app]\nfreeze = [\"{}\"]\n", fs.0.display()),
+    ]
+}
+
+/// The group with [`app_sections`] quiescers (no scheduled points), writers
+/// running on all three.
+fn start_app_group(
+    root: &Path,
+    pre_b: &str,
+    extra_b: &str,
+    quiesce_timeout: &str,
+) -> (LoopExt4, Group, Arc<AtomicBool>, Vec<Writer>) {
+    let fs = LoopExt4::create(root);
+    let apps = app_sections(root, &fs, pre_b, extra_b);
+    let g = start_group_with(
+        root,
+        "0s",
+        &format!("app-interval = \"off\"\nquiesce-timeout = \"{quiesce_timeout}\""),
+        [&apps[0], &apps[1], &apps[2]],
+    );
+    let (stop, writers) = start_writers(&g);
+    std::thread::sleep(Duration::from_secs(1));
+    (fs, g, stop, writers)
+}
+
+#[test]
+fn app_group_points_quiesce_every_member_and_fail_over_to_one_moment() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().canonicalize().unwrap();
+    let pre_ran = root.join("b-pre-ran");
+    let pre = format!("echo \"$LIFEBOAT_LABEL\" >> {}", pre_ran.display());
+    let (fs, g, stop, writers) = start_app_group(&root, &pre, "", "20s");
+
+    let o = group_tag_with(&g.ps, &["--app", "--label", "nightly"]);
+    assert!(
+        o.status.success(),
+        "group-tag --app: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let app: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(app["kind"], "app", "{app}");
+    let sources: Vec<&str> = app["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["source"].as_str().unwrap_or("none"))
+        .collect();
+    assert_eq!(sources, ["vss", "script", "fsfreeze"], "{app}");
+    let app_id = app["id"].as_u64().unwrap();
+    // Thawed after the hold: the frozen filesystem takes writes again, the
+    // post-thaw script ran, writes went on.
+    assert!(
+        fs.writable_within(Duration::from_secs(5)),
+        "the FIFREEZE member stayed frozen"
+    );
+    wait_for("the post-thaw script", Duration::from_secs(10), || {
+        std::fs::read_to_string(root.join("b-post-ran"))
+            .ok()
+            .filter(|t| t.contains(&format!("{GROUP}:{app_id}")))
+    })
+    .unwrap();
+    assert!(std::fs::read_to_string(&pre_ran)
+        .unwrap()
+        .contains(&format!("{GROUP}:{app_id}")));
+    std::thread::sleep(Duration::from_millis(1500));
+    let o = group_tag(&g.ps);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let crash: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(crash.get("kind").is_none(), "{crash}");
+    let crash_id = crash["id"].as_u64().unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    let logs = stop_writers(&g, &stop, writers);
+
+    let listed = group_points(&g.ps);
+    let points = listed["points"].as_array().unwrap();
+    assert_eq!(points.len(), 2, "{listed}");
+    assert_eq!(points[0]["kind"], "app", "{listed}");
+    assert_eq!(points[0]["members"][2]["source"], "fsfreeze", "{listed}");
+    // The stored member tags are app points with their sources.
+    for (m, want) in MACHINES.iter().zip(["vss", "script", "fsfreeze"]) {
+        let pts = points_of(&g.ps, m);
+        let seq = app["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["machine"] == *m)
+            .unwrap()["seq"]
+            .clone();
+        let p = pts
+            .iter()
+            .find(|p| p["seq"] == seq)
+            .unwrap_or_else(|| panic!("{m}: no point at {seq}"));
+        assert_eq!(
+            (p["kind"].as_str(), p["source"].as_str()),
+            (Some("app"), Some(want)),
+            "{p}"
+        );
+    }
+    fail_over_and_check(&root, &g, &logs, "latest-app", app_id);
+    fail_over_and_check(&root, &g, &logs, "latest-crash", crash_id);
+    fail_over_and_check(&root, &g, &logs, &app_id.to_string(), app_id);
+}
+
+fn points_of(ps: &ProcessServer, machine: &str) -> Vec<serde_json::Value> {
+    points(&ps.store_url, machine, &[]).unwrap()["points"]
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+#[test]
+fn a_hung_pre_freeze_script_fails_the_app_point_and_releases_and_thaws_every_member() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().canonicalize().unwrap();
+    let (fs, g, stop, writers) =
+        start_app_group(&root, "sleep 600", "script-timeout = \"3s\"\n", "10s");
+    let t = Instant::now();
+    let o = group_tag_with(&g.ps, &["--app"]);
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert!(!o.status.success(), "the app group point succeeded");
+    assert!(
+        t.elapsed() < Duration::from_secs(9),
+        "the failure took {:?}",
+        t.elapsed()
+    );
+    assert!(
+        err.contains(&format!("{} could not quiesce", MACHINES[1]))
+            && err.contains("pre-freeze failed")
+            && err.contains("b-pre.sh"),
+        "{err}"
+    );
+    assert!(err.contains("no group point was recorded"), "{err}");
+    // Every member released and thawed: writes go on everywhere, the frozen
+    // filesystem takes writes.
+    assert!(
+        fs.writable_within(Duration::from_secs(5)),
+        "the FIFREEZE member stayed frozen"
+    );
+    let counts =
+        |w: &[Writer]| -> Vec<usize> { w.iter().map(|w| w.log.lock().unwrap().len()).collect() };
+    let before = counts(&writers);
+    std::thread::sleep(Duration::from_secs(1));
+    let after = counts(&writers);
+    for m in 0..3 {
+        assert!(
+            after[m] > before[m] + 20,
+            "{} wrote {} blocks in a second after the failure",
+            MACHINES[m],
+            after[m] - before[m]
+        );
+    }
+    assert!(group_points(&g.ps)["points"].as_array().unwrap().is_empty());
+    // The failure is in both statuses.
+    let status = run_ok(
+        Command::new(bin("lifeboat-ps"))
+            .args(["status", "--config"])
+            .arg(g.ps.dir.join("ps.toml")),
+        Duration::from_secs(30),
+    )
+    .unwrap();
+    let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+    let failure = &status["groups"][GROUP]["last-failure"];
+    assert_eq!(failure["kind"], "app", "{status}");
+    assert!(
+        failure["error"].as_str().unwrap().contains("pre-freeze"),
+        "{status}"
+    );
+    let agent = g.agents[1].status().unwrap();
+    assert!(
+        agent["app-points"]["last-failure"]["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("pre-freeze"),
+        "{agent}"
+    );
+    // The group works again: a crash point, and an app point once the
+    // script no longer hangs.
+    script(&root.join("b-pre.sh"), "true");
+    let o = group_tag_with(&g.ps, &["--app"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let logs = stop_writers(&g, &stop, writers);
+    let id = group_points(&g.ps)["points"][0]["id"].as_u64().unwrap();
+    fail_over_and_check(&root, &g, &logs, "latest-app", id);
 }

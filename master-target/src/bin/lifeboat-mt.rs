@@ -87,7 +87,7 @@ struct FailoverArgs {
     #[command(flatten)]
     store: StoreArgs,
     /// latest | latest-app | latest-crash | last-clean | <point id> | <RFC 3339 time>;
-    /// with --group: latest | <group point id>.
+    /// with --group: latest | latest-app | latest-crash | <group point id>.
     #[arg(long, default_value = "latest")]
     point: PointSpec,
     /// Directory for the disk images (<disk>.raw; with --group each machine's
@@ -119,9 +119,9 @@ enum Cmd {
     /// List a machine's recovery points: id, kind (crash, app, group), source
     /// of an app-consistent point (fsfreeze, script, vss), time, seq, the
     /// bytes it adds, whether it carries the disks' checksums and whether
-    /// churn marks it suspect; the base the history
-    /// starts from; with --group, the group's points: id, time and each
-    /// member's seq.
+    /// churn marks it suspect; the base the history starts from; with
+    /// --group, the group's points: id, kind (crash, app), time and each
+    /// member's seq (and source of an app-consistent one).
     Points {
         #[command(flatten)]
         store: StoreArgs,
@@ -615,16 +615,23 @@ async fn group_points(
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
     }
-    println!("{:<16} {:<26} {:<40}  LABEL", "ID", "TIME", "MEMBERS (SEQ)");
+    println!(
+        "{:<16} {:<5} {:<26} {:<40}  LABEL",
+        "ID", "KIND", "TIME", "MEMBERS (SEQ, SOURCE)"
+    );
     for p in &gp.points {
         let members: Vec<String> = p
             .members
             .iter()
-            .map(|m| format!("{}={}", m.machine, m.seq))
+            .map(|m| match m.source {
+                Some(s) => format!("{}={}({})", m.machine, m.seq, s.as_str()),
+                None => format!("{}={}", m.machine, m.seq),
+            })
             .collect();
         println!(
-            "{:<16} {:<26} {:<40}  {}",
+            "{:<16} {:<5} {:<26} {:<40}  {}",
             p.id,
+            p.kind.as_str(),
             p.time,
             members.join(" "),
             p.label
@@ -644,15 +651,18 @@ async fn group_failover(a: FailoverArgs) -> Result<()> {
     let store = a.store.open()?;
     let spec = match &a.point {
         PointSpec::Latest => "latest".to_string(),
+        PointSpec::LatestApp => "latest-app".to_string(),
+        PointSpec::LatestCrash => "latest-crash".to_string(),
         PointSpec::Id(id) => id.clone(),
         other => {
-            anyhow::bail!("with --group, --point is latest or a group point id, not {other:?}")
+            anyhow::bail!("with --group, --point is latest, latest-app, latest-crash or a group point id, not {other:?}")
         }
     };
     let gp = lifeboat_mt::group::list(&store, Some(&kek), &group).await?;
     let point = lifeboat_mt::group::pick(&gp, &group, &spec)?.clone();
     eprintln!(
-        "recovering group {group} at group point {} ({}): {}",
+        "recovering group {group} at {} group point {} ({}): {}",
+        point.kind.as_str(),
         point.id,
         point.time,
         point
@@ -669,11 +679,20 @@ async fn group_failover(a: FailoverArgs) -> Result<()> {
         for _ in 0..GAP_RECHECKS {
             let inv = materialize::inventory(&store, Some(&keys.catalogue), &m.machine).await?;
             // The member's own group tag, not any point at that seq: an agent
-            // that lost its journal's tail may have numbered the seq anew.
+            // that lost its journal's tail may have numbered the seq anew. An
+            // app-consistent group point's tag is an `app` tag with the
+            // member's source.
+            let kind = match point.kind {
+                lifeboat_common::group::GroupKind::Crash => {
+                    lifeboat_common::protocol::TagKind::Group
+                }
+                lifeboat_common::group::GroupKind::App => lifeboat_common::protocol::TagKind::App,
+            };
             let tagged = inv.points.iter().any(|p| {
                 p.seq == m.seq
-                    && p.kind == lifeboat_common::protocol::TagKind::Group
+                    && p.kind == kind
                     && p.label == point.label
+                    && (m.source.is_none() || p.source == m.source)
             });
             if tagged && m.seq <= inv.end {
                 stored = true;

@@ -63,7 +63,12 @@ enum Cmd {
     },
     /// Take a consistency-group point now: hold every member's writes, tag
     /// each, release ([[group]] in ps.toml; every member must be connected).
-    /// Prints the group point's id and each member's seq, as JSON with --json.
+    /// With --app an app-consistent one: every member first quiesces with
+    /// its own [app] quiescer (pre-freeze scripts, freeze; within the
+    /// group's quiesce-timeout), is held, tagged `app`, released, thawed.
+    /// Prints the group point's id and each member's seq, as JSON with
+    /// --json; fails (exit 1) naming the member and the step when no group
+    /// point was recorded.
     GroupTag {
         #[arg(long)]
         config: PathBuf,
@@ -72,6 +77,9 @@ enum Cmd {
         /// A label for the point (kept in each member's tag).
         #[arg(long)]
         label: Option<String>,
+        /// An app-consistent group point (each member quiesced first).
+        #[arg(long)]
+        app: bool,
         #[arg(long)]
         json: bool,
     },
@@ -133,6 +141,7 @@ fn real_main(cli: Cli) -> Result<()> {
             config,
             group,
             label,
+            app,
             json,
         } => {
             use lifeboat_ps::control;
@@ -146,6 +155,7 @@ fn real_main(cli: Cli) -> Result<()> {
                     &control::Request::GroupTag {
                         group: group.clone(),
                         label,
+                        app,
                     },
                     |_| {},
                 ))
@@ -158,10 +168,18 @@ fn real_main(cli: Cli) -> Result<()> {
                 .as_array()
                 .into_iter()
                 .flatten()
-                .map(|m| format!("{} seq {}", m["machine"].as_str().unwrap_or("?"), m["seq"]))
+                .map(|m| match m["source"].as_str() {
+                    Some(src) => format!(
+                        "{} seq {} ({src})",
+                        m["machine"].as_str().unwrap_or("?"),
+                        m["seq"]
+                    ),
+                    None => format!("{} seq {}", m["machine"].as_str().unwrap_or("?"), m["seq"]),
+                })
                 .collect();
             println!(
-                "group point {} of {group} at {}: {}",
+                "{} group point {} of {group} at {}: {}",
+                v["kind"].as_str().unwrap_or("crash"),
                 v["id"],
                 v["time"].as_str().unwrap_or("?"),
                 members.join(", ")
