@@ -479,6 +479,16 @@ mod tests {
         );
     }
 
+    /// A seeded xorshift: `next(n)` is in `0..n` (0 for n = 0).
+    fn seeded(mut state: u64) -> impl FnMut(u64) -> u64 {
+        move |n| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state % n.max(1)
+        }
+    }
+
     /// The newest-first overlay against the oldest-first `apply` (the model):
     /// seeded random streams of odd-sized, overlapping writes, zeros, shrinks,
     /// grows (also past the largest known size) and tags on two disks over a
@@ -487,13 +497,7 @@ mod tests {
     fn overlay_matches_oldest_first_apply() {
         use crate::protocol::TagKind;
         use bytes::Bytes;
-        let mut state = 0x853c49e6748fea9bu64;
-        let mut next = |n: u64| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state % n.max(1)
-        };
+        let mut next = seeded(0x853c49e6748fea9b);
         let dir = tempfile::tempdir().expect("tempdir");
         let (mut refused, mut resized) = (0, 0);
         for round in 0..300 {
@@ -666,13 +670,7 @@ mod tests {
     #[test]
     fn ranges_agree_with_a_byte_map() {
         // A seeded walk: every add/gaps answer matches a plain bitmap.
-        let mut state = 0x9e3779b97f4a7c15u64;
-        let mut next = |n: u64| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state % n
-        };
+        let mut next = seeded(0x9e3779b97f4a7c15);
         let mut r = Ranges::default();
         let mut map = vec![false; 512];
         for _ in 0..300 {
