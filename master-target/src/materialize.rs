@@ -1,19 +1,41 @@
 //! Materialising a recovery point: the machine's disks as sparse raw images,
 //! read from the object store alone (the process server may be gone).
 //!
-//! The newest base's chunks are written first (each authenticated and checked
-//! against its id), then every segment after the base up to the point's seq is
-//! fetched (up to `FETCH_CONCURRENCY` at once), authenticated and decrypted,
-//! checked against its name, and its entries with `base < seq ≤ point` are
-//! applied in seq order — so the image is exactly the source disk after the
-//! point's last write. `--time T` recovers the stream as it stood at T: up to
-//! the last segment whose name says its entries were all durable by T. A missing
-//! segment (a gap in the stream), a tampered object or a write outside a disk is
-//! an error naming the object, and the images are then not to be used.
+//! Newest first: the images start as fresh all-zero files sized to each
+//! disk's largest known size. Every segment after the newest base up to the
+//! point's seq is fetched and decoded (up to `FETCH_CONCURRENCY` at once),
+//! authenticated and decrypted, checked against its name, and taken newest
+//! segment first, its entries with `base < seq ≤ point` newest entry first
+//! (`lifeboat_common::image::Overlay`): of each write only the bytes no newer
+//! write, zero/trim or resize covered are written; zeros are never written.
+//! Overlapping segments (a re-upload) give each seq once, from the first
+//! segment holding it, as an oldest-first pass would. Last, the base's chunks
+//! that still have an uncovered part are fetched (each authenticated and
+//! checked against its id) and only those parts written; a chunk covered
+//! whole is not read (`verify` reads every one). So every byte of an image is
+//! written at most once, and the writes are disjoint: they go to the disk
+//! engine (`lifeboat_common::diskio`: io_uring or the portable threads,
+//! `--io-engine`; aligned writes `O_DIRECT`) many at once, in no order.
+//! The result is exactly the source disk after the point's last write.
+//!
+//! Memory: decoded segments are held while fetched ahead (`FETCH_CONCURRENCY`)
+//! and while their writes are in flight (`SEGMENTS_WRITING`, at most
+//! `WRITES_IN_FLIGHT` bytes), so at most `FETCH_CONCURRENCY + 2` segments of
+//! up to `segment-max-bytes` of entries each (default 32 MiB: ~320 MiB); the
+//! covered ranges per disk are merged as they grow (one per entry at most,
+//! see `image`).
+//!
+//! `--time T` recovers the stream as it stood at T: up to the last segment
+//! whose name says its entries were all durable by T. A missing segment (a gap
+//! in the stream), a tampered object or a write outside a disk is an error
+//! naming the object, and the images are then not to be used. The tag at the
+//! point and the stream's consistency marks are checked before the base is
+//! read.
 //!
 //! A disk resized while protected has a resize entry in the stream: bytes past
-//! a shrunk end are zeroed, and each image gets the size its disk had at the
-//! point (set by the last resize entry applied, else recorded in the point).
+//! a shrunk end read as zeros (also after a later grow), and each image gets
+//! the size its disk had at the point (set by the last resize entry ≤ the
+//! point, else recorded in the point, else the base's, else machine.json's).
 //!
 //! Nothing from the catalogue is trusted unauthenticated: `machine.json`,
 //! points and marks are checked with the machine's catalogue key, ids pass
