@@ -5,8 +5,9 @@
 # (keep 10 s) folds it into a base; then LATER_GIB (1) GiB of 64 KiB random
 # writes follow in segments. The process server is stopped, and
 # `lifeboat-mt failover --point latest` recovers the disk from the file://
-# store alone, beside `cp` of the recovered image in the same run (the
-# machine's write limit). The image must equal the source byte for byte.
+# store alone, once with `--io-engine uring` and once with `portable`, each
+# beside `cp` of the recovered image in the same run (the machine's write
+# limit). The image must equal the source byte for byte.
 # Then CYCLES (10) rewrites of the disk's first 1 GiB under the same
 # retention, and the store's size once folded, beside the disk's size.
 #   LIFEBOAT_BENCH_BIN=DIR runs the binaries in DIR (a copy, so that a
@@ -91,19 +92,23 @@ kill -TERM "$AGENT_PID" "$PS_PID"; wait "$PS_PID" 2>/dev/null || true
 BASE=$(points_json | json 'd["base"]["seq"]')
 SEGS=$(points_json | json 'len([p for p in d["points"]])')
 # Both sides read from the page cache: the store's objects (just written)
-# and, for cp, the recovered image.
-F0=$(now)
-"$BIN/lifeboat-mt" failover --store "$STORE" --machine machine-1 --point latest \
-  --out "$WORK/recovered" --key-file "$WORK/ps/kek.key" >"$WORK/failover.out" 2>"$WORK/failover.err"
-F1=$(now)
-cmp "$WORK/recovered/disk.raw" "$DISK" || { echo "MISMATCH: the recovered disk differs from the source"; exit 1; }
-C0=$(now); cp --sparse=always "$WORK/recovered/disk.raw" "$WORK/copy.img"; sync -f "$WORK/copy.img"; C1=$(now)
-rm -f "$WORK/copy.img"
-FT=$(secs "$F0" "$F1"); CT=$(secs "$C0" "$C1")
-echo "$(cat "$WORK/failover.out" | head -1)"
-echo "failover ${DISK_GIB} GiB disk (base at seq $BASE + ${LATER_GIB} GiB of later writes), latest: lifeboat-mt $FT s (byte-equal), cp of the image $CT s, ratio $(python3 -c "print(f'{$FT/$CT:.2f}')") (target <= 1.5)"
-echo "  engine: portable (base chunks with O_DIRECT pwrite where the filesystem allows, segments buffered pwrite); the master target has no io_uring engine yet"
-rm -rf "$WORK/recovered"
+# and, for cp, the recovered image. One row per write engine, each beside
+# cp of the image it wrote.
+for ENGINE in uring portable; do
+  OUT="$WORK/recovered-$ENGINE"
+  F0=$(now)
+  "$BIN/lifeboat-mt" failover --store "$STORE" --machine machine-1 --point latest --io-engine "$ENGINE" \
+    --out "$OUT" --key-file "$WORK/ps/kek.key" >"$WORK/failover-$ENGINE.out" 2>"$WORK/failover-$ENGINE.err"
+  F1=$(now)
+  cmp "$OUT/disk.raw" "$DISK" || { echo "MISMATCH ($ENGINE): the recovered disk differs from the source"; exit 1; }
+  C0=$(now); cp --sparse=always "$OUT/disk.raw" "$WORK/copy.img"; sync -f "$WORK/copy.img"; C1=$(now)
+  rm -f "$WORK/copy.img"
+  FT=$(secs "$F0" "$F1"); CT=$(secs "$C0" "$C1")
+  head -1 "$WORK/failover-$ENGINE.out"
+  echo "failover ${DISK_GIB} GiB disk (base at seq $BASE + ${LATER_GIB} GiB of later writes), latest, --io-engine $ENGINE: lifeboat-mt $FT s (byte-equal), cp of the image $CT s, ratio $(python3 -c "print(f'{$FT/$CT:.2f}')") (target <= 1.5)"
+  echo "  $(grep 'images written with' "$WORK/failover-$ENGINE.err" | sed 's/^ *//')"
+  rm -rf "$OUT"
+done
 
 # Store size after CYCLES rewrites of 1 GiB.
 serve_ps

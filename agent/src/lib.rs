@@ -7,7 +7,9 @@ pub mod config;
 pub mod control;
 pub mod dirty;
 pub mod disk;
-pub mod diskio;
+/// The disk I/O engines (io_uring, portable) live in `common`, shared with the
+/// master target's failover writes.
+pub use lifeboat_common::diskio;
 pub mod disks;
 pub mod fsutil;
 pub mod grouppoint;

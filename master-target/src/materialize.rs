@@ -1,19 +1,41 @@
 //! Materialising a recovery point: the machine's disks as sparse raw images,
 //! read from the object store alone (the process server may be gone).
 //!
-//! The newest base's chunks are written first (each authenticated and checked
-//! against its id), then every segment after the base up to the point's seq is
-//! fetched (up to `FETCH_CONCURRENCY` at once), authenticated and decrypted,
-//! checked against its name, and its entries with `base < seq ≤ point` are
-//! applied in seq order — so the image is exactly the source disk after the
-//! point's last write. `--time T` recovers the stream as it stood at T: up to
-//! the last segment whose name says its entries were all durable by T. A missing
-//! segment (a gap in the stream), a tampered object or a write outside a disk is
-//! an error naming the object, and the images are then not to be used.
+//! Newest first: the images start as fresh all-zero files sized to each
+//! disk's largest known size. Every segment after the newest base up to the
+//! point's seq is fetched and decoded (up to `FETCH_CONCURRENCY` at once),
+//! authenticated and decrypted, checked against its name, and taken newest
+//! segment first, its entries with `base < seq ≤ point` newest entry first
+//! (`lifeboat_common::image::Overlay`): of each write only the bytes no newer
+//! write, zero/trim or resize covered are written; zeros are never written.
+//! Overlapping segments (a re-upload) give each seq once, from the first
+//! segment holding it, as an oldest-first pass would. Last, the base's chunks
+//! that still have an uncovered part are fetched (each authenticated and
+//! checked against its id) and only those parts written; a chunk covered
+//! whole is not read (`verify` reads every one). So every byte of an image is
+//! written at most once, and the writes are disjoint: they go to the disk
+//! engine (`lifeboat_common::diskio`: io_uring or the portable threads,
+//! `--io-engine`; aligned writes `O_DIRECT`) many at once, in no order.
+//! The result is exactly the source disk after the point's last write.
+//!
+//! Memory: decoded segments are held while fetched ahead (`FETCH_CONCURRENCY`)
+//! and while their writes are in flight (`SEGMENTS_WRITING`, at most
+//! `WRITES_IN_FLIGHT` bytes), so at most `FETCH_CONCURRENCY + 2` segments of
+//! up to `segment-max-bytes` of entries each (default 32 MiB: ~320 MiB); the
+//! covered ranges per disk are merged as they grow (one per entry at most,
+//! see `image`).
+//!
+//! `--time T` recovers the stream as it stood at T: up to the last segment
+//! whose name says its entries were all durable by T. A missing segment (a gap
+//! in the stream), a tampered object or a write outside a disk is an error
+//! naming the object, and the images are then not to be used. The tag at the
+//! point and the stream's consistency marks are checked before the base is
+//! read.
 //!
 //! A disk resized while protected has a resize entry in the stream: bytes past
-//! a shrunk end are zeroed, and each image gets the size its disk had at the
-//! point (set by the last resize entry applied, else recorded in the point).
+//! a shrunk end read as zeros (also after a later grow), and each image gets
+//! the size its disk had at the point (set by the last resize entry ≤ the
+//! point, else recorded in the point, else the base's, else machine.json's).
 //!
 //! Nothing from the catalogue is trusted unauthenticated: `machine.json`,
 //! points and marks are checked with the machine's catalogue key, ids pass
@@ -21,23 +43,27 @@
 //! stream end after an `inconsistent` entry with no later tag is refused at
 //! `latest` from the segments themselves, whether or not its mark exists.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::fs::{File, OpenOptions};
-use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Context, Result};
+use bytes::Bytes;
 use futures::StreamExt;
 use lifeboat_common::base::{self, BaseManifest, ChunkNamer, CHUNK_SIZE};
 use lifeboat_common::catalogue::{
     self, decode_segment, format_time_ms, list_points, segment_object, CatalogueKey,
     InconsistentRecord, PointRecord, Span,
 };
-use lifeboat_common::image::{apply, StreamMarks, Target};
+use lifeboat_common::diskio::DiskFile;
+pub use lifeboat_common::diskio::IoMode;
+use lifeboat_common::image::Overlay;
 use lifeboat_common::protocol::Entry;
 use lifeboat_common::seal::{self, Key};
 use lifeboat_common::store::Store;
+use tokio::task::JoinSet;
 
 pub const FETCH_CONCURRENCY: usize = 8;
 
@@ -372,6 +398,8 @@ pub struct DiskReport {
     pub id: String,
     pub path: PathBuf,
     pub size: u64,
+    /// Bytes of segment writes put into the image (newest first: the parts a
+    /// newer entry covers are not written, nor counted).
     pub bytes_written: u64,
 }
 
@@ -382,26 +410,64 @@ pub struct Report {
     pub point: String,
     /// The base the images started from (its seq), if the stream has one.
     pub base: Option<u64>,
+    /// The base's chunks fetched: those the segments did not cover whole.
     pub chunks_read: usize,
     pub segments_read: usize,
     pub bytes_fetched: u64,
+    /// The write engine used (`io_uring` or `portable`, and whether aligned
+    /// writes went `O_DIRECT`).
+    pub io_engine: String,
     pub disks: Vec<DiskReport>,
 }
 
-/// Progress of a materialisation: objects (chunks, then segments) done of
-/// the total, and bytes fetched so far.
+/// Progress of a materialisation: objects (segments, then base chunks) done
+/// of the total, bytes fetched and bytes written to the images so far.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Progress {
     pub done: u64,
     pub total: u64,
     pub bytes: u64,
+    pub written: u64,
+}
+
+impl Progress {
+    /// One more object done; whether to report it now (the last one is
+    /// reported once every write completed).
+    fn advance(&mut self, fetched: u64, written: u64) -> bool {
+        self.bytes += fetched;
+        self.written = written;
+        self.done += 1;
+        self.done < self.total
+    }
+}
+
+/// Image bytes handed to the disk engines and not yet completed, at most.
+pub const WRITES_IN_FLIGHT: u64 = 64 << 20;
+/// Segments whose writes may be in flight at once: a piece keeps its whole
+/// decoded segment in memory until it completes.
+const SEGMENTS_WRITING: usize = 2;
+/// Base chunks whose writes may be in flight at once.
+const CHUNKS_WRITING: usize = 16;
+
+/// Opens a fresh image for failover writes on `engine`; `Auto` is io_uring
+/// where the kernel allows it, else the portable threads (logged). Aligned
+/// writes go `O_DIRECT` where the file system takes it.
+pub fn open_image(path: &Path, engine: IoMode) -> Result<DiskFile> {
+    let open = |mode| {
+        DiskFile::open_direct(path, mode)
+            .with_context(|| format!("opening {} for writing ({mode} engine)", path.display()))
+    };
+    match engine {
+        IoMode::Auto => open(IoMode::Uring).or_else(|e| {
+            tracing::warn!(error = %format!("{e:#}"), "io_uring unavailable; writing images with portable pwrite threads");
+            open(IoMode::Portable)
+        }),
+        mode => open(mode),
+    }
 }
 
 /// Writes every disk of `machine` at `resolved` into `out_dir/<disk>.raw`
-/// (each created 0600). `inv` must have been read with `keys.catalogue`.
-/// Where `resolved` is the stream's end (no point) and the segments
-/// themselves show a sync or resync began after the last tag, it is refused
-/// unless `allow_inconsistent` — whether or not its mark is in the store.
+/// with the default engine ([`IoMode::Auto`]); see [`materialize_with`].
 #[allow(clippy::too_many_arguments)]
 pub async fn materialize(
     store: &Store,
@@ -411,6 +477,37 @@ pub async fn materialize(
     resolved: &Resolved,
     out_dir: &Path,
     allow_inconsistent: bool,
+    progress: impl Fn(Progress) + Send + Sync,
+) -> Result<Report> {
+    materialize_with(
+        store,
+        keys,
+        machine,
+        inv,
+        resolved,
+        out_dir,
+        allow_inconsistent,
+        IoMode::Auto,
+        progress,
+    )
+    .await
+}
+
+/// Writes every disk of `machine` at `resolved` into `out_dir/<disk>.raw`
+/// (each created 0600) through `engine`. `inv` must have been read with
+/// `keys.catalogue`. Where `resolved` is the stream's end (no point) and the
+/// segments themselves show a sync or resync began after the last tag, it is
+/// refused unless `allow_inconsistent` — whether or not its mark is in the store.
+#[allow(clippy::too_many_arguments)]
+pub async fn materialize_with(
+    store: &Store,
+    keys: &MachineKeys,
+    machine: &str,
+    inv: &Inventory,
+    resolved: &Resolved,
+    out_dir: &Path,
+    allow_inconsistent: bool,
+    engine: IoMode,
     progress: impl Fn(Progress) + Send + Sync,
 ) -> Result<Report> {
     let rec = catalogue::load_machine(store, &keys.catalogue, machine).await?;
@@ -446,8 +543,8 @@ pub async fn materialize(
             .and_then(|b| b.disks.get(i))
             .filter(|d| d.id == id)
     };
-    let mut targets = BTreeMap::new();
-    let mut paths = Vec::new();
+    let mut images = Vec::new();
+    let mut limits = Vec::new();
     for (i, d) in rec.disks.iter().enumerate() {
         let path = out_dir.join(format!("{}.raw", d.id));
         let limit = inv
@@ -470,9 +567,25 @@ pub async fn materialize(
             .with_context(|| format!("making {} private (0600)", path.display()))?;
         file.set_len(limit)
             .with_context(|| format!("sizing {} to {limit} bytes", path.display()))?;
-        targets.insert(i as u16, Target::new(file, limit, false));
-        paths.push(path);
+        // Fresh and all zeros: the overlay never writes zeros.
+        let io = Arc::new(open_image(&path, engine)?);
+        images.push(Image { file, io, path });
+        limits.push((i as u16, limit));
     }
+    let io_engine = images.first().map_or_else(
+        || engine.to_string(),
+        |im| {
+            format!(
+                "{}{}",
+                im.io.mode(),
+                if im.io.direct_writes() {
+                    ", O_DIRECT for aligned writes"
+                } else {
+                    ", buffered"
+                }
+            )
+        },
+    );
 
     let needed: Vec<Span> = inv
         .segments
@@ -480,15 +593,22 @@ pub async fn materialize(
         .copied()
         .filter(|s| s.name.first <= resolved.seq && s.upto > start)
         .collect();
-    // The base's chunks first (any order: they do not overlap), then the
-    // segments after it in seq order.
+    // Segments may overlap (a re-upload after a crash): each seq comes from
+    // the first segment holding it, as an oldest-first pass would take it.
+    // A segment fenced by a later takeover counts only up to the fence.
+    let mut applied = start;
+    let mut takes = Vec::new();
+    for span in &needed {
+        let upto = resolved.seq.min(span.upto);
+        takes.push((*span, applied, upto));
+        applied = applied.max(upto);
+    }
     let mut chunk_jobs = Vec::new();
     if let Some(b) = &inv.base {
         for (i, d) in rec.disks.iter().enumerate() {
             if let Some(bd) = base_disk(i, &d.id) {
-                let file = Arc::new(ChunkOut::open(&targets[&(i as u16)].file, &paths[i])?);
                 for (index, id) in &bd.chunks {
-                    chunk_jobs.push((file.clone(), *index, id.clone(), paths[i].clone()));
+                    chunk_jobs.push((i, *index, id.clone()));
                 }
             } else if b.disks.iter().any(|x| x.id == d.id) {
                 bail!(
@@ -499,51 +619,18 @@ pub async fn materialize(
             }
         }
     }
-    let total = (chunk_jobs.len() + needed.len()) as u64;
     let mut done = Progress {
-        total,
+        total: (chunk_jobs.len() + needed.len()) as u64,
         ..Progress::default()
     };
-    let chunks_read = chunk_jobs.len();
-    let namer = Arc::new(ChunkNamer::derive(&keys.data));
-    // Chunks are fetched and opened in parallel, and written one at a time:
-    // parallel writes to one file only contend for its inode lock
-    // (measured: a third of the CPU spinning in ext4's write path).
-    let mut fetches = futures::stream::iter(chunk_jobs)
-        .map(|(file, index, id, path)| {
-            let (store, key, namer) = (store.clone(), key.clone(), namer.clone());
-            let machine = machine.to_string();
-            async move {
-                let name = base::chunk_object(&machine, &id);
-                let sealed = store.get(&name).await?.ok_or_else(|| {
-                    anyhow!(
-                        "{} is missing (a chunk of the base); refusing to use this recovery point",
-                        store.describe(&name)
-                    )
-                })?;
-                let fetched = sealed.len() as u64;
-                let plain = tokio::task::spawn_blocking(move || {
-                    base::open_chunk(&key, &namer, &store, &machine, &id, &sealed)
-                        .map_err(|e| anyhow!("{e}; refusing to use this recovery point"))
-                })
-                .await??;
-                Ok::<_, anyhow::Error>((file, index, path, plain, fetched))
-            }
-        })
-        .buffer_unordered(FETCH_CONCURRENCY);
-    while let Some(item) = fetches.next().await {
-        let (file, index, path, plain, fetched) = item?;
-        tokio::task::block_in_place(|| file.write(&plain, index * CHUNK_SIZE))
-            .with_context(|| format!("writing {}", path.display()))?;
-        done.bytes += fetched;
-        done.done += 1;
-        progress(done);
-    }
-    drop(fetches);
-    let targets = Arc::new(std::sync::Mutex::new(targets));
 
-    let mut fetches = futures::stream::iter(needed.clone())
-        .map(|span: Span| {
+    // Newest first: segments fetched and decoded up to FETCH_CONCURRENCY at
+    // once, taken in reverse seq order; only what no newer entry covered is
+    // written, and the pieces are disjoint, so they are written in parallel.
+    let mut overlay = Overlay::new(limits);
+    let mut writes = Writes::new(SEGMENTS_WRITING);
+    let mut fetches = futures::stream::iter(takes.into_iter().rev())
+        .map(|(span, after, upto)| {
             let store = store.clone();
             let key = key.clone();
             let machine = machine.to_string();
@@ -563,42 +650,37 @@ pub async fn materialize(
                     decode_segment(&plain, &machine, s).map_err(|e| anyhow!("{described}: {e}"))
                 })
                 .await??;
-                Ok::<_, anyhow::Error>((span, fetched, entries))
+                Ok::<_, anyhow::Error>((span, after, upto, fetched, entries))
             }
         })
         .buffered(FETCH_CONCURRENCY);
-
-    // Segments may overlap (a re-upload after a crash): apply each seq once.
-    let mut applied = start;
-    // The base sits at a point: its tag was folded into it.
-    let mut saw_point_tag = resolved.point.is_none() || (start > 0 && resolved.seq == start);
-    // What the authenticated stream itself says about consistency up to the
-    // point: the last tag and the last sync/resync start applied.
-    let mut marks = StreamMarks {
-        last_tag: start,
-        ..StreamMarks::default()
-    };
     while let Some(item) = fetches.next().await {
-        let (span, fetched, entries) = item?;
-        let targets = targets.clone();
-        // A segment fenced by a later takeover counts only up to the fence.
-        let upto = resolved.seq.min(span.upto);
-        let point = resolved.seq;
-        let seg_name = store.describe(&segment_object(machine, &span.name));
-        let from = applied;
-        let (found_tag, seen) = tokio::task::spawn_blocking(move || -> Result<_> {
-            let mut t = targets.lock().unwrap_or_else(|p| p.into_inner());
-            apply(&mut t, &entries, from, upto, point)
-                .with_context(|| format!("applying {seg_name}"))
-        })
-        .await??;
-        applied = applied.max(upto);
-        saw_point_tag |= found_tag;
-        marks.merge(seen);
-        done.bytes += fetched;
-        done.done += 1;
-        progress(done);
+        let (span, after, upto, fetched, entries) = item?;
+        let mut pieces = Vec::new();
+        overlay
+            .take(&entries, after, upto, resolved.seq, &mut |p| pieces.push(p))
+            .with_context(|| {
+                format!(
+                    "applying {}",
+                    store.describe(&segment_object(machine, &span.name))
+                )
+            })?;
+        drop(entries);
+        grow_images(&images, &overlay)?;
+        writes.batch().await?;
+        for p in pieces {
+            let im = &images[p.disk as usize];
+            writes.put(&im.io, &im.path, p.offset, p.data).await?;
+        }
+        if done.advance(fetched, writes.written) {
+            progress(done);
+        }
     }
+    drop(fetches);
+    overlay.finish()?;
+    // The base sits at a point: its tag was folded into it.
+    let saw_point_tag =
+        overlay.saw_point_tag || resolved.point.is_none() || (start > 0 && resolved.seq == start);
     if !saw_point_tag {
         bail!(
             "the stream holds no tag at seq {} although point {} says so; the catalogue does not match the data",
@@ -606,6 +688,10 @@ pub async fn materialize(
             resolved.point.as_ref().map(|p| p.id.as_str()).unwrap_or("?")
         );
     }
+    // What the authenticated stream itself says about consistency up to the
+    // point: the last tag and the last sync/resync start taken.
+    let mut marks = overlay.marks.clone();
+    marks.last_tag = marks.last_tag.max(start);
     if let (None, Some((seq, label))) = (&resolved.point, marks.unsettled()) {
         if !allow_inconsistent {
             let recorded = inv.inconsistent.iter().any(|m| m.seq == seq);
@@ -626,30 +712,85 @@ pub async fn materialize(
             );
         }
     }
+
+    // Last, the base: only chunks with a part no entry covered are fetched
+    // (`verify` authenticates every one), and only those parts written.
+    let mut fetch_jobs = Vec::new();
+    for (i, index, id) in chunk_jobs {
+        let at = index * CHUNK_SIZE;
+        let gaps = overlay.uncovered(i as u16, at, at + CHUNK_SIZE);
+        if gaps.is_empty() {
+            done.done += 1;
+        } else {
+            fetch_jobs.push((i, index, id, gaps));
+        }
+    }
+    let chunks_read = fetch_jobs.len();
+    let namer = Arc::new(ChunkNamer::derive(&keys.data));
+    let mut writes = writes.with_window(CHUNKS_WRITING).await?;
+    let mut fetches = futures::stream::iter(fetch_jobs)
+        .map(|(i, index, id, gaps)| {
+            let (store, key, namer) = (store.clone(), key.clone(), namer.clone());
+            let machine = machine.to_string();
+            async move {
+                let name = base::chunk_object(&machine, &id);
+                let sealed = store.get(&name).await?.ok_or_else(|| {
+                    anyhow!(
+                        "{} is missing (a chunk of the base); refusing to use this recovery point",
+                        store.describe(&name)
+                    )
+                })?;
+                let fetched = sealed.len() as u64;
+                let plain = tokio::task::spawn_blocking(move || {
+                    base::open_chunk(&key, &namer, &store, &machine, &id, &sealed)
+                        .map_err(|e| anyhow!("{e}; refusing to use this recovery point"))
+                })
+                .await??;
+                Ok::<_, anyhow::Error>((i, index, gaps, bytes::Bytes::from(plain), fetched))
+            }
+        })
+        .buffer_unordered(FETCH_CONCURRENCY);
+    while let Some(item) = fetches.next().await {
+        let (i, index, gaps, plain, fetched) = item?;
+        let at = index * CHUNK_SIZE;
+        let end = at + plain.len() as u64;
+        writes.batch().await?;
+        for (a, b) in gaps {
+            let b = b.min(end);
+            if a < b {
+                let data = plain.slice((a - at) as usize..(b - at) as usize);
+                writes.put(&images[i].io, &images[i].path, a, data).await?;
+            }
+        }
+        if done.advance(fetched, writes.written) {
+            progress(done);
+        }
+    }
+    drop(fetches);
+    writes.drain().await?;
+    done.written = writes.written;
+    progress(done);
+
     let mut disks = Vec::new();
-    let t = Arc::try_unwrap(targets)
-        .map_err(|_| anyhow!("internal: targets still shared"))?
-        .into_inner()
-        .unwrap_or_else(|p| p.into_inner());
-    for (i, ((_, target), (d, path))) in t.into_iter().zip(rec.disks.iter().zip(paths)).enumerate()
-    {
-        // The authenticated stream wins: the last resize entry applied, then
-        // the (authenticated) point, then the base, then machine.json.
-        let size = target
-            .resized_to
+    for (i, (im, d)) in images.into_iter().zip(rec.disks.iter()).enumerate() {
+        // The authenticated stream wins: the last resize entry ≤ the point,
+        // then the (authenticated) point, then the base, then machine.json.
+        let size = overlay
+            .disk(i as u16)
+            .and_then(|o| o.resized_to)
             .or_else(|| resolved.point.as_ref().and_then(|p| size_at(p, i, &d.id)))
             .or_else(|| base_disk(i, &d.id).map(|b| b.size))
             .unwrap_or(d.size);
-        target
-            .file
+        drop(im.io);
+        im.file
             .set_len(size)
-            .and_then(|()| target.file.sync_all())
-            .with_context(|| format!("sizing and syncing {}", path.display()))?;
+            .and_then(|()| im.file.sync_all())
+            .with_context(|| format!("sizing and syncing {}", im.path.display()))?;
         disks.push(DiskReport {
             id: d.id.clone(),
-            path,
+            path: im.path,
             size,
-            bytes_written: target.written,
+            bytes_written: overlay.disk(i as u16).map_or(0, |o| o.written),
         });
     }
     Ok(Report {
@@ -660,53 +801,124 @@ pub async fn materialize(
         chunks_read,
         segments_read: needed.len(),
         bytes_fetched: done.bytes,
+        io_engine,
         disks,
     })
 }
 
-/// Where a disk's base chunks are written: whole, aligned chunks with
-/// O_DIRECT where the filesystem takes it (the page-cache copy of buffered
-/// writes was 69 % of a failover's CPU profile, and fresh page-cache pages
-/// are slow to first touch in a VM), the rest through the image's buffered
-/// descriptor. The segments applied afterwards go through the buffered one;
-/// a direct write drops the cached pages it covers first, so both agree.
-struct ChunkOut {
-    buffered: File,
-    direct: Option<File>,
+/// A disk image being written: its file (sized and synced at the end) and
+/// the engine writing it.
+struct Image {
+    file: File,
+    io: Arc<DiskFile>,
+    path: PathBuf,
 }
 
-impl ChunkOut {
-    const ALIGN: usize = 4096;
+/// Makes each image reach as far as the overlay's pieces do (a grow past the
+/// largest size known beforehand).
+fn grow_images(images: &[Image], overlay: &Overlay) -> Result<()> {
+    for (i, im) in images.iter().enumerate() {
+        if let Some(o) = overlay.disk(i as u16).filter(|o| o.extent > im.io.size()) {
+            im.io
+                .set_len(o.extent)
+                .with_context(|| format!("growing {} to {} bytes", im.path.display(), o.extent))?;
+        }
+    }
+    Ok(())
+}
 
-    fn open(image: &File, path: &Path) -> Result<ChunkOut> {
-        let direct = OpenOptions::new()
-            .write(true)
-            .custom_flags(libc::O_DIRECT)
-            .open(path)
-            .ok();
-        Ok(ChunkOut {
-            buffered: image
-                .try_clone()
-                .with_context(|| format!("opening {}", path.display()))?,
-            direct,
-        })
+/// Image writes in flight, in batches (a segment's or a chunk's pieces): at
+/// most `window` batches and [`WRITES_IN_FLIGHT`] bytes at once. The pieces
+/// of an overlay are disjoint, so their order does not matter.
+struct Writes {
+    batches: VecDeque<JoinSet<Result<u64>>>,
+    window: usize,
+    bytes: u64,
+    /// Bytes whose writes completed.
+    written: u64,
+}
+
+impl Writes {
+    fn new(window: usize) -> Writes {
+        Writes {
+            batches: VecDeque::new(),
+            window,
+            bytes: 0,
+            written: 0,
+        }
     }
 
-    fn write(&self, data: &[u8], offset: u64) -> std::io::Result<()> {
-        if let Some(d) = &self.direct {
-            if data.len().is_multiple_of(Self::ALIGN) && offset.is_multiple_of(Self::ALIGN as u64) {
-                let mut buf = vec![0u8; data.len() + Self::ALIGN];
-                let at = buf.as_ptr().align_offset(Self::ALIGN);
-                let aligned = &mut buf[at..at + data.len()];
-                aligned.copy_from_slice(data);
-                match d.write_all_at(aligned, offset) {
-                    Ok(()) => return Ok(()),
-                    // Refused for this file after all: the buffered way.
-                    Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
-                    Err(e) => return Err(e),
+    /// The same writes, now at most `window` batches at once.
+    async fn with_window(mut self, window: usize) -> Result<Writes> {
+        self.window = window;
+        self.batch().await?;
+        Ok(self)
+    }
+
+    /// Starts a new batch, once the oldest ones beyond the window completed.
+    async fn batch(&mut self) -> Result<()> {
+        while self.batches.len() >= self.window.max(1) {
+            self.reap_front(true).await?;
+        }
+        self.batches.push_back(JoinSet::new());
+        Ok(())
+    }
+
+    /// Queues a write into the newest batch.
+    async fn put(
+        &mut self,
+        io: &Arc<DiskFile>,
+        path: &Path,
+        offset: u64,
+        data: Bytes,
+    ) -> Result<()> {
+        while self.bytes >= WRITES_IN_FLIGHT && !self.batches.is_empty() {
+            self.reap_front(false).await?;
+        }
+        if self.batches.is_empty() {
+            self.batches.push_back(JoinSet::new());
+        }
+        let len = data.len() as u64;
+        let (io, path) = (io.clone(), path.to_path_buf());
+        self.bytes += len;
+        let batch = self.batches.back_mut().expect("a batch exists");
+        batch.spawn(async move {
+            io.write_at(offset, data).await.with_context(|| {
+                format!("writing {len} bytes at {offset} to {}", path.display())
+            })?;
+            Ok(len)
+        });
+        Ok(())
+    }
+
+    /// Waits for one write of the oldest batch (all of them: `whole`).
+    async fn reap_front(&mut self, whole: bool) -> Result<()> {
+        let Some(front) = self.batches.front_mut() else {
+            return Ok(());
+        };
+        loop {
+            match front.join_next().await {
+                Some(r) => {
+                    let n = r.map_err(|e| anyhow!("an image write panicked: {e}"))??;
+                    self.bytes -= n;
+                    self.written += n;
+                    if !whole {
+                        return Ok(());
+                    }
+                }
+                None => {
+                    self.batches.pop_front();
+                    return Ok(());
                 }
             }
         }
-        self.buffered.write_all_at(data, offset)
+    }
+
+    /// Waits for every write.
+    async fn drain(&mut self) -> Result<()> {
+        while !self.batches.is_empty() {
+            self.reap_front(true).await?;
+        }
+        Ok(())
     }
 }

@@ -112,6 +112,11 @@ struct FailoverArgs {
     /// failover, naming the disk).
     #[arg(long)]
     skip_checksum: bool,
+    /// How the images are written: auto (io_uring where the kernel allows it,
+    /// else portable), uring (io_uring or fail), portable (pwrite threads).
+    /// Aligned writes go O_DIRECT where the file system takes it.
+    #[arg(long, default_value = "auto")]
+    io_engine: materialize::IoMode,
 }
 
 #[derive(Subcommand)]
@@ -440,6 +445,7 @@ async fn failover(a: FailoverArgs) -> Result<()> {
         &a.out,
         a.allow_inconsistent,
         !a.skip_checksum,
+        a.io_engine,
     )
     .await?;
     if a.json {
@@ -470,6 +476,7 @@ async fn failover_machine(
     out: &std::path::Path,
     allow_inconsistent: bool,
     check: bool,
+    io_engine: materialize::IoMode,
 ) -> Result<Recovered> {
     let started = Instant::now();
     let keys = materialize::machine_keys(store, kek, machine).await?;
@@ -502,7 +509,7 @@ async fn failover_machine(
         }
         eprintln!("recovering {machine} at {}", resolved.description);
         let last_print = std::sync::Mutex::new(Instant::now());
-        let result = materialize::materialize(
+        let result = materialize::materialize_with(
             store,
             &keys,
             machine,
@@ -510,16 +517,19 @@ async fn failover_machine(
             &resolved,
             out,
             allow_inconsistent,
+            io_engine,
             |p: materialize::Progress| {
                 let mut t = last_print.lock().unwrap_or_else(|p| p.into_inner());
                 if t.elapsed().as_millis() >= 1000 || p.done == p.total {
                     let secs = started.elapsed().as_secs_f64().max(1e-3);
                     eprintln!(
-                        "  {}/{} objects applied (base chunks, then segments), {:.1} MiB fetched, {:.1} MiB/s",
+                        "  {}/{} objects applied (segments newest first, then base chunks), {:.1} MiB fetched, {:.1} MiB/s, {:.1} MiB written, {:.1} MiB/s",
                         p.done,
                         p.total,
                         p.bytes as f64 / 1048576.0,
-                        p.bytes as f64 / 1048576.0 / secs
+                        p.bytes as f64 / 1048576.0 / secs,
+                        p.written as f64 / 1048576.0,
+                        p.written as f64 / 1048576.0 / secs
                     );
                     *t = Instant::now();
                 }
@@ -527,7 +537,10 @@ async fn failover_machine(
         )
         .await;
         match result {
-            Ok(r) => break r,
+            Ok(r) => {
+                eprintln!("  images written with {}", r.io_engine);
+                break r;
+            }
             Err(e) if attempt < 3 => {
                 let again = materialize::inventory(store, Some(&keys.catalogue), machine).await?;
                 if again.start() == inv.start() {
@@ -723,6 +736,7 @@ async fn group_failover(a: FailoverArgs) -> Result<()> {
             &out,
             false,
             !a.skip_checksum,
+            a.io_engine,
         )
         .await
         .with_context(|| format!("recovering {} of group {group}", m.machine))?;
