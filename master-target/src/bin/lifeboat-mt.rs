@@ -443,9 +443,11 @@ async fn failover(a: FailoverArgs) -> Result<()> {
         &machine,
         &a.point,
         &a.out,
-        a.allow_inconsistent,
-        !a.skip_checksum,
-        a.io_engine,
+        How {
+            allow_inconsistent: a.allow_inconsistent,
+            check: !a.skip_checksum,
+            io_engine: a.io_engine,
+        },
     )
     .await?;
     if a.json {
@@ -466,18 +468,30 @@ struct Recovered {
     checksums: Option<lifeboat_mt::sums::Checked>,
 }
 
-/// Recovers `machine` at `point` into `out`; with `check`, compares the
-/// images with the checksums recorded at the point.
+/// How a failover writes and checks.
+#[derive(Clone, Copy)]
+struct How {
+    /// Write `latest` inside a sync or resync.
+    allow_inconsistent: bool,
+    /// Compare the images with the checksums recorded at the point.
+    check: bool,
+    io_engine: materialize::IoMode,
+}
+
+/// Recovers `machine` at `point` into `out` (see [`How`]).
 async fn failover_machine(
     store: &Store,
     kek: &Key,
     machine: &str,
     point: &PointSpec,
     out: &std::path::Path,
-    allow_inconsistent: bool,
-    check: bool,
-    io_engine: materialize::IoMode,
+    how: How,
 ) -> Result<Recovered> {
+    let How {
+        allow_inconsistent,
+        check,
+        io_engine,
+    } = how;
     let started = Instant::now();
     let keys = materialize::machine_keys(store, kek, machine).await?;
     let mut inv = materialize::inventory(store, Some(&keys.catalogue), machine).await?;
@@ -734,9 +748,11 @@ async fn group_failover(a: FailoverArgs) -> Result<()> {
             &m.machine,
             &PointSpec::Id(lifeboat_common::catalogue::point_id(m.seq)),
             &out,
-            false,
-            !a.skip_checksum,
-            a.io_engine,
+            How {
+                allow_inconsistent: false,
+                check: !a.skip_checksum,
+                io_engine: a.io_engine,
+            },
         )
         .await
         .with_context(|| format!("recovering {} of group {group}", m.machine))?;
