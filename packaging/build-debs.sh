@@ -9,9 +9,9 @@
 #   packaging/build-debs.sh [--bin-dir DIR] [--out DIR]
 #
 # --bin-dir (or LIFEBOAT_BIN_DIR) holds lifeboat-agent, lifeboat-ps and
-# lifeboat-mt; default ./target/release, built with `build_release` when a
+# lifeboat-mt; default <workspace>/target/release, built with `build_release` when a
 # binary is missing there (a --bin-dir given is never built into). --out
-# (default ./target/debian) receives <package>_<version>_<arch>.deb.
+# (default <workspace>/target/debian) receives <package>_<version>_<arch>.deb.
 #
 # Built with dpkg-deb, not cargo-deb: dpkg-deb, dpkg-shlibdeps and objcopy
 # come with every Debian build machine (dpkg, dpkg-dev, binutils), so this
@@ -32,7 +32,7 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --bin-dir) [ $# -ge 2 ] || die "--bin-dir needs a directory"; BIN_DIR="$2"; shift 2 ;;
     --out) [ $# -ge 2 ] || die "--out needs a directory"; OUT="$2"; shift 2 ;;
-    -h|--help) sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,/^[^#]/{/^#/s/^# \{0,1\}//p}' "$0"; exit 0 ;;
     *) die "unknown argument $1 (see --help)" ;;
   esac
 done
@@ -53,7 +53,8 @@ if [ -z "$BIN_DIR" ]; then
     build_release
   fi
 fi
-BIN_DIR="$(cd "$BIN_DIR" && pwd)" || die "no directory $BIN_DIR"
+[ -d "$BIN_DIR" ] || die "no directory $BIN_DIR"
+BIN_DIR="$(cd "$BIN_DIR" && pwd)"
 for b in "${BINARIES[@]}"; do
   [ -x "$BIN_DIR/$b" ] || die "$BIN_DIR/$b is missing (build with: source scripts/cargo-env.sh; build_release)"
 done
