@@ -316,3 +316,32 @@ fn check_ps(root: &Path, control: &Path, packaged: &Path, tmp: &Path) {
     }
     assert_config_valid(packaged, &dir.join("ps.toml"));
 }
+
+/// The post-install runs `init` only without ps.toml and kek.key; `init`
+/// itself refuses too, so that no path replaces the key the store was
+/// written with.
+#[test]
+fn init_refuses_to_replace_keys() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("ps");
+    let init = || {
+        run_timeout(
+            Command::new(bin("lifeboat-ps"))
+                .args(["init", "--dir"])
+                .arg(&dir),
+            STEP_TIMEOUT,
+        )
+        .unwrap()
+    };
+    assert!(init().status.success());
+    let kek = std::fs::read(dir.join("kek.key")).unwrap();
+    let again = init();
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("ps.toml already exists"));
+    std::fs::remove_file(dir.join("ps.toml")).unwrap();
+    let without_config = init();
+    let err = String::from_utf8_lossy(&without_config.stderr);
+    assert!(!without_config.status.success(), "init replaced the keys");
+    assert!(err.contains("kek.key already exists"), "{err}");
+    assert_eq!(std::fs::read(dir.join("kek.key")).unwrap(), kek);
+}
