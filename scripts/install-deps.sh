@@ -15,6 +15,8 @@
 #   e2fsprogs     - mkfs.ext4 / e2fsck for filesystem checks of recovered images
 #   sqlite3       - PRAGMA integrity_check of a database recovered at an app-consistent point
 #   python3       - the SQLite writer of that test (its sqlite3 module)
+#   dpkg-dev, binutils, systemd - dpkg-shlibdeps, objcopy/readelf and
+#                   systemd-analyze for packaging/build-debs.sh and its test
 #
 # Object-store servers, cached OUTSIDE the clone in
 # ${LIFEBOAT_TOOLS:-$HOME/.cache/lifeboat/tools}:
@@ -40,7 +42,7 @@ esac
 
 TOOLS="${LIFEBOAT_TOOLS:-$HOME/.cache/lifeboat/tools}"
 
-DEB_PACKAGES=(libclang-dev qemu-utils nbdkit libnbd-bin python3-libnbd fio fuse3 rsync e2fsprogs sqlite3 python3)
+DEB_PACKAGES=(libclang-dev qemu-utils nbdkit libnbd-bin python3-libnbd fio fuse3 rsync e2fsprogs sqlite3 python3 dpkg-dev binutils systemd)
 if [ "$DEMO" = 1 ]; then
     DEB_PACKAGES=(libclang-dev qemu-utils fio python3)
 fi

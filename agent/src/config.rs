@@ -417,6 +417,10 @@ mod tests {
         assert_eq!(cfg.app.freeze_timeout, DEFAULT_FREEZE_TIMEOUT);
         assert_eq!(cfg.app.freeze_hold, DEFAULT_FREEZE_HOLD);
         assert_eq!(cfg.app.quiesce, QuiesceMode::Fsfreeze);
+        assert_eq!(cfg.server_name, default_server_name());
+        assert_eq!(cfg.sync_rate_limit, None);
+        assert_eq!(cfg.disks[0].io_mode, default_io_mode());
+        assert!(cfg.disks[0].tcp.is_none() && !cfg.disks[0].allow_remote);
     }
 
     #[test]

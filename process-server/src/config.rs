@@ -470,7 +470,18 @@ mod tests {
     fn the_example_config_is_valid() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/examples/ps.toml");
         let cfg = PsConfig::load(&path).unwrap();
-        assert_eq!(cfg.max_connections_per_source, 16);
+        // The example shows every default it names as one.
+        assert_eq!(cfg.segment_max_bytes, DEFAULT_SEGMENT_MAX_BYTES);
+        assert_eq!(cfg.segment_max_age, DEFAULT_SEGMENT_MAX_AGE);
+        assert_eq!(cfg.zstd_level, DEFAULT_ZSTD_LEVEL);
+        assert_eq!(cfg.upload_concurrency, DEFAULT_UPLOAD_CONCURRENCY);
+        assert_eq!(cfg.handshake_timeout, DEFAULT_HANDSHAKE_TIMEOUT);
+        assert_eq!(cfg.hello_timeout, DEFAULT_HELLO_TIMEOUT);
+        assert_eq!(cfg.idle_timeout, DEFAULT_IDLE_TIMEOUT);
+        assert_eq!(
+            cfg.max_connections_per_source,
+            DEFAULT_MAX_CONNECTIONS_PER_SOURCE
+        );
         assert_eq!(cfg.retention, Retention::default());
         assert!(cfg.store.url.starts_with("s3://"));
         assert_eq!(cfg.group.len(), 1);

@@ -266,6 +266,18 @@ fn init(dir: &Path, machine: &str, listen: &str, store: Option<String>) -> Resul
             config_path.display()
         );
     }
+    // Without ps.toml the keys may still be the ones the store was written
+    // with: a new key-encryption key would make every point unreadable.
+    for name in [pki::KEK_FILE, pki::CA_KEY] {
+        let key = dir.join(name);
+        if key.exists() {
+            anyhow::bail!(
+                "{} already exists (ps.toml does not): refusing to replace the keys of a process server; restore ps.toml, or move the old keys away (keep a copy: recovery needs {})",
+                key.display(),
+                pki::KEK_FILE
+            );
+        }
+    }
     pki::create_authority(&dir, &["localhost".to_string(), "127.0.0.1".to_string()])?;
     pki::issue_machine_cert(&dir, machine, &dir.join("machines").join(machine))?;
     let store = store.unwrap_or_else(|| format!("file://{}/store", dir.display()));
