@@ -26,7 +26,7 @@
 #                                             build dir s3s-fs-target/ is removed afterwards)
 #
 # `install-deps.sh --demo` installs only what scripts/demo.sh uses (the Debian
-# packages libclang-dev, qemu-utils and fio): the demo runs on the embedded
+# packages libclang-dev, qemu-utils, fio and python3): the demo runs on the embedded
 # local-filesystem store, so it never waits for the test-only object-store servers.
 #
 # It only installs: it exports nothing and changes no configuration. The tests find the
