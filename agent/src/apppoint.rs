@@ -469,6 +469,10 @@ impl AppPoints {
         if let Some(why) = self.stream.why_inconsistent() {
             return Err(AppPointError::Inconsistent(why));
         }
+        // The previous point's checksums before the scripts run and
+        // anything is frozen (the watchdog and the freeze bounds start after
+        // this): the tag placed while frozen must not wait (`pointsum.rs`).
+        self.stream.wait_point_sums().await;
         let cfg = &self.cfg;
         let q = (self.make)(label);
         let source = q.source();
@@ -504,9 +508,6 @@ impl AppPoints {
             self.end(quiesced).await;
             return Err(failed("pre-freeze", (why, by_deadline)));
         }
-        // The previous point's checksums before anything is frozen: the tag
-        // placed while frozen must not wait for them (`pointsum.rs`).
-        self.stream.wait_point_sums().await;
         self.step(Some("freeze"));
         let (bound, by_deadline) = within(cfg.freeze_timeout, deadline);
         let qq = q.clone();

@@ -64,8 +64,9 @@ pub const GROUP_HOLD_MAX: Duration = Duration::from_secs(60);
 /// The longest a group-quiesce may take, whatever the process server asks.
 pub const GROUP_QUIESCE_MAX: Duration = Duration::from_secs(600);
 /// Time over `quiesce_ms + hold_ms` before a quiesced machine thaws by
-/// itself (the commit or release is on its way).
-pub const QUIESCE_SLACK: Duration = Duration::from_secs(5);
+/// itself (the commit or release is on its way); more than a prepare's
+/// drain may take, so that the timer never thaws under the write hold.
+pub const QUIESCE_SLACK: Duration = Duration::from_secs(15);
 
 /// An app-consistent group point's quiesce on this machine.
 #[derive(Default)]

@@ -197,6 +197,11 @@ impl DiskFile {
             ));
         };
         // Refused by some file systems (tmpfs, FUSE without direct_io): buffered only.
+        // Also where a block is larger than the direct alignment: a buffered
+        // write of a few bytes would dirty the whole block, and its
+        // writeback could overwrite a direct write elsewhere in that block.
+        use std::os::unix::fs::MetadataExt;
+        let direct = direct && meta.blksize() <= DIRECT_ALIGN as u64;
         let direct_file = direct
             .then(|| {
                 OpenOptions::new()

@@ -11,12 +11,14 @@
 //! Overlapping segments (a re-upload) give each seq once, from the first
 //! segment holding it, as an oldest-first pass would. Last, the base's chunks
 //! that still have an uncovered part are fetched (each authenticated and
-//! checked against its id) and only those parts written; a chunk covered
-//! whole is not read (`verify` reads every one). So every byte of an image is
+//! checked against its id) and only those parts written; a chunk later
+//! writes cover whole is not needed for the point and not read. So every byte of an image is
 //! written at most once, and the writes are disjoint: they go to the disk
 //! engine (`lifeboat_common::diskio`: io_uring or the portable threads,
 //! `--io-engine`; aligned writes `O_DIRECT`) many at once, in no order.
 //! The result is exactly the source disk after the point's last write.
+//! Each image is written as `.<disk>.raw.partial-<attempt>` and renamed to
+//! `<disk>.raw` once complete and synced; a failed attempt removes its files.
 //!
 //! Memory: decoded segments are held while fetched ahead (`FETCH_CONCURRENCY`)
 //! and while their writes are in flight (`SEGMENTS_WRITING`, at most
@@ -545,8 +547,22 @@ pub async fn materialize_with(
     };
     let mut images = Vec::new();
     let mut limits = Vec::new();
+    // Each image is written under a name of its own attempt and renamed
+    // into place only once complete and synced: a failed attempt leaves no
+    // image that looks recovered, and writes of an attempt that failed (the
+    // engine finishes ops already queued) can never land in a retry's image.
+    let mut partial = PartialImages(Vec::new());
+    let attempt = format!(
+        "{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos())
+    );
     for (i, d) in rec.disks.iter().enumerate() {
-        let path = out_dir.join(format!("{}.raw", d.id));
+        let final_path = out_dir.join(format!("{}.raw", d.id));
+        let path = out_dir.join(format!(".{}.raw.partial-{attempt}", d.id));
+        partial.0.push(path.clone());
         let limit = inv
             .points
             .iter()
@@ -569,7 +585,12 @@ pub async fn materialize_with(
             .with_context(|| format!("sizing {} to {limit} bytes", path.display()))?;
         // Fresh and all zeros: the overlay never writes zeros.
         let io = Arc::new(open_image(&path, engine)?);
-        images.push(Image { file, io, path });
+        images.push(Image {
+            file,
+            io,
+            path,
+            final_path,
+        });
         limits.push((i as u16, limit));
     }
     let io_engine = images.first().map_or_else(
@@ -714,7 +735,7 @@ pub async fn materialize_with(
     }
 
     // Last, the base: only chunks with a part no entry covered are fetched
-    // (`verify` authenticates every one), and only those parts written.
+    // (one that later writes cover whole is not needed for the point), and only those parts written.
     let mut fetch_jobs = Vec::new();
     for (i, index, id) in chunk_jobs {
         let at = index * CHUNK_SIZE;
@@ -788,11 +809,20 @@ pub async fn materialize_with(
             .with_context(|| format!("sizing and syncing {}", im.path.display()))?;
         disks.push(DiskReport {
             id: d.id.clone(),
-            path: im.path,
+            path: im.final_path,
             size,
             bytes_written: overlay.disk(i as u16).map_or(0, |o| o.written),
         });
     }
+    // Complete: every image into its place, then the directory synced.
+    for (tmp, d) in partial.0.iter().zip(&disks) {
+        std::fs::rename(tmp, &d.path)
+            .with_context(|| format!("renaming {} to {}", tmp.display(), d.path.display()))?;
+    }
+    partial.0.clear();
+    File::open(out_dir)
+        .and_then(|dir| dir.sync_all())
+        .with_context(|| format!("syncing {}", out_dir.display()))?;
     Ok(Report {
         machine: machine.to_string(),
         seq: resolved.seq,
@@ -807,11 +837,25 @@ pub async fn materialize_with(
 }
 
 /// A disk image being written: its file (sized and synced at the end) and
-/// the engine writing it.
+/// the engine writing it; `path` is the attempt's own name, `final_path`
+/// where it goes once complete.
 struct Image {
     file: File,
     io: Arc<DiskFile>,
     path: PathBuf,
+    final_path: PathBuf,
+}
+
+/// The images of an attempt not yet renamed into place: removed when the
+/// attempt fails (ops still queued finish on the unlinked files).
+struct PartialImages(Vec<PathBuf>);
+
+impl Drop for PartialImages {
+    fn drop(&mut self) {
+        for p in &self.0 {
+            let _ = std::fs::remove_file(p);
+        }
+    }
 }
 
 /// Makes each image reach as far as the overlay's pieces do (a grow past the
