@@ -77,8 +77,18 @@ pub fn sum_file(
     threads: usize,
     progress: &(dyn Fn(u64) + Sync),
 ) -> io::Result<Hash> {
+    const SPAN: u64 = 64;
     let n = chunks(size);
     let threads = threads.clamp(1, 16) as u64;
+    // SAFETY: posix_fadvise only hints the kernel about this descriptor.
+    unsafe {
+        libc::posix_fadvise(
+            std::os::fd::AsRawFd::as_raw_fd(file),
+            0,
+            0,
+            libc::POSIX_FADV_SEQUENTIAL,
+        );
+    }
     let done = std::sync::atomic::AtomicU64::new(0);
     let next = std::sync::atomic::AtomicU64::new(0);
     let mut leaves = vec![[0u8; 32]; n as usize];
@@ -89,22 +99,29 @@ pub fn sum_file(
                     let mut out = Vec::new();
                     let mut buf = vec![0u8; CHUNK as usize];
                     loop {
-                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        if i >= n {
+                        // Runs of SPAN chunks per reader: each reads
+                        // sequentially, so the kernel's readahead works
+                        // (chunk-interleaved readers defeat it on a cold
+                        // image: measured 2.6x slower than `cat`).
+                        let first = next.fetch_add(SPAN, std::sync::atomic::Ordering::Relaxed);
+                        if first >= n {
                             return Ok(out);
                         }
-                        let off = i * CHUNK;
-                        let len = CHUNK.min(size - off) as usize;
-                        file.read_exact_at(&mut buf[..len], off).map_err(|e| {
-                            io::Error::new(
-                                e.kind(),
-                                format!("reading {len} bytes at {off} to checksum: {e}"),
-                            )
-                        })?;
-                        out.push((i, leaf(&buf[..len])));
-                        let d = done.fetch_add(len as u64, std::sync::atomic::Ordering::Relaxed);
-                        if (d / CHUNK).is_multiple_of(256) {
-                            progress(d + len as u64);
+                        for i in first..(first + SPAN).min(n) {
+                            let off = i * CHUNK;
+                            let len = CHUNK.min(size - off) as usize;
+                            file.read_exact_at(&mut buf[..len], off).map_err(|e| {
+                                io::Error::new(
+                                    e.kind(),
+                                    format!("reading {len} bytes at {off} to checksum: {e}"),
+                                )
+                            })?;
+                            out.push((i, leaf(&buf[..len])));
+                            let d =
+                                done.fetch_add(len as u64, std::sync::atomic::Ordering::Relaxed);
+                            if (d / CHUNK).is_multiple_of(256) {
+                                progress(d + len as u64);
+                            }
                         }
                     }
                 })
