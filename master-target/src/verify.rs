@@ -89,6 +89,10 @@ pub async fn verify(
         .iter()
         .map(|d| (d.id.clone(), d.path.clone(), d.size))
         .collect();
+    // Failover skips base chunks that later writes cover whole (the point
+    // does not need them); older points do, so verify authenticates every
+    // chunk of the base.
+    let chunks_checked = check_base_chunks(store, keys, machine, &inv).await?;
     let points: Vec<u64> = inv.points.iter().map(|p| p.seq).collect();
     let checksums = crate::sums::check_images(
         store,
@@ -115,13 +119,58 @@ pub async fn verify(
         point: resolved.description,
         seq: resolved.seq,
         base: report.base,
-        chunks_checked: report.chunks_read,
+        chunks_checked,
         segments_checked: report.segments_read,
         bytes_fetched: report.bytes_fetched,
         consistent,
         disks,
         checksums,
     })
+}
+
+/// Fetches and authenticates every chunk the base lists (AES-GCM, and its
+/// content against its id); returns how many. The first missing or
+/// tampered one is an error naming it.
+async fn check_base_chunks(
+    store: &Store,
+    keys: &MachineKeys,
+    machine: &str,
+    inv: &Inventory,
+) -> Result<usize> {
+    use futures::StreamExt;
+    use lifeboat_common::base;
+    let Some(b) = &inv.base else {
+        return Ok(0);
+    };
+    let ids: std::collections::BTreeSet<String> = b.chunk_ids().map(String::from).collect();
+    let key = std::sync::Arc::new(keys.data.clone());
+    let namer = std::sync::Arc::new(base::ChunkNamer::derive(&keys.data));
+    let mut checks = futures::stream::iter(ids.iter().cloned())
+        .map(|id| {
+            let (store, key, namer) = (store.clone(), key.clone(), namer.clone());
+            let machine = machine.to_string();
+            async move {
+                let name = base::chunk_object(&machine, &id);
+                let sealed = store.get(&name).await?.ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "{} is missing (a chunk of the base at seq {})",
+                        store.describe(&name),
+                        b.seq
+                    )
+                })?;
+                tokio::task::spawn_blocking(move || {
+                    base::open_chunk(&key, &namer, &store, &machine, &id, &sealed)
+                        .map(|_| ())
+                        .map_err(|e| anyhow::anyhow!("{e}"))
+                })
+                .await?
+            }
+        })
+        .buffer_unordered(8);
+    while let Some(r) = checks.next().await {
+        r?;
+    }
+    Ok(ids.len())
 }
 
 /// Lower-case hex SHA-256 of a file.
