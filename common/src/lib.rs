@@ -56,9 +56,15 @@ pub struct LogArgs {
 pub fn init_logging(default: &str, format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    // A log line that cannot be written (stderr on a full filesystem) is
+    // dropped: by default the subscriber reports the failure with
+    // `eprintln!`, which panics when stderr fails too — killing whatever
+    // task logged (seen: the agent's resync supervisor, when the disk
+    // holding its log filled up with the protected disk's data).
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .log_internal_errors(false);
     let _ = match format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder
