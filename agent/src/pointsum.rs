@@ -49,7 +49,6 @@ pub const SUMS_WAIT: Duration = Duration::from_secs(10);
 /// Chunks read and hashed at once, by the background task and by a write.
 const HASH_CONCURRENCY: usize = 4;
 
-#[derive(Default)]
 struct Bits(Vec<u64>);
 
 impl Bits {
@@ -198,6 +197,13 @@ impl DiskSums {
         }
     }
 
+    /// Hashes chunk `i`, whose `hashing` bit the caller claimed, and records
+    /// its leaf (`writer`: a write follows, the chunk is dirty again).
+    async fn hash_claimed(&self, disk: &ProtectedDisk, i: u64, writer: bool) {
+        let leaf = self.hash(disk, i).await;
+        self.finish(i, leaf, writer);
+    }
+
     /// Called by a write or zeroing of `offset..offset+len`, inside its gate
     /// permit and range lock, before it changes the disk.
     pub async fn before_change(&self, disk: &ProtectedDisk, offset: u64, len: u64) {
@@ -218,10 +224,7 @@ impl DiskSums {
             }
         }
         futures::stream::iter(mine)
-            .map(|i| async move {
-                let leaf = self.hash(disk, i).await;
-                self.finish(i, leaf, true);
-            })
+            .map(|i| self.hash_claimed(disk, i, true))
             .buffer_unordered(HASH_CONCURRENCY)
             .collect::<()>()
             .await;
@@ -233,8 +236,7 @@ impl DiskSums {
                 match self.claim(i, true) {
                     Claim::Clear => break,
                     Claim::Mine => {
-                        let leaf = self.hash(disk, i).await;
-                        self.finish(i, leaf, true);
+                        self.hash_claimed(disk, i, true).await;
                         break;
                     }
                     Claim::Wait => changed.await,
@@ -277,8 +279,7 @@ impl DiskSums {
             futures::stream::iter(batch)
                 .map(|i| async move {
                     if let Claim::Mine = self.claim(i, false) {
-                        let leaf = self.hash(disk, i).await;
-                        self.finish(i, leaf, false);
+                        self.hash_claimed(disk, i, false).await;
                     }
                 })
                 .buffer_unordered(HASH_CONCURRENCY)

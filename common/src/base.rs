@@ -180,6 +180,31 @@ pub fn seal_chunk(key: &Key, machine: &str, id: &str, data: &[u8], level: i32) -
     seal::seal(key, &chunk_object(machine, id), 0, data, level)
 }
 
+/// Fetches chunk `id` of `machine` from `store` and opens it ([`open_chunk`],
+/// off the runtime's threads): its plaintext and the sealed bytes fetched.
+/// A missing chunk is [`CatalogueError::Missing`], naming the object.
+pub async fn fetch_chunk(
+    store: &Store,
+    key: std::sync::Arc<Key>,
+    namer: std::sync::Arc<ChunkNamer>,
+    machine: &str,
+    id: &str,
+) -> Result<(Vec<u8>, u64), CatalogueError> {
+    let name = chunk_object(machine, id);
+    let sealed = crate::catalogue::get_required(store, &name).await?;
+    let fetched = sealed.len() as u64;
+    let (store, machine, id) = (store.clone(), machine.to_string(), id.to_string());
+    let plain = tokio::task::spawn_blocking(move || {
+        open_chunk(&key, &namer, &store, &machine, &id, &sealed)
+    })
+    .await
+    .map_err(|e| CatalogueError::Invalid {
+        object: name.clone(),
+        detail: format!("opening it failed: {e}"),
+    })??;
+    Ok((plain, fetched))
+}
+
 /// Opens a sealed chunk and checks that its content has its id.
 pub fn open_chunk(
     key: &Key,

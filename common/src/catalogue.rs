@@ -194,6 +194,24 @@ impl SumsRecord {
     }
 }
 
+/// The points that have a checksums record, by their seq, from one listing
+/// of `sums/` (not authenticated: for listings and for deleting).
+pub async fn list_sums_points(
+    store: &Store,
+    machine: &str,
+) -> Result<std::collections::BTreeSet<u64>, CatalogueError> {
+    let dir = format!("{}/sums/", machine_dir(machine));
+    Ok(store
+        .list(&dir)
+        .await?
+        .into_iter()
+        .filter_map(|(name, _)| {
+            let f = name.strip_prefix(&dir)?.strip_suffix(".json")?;
+            u64::from_str_radix(f, 16).ok()
+        })
+        .collect())
+}
+
 /// The checksums recorded for the point at `point`, authenticated; `None`
 /// when none were recorded (or the record of an epoch a takeover fenced).
 pub async fn load_sums(
@@ -580,6 +598,17 @@ pub enum CatalogueError {
     Missing { object: String },
 }
 
+/// Fetches an object that must exist: a missing one is
+/// [`CatalogueError::Missing`], naming it.
+pub async fn get_required(store: &Store, name: &str) -> Result<bytes::Bytes, CatalogueError> {
+    store
+        .get(name)
+        .await?
+        .ok_or_else(|| CatalogueError::Missing {
+            object: store.describe(name),
+        })
+}
+
 pub fn seal_data_key(kek: &Key, machine: &str, data_key: &Key) -> Vec<u8> {
     seal::seal(
         kek,
@@ -619,12 +648,7 @@ pub fn open_data_key(
 /// Loads the machine's data key from the store.
 pub async fn load_data_key(store: &Store, kek: &Key, machine: &str) -> Result<Key, CatalogueError> {
     let name = data_key_object(machine);
-    let sealed = store
-        .get(&name)
-        .await?
-        .ok_or_else(|| CatalogueError::Missing {
-            object: store.describe(&name),
-        })?;
+    let sealed = get_required(store, &name).await?;
     open_data_key(kek, machine, &sealed, store)
 }
 
@@ -634,12 +658,7 @@ pub async fn load_machine(
     machine: &str,
 ) -> Result<MachineRecord, CatalogueError> {
     let name = machine_json(machine);
-    let bytes = store
-        .get(&name)
-        .await?
-        .ok_or_else(|| CatalogueError::Missing {
-            object: store.describe(&name),
-        })?;
+    let bytes = get_required(store, &name).await?;
     let rec: MachineRecord = open_record(key, store, &name, &bytes)?;
     if !(1..=MACHINE_FORMAT).contains(&rec.format) || rec.machine != machine {
         return Err(CatalogueError::Invalid {

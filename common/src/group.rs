@@ -164,12 +164,7 @@ fn invalid(store: &Store, object: &str, detail: impl Into<String>) -> CatalogueE
 /// Reads the index of group point `id`; its machine ids are checked.
 pub async fn load_index(store: &Store, group: &str, id: u64) -> Result<GroupIndex, CatalogueError> {
     let name = index_object(group, id);
-    let bytes = store
-        .get(&name)
-        .await?
-        .ok_or_else(|| CatalogueError::Missing {
-            object: store.describe(&name),
-        })?;
+    let bytes = crate::catalogue::get_required(store, &name).await?;
     let idx: GroupIndex =
         serde_json::from_slice(&bytes).map_err(|e| invalid(store, &name, e.to_string()))?;
     if idx.format != GROUP_FORMAT || idx.group != group || idx.id != id {

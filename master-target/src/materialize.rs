@@ -754,19 +754,11 @@ pub async fn materialize_with(
             let (store, key, namer) = (store.clone(), key.clone(), namer.clone());
             let machine = machine.to_string();
             async move {
-                let name = base::chunk_object(&machine, &id);
-                let sealed = store.get(&name).await?.ok_or_else(|| {
-                    anyhow!(
-                        "{} is missing (a chunk of the base); refusing to use this recovery point",
-                        store.describe(&name)
-                    )
+                let (plain, fetched) = base::fetch_chunk(&store, key, namer, &machine, &id)
+                    .await
+                    .map_err(|e| {
+                    anyhow!("{e} (a chunk of the base); refusing to use this recovery point")
                 })?;
-                let fetched = sealed.len() as u64;
-                let plain = tokio::task::spawn_blocking(move || {
-                    base::open_chunk(&key, &namer, &store, &machine, &id, &sealed)
-                        .map_err(|e| anyhow!("{e}; refusing to use this recovery point"))
-                })
-                .await??;
                 Ok::<_, anyhow::Error>((i, index, gaps, bytes::Bytes::from(plain), fetched))
             }
         })

@@ -100,36 +100,42 @@ pub async fn check_images(
     };
     let seq = record.point;
     let object = store.describe(&catalogue::sums_object(machine, seq));
-    let record = Some(record);
     let mut disks = Vec::new();
     for (id, path, size) in images {
+        // A disk the record does not hold is not read: nothing to compare.
+        let Some(r) = record.disk(id) else {
+            disks.push(ImageSum {
+                id: id.clone(),
+                size: *size,
+                checksum: None,
+                recorded: None,
+            });
+            continue;
+        };
+        if r.size != *size {
+            bail!(
+                "disk {id}: the recovered image has {size} bytes, but the source had {} at seq {seq} ({object}); \
+                 the image is not the source's and is not to be used",
+                r.size
+            );
+        }
         let (p, s) = (path.clone(), *size);
         let checksum = tokio::task::spawn_blocking(move || sum_image(&p, s))
             .await
             .map_err(|e| anyhow!("checksum task: {e}"))??;
-        let recorded = record.as_ref().and_then(|r| r.disk(id));
-        if let Some(r) = recorded {
-            if r.size != *size {
-                bail!(
-                    "disk {id}: the recovered image has {size} bytes, but the source had {} at seq {seq} ({object}); \
-                     the image is not the source's and is not to be used",
-                    r.size
-                );
-            }
-            if r.sum != checksum {
-                bail!(
-                    "disk {id}: the recovered image {} has checksum {checksum}, but the source's at seq {seq} was {} ({object}); \
-                     the image is not the source's and is not to be used",
-                    path.display(),
-                    r.sum
-                );
-            }
+        if r.sum != checksum {
+            bail!(
+                "disk {id}: the recovered image {} has checksum {checksum}, but the source's at seq {seq} was {} ({object}); \
+                 the image is not the source's and is not to be used",
+                path.display(),
+                r.sum
+            );
         }
         disks.push(ImageSum {
             id: id.clone(),
             size: *size,
             checksum: Some(checksum),
-            recorded: recorded.map(|r| r.sum.clone()),
+            recorded: Some(r.sum.clone()),
         });
     }
     let missing: Vec<&str> = disks

@@ -150,20 +150,10 @@ async fn check_base_chunks(
             let (store, key, namer) = (store.clone(), key.clone(), namer.clone());
             let machine = machine.to_string();
             async move {
-                let name = base::chunk_object(&machine, &id);
-                let sealed = store.get(&name).await?.ok_or_else(|| {
-                    anyhow::anyhow!(
-                        "{} is missing (a chunk of the base at seq {})",
-                        store.describe(&name),
-                        b.seq
-                    )
-                })?;
-                tokio::task::spawn_blocking(move || {
-                    base::open_chunk(&key, &namer, &store, &machine, &id, &sealed)
-                        .map(|_| ())
-                        .map_err(|e| anyhow::anyhow!("{e}"))
-                })
-                .await?
+                base::fetch_chunk(&store, key, namer, &machine, &id)
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| anyhow::anyhow!("{e} (a chunk of the base at seq {})", b.seq))
             }
         })
         .buffer_unordered(8);

@@ -395,15 +395,10 @@ async fn fold(
                     (store.clone(), key.clone(), namer.clone(), file.clone());
                 let machine = m.to_string();
                 async move {
-                    let name = base::chunk_object(&machine, &id);
-                    let sealed = store.get(&name).await?.ok_or_else(|| {
-                        anyhow!(
-                            "{} is missing (a chunk of the current base)",
-                            store.describe(&name)
-                        )
-                    })?;
+                    let (plain, _) = base::fetch_chunk(&store, key, namer, &machine, &id)
+                        .await
+                        .map_err(|e| anyhow!("{e} (a chunk of the current base)"))?;
                     tokio::task::spawn_blocking(move || -> Result<()> {
-                        let plain = base::open_chunk(&key, &namer, &store, &machine, &id, &sealed)?;
                         let at = ci * CHUNK_SIZE;
                         for (s, e) in gaps {
                             let (a, b) = ((s - at) as usize, ((e - at) as usize).min(plain.len()));
@@ -592,16 +587,8 @@ async fn tidy(c: &Compactor, view: &StreamView, now_ms: u64, report: &mut RunRep
         report.points_deleted += dropped.len();
         names.extend(dropped);
         // Their checksums (`sums/<point>.json`), also of points thinned earlier.
-        let sums_dir = format!("machines/{m}/sums/");
-        for (name, _) in store.list(&sums_dir).await? {
-            let seq = name
-                .strip_prefix(&sums_dir)
-                .and_then(|f| f.strip_suffix(".json"))
-                .and_then(|f| u64::from_str_radix(f, 16).ok());
-            if seq.is_some_and(|seq| seq < h) {
-                names.push(name);
-            }
-        }
+        let summed = catalogue::list_sums_points(store, m).await?;
+        names.extend(summed.range(..h).map(|&seq| catalogue::sums_object(m, seq)));
         let marks = catalogue::list_inconsistent(store, Some(ck), m, &all).await?;
         names.extend(
             marks

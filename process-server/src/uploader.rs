@@ -894,6 +894,8 @@ async fn upload_segment(
     // Marks and points before the segment: whoever sees the segment (the
     // stream end moves with segments) sees its marks and points too. A point
     // beyond the stored stream is not listed until its segment is stored.
+    // A record of an older owner that a takeover fenced is replaced.
+    let stale = |of: u64, seq: u64| of < epoch && !fences.counts(of, seq);
     for p in points {
         let r = create_json(
             &store,
@@ -903,7 +905,7 @@ async fn upload_segment(
             |o: &PointRecord| {
                 o.seq == p.seq && o.kind == p.kind && o.time_ms == p.time_ms && o.label == p.label
             },
-            |o: &PointRecord| o.epoch < epoch && !fences.counts(o.epoch, o.seq),
+            |o: &PointRecord| stale(o.epoch, o.seq),
             &cancel,
         )
         .await?;
@@ -923,7 +925,7 @@ async fn upload_segment(
             // Another record of the point's checksums (a re-upload) is kept:
             // metadata, no reason to fence the machine over.
             |o: &SumsRecord| o.point == m.point,
-            |o: &SumsRecord| o.epoch < epoch && !fences.counts(o.epoch, o.seq),
+            |o: &SumsRecord| stale(o.epoch, o.seq),
             &cancel,
         )
         .await?;
@@ -940,7 +942,7 @@ async fn upload_segment(
             &obj,
             &m,
             |o: &InconsistentRecord| o.seq == m.seq && o.label == m.label,
-            |o: &InconsistentRecord| o.epoch < epoch && !fences.counts(o.epoch, o.seq),
+            |o: &InconsistentRecord| stale(o.epoch, o.seq),
             &cancel,
         )
         .await?;

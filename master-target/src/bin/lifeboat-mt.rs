@@ -245,18 +245,8 @@ async fn real_main(cli: Cli) -> Result<()> {
                 prev = p.seq;
             }
             // Which points carry the disks' checksums (one listing).
-            let summed: std::collections::BTreeSet<String> = s
-                .list(&format!("machines/{}/sums/", store.machine))
-                .await?
-                .into_iter()
-                .map(|(name, _)| name)
-                .collect();
-            let has_sums = |p: &lifeboat_common::catalogue::PointRecord| {
-                summed.contains(&lifeboat_common::catalogue::sums_object(
-                    &store.machine,
-                    p.seq,
-                ))
-            };
+            let summed = lifeboat_common::catalogue::list_sums_points(&s, &store.machine).await?;
+            let has_sums = |p: &lifeboat_common::catalogue::PointRecord| summed.contains(&p.seq);
             let suspect = lifeboat_common::churn::suspects(
                 &listed.iter().map(|p| p.churn).collect::<Vec<_>>(),
             );
