@@ -13,6 +13,8 @@ pub mod framed;
 pub mod group;
 pub mod ids;
 pub mod image;
+pub mod nbd_client;
+pub mod nbd_proto;
 pub mod owner;
 pub mod protocol;
 pub mod receiver;

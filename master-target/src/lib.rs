@@ -4,9 +4,12 @@
 //! Modules: [`materialize`] (point resolution and image writing), [`verify`]
 //! (a point's chain and objects checked, its disks' checksums, no failover),
 //! [`group`] (consistency-group points: listing, authentication, choice),
-//! [`sums`] (recovered images against the checksums recorded at the point).
+//! [`sums`] (recovered images against the checksums recorded at the point),
+//! [`output`] (qcow2, existing devices and files, NBD exports; the machine
+//! description and QEMU command line; drills and their cleanup).
 
 pub mod group;
 pub mod materialize;
+pub mod output;
 pub mod sums;
 pub mod verify;

@@ -70,6 +70,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use super::BlockBackend;
+use lifeboat_common::nbd_proto::*;
 
 /// Most requests of one connection being served at once.
 pub const MAX_IN_FLIGHT: usize = 128;
@@ -95,55 +96,12 @@ const WRITE_BATCH: usize = 256 << 10;
 /// Read payloads at least this large are written directly, not copied into the batch.
 const DIRECT_WRITE_MIN: usize = 64 << 10;
 
-const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
-const IHAVEOPT: u64 = 0x4948_4156_454f_5054;
-const OPT_REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
-const REQUEST_MAGIC: u32 = 0x2560_9513;
-const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
-
-const FLAG_FIXED_NEWSTYLE: u16 = 1;
-const FLAG_NO_ZEROES: u16 = 2;
-
-const OPT_EXPORT_NAME: u32 = 1;
-const OPT_ABORT: u32 = 2;
-const OPT_LIST: u32 = 3;
-const OPT_INFO: u32 = 6;
-const OPT_GO: u32 = 7;
-
-const REP_ACK: u32 = 1;
-const REP_SERVER: u32 = 2;
-const REP_INFO: u32 = 3;
-const REP_ERR_UNSUP: u32 = 0x8000_0001;
-const REP_ERR_INVALID: u32 = 0x8000_0003;
-const REP_ERR_UNKNOWN: u32 = 0x8000_0006;
-const REP_ERR_TOO_BIG: u32 = 0x8000_0009;
-
-const INFO_EXPORT: u16 = 0;
-const INFO_NAME: u16 = 1;
-const INFO_BLOCK_SIZE: u16 = 3;
-
-const TF_HAS_FLAGS: u16 = 1 << 0;
-const TF_SEND_FLUSH: u16 = 1 << 2;
-const TF_SEND_FUA: u16 = 1 << 3;
-const TF_SEND_TRIM: u16 = 1 << 5;
-const TF_SEND_WRITE_ZEROES: u16 = 1 << 6;
-const TF_CAN_MULTI_CONN: u16 = 1 << 8;
 const TRANSMISSION_FLAGS: u16 = TF_HAS_FLAGS
     | TF_SEND_FLUSH
     | TF_SEND_FUA
     | TF_SEND_TRIM
     | TF_SEND_WRITE_ZEROES
     | TF_CAN_MULTI_CONN;
-
-const CMD_READ: u16 = 0;
-const CMD_WRITE: u16 = 1;
-const CMD_DISC: u16 = 2;
-const CMD_FLUSH: u16 = 3;
-const CMD_TRIM: u16 = 4;
-const CMD_WRITE_ZEROES: u16 = 6;
-
-const CMD_FLAG_FUA: u16 = 1 << 0;
-const CMD_FLAG_NO_HOLE: u16 = 1 << 1;
 
 const NBD_EPERM: u32 = 1;
 const NBD_EIO: u32 = 5;

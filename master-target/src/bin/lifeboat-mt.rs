@@ -1,4 +1,4 @@
-//! `lifeboat-mt`: points | failover | test-failover | verify.
+//! `lifeboat-mt`: points | failover | test-failover (and --cleanup) | checksum | verify.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -90,10 +90,33 @@ struct FailoverArgs {
     /// with --group: latest | latest-app | latest-crash | <group point id>.
     #[arg(long, default_value = "latest")]
     point: PointSpec,
-    /// Directory for the disk images (<disk>.raw; with --group each machine's
-    /// in <machine>/).
+    /// Directory for the disk images (<disk>.raw or .qcow2; with --group each
+    /// machine's in <machine>/), the machine description
+    /// (recovered-machine.json) and start-vm.sh, a QEMU command line that
+    /// boots it. A disk sent to a --target is assembled here first.
     #[arg(long)]
     out: PathBuf,
+    /// The format of the images in --out: raw (sparse) or qcow2 (converted
+    /// with qemu-img, which must be installed, and compared with the raw).
+    #[arg(long, default_value = "raw")]
+    format: lifeboat_mt::output::Format,
+    /// Write disk DISK onto DEST instead of leaving it in --out: an existing
+    /// block device or image file (a file is sized to the disk; a device must
+    /// hold it), or an NBD export: nbd://HOST[:PORT]/EXPORT or
+    /// nbd+unix:///EXPORT?socket=PATH (qemu-nbd, nbdkit). Written from the
+    /// image assembled in --out, then read back and compared with its
+    /// checksum. Repeatable; not with --group.
+    #[arg(long = "target", value_name = "DISK=DEST")]
+    targets: Vec<lifeboat_mt::output::Target>,
+    /// Keep the image assembled in --out for a disk sent to a --target.
+    #[arg(long)]
+    keep_local: bool,
+    /// Memory (MiB) in start-vm.sh's QEMU command line.
+    #[arg(long, default_value_t = 2048)]
+    vm_memory: u64,
+    /// CPUs in start-vm.sh's QEMU command line.
+    #[arg(long, default_value_t = 2)]
+    vm_cpus: u32,
     /// Recover every machine of this consistency group at one group point.
     #[arg(long)]
     group: Option<String>,
@@ -142,8 +165,18 @@ enum Cmd {
     },
     /// Write the machine's disks at a recovery point.
     Failover(FailoverArgs),
-    /// The same as failover, without touching replication state.
-    TestFailover(FailoverArgs),
+    /// The same as failover, without touching replication state (it never
+    /// writes to the store): a drill. It also writes lifeboat-drill.json in
+    /// --out, listing every file it created; --cleanup DIR removes them.
+    TestFailover {
+        #[command(flatten)]
+        run: FailoverArgs,
+        /// `test-failover --cleanup DIR` alone: remove what the test failover
+        /// into DIR (its --out) wrote, as its lifeboat-drill.json lists it;
+        /// targets named with --target are the operator's and stay.
+        #[arg(long, value_name = "DIR")]
+        cleanup: Option<PathBuf>,
+    },
     /// Print the lifeboat-disk-v1 checksum of image files or block devices
     /// (what points record and failover compares; see docs/ARCHITECTURE.md).
     Checksum {
@@ -182,7 +215,22 @@ fn main() {
         libc::umask(0o077);
     }
     lifeboat_common::tune_allocator();
-    let cli = Cli::parse();
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if is_cleanup(&args) {
+        let c = CleanupCli::parse_from(
+            args.iter()
+                .enumerate()
+                .filter(|(i, _)| *i != 1)
+                .map(|(_, a)| a),
+        );
+        lifeboat_common::init_logging("warn", c.log.log_format);
+        if let Err(e) = cleanup_drill(&c.cleanup) {
+            eprintln!("lifeboat-mt: error: {e:#}");
+            std::process::exit(1);
+        }
+        return;
+    }
+    let cli = Cli::parse_from(args);
     lifeboat_common::init_logging("warn", cli.log.log_format);
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
@@ -360,8 +408,11 @@ async fn real_main(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Cmd::Failover(a) | Cmd::TestFailover(a) if a.group.is_some() => group_failover(a).await,
-        Cmd::Failover(a) | Cmd::TestFailover(a) => failover(a).await,
+        Cmd::TestFailover {
+            cleanup: Some(dir), ..
+        } => cleanup_drill(&dir),
+        Cmd::Failover(a) => run_failover(a, false).await,
+        Cmd::TestFailover { run, .. } => run_failover(run, true).await,
         Cmd::Verify {
             store,
             point,
@@ -422,9 +473,104 @@ fn read_kek(path: &std::path::Path) -> Result<Key> {
     .map_err(|e| anyhow::anyhow!("{} is not a key-encryption key: {e}", path.display()))
 }
 
-async fn failover(a: FailoverArgs) -> Result<()> {
+/// `failover` and `test-failover` (a drill: also `lifeboat-drill.json`).
+async fn run_failover(a: FailoverArgs, drill: bool) -> Result<()> {
+    if a.group.is_some() && !a.targets.is_empty() {
+        anyhow::bail!("--target names one machine's disks; with --group the images go to --out");
+    }
+    let started = lifeboat_common::catalogue::format_time_ms(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64),
+    );
+    let out = a.out.clone();
+    let reports = if a.group.is_some() {
+        group_failover(a).await?
+    } else {
+        vec![failover(a).await?]
+    };
+    if drill {
+        let record = lifeboat_mt::output::Drill {
+            machines: reports.iter().map(|r| r.report.machine.clone()).collect(),
+            started,
+            files: reports.iter().flat_map(|r| r.files.clone()).collect(),
+            targets: reports
+                .iter()
+                .flat_map(|r| r.delivered.iter().map(|d| d.target.clone()))
+                .collect(),
+        };
+        lifeboat_mt::output::write_drill(&out, &record)?;
+        eprintln!(
+            "drill recorded in {}; `lifeboat-mt test-failover --cleanup {}` removes what it wrote",
+            out.join(lifeboat_mt::output::DRILL_FILE).display(),
+            out.display()
+        );
+    }
+    Ok(())
+}
+
+/// `lifeboat-mt test-failover --cleanup DIR`: parsed on its own, as it
+/// takes none of a test failover's required options.
+#[derive(Parser)]
+#[command(name = "lifeboat-mt test-failover")]
+struct CleanupCli {
+    /// Remove what the test failover into DIR (its --out) wrote.
+    #[arg(long, value_name = "DIR")]
+    cleanup: PathBuf,
+    #[command(flatten)]
+    log: lifeboat_common::LogArgs,
+}
+
+/// Whether the command line is `test-failover --cleanup …`.
+fn is_cleanup(args: &[std::ffi::OsString]) -> bool {
+    args.get(1).is_some_and(|a| a == "test-failover")
+        && args
+            .iter()
+            .any(|a| a == "--cleanup" || a.to_string_lossy().starts_with("--cleanup="))
+}
+
+/// `test-failover --cleanup DIR`.
+fn cleanup_drill(dir: &std::path::Path) -> Result<()> {
+    let (drill, removed) = lifeboat_mt::output::cleanup(dir)?;
+    for p in &removed {
+        println!("removed {}", p.display());
+    }
+    for t in &drill.targets {
+        println!("left {t} (a --target of the drill: the operator's)");
+    }
+    println!(
+        "cleaned up the test failover of {} started {}",
+        drill.machines.join(", "),
+        drill.started
+    );
+    Ok(())
+}
+
+/// What `failover` writes besides the images: see `lifeboat_mt::output`.
+struct Outputs {
+    format: lifeboat_mt::output::Format,
+    targets: Vec<lifeboat_mt::output::Target>,
+    keep_local: bool,
+    vm_memory: u64,
+    vm_cpus: u32,
+}
+
+impl Outputs {
+    fn of(a: &FailoverArgs) -> Outputs {
+        Outputs {
+            format: a.format,
+            targets: a.targets.clone(),
+            keep_local: a.keep_local,
+            vm_memory: a.vm_memory,
+            vm_cpus: a.vm_cpus,
+        }
+    }
+}
+
+async fn failover(a: FailoverArgs) -> Result<Recovered> {
     let kek = read_kek(&a.key_file)?;
     let store = a.store.open()?;
+    let outputs = Outputs::of(&a);
     let machine = a.store.for_machine()?.machine;
     let started = Instant::now();
     let report = failover_machine(
@@ -438,14 +584,15 @@ async fn failover(a: FailoverArgs) -> Result<()> {
             check: !a.skip_checksum,
             io_engine: a.io_engine,
         },
+        &outputs,
     )
     .await?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
-        return Ok(());
+    } else {
+        print_report(&report, started.elapsed());
     }
-    print_report(&report, started.elapsed());
-    Ok(())
+    Ok(report)
 }
 
 /// A failover's report: what was written, and how it compared with the
@@ -456,6 +603,12 @@ struct Recovered {
     report: materialize::Report,
     /// `None`: not compared (`--skip-checksum`).
     checksums: Option<lifeboat_mt::sums::Checked>,
+    /// The disks written onto a `--target`.
+    delivered: Vec<lifeboat_mt::output::Delivered>,
+    /// `recovered-machine.json`'s content.
+    description: lifeboat_mt::output::MachineDescription,
+    /// Every file this failover created under `--out`.
+    files: Vec<PathBuf>,
 }
 
 /// How a failover writes and checks.
@@ -476,6 +629,7 @@ async fn failover_machine(
     point: &PointSpec,
     out: &std::path::Path,
     how: How,
+    outputs: &Outputs,
 ) -> Result<Recovered> {
     let How {
         allow_inconsistent,
@@ -484,6 +638,22 @@ async fn failover_machine(
     } = how;
     let started = Instant::now();
     let keys = materialize::machine_keys(store, kek, machine).await?;
+    let rec = lifeboat_common::catalogue::load_machine(store, &keys.catalogue, machine).await?;
+    for t in &outputs.targets {
+        if !rec.disks.iter().any(|d| d.id == t.disk) {
+            anyhow::bail!(
+                "--target {}={}: {machine} has no disk {} (its disks: {}); nothing was written",
+                t.disk,
+                t.dest,
+                t.disk,
+                rec.disks
+                    .iter()
+                    .map(|d| d.id.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
+    }
     let mut inv = materialize::inventory(store, Some(&keys.catalogue), machine).await?;
     // A gap with later segments behind it is usually uploads still in flight
     // (a process server puts several segments at once): look again for a
@@ -581,7 +751,112 @@ async fn failover_machine(
     } else {
         None
     };
-    Ok(Recovered { report, checksums })
+    let (delivered, description, files) =
+        write_outputs(&report, checksums.as_ref(), out, outputs).await?;
+    Ok(Recovered {
+        report,
+        checksums,
+        delivered,
+        description,
+        files,
+    })
+}
+
+/// Turns the images in `out` into the outputs asked for (qcow2, targets),
+/// then writes the machine description and its QEMU command line.
+async fn write_outputs(
+    report: &materialize::Report,
+    checksums: Option<&lifeboat_mt::sums::Checked>,
+    out: &std::path::Path,
+    outputs: &Outputs,
+) -> Result<(
+    Vec<lifeboat_mt::output::Delivered>,
+    lifeboat_mt::output::MachineDescription,
+    Vec<PathBuf>,
+)> {
+    use lifeboat_mt::output::{self, DiskDescription, Format};
+    let mut delivered = Vec::new();
+    let mut files = Vec::new();
+    let mut disks = Vec::new();
+    for (i, d) in report.disks.iter().enumerate() {
+        let known = checksums
+            .and_then(|c| c.disks.iter().find(|x| x.id == d.id))
+            .and_then(|x| x.checksum.clone());
+        let absolute = std::fs::canonicalize(&d.path)
+            .with_context(|| format!("resolving {}", d.path.display()))?;
+        let (format, location, checksum) = if let Some(t) =
+            outputs.targets.iter().find(|t| t.disk == d.id)
+        {
+            let expected = match known {
+                Some(sum) => sum,
+                None => {
+                    let (p, size) = (d.path.clone(), d.size);
+                    tokio::task::spawn_blocking(move || lifeboat_mt::sums::sum_image(&p, size))
+                        .await??
+                }
+            };
+            eprintln!("writing disk {} onto {}", d.id, t.dest);
+            let last = std::sync::Mutex::new(Instant::now());
+            let r = output::deliver(&d.path, d.size, &expected, &t.dest, |done, total| {
+                let mut at = last.lock().unwrap_or_else(|p| p.into_inner());
+                if at.elapsed().as_millis() >= 1000 {
+                    eprintln!(
+                        "  {:.1} of {:.1} MiB onto {}",
+                        done as f64 / 1048576.0,
+                        total as f64 / 1048576.0,
+                        t.dest
+                    );
+                    *at = Instant::now();
+                }
+            })
+            .await
+            .with_context(|| format!("writing disk {} onto {}", d.id, t.dest))?;
+            eprintln!(
+                "  disk {} onto {}: {} bytes copied, {} zeroed, read back equal to the recovered image, {:.2} s",
+                d.id, t.dest, r.copied, r.zeroed, r.seconds
+            );
+            if outputs.keep_local {
+                files.push(d.path.clone());
+            } else {
+                std::fs::remove_file(&d.path)
+                    .with_context(|| format!("removing {}", d.path.display()))?;
+            }
+            let sum = r.checksum.clone();
+            delivered.push(r);
+            ("raw", t.dest.to_string(), Some(sum))
+        } else if outputs.format == Format::Qcow2 {
+            let qcow2 = absolute.with_extension("qcow2");
+            eprintln!("converting {} to qcow2", d.path.display());
+            let (raw, q) = (absolute.clone(), qcow2.clone());
+            tokio::task::spawn_blocking(move || output::to_qcow2(&raw, &q)).await??;
+            files.push(qcow2.clone());
+            ("qcow2", qcow2.display().to_string(), known)
+        } else {
+            files.push(d.path.clone());
+            ("raw", absolute.display().to_string(), known)
+        };
+        disks.push(DiskDescription {
+            id: d.id.clone(),
+            size: d.size,
+            format: format.to_string(),
+            location,
+            boot_index: i,
+            checksum,
+        });
+    }
+    let qemu_command =
+        output::qemu_command(&report.machine, &disks, outputs.vm_memory, outputs.vm_cpus);
+    let description = output::MachineDescription {
+        machine: report.machine.clone(),
+        point: report.point.clone(),
+        seq: report.seq,
+        disks,
+        memory_mib: outputs.vm_memory,
+        cpus: outputs.vm_cpus,
+        qemu_command,
+    };
+    files.extend(output::write_description(out, &description)?);
+    Ok((delivered, description, files))
 }
 
 fn print_report(recovered: &Recovered, elapsed: std::time::Duration) {
@@ -606,6 +881,26 @@ fn print_report(recovered: &Recovered, elapsed: std::time::Duration) {
     match &recovered.checksums {
         Some(c) => c.print(),
         None => println!("  checksums not compared (--skip-checksum)"),
+    }
+    for d in &recovered.description.disks {
+        println!("  disk {} is at {} ({})", d.id, d.location, d.format);
+    }
+    for t in &recovered.delivered {
+        println!(
+            "  {}: {} bytes copied, {} zeroed, read back: checksum {}",
+            t.target, t.copied, t.zeroed, t.checksum
+        );
+    }
+    if let Some(f) = recovered
+        .files
+        .iter()
+        .rev()
+        .find(|f| f.ends_with(lifeboat_mt::output::START_SCRIPT))
+    {
+        println!(
+            "  machine description and QEMU command line: {}",
+            f.display()
+        );
     }
 }
 
@@ -662,7 +957,7 @@ async fn group_points(
 
 /// `failover --group`: every member of the group at one group point, each
 /// into `<out>/<machine>/`.
-async fn group_failover(a: FailoverArgs) -> Result<()> {
+async fn group_failover(a: FailoverArgs) -> Result<Vec<Recovered>> {
     let group = a.group.clone().unwrap_or_default();
     let kek = read_kek(&a.key_file)?;
     let store = a.store.open()?;
@@ -729,6 +1024,7 @@ async fn group_failover(a: FailoverArgs) -> Result<()> {
         }
     }
     let started = Instant::now();
+    let outputs = Outputs::of(&a);
     let mut reports = Vec::new();
     for m in &point.members {
         let out = a.out.join(&m.machine);
@@ -743,6 +1039,7 @@ async fn group_failover(a: FailoverArgs) -> Result<()> {
                 check: !a.skip_checksum,
                 io_engine: a.io_engine,
             },
+            &outputs,
         )
         .await
         .with_context(|| format!("recovering {} of group {group}", m.machine))?;
@@ -751,7 +1048,7 @@ async fn group_failover(a: FailoverArgs) -> Result<()> {
     if a.json {
         let v = serde_json::json!({"group": group, "point": point, "machines": reports});
         println!("{}", serde_json::to_string_pretty(&v)?);
-        return Ok(());
+        return Ok(reports);
     }
     println!(
         "recovered group {group} at group point {} ({}) in {:.2?}",
@@ -762,5 +1059,5 @@ async fn group_failover(a: FailoverArgs) -> Result<()> {
     for r in &reports {
         print_report(r, started.elapsed());
     }
-    Ok(())
+    Ok(reports)
 }
