@@ -132,7 +132,8 @@ impl NbdClient {
                 let s = tokio::net::TcpStream::connect((host.as_str(), *port))
                     .await
                     .with_context(|| format!("connecting to {}", uri.text))?;
-                s.set_nodelay(true)?;
+                s.set_nodelay(true)
+                    .with_context(|| format!("setting TCP_NODELAY on {}", uri.text))?;
                 Box::pin(s)
             }
             NbdAddr::Unix(path) => Box::pin(
@@ -294,8 +295,14 @@ impl NbdClient {
         if magic != SIMPLE_REPLY_MAGIC {
             bail!("{}: bad reply magic {magic:#x}", self.uri);
         }
-        let error = c.read_u32().await?;
-        let cookie = c.read_u64().await?;
+        let error = c
+            .read_u32()
+            .await
+            .map_err(|e| anyhow!("{}: reading a reply: {e}", self.uri))?;
+        let cookie = c
+            .read_u64()
+            .await
+            .map_err(|e| anyhow!("{}: reading a reply: {e}", self.uri))?;
         let p = self
             .pending
             .remove(&cookie)

@@ -59,6 +59,20 @@ impl std::fmt::Display for Dest {
     }
 }
 
+impl Dest {
+    /// The destination in one spelling: an absolute path where it resolves,
+    /// else as given; an NBD URI as given.
+    pub fn resolved(&self) -> String {
+        match self {
+            Dest::Path(p) => std::fs::canonicalize(p)
+                .unwrap_or_else(|_| p.clone())
+                .display()
+                .to_string(),
+            Dest::Nbd(u) => u.text.clone(),
+        }
+    }
+}
+
 /// `--target DISK=DEST`.
 #[derive(Debug, Clone)]
 pub struct Target {
@@ -255,6 +269,16 @@ fn deliver_to_path(
     if !dev && !meta.is_file() {
         bail!("{} is neither a block device nor a file", path.display());
     }
+    {
+        use std::os::unix::fs::MetadataExt;
+        let s = src.metadata()?;
+        if s.dev() == meta.dev() && s.ino() == meta.ino() {
+            bail!(
+                "{} is the image assembled in --out itself; name another target",
+                path.display()
+            );
+        }
+    }
     let dst = OpenOptions::new()
         .read(true)
         .write(true)
@@ -263,7 +287,9 @@ fn deliver_to_path(
         .with_context(|| format!("opening {} for writing", path.display()))?;
     if dev {
         use std::io::Seek;
-        let have = (&dst).seek(io::SeekFrom::End(0))?;
+        let have = (&dst)
+            .seek(io::SeekFrom::End(0))
+            .with_context(|| format!("sizing {}", path.display()))?;
         if have < size {
             bail!(
                 "{} holds {have} bytes; the disk needs {size}",
@@ -297,6 +323,16 @@ fn deliver_to_path(
     }
     dst.sync_all()
         .with_context(|| format!("syncing {}", path.display()))?;
+    // Read back from the device or file, not from the pages just written.
+    // SAFETY: posix_fadvise and ioctl on a valid descriptor, integer arguments.
+    unsafe {
+        use std::os::fd::AsRawFd;
+        libc::posix_fadvise(dst.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED);
+        if dev {
+            // BLKFLSBUF: drop the device's buffer cache.
+            libc::ioctl(dst.as_raw_fd(), 0x1261 as _);
+        }
+    }
     drop(dst);
     crate::sums::sum_image(path, size)
 }
@@ -396,12 +432,24 @@ pub fn to_qcow2(raw: &Path, qcow2: &Path) -> Result<()> {
         ],
         &format!("compare {} with its qcow2 copy", raw.display()),
     )?;
+    // qemu-img creates it under the process's umask (0077, set in main);
+    // 0600 also where it was started otherwise.
     std::fs::set_permissions(
         &partial,
         std::os::unix::fs::PermissionsExt::from_mode(0o600),
-    )?;
+    )
+    .with_context(|| format!("making {} private (0600)", partial.display()))?;
+    File::open(&partial)
+        .and_then(|f| f.sync_all())
+        .with_context(|| format!("syncing {}", partial.display()))?;
     std::fs::rename(&partial, qcow2)
         .with_context(|| format!("renaming {} to {}", partial.display(), qcow2.display()))?;
+    if let Some(dir) = qcow2.parent() {
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .with_context(|| format!("syncing {}", dir.display()))?;
+    }
+    // Only now, with the qcow2 durable, the raw image goes.
     std::fs::remove_file(raw).with_context(|| format!("removing {}", raw.display()))?;
     Ok(())
 }
@@ -539,8 +587,9 @@ fn write_file(path: &Path, data: &[u8], mode: u32) -> Result<()> {
             .mode(mode)
             .open(&tmp)
             .with_context(|| format!("creating {}", tmp.display()))?;
-        f.write_all(data)?;
-        f.sync_all()?;
+        f.write_all(data)
+            .and_then(|()| f.sync_all())
+            .with_context(|| format!("writing {}", tmp.display()))?;
     }
     std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
 }
@@ -567,6 +616,8 @@ pub fn write_drill(out: &Path, drill: &Drill) -> Result<()> {
 /// `test-failover --cleanup`: removes the files the drill in `out` listed,
 /// then its record, then the directories it leaves empty. The paths removed.
 pub fn cleanup(out: &Path) -> Result<(Drill, Vec<PathBuf>)> {
+    let out =
+        &std::fs::canonicalize(out).with_context(|| format!("resolving {}", out.display()))?;
     let record = out.join(DRILL_FILE);
     let text = std::fs::read(&record).with_context(|| {
         format!(

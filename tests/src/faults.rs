@@ -193,6 +193,9 @@ impl FaultKind {
     ];
 }
 
+/// The most operations [`Scenario::until_injected`] extends a run to.
+pub const UNTIL_INJECTED_MAX_OPS: u64 = 5000;
+
 /// One run's parameters; [`Scenario::new`] gives the defaults for a seed.
 #[derive(Clone, Debug)]
 pub struct Scenario {
@@ -203,6 +206,11 @@ pub struct Scenario {
     /// passed (to end a run right after a given fault, as a slower machine
     /// does).
     pub max_ops: Option<u64>,
+    /// Go on past `secs` until each of these fault kinds was injected at
+    /// least once (at most [`UNTIL_INJECTED_MAX_OPS`] operations): a test
+    /// that asserts a kind then holds on a slow machine too, with no timing
+    /// in it.
+    pub until_injected: Vec<FaultKind>,
     pub disk_size: u64,
     pub max_write: usize,
     pub kinds: Vec<FaultKind>,
@@ -240,6 +248,7 @@ impl Scenario {
             seed,
             secs: fault_secs(40),
             max_ops: None,
+            until_injected: Vec::new(),
             disk_size: 64 << 20,
             max_write: max_write(),
             kinds: FaultKind::DEFAULT.to_vec(),
@@ -1333,7 +1342,15 @@ fn run_inner(s: &Scenario, root: &Path, out: &mut Outcome) -> Result<()> {
     let mut buf = vec![0u8; s.max_write];
     let mut tag_no = 0u64;
     sample(&mut rig, &mut books, out);
-    while started.elapsed() < Duration::from_secs(s.secs) && s.max_ops.is_none_or(|m| op < m) {
+    let pending_kinds = |out: &Outcome, op: u64| {
+        op < UNTIL_INJECTED_MAX_OPS
+            && s.until_injected
+                .iter()
+                .any(|k| !out.faults.contains_key(k.name()))
+    };
+    while (started.elapsed() < Duration::from_secs(s.secs) || pending_kinds(out, op))
+        && s.max_ops.is_none_or(|m| op < m)
+    {
         op += 1;
         rig.op = op;
         rig.windows_due(false)?;

@@ -312,4 +312,21 @@ fn failover_writes_qcow2_existing_files_and_nbd_exports_equal_to_the_source() {
         String::from_utf8_lossy(&o.stderr).contains("connecting to nbd://127.0.0.1:1/x"),
         "{o:?}"
     );
+    let data_onto_existing = format!("data={}", existing.display());
+    let twice = ["--target", &root_target, "--target", &data_onto_existing];
+    let o = mt(&ps, "failover", &bad, &twice);
+    assert!(!o.status.success(), "two disks onto one target are refused");
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("for two disks"),
+        "{o:?}"
+    );
+    assert_same(&existing, &src_root);
+    let itself = format!("root={}", bad.join("root.raw").display());
+    let o = mt(&ps, "failover", &bad, &["--target", &itself]);
+    assert!(!o.status.success(), "the assembled image is no target");
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("the image assembled in --out itself"),
+        "{o:?}"
+    );
+    assert_same(&bad.join("root.raw"), &src_root);
 }

@@ -150,6 +150,7 @@ fn full_filesystems_under_the_cache_and_the_journal() {
             FaultKind::AgentPowerLoss,
         ];
         s.ops_per_fault = 30;
+        s.until_injected = vec![FaultKind::CacheFull, FaultKind::JournalFull];
         let o = check(s);
         for k in ["cache-full", "journal-full"] {
             assert!(o.faults.contains_key(k), "no {k} in {:?}", o.schedule);

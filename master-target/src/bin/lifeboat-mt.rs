@@ -493,7 +493,14 @@ async fn run_failover(a: FailoverArgs, drill: bool) -> Result<()> {
         let record = lifeboat_mt::output::Drill {
             machines: reports.iter().map(|r| r.report.machine.clone()).collect(),
             started,
-            files: reports.iter().flat_map(|r| r.files.clone()).collect(),
+            // One spelling for every path, as `--cleanup` resolves its DIR.
+            files: reports
+                .iter()
+                .flat_map(|r| r.files.iter())
+                .map(|f| {
+                    std::fs::canonicalize(f).with_context(|| format!("resolving {}", f.display()))
+                })
+                .collect::<Result<_>>()?,
             targets: reports
                 .iter()
                 .flat_map(|r| r.delivered.iter().map(|d| d.target.clone()))
@@ -639,7 +646,18 @@ async fn failover_machine(
     let started = Instant::now();
     let keys = materialize::machine_keys(store, kek, machine).await?;
     let rec = lifeboat_common::catalogue::load_machine(store, &keys.catalogue, machine).await?;
+    let mut seen_disks = std::collections::BTreeSet::new();
+    let mut seen_dests = std::collections::BTreeSet::new();
     for t in &outputs.targets {
+        let dest = t.dest.resolved();
+        if !seen_disks.insert(t.disk.clone()) {
+            anyhow::bail!("--target names disk {} twice; nothing was written", t.disk);
+        }
+        if !seen_dests.insert(dest.clone()) {
+            anyhow::bail!(
+                "--target names {dest} for two disks: the second would overwrite the first; nothing was written"
+            );
+        }
         if !rec.disks.iter().any(|d| d.id == t.disk) {
             anyhow::bail!(
                 "--target {}={}: {machine} has no disk {} (its disks: {}); nothing was written",
@@ -823,7 +841,7 @@ async fn write_outputs(
             }
             let sum = r.checksum.clone();
             delivered.push(r);
-            ("raw", t.dest.to_string(), Some(sum))
+            ("raw", t.dest.resolved(), Some(sum))
         } else if outputs.format == Format::Qcow2 {
             let qcow2 = absolute.with_extension("qcow2");
             eprintln!("converting {} to qcow2", d.path.display());
