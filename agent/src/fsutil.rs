@@ -1,23 +1,14 @@
 //! Small durable-file helpers for the agent's state records: replace a file
-//! atomically (write `<name>.partial`, fsync, rename, fsync the directory) and
-//! remove one durably; read and write enveloped JSON state records; lock the
-//! state directory.
+//! atomically (`lifeboat_common::fsutil`) and remove one durably; read and
+//! write enveloped JSON state records; lock the state directory.
 
-use std::io::Write;
 use std::path::Path;
 
 use lifeboat_common::formats::Record;
 
 /// Replaces `path` with `data` so that a crash leaves the old or the new file.
 pub fn replace_file(path: &Path, data: &[u8]) -> std::io::Result<()> {
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".partial");
-    let tmp = std::path::PathBuf::from(tmp);
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(data)?;
-    f.sync_data()?;
-    std::fs::rename(&tmp, path)?;
-    sync_parent(path)
+    lifeboat_common::fsutil::replace_file_mode(path, data, 0o666)
 }
 
 /// Removes `path` (absent is fine) and makes the removal durable.
@@ -26,14 +17,7 @@ pub fn remove_file(path: &Path) -> std::io::Result<()> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
         r => r?,
     }
-    sync_parent(path)
-}
-
-fn sync_parent(path: &Path) -> std::io::Result<()> {
-    match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => std::fs::File::open(d)?.sync_all(),
-        _ => Ok(()),
-    }
+    lifeboat_common::fsutil::sync_parent(path)
 }
 
 /// An exclusive lock on `<dir>/lock`, held while the value lives: one agent

@@ -10,6 +10,7 @@ pub mod diskio;
 pub mod disksum;
 pub mod formats;
 pub mod framed;
+pub mod fsutil;
 pub mod group;
 pub mod ids;
 pub mod image;

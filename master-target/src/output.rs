@@ -577,21 +577,8 @@ pub fn write_description(out: &Path, d: &MachineDescription) -> Result<Vec<PathB
 }
 
 fn write_file(path: &Path, data: &[u8], mode: u32) -> Result<()> {
-    let tmp = path.with_extension("partial");
-    {
-        use std::io::Write;
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(mode)
-            .open(&tmp)
-            .with_context(|| format!("creating {}", tmp.display()))?;
-        f.write_all(data)
-            .and_then(|()| f.sync_all())
-            .with_context(|| format!("writing {}", tmp.display()))?;
-    }
-    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
+    lifeboat_common::fsutil::replace_file_mode(path, data, mode)
+        .with_context(|| format!("writing {}", path.display()))
 }
 
 /// `lifeboat-drill.json`: what a test failover wrote.

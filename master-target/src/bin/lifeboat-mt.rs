@@ -96,27 +96,8 @@ struct FailoverArgs {
     /// boots it. A disk sent to a --target is assembled here first.
     #[arg(long)]
     out: PathBuf,
-    /// The format of the images in --out: raw (sparse) or qcow2 (converted
-    /// with qemu-img, which must be installed, and compared with the raw).
-    #[arg(long, default_value = "raw")]
-    format: lifeboat_mt::output::Format,
-    /// Write disk DISK onto DEST instead of leaving it in --out: an existing
-    /// block device or image file (a file is sized to the disk; a device must
-    /// hold it), or an NBD export: nbd://HOST[:PORT]/EXPORT or
-    /// nbd+unix:///EXPORT?socket=PATH (qemu-nbd, nbdkit). Written from the
-    /// image assembled in --out, then read back and compared with its
-    /// checksum. Repeatable; not with --group.
-    #[arg(long = "target", value_name = "DISK=DEST")]
-    targets: Vec<lifeboat_mt::output::Target>,
-    /// Keep the image assembled in --out for a disk sent to a --target.
-    #[arg(long)]
-    keep_local: bool,
-    /// Memory (MiB) in start-vm.sh's QEMU command line.
-    #[arg(long, default_value_t = 2048)]
-    vm_memory: u64,
-    /// CPUs in start-vm.sh's QEMU command line.
-    #[arg(long, default_value_t = 2)]
-    vm_cpus: u32,
+    #[command(flatten)]
+    outputs: Outputs,
     /// Recover every machine of this consistency group at one group point.
     #[arg(long)]
     group: Option<String>,
@@ -475,14 +456,10 @@ fn read_kek(path: &std::path::Path) -> Result<Key> {
 
 /// `failover` and `test-failover` (a drill: also `lifeboat-drill.json`).
 async fn run_failover(a: FailoverArgs, drill: bool) -> Result<()> {
-    if a.group.is_some() && !a.targets.is_empty() {
+    if a.group.is_some() && !a.outputs.targets.is_empty() {
         anyhow::bail!("--target names one machine's disks; with --group the images go to --out");
     }
-    let started = lifeboat_common::catalogue::format_time_ms(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64),
-    );
+    let started = lifeboat_common::catalogue::format_time_ms(lifeboat_common::now_ms());
     let out = a.out.clone();
     let reports = if a.group.is_some() {
         group_failover(a).await?
@@ -554,30 +531,34 @@ fn cleanup_drill(dir: &std::path::Path) -> Result<()> {
 }
 
 /// What `failover` writes besides the images: see `lifeboat_mt::output`.
+#[derive(Args)]
 struct Outputs {
+    /// The format of the images in --out: raw (sparse) or qcow2 (converted
+    /// with qemu-img, which must be installed, and compared with the raw).
+    #[arg(long, default_value = "raw")]
     format: lifeboat_mt::output::Format,
+    /// Write disk DISK onto DEST instead of leaving it in --out: an existing
+    /// block device or image file (a file is sized to the disk; a device must
+    /// hold it), or an NBD export: nbd://HOST[:PORT]/EXPORT or
+    /// nbd+unix:///EXPORT?socket=PATH (qemu-nbd, nbdkit). Written from the
+    /// image assembled in --out, then read back and compared with its
+    /// checksum. Repeatable; not with --group.
+    #[arg(long = "target", value_name = "DISK=DEST")]
     targets: Vec<lifeboat_mt::output::Target>,
+    /// Keep the image assembled in --out for a disk sent to a --target.
+    #[arg(long)]
     keep_local: bool,
+    /// Memory (MiB) in start-vm.sh's QEMU command line.
+    #[arg(long, default_value_t = 2048)]
     vm_memory: u64,
+    /// CPUs in start-vm.sh's QEMU command line.
+    #[arg(long, default_value_t = 2)]
     vm_cpus: u32,
-}
-
-impl Outputs {
-    fn of(a: &FailoverArgs) -> Outputs {
-        Outputs {
-            format: a.format,
-            targets: a.targets.clone(),
-            keep_local: a.keep_local,
-            vm_memory: a.vm_memory,
-            vm_cpus: a.vm_cpus,
-        }
-    }
 }
 
 async fn failover(a: FailoverArgs) -> Result<Recovered> {
     let kek = read_kek(&a.key_file)?;
     let store = a.store.open()?;
-    let outputs = Outputs::of(&a);
     let machine = a.store.for_machine()?.machine;
     let started = Instant::now();
     let report = failover_machine(
@@ -591,7 +572,7 @@ async fn failover(a: FailoverArgs) -> Result<Recovered> {
             check: !a.skip_checksum,
             io_engine: a.io_engine,
         },
-        &outputs,
+        &a.outputs,
     )
     .await?;
     if a.json {
@@ -800,8 +781,10 @@ async fn write_outputs(
         let known = checksums
             .and_then(|c| c.disks.iter().find(|x| x.id == d.id))
             .and_then(|x| x.checksum.clone());
-        let absolute = std::fs::canonicalize(&d.path)
-            .with_context(|| format!("resolving {}", d.path.display()))?;
+        let absolute = || {
+            std::fs::canonicalize(&d.path)
+                .with_context(|| format!("resolving {}", d.path.display()))
+        };
         let (format, location, checksum) = if let Some(t) =
             outputs.targets.iter().find(|t| t.disk == d.id)
         {
@@ -843,15 +826,16 @@ async fn write_outputs(
             delivered.push(r);
             ("raw", t.dest.resolved(), Some(sum))
         } else if outputs.format == Format::Qcow2 {
-            let qcow2 = absolute.with_extension("qcow2");
+            let raw = absolute()?;
+            let qcow2 = raw.with_extension("qcow2");
             eprintln!("converting {} to qcow2", d.path.display());
-            let (raw, q) = (absolute.clone(), qcow2.clone());
+            let q = qcow2.clone();
             tokio::task::spawn_blocking(move || output::to_qcow2(&raw, &q)).await??;
             files.push(qcow2.clone());
             ("qcow2", qcow2.display().to_string(), known)
         } else {
             files.push(d.path.clone());
-            ("raw", absolute.display().to_string(), known)
+            ("raw", absolute()?.display().to_string(), known)
         };
         disks.push(DiskDescription {
             id: d.id.clone(),
@@ -1042,7 +1026,6 @@ async fn group_failover(a: FailoverArgs) -> Result<Vec<Recovered>> {
         }
     }
     let started = Instant::now();
-    let outputs = Outputs::of(&a);
     let mut reports = Vec::new();
     for m in &point.members {
         let out = a.out.join(&m.machine);
@@ -1057,7 +1040,7 @@ async fn group_failover(a: FailoverArgs) -> Result<Vec<Recovered>> {
                 check: !a.skip_checksum,
                 io_engine: a.io_engine,
             },
-            &outputs,
+            &a.outputs,
         )
         .await
         .with_context(|| format!("recovering {} of group {group}", m.machine))?;
