@@ -232,10 +232,6 @@ impl NbdClient {
         self.size
     }
 
-    pub fn uri(&self) -> &str {
-        &self.uri
-    }
-
     /// Whether the export takes WRITE_ZEROES (else [`Self::write_zeroes`]
     /// writes zero buffers).
     pub fn can_write_zeroes(&self) -> bool {

@@ -104,7 +104,17 @@ impl std::str::FromStr for Target {
 }
 
 /// The format of the images left in `--out`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Serialize)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Default,
+    clap::ValueEnum,
+    serde::Serialize,
+    serde::Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Format {
     /// Sparse raw images (`<disk>.raw`).
@@ -459,8 +469,7 @@ pub fn to_qcow2(raw: &Path, qcow2: &Path) -> Result<()> {
 pub struct DiskDescription {
     pub id: String,
     pub size: u64,
-    /// raw or qcow2.
-    pub format: String,
+    pub format: Format,
     /// A path, or an NBD URI.
     pub location: String,
     /// 0 boots first (the protected machine's first disk).
@@ -522,7 +531,7 @@ pub fn qemu_command(
         cmd.push("-drive".into());
         cmd.push(format!(
             "if=none,id=disk{i},format={},file={file}",
-            d.format
+            d.format.as_str()
         ));
         cmd.push("-device".into());
         cmd.push(format!(

@@ -824,7 +824,7 @@ async fn write_outputs(
             }
             let sum = r.checksum.clone();
             delivered.push(r);
-            ("raw", t.dest.resolved(), Some(sum))
+            (Format::Raw, t.dest.resolved(), Some(sum))
         } else if outputs.format == Format::Qcow2 {
             let raw = absolute()?;
             let qcow2 = raw.with_extension("qcow2");
@@ -832,15 +832,15 @@ async fn write_outputs(
             let q = qcow2.clone();
             tokio::task::spawn_blocking(move || output::to_qcow2(&raw, &q)).await??;
             files.push(qcow2.clone());
-            ("qcow2", qcow2.display().to_string(), known)
+            (Format::Qcow2, qcow2.display().to_string(), known)
         } else {
             files.push(d.path.clone());
-            ("raw", absolute()?.display().to_string(), known)
+            (Format::Raw, absolute()?.display().to_string(), known)
         };
         disks.push(DiskDescription {
             id: d.id.clone(),
             size: d.size,
-            format: format.to_string(),
+            format,
             location,
             boot_index: i,
             checksum,
@@ -885,7 +885,12 @@ fn print_report(recovered: &Recovered, elapsed: std::time::Duration) {
         None => println!("  checksums not compared (--skip-checksum)"),
     }
     for d in &recovered.description.disks {
-        println!("  disk {} is at {} ({})", d.id, d.location, d.format);
+        println!(
+            "  disk {} is at {} ({})",
+            d.id,
+            d.location,
+            d.format.as_str()
+        );
     }
     for t in &recovered.delivered {
         println!(
