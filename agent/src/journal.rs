@@ -251,9 +251,16 @@ impl Journal {
         }
     }
 
-    /// Drops every entry and continues after `base`: blocks until the files are
-    /// replaced by one empty file named `base + 1` (synced). The caller holds
-    /// the stream's state lock, so no append interleaves.
+    /// Drops every entry and continues after `base`: blocks until the writer
+    /// has taken the request, and returns whether it replaced the files by one
+    /// empty file named `base + 1` (synced). The caller holds the stream's
+    /// state lock, so no append interleaves.
+    ///
+    /// An error of an earlier write (a full disk) does not end the wait: the
+    /// writer does the rebase anyway, and a caller told it failed would go on
+    /// numbering after its old seqs into the new file, whose name then
+    /// contradicts its first record (the agent cannot start on that journal:
+    /// fault seed 217027).
     pub fn rebase(&self, base: u64) -> std::io::Result<()> {
         let (m, work, done) = &*self.shared;
         let mut s = m.lock().unwrap_or_else(|p| p.into_inner());
@@ -263,7 +270,19 @@ impl Journal {
         s.rebase = Some(base);
         let before = s.rebases;
         work.notify_one();
-        wait_writer(s, done, |s| s.rebases != before)
+        while s.rebase.is_some() {
+            if s.shutdown {
+                return Err(std::io::Error::other("journal closed"));
+            }
+            s = done.wait(s).unwrap_or_else(|p| p.into_inner());
+        }
+        if s.rebases != before {
+            return Ok(());
+        }
+        Err(std::io::Error::other(format!(
+            "journal: {}",
+            s.error.as_deref().unwrap_or("the rebase failed")
+        )))
     }
 
     /// Rebases done so far (see [`Self::sync_blocking_since`]).
@@ -380,6 +399,12 @@ fn writer_thread(
                     s.sync_requested = base;
                     s.release_upto = base;
                     s.rebases += 1;
+                    // The records a failed write kept are dropped with the
+                    // rest: their error is over.
+                    if s.error.take().is_some() {
+                        warn!("journal: writing again (rebased on seq {base})");
+                    }
+                    failures = 0;
                 }
                 Err(e) => s.error = Some(format!("rebasing on seq {base}: {e}")),
             }
@@ -678,6 +703,41 @@ mod tests {
         drop(j);
         let (_, es) = Journal::open(dir.path()).unwrap();
         assert_eq!(es, vec![w(501, 10)]);
+    }
+
+    /// Fault seed 217027: the journal's filesystem full, a rebase asked for
+    /// while a write of kept records is failing. The rebase used to return the
+    /// old write error at once while the writer still did it later, so the
+    /// stream kept its old numbering and the file named `base + 1` began with
+    /// a later seq: the agent refused to start on it. The rebase must report
+    /// what happened, and the journal must reopen either way.
+    #[test]
+    fn a_rebase_while_writes_fail_is_done_and_reported_as_done() {
+        let Some(fs) = SmallFs::mount("4m") else {
+            return;
+        };
+        let filler = fs.0.path().join("filler");
+        std::fs::write(&filler, vec![1u8; 2 << 20]).unwrap();
+        let dir = fs.0.path().join("journal");
+        let (j, _) = Journal::open(&dir).unwrap();
+        let mut s = 0;
+        while j.failing().is_none() && s < 16 {
+            s += 1;
+            j.append(&w(s, 512 << 10));
+            let _ = j.sync_blocking(s);
+        }
+        assert!(j.failing().is_some(), "4 MiB with 2 MiB taken must fill");
+        // Rebased on 100 while the kept records cannot be written: done, and
+        // the failure of those dropped records is over.
+        j.rebase(100).unwrap();
+        assert_eq!(j.positions(), (100, 100));
+        assert_eq!(j.failing(), None);
+        j.append(&w(101, 100));
+        j.sync_blocking(101).unwrap();
+        drop(j);
+        let (_, es) = Journal::open(&dir).unwrap();
+        assert_eq!(es, vec![w(101, 100)]);
+        std::fs::remove_file(&filler).unwrap();
     }
 
     /// A size-limited tmpfs (root only); `None` where mounting is not allowed.

@@ -197,3 +197,23 @@ fn seed_21_tag_before_the_welcome_is_stored() {
         check(s);
     }
 }
+
+/// Seed 217027 of the long run (every fault kind, 100 s per seed): the
+/// agent's journal filesystem full, then a process server rebuilt without its
+/// cache, so the agent rebased on the store's end (seq 503). The journal's
+/// rebase returned the failing write's old error at once while its writer did
+/// the rebase later; the stream kept numbering after its old seqs (549…)
+/// into the new file named for 504, and after the next kill the agent refused
+/// to start: "journal …/00000000000001f8.jnl does not start at the seq its
+/// name says". Pinned (up to the op of that kill); the mechanism is also
+/// pinned by `journal::tests::a_rebase_while_writes_fail_is_done_and_reported_as_done`.
+#[test]
+fn seed_217027_a_rebase_while_the_journal_is_full() {
+    if needs_fuse() {
+        let mut s = scenario(217027);
+        s.secs = faults::fault_secs(100);
+        s.kinds = FaultKind::ALL.to_vec();
+        s.max_ops = Some(1700);
+        check(s);
+    }
+}
