@@ -203,13 +203,28 @@ pub async fn inventory(
     machine: &str,
 ) -> Result<Inventory> {
     lifeboat_common::ids::validate_id("machine", machine).map_err(anyhow::Error::msg)?;
-    // Takeovers fence what an old owner wrote late (see catalogue.rs); the
-    // stream starts from the newest base.
+    // Points and marks are listed before the stream's shape: a fold writes its
+    // base before it deletes the points it replaces, so a base listed after
+    // them is never older than a point missing from their listing (the other
+    // order showed a just-folded point as gone while the old base was still
+    // the start: fault seed 217027, "point 668 was acknowledged by the process
+    // server but is not listed"). Takeovers fence what an old owner wrote late
+    // (see catalogue.rs), by the fences read with the shape; the stream starts
+    // from the newest base.
+    let unfenced = catalogue::Fences::default();
+    let points = list_points(store, key, machine, &unfenced).await?;
+    let inconsistent = catalogue::list_inconsistent(store, key, machine, &unfenced).await?;
     let view = base::stream_view(store, key, machine).await?;
     let start = view.start();
     let fences = view.fences.clone();
-    let points = list_points(store, key, machine, &fences).await?;
-    let inconsistent = catalogue::list_inconsistent(store, key, machine, &fences).await?;
+    let points: Vec<_> = points
+        .into_iter()
+        .filter(|p| fences.counts(p.epoch, p.seq))
+        .collect();
+    let inconsistent: Vec<_> = inconsistent
+        .into_iter()
+        .filter(|m| fences.counts(m.epoch, m.seq))
+        .collect();
     Ok(Inventory {
         end: view.prefix.end,
         after_gap: view.prefix.after_gap,
