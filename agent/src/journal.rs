@@ -264,16 +264,17 @@ impl Journal {
     pub fn rebase(&self, base: u64) -> std::io::Result<()> {
         let (m, work, done) = &*self.shared;
         let mut s = m.lock().unwrap_or_else(|p| p.into_inner());
-        s.pending.clear();
-        s.pending_first = base + 1;
-        s.pending_last = base;
+        if s.shutdown {
+            return Err(std::io::Error::other("journal closed"));
+        }
+        // The buffered records are dropped by the writer, once the files are
+        // replaced (records a failing write puts back go with them); a failed
+        // rebase keeps them, in step with the stream's old numbering. The
+        // writer does not stop while a rebase is asked for.
         s.rebase = Some(base);
         let before = s.rebases;
         work.notify_one();
         while s.rebase.is_some() {
-            if s.shutdown {
-                return Err(std::io::Error::other("journal closed"));
-            }
             s = done.wait(s).unwrap_or_else(|p| p.into_inner());
         }
         if s.rebases != before {
@@ -375,6 +376,7 @@ fn writer_thread(
         if let Some(base) = rebase {
             let result = (|| -> std::io::Result<()> {
                 drop(current.take());
+                cut_to = None;
                 for (_, path) in closed.drain(..) {
                     remove_if_present(&path)?;
                 }
@@ -388,7 +390,6 @@ fn writer_thread(
                 f.sync_all()?;
                 File::open(&dir)?.sync_all()?;
                 current = Some((base + 1, f, 0));
-                cut_to = None;
                 Ok(())
             })();
             let mut s = m.lock().unwrap_or_else(|p| p.into_inner());
@@ -398,6 +399,9 @@ fn writer_thread(
                     s.synced = base;
                     s.sync_requested = base;
                     s.release_upto = base;
+                    s.pending.clear();
+                    s.pending_first = base + 1;
+                    s.pending_last = base;
                     s.rebases += 1;
                     // The records a failed write kept are dropped with the
                     // rest: their error is over.
@@ -406,7 +410,12 @@ fn writer_thread(
                     }
                     failures = 0;
                 }
-                Err(e) => s.error = Some(format!("rebasing on seq {base}: {e}")),
+                Err(e) => {
+                    s.error = Some(format!("rebasing on seq {base}: {e}"));
+                    failures += 1;
+                    // Some files may be gone: what is left is released as usual.
+                    closed = list_files(&dir).unwrap_or_default();
+                }
             }
             s.rebase = None;
             failing.store(s.error.is_some(), std::sync::atomic::Ordering::Release);
@@ -520,7 +529,10 @@ fn writer_thread(
             }
             failing.store(s.error.is_some(), std::sync::atomic::Ordering::Release);
             done.notify_all();
-            if shutdown && (s.pending.is_empty() || failures >= SHUTDOWN_ATTEMPTS) {
+            if shutdown
+                && s.rebase.is_none()
+                && (s.pending.is_empty() || failures >= SHUTDOWN_ATTEMPTS)
+            {
                 if failures > 0 {
                     warn!(
                         "journal: stopping with seqs {}..={} not written ({})",

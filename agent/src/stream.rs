@@ -415,7 +415,11 @@ impl Stream {
         let last = {
             let mut s = self.lock_state();
             self.journal.rebase(base)?;
-            s.rebase(base);
+            for (seq, label) in s.rebase(base) {
+                warn!(
+                    "recovery point at seq {seq} ({label:?}) was not acknowledged before the rebase and is dropped with it: take it again"
+                );
+            }
             for op in first {
                 let e = Entry {
                     seq: s.next_seq(),

@@ -172,14 +172,24 @@ impl SenderState {
     /// Forgets every queued entry and continues the numbering after `base` (the
     /// receiver's durable position) as if everything up to it were acknowledged.
     /// Used when the agent lost its state: what the dropped entries changed is
-    /// repaired by a checksum resync.
-    pub fn rebase(&mut self, base: u64) {
+    /// repaired by a checksum resync. Returns the recovery points (tags) it
+    /// dropped, never acknowledged: seq and label.
+    pub fn rebase(&mut self, base: u64) -> Vec<(u64, String)> {
+        let dropped = self
+            .queue
+            .iter()
+            .filter_map(|e| match &e.op {
+                crate::protocol::Op::Tag { label, .. } => Some((e.seq, label.clone())),
+                _ => None,
+            })
+            .collect();
         self.queue.clear();
         self.queued_bytes = 0;
         self.captured = base;
         self.sent = base;
         self.acked = base;
         self.owned = base;
+        dropped
     }
 
     /// The connection dropped: everything unacknowledged will be sent again.
