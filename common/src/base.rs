@@ -290,10 +290,23 @@ pub async fn stream_view(
     key: Option<&CatalogueKey>,
     machine: &str,
 ) -> Result<StreamView, CatalogueError> {
-    // Segments first: a fold creates its base before it deletes the
-    // segments it replaces, so a base listed after the segments is never
-    // newer than what they cover (the other order could show a gap).
     let sized = catalogue::list_segments_sized(store, machine).await?;
+    stream_view_from(store, key, machine, sized).await
+}
+
+/// The stream's shape from a listing of its segments (`sized`, by
+/// `catalogue::list_segments_sized`) made first: a fold creates its base
+/// before it deletes the segments it replaces, so a base listed after the
+/// segments is never newer than what they cover (the other order could show
+/// a gap). What must be listed between (points and marks, which the uploader
+/// stores before their segment and a fold deletes after its base) goes
+/// between the two calls.
+pub async fn stream_view_from(
+    store: &Store,
+    key: Option<&CatalogueKey>,
+    machine: &str,
+    sized: Vec<(SegmentName, u64)>,
+) -> Result<StreamView, CatalogueError> {
     let segments: Vec<SegmentName> = sized.iter().map(|(s, _)| *s).collect();
     let fences = catalogue::list_fences(store, key, machine).await?;
     let bases = list_bases(store, key, machine, &fences).await?;

@@ -203,18 +203,22 @@ pub async fn inventory(
     machine: &str,
 ) -> Result<Inventory> {
     lifeboat_common::ids::validate_id("machine", machine).map_err(anyhow::Error::msg)?;
-    // Points and marks are listed before the stream's shape: a fold writes its
-    // base before it deletes the points it replaces, so a base listed after
-    // them is never older than a point missing from their listing (the other
-    // order showed a just-folded point as gone while the old base was still
-    // the start: fault seed 217027, "point 668 was acknowledged by the process
-    // server but is not listed"). Takeovers fence what an old owner wrote late
-    // (see catalogue.rs), by the fences read with the shape; the stream starts
+    // The order of the listings: segments, then points and marks, then
+    // takeovers and bases. The uploader stores a segment's points and marks
+    // before the segment, so whoever lists a segment lists them too; a fold
+    // creates its base before it deletes the points and segments it
+    // replaces, so a base listed after them is never older than a point
+    // missing from their listing (points listed after the base showed a
+    // just-folded point as gone while the old base was still the start: fault
+    // seed 217027, "point 668 was acknowledged by the process server but is
+    // not listed"). Takeovers fence what an old owner wrote late (see
+    // catalogue.rs), by the fences read with the shape; the stream starts
     // from the newest base.
+    let sized = catalogue::list_segments_sized(store, machine).await?;
     let unfenced = catalogue::Fences::default();
     let points = list_points(store, key, machine, &unfenced).await?;
     let inconsistent = catalogue::list_inconsistent(store, key, machine, &unfenced).await?;
-    let view = base::stream_view(store, key, machine).await?;
+    let view = base::stream_view_from(store, key, machine, sized).await?;
     let start = view.start();
     let fences = view.fences.clone();
     let points: Vec<_> = points
