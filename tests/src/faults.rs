@@ -482,6 +482,12 @@ struct Recorded {
     /// Process-server generation it was taken under (0: the first server;
     /// each `ps-takeover` starts the next).
     ps_gen: usize,
+    /// Taken after a takeover whose rebase the harness had not yet seen:
+    /// the agent may still have numbered it in the old server's numbering,
+    /// which the rebase on the new server's shorter stream drops (the tag
+    /// was never acknowledged there, though `acked` in the new numbering may
+    /// later pass its seq). Seed 219740 of the long run.
+    before_rebase: bool,
 }
 
 /// An operation of the workload (for the shadow: applied at the next FLUSH).
@@ -1620,6 +1626,7 @@ fn take_point(
         acked: false,
         epoch: books.epoch,
         ps_gen: rig.ps_ids.len() - 1,
+        before_rebase: !books.rebase_floors.is_empty(),
     });
     out.points_taken += 1;
     Ok(true)
@@ -1936,10 +1943,11 @@ fn finish(
         }
         // A later server took the machine over while the point was not yet
         // in the store: only the server it replaced held the point.
-        let taken_over = books
-            .takeovers
-            .iter()
-            .any(|&(gen, end_before)| gen > r.ps_gen && r.seq > end_before);
+        // Or the takeover came first and the agent numbered the point before
+        // it rebased on the new server's end.
+        let taken_over = books.takeovers.iter().any(|&(gen, end_before)| {
+            (gen > r.ps_gen || (gen == r.ps_gen && r.before_rebase)) && r.seq > end_before
+        });
         if r.seq < folded_below {
             out.points_folded += 1;
         } else if taken_over {

@@ -217,3 +217,22 @@ fn seed_217027_a_rebase_while_the_journal_is_full() {
         check(s);
     }
 }
+
+/// Seed 219740 of the long run (every fault kind): a point tagged right
+/// after a process-server takeover, before the new server's welcome, was
+/// numbered in the old server's numbering (seq 637); the welcome said the new
+/// server held only up to 539 of the 618 acknowledged, so the agent rebased
+/// and dropped it (never acknowledged; the agent now says so by name). The
+/// harness took `acked` in the new numbering passing 637 for its
+/// acknowledgement ("point 637 was acknowledged by the process server but is
+/// not listed"). Pinned: such a point counts as lost to the takeover.
+#[test]
+fn seed_219740_a_point_numbered_before_the_rebase_of_a_takeover() {
+    if needs_fuse() {
+        let mut s = scenario(219740);
+        s.secs = faults::fault_secs(100);
+        s.kinds = FaultKind::ALL.to_vec();
+        s.max_ops = Some(1900);
+        check(s);
+    }
+}
