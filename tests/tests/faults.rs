@@ -48,6 +48,16 @@ fn check(s: Scenario) -> Outcome {
     o
 }
 
+/// A seed of the long run (`bench/faults.sh --kinds <all> --secs 100`), up
+/// to `max_ops` operations (the one that found its bug, and a little more).
+fn long_run_seed(seed: u64, max_ops: u64) -> Scenario {
+    let mut s = scenario(seed);
+    s.secs = faults::fault_secs(100);
+    s.kinds = FaultKind::ALL.to_vec();
+    s.max_ops = Some(max_ops);
+    s
+}
+
 fn needs_fuse() -> bool {
     if !fuse_available() {
         eprintln!("skipping: needs root and /dev/fuse for the power-loss filesystem");
@@ -210,11 +220,7 @@ fn seed_21_tag_before_the_welcome_is_stored() {
 #[test]
 fn seed_217027_a_rebase_while_the_journal_is_full() {
     if needs_fuse() {
-        let mut s = scenario(217027);
-        s.secs = faults::fault_secs(100);
-        s.kinds = FaultKind::ALL.to_vec();
-        s.max_ops = Some(1700);
-        check(s);
+        check(long_run_seed(217027, 1700));
     }
 }
 
@@ -229,10 +235,6 @@ fn seed_217027_a_rebase_while_the_journal_is_full() {
 #[test]
 fn seed_219740_a_point_numbered_before_the_rebase_of_a_takeover() {
     if needs_fuse() {
-        let mut s = scenario(219740);
-        s.secs = faults::fault_secs(100);
-        s.kinds = FaultKind::ALL.to_vec();
-        s.max_ops = Some(1900);
-        check(s);
+        check(long_run_seed(219740, 1900));
     }
 }
