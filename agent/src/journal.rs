@@ -202,8 +202,28 @@ impl Journal {
                 current = Some((*first, f, valid));
             }
         }
+        // An empty newest file whose name does not follow the older files'
+        // entries is left from a rebase that did not complete (a power loss
+        // before its removals were durable): the entries kept win, and the
+        // next welcome judges the numbering again.
+        if let (Some((first, _, 0)), Some(e)) = (&current, entries.last()) {
+            if *first != e.seq + 1 {
+                let path = file_name(dir, *first);
+                warn!(
+                    "journal {}: an empty file after seq {} (an unfinished rebase); removing it",
+                    path.display(),
+                    e.seq
+                );
+                current = None;
+                std::fs::remove_file(&path)
+                    .with_context(|| format!("removing {}", path.display()))?;
+            }
+        }
         // An empty newest file (after a rebase) still says where numbering goes on.
-        let newest_base = files.last().map(|(first, _)| first.saturating_sub(1));
+        let newest_base = match &current {
+            Some((first, _, _)) => Some(first.saturating_sub(1)),
+            None => files.last().map(|(first, _)| first.saturating_sub(1)),
+        };
         let last = entries.last().map(|e| e.seq).or(newest_base).unwrap_or(0);
         let shared = Arc::new((
             Mutex::new(Shared {
@@ -374,22 +394,29 @@ fn writer_thread(
     loop {
         let rebase = m.lock().unwrap_or_else(|p| p.into_inner()).rebase;
         if let Some(base) = rebase {
+            // Every file is removed (the current one too: it stays open,
+            // with its pending cut, until the new file replaces it), then the
+            // new empty file is created and synced; one that cannot be synced
+            // is removed again, so a failed rebase never leaves a newest file
+            // whose name contradicts the numbering the stream keeps.
             let result = (|| -> std::io::Result<()> {
-                drop(current.take());
-                cut_to = None;
                 for (_, path) in closed.drain(..) {
                     remove_if_present(&path)?;
                 }
                 for (_, path) in list_files(&dir).map_err(std::io::Error::other)? {
                     remove_if_present(&path)?;
                 }
-                let f = OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(file_name(&dir, base + 1))?;
-                f.sync_all()?;
-                File::open(&dir)?.sync_all()?;
+                let path = file_name(&dir, base + 1);
+                let f = OpenOptions::new().create(true).append(true).open(&path)?;
+                if let Err(e) = f
+                    .sync_all()
+                    .and_then(|()| File::open(&dir).and_then(|d| d.sync_all()))
+                {
+                    let _ = remove_if_present(&path);
+                    return Err(e);
+                }
                 current = Some((base + 1, f, 0));
+                cut_to = None;
                 Ok(())
             })();
             let mut s = m.lock().unwrap_or_else(|p| p.into_inner());
@@ -413,8 +440,17 @@ fn writer_thread(
                 Err(e) => {
                     s.error = Some(format!("rebasing on seq {base}: {e}"));
                     failures += 1;
-                    // Some files may be gone: what is left is released as usual.
+                    // Some files may be gone: what is left is released as
+                    // usual; the current file stays current while it exists.
+                    if current
+                        .as_ref()
+                        .is_some_and(|(first, _, _)| !file_name(&dir, *first).exists())
+                    {
+                        current = None;
+                        cut_to = None;
+                    }
                     closed = list_files(&dir).unwrap_or_default();
+                    closed.retain(|(first, _)| current.as_ref().map(|c| c.0) != Some(*first));
                 }
             }
             s.rebase = None;
@@ -750,6 +786,34 @@ mod tests {
         let (_, es) = Journal::open(&dir).unwrap();
         assert_eq!(es, vec![w(101, 100)]);
         std::fs::remove_file(&filler).unwrap();
+    }
+
+    /// A rebase cut short by a power loss can leave its new empty file beside
+    /// older files whose removal was not durable: the entries kept win, the
+    /// empty file goes, and numbering goes on after them (before, the next
+    /// entries went into the empty file and the journal was refused at the
+    /// following start: "does not start at the seq its name says").
+    #[test]
+    fn an_empty_newest_file_of_an_unfinished_rebase_is_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (j, _) = Journal::open(dir.path()).unwrap();
+            for s in 5..=7 {
+                j.append(&w(s, 100));
+            }
+            j.sync_blocking(7).unwrap();
+        }
+        let stray = file_name(dir.path(), 101);
+        File::create(&stray).unwrap();
+        let (j, es) = Journal::open(dir.path()).unwrap();
+        assert_eq!(es.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![5, 6, 7]);
+        assert!(!stray.exists());
+        assert_eq!(j.positions(), (7, 7));
+        j.append(&w(8, 100));
+        j.sync_blocking(8).unwrap();
+        drop(j);
+        let (_, es) = Journal::open(dir.path()).unwrap();
+        assert_eq!(es.last().map(|e| e.seq), Some(8));
     }
 
     /// A size-limited tmpfs (root only); `None` where mounting is not allowed.

@@ -482,12 +482,6 @@ struct Recorded {
     /// Process-server generation it was taken under (0: the first server;
     /// each `ps-takeover` starts the next).
     ps_gen: usize,
-    /// Taken after a takeover whose rebase the harness had not yet seen:
-    /// the agent may still have numbered it in the old server's numbering,
-    /// which the rebase on the new server's shorter stream drops (the tag
-    /// was never acknowledged there, though `acked` in the new numbering may
-    /// later pass its seq). Seed 219740 of the long run.
-    before_rebase: bool,
 }
 
 /// An operation of the workload (for the shadow: applied at the next FLUSH).
@@ -1626,7 +1620,6 @@ fn take_point(
         acked: false,
         epoch: books.epoch,
         ps_gen: rig.ps_ids.len() - 1,
-        before_rebase: !books.rebase_floors.is_empty(),
     });
     out.points_taken += 1;
     Ok(true)
@@ -1751,6 +1744,18 @@ fn inject(s: &Scenario, rig: &mut Rig, books: &mut Books, f: &Fault) -> Result<(
         }
     }
     Ok(())
+}
+
+/// Every log of the agent's runs in `dir`, one text.
+fn agent_logs(dir: &Path) -> String {
+    let mut text = String::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.extension().is_some_and(|x| x == "log") {
+            text.push_str(&std::fs::read_to_string(&p).unwrap_or_default());
+        }
+    }
+    text
 }
 
 /// Heals everything, takes the final point, waits for replication to catch up,
@@ -1934,6 +1939,7 @@ fn finish(
     // Points taken and acknowledged must be listed, unless retention folded
     // them into the base.
     let folded_below = listed["base"]["seq"].as_u64().unwrap_or(0);
+    let agent_logs = agent_logs(&rig.root.join("agent"));
     for r in &books.points {
         let is_listed = list
             .iter()
@@ -1943,11 +1949,19 @@ fn finish(
         }
         // A later server took the machine over while the point was not yet
         // in the store: only the server it replaced held the point.
-        // Or the takeover came first and the agent numbered the point before
-        // it rebased on the new server's end.
-        let taken_over = books.takeovers.iter().any(|&(gen, end_before)| {
-            (gen > r.ps_gen || (gen == r.ps_gen && r.before_rebase)) && r.seq > end_before
-        });
+        // Or the takeover came first, the agent numbered the point before the
+        // new server's welcome, and its rebase on that server's shorter
+        // stream dropped it, never acknowledged: the agent names each such
+        // point in its log (`acked` in the new numbering may later pass the
+        // seq; seed 219740 of the long run).
+        let taken_over = books
+            .takeovers
+            .iter()
+            .any(|&(gen, end_before)| gen > r.ps_gen && r.seq > end_before)
+            || agent_logs.contains(&format!(
+                "recovery point at seq {} ({:?}) was not acknowledged before the rebase",
+                r.seq, r.label
+            ));
         if r.seq < folded_below {
             out.points_folded += 1;
         } else if taken_over {
