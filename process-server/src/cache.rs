@@ -93,7 +93,7 @@ struct Health {
 }
 
 /// What `lifeboat-ps status` shows of the cache.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub struct CacheHealth {
     pub dir: PathBuf,
@@ -102,6 +102,8 @@ pub struct CacheHealth {
     /// RFC 3339.
     pub since: Option<String>,
     pub free_bytes: Option<u64>,
+    /// The size of the filesystem holding the cache.
+    pub total_bytes: Option<u64>,
 }
 
 /// The open database, read-locked for one operation.
@@ -129,6 +131,12 @@ pub fn is_no_space(e: &str) -> bool {
 
 /// Free bytes of the filesystem holding `dir` (for an unprivileged writer).
 pub fn free_bytes(dir: &Path) -> Option<u64> {
+    space(dir).map(|(free, _)| free)
+}
+
+/// Free bytes (for an unprivileged writer) and the size of the filesystem
+/// holding `dir`.
+pub fn space(dir: &Path) -> Option<(u64, u64)> {
     use std::os::unix::ffi::OsStrExt;
     let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
     // SAFETY: statvfs(3) fills the zeroed struct we pass; the path is a C string.
@@ -136,7 +144,8 @@ pub fn free_bytes(dir: &Path) -> Option<u64> {
     if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
         return None;
     }
-    Some(st.f_bavail as u64 * st.f_frsize as u64)
+    let frsize = st.f_frsize as u64;
+    Some((st.f_bavail as u64 * frsize, st.f_blocks as u64 * frsize))
 }
 
 /// Gives the memory a closed database freed back to the system before a
@@ -349,6 +358,7 @@ impl Cache {
 
     /// Whether the cache takes writes, and why not.
     pub fn health(&self) -> CacheHealth {
+        let space = space(&self.dir);
         let h = self.lock_health();
         CacheHealth {
             dir: self.dir.clone(),
@@ -358,7 +368,8 @@ impl Cache {
                 chrono::DateTime::<chrono::Utc>::from(t)
                     .to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
             }),
-            free_bytes: free_bytes(&self.dir),
+            free_bytes: space.map(|(free, _)| free),
+            total_bytes: space.map(|(_, total)| total),
         }
     }
 

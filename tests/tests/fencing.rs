@@ -301,7 +301,7 @@ fn two_servers_one_store(root: &Path, cfg: Option<StoreConfig>) {
     // ...and in its status.
     let status = run_ok(
         std::process::Command::new(bin("lifeboat-ps"))
-            .args(["status", "--config"])
+            .args(["status", "--json", "--config"])
             .arg(ps1.dir.join("ps.toml")),
         Duration::from_secs(30),
     )

@@ -19,7 +19,7 @@ const MIB: u64 = 1024 * 1024;
 fn ps_status(ps: &ProcessServer) -> serde_json::Value {
     let out = run_ok(
         Command::new(bin("lifeboat-ps"))
-            .args(["status", "--config"])
+            .args(["status", "--json", "--config"])
             .arg(ps.dir.join("ps.toml")),
         Duration::from_secs(30),
     )

@@ -641,7 +641,7 @@ fn a_hung_pre_freeze_script_fails_the_app_point_and_releases_and_thaws_every_mem
     // The failure is in both statuses.
     let status = run_ok(
         Command::new(bin("lifeboat-ps"))
-            .args(["status", "--config"])
+            .args(["status", "--json", "--config"])
             .arg(g.ps.dir.join("ps.toml")),
         Duration::from_secs(30),
     )
