@@ -207,9 +207,14 @@ impl Webhook {
                     }
                     Err(err) => {
                         alerts.webhook_failures.fetch_add(1, Ordering::Relaxed);
+                        let of = if e.machine.is_empty() {
+                            String::new()
+                        } else {
+                            format!(" of {}", e.machine)
+                        };
                         warn!(
-                            "webhook POST to {url} failed ({} {} of {}): {err}; not retried, the next event is sent as usual",
-                            e.kind, e.event, e.machine
+                            "webhook POST to {url} failed ({} alert {}{of}): {err}; not retried, the next event is sent as usual",
+                            e.kind, e.event
                         );
                     }
                 }

@@ -102,8 +102,8 @@ pub struct CacheHealth {
     /// RFC 3339.
     pub since: Option<String>,
     pub free_bytes: Option<u64>,
-    /// The size of the filesystem holding the cache.
-    pub total_bytes: Option<u64>,
+    /// Bytes in use on the filesystem holding the cache (by anyone).
+    pub used_bytes: Option<u64>,
 }
 
 /// The open database, read-locked for one operation.
@@ -134,7 +134,7 @@ pub fn free_bytes(dir: &Path) -> Option<u64> {
     space(dir).map(|(free, _)| free)
 }
 
-/// Free bytes (for an unprivileged writer) and the size of the filesystem
+/// Free bytes (for an unprivileged writer) and used bytes of the filesystem
 /// holding `dir`.
 pub fn space(dir: &Path) -> Option<(u64, u64)> {
     use std::os::unix::ffi::OsStrExt;
@@ -145,7 +145,8 @@ pub fn space(dir: &Path) -> Option<(u64, u64)> {
         return None;
     }
     let frsize = st.f_frsize as u64;
-    Some((st.f_bavail as u64 * frsize, st.f_blocks as u64 * frsize))
+    let used = (st.f_blocks as u64).saturating_sub(st.f_bfree as u64);
+    Some((st.f_bavail as u64 * frsize, used * frsize))
 }
 
 /// Gives the memory a closed database freed back to the system before a
@@ -369,7 +370,7 @@ impl Cache {
                     .to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
             }),
             free_bytes: space.map(|(free, _)| free),
-            total_bytes: space.map(|(_, total)| total),
+            used_bytes: space.map(|(_, used)| used),
         }
     }
 

@@ -98,10 +98,35 @@ pub struct PsConfig {
     /// Alert thresholds and the webhook (`alerts.rs`).
     #[serde(default)]
     pub alerts: AlertsConfig,
+    /// Where backpressure begins (`health.rs`).
+    #[serde(default)]
+    pub health: HealthConfig,
+}
+
+fn default_backpressure_free() -> u8 {
+    crate::health::BACKPRESSURE_FREE_PERCENT
+}
+
+/// `[health]` of ps.toml.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct HealthConfig {
+    /// Below this percentage of free cache space new entries are refused
+    /// (0: never).
+    #[serde(default = "default_backpressure_free")]
+    pub backpressure_free: u8,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        HealthConfig {
+            backpressure_free: crate::health::BACKPRESSURE_FREE_PERCENT,
+        }
+    }
 }
 
 /// `[http]` of ps.toml: `/status` (JSON), `/metrics` (Prometheus text) and
-/// `/` (the status page), every request with `Authorization: Bearer <token>`.
+/// `/` (the status page), every request with the token (`http.rs`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct HttpConfig {
@@ -567,6 +592,13 @@ impl PsConfig {
         }
         cfg.retention.check(path)?;
         cfg.alerts.check(path)?;
+        if cfg.health.backpressure_free > 50 {
+            anyhow::bail!(
+                "{}: [health] backpressure-free must be between 0 (off) and 50 (percent), not {}",
+                path.display(),
+                cfg.health.backpressure_free
+            );
+        }
         if let Some(h) = &mut cfg.http {
             if h.token_file.is_relative() {
                 h.token_file = base.join(&h.token_file);
@@ -612,6 +644,33 @@ mod tests {
         assert_eq!(cfg.group[0].hold_timeout, DEFAULT_GROUP_HOLD_TIMEOUT);
         assert_eq!(cfg.group[0].app_interval, Some(DEFAULT_GROUP_APP_INTERVAL));
         assert_eq!(cfg.group[0].quiesce_timeout, DEFAULT_GROUP_QUIESCE_TIMEOUT);
+        let http = cfg.http.as_ref().unwrap();
+        assert!(http.token_file.ends_with("http.token"));
+        assert_eq!(cfg.alerts.rpo_alert, DEFAULT_RPO_ALERT);
+        assert_eq!(cfg.health, HealthConfig::default());
+        assert_eq!(cfg.alerts.webhook_timeout, DEFAULT_WEBHOOK_TIMEOUT);
+        assert_eq!(cfg.alerts.rpo_alert_of("db-1"), Duration::from_secs(300));
+        assert_eq!(cfg.alerts.rpo_alert_of("other"), DEFAULT_RPO_ALERT);
+    }
+
+    #[test]
+    fn bad_alerts_are_refused_by_name() {
+        let p = Path::new("ps.toml");
+        let parse = |t: &str| toml::from_str::<AlertsConfig>(t).unwrap();
+        assert!(parse("").check(p).is_ok());
+        for (text, want) in [
+            ("rpo-alert = \"0s\"", "rpo-alert must be between"),
+            ("webhook = \"ftp://x\"", "http:// or https://"),
+            ("webhook = \"not a url\"", "is not a URL"),
+            ("webhook-timeout = \"10m\"", "webhook-timeout"),
+            (
+                "[[machine]]\nname = \"a\"\nrpo-alert = \"1m\"\n[[machine]]\nname = \"a\"\nrpo-alert = \"2m\"",
+                "listed twice",
+            ),
+        ] {
+            let e = parse(text).check(p).unwrap_err().to_string();
+            assert!(e.contains(want), "{text}: {e}");
+        }
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! The process server's health, judged from two numbers: the cache
-//! filesystem's free space (a fraction of its size) and the upload backlog
+//! filesystem's free space (free / (free + used), so blocks reserved for
+//! root or beyond a quota count as neither) and the upload backlog
 //! (how long the oldest write not yet in the object store has waited). Plain
 //! functions, no I/O; the monitor (`monitor.rs`) measures and calls them.
 //!
@@ -9,7 +10,8 @@
 //! level      cache free          upload backlog
 //! warning    below 30 %     or   over 30 minutes
 //! critical   below 25 %     or   over 45 minutes
-//! backpressure: below 20 % free, until free is back at 22 % (hysteresis)
+//! backpressure: below 20 % free, until free is back at 22 % (hysteresis);
+//!               `[health] backpressure-free` moves the 20 % (0: off)
 //! ```
 //!
 //! Under backpressure the server takes no new entries: a hello is refused and
@@ -24,9 +26,10 @@ use serde::{Deserialize, Serialize};
 
 pub const WARN_FREE: f64 = 0.30;
 pub const CRITICAL_FREE: f64 = 0.25;
-pub const BACKPRESSURE_FREE: f64 = 0.20;
-/// Backpressure ends once the free fraction is back at this.
-pub const BACKPRESSURE_RELEASE_FREE: f64 = 0.22;
+/// The default `[health] backpressure-free` (percent).
+pub const BACKPRESSURE_FREE_PERCENT: u8 = 20;
+/// Backpressure ends once the free fraction is this much above where it began.
+pub const BACKPRESSURE_HYSTERESIS: f64 = 0.02;
 pub const WARN_BACKLOG: Duration = Duration::from_secs(30 * 60);
 pub const CRITICAL_BACKLOG: Duration = Duration::from_secs(45 * 60);
 
@@ -68,9 +71,16 @@ fn pct(f: f64) -> String {
     format!("{:.0}%", (f * 100.0 + 1e-9).floor())
 }
 
-/// Judges the health; `was_backpressure` is the previous judgement's (for
-/// the hysteresis). An unknown free fraction judges the backlog only.
-pub fn judge(cache_free: Option<f64>, backlog: Duration, was_backpressure: bool) -> Health {
+/// Judges the health; `backpressure_free` is the free fraction below which
+/// entries are refused (0: never), `was_backpressure` the previous
+/// judgement's (for the hysteresis). An unknown free fraction judges the
+/// backlog only.
+pub fn judge(
+    cache_free: Option<f64>,
+    backlog: Duration,
+    backpressure_free: f64,
+    was_backpressure: bool,
+) -> Health {
     let mut level = Level::Ok;
     let mut reasons = Vec::new();
     let mut backpressure = None;
@@ -82,17 +92,18 @@ pub fn judge(cache_free: Option<f64>, backlog: Duration, was_backpressure: bool)
             level = Level::Warning;
             reasons.push(format!("cache free {} < {}", pct(f), pct(WARN_FREE)));
         }
+        let release = backpressure_free + BACKPRESSURE_HYSTERESIS;
         let limit = if was_backpressure {
-            BACKPRESSURE_RELEASE_FREE
+            release
         } else {
-            BACKPRESSURE_FREE
+            backpressure_free
         };
-        if f < limit {
+        if backpressure_free > 0.0 && f < limit {
             backpressure = Some(format!(
                 "cache free {} < {}: agents' new writes are refused (they keep them) until {} is free",
                 pct(f),
-                pct(BACKPRESSURE_FREE),
-                pct(BACKPRESSURE_RELEASE_FREE)
+                pct(backpressure_free),
+                pct(release)
             ));
         }
     }
@@ -127,18 +138,19 @@ mod tests {
     use super::*;
 
     const MIN: Duration = Duration::from_secs(60);
+    const BP: f64 = 0.20;
 
     #[test]
     fn thresholds_of_free_space() {
-        assert_eq!(judge(Some(0.5), Duration::ZERO, false).level, Level::Ok);
-        let h = judge(Some(0.29), Duration::ZERO, false);
+        assert_eq!(judge(Some(0.5), Duration::ZERO, BP, false).level, Level::Ok);
+        let h = judge(Some(0.29), Duration::ZERO, BP, false);
         assert_eq!(h.level, Level::Warning);
         assert_eq!(h.reasons, vec!["cache free 29% < 30%"]);
         assert!(h.backpressure.is_none());
-        let h = judge(Some(0.24), Duration::ZERO, false);
+        let h = judge(Some(0.24), Duration::ZERO, BP, false);
         assert_eq!(h.level, Level::Critical);
         assert!(h.backpressure.is_none());
-        let h = judge(Some(0.18), Duration::ZERO, false);
+        let h = judge(Some(0.18), Duration::ZERO, BP, false);
         assert_eq!(h.level, Level::Critical);
         let bp = h.backpressure.unwrap();
         assert!(bp.starts_with("cache free 18% < 20%"), "{bp}");
@@ -146,26 +158,39 @@ mod tests {
 
     #[test]
     fn backpressure_ends_only_at_the_release_level() {
-        assert!(judge(Some(0.21), Duration::ZERO, true)
+        assert!(judge(Some(0.21), Duration::ZERO, BP, true)
             .backpressure
             .is_some());
-        assert!(judge(Some(0.21), Duration::ZERO, false)
+        assert!(judge(Some(0.21), Duration::ZERO, BP, false)
             .backpressure
             .is_none());
-        assert!(judge(Some(0.22), Duration::ZERO, true)
+        assert!(judge(Some(0.22), Duration::ZERO, BP, true)
             .backpressure
             .is_none());
     }
 
     #[test]
+    fn backpressure_can_be_moved_or_turned_off() {
+        assert!(judge(Some(0.0), Duration::ZERO, 0.0, false)
+            .backpressure
+            .is_none());
+        assert!(judge(Some(0.09), Duration::ZERO, 0.10, false)
+            .backpressure
+            .is_some());
+        assert!(judge(Some(0.11), Duration::ZERO, 0.10, true)
+            .backpressure
+            .is_some());
+    }
+
+    #[test]
     fn thresholds_of_the_backlog() {
-        assert_eq!(judge(Some(0.9), 30 * MIN, false).level, Level::Ok);
-        let h = judge(Some(0.9), 31 * MIN, false);
+        assert_eq!(judge(Some(0.9), 30 * MIN, BP, false).level, Level::Ok);
+        let h = judge(Some(0.9), 31 * MIN, BP, false);
         assert_eq!(h.level, Level::Warning);
         assert_eq!(h.reasons, vec!["upload backlog 31m > 30m"]);
-        assert_eq!(judge(None, 46 * MIN, false).level, Level::Critical);
+        assert_eq!(judge(None, 46 * MIN, BP, false).level, Level::Critical);
         // Both: the worse level, both reasons.
-        let h = judge(Some(0.24), 31 * MIN, false);
+        let h = judge(Some(0.24), 31 * MIN, BP, false);
         assert_eq!(h.level, Level::Critical);
         assert_eq!(h.reasons.len(), 2);
     }

@@ -2,14 +2,18 @@
 //! HTTP/1.1:
 //!
 //! ```text
+//! GET /          the status page (page.rs): HTML, inline SVG, no script
 //! GET /status    the status snapshot as JSON, the data `lifeboat-ps status --json` prints
 //! GET /metrics   the same snapshot in the Prometheus text format (metrics.rs)
 //! ```
 //!
-//! Every request needs `Authorization: Bearer <token>`, the token being the
-//! content of `token-file` (surrounding whitespace ignored; `lifeboat-ps init`
-//! writes a random one to `http.token`, 0600); without it the answer is 401.
-//! The token is compared in constant time. Plain HTTP: put it on loopback or
+//! Every request needs the token, the content of `token-file` (surrounding
+//! whitespace ignored; `lifeboat-ps init` writes a random one of 64 hex
+//! digits to `http.token`, 0600): as `Authorization: Bearer <token>`, or as
+//! the cookie `lifeboat-token`. A browser opens `/?token=<token>` once: the
+//! answer sets the cookie (HttpOnly, SameSite=Strict) and redirects to `/`,
+//! so the token does not stay in the address bar. Without it the answer is
+//! 401. The token is compared in constant time. Plain HTTP: put it on loopback or
 //! a management network, or behind a TLS proxy.
 
 use std::net::SocketAddr;
@@ -64,18 +68,53 @@ struct App {
     token: Arc<String>,
 }
 
-async fn auth(State(app): State<App>, headers: HeaderMap, req: Request, next: Next) -> Response {
-    let given = headers
+/// The cookie a browser keeps the token in.
+const COOKIE: &str = "lifeboat-token";
+
+/// The token a request presents, and whether it came in the query of `/`.
+fn presented(headers: &HeaderMap, req: &Request) -> Option<(String, bool)> {
+    let bearer = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
-    match given {
-        Some(t) if same(t.as_bytes(), app.token.as_bytes()) => next.run(req).await,
+        .map(|t| (t.trim().to_string(), false));
+    let cookie = || {
+        headers
+            .get_all(header::COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(';'))
+            .find_map(|c| c.trim().strip_prefix(COOKIE)?.strip_prefix('='))
+            .map(|t| (t.to_string(), false))
+    };
+    let query = || {
+        (req.uri().path() == "/")
+            .then(|| req.uri().query())
+            .flatten()?
+            .split('&')
+            .find_map(|kv| kv.strip_prefix("token="))
+            .map(|t| (t.to_string(), true))
+    };
+    bearer.or_else(cookie).or_else(query)
+}
+
+async fn auth(State(app): State<App>, headers: HeaderMap, req: Request, next: Next) -> Response {
+    match presented(&headers, &req) {
+        Some((t, from_query)) if same(t.as_bytes(), app.token.as_bytes()) => {
+            if from_query {
+                let cookie = format!("{COOKIE}={t}; HttpOnly; SameSite=Strict; Path=/");
+                return (
+                    StatusCode::SEE_OTHER,
+                    [(header::SET_COOKIE, cookie), (header::LOCATION, "/".into())],
+                )
+                    .into_response();
+            }
+            next.run(req).await
+        }
         _ => (
             StatusCode::UNAUTHORIZED,
             [(header::WWW_AUTHENTICATE, "Bearer")],
-            "401: send Authorization: Bearer <the token in [http] token-file>\n",
+            "401: send Authorization: Bearer <the token in [http] token-file>, or open /?token=<it> in a browser\n",
         )
             .into_response(),
     }
@@ -89,6 +128,23 @@ fn failed(e: anyhow::Error) -> Response {
 async fn status(State(app): State<App>) -> Response {
     match app.hub.snapshot().await {
         Ok(st) => Json(st).into_response(),
+        Err(e) => failed(e),
+    }
+}
+
+async fn page(State(app): State<App>) -> Response {
+    match app.hub.snapshot().await {
+        Ok(st) => {
+            let now = lifeboat_common::now_ms() / 1000;
+            let monitor = &app.hub.monitor;
+            axum::response::Html(crate::page::render(
+                &st,
+                now,
+                crate::monitor::RPO_HISTORY_SPAN,
+                |m| monitor.rpo_history(m),
+            ))
+            .into_response()
+        }
         Err(e) => failed(e),
     }
 }
@@ -124,6 +180,7 @@ pub async fn bind(
         token: Arc::new(token),
     };
     let router = Router::new()
+        .route("/", get(page))
         .route("/status", get(status))
         .route("/metrics", get(metrics))
         .layer(middleware::from_fn_with_state(app.clone(), auth))

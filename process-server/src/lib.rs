@@ -11,7 +11,8 @@
 //! shared by the control socket and HTTP), [`monitor`] (per-machine RPO,
 //! churn and points in memory), [`health`] (cache and backlog thresholds,
 //! backpressure), [`alerts`] (events and the webhook), [`http`] (`/status`,
-//! `/metrics`), [`metrics`] (Prometheus text).
+//! `/metrics`, the status page), [`metrics`] (Prometheus text), [`page`]
+//! (the status page's HTML).
 
 pub mod alerts;
 pub mod cache;
@@ -24,6 +25,7 @@ pub mod http;
 pub mod metrics;
 pub mod monitor;
 pub mod ownership;
+pub mod page;
 pub mod pki;
 pub mod server;
 pub mod status;

@@ -6,8 +6,8 @@
 //! lifeboat_health_level                    gauge 0 ok, 1 warning, 2 critical
 //! lifeboat_backpressure                    gauge 1 while new entries are refused
 //! lifeboat_cache_writable                  gauge
-//! lifeboat_cache_free_bytes / _total_bytes gauge
-//! lifeboat_cache_free_ratio                gauge 0..1
+//! lifeboat_cache_free_bytes / _used_bytes  gauge
+//! lifeboat_cache_free_ratio                gauge 0..1: free / (free + used)
 //! lifeboat_upload_backlog_seconds          gauge the oldest unstored write, all machines
 //! lifeboat_machine_rpo_seconds{machine}    gauge
 //! lifeboat_machine_rpo_alert_seconds{machine}
@@ -109,7 +109,7 @@ pub fn render(st: &Status, alerts: &Alerts) -> String {
         "1 when the RocksDB cache takes writes.",
     );
     o.sample("lifeboat_cache_writable", &[], b(st.cache.writable));
-    if let (Some(free), Some(total)) = (st.cache.free_bytes, st.cache.total_bytes) {
+    if let (Some(free), Some(used)) = (st.cache.free_bytes, st.cache.used_bytes) {
         o.family(
             "lifeboat_cache_free_bytes",
             "gauge",
@@ -117,11 +117,11 @@ pub fn render(st: &Status, alerts: &Alerts) -> String {
         );
         o.sample("lifeboat_cache_free_bytes", &[], free as f64);
         o.family(
-            "lifeboat_cache_total_bytes",
+            "lifeboat_cache_used_bytes",
             "gauge",
-            "Size of the cache filesystem in bytes.",
+            "Used bytes of the cache filesystem.",
         );
-        o.sample("lifeboat_cache_total_bytes", &[], total as f64);
+        o.sample("lifeboat_cache_used_bytes", &[], used as f64);
     }
     if let Some(f) = st.health.cache_free {
         o.family(

@@ -23,6 +23,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
+use std::time::Duration;
 
 use lifeboat_common::churn::Churn;
 use lifeboat_common::protocol::{Entry, Op, TagKind};
@@ -34,6 +35,10 @@ pub const CHURN_WINDOW_SECS: u64 = 60;
 /// Recent points kept per machine (status shows the newest few; the
 /// encryption alarm judges all of them).
 pub const POINTS_KEPT: usize = 64;
+
+/// The status page's RPO chart: the worst RPO of each step, over the span.
+pub const RPO_HISTORY_STEP: Duration = Duration::from_secs(10);
+pub const RPO_HISTORY_SPAN: Duration = Duration::from_secs(6 * 3600);
 
 /// One acknowledged batch: its last seq, when, and its encoded bytes.
 #[derive(Debug, Clone, Copy)]
@@ -68,6 +73,8 @@ struct Live {
     connected: bool,
     /// When the last session ended (ms).
     disconnected_since: Option<u64>,
+    /// (step start, Unix seconds; the worst RPO in it, seconds).
+    rpo_history: VecDeque<(u64, f64)>,
 }
 
 /// The monitor's view of one machine at one moment.
@@ -263,11 +270,45 @@ impl Monitor {
         }
     }
 
-    /// Sets the backpressure decision (`None`: entries are taken).
+    /// Adds an RPO sample (the tick's) to the machine's history.
+    pub fn record_rpo(&self, machine: &str, now_s: u64, rpo_s: f64) {
+        let step = RPO_HISTORY_STEP.as_secs();
+        let at = now_s - now_s % step;
+        self.with(machine, |l| {
+            match l.rpo_history.back_mut() {
+                Some((t, r)) if *t == at => *r = r.max(rpo_s),
+                _ => l.rpo_history.push_back((at, rpo_s)),
+            }
+            while l
+                .rpo_history
+                .front()
+                .is_some_and(|(t, _)| t + RPO_HISTORY_SPAN.as_secs() < now_s)
+            {
+                l.rpo_history.pop_front();
+            }
+        });
+    }
+
+    /// The machine's RPO samples, oldest first.
+    pub fn rpo_history(&self, machine: &str) -> Vec<(u64, f64)> {
+        let m = self.machines.lock().unwrap_or_else(|p| p.into_inner());
+        m.get(machine)
+            .map(|l| l.rpo_history.iter().copied().collect())
+            .unwrap_or_default()
+    }
+
+    /// Sets the backpressure decision (`None`: entries are taken); logs
+    /// when it starts and ends.
     pub fn set_backpressure(&self, why: Option<String>) {
+        let mut bp = self.backpressure.lock().unwrap_or_else(|p| p.into_inner());
+        match (bp.is_some(), &why) {
+            (false, Some(w)) => tracing::warn!("BACKPRESSURE on: {w}"),
+            (true, None) => tracing::info!("backpressure off: the cache has room again"),
+            _ => {}
+        }
         self.under_backpressure
             .store(why.is_some(), Ordering::Release);
-        *self.backpressure.lock().unwrap_or_else(|p| p.into_inner()) = why;
+        *bp = why;
     }
 
     /// Why new entries are refused now, if they are.
@@ -368,6 +409,19 @@ mod tests {
         let v = m.view("m", 100_000);
         assert!(v.open_sync.is_none());
         assert!(v.churn_per_disk.is_empty() || v.churn_per_disk[&0] == 0.0);
+    }
+
+    #[test]
+    fn rpo_history_keeps_the_worst_of_each_step_over_the_span() {
+        let m = Monitor::new(0);
+        m.record_rpo("m", 100, 1.0);
+        m.record_rpo("m", 105, 3.0);
+        m.record_rpo("m", 109, 2.0);
+        m.record_rpo("m", 110, 0.5);
+        assert_eq!(m.rpo_history("m"), vec![(100, 3.0), (110, 0.5)]);
+        m.record_rpo("m", 110 + RPO_HISTORY_SPAN.as_secs(), 0.0);
+        assert_eq!(m.rpo_history("m").len(), 2);
+        assert_eq!(m.rpo_history("m")[0].0, 110);
     }
 
     #[test]

@@ -529,6 +529,7 @@ pub async fn run(cfg: PsConfig, shutdown: CancellationToken) -> Result<()> {
         monitor: monitor.clone(),
         alerts: alerts.clone(),
         alerts_cfg: cfg.alerts.clone(),
+        health_cfg: cfg.health.clone(),
     });
     let webhook = match &cfg.alerts.webhook {
         Some(url) => Some(crate::alerts::Webhook::start(

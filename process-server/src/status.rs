@@ -30,7 +30,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::alerts::{Active, Alerts, Condition};
 use crate::cache::{Cache, CacheHealth};
-use crate::config::AlertsConfig;
+use crate::config::{AlertsConfig, HealthConfig};
 use crate::health::{self, Health, Level};
 use crate::monitor::{self, Monitor, PointSeen};
 use crate::ownership::Ownership;
@@ -123,6 +123,7 @@ pub struct Hub {
     pub monitor: Arc<Monitor>,
     pub alerts: Arc<Alerts>,
     pub alerts_cfg: AlertsConfig,
+    pub health_cfg: HealthConfig,
 }
 
 impl Hub {
@@ -248,11 +249,20 @@ pub fn collect(src: &Hub, now_ms: u64) -> anyhow::Result<Status> {
             disks,
         });
     }
-    let free = match (cache_health.free_bytes, cache_health.total_bytes) {
-        (Some(f), Some(t)) if t > 0 => Some(f as f64 / t as f64),
+    // Free of what this server could use: blocks reserved for root (or
+    // beyond a quota) are neither free nor used here.
+    let free = match (cache_health.free_bytes, cache_health.used_bytes) {
+        (Some(f), Some(u)) if f + u > 0 => Some(f as f64 / (f + u) as f64),
         _ => None,
     };
-    let mut health = health::judge(free, backlog_max, src.monitor.backpressure().is_some());
+    let mut health = health::judge(
+        free,
+        backlog_max,
+        f64::from(src.health_cfg.backpressure_free) / 100.0,
+        src.monitor.backpressure().is_some(),
+    );
+    // Decided here, so that what any status shows is what the sink applies.
+    src.monitor.set_backpressure(health.backpressure.clone());
     if !cache_health.writable {
         health.level = Level::Critical;
         health.reasons.push(format!(
@@ -334,14 +344,14 @@ pub fn conditions(st: &Status) -> Vec<Condition> {
 /// How often health and alerts are judged.
 pub const TICK: Duration = Duration::from_secs(1);
 
-/// Every [`TICK`] until `cancel`: a snapshot, the backpressure decision from
-/// its health, and the alert events (logged, and POSTed to the webhook).
+/// Every [`TICK`] until `cancel`: a snapshot (which also makes the
+/// backpressure decision from its health, [`collect`]) and the alert events
+/// (logged, and POSTed to the webhook).
 pub async fn tick(
     hub: Arc<Hub>,
     webhook: Option<crate::alerts::Webhook>,
     cancel: tokio_util::sync::CancellationToken,
 ) {
-    let mut was = None::<String>;
     loop {
         tokio::select! {
             _ = tokio::time::sleep(TICK) => {}
@@ -354,16 +364,11 @@ pub async fn tick(
                 continue;
             }
         };
-        let bp = st.health.backpressure.clone();
-        if bp != was {
-            match &bp {
-                Some(why) => tracing::warn!("BACKPRESSURE on: {why}"),
-                None => tracing::info!("backpressure off: the cache has room again"),
-            }
-            was = bp.clone();
-        }
-        hub.monitor.set_backpressure(bp);
         let now = lifeboat_common::now_ms();
+        for m in &st.machines {
+            hub.monitor
+                .record_rpo(&m.machine, now / 1000, m.rpo_seconds);
+        }
         for e in hub.alerts.update(&st.server_id, now, conditions(&st)) {
             crate::alerts::log(&e);
             if let Some(w) = &webhook {

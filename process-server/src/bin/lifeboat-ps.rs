@@ -345,11 +345,16 @@ url = "{store}"
 
 # The status page, /status (JSON) and /metrics (Prometheus) over HTTP; off
 # while this section is commented out. Requests need the header
-# `Authorization: Bearer <the content of token-file>`; init wrote a random
-# token to {token}.
+# `Authorization: Bearer <the content of token-file>` (a browser: open
+# /?token=<it> once); init wrote a random token to {token}.
 # [http]
 # listen = "127.0.0.1:9444"
 # token-file = "{token}"
+
+# Health: warning below 30% cache free or 30m of upload backlog, critical below
+# 25% or 45m; below backpressure-free % new writes are refused (0: never).
+# [health]
+# backpressure-free = 20
 
 # Alerts: a log line, the metric lifeboat_alert_active and, with a webhook, a
 # JSON POST when an alert starts and when it clears (defaults shown).
