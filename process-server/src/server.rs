@@ -644,7 +644,8 @@ pub async fn run(cfg: PsConfig, shutdown: CancellationToken) -> Result<()> {
     let _ = control_task.await;
     let _ = tick_task.await;
     if let Some(t) = http_task {
-        let _ = t.await;
+        // Bounded: a client may hold a connection open.
+        let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
     }
     let _ = group_task.await;
     let _ = recovery_task.await;

@@ -188,9 +188,12 @@ pub fn collect(src: &Hub, now_ms: u64) -> anyhow::Result<Status> {
             v.disconnected_since,
             v.open_sync.as_ref().map(|(_, l)| l.as_str()),
         );
-        let backlog_s = match v.oldest_unstored_ms {
-            Some(t) if durable > uploaded => now_ms.saturating_sub(t) as f64 / 1000.0,
-            _ => 0.0,
+        // Entries an earlier run left in the cache count from this run's start.
+        let backlog_s = if durable > uploaded {
+            let since = v.oldest_unstored_ms.unwrap_or(src.monitor.started_ms());
+            now_ms.saturating_sub(since) as f64 / 1000.0
+        } else {
+            0.0
         };
         backlog_max = backlog_max.max(Duration::from_secs_f64(backlog_s));
         let suspects = churn::suspects(&v.points.iter().map(|p| p.churn).collect::<Vec<_>>());
@@ -520,6 +523,80 @@ pub fn render_text(st: &Status) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn machine(rpo: f64, state: &str, suspect: bool) -> MachineStatus {
+        MachineStatus {
+            machine: "m".into(),
+            state: state.into(),
+            reason: None,
+            owner: Some("ps".into()),
+            connected: true,
+            rpo_seconds: rpo,
+            rpo_alert_seconds: 5.0,
+            churn_mb_per_s: 0.0,
+            durable: 0,
+            uploaded: 0,
+            backlog: Backlog {
+                entries: 0,
+                bytes: 0,
+                seconds: 0.0,
+            },
+            last_points: Vec::new(),
+            suspect_churn: suspect,
+            last_clean: None,
+            disks: Vec::new(),
+        }
+    }
+
+    fn status(machines: Vec<MachineStatus>, free: f64) -> Status {
+        Status {
+            ok: true,
+            server_id: "ps".into(),
+            address: "a".into(),
+            time: String::new(),
+            health: health::judge(Some(free), Duration::ZERO, 0.2, false),
+            cache: CacheHealth {
+                dir: "/c".into(),
+                writable: true,
+                error: None,
+                since: None,
+                free_bytes: None,
+                used_bytes: None,
+            },
+            fenced: BTreeMap::new(),
+            groups: serde_json::Value::Null,
+            machines,
+            alerts: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn conditions_of_a_snapshot() {
+        let kinds = |st: &Status| -> Vec<&'static str> {
+            conditions(st).into_iter().map(|c| c.kind).collect()
+        };
+        assert!(kinds(&status(vec![machine(5.0, "streaming", false)], 0.9)).is_empty());
+        assert_eq!(
+            kinds(&status(vec![machine(6.0, "streaming", false)], 0.9)),
+            vec!["rpo"]
+        );
+        assert_eq!(
+            kinds(&status(vec![machine(0.0, "resync-required", true)], 0.9)),
+            vec!["resync-required", "encryption"]
+        );
+        let st = status(vec![], 0.1);
+        let c = conditions(&st);
+        assert_eq!(c[0].kind, "health");
+        assert!(c[0].message.contains("backpressure"), "{}", c[0].message);
+        // The text form names what matters.
+        let text = render_text(&status(vec![machine(6.0, "streaming", false)], 0.1));
+        assert!(text.contains("health: critical"), "{text}");
+        assert!(
+            text.contains("backpressure: cache free 10% < 20%"),
+            "{text}"
+        );
+        assert!(text.contains("machine m: streaming"), "{text}");
+    }
 
     #[test]
     fn states_in_order_of_precedence() {
