@@ -167,6 +167,89 @@ fn mb(bytes_per_s: f64) -> f64 {
     (bytes_per_s / 1e6 * 1000.0).round() / 1000.0
 }
 
+/// One machine's part of the snapshot.
+fn machine_status(
+    src: &Hub,
+    rec: &lifeboat_common::catalogue::MachineRecord,
+    fenced: &BTreeMap<String, String>,
+    now_ms: u64,
+) -> anyhow::Result<MachineStatus> {
+    let m = rec.machine.clone();
+    let v = src.monitor.view(&m, now_ms);
+    let durable = src.cache.durable(&m)?;
+    let uploaded = src.cache.uploaded(&m)?;
+    let hashes_unknown = src.cache.hashes_unknown(&m)?;
+    let fenced_why = fenced.get(&m).map(String::as_str);
+    let (state, reason) = state_of(
+        fenced_why,
+        hashes_unknown,
+        v.disconnected_since,
+        v.open_sync.as_ref().map(|(_, l)| l.as_str()),
+    );
+    // Entries an earlier run left in the cache count from this run's start.
+    let backlog_s = if durable > uploaded {
+        let since = v.oldest_unstored_ms.unwrap_or(src.monitor.started_ms());
+        now_ms.saturating_sub(since) as f64 / 1000.0
+    } else {
+        0.0
+    };
+    let suspects = churn::suspects(&v.points.iter().map(|p| p.churn).collect::<Vec<_>>());
+    let suspect_churn = suspects.last().copied().unwrap_or(false);
+    let last_clean = suspects.iter().position(|s| *s).and_then(|first| {
+        first
+            .checked_sub(1)
+            .and_then(|i| v.points.get(i))
+            .map(|p| p.seq)
+    });
+    let point = |(p, s): (&PointSeen, &bool)| PointStatus {
+        seq: p.seq,
+        kind: p.kind.as_str().into(),
+        time: format_time_ms(p.time_ms),
+        label: p.label.clone(),
+        suspect: *s,
+    };
+    let skip = v.points.len().saturating_sub(POINTS_SHOWN);
+    let last_points = v
+        .points
+        .iter()
+        .zip(suspects.iter())
+        .skip(skip)
+        .map(point)
+        .collect();
+    let disks = rec
+        .disks
+        .iter()
+        .enumerate()
+        .map(|(i, d)| DiskStatus {
+            id: d.id.clone(),
+            size: d.size,
+            state: state.clone(),
+            churn_mb_per_s: mb(v.churn_per_disk.get(&(i as u16)).copied().unwrap_or(0.0)),
+        })
+        .collect();
+    Ok(MachineStatus {
+        machine: m.clone(),
+        state,
+        reason,
+        owner: fenced_why.is_none().then(|| src.ownership.me.id.clone()),
+        connected: v.connected,
+        rpo_seconds: monitor::rpo_ms(&v, now_ms) as f64 / 1000.0,
+        rpo_alert_seconds: src.alerts_cfg.rpo_alert_of(&m).as_secs_f64(),
+        churn_mb_per_s: mb(v.churn_per_disk.values().sum()),
+        durable,
+        uploaded,
+        backlog: Backlog {
+            entries: durable.saturating_sub(uploaded),
+            bytes: v.cached_bytes,
+            seconds: backlog_s,
+        },
+        last_points,
+        suspect_churn,
+        last_clean,
+        disks,
+    })
+}
+
 /// One snapshot (blocking: reads the cache).
 pub fn collect(src: &Hub, now_ms: u64) -> anyhow::Result<Status> {
     let cache_health = src.cache.health();
@@ -176,81 +259,9 @@ pub fn collect(src: &Hub, now_ms: u64) -> anyhow::Result<Status> {
     let mut machines = Vec::new();
     let mut backlog_max = Duration::ZERO;
     for rec in src.cache.machines()? {
-        let m = rec.machine.clone();
-        let v = src.monitor.view(&m, now_ms);
-        let durable = src.cache.durable(&m)?;
-        let uploaded = src.cache.uploaded(&m)?;
-        let hashes_unknown = src.cache.hashes_unknown(&m)?;
-        let fenced_why = fenced.get(&m).map(String::as_str);
-        let (state, reason) = state_of(
-            fenced_why,
-            hashes_unknown,
-            v.disconnected_since,
-            v.open_sync.as_ref().map(|(_, l)| l.as_str()),
-        );
-        // Entries an earlier run left in the cache count from this run's start.
-        let backlog_s = if durable > uploaded {
-            let since = v.oldest_unstored_ms.unwrap_or(src.monitor.started_ms());
-            now_ms.saturating_sub(since) as f64 / 1000.0
-        } else {
-            0.0
-        };
-        backlog_max = backlog_max.max(Duration::from_secs_f64(backlog_s));
-        let suspects = churn::suspects(&v.points.iter().map(|p| p.churn).collect::<Vec<_>>());
-        let suspect_churn = suspects.last().copied().unwrap_or(false);
-        let last_clean = suspects.iter().position(|s| *s).and_then(|first| {
-            first
-                .checked_sub(1)
-                .and_then(|i| v.points.get(i))
-                .map(|p| p.seq)
-        });
-        let point = |(p, s): (&PointSeen, &bool)| PointStatus {
-            seq: p.seq,
-            kind: p.kind.as_str().into(),
-            time: format_time_ms(p.time_ms),
-            label: p.label.clone(),
-            suspect: *s,
-        };
-        let skip = v.points.len().saturating_sub(POINTS_SHOWN);
-        let last_points = v
-            .points
-            .iter()
-            .zip(suspects.iter())
-            .skip(skip)
-            .map(point)
-            .collect();
-        let disks = rec
-            .disks
-            .iter()
-            .enumerate()
-            .map(|(i, d)| DiskStatus {
-                id: d.id.clone(),
-                size: d.size,
-                state: state.clone(),
-                churn_mb_per_s: mb(v.churn_per_disk.get(&(i as u16)).copied().unwrap_or(0.0)),
-            })
-            .collect();
-        machines.push(MachineStatus {
-            machine: m.clone(),
-            state,
-            reason,
-            owner: fenced_why.is_none().then(|| src.ownership.me.id.clone()),
-            connected: v.connected,
-            rpo_seconds: monitor::rpo_ms(&v, now_ms) as f64 / 1000.0,
-            rpo_alert_seconds: src.alerts_cfg.rpo_alert_of(&m).as_secs_f64(),
-            churn_mb_per_s: mb(v.churn_per_disk.values().sum()),
-            durable,
-            uploaded,
-            backlog: Backlog {
-                entries: durable.saturating_sub(uploaded),
-                bytes: v.cached_bytes,
-                seconds: backlog_s,
-            },
-            last_points,
-            suspect_churn,
-            last_clean,
-            disks,
-        });
+        let m = machine_status(src, &rec, &fenced, now_ms)?;
+        backlog_max = backlog_max.max(Duration::from_secs_f64(m.backlog.seconds));
+        machines.push(m);
     }
     // Free of what this server could use: blocks reserved for root (or
     // beyond a quota) are neither free nor used here.

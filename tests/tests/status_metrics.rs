@@ -143,6 +143,7 @@ fn status_and_metrics_show_the_same_data_behind_the_token() {
     );
     assert!(text.contains(&format!("point {seq} ")), "{text}");
     assert!(text.contains("health: ok"), "{text}");
+    eprintln!("lifeboat-ps status:\n{text}");
 
     // The status page, in a browser: the machine with its state, its RPO
     // chart, its points; a screenshot for a person to look at.
