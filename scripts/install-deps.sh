@@ -17,6 +17,8 @@
 #   python3       - the SQLite writer of that test (its sqlite3 module)
 #   dpkg-dev, binutils, systemd - dpkg-shlibdeps, objcopy/readelf and
 #                   systemd-analyze for packaging/build-debs.sh and its test
+#   chromium, fonts-dejavu-core - headless Chromium loads the process server's
+#                   status page in its test (DOM and a screenshot)
 #
 # Object-store servers, cached OUTSIDE the clone in
 # ${LIFEBOAT_TOOLS:-$HOME/.cache/lifeboat/tools}:
@@ -42,7 +44,7 @@ esac
 
 TOOLS="${LIFEBOAT_TOOLS:-$HOME/.cache/lifeboat/tools}"
 
-DEB_PACKAGES=(libclang-dev qemu-utils nbdkit libnbd-bin python3-libnbd fio fuse3 rsync e2fsprogs sqlite3 python3 dpkg-dev binutils systemd)
+DEB_PACKAGES=(libclang-dev qemu-utils nbdkit libnbd-bin python3-libnbd fio fuse3 rsync e2fsprogs sqlite3 python3 dpkg-dev binutils systemd chromium fonts-dejavu-core)
 if [ "$DEMO" = 1 ]; then
     DEB_PACKAGES=(libclang-dev qemu-utils fio python3)
 fi

@@ -93,7 +93,7 @@ struct Health {
 }
 
 /// What `lifeboat-ps status` shows of the cache.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub struct CacheHealth {
     pub dir: PathBuf,
@@ -102,6 +102,8 @@ pub struct CacheHealth {
     /// RFC 3339.
     pub since: Option<String>,
     pub free_bytes: Option<u64>,
+    /// Bytes in use on the filesystem holding the cache (by anyone).
+    pub used_bytes: Option<u64>,
 }
 
 /// The open database, read-locked for one operation.
@@ -129,6 +131,12 @@ pub fn is_no_space(e: &str) -> bool {
 
 /// Free bytes of the filesystem holding `dir` (for an unprivileged writer).
 pub fn free_bytes(dir: &Path) -> Option<u64> {
+    space(dir).map(|(free, _)| free)
+}
+
+/// Free bytes (for an unprivileged writer) and used bytes of the filesystem
+/// holding `dir`.
+pub fn space(dir: &Path) -> Option<(u64, u64)> {
     use std::os::unix::ffi::OsStrExt;
     let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
     // SAFETY: statvfs(3) fills the zeroed struct we pass; the path is a C string.
@@ -136,7 +144,9 @@ pub fn free_bytes(dir: &Path) -> Option<u64> {
     if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
         return None;
     }
-    Some(st.f_bavail as u64 * st.f_frsize as u64)
+    let frsize = st.f_frsize as u64;
+    let used = (st.f_blocks as u64).saturating_sub(st.f_bfree as u64);
+    Some((st.f_bavail as u64 * frsize, used * frsize))
 }
 
 /// Gives the memory a closed database freed back to the system before a
@@ -349,6 +359,7 @@ impl Cache {
 
     /// Whether the cache takes writes, and why not.
     pub fn health(&self) -> CacheHealth {
+        let space = space(&self.dir);
         let h = self.lock_health();
         CacheHealth {
             dir: self.dir.clone(),
@@ -358,7 +369,8 @@ impl Cache {
                 chrono::DateTime::<chrono::Utc>::from(t)
                     .to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
             }),
-            free_bytes: free_bytes(&self.dir),
+            free_bytes: space.map(|(free, _)| free),
+            used_bytes: space.map(|(_, used)| used),
         }
     }
 

@@ -92,6 +92,148 @@ pub struct PsConfig {
     /// Consistency groups (`[[group]]`): machines that share group points.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub group: Vec<GroupConfig>,
+    /// The status and metrics endpoint (`http.rs`); off when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http: Option<HttpConfig>,
+    /// Alert thresholds and the webhook (`alerts.rs`).
+    #[serde(default)]
+    pub alerts: AlertsConfig,
+    /// Where backpressure begins (`health.rs`).
+    #[serde(default)]
+    pub health: HealthConfig,
+}
+
+fn default_backpressure_free() -> u8 {
+    crate::health::BACKPRESSURE_FREE_PERCENT
+}
+
+/// `[health]` of ps.toml.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct HealthConfig {
+    /// Below this percentage of free cache space new entries are refused
+    /// (0: never).
+    #[serde(default = "default_backpressure_free")]
+    pub backpressure_free: u8,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        HealthConfig {
+            backpressure_free: crate::health::BACKPRESSURE_FREE_PERCENT,
+        }
+    }
+}
+
+/// `[http]` of ps.toml: `/status` (JSON), `/metrics` (Prometheus text) and
+/// `/` (the status page), every request with the token (`http.rs`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct HttpConfig {
+    pub listen: SocketAddr,
+    /// A file holding the bearer token (`lifeboat-ps init` writes `http.token`).
+    pub token_file: PathBuf,
+}
+
+/// RPO alert threshold unless a machine has its own. Azure Site Recovery's
+/// default RPO threshold.
+pub const DEFAULT_RPO_ALERT: Duration = Duration::from_secs(15 * 60);
+pub const DEFAULT_WEBHOOK_TIMEOUT: Duration = Duration::from_secs(5);
+
+fn default_rpo_alert() -> Duration {
+    DEFAULT_RPO_ALERT
+}
+fn default_webhook_timeout() -> Duration {
+    DEFAULT_WEBHOOK_TIMEOUT
+}
+
+/// `[alerts]` of ps.toml.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct AlertsConfig {
+    /// An RPO above this raises an `rpo` alert.
+    #[serde(default = "default_rpo_alert", with = "humantime_serde")]
+    pub rpo_alert: Duration,
+    /// Each event is POSTed here as JSON (http:// or https://).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub webhook: Option<String>,
+    #[serde(default = "default_webhook_timeout", with = "humantime_serde")]
+    pub webhook_timeout: Duration,
+    /// Machines with their own threshold (`[[alerts.machine]]`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub machine: Vec<MachineAlert>,
+}
+
+impl Default for AlertsConfig {
+    fn default() -> Self {
+        AlertsConfig {
+            rpo_alert: DEFAULT_RPO_ALERT,
+            webhook: None,
+            webhook_timeout: DEFAULT_WEBHOOK_TIMEOUT,
+            machine: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct MachineAlert {
+    pub name: String,
+    #[serde(with = "humantime_serde")]
+    pub rpo_alert: Duration,
+}
+
+impl AlertsConfig {
+    /// The RPO threshold of `machine`.
+    pub fn rpo_alert_of(&self, machine: &str) -> Duration {
+        self.machine
+            .iter()
+            .find(|m| m.name == machine)
+            .map(|m| m.rpo_alert)
+            .unwrap_or(self.rpo_alert)
+    }
+
+    fn check(&self, path: &Path) -> Result<()> {
+        let bad = |what: String| anyhow::anyhow!("{}: [alerts] {what}", path.display());
+        let d = humantime::format_duration;
+        for (what, t) in std::iter::once(("rpo-alert".to_string(), self.rpo_alert)).chain(
+            self.machine
+                .iter()
+                .map(|m| (format!("rpo-alert of machine {:?}", m.name), m.rpo_alert)),
+        ) {
+            if t < Duration::from_secs(1) || t > Duration::from_secs(7 * 24 * 3600) {
+                return Err(bad(format!(
+                    "{what} must be between 1s and 7days, not {}",
+                    d(t)
+                )));
+            }
+        }
+        let mut seen = std::collections::HashSet::new();
+        for m in &self.machine {
+            lifeboat_common::ids::validate_id("machine", &m.name).map_err(bad)?;
+            if !seen.insert(m.name.as_str()) {
+                return Err(bad(format!("machine {:?} is listed twice", m.name)));
+            }
+        }
+        if let Some(w) = &self.webhook {
+            let u =
+                url::Url::parse(w).map_err(|e| bad(format!("webhook {w:?} is not a URL: {e}")))?;
+            if !matches!(u.scheme(), "http" | "https") {
+                return Err(bad(format!(
+                    "webhook {w:?} must be an http:// or https:// URL"
+                )));
+            }
+        }
+        if self.webhook_timeout < Duration::from_millis(100)
+            || self.webhook_timeout > Duration::from_secs(60)
+        {
+            return Err(bad(format!(
+                "webhook-timeout must be between 100ms and 1m, not {}",
+                d(self.webhook_timeout)
+            )));
+        }
+        Ok(())
+    }
 }
 
 /// Group points are taken this often by default (like crash points).
@@ -449,6 +591,19 @@ impl PsConfig {
             );
         }
         cfg.retention.check(path)?;
+        cfg.alerts.check(path)?;
+        if cfg.health.backpressure_free > 50 {
+            anyhow::bail!(
+                "{}: [health] backpressure-free must be between 0 (off) and 50 (percent), not {}",
+                path.display(),
+                cfg.health.backpressure_free
+            );
+        }
+        if let Some(h) = &mut cfg.http {
+            if h.token_file.is_relative() {
+                h.token_file = base.join(&h.token_file);
+            }
+        }
         check_groups(&cfg.group, path)?;
         if let Some(w) = &mut cfg.retention.work_dir {
             if w.is_relative() {
@@ -489,6 +644,33 @@ mod tests {
         assert_eq!(cfg.group[0].hold_timeout, DEFAULT_GROUP_HOLD_TIMEOUT);
         assert_eq!(cfg.group[0].app_interval, Some(DEFAULT_GROUP_APP_INTERVAL));
         assert_eq!(cfg.group[0].quiesce_timeout, DEFAULT_GROUP_QUIESCE_TIMEOUT);
+        let http = cfg.http.as_ref().unwrap();
+        assert!(http.token_file.ends_with("http.token"));
+        assert_eq!(cfg.alerts.rpo_alert, DEFAULT_RPO_ALERT);
+        assert_eq!(cfg.health, HealthConfig::default());
+        assert_eq!(cfg.alerts.webhook_timeout, DEFAULT_WEBHOOK_TIMEOUT);
+        assert_eq!(cfg.alerts.rpo_alert_of("db-1"), Duration::from_secs(300));
+        assert_eq!(cfg.alerts.rpo_alert_of("other"), DEFAULT_RPO_ALERT);
+    }
+
+    #[test]
+    fn bad_alerts_are_refused_by_name() {
+        let p = Path::new("ps.toml");
+        let parse = |t: &str| toml::from_str::<AlertsConfig>(t).unwrap();
+        assert!(parse("").check(p).is_ok());
+        for (text, want) in [
+            ("rpo-alert = \"0s\"", "rpo-alert must be between"),
+            ("webhook = \"ftp://x\"", "http:// or https://"),
+            ("webhook = \"not a url\"", "is not a URL"),
+            ("webhook-timeout = \"10m\"", "webhook-timeout"),
+            (
+                "[[machine]]\nname = \"a\"\nrpo-alert = \"1m\"\n[[machine]]\nname = \"a\"\nrpo-alert = \"2m\"",
+                "listed twice",
+            ),
+        ] {
+            let e = parse(text).check(p).unwrap_err().to_string();
+            assert!(e.contains(want), "{text}: {e}");
+        }
     }
 
     #[test]

@@ -9,14 +9,16 @@
 //!   → {"ok":true,"event":"done","hashed-bytes":..,"hash-bytes":..,"block-bytes":..,..}
 //!   or {"ok":false,"error":".."}
 //! {"cmd":"status"}
-//!   → {"ok":true,"server-id":"..","address":"..","fenced":{"<machine>":"<why>",..},
-//!      "cache":{"dir":"..","writable":true,"error":null,"since":null,"free-bytes":..}}
-//!     (fenced: machines this server lost to another; see ownership.rs;
-//!     cache: whether the RocksDB cache takes writes, and why not: e.g. its
-//!     filesystem is full; see cache.rs)
+//!   → {"ok":true,"server-id":"..","address":"..","time":"..","health":{..},
+//!      "cache":{"dir":"..","writable":true,"error":null,"since":null,
+//!               "free-bytes":..,"total-bytes":..},
+//!      "fenced":{"<machine>":"<why>",..},"groups":{..},"machines":[..],"alerts":[..]}
+//!     (the status snapshot of status.rs, the same document as GET /status;
+//!     fenced: machines this server lost to another, ownership.rs; cache:
+//!     whether the RocksDB cache takes writes and why not, cache.rs;
 //!     groups: each [[group]]'s last point and last failure:
 //!     "groups":{"<group>":{"last-point":{"id":..,"kind":"app","time":".."},
-//!     "last-failure":{"kind":"app","time":"..","error":".."}},..}
+//!     "last-failure":{"kind":"app","time":"..","error":".."}},..})
 //! {"cmd":"group-tag","group":"billing","label":null,"app":false}
 //!   → {"ok":true,"group":"billing","id":..,"time":"..","label":"..",
 //!      ("kind":"app",) "members":[{"machine":"db-1","seq":..(,"source":"fsfreeze")},..]}
@@ -35,9 +37,6 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
-
-use crate::cache::Cache;
-use crate::ownership::Ownership;
 
 pub const SOCKET_NAME: &str = "control.sock";
 
@@ -67,9 +66,9 @@ pub enum Request {
 /// What the control socket acts on.
 pub struct Control {
     pub sessions: Arc<Sessions>,
-    pub ownership: Arc<Ownership>,
-    pub cache: Arc<Cache>,
     pub groups: Arc<crate::groups::Groups>,
+    /// What `status` reports (`status.rs`).
+    pub hub: Arc<crate::status::Hub>,
 }
 
 fn line(v: &serde_json::Value) -> Vec<u8> {
@@ -85,9 +84,8 @@ async fn handle<W: AsyncWriteExt + Unpin>(
 ) -> std::io::Result<()> {
     let Control {
         sessions,
-        ownership,
-        cache,
         groups,
+        hub,
     } = ctl;
     let (machine, disk) = match req {
         Request::Resync { machine, disk } => (machine, disk),
@@ -108,20 +106,11 @@ async fn handle<W: AsyncWriteExt + Unpin>(
             return wr.write_all(&line(&reply)).await;
         }
         Request::Status => {
-            let c = cache.clone();
-            let health = tokio::task::spawn_blocking(move || c.health())
-                .await
-                .map_err(std::io::Error::other)?;
-            return wr
-                .write_all(&line(&serde_json::json!({
-                    "ok": true,
-                    "server-id": ownership.me.id,
-                    "address": ownership.me.address,
-                    "fenced": ownership.fenced_all(),
-                    "cache": health,
-                    "groups": groups.status(),
-                })))
-                .await;
+            let reply = match hub.snapshot().await {
+                Ok(st) => serde_json::to_value(&st).unwrap_or_default(),
+                Err(e) => serde_json::json!({"ok": false, "error": format!("{e:#}")}),
+            };
+            return wr.write_all(&line(&reply)).await;
         }
     };
     let mut events = match sessions.start_resync(&machine, disk.as_deref()) {

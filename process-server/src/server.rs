@@ -32,6 +32,7 @@ use tracing::{info, warn};
 
 use crate::cache::Cache;
 use crate::config::PsConfig;
+use crate::monitor::Monitor;
 use crate::ownership::Ownership;
 use crate::uploader::{self, MachineUploader};
 
@@ -171,6 +172,7 @@ pub struct PsSink {
     store: Store,
     kek: Key,
     ownership: Arc<Ownership>,
+    monitor: Arc<Monitor>,
     uploaders: Mutex<HashMap<String, Arc<MachineUploader>>>,
     tasks: tokio_util::task::TaskTracker,
     cancel: CancellationToken,
@@ -194,6 +196,7 @@ impl PsSink {
             store: self.store.clone(),
             kek: self.kek.clone(),
             ownership: self.ownership.clone(),
+            monitor: self.monitor.clone(),
             cancel: self.cancel.clone(),
         };
         let span = tracing::info_span!("upload", machine = %machine);
@@ -346,6 +349,9 @@ impl StreamSink for PsSink {
         if let Some(why) = self.ownership.fenced(machine) {
             anyhow::bail!("{why}");
         }
+        if let Some(why) = self.monitor.backpressure() {
+            anyhow::bail!("process server under backpressure: {why}");
+        }
         let known = {
             let (cache, m) = (self.cache.clone(), machine.to_string());
             tokio::task::spawn_blocking(move || cache.machine(&m)).await??
@@ -356,7 +362,7 @@ impl StreamSink for PsSink {
         let cache = self.cache.clone();
         let m = machine.to_string();
         let disks = disks.to_vec();
-        let opened = tokio::task::spawn_blocking(move || -> Result<Opened> {
+        let opened = tokio::task::spawn_blocking(move || -> Result<(Opened, u64)> {
             let old = cache.machine(&m)?;
             let held = match old.as_ref().and_then(|r| r.stream_id.as_deref()) {
                 Some(h) => lifeboat_common::unhex::<16>(h).with_context(|| {
@@ -381,22 +387,34 @@ impl StreamSink for PsSink {
             };
             rec.widen(old.as_ref());
             cache.put_machine(&rec)?;
-            Ok(Opened {
-                durable: cache.durable(&m)?,
-                stream_id: held,
-            })
+            Ok((
+                Opened {
+                    durable: cache.durable(&m)?,
+                    stream_id: held,
+                },
+                cache.uploaded(&m)?,
+            ))
         })
         .await??;
+        let (opened, uploaded) = opened;
+        self.monitor.opened(machine, opened.durable, uploaded);
         self.uploader(machine);
         Ok(opened)
     }
 
     async fn append(&self, machine: &str, entries: Vec<Entry>) -> Result<u64> {
+        // Refused before anything is written: the agent keeps these entries
+        // and resends them once the cache has room (health.rs).
+        if let Some(why) = self.monitor.backpressure() {
+            anyhow::bail!("process server under backpressure: {why}");
+        }
         let cache = self.cache.clone();
         let m = machine.to_string();
         let (durable, entries) =
             tokio::task::spawn_blocking(move || cache.append(&m, &entries).map(|d| (d, entries)))
                 .await??;
+        self.monitor
+            .appended(machine, &entries, durable, lifeboat_common::now_ms());
         let u = self.uploader(machine);
         u.tail
             .lock()
@@ -453,6 +471,13 @@ pub async fn run(cfg: PsConfig, shutdown: CancellationToken) -> Result<()> {
         cfg.cache_dir.display(),
         store.url()
     );
+    // The status endpoint's token is read before anything runs, so a bad
+    // [http] stops the server at start with the reason.
+    let http_token = match &cfg.http {
+        Some(h) => Some(crate::http::read_token(&h.token_file)?),
+        None => None,
+    };
+    let monitor = Arc::new(Monitor::default());
     let upload_cancel = CancellationToken::new();
     let sink = Arc::new(PsSink {
         cfg: cfg.clone(),
@@ -460,6 +485,7 @@ pub async fn run(cfg: PsConfig, shutdown: CancellationToken) -> Result<()> {
         store,
         kek,
         ownership,
+        monitor: monitor.clone(),
         uploaders: Mutex::new(HashMap::new()),
         tasks: tokio_util::task::TaskTracker::new(),
         cancel: upload_cancel.clone(),
@@ -494,18 +520,44 @@ pub async fn run(cfg: PsConfig, shutdown: CancellationToken) -> Result<()> {
         sink.kek.clone(),
     ));
     let group_task = lifeboat_common::spawn(groups.clone().run_schedule(shutdown.clone()));
+    let alerts = Arc::new(crate::alerts::Alerts::default());
+    let hub = Arc::new(crate::status::Hub {
+        cache: cache.clone(),
+        sessions: sessions.clone(),
+        ownership: sink.ownership.clone(),
+        groups: groups.clone(),
+        monitor: monitor.clone(),
+        alerts: alerts.clone(),
+        alerts_cfg: cfg.alerts.clone(),
+        health_cfg: cfg.health.clone(),
+    });
+    let webhook = match &cfg.alerts.webhook {
+        Some(url) => Some(crate::alerts::Webhook::start(
+            url.clone(),
+            cfg.alerts.webhook_timeout,
+            alerts.clone(),
+            shutdown.clone(),
+        )?),
+        None => None,
+    };
+    let tick_task =
+        lifeboat_common::spawn(crate::status::tick(hub.clone(), webhook, shutdown.clone()));
+    let http_task = match (&cfg.http, http_token) {
+        (Some(h), Some(token)) => Some(lifeboat_common::spawn(
+            crate::http::bind(h.listen, token, hub.clone(), shutdown.clone()).await?,
+        )),
+        _ => None,
+    };
     let control_task = {
         let path = crate::control::socket_path(&cfg.cache_dir);
         let (sessions, c) = (sessions.clone(), shutdown.clone());
-        let ownership = sink.ownership.clone();
-        let cache = cache.clone();
         let groups = groups.clone();
+        let hub = hub.clone();
         lifeboat_common::spawn(async move {
             let ctl = crate::control::Control {
                 sessions,
-                ownership,
-                cache,
                 groups,
+                hub,
             };
             if let Err(e) = crate::control::serve(path.clone(), ctl, c).await {
                 warn!("control socket {}: {e:#}", path.display());
@@ -590,6 +642,11 @@ pub async fn run(cfg: PsConfig, shutdown: CancellationToken) -> Result<()> {
     }
     info!("shutting down: closing sessions");
     let _ = control_task.await;
+    let _ = tick_task.await;
+    if let Some(t) = http_task {
+        // Bounded: a client may hold a connection open.
+        let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
+    }
     let _ = group_task.await;
     let _ = recovery_task.await;
     conns.close();

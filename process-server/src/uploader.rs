@@ -417,6 +417,8 @@ pub struct UploadEnv {
     pub store: Store,
     pub kek: Key,
     pub ownership: Arc<Ownership>,
+    /// Told what is stored (status: RPO, points).
+    pub monitor: Arc<crate::monitor::Monitor>,
     pub cancel: CancellationToken,
 }
 
@@ -476,6 +478,7 @@ pub async fn run_machine(env: UploadEnv, me: Arc<MachineUploader>) {
         store,
         kek,
         ownership,
+        monitor,
         cancel,
     } = env;
     let machine = me.machine.clone();
@@ -614,7 +617,7 @@ pub async fn run_machine(env: UploadEnv, me: Arc<MachineUploader>) {
             let m = machine.clone();
             let (first, last) = (u.first, u.last);
             match tokio::task::spawn_blocking(move || c.mark_uploaded(&m, last)).await {
-                Ok(Ok(())) => {}
+                Ok(Ok(())) => monitor.uploaded(&machine, last),
                 Ok(Err(e)) => {
                     warn!(%machine, "recording upload of {first}..={last}: {e:#}");
                     return;
@@ -742,6 +745,7 @@ pub async fn run_machine(env: UploadEnv, me: Arc<MachineUploader>) {
             cfg.zstd_level,
             check.clone(),
             fences.clone(),
+            monitor.clone(),
             cancel.clone(),
         );
         let signal = done.clone();
@@ -771,6 +775,7 @@ async fn upload_segment(
     level: i32,
     check: Arc<OwnerCheck>,
     fences: Arc<Fences>,
+    monitor: Arc<crate::monitor::Monitor>,
     cancel: CancellationToken,
 ) -> Option<()> {
     let first = entries.first()?.seq;
@@ -872,6 +877,16 @@ async fn upload_segment(
     for p in &mut points {
         p.churn = total;
     }
+    let seen: Vec<crate::monitor::PointSeen> = points
+        .iter()
+        .map(|p| crate::monitor::PointSeen {
+            seq: p.seq,
+            kind: p.kind,
+            time_ms: p.time_ms,
+            label: p.label.clone(),
+            churn: p.churn,
+        })
+        .collect();
     let fenced = |e: anyhow::Error| {
         if !e.is::<Fenced>() {
             // An object of ours exists with other content: someone else writes here.
@@ -976,6 +991,9 @@ async fn upload_segment(
     if let Err(e) = r {
         fenced(e);
         return None;
+    }
+    for p in seen {
+        monitor.point(&machine, p);
     }
     Some(())
 }

@@ -793,6 +793,12 @@ impl Rig {
             "cache-dir = \"cache\"",
             &format!("cache-dir = \"{}\"", cache_dir.canonicalize()?.display()),
         );
+        if power_ps {
+            // powerfs reports the host's size with a small free space (and
+            // none while `cache-full`): what is tested is the full
+            // filesystem itself, not the backpressure that comes before it.
+            cfg.push_str("\n[health]\nbackpressure-free = 0\n");
+        }
         if let Some(keep) = s.retention {
             cfg.push_str(&format!(
                 "\n[retention]\nkeep = \"{}s\"\nfine-window = \"{}s\"\ntiers = []\ncompact-every = \"2s\"\nreader-grace = \"3s\"\n",

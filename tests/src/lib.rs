@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 
 pub mod faults;
+pub mod http;
 pub mod nbd;
 pub mod peers;
 pub mod powerfs;
@@ -28,6 +29,16 @@ pub fn bin_dir() -> PathBuf {
     } else {
         dir.to_path_buf()
     }
+}
+
+/// Where tests leave files for a person to look at (screenshots):
+/// `$LIFEBOAT_TEST_ARTIFACTS`, or `target/test-artifacts` (created).
+pub fn artifact_dir() -> PathBuf {
+    let dir = std::env::var_os("LIFEBOAT_TEST_ARTIFACTS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| bin_dir().join("..").join("test-artifacts"));
+    std::fs::create_dir_all(&dir).expect("creating the test artifact directory");
+    dir
 }
 
 pub fn bin(name: &str) -> PathBuf {
@@ -313,6 +324,45 @@ impl ProcessServer {
             .find(|p| p["label"] == label)
             .and_then(|p| p["id"].as_str().map(String::from))
             .unwrap_or_else(|| panic!("no {label} point: {pts}"))
+    }
+
+    /// Appends `text` (whole tables) to the server's ps.toml.
+    pub fn append_config(&self, text: &str) {
+        let path = self.dir.join("ps.toml");
+        let mut cfg = std::fs::read_to_string(&path).unwrap();
+        cfg.push('\n');
+        cfg.push_str(text);
+        std::fs::write(&path, cfg).unwrap();
+    }
+
+    /// `lifeboat-ps status`: its text, or with `json` its JSON document
+    /// (which must parse).
+    pub fn status(&self, json: bool) -> Result<String> {
+        let mut cmd = Command::new(bin("lifeboat-ps"));
+        cmd.arg("status");
+        if json {
+            cmd.arg("--json");
+        }
+        run_ok(
+            cmd.arg("--config").arg(self.dir.join("ps.toml")),
+            Duration::from_secs(30),
+        )
+    }
+
+    /// `lifeboat-ps status --json`, parsed.
+    pub fn status_json(&self) -> serde_json::Value {
+        let out = self.status(true).unwrap();
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("status {out:?}: {e}"))
+    }
+
+    /// An agent of `machine` (whose certificate `init` or `issue_cert`
+    /// made) in `dir`, protecting `disks`, started and synced.
+    pub fn synced_agent(&self, dir: &Path, machine: &str, disks: &[(&str, u64)]) -> Agent {
+        let certs = self.dir.join("machines").join(machine);
+        let mut agent = Agent::configure(dir, machine, &certs, self.port, disks, "").unwrap();
+        agent.start().unwrap();
+        agent.wait_synced(Duration::from_secs(120)).unwrap();
+        agent
     }
 
     pub fn kek(&self) -> PathBuf {
@@ -847,14 +897,44 @@ impl SmallFs {
         SmallFs(dir.to_path_buf())
     }
 
+    /// Fills the filesystem with the file `name` (written until it is
+    /// refused for lack of space); returns its path.
+    pub fn fill(&self, name: &str) -> PathBuf {
+        use std::io::Write;
+        let path = self.0.join(name);
+        let mut f = std::fs::File::create(&path).unwrap();
+        let mut chunk = vec![0u8; 1 << 20];
+        while chunk.len() >= 512 {
+            match f.write_all(&chunk) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::StorageFull => {
+                    let half = chunk.len() / 2;
+                    chunk.truncate(half);
+                }
+                Err(e) => panic!("filling {}: {e}", path.display()),
+            }
+        }
+        path
+    }
+
+    /// The filesystem's size in bytes.
+    pub fn total(&self) -> u64 {
+        self.statvfs().0
+    }
+
     /// Bytes an unprivileged writer could still allocate.
     pub fn free(&self) -> u64 {
+        self.statvfs().1
+    }
+
+    /// (size, free for an unprivileged writer) in bytes.
+    fn statvfs(&self) -> (u64, u64) {
         // SAFETY: statvfs(3) fills the zeroed struct we pass.
         let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
         let c = std::ffi::CString::new(self.0.as_os_str().as_encoded_bytes()).unwrap();
         // SAFETY: a valid path and an out-parameter of the right type.
         assert_eq!(unsafe { libc::statvfs(c.as_ptr(), &mut st) }, 0);
-        st.f_bavail * st.f_frsize
+        (st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize)
     }
 }
 

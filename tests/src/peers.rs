@@ -266,7 +266,7 @@ fn azure_create_container(port: u16, name: &str) -> Result<(u16, String)> {
 }
 
 /// Sends a raw HTTP/1.1 request with `Connection: close`; returns status and body.
-fn http_exchange(port: u16, request: &[u8]) -> Result<(u16, String)> {
+pub(crate) fn http_exchange(port: u16, request: &[u8]) -> Result<(u16, String)> {
     let timeout = Duration::from_secs(10);
     let mut s = TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), timeout)?;
     s.set_read_timeout(Some(timeout))?;

@@ -299,14 +299,7 @@ fn two_servers_one_store(root: &Path, cfg: Option<StoreConfig>) {
     }
     fenced.unwrap_or_else(|e| panic!("{e}\nPS1 log:\n{}", ps1.log()));
     // ...and in its status.
-    let status = run_ok(
-        std::process::Command::new(bin("lifeboat-ps"))
-            .args(["status", "--config"])
-            .arg(ps1.dir.join("ps.toml")),
-        Duration::from_secs(30),
-    )
-    .unwrap();
-    let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+    let status = ps1.status_json();
     let why = status["fenced"][MACHINE].as_str().unwrap_or_default();
     assert!(
         why.contains(&ps2_id),

@@ -8,24 +8,12 @@
 //! while the cache was full) is the source byte for byte.
 
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 use lifeboat_tests::*;
 
 const MACHINE: &str = "machine-1";
 const MIB: u64 = 1024 * 1024;
-
-fn ps_status(ps: &ProcessServer) -> serde_json::Value {
-    let out = run_ok(
-        Command::new(bin("lifeboat-ps"))
-            .args(["status", "--config"])
-            .arg(ps.dir.join("ps.toml")),
-        Duration::from_secs(30),
-    )
-    .unwrap();
-    serde_json::from_str(&out).unwrap_or_else(|e| panic!("status {out:?}: {e}"))
-}
 
 fn positions(agent: &Agent) -> (u64, u64) {
     let s = agent.status().unwrap();
@@ -74,20 +62,13 @@ fn full_cache(size: &str, writes: u64, none_acked: bool) {
     let mut ps = ProcessServer::init(&root.join("ps"), None, &[]).unwrap();
     let cache_dir = ps.dir.join("cache");
     let fs = SmallFs::mount(&cache_dir, size);
+    // What is tested here is a filesystem that fills faster than the server
+    // looks (its backpressure would refuse the writes first, see
+    // status_metrics.rs): backpressure off.
+    ps.append_config("[health]\nbackpressure-free = 0\n");
     ps.start().unwrap();
     let ps_pid = ps.proc.as_ref().unwrap().pid();
-    let certs = ps.dir.join("machines").join(MACHINE);
-    let mut agent = Agent::configure(
-        &root.join("agent"),
-        MACHINE,
-        &certs,
-        ps.port,
-        &[("root", 64 * MIB)],
-        "",
-    )
-    .unwrap();
-    agent.start().unwrap();
-    agent.wait_synced(Duration::from_secs(120)).unwrap();
+    let mut agent = ps.synced_agent(&root.join("agent"), MACHINE, &[("root", 64 * MIB)]);
     let uri = agent.uri("root");
     qemu_io(&uri, &["write -P 0x11 0 4M", "flush"]).unwrap();
     let before = agent.wait_acked(Duration::from_secs(120)).unwrap();
@@ -127,11 +108,11 @@ fn full_cache(size: &str, writes: u64, none_acked: bool) {
         "`lifeboat-ps status` to report the full cache",
         Duration::from_secs(60),
         || {
-            let st = ps_status(&ps);
+            let st = ps.status_json();
             st["cache"]["error"].as_str().is_some().then_some(st)
         },
     )
-    .unwrap_or_else(|e| panic!("{e}: {}", ps_status(&ps)));
+    .unwrap_or_else(|e| panic!("{e}: {}", ps.status_json()));
     let why = st["cache"]["error"].as_str().unwrap();
     assert!(
         why.contains(&cache_name) && why.to_lowercase().contains("no space"),
@@ -191,11 +172,11 @@ fn full_cache(size: &str, writes: u64, none_acked: bool) {
         "`lifeboat-ps status` to report the cache writable",
         Duration::from_secs(60),
         || {
-            let st = ps_status(&ps);
+            let st = ps.status_json();
             (st["cache"]["writable"] == true).then_some(st)
         },
     )
-    .unwrap_or_else(|e| panic!("{e}: {}", ps_status(&ps)));
+    .unwrap_or_else(|e| panic!("{e}: {}", ps.status_json()));
     assert!(st["cache"]["error"].is_null(), "status: {st}");
     qemu_io(&uri, &["write -P 0x22 40M 3M", "flush"]).unwrap();
     agent.wait_acked(Duration::from_secs(120)).unwrap();

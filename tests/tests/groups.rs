@@ -639,14 +639,7 @@ fn a_hung_pre_freeze_script_fails_the_app_point_and_releases_and_thaws_every_mem
     }
     assert!(group_points(&g.ps)["points"].as_array().unwrap().is_empty());
     // The failure is in both statuses.
-    let status = run_ok(
-        Command::new(bin("lifeboat-ps"))
-            .args(["status", "--config"])
-            .arg(g.ps.dir.join("ps.toml")),
-        Duration::from_secs(30),
-    )
-    .unwrap();
-    let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+    let status = g.ps.status_json();
     let failure = &status["groups"][GROUP]["last-failure"];
     assert_eq!(failure["kind"], "app", "{status}");
     assert!(

@@ -148,6 +148,15 @@ pub struct Sessions {
 }
 
 impl Sessions {
+    /// The machines with a live session now, with each one's peer.
+    pub fn live(&self) -> Vec<(String, String)> {
+        let slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        slots
+            .iter()
+            .map(|(m, s)| (m.clone(), s.peer.clone()))
+            .collect()
+    }
+
     /// Opens a group link to the machine's live session: refused by name when
     /// it has none, when its agent speaks a protocol without groups, or when
     /// another group point is using it.

@@ -55,11 +55,18 @@ enum Cmd {
         #[arg(long)]
         disk: Option<String>,
     },
-    /// The running server's id and the machines it lost to another server
-    /// (fenced), as JSON.
+    /// The running server's health (cache free space, upload backlog,
+    /// backpressure) and, per machine and disk: state and reason, RPO, churn,
+    /// cache use and upload backlog, the last points with their suspect-churn
+    /// marks, and the owning process server; then the active alerts and the
+    /// machines lost to another server (fenced). --json prints the document
+    /// GET /status serves.
     Status {
         #[arg(long)]
         config: PathBuf,
+        /// The status as JSON (the same data as GET /status).
+        #[arg(long)]
+        json: bool,
     },
     /// Take a consistency-group point now: hold every member's writes, tag
     /// each, release ([[group]] in ps.toml; every member must be connected).
@@ -123,7 +130,7 @@ fn real_main(cli: Cli) -> Result<()> {
             machine,
             disk,
         } => resync(&config, machine, disk),
-        Cmd::Status { config } => {
+        Cmd::Status { config, json } => {
             use lifeboat_ps::control;
             let cfg = PsConfig::load(&config)?;
             let rt = tokio::runtime::Builder::new_current_thread()
@@ -134,7 +141,13 @@ fn real_main(cli: Cli) -> Result<()> {
                 &control::Request::Status,
                 |_| {},
             ))?;
-            println!("{}", serde_json::to_string_pretty(&v)?);
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+                return Ok(());
+            }
+            let st: lifeboat_ps::status::Status = serde_json::from_value(v)
+                .context("reading the server's status (is it an older lifeboat-ps? try --json)")?;
+            print!("{}", lifeboat_ps::status::render_text(&st));
             Ok(())
         }
         Cmd::GroupTag {
@@ -253,6 +266,9 @@ fn resync(config: &Path, machine: String, disk: Option<String>) -> Result<()> {
     Ok(())
 }
 
+/// The HTTP bearer token `init` writes (0600, like everything it creates).
+const HTTP_TOKEN_FILE: &str = "http.token";
+
 fn init(dir: &Path, machine: &str, listen: &str, store: Option<String>) -> Result<()> {
     lifeboat_common::ids::validate_id("machine", machine).map_err(anyhow::Error::msg)?;
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -280,6 +296,11 @@ fn init(dir: &Path, machine: &str, listen: &str, store: Option<String>) -> Resul
     }
     pki::create_authority(&dir, &["localhost".to_string(), "127.0.0.1".to_string()])?;
     pki::issue_machine_cert(&dir, machine, &dir.join("machines").join(machine))?;
+    let token_path = dir.join(HTTP_TOKEN_FILE);
+    if !token_path.exists() {
+        std::fs::write(&token_path, format!("{}\n", lifeboat_ps::http::new_token()))
+            .with_context(|| format!("writing {}", token_path.display()))?;
+    }
     let store = store.unwrap_or_else(|| format!("file://{}/store", dir.display()));
     let cfg = format!(
         r#"# lifeboat-ps configuration, written by `lifeboat-ps init`.
@@ -321,11 +342,35 @@ url = "{store}"
 # compact-every = "10m"   # how often retention runs per machine
 # reader-grace = "1h"     # what a new base replaces is deleted this long after it
 # work-dir = "cache/fold" # fold work files (what the stream wrote since the last base)
+
+# The status page, /status (JSON) and /metrics (Prometheus) over HTTP; off
+# while this section is commented out. Requests need the header
+# `Authorization: Bearer <the content of token-file>` (a browser: open
+# /?token=<it> once); init wrote a random token to {token}.
+# [http]
+# listen = "127.0.0.1:9444"
+# token-file = "{token}"
+
+# Health: warning below 30% cache free or 30m of upload backlog, critical below
+# 25% or 45m; below backpressure-free % new writes are refused (0: never).
+# [health]
+# backpressure-free = 20
+
+# Alerts: a log line, the metric lifeboat_alert_active and, with a webhook, a
+# JSON POST when an alert starts and when it clears (defaults shown).
+# [alerts]
+# rpo-alert = "15m"       # RPO above this raises an `rpo` alert (1s .. 7days)
+# webhook = "http://alerts.example.internal/lifeboat"
+# webhook-timeout = "5s"
+# [[alerts.machine]]      # a machine's own threshold
+# name = "db-1"
+# rpo-alert = "5m"
 "#,
         ca = pki::CA_CERT,
         sc = pki::SERVER_CERT,
         sk = pki::SERVER_KEY,
         kek = pki::KEK_FILE,
+        token = HTTP_TOKEN_FILE,
     );
     std::fs::write(&config_path, cfg)?;
     PsConfig::load(&config_path).context("checking the written config")?;
@@ -339,6 +384,10 @@ url = "{store}"
     println!(
         "  key-encryption key: {} -- copy it somewhere safe and offline now; recovery\n    (lifeboat-mt failover --key-file) is impossible without it.",
         dir.join(pki::KEK_FILE).display()
+    );
+    println!(
+        "  HTTP status token: {} (for [http], off until enabled in ps.toml)",
+        token_path.display()
     );
     Ok(())
 }
