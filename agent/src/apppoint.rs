@@ -349,7 +349,12 @@ impl AppPoints {
         lock(&self.status)
     }
 
-    fn step(&self, step: Option<&'static str>) {
+    /// Whether this machine quiesces for its points (`[app]` configured).
+    pub fn configured(&self) -> bool {
+        self.cfg.configured()
+    }
+
+    pub(crate) fn step(&self, step: Option<&'static str>) {
         self.lock_status().running = step;
     }
 
@@ -431,7 +436,7 @@ impl AppPoints {
     }
 
     /// Ends `q` and waits for its thaw and post-thaw scripts, bounded.
-    async fn end(&self, q: Quiesced) -> Ended {
+    pub(crate) async fn end(&self, q: Quiesced) -> Ended {
         let bound = THAW_TIMEOUT + q.finish_bound;
         let (_thread, rx) = q.end();
         match tokio::time::timeout(bound, rx).await {
@@ -458,6 +463,27 @@ impl AppPoints {
         deadline: Option<tokio::time::Instant>,
         hold: Duration,
     ) -> Result<Quiesced, AppPointError> {
+        self.quiesce_in(label, deadline, hold, true).await
+    }
+
+    /// [`Self::quiesce`] whatever state the stream is in (a planned
+    /// failover's final point waits for it to settle while quiesced).
+    pub async fn quiesce_unsettled(
+        &self,
+        label: &str,
+        deadline: Option<tokio::time::Instant>,
+        hold: Duration,
+    ) -> Result<Quiesced, AppPointError> {
+        self.quiesce_in(label, deadline, hold, false).await
+    }
+
+    async fn quiesce_in(
+        &self,
+        label: &str,
+        deadline: Option<tokio::time::Instant>,
+        hold: Duration,
+        settled: bool,
+    ) -> Result<Quiesced, AppPointError> {
         if !self.cfg.configured() {
             return Err(AppPointError::NotConfigured);
         }
@@ -466,7 +492,7 @@ impl AppPoints {
             .clone()
             .try_lock_owned()
             .map_err(|_| AppPointError::Busy)?;
-        if let Some(why) = self.stream.why_inconsistent() {
+        if let Some(why) = self.stream.why_inconsistent().filter(|_| settled) {
             return Err(AppPointError::Inconsistent(why));
         }
         // The previous point's checksums before the scripts run and

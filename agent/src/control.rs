@@ -6,6 +6,9 @@
 //! {"cmd":"tag","label":"before-upgrade"} → {"ok":true,"seq":N}
 //! {"cmd":"tag","label":"L","app":true} → {"ok":true,"seq":N,"kind":"app","source":"fsfreeze"[,"warning":".."]}
 //!                                  or {"ok":false,"error":"app-consistent point: pre-freeze failed: .."}
+//! {"cmd":"resume-writes"}          → {"ok":true,"final-point":{"seq":N,..}|null}
+//!                                  (writes refused after a planned failover's
+//!                                  final point are taken again; finalpoint.rs)
 //! ```
 //!
 //! An app-consistent tag runs the whole quiesce sequence (`apppoint.rs`)
@@ -30,6 +33,8 @@ use crate::stream::Stream;
 #[serde(tag = "cmd", rename_all = "kebab-case")]
 pub enum Request {
     Status,
+    /// Take writes again after a planned failover's final point.
+    ResumeWrites,
     Tag {
         #[serde(default)]
         label: String,
@@ -48,6 +53,7 @@ pub struct Control {
     pub dirty: Vec<Arc<crate::disk::ProtectedDisk>>,
     pub checksum: Arc<crate::checksum::Checksum>,
     pub app: Arc<crate::apppoint::AppPoints>,
+    pub finals: Arc<crate::finalpoint::FinalPoints>,
 }
 
 /// Unacknowledged entries with no acknowledgement for this long: `stalled`.
@@ -61,6 +67,9 @@ impl Control {
         &self,
         positions: &crate::stream::Positions,
     ) -> (&'static str, String, Option<String>) {
+        if let Some(t) = self.finals.status() {
+            return ("failed-over", t.why(), Some(t.time));
+        }
         let (mode, reason) = self.stream.mode();
         let quiet = self.link.since_progress();
         if positions.captured > positions.acked && quiet >= STALL_AFTER {
@@ -116,11 +125,16 @@ impl Control {
                 "resync-bytes": self.stream.resync_bytes.load(std::sync::atomic::Ordering::Relaxed),
                 "checksum-resync": self.checksum.snapshot(),
                 "app-points": self.app.status(),
+                "final-point": self.finals.status(),
                 "dirty-regions": self.dirty.iter().map(|d| serde_json::json!({
                     "disk": d.id, "dirty": d.dirty.dirty_count(), "activity-log": d.dirty.logged_count(),
                 })).collect::<Vec<_>>(),
                 })
             }
+            Request::ResumeWrites => match self.finals.resume() {
+                Ok(t) => serde_json::json!({"ok": true, "final-point": t}),
+                Err(e) => serde_json::json!({"ok": false, "error": format!("{e:#}")}),
+            },
             Request::Tag { label, app: true } => match self.app.take(&label).await {
                 Ok(p) => serde_json::json!({
                     "ok": true, "seq": p.seq, "kind": "app", "source": p.source, "warning": p.warning,

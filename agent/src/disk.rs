@@ -217,6 +217,15 @@ impl ProtectedDisk {
         self.file.sync().await
     }
 
+    /// A write refused after a planned failover's final point (EPERM to the
+    /// NBD client, as a read-only export answers).
+    fn refused(&self) -> io::Result<()> {
+        match self.stream.writes_refused() {
+            None => Ok(()),
+            Some(why) => Err(io::Error::new(io::ErrorKind::PermissionDenied, why)),
+        }
+    }
+
     async fn durable(&self) -> io::Result<()> {
         let (a, b) = tokio::join!(self.file.sync(), self.stream.sync_journal());
         a?;
@@ -237,9 +246,11 @@ impl BlockBackend for ProtectedDisk {
     async fn write(&self, offset: u64, data: Bytes, fua: bool) -> io::Result<()> {
         self.check(offset, data.len() as u64)?;
         let len = data.len() as u64;
+        self.refused()?;
         self.dirty.before_write(offset, len).await?;
         {
             let _permit = self.stream.write_permit().await;
+            self.refused()?;
             let _range = self.ranges.lock(offset, len).await;
             self.sums.before_change(self, offset, len).await;
             if let Err(e) = self.file.write_at(offset, data.clone()).await {
@@ -264,9 +275,11 @@ impl BlockBackend for ProtectedDisk {
 
     async fn zero(&self, offset: u64, len: u32, fua: bool) -> io::Result<()> {
         self.check(offset, len as u64)?;
+        self.refused()?;
         self.dirty.before_write(offset, len as u64).await?;
         {
             let _permit = self.stream.write_permit().await;
+            self.refused()?;
             let _range = self.ranges.lock(offset, len as u64).await;
             self.sums.before_change(self, offset, len as u64).await;
             if let Err(e) = self.file.zero_range(offset, len as u64).await {

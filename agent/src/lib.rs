@@ -11,6 +11,7 @@ pub mod disk;
 /// master target's failover writes.
 pub use lifeboat_common::diskio;
 pub mod disks;
+pub mod finalpoint;
 pub mod fsutil;
 pub mod grouppoint;
 pub mod journal;

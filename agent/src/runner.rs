@@ -131,6 +131,12 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<()> {
         keep_writable,
     ));
     let groups = Arc::new(crate::grouppoint::GroupHold::new(app.clone()));
+    // Before any export serves: after a planned failover writes stay refused.
+    let finals = Arc::new(crate::finalpoint::FinalPoints::open(
+        &cfg.state_dir,
+        stream.clone(),
+        app.clone(),
+    )?);
     let cancel = shutdown.child_token();
     let link = Arc::new(Link::default());
     let mut tasks = tokio::task::JoinSet::new();
@@ -145,6 +151,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<()> {
             checksum: checksum.clone(),
             stream_id,
             groups: groups.clone(),
+            finals: finals.clone(),
         },
         stream.clone(),
         link.clone(),
@@ -218,6 +225,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<()> {
         dirty: disks.clone(),
         checksum,
         app,
+        finals,
     });
 
     {

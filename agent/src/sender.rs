@@ -61,6 +61,8 @@ pub struct SenderConfig {
     pub stream_id: Arc<StreamIdFile>,
     /// The consistency-group hold (`grouppoint.rs`).
     pub groups: Arc<crate::grouppoint::GroupHold>,
+    /// A planned failover's final point (`finalpoint.rs`).
+    pub finals: Arc<crate::finalpoint::FinalPoints>,
 }
 
 /// How often a session looks for a pending checksum resync to resume.
@@ -364,6 +366,32 @@ async fn session(
                         }
                     };
                     let _ = ctl_tx.send(Frame::GroupCommitted { id, seq, error }).await;
+                }
+                Some(Frame::FinalPoint {
+                    id,
+                    quiesce_ms,
+                    label,
+                }) => {
+                    // Quiescing takes a while: acks go on meanwhile.
+                    let (finals, tx) = (cfg.finals.clone(), ctl_tx.clone());
+                    lifeboat_common::spawn(async move {
+                        let bound = Duration::from_millis(quiesce_ms.into());
+                        let (seq, source, error) = match finals.take(bound, &label).await {
+                            Ok(t) => (t.seq, t.source, String::new()),
+                            Err(e) => {
+                                warn!("no final point for the planned failover: {e}");
+                                (0, None, e)
+                            }
+                        };
+                        let _ = tx
+                            .send(Frame::FinalPointTaken {
+                                id,
+                                seq,
+                                source,
+                                error,
+                            })
+                            .await;
+                    });
                 }
                 Some(Frame::GroupRelease { id }) => {
                     cfg.groups

@@ -17,6 +17,10 @@
 //!   marked dirty (see `dirty.rs`); once the queue drains to half, `resync`
 //!   resends the dirty regions, a crash-consistent tag is placed and the stream
 //!   is `streaming` again. No recovery point is taken outside `streaming`.
+//! - once a planned failover's final point is placed (`finalpoint.rs`),
+//!   writes are refused: [`Stream::refuse_writes`] is set under the write
+//!   gate's exclusive hold, and every write checks it under the shared one,
+//!   so none is acknowledged after the final tag;
 //! - the replication state (`replication.rs`) changes only under its one lock,
 //!   together with whatever must happen atomically with the change (a capture,
 //!   a dirty mark); each change is logged and published on a `watch` channel.
@@ -66,6 +70,8 @@ pub struct Stream {
     /// Hashes each point's disk checksums (`pointsum.rs`); set once the
     /// disks exist.
     point_sums: std::sync::OnceLock<Arc<PointSums>>,
+    /// Why writes are refused (a planned failover moved the machine away).
+    refused: Mutex<Option<String>>,
 }
 
 /// The replication state, locked: changes are published when it is dropped.
@@ -146,7 +152,27 @@ impl Stream {
             changes: tokio::sync::watch::channel(Replication::default().snapshot().clone()).0,
             resync_bytes: std::sync::atomic::AtomicU64::new(0),
             point_sums: std::sync::OnceLock::new(),
+            refused: Mutex::new(None),
         })
+    }
+
+    /// Refuses every write from now on, with `why` (set under the write
+    /// gate's exclusive hold, or before the exports serve: see the header).
+    pub fn refuse_writes(&self, why: String) {
+        *self.refused.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
+    }
+
+    /// Takes writes again.
+    pub fn accept_writes(&self) {
+        *self.refused.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
+    /// Why writes are refused, if they are (check it under a write permit).
+    pub fn writes_refused(&self) -> Option<String> {
+        self.refused
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// From now on every tag placed after drained writes gets its disks'

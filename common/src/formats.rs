@@ -10,6 +10,7 @@
 //! | [`ChecksumPlan`] | `LBCK` | 1 | agent `checksum-resync.rec` (JSON) |
 //! | [`ActivityLog`] | `LBAL` | 1 | agent `al-<disk>.rec` |
 //! | [`DiskTable`] | `LBDT` | 1 | agent `disks.rec` (JSON) |
+//! | [`FailedOver`] | `LBFO` | 1 | agent `failed-over.rec` (JSON) |
 //! | [`CacheValue`] | `LBCV` | 1 | process-server RocksDB `log` values (protocol entry) |
 //! | [`CachePosition`] | `LBPO` | 1 | process-server RocksDB `meta` positions (u64) |
 //! | [`CacheMachine`] | `LBMR` | 1 | process-server RocksDB `meta` machine records (JSON) |
@@ -65,6 +66,10 @@ record!(
     DiskTable, b"LBDT", 1, "disk table"
 );
 record!(
+    /// A planned failover's final point: the agent refuses writes (JSON).
+    FailedOver, b"LBFO", 1, "failed-over record"
+);
+record!(
     /// One stream entry in the process server's cache.
     CacheValue, b"LBCV", 1, "cache value"
 );
@@ -105,6 +110,7 @@ pub const ALL: &[(&str, [u8; 4], u16)] = &[
     ),
     (ActivityLog::WHAT, ActivityLog::MAGIC, ActivityLog::VERSION),
     (DiskTable::WHAT, DiskTable::MAGIC, DiskTable::VERSION),
+    (FailedOver::WHAT, FailedOver::MAGIC, FailedOver::VERSION),
     (CacheValue::WHAT, CacheValue::MAGIC, CacheValue::VERSION),
     (
         CachePosition::WHAT,

@@ -138,15 +138,18 @@ use crate::codec::{DecodeError, Reader, Writer};
 /// a disk's number, its position in the hello, is stable for its id);
 /// version 4 the tag's source (op=6, [`TagSource`]); version 5 the
 /// consistency-group frames (group-prepare … group-release); version 6 the
-/// per-point disk checksums (op=7).
+/// per-point disk checksums (op=7); version 7 the planned failover's final
+/// point (final-point, final-point-taken).
 pub const PROTOCOL_MIN: u16 = 3;
-pub const PROTOCOL_MAX: u16 = 6;
+pub const PROTOCOL_MAX: u16 = 7;
 /// The first version whose tags carry their source.
 pub const PROTOCOL_TAG_SOURCE: u16 = 4;
 /// The first version that takes part in consistency groups.
 pub const PROTOCOL_GROUPS: u16 = 5;
 /// The first version whose streams carry disk checksums (op=7).
 pub const PROTOCOL_SUMS: u16 = 6;
+/// The first version that takes a planned failover's final point.
+pub const PROTOCOL_FINAL: u16 = 7;
 /// The most disks one SUMS entry lists.
 pub const MAX_SUM_DISKS: usize = 1024;
 pub const HELLO_MAGIC: [u8; 4] = *b"LBOT";
@@ -597,6 +600,22 @@ pub enum Frame {
         source: Option<TagSource>,
         error: String,
     },
+    /// A planned failover's final point: quiesce (when the agent has an
+    /// `[app]` quiescer, bounded by `quiesce_ms`), place the tag, then refuse
+    /// every later write (`agent/src/finalpoint.rs`).
+    FinalPoint {
+        id: u64,
+        quiesce_ms: u32,
+        label: String,
+    },
+    /// The final point's tag seq and source (`None`: crash-consistent), or
+    /// an error (no tag placed, writes go on).
+    FinalPointTaken {
+        id: u64,
+        seq: u64,
+        source: Option<TagSource>,
+        error: String,
+    },
 }
 
 fn too_many(what: &'static str, n: u64, limit: u64) -> Result<(), DecodeError> {
@@ -681,6 +700,8 @@ impl Frame {
             Frame::GroupRelease { .. } => 18,
             Frame::GroupQuiesce { .. } => 19,
             Frame::GroupQuiesced { .. } => 20,
+            Frame::FinalPoint { .. } => 21,
+            Frame::FinalPointTaken { .. } => 22,
         }
     }
 
@@ -827,6 +848,26 @@ impl Frame {
             }
             Frame::GroupQuiesced { id, source, error } => {
                 out.put_u64(*id);
+                out.put_u8(source.map_or(0, TagSource::code));
+                out.put_str16(error);
+            }
+            Frame::FinalPoint {
+                id,
+                quiesce_ms,
+                label,
+            } => {
+                out.put_u64(*id);
+                out.put_u32(*quiesce_ms);
+                out.put_str16(label);
+            }
+            Frame::FinalPointTaken {
+                id,
+                seq,
+                source,
+                error,
+            } => {
+                out.put_u64(*id);
+                out.put_u64(*seq);
                 out.put_u8(source.map_or(0, TagSource::code));
                 out.put_str16(error);
             }
@@ -1059,6 +1100,20 @@ impl Frame {
                     c => Some(TagSource::from_code(c)?),
                 },
                 error: r.str16("group-quiesced error")?,
+            },
+            21 => Frame::FinalPoint {
+                id: r.u64("final-point id")?,
+                quiesce_ms: r.u32("final-point bound")?,
+                label: r.str16("final-point label")?,
+            },
+            22 => Frame::FinalPointTaken {
+                id: r.u64("final-point-taken id")?,
+                seq: r.u64("final-point-taken seq")?,
+                source: match r.u8("final-point-taken source")? {
+                    0 => None,
+                    c => Some(TagSource::from_code(c)?),
+                },
+                error: r.str16("final-point-taken error")?,
             },
             other => {
                 return Err(DecodeError::Invalid {
@@ -1331,6 +1386,23 @@ mod tests {
                 source: None,
                 error: "e".into(),
             },
+            Frame::FinalPoint {
+                id: 9,
+                quiesce_ms: 60_000,
+                label: "planned".into(),
+            },
+            Frame::FinalPointTaken {
+                id: 9,
+                seq: 42,
+                source: Some(TagSource::Fsfreeze),
+                error: String::new(),
+            },
+            Frame::FinalPointTaken {
+                id: 9,
+                seq: 0,
+                source: None,
+                error: "e".into(),
+            },
         ];
         for f in &frames {
             round_trip(f.clone());
@@ -1354,6 +1426,9 @@ mod tests {
                 "000000141300000000000000070000ea6000002710000167",
                 "0000000c140000000000000007030000",
                 "0000000d14000000000000000700000165",
+                "000000161500000000000000090000ea600007706c616e6e6564",
+                "00000014160000000000000009000000000000002a010000",
+                "00000015160000000000000009000000000000000000000165",
             ]
         );
     }

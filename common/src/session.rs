@@ -375,7 +375,9 @@ impl ReceiverState {
             }
             f @ (Frame::GroupPrepared { .. }
             | Frame::GroupCommitted { .. }
-            | Frame::GroupQuiesced { .. }) => return Ok(Action::Group(f)),
+            | Frame::GroupQuiesced { .. }
+            | Frame::FinalPointTaken { .. }) => return Ok(Action::Group(f)),
+            Frame::FinalPoint { .. } => return Err(SessionError::Unexpected("final-point")),
             Frame::GroupQuiesce { .. } => return Err(SessionError::Unexpected("group-quiesce")),
             Frame::GroupPrepare { .. } => return Err(SessionError::Unexpected("group-prepare")),
             Frame::GroupCommit { .. } => return Err(SessionError::Unexpected("group-commit")),

@@ -6,10 +6,13 @@
 //! [`group`] (consistency-group points: listing, authentication, choice),
 //! [`sums`] (recovered images against the checksums recorded at the point),
 //! [`output`] (qcow2, existing devices and files, NBD exports; the machine
-//! description and QEMU command line; drills and their cleanup).
+//! description and QEMU command line; drills and their cleanup),
+//! [`planned`] (a planned failover's final point, asked of the process
+//! server and awaited in the store).
 
 pub mod group;
 pub mod materialize;
 pub mod output;
+pub mod planned;
 pub mod sums;
 pub mod verify;

@@ -5,6 +5,12 @@
 //! GET /          the status page (page.rs): HTML, inline SVG, no script
 //! GET /status    the status snapshot as JSON, the data `lifeboat-ps status --json` prints
 //! GET /metrics   the same snapshot in the Prometheus text format (metrics.rs)
+//! POST /machines/<machine>/final-point[?quiesce-timeout=60s]
+//!                a planned failover's final point (planned.rs): 200 with
+//!                {"machine","seq","kind","source","label"}; 409 with
+//!                {"error"} when the agent cannot take it (no live session,
+//!                an old agent, a resync, a failed quiesce); bearer token
+//!                only (no cookie: a page cannot make a browser send it)
 //! ```
 //!
 //! Every request needs the token, the content of `token-file` (surrounding
@@ -25,7 +31,7 @@ use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -149,6 +155,45 @@ async fn page(State(app): State<App>) -> Response {
     }
 }
 
+async fn final_point(
+    State(app): State<App>,
+    headers: HeaderMap,
+    axum::extract::Path(machine): axum::extract::Path<String>,
+    axum::extract::RawQuery(query): axum::extract::RawQuery,
+) -> Response {
+    let error = |code: StatusCode, e: String| {
+        (code, Json(serde_json::json!({ "error": e }))).into_response()
+    };
+    if !headers.contains_key(header::AUTHORIZATION) {
+        return error(
+            StatusCode::UNAUTHORIZED,
+            "a final point needs the token as Authorization: Bearer (a cookie is not enough)"
+                .into(),
+        );
+    }
+    if let Err(e) = lifeboat_common::ids::validate_id("machine", &machine) {
+        return error(StatusCode::BAD_REQUEST, e.to_string());
+    }
+    let asked = query
+        .iter()
+        .flat_map(|q| q.split('&'))
+        .find_map(|kv| kv.strip_prefix("quiesce-timeout="));
+    let quiesce = match asked.map(humantime::parse_duration) {
+        None => crate::planned::DEFAULT_QUIESCE,
+        Some(Ok(d)) => d,
+        Some(Err(e)) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("quiesce-timeout is not a duration (60s, 5m): {e}"),
+            )
+        }
+    };
+    match crate::planned::final_point(&app.hub.sessions, &machine, quiesce).await {
+        Ok(p) => Json(p).into_response(),
+        Err(e) => error(StatusCode::CONFLICT, e),
+    }
+}
+
 async fn metrics(State(app): State<App>) -> Response {
     match app.hub.snapshot().await {
         Ok(st) => (
@@ -183,6 +228,7 @@ pub async fn bind(
         .route("/", get(page))
         .route("/status", get(status))
         .route("/metrics", get(metrics))
+        .route("/machines/{machine}/final-point", post(final_point))
         .layer(middleware::from_fn_with_state(app.clone(), auth))
         .with_state(app);
     Ok(async move {

@@ -48,6 +48,14 @@ enum Cmd {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Take writes again after a planned failover's final point (the agent
+    /// refuses every write from that point on, across restarts). What is
+    /// written afterwards is not in the recovered copy: use it when the
+    /// failover is abandoned and this machine stays the one in use.
+    ResumeWrites {
+        #[arg(long)]
+        config: PathBuf,
+    },
     /// Show the initial sync's progress as a bar until every disk is streaming.
     Progress {
         #[arg(long)]
@@ -102,6 +110,17 @@ async fn real_main(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Progress { config } => progress(&config).await,
+        Cmd::ResumeWrites { config } => {
+            let cfg = AgentConfig::load(&config)?;
+            let v = control::request(&cfg.control_socket(), &Request::ResumeWrites).await?;
+            match v["final-point"]["seq"].as_u64() {
+                Some(seq) => println!(
+                    "writes are taken again (they were refused after the final point at seq {seq})"
+                ),
+                None => println!("writes were not refused; nothing changed"),
+            }
+            Ok(())
+        }
         Cmd::Status { config } => {
             let cfg = AgentConfig::load(&config)?;
             let v = control::request(&cfg.control_socket(), &Request::Status).await?;

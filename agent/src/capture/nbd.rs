@@ -811,6 +811,12 @@ async fn execute<B: BlockBackend>(
     };
     let (error, data) = match result {
         Ok(data) => (0, data),
+        // A refused write (after a planned failover) is expected and said
+        // once by the agent: at debug level, or a writer floods the log.
+        Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
+            tracing::debug!(op = what, offset, error = %e, "NBD request refused");
+            (nbd_errno(&e), None)
+        }
         Err(e) => {
             tracing::warn!(op = what, offset, error = %e, "NBD request failed");
             (nbd_errno(&e), None)

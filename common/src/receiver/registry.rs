@@ -161,6 +161,24 @@ impl Sessions {
     /// it has none, when its agent speaks a protocol without groups, or when
     /// another group point is using it.
     pub fn group_link(&self, machine: &str) -> Result<GroupLink, String> {
+        self.link(
+            machine,
+            crate::protocol::PROTOCOL_GROUPS,
+            "consistency groups",
+        )
+    }
+
+    /// Opens a link for a planned failover's final point (the same routing as
+    /// a group point's, so one of them at a time per machine).
+    pub fn final_point_link(&self, machine: &str) -> Result<GroupLink, String> {
+        self.link(
+            machine,
+            crate::protocol::PROTOCOL_FINAL,
+            "a planned failover's final point",
+        )
+    }
+
+    fn link(&self, machine: &str, need: u16, what: &str) -> Result<GroupLink, String> {
         let ctl = {
             let slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
             match slots.get(machine) {
@@ -172,17 +190,16 @@ impl Sessions {
                 }
             }
         };
-        if ctl.version < crate::protocol::PROTOCOL_GROUPS {
+        if ctl.version < need {
             return Err(format!(
-                "the agent of {machine:?} speaks protocol {}; consistency groups need {} (upgrade that agent)",
+                "the agent of {machine:?} speaks protocol {}; {what} needs {need} (upgrade that agent)",
                 ctl.version,
-                crate::protocol::PROTOCOL_GROUPS
             ));
         }
         let mut g = self.groups.lock().unwrap_or_else(|p| p.into_inner());
         if g.get(machine).is_some_and(|tx| !tx.is_closed()) {
             return Err(format!(
-                "machine {machine:?} is taking part in another group point"
+                "machine {machine:?} is taking part in another group point or final point"
             ));
         }
         let (reply_tx, replies) = mpsc::unbounded_channel();

@@ -121,6 +121,28 @@ struct FailoverArgs {
     /// Aligned writes go O_DIRECT where the file system takes it.
     #[arg(long, default_value = "auto")]
     io_engine: materialize::IoMode,
+    /// A planned failover, with no data loss: the machine's agent takes a
+    /// final point through its process server (app-consistent when its
+    /// [app] quiesces, else crash-consistent) and refuses every write after
+    /// it; the failover waits until that point is in the store and recovers
+    /// exactly it. Needs --ps and --ps-token-file; not with --point or
+    /// --group, nor in test-failover (it stops the machine's writes).
+    #[arg(long, conflicts_with_all = ["point", "group"], requires_all = ["ps", "ps_token_file"])]
+    planned: bool,
+    /// With --planned: the process server's HTTP endpoint, http://HOST:PORT
+    /// (its [http] listen).
+    #[arg(long, value_name = "URL")]
+    ps: Option<String>,
+    /// With --planned: the file holding the process server's HTTP token (its
+    /// [http] token-file).
+    #[arg(long, env = "LIFEBOAT_PS_TOKEN_FILE")]
+    ps_token_file: Option<PathBuf>,
+    /// With --planned: how long the agent may quiesce for the final point.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    quiesce_timeout: std::time::Duration,
+    /// With --planned: how long to wait for the final point to reach the store.
+    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+    store_timeout: std::time::Duration,
 }
 
 #[derive(Subcommand)]
@@ -456,6 +478,9 @@ fn read_kek(path: &std::path::Path) -> Result<Key> {
 
 /// `failover` and `test-failover` (a drill: also `lifeboat-drill.json`).
 async fn run_failover(a: FailoverArgs, drill: bool) -> Result<()> {
+    if drill && a.planned {
+        anyhow::bail!("test-failover --planned: a drill changes no replication state, and a planned failover stops the machine's writes; use failover --planned");
+    }
     if a.group.is_some() && !a.outputs.targets.is_empty() {
         anyhow::bail!("--target names one machine's disks; with --group the images go to --out");
     }
@@ -559,13 +584,24 @@ struct Outputs {
 async fn failover(a: FailoverArgs) -> Result<Recovered> {
     let kek = read_kek(&a.key_file)?;
     let store = a.store.open()?;
-    let machine = a.store.for_machine()?.machine;
+    let machine = a
+        .store
+        .machine
+        .clone()
+        .context("--machine (or --group) is required")?;
+    lifeboat_common::ids::validate_id("machine", &machine).map_err(anyhow::Error::msg)?;
     let started = Instant::now();
-    let report = failover_machine(
+    let (point, planned) = if a.planned {
+        let (p, planned) = final_point(&a, &store, &kek, &machine).await?;
+        (PointSpec::Id(p.id), Some(planned))
+    } else {
+        (a.point.clone(), None)
+    };
+    let mut report = failover_machine(
         &store,
         &kek,
         &machine,
-        &a.point,
+        &point,
         &a.out,
         How {
             allow_inconsistent: a.allow_inconsistent,
@@ -575,6 +611,7 @@ async fn failover(a: FailoverArgs) -> Result<Recovered> {
         &a.outputs,
     )
     .await?;
+    report.planned = planned;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
@@ -583,10 +620,83 @@ async fn failover(a: FailoverArgs) -> Result<Recovered> {
     Ok(report)
 }
 
+/// `failover --planned`: asks for the final point, waits until the store
+/// holds it; returns it and what the report says of it.
+async fn final_point(
+    a: &FailoverArgs,
+    store: &Store,
+    kek: &Key,
+    machine: &str,
+) -> Result<(lifeboat_common::catalogue::PointRecord, Planned)> {
+    use lifeboat_mt::planned;
+    let (Some(ps), Some(token_file)) = (&a.ps, &a.ps_token_file) else {
+        anyhow::bail!("--planned needs --ps http://HOST:PORT and --ps-token-file FILE");
+    };
+    let token = std::fs::read_to_string(token_file).with_context(|| {
+        format!(
+            "reading the process server's token {}",
+            token_file.display()
+        )
+    })?;
+    // The store must be readable before the machine's writes stop.
+    let keys = materialize::machine_keys(store, kek, machine).await?;
+    eprintln!("asking {ps} for the final point of {machine} (the agent refuses writes after it)");
+    let fp = planned::ask_final_point(ps, token.trim(), machine, a.quiesce_timeout).await?;
+    eprintln!(
+        "final point placed at seq {} ({}{}); waiting for it to reach the store",
+        fp.seq,
+        fp.kind,
+        fp.source
+            .as_deref()
+            .map(|s| format!(", {s}"))
+            .unwrap_or_default()
+    );
+    let p = planned::wait_in_store(
+        store,
+        &keys.catalogue,
+        machine,
+        fp.seq,
+        !a.skip_checksum,
+        a.store_timeout,
+    )
+    .await?;
+    eprintln!("final point {} (seq {}) is in the store", p.id, p.seq);
+    Ok((
+        p,
+        Planned {
+            final_seq: fp.seq,
+            kind: fp.kind,
+            source: fp.source,
+            acknowledged_writes_left_behind: 0,
+            statement: format!(
+                "no acknowledged write was left behind: the agent acknowledged every write before seq {} and refuses writes since (`lifeboat-agent resume-writes` takes them again)",
+                fp.seq
+            ),
+        },
+    ))
+}
+
+/// What a planned failover's report adds.
+#[derive(serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+struct Planned {
+    final_seq: u64,
+    kind: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    source: Option<String>,
+    /// Always 0: the final point follows every acknowledged write (see
+    /// `lifeboat_mt::planned`).
+    acknowledged_writes_left_behind: u64,
+    statement: String,
+}
+
 /// A failover's report: what was written, and how it compared with the
 /// checksums recorded at the point.
 #[derive(serde::Serialize)]
 struct Recovered {
+    /// A planned failover's final point.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    planned: Option<Planned>,
     #[serde(flatten)]
     report: materialize::Report,
     /// `None`: not compared (`--skip-checksum`).
@@ -753,6 +863,7 @@ async fn failover_machine(
     let (delivered, description, files) =
         write_outputs(&report, checksums.as_ref(), out, outputs).await?;
     Ok(Recovered {
+        planned: None,
         report,
         checksums,
         delivered,
@@ -883,6 +994,9 @@ fn print_report(recovered: &Recovered, elapsed: std::time::Duration) {
     match &recovered.checksums {
         Some(c) => c.print(),
         None => println!("  checksums not compared (--skip-checksum)"),
+    }
+    if let Some(p) = &recovered.planned {
+        println!("  planned failover: {}", p.statement);
     }
     for d in &recovered.description.disks {
         println!(

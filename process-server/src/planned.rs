@@ -1,0 +1,97 @@
+//! A planned failover's final point, asked of a machine's agent through its
+//! live session (`POST /machines/<machine>/final-point`, http.rs; the
+//! control socket's `final-point`): one final-point frame, then the agent's
+//! final-point-taken, bounded. The agent's side, and why every acknowledged
+//! write precedes the tag, is `agent/src/finalpoint.rs`. The point then
+//! reaches the store as every point does (cache, segment cut at the tag,
+//! upload); `lifeboat-mt failover --planned` waits for it there.
+
+use std::time::Duration;
+
+use lifeboat_common::protocol::{Frame, TagSource};
+use lifeboat_common::receiver::Sessions;
+use tracing::{info, warn};
+
+/// How long a final point may quiesce when the caller does not say.
+pub const DEFAULT_QUIESCE: Duration = Duration::from_secs(60);
+/// The longest the agent quiesces, whatever is asked (the agent caps it too).
+pub const MAX_QUIESCE: Duration = Duration::from_secs(600);
+/// Time over the quiesce bound for the agent's settle (at most 120 s,
+/// `agent/src/finalpoint.rs`), the drain, the journal sync and the reply.
+const REPLY_SLACK: Duration = Duration::from_secs(180);
+/// The tag's label.
+pub const LABEL: &str = "planned-failover";
+
+/// The final point the agent placed.
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct FinalPoint {
+    pub machine: String,
+    /// The tag's seq: every write the agent acknowledged is below it, and it
+    /// refuses every write from now on.
+    pub seq: u64,
+    /// `app` (quiesced, with its source) or `crash` (no `[app]` quiescer).
+    pub kind: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source: Option<TagSource>,
+    pub label: &'static str,
+}
+
+/// Asks `machine`'s agent for its final point, quiescing at most `quiesce`.
+pub async fn final_point(
+    sessions: &Sessions,
+    machine: &str,
+    quiesce: Duration,
+) -> Result<FinalPoint, String> {
+    let quiesce = quiesce.min(MAX_QUIESCE);
+    let mut link = sessions.final_point_link(machine)?;
+    let id = lifeboat_common::now_ms();
+    link.send(Frame::FinalPoint {
+        id,
+        quiesce_ms: quiesce.as_millis() as u32,
+        label: LABEL.into(),
+    })?;
+    info!(
+        machine,
+        "asked the agent for the final point of a planned failover"
+    );
+    let bound = quiesce + REPLY_SLACK;
+    let reply = tokio::time::timeout(bound, async {
+        while let Some(f) = link.recv().await {
+            if let Frame::FinalPointTaken {
+                id: got,
+                seq,
+                source,
+                error,
+            } = f
+            {
+                if got == id {
+                    return Some((seq, source, error));
+                }
+            }
+        }
+        None
+    })
+    .await;
+    let (seq, source, error) = match reply {
+        Ok(Some(r)) => r,
+        Ok(None) => return Err(format!("the session of {machine:?} ended before its agent answered")),
+        Err(_) => {
+            return Err(format!(
+                "the agent of {machine:?} did not answer within {bound:?} (its session may have ended; if it placed the point it refuses writes now, and asking again answers the same point)"
+            ))
+        }
+    };
+    if !error.is_empty() {
+        warn!(machine, "no final point: {error}");
+        return Err(format!("the agent of {machine:?}: {error}"));
+    }
+    info!(machine, seq, "final point of a planned failover placed");
+    Ok(FinalPoint {
+        machine: machine.to_string(),
+        seq,
+        kind: if source.is_some() { "app" } else { "crash" },
+        source,
+        label: LABEL,
+    })
+}
