@@ -19,6 +19,7 @@
 #                   systemd-analyze for packaging/build-debs.sh and its test
 #   chromium, fonts-dejavu-core - headless Chromium loads the process server's
 #                   status page in its test (DOM and a screenshot)
+#   curl          - a cookie-only POST to the planned-failover endpoint (refused)
 #
 # Object-store servers, cached OUTSIDE the clone in
 # ${LIFEBOAT_TOOLS:-$HOME/.cache/lifeboat/tools}:
@@ -44,7 +45,7 @@ esac
 
 TOOLS="${LIFEBOAT_TOOLS:-$HOME/.cache/lifeboat/tools}"
 
-DEB_PACKAGES=(libclang-dev qemu-utils nbdkit libnbd-bin python3-libnbd fio fuse3 rsync e2fsprogs sqlite3 python3 dpkg-dev binutils systemd chromium fonts-dejavu-core)
+DEB_PACKAGES=(libclang-dev qemu-utils nbdkit libnbd-bin python3-libnbd fio fuse3 rsync e2fsprogs sqlite3 python3 dpkg-dev binutils systemd chromium fonts-dejavu-core curl)
 if [ "$DEMO" = 1 ]; then
     DEB_PACKAGES=(libclang-dev qemu-utils fio python3)
 fi

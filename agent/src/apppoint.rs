@@ -505,7 +505,7 @@ impl AppPoints {
         let failed = |step, (why, by_deadline): (String, bool)| AppPointError::Failed {
             step,
             why: if by_deadline {
-                format!("{why} (the group's quiesce-timeout)")
+                format!("{why} (the quiesce-timeout it was given)")
             } else {
                 why
             },
@@ -558,6 +558,11 @@ impl AppPoints {
         loop {
             tokio::select! {
                 _ = tick.tick() => {
+                    if self.stream.writes_refused().is_some() {
+                        // After a planned failover's final point nothing is
+                        // written here: no point to quiesce for.
+                        continue;
+                    }
                     // Failures are logged and shown in status by `take`.
                     let _ = self.take("scheduled").await;
                 }

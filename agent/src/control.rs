@@ -70,6 +70,9 @@ impl Control {
         if let Some(t) = self.finals.status() {
             return ("failed-over", t.why(), Some(t.time));
         }
+        if let Some(why) = self.stream.writes_refused() {
+            return ("final-point", why, None);
+        }
         let (mode, reason) = self.stream.mode();
         let quiet = self.link.since_progress();
         if positions.captured > positions.acked && quiet >= STALL_AFTER {

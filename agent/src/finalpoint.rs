@@ -52,6 +52,8 @@ pub const RECORD: &str = "failed-over.rec";
 pub const FINAL_QUIESCE_MAX: Duration = Duration::from_secs(600);
 /// The longest the stream may take to become consistent once writes stop.
 pub const SETTLE: Duration = Duration::from_secs(120);
+/// Time over the settle and the drain for the journal's sync and the record.
+const RECORD_SLACK: Duration = Duration::from_secs(30);
 /// How often the settle looks at the stream.
 const SETTLE_POLL: Duration = Duration::from_millis(100);
 
@@ -124,10 +126,9 @@ impl FinalPoints {
     /// Takes the final point (see the header); returns it, or the step that
     /// failed (writes then go on).
     pub async fn take(&self, quiesce: Duration, label: &str) -> Result<FailedOver, String> {
-        let _busy = self
-            .busy
-            .try_lock()
-            .map_err(|_| "a final point is being taken already".to_string())?;
+        // A second request (the process server lost the session and asks
+        // again) waits for the first, then answers its point.
+        let _busy = self.busy.lock().await;
         if let Some(t) = self.status() {
             info!(
                 "final point asked again: it is the one at seq {} (no write since)",
@@ -143,8 +144,9 @@ impl FinalPoints {
         let quiesced = if self.app.configured() {
             let bound = quiesce.min(FINAL_QUIESCE_MAX);
             let deadline = tokio::time::Instant::now() + bound;
-            // Frozen at most through the settle and the hold as well.
-            let frozen = SETTLE + TAG_DRAIN_TIMEOUT;
+            // Frozen at most through the settle, the hold, the journal's
+            // sync and the record as well.
+            let frozen = SETTLE + TAG_DRAIN_TIMEOUT + RECORD_SLACK;
             match self
                 .app
                 .quiesce_unsettled(label, Some(deadline), frozen)
@@ -171,22 +173,26 @@ impl FinalPoints {
             self.stream.accept_writes();
         }
         if let Some(q) = quiesced {
-            let ended = self.app.end(q).await;
-            self.app.step(None);
-            if let Ok(t) = &placed {
-                self.app.placed(&AppPoint {
-                    seq: t.seq,
-                    source: source.unwrap_or(TagSource::Script),
-                    label: label.to_string(),
-                    time: t.time.clone(),
-                    warning: ended.warning(),
-                });
-            } else if let Err(e) = &placed {
-                self.app.failed(&AppPointError::Failed {
-                    step: "tag",
-                    why: e.clone(),
-                });
-            }
+            // Thawed after the answer: the point is recorded, and FITHAW's
+            // and post-thaw's writes are refused anyway.
+            let (app, label, placed) = (self.app.clone(), label.to_string(), placed.clone());
+            lifeboat_common::spawn(async move {
+                let ended = app.end(q).await;
+                app.step(None);
+                match placed {
+                    Ok(t) => app.placed(&AppPoint {
+                        seq: t.seq,
+                        source: t.source.unwrap_or(TagSource::Script),
+                        label,
+                        time: t.time,
+                        warning: ended.warning(),
+                    }),
+                    Err(e) => app.failed(&AppPointError::Failed {
+                        step: "tag",
+                        why: e,
+                    }),
+                }
+            });
         }
         let t = placed?;
         info!(
@@ -197,10 +203,19 @@ impl FinalPoints {
         Ok(t)
     }
 
-    /// Waits until the stream can take a consistent point (see the header).
+    /// Waits until the stream can take a consistent point and no point's
+    /// checksums are being hashed (the final tag then gets its own; see the
+    /// header).
     async fn settle(&self) -> Result<(), String> {
         let until = tokio::time::Instant::now() + SETTLE;
-        while let Some(why) = self.stream.why_inconsistent() {
+        loop {
+            let why = match self.stream.why_inconsistent() {
+                Some(why) => why,
+                None if self.stream.point_sums_busy() => {
+                    "the previous point's disk checksums are still being hashed".into()
+                }
+                None => return Ok(()),
+            };
             if tokio::time::Instant::now() >= until {
                 return Err(format!(
                     "no consistent point within {SETTLE:?} of stopping writes: {why}"
@@ -208,8 +223,6 @@ impl FinalPoints {
             }
             tokio::time::sleep(SETTLE_POLL).await;
         }
-        self.stream.wait_point_sums().await;
-        Ok(())
     }
 
     /// Hold, tag, journal, record, refuse, release (the header's steps).

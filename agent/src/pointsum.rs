@@ -332,6 +332,12 @@ impl PointSums {
         self.running.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Whether a point's hashing runs now (a tag placed meanwhile gets no
+    /// checksums).
+    pub fn busy(&self) -> bool {
+        self.running().is_some()
+    }
+
     /// Waits up to `bound` for the previous point's hashing to end.
     pub async fn wait_idle(&self, bound: Duration) {
         let _ = tokio::time::timeout(bound, async {

@@ -17,10 +17,11 @@
 //!   marked dirty (see `dirty.rs`); once the queue drains to half, `resync`
 //!   resends the dirty regions, a crash-consistent tag is placed and the stream
 //!   is `streaming` again. No recovery point is taken outside `streaming`.
-//! - once a planned failover's final point is placed (`finalpoint.rs`),
-//!   writes are refused: [`Stream::refuse_writes`] is set under the write
-//!   gate's exclusive hold, and every write checks it under the shared one,
-//!   so none is acknowledged after the final tag;
+//! - a planned failover's final point (`finalpoint.rs`) refuses writes
+//!   before it takes the write gate exclusively for its tag, and every write
+//!   checks [`Stream::writes_refused`] again under the shared gate: a write
+//!   that passed the check holds the gate, so its seq is below the tag, and
+//!   none is acknowledged after it;
 //! - the replication state (`replication.rs`) changes only under its one lock,
 //!   together with whatever must happen atomically with the change (a capture,
 //!   a dirty mark); each change is logged and published on a `watch` channel.
@@ -70,8 +71,10 @@ pub struct Stream {
     /// Hashes each point's disk checksums (`pointsum.rs`); set once the
     /// disks exist.
     point_sums: std::sync::OnceLock<Arc<PointSums>>,
-    /// Why writes are refused (a planned failover moved the machine away).
-    refused: Mutex<Option<String>>,
+    /// Writes are refused (a planned failover moved the machine away); the
+    /// reason is in `refused_why`.
+    refused: std::sync::atomic::AtomicBool,
+    refused_why: Mutex<String>,
 }
 
 /// The replication state, locked: changes are published when it is dropped.
@@ -152,27 +155,41 @@ impl Stream {
             changes: tokio::sync::watch::channel(Replication::default().snapshot().clone()).0,
             resync_bytes: std::sync::atomic::AtomicU64::new(0),
             point_sums: std::sync::OnceLock::new(),
-            refused: Mutex::new(None),
+            refused: std::sync::atomic::AtomicBool::new(false),
+            refused_why: Mutex::new(String::new()),
         })
     }
 
-    /// Refuses every write from now on, with `why` (set under the write
-    /// gate's exclusive hold, or before the exports serve: see the header).
+    /// Refuses every write from now on, with `why` (see the header).
     pub fn refuse_writes(&self, why: String) {
-        *self.refused.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
+        use std::sync::atomic::Ordering;
+        *self.refused_why.lock().unwrap_or_else(|p| p.into_inner()) = why;
+        self.refused.store(true, Ordering::Release);
     }
 
     /// Takes writes again.
     pub fn accept_writes(&self) {
-        *self.refused.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        self.refused
+            .store(false, std::sync::atomic::Ordering::Release);
     }
 
-    /// Why writes are refused, if they are (check it under a write permit).
+    /// Why writes are refused, if they are (check it again under a write
+    /// permit); one atomic load when they are not.
     pub fn writes_refused(&self) -> Option<String> {
-        self.refused
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        if !self.refused.load(std::sync::atomic::Ordering::Acquire) {
+            return None;
+        }
+        Some(
+            self.refused_why
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
+        )
+    }
+
+    /// Whether a point's checksums are being hashed now.
+    pub fn point_sums_busy(&self) -> bool {
+        self.point_sums.get().is_some_and(|p| p.busy())
     }
 
     /// From now on every tag placed after drained writes gets its disks'

@@ -24,6 +24,10 @@ const REPORT_EVERY: Duration = Duration::from_secs(10);
 /// Time over the quiesce bound for the process server's answer (it waits
 /// the quiesce bound and 180 s more for the agent).
 const ANSWER_SLACK: Duration = Duration::from_secs(240);
+/// How long a 503 (no live session, or it ended before the agent answered)
+/// is asked again: an agent reconnects within seconds.
+const RECONNECT_WAIT: Duration = Duration::from_secs(30);
+const RECONNECT_PAUSE: Duration = Duration::from_secs(2);
 
 /// The final point the agent placed, as the process server answered.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -57,8 +61,31 @@ pub async fn ask_final_point(
         .timeout(quiesce + ANSWER_SLACK)
         .build()
         .context("making the HTTP client")?;
+    let started = Instant::now();
+    loop {
+        match ask_once(&client, base, &url, token, machine).await? {
+            Ok(p) => return Ok(p),
+            Err(why) if started.elapsed() < RECONNECT_WAIT => {
+                eprintln!("  {why}; asking again in {RECONNECT_PAUSE:?}");
+                tokio::time::sleep(RECONNECT_PAUSE).await;
+            }
+            Err(why) => bail!(
+                "the process server at {base} took no final point of {machine}: {why} (asked for {RECONNECT_WAIT:?})"
+            ),
+        }
+    }
+}
+
+/// One request: the point, or (inner error) a 503 to ask again.
+async fn ask_once(
+    client: &reqwest::Client,
+    base: &str,
+    url: &str,
+    token: &str,
+    machine: &str,
+) -> Result<std::result::Result<FinalPoint, String>> {
     let resp = client
-        .post(&url)
+        .post(url)
         .bearer_auth(token)
         .send()
         .await
@@ -73,9 +100,14 @@ pub async fn ask_final_point(
             .ok()
             .and_then(|v| v["error"].as_str().map(str::to_string))
             .unwrap_or_else(|| body.trim().to_string());
+        if status == reqwest::StatusCode::SERVICE_UNAVAILABLE {
+            return Ok(Err(why));
+        }
         bail!("the process server at {base} took no final point of {machine} ({status}): {why}");
     }
-    serde_json::from_str(&body).with_context(|| format!("parsing the answer of {base}: {body:?}"))
+    Ok(Ok(serde_json::from_str(&body).with_context(|| {
+        format!("parsing the answer of {base}: {body:?}")
+    })?))
 }
 
 /// Waits (at most `bound`) until the point at `seq` can be recovered from
@@ -93,6 +125,13 @@ pub async fn wait_in_store(
     let mut reported = Instant::now();
     loop {
         let inv = crate::materialize::inventory(store, Some(key), machine).await?;
+        if let Some(b) = inv.base.as_ref().filter(|b| b.seq >= seq) {
+            bail!(
+                "retention folded the final point of {machine} (seq {seq}) into the base at seq {}: \
+                 nothing was written since it, so `--point latest` recovers the same disks",
+                b.seq
+            );
+        }
         let point = inv.points.iter().find(|p| p.seq == seq && inv.end >= seq);
         let summed = !sums
             || lifeboat_common::catalogue::list_sums_points(store, machine)
@@ -100,7 +139,7 @@ pub async fn wait_in_store(
                 .contains(&seq);
         let waiting_for = match point {
             Some(p) if summed => return Ok(p.clone()),
-            Some(_) => "its disk checksums".to_string(),
+            Some(_) => "its disk checksums (the agent hashes them after the point; --skip-checksum recovers without comparing)".to_string(),
             None if inv.end >= seq => "its point record".to_string(),
             None => format!("the stream up to it (stored up to seq {})", inv.end),
         };

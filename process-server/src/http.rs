@@ -8,9 +8,10 @@
 //! POST /machines/<machine>/final-point[?quiesce-timeout=60s]
 //!                a planned failover's final point (planned.rs): 200 with
 //!                {"machine","seq","kind","source","label"}; 409 with
-//!                {"error"} when the agent cannot take it (no live session,
-//!                an old agent, a resync, a failed quiesce); bearer token
-//!                only (no cookie: a page cannot make a browser send it)
+//!                {"error"} when the agent cannot take it (an old agent, an
+//!                initial sync, a failed quiesce or settle), 503 when no
+//!                session is live or it ended first (ask again); bearer
+//!                token only (no cookie: a page cannot make a browser send it)
 //! ```
 //!
 //! Every request needs the token, the content of `token-file` (surrounding
@@ -164,7 +165,12 @@ async fn final_point(
     let error = |code: StatusCode, e: String| {
         (code, Json(serde_json::json!({ "error": e }))).into_response()
     };
-    if !headers.contains_key(header::AUTHORIZATION) {
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    if !bearer.is_some_and(|t| same(t.as_bytes(), app.token.as_bytes())) {
         return error(
             StatusCode::UNAUTHORIZED,
             "a final point needs the token as Authorization: Bearer (a cookie is not enough)"
@@ -188,9 +194,11 @@ async fn final_point(
             )
         }
     };
+    use crate::planned::Failed;
     match crate::planned::final_point(&app.hub.sessions, &machine, quiesce).await {
         Ok(p) => Json(p).into_response(),
-        Err(e) => error(StatusCode::CONFLICT, e),
+        Err(Failed::Refused(e)) => error(StatusCode::CONFLICT, e),
+        Err(Failed::Lost(e)) => error(StatusCode::SERVICE_UNAVAILABLE, e),
     }
 }
 

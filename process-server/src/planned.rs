@@ -1,7 +1,8 @@
 //! A planned failover's final point, asked of a machine's agent through its
-//! live session (`POST /machines/<machine>/final-point`, http.rs; the
-//! control socket's `final-point`): one final-point frame, then the agent's
-//! final-point-taken, bounded. The agent's side, and why every acknowledged
+//! live session (`POST /machines/<machine>/final-point`, http.rs): one
+//! final-point frame, then the agent's final-point-taken, bounded. A
+//! session that ends first is [`Failed::Lost`] (the caller asks again once
+//! the agent is back: the agent answers the point it took, if it took one). The agent's side, and why every acknowledged
 //! write precedes the tag, is `agent/src/finalpoint.rs`. The point then
 //! reaches the store as every point does (cache, segment cut at the tag,
 //! upload); `lifeboat-mt failover --planned` waits for it there.
@@ -37,54 +38,84 @@ pub struct FinalPoint {
     pub label: &'static str,
 }
 
+/// Why no final point came back.
+#[derive(Debug)]
+pub enum Failed {
+    /// The agent answered no (its reason), or cannot be asked (an old agent).
+    Refused(String),
+    /// No live session, or it ended before the answer: ask again once the
+    /// agent is connected.
+    Lost(String),
+}
+
+/// How often the wait looks whether the session is still the one asked.
+const SESSION_POLL: Duration = Duration::from_millis(250);
+
 /// Asks `machine`'s agent for its final point, quiescing at most `quiesce`.
 pub async fn final_point(
     sessions: &Sessions,
     machine: &str,
     quiesce: Duration,
-) -> Result<FinalPoint, String> {
+) -> Result<FinalPoint, Failed> {
     let quiesce = quiesce.min(MAX_QUIESCE);
-    let mut link = sessions.final_point_link(machine)?;
+    let Some(session) = sessions.session_of(machine) else {
+        return Err(Failed::Lost(format!(
+            "machine {machine:?} has no live session (is its agent running and connected?)"
+        )));
+    };
+    let mut link = sessions
+        .final_point_link(machine)
+        .map_err(Failed::Refused)?;
     let id = lifeboat_common::now_ms();
     link.send(Frame::FinalPoint {
         id,
         quiesce_ms: quiesce.as_millis() as u32,
         label: LABEL.into(),
-    })?;
+    })
+    .map_err(Failed::Lost)?;
     info!(
         machine,
         "asked the agent for the final point of a planned failover"
     );
     let bound = quiesce + REPLY_SLACK;
     let reply = tokio::time::timeout(bound, async {
-        while let Some(f) = link.recv().await {
-            if let Frame::FinalPointTaken {
-                id: got,
-                seq,
-                source,
-                error,
-            } = f
-            {
-                if got == id {
-                    return Some((seq, source, error));
+        let mut poll = tokio::time::interval(SESSION_POLL);
+        loop {
+            tokio::select! {
+                f = link.recv() => match f {
+                    Some(Frame::FinalPointTaken { id: got, seq, source, error }) if got == id => {
+                        return Some((seq, source, error));
+                    }
+                    Some(_) => {}
+                    None => return None,
+                },
+                _ = poll.tick() => {
+                    if sessions.session_of(machine) != Some(session) {
+                        return None;
+                    }
                 }
             }
         }
-        None
     })
     .await;
     let (seq, source, error) = match reply {
         Ok(Some(r)) => r,
-        Ok(None) => return Err(format!("the session of {machine:?} ended before its agent answered")),
+        Ok(None) => {
+            return Err(Failed::Lost(format!(
+                "the session of {machine:?} ended before its agent answered (if it took the point it refuses writes now; asked again, it answers that point)"
+            )))
+        }
         Err(_) => {
-            return Err(format!(
-                "the agent of {machine:?} did not answer within {bound:?} (its session may have ended; if it placed the point it refuses writes now, and asking again answers the same point)"
-            ))
+            return Err(Failed::Refused(format!(
+                "the agent of {machine:?} did not answer within {bound:?} (if it took the point it refuses writes now; asked again, it answers that point)"
+            )))
         }
     };
     if !error.is_empty() {
         warn!(machine, "no final point: {error}");
-        return Err(format!("the agent of {machine:?}: {error}"));
+        return Err(Failed::Refused(format!(
+            "the agent of {machine:?}: {error}"
+        )));
     }
     info!(machine, seq, "final point of a planned failover placed");
     Ok(FinalPoint {

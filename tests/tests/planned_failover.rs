@@ -162,6 +162,7 @@ fn a_planned_failover_under_fio_recovers_every_acknowledged_write() {
         "{r}"
     );
     assert_eq!(r["seq"].as_u64(), Some(seq), "{r}");
+    assert_eq!(r["checksums"]["matched"], true, "{r}");
     assert!(
         std::fs::read_to_string(root.join("pre-ran"))
             .unwrap()
@@ -215,4 +216,103 @@ fn a_planned_failover_under_fio_recovers_every_acknowledged_write() {
     let o = planned(&ps, port, &token_file, &root.join("none"));
     assert!(!o.status.success());
     assert!(stderr(&o).contains("no live session"), "{}", stderr(&o));
+}
+
+/// Without `[app]` the final point is crash-consistent. With the process
+/// server stopped, fio's 1 MiB writes overflow the 16 MiB journal: the
+/// stream goes to bitmap state, writes acknowledged there are only marked
+/// dirty, and the final point, asked as soon as the server is back, waits
+/// (settle) until the resync has resent them; the recovered disk is still
+/// the source. An agent still in its initial sync refuses a final
+/// point by name and keeps taking writes.
+#[test]
+fn a_crash_consistent_final_point_waits_out_a_journal_overflow() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let disks = [("root", 64 * MIB)];
+    let (mut ps, mut agent) =
+        configured_pair(root, &disks, "journal-max-bytes = 16777216\n").unwrap();
+    ps.proc.as_mut().unwrap().stop(Duration::from_secs(10));
+    let port = http::enable_http(&ps, "");
+    ps.start().unwrap();
+    let token_file = ps.dir.join("http.token");
+    agent.start().unwrap();
+    agent.wait_synced(Duration::from_secs(120)).unwrap();
+
+    let mut fio = Proc::spawn(
+        "fio",
+        Command::new("fio").args([
+            "--name=w",
+            "--ioengine=nbd",
+            &format!("--uri={}", agent.uri("root")),
+            "--rw=randwrite",
+            "--bs=1M",
+            "--iodepth=8",
+            "--randrepeat=0",
+            "--time_based",
+            "--runtime=240",
+        ]),
+        &root.join("fio.log"),
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    ps.proc.as_mut().unwrap().stop(Duration::from_secs(10));
+    wait_for("the journal to overflow", Duration::from_secs(60), || {
+        let log = agent.proc.as_ref().unwrap().log_text();
+        log.contains("-> bitmap").then_some(())
+    })
+    .unwrap();
+    ps.start().unwrap();
+    let out = root.join("recovered");
+    let r = report(&planned(&ps, port, &token_file, &out));
+    assert_eq!(r["planned"]["kind"], "crash", "{r}");
+    assert!(r["planned"].get("source").is_none(), "{r}");
+    wait_for(
+        "fio to stop on the refused writes",
+        Duration::from_secs(60),
+        || (!fio.is_running()).then_some(()),
+    )
+    .unwrap();
+    let log = agent.proc.as_ref().unwrap().log_text();
+    assert!(log.contains("resync -> streaming"), "{log}");
+    assert_same(&out.join("root.raw"), &agent.image("root"));
+    assert_eq!(r["checksums"]["matched"], true, "{r}");
+
+    // A second machine, still in its initial sync (1 MiB/s over 256 MiB).
+    let certs = ps.issue_cert("machine-2").unwrap();
+    let mut second = Agent::configure(
+        &root.join("agent-2"),
+        "machine-2",
+        &certs,
+        ps.port,
+        &[("root", 256 * MIB)],
+        "sync-rate-limit = 1048576\n",
+    )
+    .unwrap();
+    lifeboat_tests::fill_random(&second.image("root"), 0, 256 * MIB, &mut Rng(7));
+    second.start().unwrap();
+    let o = run_timeout(
+        Command::new(bin("lifeboat-mt"))
+            .args(["failover", "--planned", "--store", &ps.store_url])
+            .args([
+                "--machine",
+                "machine-2",
+                "--ps",
+                &format!("http://127.0.0.1:{port}"),
+            ])
+            .arg("--ps-token-file")
+            .arg(&token_file)
+            .arg("--out")
+            .arg(root.join("never"))
+            .arg("--key-file")
+            .arg(ps.kek()),
+        Duration::from_secs(120),
+    )
+    .unwrap();
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("initial sync"), "{}", stderr(&o));
+    assert!(
+        !write_refused(&second, "root"),
+        "a refused final point stopped writes"
+    );
 }

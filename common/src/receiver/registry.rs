@@ -157,6 +157,13 @@ impl Sessions {
             .collect()
     }
 
+    /// Which session of `machine` is live now (a number that changes with
+    /// every new session), if one is.
+    pub fn session_of(&self, machine: &str) -> Option<u64> {
+        let slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        slots.get(machine).map(|s| s.generation)
+    }
+
     /// Opens a group link to the machine's live session: refused by name when
     /// it has none, when its agent speaks a protocol without groups, or when
     /// another group point is using it.

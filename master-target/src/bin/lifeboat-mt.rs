@@ -131,7 +131,7 @@ struct FailoverArgs {
     planned: bool,
     /// With --planned: the process server's HTTP endpoint, http://HOST:PORT
     /// (its [http] listen).
-    #[arg(long, value_name = "URL")]
+    #[arg(long, value_name = "URL", requires = "planned")]
     ps: Option<String>,
     /// With --planned: the file holding the process server's HTTP token (its
     /// [http] token-file).
