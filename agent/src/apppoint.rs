@@ -487,11 +487,18 @@ impl AppPoints {
         if !self.cfg.configured() {
             return Err(AppPointError::NotConfigured);
         }
-        let busy = self
-            .busy
-            .clone()
-            .try_lock_owned()
-            .map_err(|_| AppPointError::Busy)?;
+        let busy = match (settled, deadline) {
+            // A final point waits for an attempt under way (a scheduled
+            // point, the thaw of a final point before it) up to its bound.
+            (false, Some(d)) => tokio::time::timeout_at(d, self.busy.clone().lock_owned())
+                .await
+                .map_err(|_| AppPointError::Busy)?,
+            _ => self
+                .busy
+                .clone()
+                .try_lock_owned()
+                .map_err(|_| AppPointError::Busy)?,
+        };
         if let Some(why) = self.stream.why_inconsistent().filter(|_| settled) {
             return Err(AppPointError::Inconsistent(why));
         }

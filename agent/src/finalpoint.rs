@@ -89,6 +89,8 @@ pub struct FinalPoints {
     /// One final point at a time.
     busy: tokio::sync::Mutex<()>,
     taken: Mutex<Option<FailedOver>>,
+    /// Why the last attempt failed (a request that waited for it answers it).
+    last_error: Mutex<Option<String>>,
 }
 
 fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -115,6 +117,7 @@ impl FinalPoints {
             app,
             busy: tokio::sync::Mutex::new(()),
             taken: Mutex::new(taken),
+            last_error: Mutex::new(None),
         })
     }
 
@@ -127,8 +130,25 @@ impl FinalPoints {
     /// failed (writes then go on).
     pub async fn take(&self, quiesce: Duration, label: &str) -> Result<FailedOver, String> {
         // A second request (the process server lost the session and asks
-        // again) waits for the first, then answers its point.
-        let _busy = self.busy.lock().await;
+        // again) waits for the first, then answers its outcome.
+        let _busy = match self.busy.try_lock() {
+            Ok(b) => b,
+            Err(_) => {
+                let bound =
+                    quiesce.min(FINAL_QUIESCE_MAX) + SETTLE + TAG_DRAIN_TIMEOUT + RECORD_SLACK;
+                let _b = tokio::time::timeout(bound, self.busy.lock())
+                    .await
+                    .map_err(|_| {
+                        format!("the final point asked before is still being taken after {bound:?}")
+                    })?;
+                return match self.status() {
+                    Some(t) => Ok(t),
+                    None => Err(locked(&self.last_error)
+                        .clone()
+                        .unwrap_or_else(|| "the final point asked before was not taken".into())),
+                };
+            }
+        };
         if let Some(t) = self.status() {
             info!(
                 "final point asked again: it is the one at seq {} (no write since)",
@@ -137,9 +157,9 @@ impl FinalPoints {
             return Ok(t);
         }
         if self.stream.syncing() {
-            return Err(
-                "no consistent point can be taken now: the initial sync is not finished".into(),
-            );
+            let e = "no consistent point can be taken now: the initial sync is not finished";
+            *locked(&self.last_error) = Some(e.into());
+            return Err(e.into());
         }
         let quiesced = if self.app.configured() {
             let bound = quiesce.min(FINAL_QUIESCE_MAX);
@@ -155,7 +175,9 @@ impl FinalPoints {
                 Ok(q) => Some(q),
                 Err(e) => {
                     self.app.failed(&e);
-                    return Err(format!("quiescing for the final point: {e}"));
+                    let e = format!("quiescing for the final point: {e}");
+                    *locked(&self.last_error) = Some(e.clone());
+                    return Err(e);
                 }
             }
         } else {
@@ -165,10 +187,7 @@ impl FinalPoints {
         self.stream.refuse_writes(
             "writes are refused: a planned failover is taking this machine's final point".into(),
         );
-        let placed = match self.settle().await {
-            Ok(()) => self.hold_tag_and_refuse(source, label).await,
-            Err(e) => Err(e),
-        };
+        let placed = self.hold_tag_and_refuse(source, label).await;
         if placed.is_err() {
             self.stream.accept_writes();
         }
@@ -194,6 +213,9 @@ impl FinalPoints {
                 }
             });
         }
+        if let Err(e) = &placed {
+            *locked(&self.last_error) = Some(e.clone());
+        }
         let t = placed?;
         info!(
             "final point of a planned failover at seq {} ({}); every later write is refused",
@@ -206,13 +228,12 @@ impl FinalPoints {
     /// Waits until the stream can take a consistent point and no point's
     /// checksums are being hashed (the final tag then gets its own; see the
     /// header).
-    async fn settle(&self) -> Result<(), String> {
-        let until = tokio::time::Instant::now() + SETTLE;
+    async fn settle(&self, until: tokio::time::Instant) -> Result<(), String> {
         loop {
             let why = match self.stream.why_inconsistent() {
                 Some(why) => why,
                 None if self.stream.point_sums_busy() => {
-                    "the previous point's disk checksums are still being hashed".into()
+                    "the previous point's disk checksums are still being hashed (the first point after a start hashes the whole disks)".into()
                 }
                 None => return Ok(()),
             };
@@ -231,11 +252,21 @@ impl FinalPoints {
         source: Option<TagSource>,
         label: &str,
     ) -> Result<FailedOver, String> {
-        let guard = tokio::time::timeout(TAG_DRAIN_TIMEOUT, self.stream.hold_writes())
-            .await
-            .map_err(|_| {
-                format!("the writes in flight did not drain within {TAG_DRAIN_TIMEOUT:?}")
-            })?;
+        // Settled, then held; another tag (the periodic crash tag, a group
+        // point) may have taken the checksum slot in between: then again.
+        let until = tokio::time::Instant::now() + SETTLE;
+        let guard = loop {
+            self.settle(until).await?;
+            let guard = tokio::time::timeout(TAG_DRAIN_TIMEOUT, self.stream.hold_writes())
+                .await
+                .map_err(|_| {
+                    format!("the writes in flight did not drain within {TAG_DRAIN_TIMEOUT:?} (a consistency-group point holding them?)")
+                })?;
+            if !self.stream.point_sums_busy() {
+                break guard;
+            }
+            drop(guard);
+        };
         let kind = if source.is_some() {
             TagKind::App
         } else {
@@ -250,9 +281,9 @@ impl FinalPoints {
                     self.stream.why_inconsistent().unwrap_or_default()
                 )
             })?;
-        self.stream
-            .sync_journal()
+        tokio::time::timeout(RECORD_SLACK, self.stream.sync_journal())
             .await
+            .map_err(|_| format!("syncing the journal after the final tag (seq {seq}) took over {RECORD_SLACK:?}"))?
             .map_err(|e| format!("syncing the journal after the final tag (seq {seq}): {e}"))?;
         let t = FailedOver {
             seq,

@@ -280,6 +280,10 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<()> {
         loop {
             tokio::select! {
                 _ = tick.tick() => {
+                    if s.writes_refused().is_some() {
+                        // Nothing is written after a final point.
+                        continue;
+                    }
                     if let Some(why) = s.why_inconsistent() {
                         info!("no recovery point this interval: {why}");
                         continue;

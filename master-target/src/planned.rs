@@ -61,11 +61,11 @@ pub async fn ask_final_point(
         .timeout(quiesce + ANSWER_SLACK)
         .build()
         .context("making the HTTP client")?;
-    let started = Instant::now();
+    let mut first_503: Option<Instant> = None;
     loop {
         match ask_once(&client, base, &url, token, machine).await? {
             Ok(p) => return Ok(p),
-            Err(why) if started.elapsed() < RECONNECT_WAIT => {
+            Err(why) if first_503.get_or_insert_with(Instant::now).elapsed() < RECONNECT_WAIT => {
                 eprintln!("  {why}; asking again in {RECONNECT_PAUSE:?}");
                 tokio::time::sleep(RECONNECT_PAUSE).await;
             }
@@ -89,7 +89,9 @@ async fn ask_once(
         .bearer_auth(token)
         .send()
         .await
-        .with_context(|| format!("asking the process server at {base} for the final point"))?;
+        .with_context(|| {
+            format!("asking the process server at {base} for the final point of {machine}")
+        })?;
     let status = resp.status();
     let body = resp
         .text()

@@ -168,8 +168,9 @@ async fn final_point(
     let bearer = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
+        .and_then(|v| v.trim().split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, t)| t.trim());
     if !bearer.is_some_and(|t| same(t.as_bytes(), app.token.as_bytes())) {
         return error(
             StatusCode::UNAUTHORIZED,

@@ -63,9 +63,13 @@ pub async fn final_point(
             "machine {machine:?} has no live session (is its agent running and connected?)"
         )));
     };
-    let mut link = sessions
-        .final_point_link(machine)
-        .map_err(Failed::Refused)?;
+    let mut link = sessions.final_point_link(machine).map_err(|e| {
+        if sessions.session_of(machine).is_none() {
+            Failed::Lost(e)
+        } else {
+            Failed::Refused(e)
+        }
+    })?;
     let id = lifeboat_common::now_ms();
     link.send(Frame::FinalPoint {
         id,
@@ -106,7 +110,8 @@ pub async fn final_point(
             )))
         }
         Err(_) => {
-            return Err(Failed::Refused(format!(
+            // A half-open connection looks the same: ask again.
+            return Err(Failed::Lost(format!(
                 "the agent of {machine:?} did not answer within {bound:?} (if it took the point it refuses writes now; asked again, it answers that point)"
             )))
         }
