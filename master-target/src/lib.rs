@@ -8,11 +8,13 @@
 //! [`output`] (qcow2, existing devices and files, NBD exports; the machine
 //! description and QEMU command line; drills and their cleanup),
 //! [`planned`] (a planned failover's final point, asked of the process
-//! server and awaited in the store).
+//! server and awaited in the store), [`plan`] (recovery plans: ordered
+//! groups of machines, scripts, pauses, the report).
 
 pub mod group;
 pub mod materialize;
 pub mod output;
+pub mod plan;
 pub mod planned;
 pub mod sums;
 pub mod verify;

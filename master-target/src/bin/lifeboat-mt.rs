@@ -31,9 +31,10 @@ struct StoreArgs {
     /// Backend option KEY=VALUE (e.g. aws_endpoint=http://127.0.0.1:8014); repeatable.
     #[arg(long = "store-option", value_name = "KEY=VALUE")]
     options: Vec<String>,
-    /// The machine (`points` and `failover` take --group instead for a
-    /// consistency group).
-    #[arg(long, required_unless_present = "group", conflicts_with = "group")]
+    /// The machine (required, except that `points` and `failover` take
+    /// --group instead for a consistency group, and `failover --plan` names
+    /// its machines in the plan).
+    #[arg(long, conflicts_with = "group")]
     machine: Option<String>,
 }
 
@@ -101,6 +102,15 @@ struct FailoverArgs {
     /// Recover every machine of this consistency group at one group point.
     #[arg(long)]
     group: Option<String>,
+    /// Recover the machines of a recovery plan (TOML: ordered [[group]]s of
+    /// machines, each group's machines in parallel, its point, scripts
+    /// before and after it, an optional manual pause; see
+    /// packaging/examples/recovery-plan.toml), each into <out>/<machine>/,
+    /// group by group; the first failure stops the plan. The report goes to
+    /// <out>/recovery-plan-report.json. Not with --machine, --group,
+    /// --point, --planned or --target.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["machine", "group", "point", "planned", "targets"])]
+    plan: Option<PathBuf>,
     /// The key-encryption key file (kek.key from `lifeboat-ps init`).
     #[arg(long, env = "LIFEBOAT_KEK_FILE")]
     key_file: PathBuf,
@@ -486,12 +496,18 @@ async fn run_failover(a: FailoverArgs, drill: bool) -> Result<()> {
     }
     let started = lifeboat_common::catalogue::format_time_ms(lifeboat_common::now_ms());
     let out = a.out.clone();
-    let reports = if a.group.is_some() {
+    let mut stopped = None;
+    let reports = if a.plan.is_some() {
+        let (reports, failed) = plan_failover(a, drill).await;
+        stopped = failed;
+        reports
+    } else if a.group.is_some() {
         group_failover(a).await?
     } else {
         vec![failover(a).await?]
     };
-    if drill {
+    // A drill records what it wrote even when its plan stopped part way.
+    if drill && !reports.is_empty() {
         let record = lifeboat_mt::output::Drill {
             machines: reports.iter().map(|r| r.report.machine.clone()).collect(),
             started,
@@ -515,7 +531,149 @@ async fn run_failover(a: FailoverArgs, drill: bool) -> Result<()> {
             out.display()
         );
     }
-    Ok(())
+    match stopped {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+/// `failover --plan`: group by group (see `lifeboat_mt::plan`); returns what
+/// was recovered and, when the plan stopped, why.
+async fn plan_failover(a: FailoverArgs, drill: bool) -> (Vec<Recovered>, Option<anyhow::Error>) {
+    use lifeboat_mt::plan::{self, MachineRun, Plan, Report, State};
+    let started = Instant::now();
+    let prepared = (|| -> Result<_> {
+        let path = a.plan.clone().context("--plan FILE")?;
+        let plan = Plan::load(&path)?;
+        let kek = read_kek(&a.key_file)?;
+        let store = a.store.open()?;
+        Ok((plan, kek, store))
+    })();
+    let (plan, kek, store) = match prepared {
+        Ok(p) => p,
+        Err(e) => return (Vec::new(), Some(e.context("nothing was recovered"))),
+    };
+    let how = How {
+        allow_inconsistent: a.allow_inconsistent,
+        check: !a.skip_checksum,
+        io_engine: a.io_engine,
+    };
+    let mut report = Report::new(&plan, drill);
+    let mut recovered = Vec::new();
+    let mut stopped: Option<String> = None;
+    for (gi, g) in plan.groups.iter().enumerate() {
+        let g_started = Instant::now();
+        if g.pause && !plan::pause(&plan, g).await {
+            stopped = Some(format!(
+                "at the manual pause before group {} (stdin closed)",
+                g.name
+            ));
+            break;
+        }
+        eprintln!(
+            "recovery plan {}: group {} ({}) at {}",
+            plan.name,
+            g.name,
+            g.machines.join(", "),
+            g.point_text
+        );
+        let outcome: Result<(), String> = async {
+            plan::run_scripts(
+                "before",
+                &plan,
+                g,
+                &a.out,
+                drill,
+                &mut report.groups[gi].scripts,
+            )
+            .await?;
+            let runs = futures::future::join_all(g.machines.iter().map(|m| {
+                let out = a.out.join(m);
+                let (store, kek, outputs, point) = (&store, &kek, &a.outputs, &g.point);
+                async move {
+                    let r = failover_machine(store, kek, m, point, &out, how, outputs).await;
+                    (m, out, r)
+                }
+            }))
+            .await;
+            let mut failed = Vec::new();
+            for (i, (m, out, r)) in runs.into_iter().enumerate() {
+                let slot = &mut report.groups[gi].machines[i];
+                match r {
+                    Ok(rec) => {
+                        *slot = MachineRun {
+                            machine: m.clone(),
+                            state: State::Done,
+                            point: Some(rec.report.point.clone()),
+                            seq: Some(rec.report.seq),
+                            out: Some(out),
+                            error: None,
+                        };
+                        recovered.push(rec);
+                    }
+                    Err(e) => {
+                        slot.state = State::Failed;
+                        slot.error = Some(format!("{e:#}"));
+                        failed.push(m.clone());
+                    }
+                }
+            }
+            if !failed.is_empty() {
+                return Err(format!(
+                    "at group {}: {} could not be recovered",
+                    g.name,
+                    failed.join(", ")
+                ));
+            }
+            plan::run_scripts(
+                "after",
+                &plan,
+                g,
+                &a.out,
+                drill,
+                &mut report.groups[gi].scripts,
+            )
+            .await
+        }
+        .await;
+        report.groups[gi].state = if outcome.is_ok() {
+            State::Done
+        } else {
+            State::Failed
+        };
+        report.groups[gi].seconds = plan::secs(g_started);
+        if let Err(e) = outcome {
+            stopped = Some(e);
+            break;
+        }
+    }
+    report.completed = stopped.is_none();
+    report.stopped = stopped.clone();
+    report.seconds = plan::secs(started);
+    let written = report.write(&a.out);
+    if a.json {
+        match serde_json::to_string_pretty(&report) {
+            Ok(t) => println!("{t}"),
+            Err(e) => eprintln!("lifeboat-mt: printing the report: {e}"),
+        }
+    } else {
+        report.print();
+    }
+    let mut error = stopped.map(|s| anyhow::anyhow!("recovery plan {} stopped {s}", plan.name));
+    match written {
+        Ok(path) => {
+            if let Ok(p) = std::fs::canonicalize(&path) {
+                if let Some(r) = recovered.last_mut() {
+                    r.files.push(p);
+                }
+            }
+            eprintln!("plan report: {}", path.display());
+        }
+        Err(e) => {
+            error = Some(error.map_or(e, |s| s.context("and the report could not be written")))
+        }
+    }
+    (recovered, error)
 }
 
 /// `lifeboat-mt test-failover --cleanup DIR`: parsed on its own, as it
