@@ -11,6 +11,7 @@
 //! | [`ActivityLog`] | `LBAL` | 1 | agent `al-<disk>.rec` |
 //! | [`DiskTable`] | `LBDT` | 1 | agent `disks.rec` (JSON) |
 //! | [`FailedOver`] | `LBFO` | 1 | agent `failed-over.rec` (JSON) |
+//! | [`AppliedPosition`] | `LBAP` | 1 | master target `<state-dir>/<machine>.applied` (JSON) |
 //! | [`CacheValue`] | `LBCV` | 1 | process-server RocksDB `log` values (protocol entry) |
 //! | [`CachePosition`] | `LBPO` | 1 | process-server RocksDB `meta` positions (u64) |
 //! | [`CacheMachine`] | `LBMR` | 1 | process-server RocksDB `meta` machine records (JSON) |
@@ -70,6 +71,10 @@ record!(
     FailedOver, b"LBFO", 1, "failed-over record"
 );
 record!(
+    /// What the master target applied of a machine's stream to its disks (JSON).
+    AppliedPosition, b"LBAP", 1, "applied position"
+);
+record!(
     /// One stream entry in the process server's cache.
     CacheValue, b"LBCV", 1, "cache value"
 );
@@ -111,6 +116,11 @@ pub const ALL: &[(&str, [u8; 4], u16)] = &[
     (ActivityLog::WHAT, ActivityLog::MAGIC, ActivityLog::VERSION),
     (DiskTable::WHAT, DiskTable::MAGIC, DiskTable::VERSION),
     (FailedOver::WHAT, FailedOver::MAGIC, FailedOver::VERSION),
+    (
+        AppliedPosition::WHAT,
+        AppliedPosition::MAGIC,
+        AppliedPosition::VERSION,
+    ),
     (CacheValue::WHAT, CacheValue::MAGIC, CacheValue::VERSION),
     (
         CachePosition::WHAT,

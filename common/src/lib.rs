@@ -137,6 +137,22 @@ where
     tokio::spawn(f.in_current_span())
 }
 
+/// A token cancelled at the first SIGINT or SIGTERM: a daemon's shutdown.
+/// Call it inside the runtime.
+pub fn cancel_on_signals() -> std::io::Result<tokio_util::sync::CancellationToken> {
+    let token = tokio_util::sync::CancellationToken::new();
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let t = token.clone();
+    spawn(async move {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        t.cancel();
+    });
+    Ok(token)
+}
+
 /// `spawn` on a `JoinSet`, inside the caller's span (see [`spawn`]).
 pub trait SpawnHere<F: std::future::Future> {
     fn spawn_here(&mut self, f: F);

@@ -9,12 +9,14 @@
 //! description and QEMU command line; drills and their cleanup),
 //! [`planned`] (a planned failover's final point, asked of the process
 //! server and awaited in the store), [`plan`] (recovery plans: ordered
-//! groups of machines, scripts, pauses, the report).
+//! groups of machines, scripts, pauses, the report), [`serve`] (the master
+//! target server: agents' streams applied to target disks).
 
 pub mod group;
 pub mod materialize;
 pub mod output;
 pub mod plan;
 pub mod planned;
+pub mod serve;
 pub mod sums;
 pub mod verify;

@@ -10,21 +10,17 @@
 
 use lifeboat_common::TrackHere;
 use std::collections::HashMap;
-use std::future::Future;
 use std::net::IpAddr;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::task::{Context as TaskContext, Poll};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use lifeboat_common::catalogue::{self, MachineRecord, FORMAT_VERSION};
 use lifeboat_common::protocol::{DiskInfo, Entry, StreamId};
-use lifeboat_common::receiver::{serve_connection, Opened, Sessions, StreamSink};
+use lifeboat_common::receiver::{serve_tls, Deadlines, Opened, Sessions, StreamSink};
 use lifeboat_common::seal::Key;
 use lifeboat_common::store::Store;
 use lifeboat_common::tls;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -76,92 +72,6 @@ impl Drop for SourceSlot {
                 m.remove(&self.ip);
             }
         }
-    }
-}
-
-/// A connection's stream with the hello and idle deadlines: reads fail with
-/// `TimedOut` once `hello` passes before the server first wrote (the welcome
-/// or an error answers the hello), or once nothing arrived for `idle`.
-pub struct Limited<IO> {
-    io: IO,
-    hello: Option<Pin<Box<tokio::time::Sleep>>>,
-    idle: Duration,
-    idle_timer: Pin<Box<tokio::time::Sleep>>,
-    /// A read is waiting (the idle clock runs only while the server waits
-    /// for the peer, not while it is busy elsewhere).
-    waiting: bool,
-}
-
-impl<IO> Limited<IO> {
-    pub fn new(io: IO, hello: Duration, idle: Duration) -> Self {
-        Limited {
-            io,
-            hello: Some(Box::pin(tokio::time::sleep(hello))),
-            idle,
-            idle_timer: Box::pin(tokio::time::sleep(idle)),
-            waiting: false,
-        }
-    }
-}
-
-impl<IO: AsyncRead + Unpin> AsyncRead for Limited<IO> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut TaskContext<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        let this = &mut *self;
-        if let Some(h) = this.hello.as_mut() {
-            if h.as_mut().poll(cx).is_ready() {
-                return Poll::Ready(Err(std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    "no hello within hello-timeout",
-                )));
-            }
-        }
-        if !this.waiting {
-            this.waiting = true;
-            let at = tokio::time::Instant::now() + this.idle;
-            this.idle_timer.as_mut().reset(at);
-        }
-        match Pin::new(&mut this.io).poll_read(cx, buf) {
-            Poll::Ready(r) => {
-                this.waiting = false;
-                Poll::Ready(r)
-            }
-            Poll::Pending => {
-                if this.idle_timer.as_mut().poll(cx).is_ready() {
-                    return Poll::Ready(Err(std::io::Error::new(
-                        std::io::ErrorKind::TimedOut,
-                        "idle for idle-timeout",
-                    )));
-                }
-                Poll::Pending
-            }
-        }
-    }
-}
-
-impl<IO: AsyncWrite + Unpin> AsyncWrite for Limited<IO> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut TaskContext<'_>,
-        data: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        let r = Pin::new(&mut self.io).poll_write(cx, data);
-        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
-            self.hello = None; // the hello was answered
-        }
-        r
-    }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
-    }
-    fn poll_shutdown(
-        mut self: Pin<&mut Self>,
-        cx: &mut TaskContext<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
 
@@ -609,34 +519,12 @@ pub async fn run(cfg: PsConfig, shutdown: CancellationToken) -> Result<()> {
         conns.spawn_here(async move {
             let _permit = permit;
             let _slot = slot;
-            let tls = match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => {
-                    warn!("TLS handshake with {peer} failed: {e}");
-                    return;
-                }
-                Err(_) => {
-                    warn!("TLS handshake with {peer} timed out");
-                    return;
-                }
+            let deadlines = Deadlines {
+                handshake: handshake_timeout,
+                hello: hello_timeout,
+                idle: idle_timeout,
             };
-            let cert = tls
-                .get_ref()
-                .1
-                .peer_certificates()
-                .and_then(|c| c.first())
-                .map(|c| c.clone().into_owned());
-            let Some(cert) = cert else {
-                warn!("{peer} presented no client certificate");
-                return;
-            };
-            let auth = move |machine: &str| tls::cert_allows_machine(&cert, machine);
-            let io = Limited::new(tls, hello_timeout, idle_timeout);
-            if let Err(e) =
-                serve_connection(io, &peer.to_string(), &auth, sink, &sessions, shutdown).await
-            {
-                warn!("connection from {peer}: {e}");
-            }
+            serve_tls(acceptor, tcp, peer, deadlines, sink, &sessions, shutdown).await;
         });
         drop(_in_span);
     }

@@ -85,17 +85,7 @@ async fn real_main(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Run { config } => {
             let cfg = AgentConfig::load(&config)?;
-            let shutdown = tokio_util::sync::CancellationToken::new();
-            let s = shutdown.clone();
-            let mut term =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-            lifeboat_common::spawn(async move {
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = term.recv() => {}
-                }
-                s.cancel();
-            });
+            let shutdown = lifeboat_common::cancel_on_signals()?;
             // Every event of the run carries the machine's id.
             let span = tracing::info_span!("agent", machine = %cfg.machine);
             tracing::Instrument::instrument(lifeboat_agent::run(cfg, shutdown), span).await

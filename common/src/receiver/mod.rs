@@ -9,6 +9,7 @@
 //! older one, which is cancelled and fully stopped before the new one starts.
 //!
 //! Parts: `registry.rs` (one live session per machine, resync watchers),
+//! `limited.rs` (the hello and idle deadlines of a connection),
 //! `compare.rs` (the resync comparison as plain functions); this file is the
 //! connection driver.
 //!
@@ -39,8 +40,10 @@ use crate::resync::{self, BlockHash, REGION_BLOCKS};
 use crate::session::{Action, ReceiverState, SessionError};
 
 mod compare;
+mod limited;
 mod registry;
 
+pub use limited::Limited;
 use registry::SessionCtl;
 pub use registry::{GroupLink, ResyncEvent, ResyncProgress, Sessions};
 
@@ -143,6 +146,55 @@ pub enum ReceiveError {
     Conflict(String),
     #[error("i/o: {0}")]
     Io(#[from] std::io::Error),
+}
+
+/// The deadlines of one TLS connection.
+#[derive(Debug, Clone, Copy)]
+pub struct Deadlines {
+    pub handshake: std::time::Duration,
+    pub hello: std::time::Duration,
+    pub idle: std::time::Duration,
+}
+
+/// Serves one TCP connection of an agent: the TLS handshake (bounded), the
+/// client certificate (it admits the machine it names), then
+/// [`serve_connection`] under [`Limited`]'s deadlines. Failures are logged
+/// naming the peer.
+pub async fn serve_tls<S: StreamSink>(
+    acceptor: tokio_rustls::TlsAcceptor,
+    tcp: tokio::net::TcpStream,
+    peer: std::net::SocketAddr,
+    deadlines: Deadlines,
+    sink: std::sync::Arc<S>,
+    sessions: &Sessions,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    let tls = match tokio::time::timeout(deadlines.handshake, acceptor.accept(tcp)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            tracing::warn!("TLS handshake with {peer} failed: {e}");
+            return;
+        }
+        Err(_) => {
+            tracing::warn!("TLS handshake with {peer} timed out");
+            return;
+        }
+    };
+    let Some(cert) = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .map(|c| c.clone().into_owned())
+    else {
+        tracing::warn!("{peer} presented no client certificate");
+        return;
+    };
+    let auth = move |machine: &str| crate::tls::cert_allows_machine(&cert, machine);
+    let io = Limited::new(tls, deadlines.hello, deadlines.idle);
+    if let Err(e) = serve_connection(io, &peer.to_string(), &auth, sink, sessions, shutdown).await {
+        tracing::warn!("connection from {peer}: {e}");
+    }
 }
 
 /// Serves one connection (from `peer`, named in messages) until the peer

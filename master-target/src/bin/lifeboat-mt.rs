@@ -1,4 +1,4 @@
-//! `lifeboat-mt`: points | failover | test-failover (and --cleanup) | checksum | verify.
+//! `lifeboat-mt`: points | failover | test-failover (and --cleanup) | checksum | verify | serve.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -178,6 +178,15 @@ enum Cmd {
     },
     /// Write the machine's disks at a recovery point.
     Failover(FailoverArgs),
+    /// Serve as a master target: accept agents (mutual TLS, the process
+    /// server's protocol) and apply each machine's stream to its target
+    /// disks (files or block devices) in seq order, resuming after its last
+    /// applied position; checksum resync hashes the targets. See
+    /// packaging/examples/mt.toml.
+    Serve {
+        #[arg(long)]
+        config: PathBuf,
+    },
     /// The same as failover, without touching replication state (it never
     /// writes to the store): a drill. It also writes lifeboat-drill.json in
     /// --out, listing every file it created; --cleanup DIR removes them.
@@ -244,7 +253,13 @@ fn main() {
         return;
     }
     let cli = Cli::parse_from(args);
-    lifeboat_common::init_logging("warn", cli.log.log_format);
+    // The server logs what it applies; the commands only what goes wrong.
+    let level = if matches!(cli.cmd, Cmd::Serve { .. }) {
+        "info"
+    } else {
+        "warn"
+    };
+    lifeboat_common::init_logging(level, cli.log.log_format);
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -425,6 +440,10 @@ async fn real_main(cli: Cli) -> Result<()> {
             cleanup: Some(dir), ..
         } => cleanup_drill(&dir),
         Cmd::Failover(a) => run_failover(a, false).await,
+        Cmd::Serve { config } => {
+            let cfg = lifeboat_mt::serve::ServeConfig::load(&config)?;
+            lifeboat_mt::serve::run(cfg, lifeboat_common::cancel_on_signals()?).await
+        }
         Cmd::TestFailover { run, .. } => run_failover(run, true).await,
         Cmd::Verify {
             store,

@@ -203,19 +203,7 @@ fn real_main(cli: Cli) -> Result<()> {
             let cfg = PsConfig::load(&config)?;
             let rt = tokio::runtime::Runtime::new()?;
             rt.block_on(async {
-                let shutdown = tokio_util::sync::CancellationToken::new();
-                let s = shutdown.clone();
-                lifeboat_common::spawn(async move {
-                    let mut term =
-                        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                            .expect("installing a SIGTERM handler");
-                    tokio::select! {
-                        _ = tokio::signal::ctrl_c() => {}
-                        _ = term.recv() => {}
-                    }
-                    s.cancel();
-                });
-                lifeboat_ps::run(cfg, shutdown).await
+                lifeboat_ps::run(cfg, lifeboat_common::cancel_on_signals()?).await
             })
         }
     }

@@ -1,0 +1,170 @@
+//! The master target server (issue 9, item 3): `lifeboat-mt serve` takes an
+//! agent's stream over mutual TLS and applies it to a target image in seq
+//! order; killed with -9 while fio writes, it resumes after its applied
+//! position and ends byte-equal to the source; after the agent lost its
+//! state, a checksum resync against the target's own blocks sends exactly
+//! the blocks that differ; a machine or disk it has no target for is
+//! refused by name.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use lifeboat_tests::*;
+
+const MIB: u64 = 1024 * 1024;
+const BLOCK: u64 = 4096;
+
+fn start_mt(config: &Path, log: &Path) -> Proc {
+    let mut p = Proc::spawn(
+        "lifeboat-mt",
+        Command::new(bin("lifeboat-mt"))
+            .args(["serve", "--config"])
+            .arg(config),
+        log,
+    )
+    .unwrap();
+    wait_for(
+        "the master target to listen",
+        Duration::from_secs(30),
+        || {
+            assert!(
+                p.is_running(),
+                "lifeboat-mt serve exited:\n{}",
+                p.log_text()
+            );
+            p.log_text().contains("lifeboat-mt serving").then_some(())
+        },
+    )
+    .unwrap();
+    p
+}
+
+#[test]
+fn the_master_target_applies_resumes_after_kill9_and_resyncs_as_the_replica() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let size = 64 * MIB;
+    let mut rng = Rng(0x6d74_0009);
+    // The process server's CA and certificates; it does not run.
+    let ps = ProcessServer::init(&root.join("ps"), None, &[]).unwrap();
+    let port = free_port();
+    let target = root.join("onprem").join("root.img");
+    std::fs::create_dir_all(target.parent().unwrap()).unwrap();
+    let config = root.join("mt.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen = \"127.0.0.1:{port}\"\nca-cert = \"{d}/ca.pem\"\nserver-cert = \"{d}/server.pem\"\n\
+             server-key = \"{d}/server.key\"\nstate-dir = \"{s}\"\n\n[[machine]]\nname = \"machine-1\"\n\
+             disks = {{ root = \"{t}\" }}\n",
+            d = ps.dir.display(),
+            s = root.join("mt-state").display(),
+            t = target.display()
+        ),
+    )
+    .unwrap();
+    let mut mt = start_mt(&config, &root.join("mt-1.log"));
+    let certs = ps.dir.join("machines").join("machine-1");
+    let mut agent = Agent::configure(
+        &root.join("agent"),
+        "machine-1",
+        &certs,
+        port,
+        &[("root", size)],
+        "",
+    )
+    .unwrap();
+    fill_random(&agent.image("root"), 0, 24 * MIB, &mut rng);
+    agent.start().unwrap();
+    agent.wait_synced(Duration::from_secs(120)).unwrap();
+
+    // fio writes of every size and 512-byte alignment; the master target is
+    // killed -9 among them and started again.
+    let mut fio = Proc::spawn(
+        "fio",
+        Command::new("fio").args([
+            "--name=w",
+            "--ioengine=nbd",
+            &format!("--uri={}", agent.uri("root")),
+            "--rw=randwrite",
+            "--bsrange=512-128k",
+            "--blockalign=512",
+            "--iodepth=8",
+            "--randrepeat=0",
+            "--time_based",
+            "--runtime=6",
+        ]),
+        &root.join("fio.log"),
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    mt.kill9();
+    std::thread::sleep(Duration::from_millis(500));
+    let mut mt = start_mt(&config, &root.join("mt-2.log"));
+    wait_for("fio to finish", Duration::from_secs(120), || {
+        (!fio.is_running()).then_some(())
+    })
+    .unwrap();
+    assert!(
+        fio.log_text().contains("err= 0"),
+        "fio failed:\n{}",
+        fio.log_text()
+    );
+    agent.wait_acked(Duration::from_secs(120)).unwrap();
+    assert_same(&target, &agent.image("root"));
+    let resumed = mt.log_text();
+    let from: u64 = resumed
+        .split("applying to 1 disk(s) from seq ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no resume line:\n{resumed}"));
+    assert!(
+        from > 1,
+        "the restarted master target did not resume: {resumed}"
+    );
+
+    // The agent loses its state while 40 blocks change behind its back: the
+    // checksum resync compares with the target's own blocks.
+    agent.stop_clean();
+    let changed = change_blocks(&agent.image("root"), size, 40, &mut rng);
+    std::fs::remove_dir_all(agent.dir.join("state")).unwrap();
+    agent.start().unwrap();
+    let report = agent
+        .wait_checksum_resync(Duration::from_secs(180))
+        .unwrap();
+    assert_eq!(report["error"], "", "{report}");
+    assert_eq!(
+        report["block-bytes"].as_u64(),
+        Some(changed.len() as u64 * BLOCK),
+        "exactly the changed blocks are sent: {report}"
+    );
+    agent.wait_acked(Duration::from_secs(60)).unwrap();
+    assert_same(&target, &agent.image("root"));
+
+    // A machine without targets is refused by name; nothing is applied.
+    let certs2 = ps.issue_cert("machine-2").unwrap();
+    let mut other = Agent::configure(
+        &root.join("agent-2"),
+        "machine-2",
+        &certs2,
+        port,
+        &[("root", MIB)],
+        "",
+    )
+    .unwrap();
+    other.start().unwrap();
+    wait_for("the refusal", Duration::from_secs(30), || {
+        mt.log_text()
+            .contains("machine machine-2 is not in this master target's config")
+            .then_some(())
+    })
+    .unwrap();
+    other.stop_clean();
+    agent.stop_clean();
+    assert!(
+        mt.stop(Duration::from_secs(20)),
+        "lifeboat-mt serve did not stop on SIGTERM"
+    );
+}
