@@ -29,7 +29,11 @@
 //! or not run.
 //!
 //! Everything a plan names is checked before anything runs: groups and
-//! machines (ids, each machine once), points, scripts (executable files).
+//! machines (ids, each machine once), scripts (executable files; a relative
+//! path is taken from the plan file's directory), and each machine's point
+//! resolved in the store (its keys, its stream, the point itself). A plan
+//! group is not a consistency group: each machine's point is its own (use
+//! `failover --group` for one common moment).
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -139,7 +143,14 @@ impl Plan {
             let point: PointSpec = point_text
                 .parse()
                 .map_err(|e| bad(format!("group {:?}: point {point_text:?}: {e}", g.name)))?;
-            for s in g.before.iter().chain(&g.after) {
+            let base = path.parent().unwrap_or(Path::new("."));
+            let absolute = |v: Vec<PathBuf>| -> Vec<PathBuf> {
+                v.into_iter()
+                    .map(|s| if s.is_relative() { base.join(s) } else { s })
+                    .collect()
+            };
+            let (before, after) = (absolute(g.before), absolute(g.after));
+            for s in before.iter().chain(&after) {
                 if !executable(s) {
                     return Err(bad(format!(
                         "group {:?}: script {} is not an executable file",
@@ -153,8 +164,8 @@ impl Plan {
                 machines: g.machines,
                 point,
                 point_text,
-                before: g.before,
-                after: g.after,
+                before,
+                after,
                 pause: g.pause,
             });
         }
@@ -365,13 +376,24 @@ pub async fn run_script(
         .env("LIFEBOAT_MACHINES", group.machines.join(" "))
         .env("LIFEBOAT_OUT", out)
         .env("LIFEBOAT_DRILL", if drill { "1" } else { "0" })
+        // Secrets of this command are not the scripts' business.
+        .env_remove("LIFEBOAT_KEK_FILE")
+        .env_remove("LIFEBOAT_PS_TOKEN_FILE")
         .stdin(std::process::Stdio::null())
         .stdout(to_stderr()?)
         .stderr(to_stderr()?)
+        // Its own process group: an overrun kills what it started too.
+        .process_group(0)
         .kill_on_drop(true);
     let mut child = cmd.spawn().map_err(|e| format!("starting it: {e}"))?;
     match tokio::time::timeout(timeout, child.wait()).await {
         Err(_) => {
+            if let Some(pid) = child.id() {
+                // SAFETY: kill(2) of the script's own process group.
+                unsafe {
+                    libc::kill(-(pid as libc::pid_t), libc::SIGKILL);
+                }
+            }
             let _ = child.kill().await;
             Err(format!(
                 "it ran past its bound ({}, script-timeout) and was killed",

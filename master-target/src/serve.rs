@@ -19,7 +19,8 @@
 //! at their offsets, a resize sets an image file's length; tags, checksums
 //! and sync marks change no byte. Then every target touched is synced, and
 //! only then the applied position (`<state-dir>/<machine>.applied`, record
-//! `LBAP`: the seq and the stream id) is replaced durably and acknowledged.
+//! `LBAP`: the seq, the stream id and each disk's size at that seq) is
+//! replaced durably and acknowledged.
 //! A restart resumes after that position: an entry applied but not yet
 //! recorded is applied again, in order, which leaves the same bytes (each
 //! entry sets its range), so the disks end as if each entry were applied
@@ -29,10 +30,13 @@
 //! back and hashed, so only blocks that differ are resent (the agent
 //! resyncs by itself after it lost its state, or after a resize).
 //!
-//! A machine not in the config, a disk of the hello without a target, a
-//! target smaller than its disk (a block device) or that cannot be opened
-//! is refused at the session's start, naming it; the agent keeps its
-//! journal and retries.
+//! A machine not in the config, a disk of the hello without a target (a
+//! retired one is skipped), a block device smaller than its disk, a target
+//! missing after entries were applied to it (an image file is created only
+//! before), or one that cannot be opened is refused at the session's start,
+//! naming it; the agent keeps its journal and retries. At open a file only
+//! grows, to the disk's size at the applied position (not the hello's: a
+//! replay after a crash may write past a shrink it then applies again).
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -130,6 +134,10 @@ pub struct Applied {
     pub seq: u64,
     /// The numbering it belongs to (hex).
     pub stream_id: String,
+    /// Each disk's size in the stream at `seq` (by disk id): a replay after
+    /// a crash checks its writes against these, not the agent's size now.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub sizes: BTreeMap<String, u64>,
 }
 
 fn applied_path(state_dir: &Path, machine: &str) -> PathBuf {
@@ -171,14 +179,34 @@ struct Target {
 }
 
 impl Target {
-    fn open(id: &str, path: &Path, size: u64) -> Result<Target> {
+    /// Opens the target of disk `id` whose size in the stream is `size`. A
+    /// missing file is created only when nothing was applied yet (`fresh`),
+    /// and never under /dev; a file only grows here (a shrink is a resize
+    /// entry of the stream).
+    fn open(id: &str, path: &Path, size: u64, fresh: bool) -> Result<Target> {
+        let exists = path.exists();
+        if !exists && (!fresh || path.starts_with("/dev")) {
+            bail!(
+                "the target of disk {id}, {}, does not exist{}",
+                path.display(),
+                if fresh {
+                    " (a block device must be there; only image files are created)".to_string()
+                } else {
+                    " though entries were applied to it: restore it, or remove the machine's .applied file in state-dir to start over (the agent then resyncs the whole disk)".to_string()
+                }
+            );
+        }
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
-            .create(true)
+            .create(!exists)
             .truncate(false)
             .open(path)
             .with_context(|| format!("opening the target of disk {id}, {}", path.display()))?;
+        if !exists {
+            lifeboat_common::fsutil::sync_parent(path)
+                .with_context(|| format!("creating {}", path.display()))?;
+        }
         let meta = file.metadata()?;
         let device = {
             use std::os::unix::fs::FileTypeExt;
@@ -191,7 +219,9 @@ impl Target {
             device,
             size,
         };
-        t.resize(size)?;
+        if t.device || t.capacity()? < size {
+            t.resize(size)?;
+        }
         Ok(t)
     }
 
@@ -265,7 +295,8 @@ impl Target {
     }
 }
 
-/// A machine's targets by disk number, and its applied position.
+/// A machine's targets by disk number (`None`: a retired disk without a
+/// target, whose entries are skipped), and its applied position.
 struct MachineState {
     targets: Vec<Option<Target>>,
     applied: Applied,
@@ -310,11 +341,15 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// Applies consecutive entries and records the position (see the header).
 fn apply(state_dir: &Path, machine: &str, st: &mut MachineState, entries: &[Entry]) -> Result<u64> {
     let mut touched = std::collections::BTreeSet::new();
-    let target = |st: &mut MachineState, disk: u16| -> Result<usize> {
+    // `None`: a retired disk without a target (its entries are skipped).
+    let target = |st: &mut MachineState, disk: u16| -> Result<Option<usize>> {
         let i = disk as usize;
         match st.targets.get(i) {
-            Some(Some(_)) => Ok(i),
-            _ => bail!("an entry names disk number {disk}, which {machine}'s hello did not list with a target"),
+            Some(Some(_)) => Ok(Some(i)),
+            Some(None) => Ok(None),
+            None => {
+                bail!("an entry names disk number {disk}, which {machine}'s hello did not list")
+            }
         }
     };
     for e in entries {
@@ -327,26 +362,28 @@ fn apply(state_dir: &Path, machine: &str, st: &mut MachineState, entries: &[Entr
         }
         match &e.op {
             Op::Write { disk, offset, data } => {
-                let i = target(st, *disk)?;
-                let t = st.targets[i].as_ref().expect("checked");
-                t.check(*offset, data.len() as u64)?;
-                t.file
-                    .write_all_at(data, *offset)
-                    .with_context(|| format!("writing {}", t.path.display()))?;
-                touched.insert(i);
+                if let Some(i) = target(st, *disk)? {
+                    let t = st.targets[i].as_ref().expect("checked");
+                    t.check(*offset, data.len() as u64)?;
+                    t.file.write_all_at(data, *offset).with_context(|| {
+                        format!("writing disk {} of {machine} to {}", t.id, t.path.display())
+                    })?;
+                    touched.insert(i);
+                }
             }
             Op::Zero { disk, offset, len } => {
-                let i = target(st, *disk)?;
-                st.targets[i]
-                    .as_ref()
-                    .expect("checked")
-                    .zero(*offset, u64::from(*len))?;
-                touched.insert(i);
+                if let Some(i) = target(st, *disk)? {
+                    let t = st.targets[i].as_ref().expect("checked");
+                    t.zero(*offset, u64::from(*len))
+                        .with_context(|| format!("disk {} of {machine}", t.id))?;
+                    touched.insert(i);
+                }
             }
             Op::Resize { disk, size } => {
-                let i = target(st, *disk)?;
-                st.targets[i].as_mut().expect("checked").resize(*size)?;
-                touched.insert(i);
+                if let Some(i) = target(st, *disk)? {
+                    st.targets[i].as_mut().expect("checked").resize(*size)?;
+                    touched.insert(i);
+                }
             }
             _ => {}
         }
@@ -356,8 +393,14 @@ fn apply(state_dir: &Path, machine: &str, st: &mut MachineState, entries: &[Entr
         let t = st.targets[i].as_ref().expect("touched");
         t.file
             .sync_data()
-            .with_context(|| format!("syncing {}", t.path.display()))?;
+            .with_context(|| format!("syncing disk {} of {machine}, {}", t.id, t.path.display()))?;
     }
+    st.applied.sizes = st
+        .targets
+        .iter()
+        .flatten()
+        .map(|t| (t.id.clone(), t.size))
+        .collect();
     store_applied(state_dir, machine, &st.applied)?;
     Ok(st.applied.seq)
 }
@@ -377,25 +420,30 @@ impl StreamSink for DiskSink {
                     let a = Applied {
                         seq: 0,
                         stream_id: lifeboat_common::hex(&stream_id),
+                        sizes: BTreeMap::new(),
                     };
                     store_applied(&dir, &m, &a)?;
                     a
                 }
             };
+            let fresh = applied.seq == 0;
             let mut targets = Vec::new();
             for d in &disks {
-                if d.retired {
-                    targets.push(None);
-                    continue;
-                }
-                let Some(path) = paths.get(&d.id) else {
-                    bail!(
+                // The size at the applied position; the hello's is the
+                // agent's now, which the stream's resize entries reach.
+                let size = applied.sizes.get(&d.id).copied().unwrap_or(d.size);
+                match paths.get(&d.id) {
+                    Some(path) => targets.push(Some(Target::open(&d.id, path, size, fresh)?)),
+                    None if d.retired => {
+                        warn!(machine = %m, "disk {} is retired and has no target: its entries are skipped", d.id);
+                        targets.push(None);
+                    }
+                    None => bail!(
                         "disk {} of {m} has no target in this master target's config (disks = {{ {} = \"...\" }})",
                         d.id,
                         d.id
-                    );
-                };
-                targets.push(Some(Target::open(&d.id, path, d.size)?));
+                    ),
+                }
             }
             Ok(MachineState { targets, applied })
         })
@@ -517,6 +565,7 @@ mod tests {
         let a = Applied {
             seq: 4242,
             stream_id: "00112233445566778899aabbccddeeff".into(),
+            sizes: BTreeMap::new(),
         };
         let bytes =
             lifeboat_common::formats::read_fixture::<AppliedPosition>("applied-position", || {
@@ -535,10 +584,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let img = dir.path().join("root.img");
         let mut st = MachineState {
-            targets: vec![Some(Target::open("root", &img, 1 << 20).unwrap())],
+            targets: vec![Some(Target::open("root", &img, 1 << 20, true).unwrap())],
             applied: Applied {
                 seq: 0,
                 stream_id: "00".repeat(16),
+                sizes: BTreeMap::new(),
             },
         };
         let w = |seq, offset, b: u8, n: usize| Entry {
@@ -577,5 +627,25 @@ mod tests {
         assert!(format!("{e:#}").contains("does not follow"), "{e:#}");
         let e = apply(dir.path(), "m", &mut st, &[w(4, (1 << 20) - 1, 1, 2)]).unwrap_err();
         assert!(format!("{e:#}").contains("past its size"), "{e:#}");
+        // A shrink recorded: reopened at the recorded size, the file is not
+        // truncated by a larger hello nor grown by a smaller one.
+        let shrink = Entry {
+            seq: 4,
+            op: Op::Resize {
+                disk: 0,
+                size: 1 << 19,
+            },
+        };
+        apply(dir.path(), "m", &mut st, &[shrink]).unwrap();
+        let a = load_applied(dir.path(), "m").unwrap().unwrap();
+        assert_eq!(a.sizes.get("root"), Some(&(1 << 19)));
+        assert_eq!(std::fs::metadata(&img).unwrap().len(), 1 << 19);
+        // A target that vanished after entries were applied is refused.
+        std::fs::remove_file(&img).unwrap();
+        let e = Target::open("root", &img, 1 << 19, false).err().unwrap();
+        assert!(
+            format!("{e:#}").contains("does not exist though entries were applied"),
+            "{e:#}"
+        );
     }
 }

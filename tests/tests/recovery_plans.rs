@@ -222,4 +222,22 @@ fn a_recovery_plan_recovers_group_by_group_and_stops_at_the_first_failure() {
     );
     assert!(stderr.contains("nothing was recovered"), "{stderr}");
     assert!(!root.join("never").exists());
+
+    // So is a plan whose last group names a machine the store does not
+    // have: the first group is not recovered either. A relative script
+    // path is taken from the plan's directory.
+    let ghost = root.join("ghost.toml");
+    std::fs::write(
+        &ghost,
+        "[[group]]\nname = \"a\"\nmachines = [\"db-1\"]\nbefore = [\"note.sh\"]\n[[group]]\nname = \"b\"\nmachines = [\"ghost-1\"]\n",
+    )
+    .unwrap();
+    let o = run_plan(&ps, "failover", &ghost, &root.join("never"), None);
+    assert!(!o.status.success());
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        stderr.contains("machine ghost-1 of group b") && stderr.contains("nothing was recovered"),
+        "{stderr}"
+    );
+    assert!(!root.join("never").exists());
 }

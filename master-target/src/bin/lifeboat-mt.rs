@@ -516,9 +516,12 @@ async fn run_failover(a: FailoverArgs, drill: bool) -> Result<()> {
     let started = lifeboat_common::catalogue::format_time_ms(lifeboat_common::now_ms());
     let out = a.out.clone();
     let mut stopped = None;
+    // Files written besides the machines' (a plan's report).
+    let mut extra = Vec::new();
     let reports = if a.plan.is_some() {
-        let (reports, failed) = plan_failover(a, drill).await;
+        let (reports, files, failed) = plan_failover(a, drill).await;
         stopped = failed;
+        extra = files;
         reports
     } else if a.group.is_some() {
         group_failover(a).await?
@@ -526,7 +529,7 @@ async fn run_failover(a: FailoverArgs, drill: bool) -> Result<()> {
         vec![failover(a).await?]
     };
     // A drill records what it wrote even when its plan stopped part way.
-    if drill && !reports.is_empty() {
+    if drill && (!reports.is_empty() || !extra.is_empty()) {
         let record = lifeboat_mt::output::Drill {
             machines: reports.iter().map(|r| r.report.machine.clone()).collect(),
             started,
@@ -534,6 +537,7 @@ async fn run_failover(a: FailoverArgs, drill: bool) -> Result<()> {
             files: reports
                 .iter()
                 .flat_map(|r| r.files.iter())
+                .chain(&extra)
                 .map(|f| {
                     std::fs::canonicalize(f).with_context(|| format!("resolving {}", f.display()))
                 })
@@ -558,7 +562,10 @@ async fn run_failover(a: FailoverArgs, drill: bool) -> Result<()> {
 
 /// `failover --plan`: group by group (see `lifeboat_mt::plan`); returns what
 /// was recovered and, when the plan stopped, why.
-async fn plan_failover(a: FailoverArgs, drill: bool) -> (Vec<Recovered>, Option<anyhow::Error>) {
+async fn plan_failover(
+    a: FailoverArgs,
+    drill: bool,
+) -> (Vec<Recovered>, Vec<PathBuf>, Option<anyhow::Error>) {
     use lifeboat_mt::plan::{self, MachineRun, Plan, Report, State};
     let started = Instant::now();
     let prepared = (|| -> Result<_> {
@@ -570,8 +577,35 @@ async fn plan_failover(a: FailoverArgs, drill: bool) -> (Vec<Recovered>, Option<
     })();
     let (plan, kek, store) = match prepared {
         Ok(p) => p,
-        Err(e) => return (Vec::new(), Some(e.context("nothing was recovered"))),
+        Err(e) => {
+            return (
+                Vec::new(),
+                Vec::new(),
+                Some(e.context("nothing was recovered")),
+            )
+        }
     };
+    // Every machine's keys, stream and point before anything runs.
+    for g in &plan.groups {
+        for m in &g.machines {
+            let checked = async {
+                let keys = materialize::machine_keys(&store, &kek, m).await?;
+                let inv = materialize::inventory(&store, Some(&keys.catalogue), m).await?;
+                materialize::resolve(&inv, m, &g.point, a.allow_inconsistent)
+            }
+            .await;
+            if let Err(e) = checked {
+                return (
+                    Vec::new(),
+                    Vec::new(),
+                    Some(e.context(format!(
+                        "recovery plan {}: machine {m} of group {} at {}; nothing was recovered",
+                        plan.name, g.name, g.point_text
+                    ))),
+                );
+            }
+        }
+    }
     let how = How {
         allow_inconsistent: a.allow_inconsistent,
         check: !a.skip_checksum,
@@ -679,20 +713,17 @@ async fn plan_failover(a: FailoverArgs, drill: bool) -> (Vec<Recovered>, Option<
         report.print();
     }
     let mut error = stopped.map(|s| anyhow::anyhow!("recovery plan {} stopped {s}", plan.name));
+    let mut files = Vec::new();
     match written {
         Ok(path) => {
-            if let Ok(p) = std::fs::canonicalize(&path) {
-                if let Some(r) = recovered.last_mut() {
-                    r.files.push(p);
-                }
-            }
             eprintln!("plan report: {}", path.display());
+            files.push(path);
         }
         Err(e) => {
             error = Some(error.map_or(e, |s| s.context("and the report could not be written")))
         }
     }
-    (recovered, error)
+    (recovered, files, error)
 }
 
 /// `lifeboat-mt test-failover --cleanup DIR`: parsed on its own, as it
