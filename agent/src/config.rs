@@ -203,6 +203,19 @@ impl AppConfig {
     }
 }
 
+/// How a disk is first replicated.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum InitialCopy {
+    /// Every disk is read and sent (zero chunks as zero entries).
+    #[default]
+    Full,
+    /// The replica already holds a copy (a failback's original disks, a
+    /// restored image): a checksum resync compares every block and sends
+    /// only those that differ.
+    Checksum,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct AgentConfig {
@@ -225,6 +238,9 @@ pub struct AgentConfig {
     /// Upper bound of the initial sync's read rate, in bytes per second (none by default).
     #[serde(default)]
     pub sync_rate_limit: Option<u64>,
+    /// How a disk this agent has not replicated before gets to the replica.
+    #[serde(default)]
+    pub initial_copy: InitialCopy,
     /// App-consistent points: schedule, scripts, filesystems to freeze.
     #[serde(default)]
     pub app: AppConfig,
@@ -419,6 +435,7 @@ mod tests {
         assert_eq!(cfg.app.quiesce, QuiesceMode::Fsfreeze);
         assert_eq!(cfg.server_name, default_server_name());
         assert_eq!(cfg.sync_rate_limit, None);
+        assert_eq!(cfg.initial_copy, InitialCopy::Full);
         assert_eq!(cfg.disks[0].io_mode, default_io_mode());
         assert!(cfg.disks[0].tcp.is_none() && !cfg.disks[0].allow_remote);
     }

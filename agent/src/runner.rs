@@ -95,7 +95,8 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<()> {
 
     stream.set_point_sums(crate::pointsum::PointSums::new(&disks, &stream));
     let checksum = crate::checksum::Checksum::open(&cfg.state_dir, &disks, &stream)?;
-    let progress = crate::sync::prepare(&cfg.state_dir, &disks, &stream, &checksum).await?;
+    let progress =
+        crate::sync::prepare(&cfg.state_dir, &disks, &stream, &checksum, cfg.initial_copy).await?;
     // After an unclean stop, what the activity log held is resent, unless a
     // checksum resync compares the whole disk anyway.
     let plan = checksum.pending();

@@ -109,12 +109,24 @@ pub async fn prepare(
     disks: &[Arc<ProtectedDisk>],
     stream: &Arc<Stream>,
     checksum: &Arc<Checksum>,
+    initial_copy: crate::config::InitialCopy,
 ) -> Result<Vec<Arc<SyncProgress>>> {
     let mut out = Vec::new();
     for (index, d) in disks.iter().enumerate() {
         let path = record_path(state_dir, &d.id);
         let size = d.size_bytes();
-        let mut rec = load_record(&path)?.unwrap_or(SyncRecord {
+        let known = load_record(&path)?;
+        if known.is_none() && initial_copy == crate::config::InitialCopy::Checksum {
+            let reason = format!(
+                "disk {} is new to this agent and the replica holds a copy (initial-copy = \"checksum\")",
+                d.id
+            );
+            info!("{reason}: comparing it with the replica instead of copying it");
+            checksum
+                .request(disks, &[d.index], &reason, stream, true)
+                .await?;
+        }
+        let mut rec = known.unwrap_or(SyncRecord {
             size,
             cursor: 0,
             done: false,

@@ -168,3 +168,65 @@ fn the_master_target_applies_resumes_after_kill9_and_resyncs_as_the_replica() {
         "lifeboat-mt serve did not stop on SIGTERM"
     );
 }
+
+/// The failback direction: the recovered machine's agent, with
+/// `initial-copy = "checksum"`, streams to a master target whose target is
+/// the original disk, which already holds the disk as it was at the
+/// failover; only the blocks written on the recovered side since are sent,
+/// and the original disk ends byte-equal to the recovered one.
+#[test]
+fn a_failback_onto_the_original_disk_sends_only_what_changed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let size = 64 * MIB;
+    let mut rng = Rng(0x6662_0004);
+    let ps = ProcessServer::init(&root.join("ps"), None, &[]).unwrap();
+    let port = free_port();
+    // The recovered disk: the failover's image, then 60 blocks written on
+    // the recovered side; the original keeps the failover's content.
+    let mut agent = Agent::configure(
+        &root.join("recovered"),
+        "machine-1",
+        &ps.dir.join("machines").join("machine-1"),
+        port,
+        &[("root", size)],
+        "initial-copy = \"checksum\"\n",
+    )
+    .unwrap();
+    fill_random(&agent.image("root"), 0, 40 * MIB, &mut rng);
+    let original = root.join("onprem").join("root.img");
+    std::fs::create_dir_all(original.parent().unwrap()).unwrap();
+    std::fs::copy(agent.image("root"), &original).unwrap();
+    let changed = change_blocks(&agent.image("root"), size, 60, &mut rng);
+    let config = root.join("mt.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen = \"127.0.0.1:{port}\"\nca-cert = \"{d}/ca.pem\"\nserver-cert = \"{d}/server.pem\"\n\
+             server-key = \"{d}/server.key\"\nstate-dir = \"{s}\"\n\n[[machine]]\nname = \"machine-1\"\n\
+             disks = {{ root = \"{t}\" }}\n",
+            d = ps.dir.display(),
+            s = root.join("mt-state").display(),
+            t = original.display()
+        ),
+    )
+    .unwrap();
+    let mut mt = start_mt(&config, &root.join("mt.log"));
+    agent.start().unwrap();
+    let report = agent
+        .wait_checksum_resync(Duration::from_secs(180))
+        .unwrap();
+    assert_eq!(report["error"], "", "{report}");
+    assert_eq!(
+        report["block-bytes"].as_u64(),
+        Some(changed.len() as u64 * BLOCK),
+        "only the blocks written since the failover are sent: {report}"
+    );
+    let s = agent.status().unwrap();
+    let synced = s["sync"][0]["sent-bytes"].as_u64().unwrap();
+    assert!(synced < MIB, "the disk was copied ({synced} bytes): {s}");
+    agent.wait_acked(Duration::from_secs(60)).unwrap();
+    assert_same(&original, &agent.image("root"));
+    agent.stop_clean();
+    mt.stop(Duration::from_secs(20));
+}
