@@ -100,21 +100,23 @@ fn a_recovery_plan_recovers_group_by_group_and_stops_at_the_first_failure() {
         ),
     );
     let fail = script(&root.join("fail.sh"), "echo refusing >&2; exit 3");
-    let plan = |name: &str, apps_before: &Path| -> PathBuf {
+    let plan_with = |name: &str, db_after: &Path, apps_before: &Path| -> PathBuf {
         let p = root.join(format!("{name}.toml"));
         std::fs::write(
             &p,
             format!(
                 "name = \"{name}\"\nscript-timeout = \"60s\"\n\
-                 [[group]]\nname = \"databases\"\nmachines = [\"db-1\"]\nbefore = [\"{n}\"]\nafter = [\"{n}\"]\n\
+                 [[group]]\nname = \"databases\"\nmachines = [\"db-1\"]\nbefore = [\"{n}\"]\nafter = [\"{a}\"]\n\
                  [[group]]\nname = \"applications\"\nmachines = [\"app-1\", \"app-2\"]\npause = true\nbefore = [\"{b}\"]\nafter = [\"{n}\"]\n",
                 n = note.display(),
+                a = db_after.display(),
                 b = apps_before.display()
             ),
         )
         .unwrap();
         p
     };
+    let plan = |name: &str, apps_before: &Path| plan_with(name, &note, apps_before);
 
     // The whole plan: the pause answered with Enter.
     let out = root.join("recovered");
@@ -175,6 +177,28 @@ fn a_recovery_plan_recovers_group_by_group_and_stops_at_the_first_failure() {
         stderr.contains("refusing"),
         "the script's output is not shown:\n{stderr}"
     );
+
+    // A failing post-script of the first group: its machine is recovered,
+    // the report names the step, the second group does not run.
+    let out3 = root.join("post");
+    let o = run_plan(
+        &ps,
+        "failover",
+        &plan_with("post", &fail, &note),
+        &out3,
+        Some("\n"),
+    );
+    assert!(!o.status.success());
+    let r = report(&o);
+    let stopped = r["stopped"].as_str().unwrap();
+    assert!(stopped.contains("at group databases: after script"), "{r}");
+    let db = group(&r, "databases");
+    assert_eq!(db["state"], "failed", "{r}");
+    assert_eq!(db["machines"][0]["state"], "done", "{r}");
+    assert_eq!(db["scripts"][1]["state"], "failed", "{r}");
+    assert_eq!(group(&r, "applications")["state"], "not-run", "{r}");
+    assert_same(&out3.join("db-1/root.raw"), &agents[0].image("root"));
+    assert!(!out3.join("app-1").exists());
 
     // A drill whose pause finds stdin closed: it stops there, records what
     // it wrote, and --cleanup removes it.
