@@ -265,7 +265,19 @@ impl Report {
                             error: None,
                         })
                         .collect(),
-                    scripts: Vec::new(),
+                    scripts: g
+                        .before
+                        .iter()
+                        .map(|s| ("before", s))
+                        .chain(g.after.iter().map(|s| ("after", s)))
+                        .map(|(phase, s)| ScriptRun {
+                            phase,
+                            script: s.clone(),
+                            state: State::NotRun,
+                            error: None,
+                            seconds: 0.0,
+                        })
+                        .collect(),
                     seconds: 0.0,
                 })
                 .collect(),
@@ -409,8 +421,9 @@ pub async fn run_script(
     }
 }
 
-/// Runs the `phase` scripts of `group` one by one, noting each in `runs`;
-/// stops at the first that fails and returns where the plan stopped.
+/// Runs the `phase` scripts of `group` one by one, noting each in `runs`
+/// (the report lists every script, `not-run` until it ran); stops at the
+/// first that fails and returns where the plan stopped.
 pub async fn run_scripts(
     phase: &'static str,
     plan: &Plan,
@@ -427,7 +440,7 @@ pub async fn run_scripts(
     for s in scripts {
         let t = Instant::now();
         let r = run_script(s, phase, plan, group, out, drill, plan.script_timeout).await;
-        runs.push(ScriptRun {
+        let run = ScriptRun {
             phase,
             script: s.clone(),
             state: if r.is_ok() {
@@ -437,7 +450,14 @@ pub async fn run_scripts(
             },
             error: r.as_ref().err().cloned(),
             seconds: secs(t),
-        });
+        };
+        match runs
+            .iter_mut()
+            .find(|x| x.phase == phase && x.script == *s && x.state == State::NotRun)
+        {
+            Some(slot) => *slot = run,
+            None => runs.push(run),
+        }
         if let Err(e) = r {
             return Err(format!(
                 "at group {}: {phase} script {}: {e}",

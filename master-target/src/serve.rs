@@ -196,13 +196,29 @@ impl Target {
                 }
             );
         }
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(!exists)
-            .truncate(false)
-            .open(path)
-            .with_context(|| format!("opening the target of disk {id}, {}", path.display()))?;
+        let is_device = {
+            use std::os::unix::fs::FileTypeExt;
+            std::fs::metadata(path).is_ok_and(|m| m.file_type().is_block_device())
+        };
+        let mut opts = std::fs::OpenOptions::new();
+        opts.read(true).write(true).create(!exists).truncate(false);
+        if is_device {
+            // A device mounted or opened exclusively elsewhere is refused
+            // (EBUSY) rather than written under its user.
+            use std::os::unix::fs::OpenOptionsExt;
+            opts.custom_flags(libc::O_EXCL);
+        }
+        let file = opts.open(path).with_context(|| {
+            format!(
+                "opening the target of disk {id}, {}{}",
+                path.display(),
+                if is_device {
+                    " (a block device must not be mounted or in use)"
+                } else {
+                    ""
+                }
+            )
+        })?;
         if !exists {
             lifeboat_common::fsutil::sync_parent(path)
                 .with_context(|| format!("creating {}", path.display()))?;

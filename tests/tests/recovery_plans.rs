@@ -196,7 +196,17 @@ fn a_recovery_plan_recovers_group_by_group_and_stops_at_the_first_failure() {
     assert_eq!(db["state"], "failed", "{r}");
     assert_eq!(db["machines"][0]["state"], "done", "{r}");
     assert_eq!(db["scripts"][1]["state"], "failed", "{r}");
-    assert_eq!(group(&r, "applications")["state"], "not-run", "{r}");
+    let apps = group(&r, "applications");
+    assert_eq!(apps["state"], "not-run", "{r}");
+    assert!(
+        apps["scripts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|s| s["state"] == "not-run")
+            && apps["scripts"].as_array().unwrap().len() == 2,
+        "every script is listed: {r}"
+    );
     assert_same(&out3.join("db-1/root.raw"), &agents[0].image("root"));
     assert!(!out3.join("app-1").exists());
 
