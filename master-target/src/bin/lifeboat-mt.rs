@@ -790,14 +790,14 @@ struct Outputs {
 }
 
 async fn failover(a: FailoverArgs) -> Result<Recovered> {
-    let kek = read_kek(&a.key_file)?;
-    let store = a.store.open()?;
     let machine = a
         .store
         .machine
         .clone()
-        .context("--machine (or --group) is required")?;
+        .context("--machine (or --group, or --plan) is required")?;
     lifeboat_common::ids::validate_id("machine", &machine).map_err(anyhow::Error::msg)?;
+    let kek = read_kek(&a.key_file)?;
+    let store = a.store.open()?;
     let started = Instant::now();
     let (point, planned) = if a.planned {
         let (p, planned) = final_point(&a, &store, &kek, &machine).await?;
