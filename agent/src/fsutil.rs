@@ -40,29 +40,16 @@ impl DirLock {
     }
 }
 
-/// Reads a JSON state record in an envelope of record type `R`; `None`
-/// when the file does not exist. Errors name the file.
+/// Reads a JSON state record in an envelope of record type `R`
+/// (`lifeboat_common::fsutil::load_record`).
 pub fn load_record<R: Record, T: serde::de::DeserializeOwned>(
     path: &Path,
 ) -> anyhow::Result<Option<T>> {
-    use anyhow::Context;
-    match std::fs::read(path) {
-        Ok(b) => {
-            let p = lifeboat_common::formats::open::<R>(&b)
-                .with_context(|| format!("reading {}", path.display()))?;
-            Ok(Some(
-                serde_json::from_slice(p).with_context(|| format!("parsing {}", path.display()))?,
-            ))
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
-    }
+    lifeboat_common::fsutil::load_record::<R, T>(path)
 }
 
 /// Replaces a JSON state record in an envelope of record type `R` (see
 /// [`replace_file`]).
 pub fn store_record<R: Record, T: serde::Serialize>(path: &Path, value: &T) -> anyhow::Result<()> {
-    use anyhow::Context;
-    let bytes = lifeboat_common::formats::seal::<R>(&serde_json::to_vec(value)?);
-    replace_file(path, &bytes).with_context(|| format!("writing {}", path.display()))
+    lifeboat_common::fsutil::store_record::<R, T>(path, value, 0o666)
 }

@@ -1,6 +1,8 @@
 //! Durable file replacement, shared by the agent's state records and the
-//! master target's failover outputs: write `<name>.partial`, fsync, rename,
-//! fsync the directory, so that a crash leaves the old file or the new one.
+//! master target's failover outputs and applied positions: write
+//! `<name>.partial`, fsync, rename, fsync the directory, so that a crash
+//! leaves the old file or the new one; and the enveloped JSON records
+//! (`formats.rs`) read and replaced that way.
 
 use std::io::{self, Write};
 use std::os::unix::fs::OpenOptionsExt;
@@ -30,4 +32,35 @@ pub fn sync_parent(path: &Path) -> io::Result<()> {
         Some(d) if !d.as_os_str().is_empty() => std::fs::File::open(d)?.sync_all(),
         _ => Ok(()),
     }
+}
+
+/// Reads a JSON state record in an envelope of record type `R`
+/// (`formats.rs`); `None` when the file does not exist. Errors name the file.
+pub fn load_record<R: crate::formats::Record, T: serde::de::DeserializeOwned>(
+    path: &Path,
+) -> anyhow::Result<Option<T>> {
+    use anyhow::Context;
+    match std::fs::read(path) {
+        Ok(b) => {
+            let p = crate::formats::open::<R>(&b)
+                .with_context(|| format!("reading {}", path.display()))?;
+            Ok(Some(
+                serde_json::from_slice(p).with_context(|| format!("parsing {}", path.display()))?,
+            ))
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+}
+
+/// Replaces a JSON state record in an envelope of record type `R` durably
+/// ([`replace_file_mode`]).
+pub fn store_record<R: crate::formats::Record, T: serde::Serialize>(
+    path: &Path,
+    value: &T,
+    mode: u32,
+) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let bytes = crate::formats::seal::<R>(&serde_json::to_vec(value)?);
+    replace_file_mode(path, &bytes, mode).with_context(|| format!("writing {}", path.display()))
 }

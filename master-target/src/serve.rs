@@ -146,25 +146,15 @@ fn applied_path(state_dir: &Path, machine: &str) -> PathBuf {
 
 /// Reads a machine's applied position (`None`: nothing applied yet).
 pub fn load_applied(state_dir: &Path, machine: &str) -> Result<Option<Applied>> {
-    let path = applied_path(state_dir, machine);
-    match std::fs::read(&path) {
-        Ok(b) => {
-            let p = lifeboat_common::formats::open::<AppliedPosition>(&b)
-                .with_context(|| format!("reading {}", path.display()))?;
-            Ok(Some(
-                serde_json::from_slice(p).with_context(|| format!("parsing {}", path.display()))?,
-            ))
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
-    }
+    lifeboat_common::fsutil::load_record::<AppliedPosition, _>(&applied_path(state_dir, machine))
 }
 
 fn store_applied(state_dir: &Path, machine: &str, a: &Applied) -> Result<()> {
-    let path = applied_path(state_dir, machine);
-    let bytes = lifeboat_common::formats::seal::<AppliedPosition>(&serde_json::to_vec(a)?);
-    lifeboat_common::fsutil::replace_file_mode(&path, &bytes, 0o600)
-        .with_context(|| format!("writing {}", path.display()))
+    lifeboat_common::fsutil::store_record::<AppliedPosition, _>(
+        &applied_path(state_dir, machine),
+        a,
+        0o600,
+    )
 }
 
 /// One target disk, open.

@@ -857,6 +857,29 @@ impl ProcessServer {
     }
 }
 
+/// An executable `#!/bin/sh` script at `path` running `body`.
+pub fn write_script(path: &Path, body: &str) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, format!("#!/bin/sh\n{body}\n")).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    path.to_path_buf()
+}
+
+/// fio's NBD engine writing at random offsets into `uri` in the background,
+/// with `args` added (block sizes, depth, runtime); its output goes to `log`.
+pub fn spawn_fio_randwrite(uri: &str, log: &Path, args: &[&str]) -> Proc {
+    let mut cmd = Command::new("fio");
+    cmd.args([
+        "--name=w",
+        "--ioengine=nbd",
+        &format!("--uri={uri}"),
+        "--rw=randwrite",
+        "--randrepeat=0",
+    ])
+    .args(args);
+    Proc::spawn("fio", &mut cmd, log).unwrap()
+}
+
 /// fio's NBD engine writing at random offsets into `uri`, with `args` added
 /// (block size, depth, size or runtime, ...); its JSON report goes to
 /// `report`. Fails if fio does.

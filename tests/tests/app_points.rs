@@ -3,7 +3,7 @@
 //! FIFREEZE while SQLite writes to it; a pre-freeze script that hangs; a
 //! `vss` point (test-only quiescer) carried to the catalogue and the listing.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -11,13 +11,6 @@ use lifeboat_tests::*;
 
 const MACHINE: &str = "machine-1";
 const MIB: u64 = 1024 * 1024;
-
-fn script(path: &Path, body: &str) -> PathBuf {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::write(path, format!("#!/bin/sh\n{body}\n")).unwrap();
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
-    path.to_path_buf()
-}
 
 /// agent.toml's `[app]`: freeze `mnt`, one pre-freeze and one post-thaw script.
 fn app_section(mnt: &Path, pre: &Path, post: &Path, extra: &str) -> String {
@@ -83,7 +76,7 @@ fn app_point_under_sqlite_writes_recovers_clean_with_every_committed_row() {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path().canonicalize().unwrap();
     let mnt = root.join("mnt");
-    let pre = script(
+    let pre = write_script(
         &root.join("pre.sh"),
         &format!(
             "echo \"pre-freeze $LIFEBOAT_LABEL\" > {}/quiesced-by-pre-freeze",
@@ -91,7 +84,7 @@ fn app_point_under_sqlite_writes_recovers_clean_with_every_committed_row() {
         ),
     );
     let post_ran = root.join("post-ran");
-    let post = script(
+    let post = write_script(
         &root.join("post.sh"),
         &format!("echo \"$LIFEBOAT_PHASE\" > {}", post_ran.display()),
     );
@@ -240,12 +233,12 @@ fn a_hanging_pre_freeze_script_is_killed_at_its_bound_and_no_point_is_recorded()
     let root = tmp.path().canonicalize().unwrap();
     let mnt = root.join("mnt");
     let started = root.join("hang.pid");
-    let hang = script(
+    let hang = write_script(
         &root.join("hang.sh"),
         &format!("sleep 600 &\necho $! > {}\nwait", started.display()),
     );
     let post_ran = root.join("post-ran");
-    let post = script(
+    let post = write_script(
         &root.join("post.sh"),
         &format!("touch {}", post_ran.display()),
     );

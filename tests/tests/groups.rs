@@ -413,13 +413,6 @@ fn a_stopped_member_times_out_releases_the_others_and_records_nothing() {
     );
 }
 
-fn script(path: &Path, body: &str) -> std::path::PathBuf {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::write(path, format!("#!/bin/sh\n{body}\n")).unwrap();
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
-    path.to_path_buf()
-}
-
 /// An ext4 on a loop device over an image file, mounted at `.0` (a real
 /// filesystem to FIFREEZE; not on a protected disk); unmounted on drop.
 struct LoopExt4(std::path::PathBuf);
@@ -471,8 +464,8 @@ impl Drop for LoopExt4 {
 
 /// The three members' quiescers: vss-test, scripts, FIFREEZE of `fs`.
 fn app_sections(root: &Path, fs: &LoopExt4, pre_b: &str, extra_b: &str) -> [String; 3] {
-    let pre = script(&root.join("b-pre.sh"), pre_b);
-    let post = script(
+    let pre = write_script(&root.join("b-pre.sh"), pre_b);
+    let post = write_script(
         &root.join("b-post.sh"),
         &format!(
             "echo \"$LIFEBOAT_LABEL\" >> {}",
@@ -656,7 +649,7 @@ fn a_hung_pre_freeze_script_fails_the_app_point_and_releases_and_thaws_every_mem
     );
     // The group works again: a crash point, and an app point once the
     // script no longer hangs.
-    script(&root.join("b-pre.sh"), "true");
+    write_script(&root.join("b-pre.sh"), "true");
     let o = group_tag_with(&g.ps, &["--app"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let logs = stop_writers(&g, &stop, writers);

@@ -40,17 +40,9 @@ fn start_mt(config: &Path, log: &Path) -> Proc {
     p
 }
 
-#[test]
-fn the_master_target_applies_resumes_after_kill9_and_resyncs_as_the_replica() {
-    let tmp = tempfile::tempdir().unwrap();
-    let root = tmp.path();
-    let size = 64 * MIB;
-    let mut rng = Rng(0x6d74_0009);
-    // The process server's CA and certificates; it does not run.
-    let ps = ProcessServer::init(&root.join("ps"), None, &[]).unwrap();
-    let port = free_port();
-    let target = root.join("onprem").join("root.img");
-    std::fs::create_dir_all(target.parent().unwrap()).unwrap();
+/// mt.toml for machine-1's disk `root` onto `target`, with the process
+/// server's CA and server certificate, listening on `port`.
+fn write_config(root: &Path, ps: &ProcessServer, port: u16, target: &Path) -> std::path::PathBuf {
     let config = root.join("mt.toml");
     std::fs::write(
         &config,
@@ -64,6 +56,21 @@ fn the_master_target_applies_resumes_after_kill9_and_resyncs_as_the_replica() {
         ),
     )
     .unwrap();
+    config
+}
+
+#[test]
+fn the_master_target_applies_resumes_after_kill9_and_resyncs_as_the_replica() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let size = 64 * MIB;
+    let mut rng = Rng(0x6d74_0009);
+    // The process server's CA and certificates; it does not run.
+    let ps = ProcessServer::init(&root.join("ps"), None, &[]).unwrap();
+    let port = free_port();
+    let target = root.join("onprem").join("root.img");
+    std::fs::create_dir_all(target.parent().unwrap()).unwrap();
+    let config = write_config(root, &ps, port, &target);
     let mut mt = start_mt(&config, &root.join("mt-1.log"));
     let certs = ps.dir.join("machines").join("machine-1");
     let mut agent = Agent::configure(
@@ -81,23 +88,17 @@ fn the_master_target_applies_resumes_after_kill9_and_resyncs_as_the_replica() {
 
     // fio writes of every size and 512-byte alignment; the master target is
     // killed -9 among them and started again.
-    let mut fio = Proc::spawn(
-        "fio",
-        Command::new("fio").args([
-            "--name=w",
-            "--ioengine=nbd",
-            &format!("--uri={}", agent.uri("root")),
-            "--rw=randwrite",
+    let mut fio = spawn_fio_randwrite(
+        &agent.uri("root"),
+        &root.join("fio.log"),
+        &[
             "--bsrange=512-128k",
             "--blockalign=512",
             "--iodepth=8",
-            "--randrepeat=0",
             "--time_based",
             "--runtime=6",
-        ]),
-        &root.join("fio.log"),
-    )
-    .unwrap();
+        ],
+    );
     std::thread::sleep(Duration::from_secs(2));
     mt.kill9();
     std::thread::sleep(Duration::from_millis(500));
@@ -198,19 +199,7 @@ fn a_failback_onto_the_original_disk_sends_only_what_changed() {
     std::fs::create_dir_all(original.parent().unwrap()).unwrap();
     std::fs::copy(agent.image("root"), &original).unwrap();
     let changed = change_blocks(&agent.image("root"), size, 60, &mut rng);
-    let config = root.join("mt.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "listen = \"127.0.0.1:{port}\"\nca-cert = \"{d}/ca.pem\"\nserver-cert = \"{d}/server.pem\"\n\
-             server-key = \"{d}/server.key\"\nstate-dir = \"{s}\"\n\n[[machine]]\nname = \"machine-1\"\n\
-             disks = {{ root = \"{t}\" }}\n",
-            d = ps.dir.display(),
-            s = root.join("mt-state").display(),
-            t = original.display()
-        ),
-    )
-    .unwrap();
+    let config = write_config(root, &ps, port, &original);
     let mut mt = start_mt(&config, &root.join("mt.log"));
     agent.start().unwrap();
     let report = agent

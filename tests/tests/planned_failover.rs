@@ -18,20 +18,24 @@ use lifeboat_tests::*;
 const MACHINE: &str = "machine-1";
 const MIB: u64 = 1024 * 1024;
 
-fn script(path: &Path, body: &str) -> std::path::PathBuf {
-    std::fs::write(path, format!("#!/bin/sh\n{body}\n")).unwrap();
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
-    path.to_path_buf()
+fn planned(ps: &ProcessServer, port: u16, token_file: &Path, out: &Path) -> Output {
+    planned_of(MACHINE, ps, port, token_file, out)
 }
 
-fn planned(ps: &ProcessServer, port: u16, token_file: &Path, out: &Path) -> Output {
+/// `lifeboat-mt failover --planned --json` of `machine`.
+fn planned_of(
+    machine: &str,
+    ps: &ProcessServer,
+    port: u16,
+    token_file: &Path,
+    out: &Path,
+) -> Output {
     run_timeout(
         Command::new(bin("lifeboat-mt"))
             .args(["failover", "--planned", "--json", "--store", &ps.store_url])
             .args([
                 "--machine",
-                MACHINE,
+                machine,
                 "--ps",
                 &format!("http://127.0.0.1:{port}"),
             ])
@@ -77,7 +81,7 @@ fn write_refused(agent: &Agent, disk: &str) -> bool {
 fn a_planned_failover_under_fio_recovers_every_acknowledged_write() {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
-    let pre = script(
+    let pre = write_script(
         &root.join("pre.sh"),
         &format!(
             "echo \"$LIFEBOAT_LABEL\" >> {}",
@@ -127,23 +131,17 @@ fn a_planned_failover_under_fio_recovers_every_acknowledged_write() {
 
     // fio writes blocks of every size and 512-byte alignment until the
     // final point refuses them.
-    let mut fio = Proc::spawn(
-        "fio",
-        Command::new("fio").args([
-            "--name=w",
-            "--ioengine=nbd",
-            &format!("--uri={}", agent.uri("root")),
-            "--rw=randwrite",
+    let mut fio = spawn_fio_randwrite(
+        &agent.uri("root"),
+        &root.join("fio.log"),
+        &[
             "--bsrange=512-128k",
             "--blockalign=512",
             "--iodepth=16",
-            "--randrepeat=0",
             "--time_based",
             "--runtime=240",
-        ]),
-        &root.join("fio.log"),
-    )
-    .unwrap();
+        ],
+    );
     std::thread::sleep(Duration::from_secs(3));
     assert!(fio.is_running(), "fio stopped early:\n{}", fio.log_text());
 
@@ -239,22 +237,11 @@ fn a_crash_consistent_final_point_waits_out_a_journal_overflow() {
     agent.start().unwrap();
     agent.wait_synced(Duration::from_secs(120)).unwrap();
 
-    let mut fio = Proc::spawn(
-        "fio",
-        Command::new("fio").args([
-            "--name=w",
-            "--ioengine=nbd",
-            &format!("--uri={}", agent.uri("root")),
-            "--rw=randwrite",
-            "--bs=1M",
-            "--iodepth=8",
-            "--randrepeat=0",
-            "--time_based",
-            "--runtime=240",
-        ]),
+    let mut fio = spawn_fio_randwrite(
+        &agent.uri("root"),
         &root.join("fio.log"),
-    )
-    .unwrap();
+        &["--bs=1M", "--iodepth=8", "--time_based", "--runtime=240"],
+    );
     std::thread::sleep(Duration::from_secs(1));
     ps.proc.as_mut().unwrap().stop(Duration::from_secs(10));
     wait_for("the journal to overflow", Duration::from_secs(60), || {
@@ -291,24 +278,7 @@ fn a_crash_consistent_final_point_waits_out_a_journal_overflow() {
     .unwrap();
     lifeboat_tests::fill_random(&second.image("root"), 0, 256 * MIB, &mut Rng(7));
     second.start().unwrap();
-    let o = run_timeout(
-        Command::new(bin("lifeboat-mt"))
-            .args(["failover", "--planned", "--store", &ps.store_url])
-            .args([
-                "--machine",
-                "machine-2",
-                "--ps",
-                &format!("http://127.0.0.1:{port}"),
-            ])
-            .arg("--ps-token-file")
-            .arg(&token_file)
-            .arg("--out")
-            .arg(root.join("never"))
-            .arg("--key-file")
-            .arg(ps.kek()),
-        Duration::from_secs(120),
-    )
-    .unwrap();
+    let o = planned_of("machine-2", &ps, port, &token_file, &root.join("never"));
     assert!(!o.status.success());
     assert!(stderr(&o).contains("initial sync"), "{}", stderr(&o));
     assert!(

@@ -15,13 +15,6 @@ use lifeboat_tests::*;
 const MIB: u64 = 1024 * 1024;
 const MACHINES: [&str; 3] = ["db-1", "app-1", "app-2"];
 
-fn script(path: &Path, body: &str) -> PathBuf {
-    std::fs::write(path, format!("#!/bin/sh\n{body}\n")).unwrap();
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
-    path.to_path_buf()
-}
-
 /// `lifeboat-mt <cmd> --plan PLAN --json`, `stdin` written to its input
 /// (`None`: closed at once), bounded.
 fn run_plan(ps: &ProcessServer, cmd: &str, plan: &Path, out: &Path, stdin: Option<&str>) -> Output {
@@ -92,14 +85,14 @@ fn a_recovery_plan_recovers_group_by_group_and_stops_at_the_first_failure() {
         agents.push(a);
     }
     let log = root.join("scripts.log");
-    let note = script(
+    let note = write_script(
         &root.join("note.sh"),
         &format!(
             "echo \"$LIFEBOAT_PHASE $LIFEBOAT_GROUP $LIFEBOAT_MACHINES drill=$LIFEBOAT_DRILL\" >> {}",
             log.display()
         ),
     );
-    let fail = script(&root.join("fail.sh"), "echo refusing >&2; exit 3");
+    let fail = write_script(&root.join("fail.sh"), "echo refusing >&2; exit 3");
     let plan_with = |name: &str, db_after: &Path, apps_before: &Path| -> PathBuf {
         let p = root.join(format!("{name}.toml"));
         std::fs::write(
