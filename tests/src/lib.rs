@@ -868,6 +868,11 @@ pub fn write_script(path: &Path, body: &str) -> PathBuf {
 /// fio's NBD engine writing at random offsets into `uri` in the background,
 /// with `args` added (block sizes, depth, runtime); its output goes to `log`.
 pub fn spawn_fio_randwrite(uri: &str, log: &Path, args: &[&str]) -> Proc {
+    Proc::spawn("fio", &mut fio_command(uri, args), log).unwrap()
+}
+
+/// fio's NBD engine, random writes into `uri`, `args` added.
+fn fio_command(uri: &str, args: &[&str]) -> Command {
     let mut cmd = Command::new("fio");
     cmd.args([
         "--name=w",
@@ -877,23 +882,15 @@ pub fn spawn_fio_randwrite(uri: &str, log: &Path, args: &[&str]) -> Proc {
         "--randrepeat=0",
     ])
     .args(args);
-    Proc::spawn("fio", &mut cmd, log).unwrap()
+    cmd
 }
 
 /// fio's NBD engine writing at random offsets into `uri`, with `args` added
 /// (block size, depth, size or runtime, ...); its JSON report goes to
 /// `report`. Fails if fio does.
 pub fn fio_randwrite(uri: &str, report: &Path, args: &[&str]) -> Result<String> {
-    let mut cmd = Command::new("fio");
-    cmd.args([
-        "--name=w",
-        "--ioengine=nbd",
-        &format!("--uri={uri}"),
-        "--rw=randwrite",
-        "--randrepeat=0",
-    ])
-    .args(args)
-    .arg(format!("--output={}", report.display()));
+    let mut cmd = fio_command(uri, args);
+    cmd.arg(format!("--output={}", report.display()));
     run_ok(&mut cmd, Duration::from_secs(300))
 }
 
