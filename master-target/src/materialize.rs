@@ -188,7 +188,13 @@ pub struct MachineKeys {
 
 pub async fn machine_keys(store: &Store, kek: &Key, machine: &str) -> Result<MachineKeys> {
     lifeboat_common::ids::validate_id("machine", machine).map_err(anyhow::Error::msg)?;
-    let data = catalogue::load_data_key(store, kek, machine).await?;
+    let data = match catalogue::load_data_key(store, kek, machine).await {
+        Err(catalogue::CatalogueError::Missing { object }) => anyhow::bail!(
+            "machine {machine} has nothing in this store ({object} is missing): \
+             it has never been replicated here, or the machine id or the store is wrong"
+        ),
+        r => r?,
+    };
     Ok(MachineKeys {
         catalogue: CatalogueKey::derive(&data),
         data,

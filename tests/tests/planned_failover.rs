@@ -278,6 +278,10 @@ fn a_crash_consistent_final_point_waits_out_a_journal_overflow() {
     .unwrap();
     lifeboat_tests::fill_random(&second.image("root"), 0, 256 * MIB, &mut Rng(7));
     second.start().unwrap();
+    wait_for("machine-2 to be connected", Duration::from_secs(60), || {
+        (second.status().ok()?["connected"] == true).then_some(())
+    })
+    .unwrap();
     let o = planned_of("machine-2", &ps, port, &token_file, &root.join("never"));
     assert!(!o.status.success());
     assert!(stderr(&o).contains("initial sync"), "{}", stderr(&o));
