@@ -19,11 +19,10 @@ use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use lifeboat_common::protocol::{DiskInfo, TagKind};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::net::{UnixListener, UnixStream};
 use tokio_util::sync::CancellationToken;
 
 use crate::sender::Link;
@@ -167,13 +166,7 @@ impl Control {
 }
 
 pub async fn serve(path: &Path, control: Arc<Control>, cancel: CancellationToken) -> Result<()> {
-    let _ = std::fs::remove_file(path);
-    let listener =
-        UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-    }
+    let listener = lifeboat_common::control::bind_private(path)?;
     loop {
         let (conn, _) = tokio::select! {
             r = listener.accept() => r?,
@@ -204,28 +197,5 @@ pub async fn serve(path: &Path, control: Arc<Control>, cancel: CancellationToken
 
 /// Sends one request to a running agent and returns its reply.
 pub async fn request(path: &Path, req: &Request) -> Result<serde_json::Value> {
-    let conn = UnixStream::connect(path).await.with_context(|| {
-        format!(
-            "connecting to the agent's control socket {} (is `lifeboat-agent run` running?)",
-            path.display()
-        )
-    })?;
-    let (rd, mut wr) = conn.into_split();
-    let mut line = serde_json::to_string(req)?;
-    line.push('\n');
-    wr.write_all(line.as_bytes()).await?;
-    let mut lines = BufReader::new(rd).lines();
-    let reply = lines
-        .next_line()
-        .await?
-        .context("the agent closed the control connection without a reply")?;
-    let v: serde_json::Value = serde_json::from_str(&reply)?;
-    if v.get("ok") != Some(&serde_json::Value::Bool(true)) {
-        let msg = v
-            .get("error")
-            .and_then(|e| e.as_str())
-            .unwrap_or("no reason given");
-        anyhow::bail!("the agent refused: {msg}");
-    }
-    Ok(v)
+    lifeboat_common::control::request_one(path, "the agent", "lifeboat-agent run", req).await
 }

@@ -20,6 +20,10 @@
 //! 3. the receiver's stream id is adopted;
 //!
 //! then reconnects. A crash in between repeats the rebase on the next welcome.
+//!
+//! `lifeboat-agent reprotect` ([`forget_state`]) loses the state on purpose:
+//! after a failback the disks hold what the master target wrote, which no
+//! journal entry describes, so the next start must take this path.
 //! Nothing acknowledged to a writer is lost: the dropped entries' data is on
 //! the disk, and the checksum resync sends whatever the replica lacks.
 
@@ -115,6 +119,39 @@ pub async fn rebase(
         hex(&theirs)
     );
     Ok(())
+}
+
+/// Empties the state directory of a stopped agent (see the header); returns
+/// how many entries it removed. A running agent (its control socket
+/// answers) is refused.
+pub fn forget_state(state_dir: &Path, control: &Path) -> Result<usize> {
+    if std::os::unix::net::UnixStream::connect(control).is_ok() {
+        anyhow::bail!(
+            "the agent is running ({} answers): stop it first",
+            control.display()
+        );
+    }
+    let entries = match std::fs::read_dir(state_dir) {
+        Ok(d) => d,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", state_dir.display())),
+    };
+    let mut removed = 0;
+    for e in entries {
+        let e = e.with_context(|| format!("reading {}", state_dir.display()))?;
+        let path = e.path();
+        let r = if e.file_type()?.is_dir() {
+            std::fs::remove_dir_all(&path)
+        } else {
+            std::fs::remove_file(&path)
+        };
+        r.with_context(|| format!("removing {}", path.display()))?;
+        removed += 1;
+    }
+    std::fs::File::open(state_dir)
+        .and_then(|d| d.sync_all())
+        .with_context(|| format!("syncing {}", state_dir.display()))?;
+    Ok(removed)
 }
 
 #[cfg(test)]

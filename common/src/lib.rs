@@ -6,6 +6,7 @@ pub mod base;
 pub mod catalogue;
 pub mod churn;
 pub mod codec;
+pub mod control;
 pub mod diskio;
 pub mod disksum;
 pub mod formats;

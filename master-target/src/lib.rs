@@ -1,5 +1,7 @@
 //! `lifeboat-mt`, the master target: lists recovery points and materialises
-//! them into disk images (failover, test failover), reading only the object store.
+//! them into disk images (failover, test failover), reading only the object
+//! store; serves agents' streams onto target disks, the way home (reprotect,
+//! failback).
 //!
 //! Modules: [`materialize`] (point resolution and image writing), [`verify`]
 //! (a point's chain and objects checked, its disks' checksums, no failover),
@@ -10,8 +12,11 @@
 //! [`planned`] (a planned failover's final point, asked of the process
 //! server and awaited in the store), [`plan`] (recovery plans: ordered
 //! groups of machines, scripts, pauses, the report), [`serve`] (the master
-//! target server: agents' streams applied to target disks).
+//! target server: agents' streams applied to target disks; its control
+//! socket), [`failback`] (reprotect, failback and status, the commands of
+//! the way home).
 
+pub mod failback;
 pub mod group;
 pub mod materialize;
 pub mod output;

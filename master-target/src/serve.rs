@@ -30,6 +30,27 @@
 //! back and hashed, so only blocks that differ are resent (the agent
 //! resyncs by itself after it lost its state, or after a resize).
 //!
+//! Machines come from the config's `[[machine]]` tables and from
+//! `<state-dir>/machines.d/<machine>.toml` (one such table each), which
+//! `lifeboat-mt reprotect` writes; those are read at each session's start,
+//! so a reprotect needs no restart.
+//!
+//! The control socket (`<state-dir>/control.sock`, mode 0600), one JSON
+//! request and one reply per line:
+//!
+//! ```text
+//! {"cmd":"status"}  → {"ok":true,"machines":[{machine, connected, state, applied-seq,
+//!                      last-point, disks:[{id,target,size}], received:{..}}]}
+//! {"cmd":"final-point","machine":M,"quiesce-ms":N,"timeout-ms":T}
+//!                   → {"ok":true,"seq":S,"kind":..,"applied-seq":S,"verified":[{disk,equal,..}]}
+//! ```
+//!
+//! `final-point` is a failback's last step: the agent's final point, asked
+//! through its session as a planned failover asks it
+//! (`lifeboat_common::receiver::finalpoint`), applied here, and the agent's
+//! checksums at that point (its SUMS entry) compared with the targets'
+//! own, hashed here.
+//!
 //! A machine not in the config, a disk of the hello without a target (a
 //! retired one is skipped), a block device smaller than its disk, a target
 //! missing after entries were applied to it (an image file is created only
@@ -74,10 +95,11 @@ pub struct ServeConfig {
     pub machines: Vec<MachineTargets>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 pub struct MachineTargets {
     pub name: String,
+    /// Disk id → target (an image file or a block device).
     /// Disk id → target (image file or block device).
     pub disks: BTreeMap<String, PathBuf>,
 }
@@ -124,6 +146,55 @@ impl ServeConfig {
         }
         Ok(cfg)
     }
+}
+
+/// `<state-dir>/machines.d`: the machines `lifeboat-mt reprotect` registered.
+pub fn machines_d(state_dir: &Path) -> PathBuf {
+    state_dir.join("machines.d")
+}
+
+/// The control socket of a server with this state directory.
+pub fn control_socket(state_dir: &Path) -> PathBuf {
+    state_dir.join("control.sock")
+}
+
+/// Reads `machines.d/<machine>.toml` (`None`: not registered).
+pub fn load_registered(state_dir: &Path, machine: &str) -> Result<Option<MachineTargets>> {
+    let path = machines_d(state_dir).join(format!("{machine}.toml"));
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    let m: MachineTargets =
+        toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+    if m.name != machine {
+        bail!("{} names machine {:?}", path.display(), m.name);
+    }
+    if let Some((disk, t)) = m.disks.iter().find(|(_, t)| t.is_relative()) {
+        bail!(
+            "{}: the target of disk {disk}, {}, is not an absolute path",
+            path.display(),
+            t.display()
+        );
+    }
+    Ok(Some(m))
+}
+
+/// Writes `machines.d/<machine>.toml` durably.
+pub fn store_registered(state_dir: &Path, m: &MachineTargets) -> Result<PathBuf> {
+    let dir = machines_d(state_dir);
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let path = dir.join(format!("{}.toml", m.name));
+    let text = format!(
+        "# Registered by `lifeboat-mt reprotect`: the master target applies\n\
+         # {}'s stream to these disks.\n{}",
+        m.name,
+        toml::to_string(m).with_context(|| format!("the targets of {}", m.name))?
+    );
+    lifeboat_common::fsutil::replace_file_mode(&path, text.as_bytes(), 0o644)
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(path)
 }
 
 /// What `<state-dir>/<machine>.applied` holds.
@@ -302,10 +373,34 @@ impl Target {
 }
 
 /// A machine's targets by disk number (`None`: a retired disk without a
-/// target, whose entries are skipped), and its applied position.
+/// target, whose entries are skipped), its applied position, and what its
+/// stream brought.
 struct MachineState {
     targets: Vec<Option<Target>>,
     applied: Applied,
+    received: Received,
+}
+
+/// What a machine's stream brought since this server started (status, and
+/// the figures a reprotect and a failback report). An entry applied again
+/// after a crash counts again.
+#[derive(Debug, Clone, Default, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Received {
+    pub entries: u64,
+    /// Bytes of writes applied to the targets.
+    pub write_bytes: u64,
+    pub zero_bytes: u64,
+    /// Blocks read back and hashed for the agent's checksum resyncs.
+    pub hashed_blocks: u64,
+    /// The seq of the last tag applied: the targets held that point then.
+    pub last_point: Option<u64>,
+    /// From an inconsistent mark to the next tag (an initial sync or a
+    /// resync under way): the mark's label.
+    pub inconsistent: Option<String>,
+    /// The last checksums the agent sent: the point's seq and each disk's.
+    #[serde(skip)]
+    pub sums: Option<(u64, Vec<lifeboat_common::protocol::DiskSum>)>,
 }
 
 /// The master target's sink: the machines' target disks.
@@ -337,6 +432,22 @@ impl DiskSink {
             .get(machine)
             .cloned()
             .with_context(|| format!("no session of {machine} opened its disks"))
+    }
+
+    /// The targets of `machine`: from the config, else registered by
+    /// `lifeboat-mt reprotect` (read now, so a new registration needs no restart).
+    fn targets_of(&self, machine: &str) -> Result<BTreeMap<String, PathBuf>> {
+        if let Some(t) = self.machines.get(machine) {
+            return Ok(t.clone());
+        }
+        match load_registered(&self.state_dir, machine)? {
+            Some(m) => Ok(m.disks),
+            None => bail!(
+                "machine {machine} is not in this master target's config ([[machine]] name = \"{machine}\") \
+                 and `lifeboat-mt reprotect` registered no targets for it ({})",
+                machines_d(&self.state_dir).display()
+            ),
+        }
     }
 }
 
@@ -374,6 +485,7 @@ fn apply(state_dir: &Path, machine: &str, st: &mut MachineState, entries: &[Entr
                     t.file.write_all_at(data, *offset).with_context(|| {
                         format!("writing disk {} of {machine} to {}", t.id, t.path.display())
                     })?;
+                    st.received.write_bytes += data.len() as u64;
                     touched.insert(i);
                 }
             }
@@ -382,6 +494,7 @@ fn apply(state_dir: &Path, machine: &str, st: &mut MachineState, entries: &[Entr
                     let t = st.targets[i].as_ref().expect("checked");
                     t.zero(*offset, u64::from(*len))
                         .with_context(|| format!("disk {} of {machine}", t.id))?;
+                    st.received.zero_bytes += u64::from(*len);
                     touched.insert(i);
                 }
             }
@@ -391,8 +504,14 @@ fn apply(state_dir: &Path, machine: &str, st: &mut MachineState, entries: &[Entr
                     touched.insert(i);
                 }
             }
-            _ => {}
+            Op::Tag { .. } => {
+                st.received.last_point = Some(e.seq);
+                st.received.inconsistent = None;
+            }
+            Op::Inconsistent { label } => st.received.inconsistent = Some(label.clone()),
+            Op::Sums { point, disks } => st.received.sums = Some((*point, disks.clone())),
         }
+        st.received.entries += 1;
         st.applied.seq = e.seq;
     }
     for i in touched {
@@ -415,9 +534,12 @@ impl StreamSink for DiskSink {
     /// Keeps the first stream id it applied; another one changes nothing
     /// here (the agent rebases onto this numbering, then resyncs).
     async fn open(&self, machine: &str, disks: &[DiskInfo], stream_id: StreamId) -> Result<Opened> {
-        let Some(paths) = self.machines.get(machine).cloned() else {
-            bail!("machine {machine} is not in this master target's config ([[machine]] name = \"{machine}\")");
-        };
+        let paths = self.targets_of(machine)?;
+        // What earlier sessions of this machine brought stays counted.
+        let received = lock(&self.open)
+            .get(machine)
+            .map(|st| lock(st).received.clone())
+            .unwrap_or_default();
         let (dir, m, disks) = (self.state_dir.clone(), machine.to_string(), disks.to_vec());
         let st = tokio::task::spawn_blocking(move || -> Result<MachineState> {
             let applied = match load_applied(&dir, &m)? {
@@ -451,7 +573,11 @@ impl StreamSink for DiskSink {
                     ),
                 }
             }
-            Ok(MachineState { targets, applied })
+            Ok(MachineState {
+                targets,
+                applied,
+                received,
+            })
         })
         .await??;
         let held = lifeboat_common::unhex::<16>(&st.applied.stream_id).with_context(|| {
@@ -490,7 +616,8 @@ impl StreamSink for DiskSink {
         let st = self.state(machine)?;
         let m = machine.to_string();
         tokio::task::spawn_blocking(move || -> Result<Vec<BlockHash>> {
-            let st = lock(&st);
+            let mut st = lock(&st);
+            st.received.hashed_blocks += count;
             let Some(Some(t)) = st.targets.get(disk as usize) else {
                 bail!("{m} has no target for disk number {disk}");
             };
@@ -510,6 +637,240 @@ impl StreamSink for DiskSink {
     }
 }
 
+/// A control request (see the header).
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "kebab-case")]
+pub enum Request {
+    Status,
+    /// A failback's final point: asked, applied, verified.
+    FinalPoint {
+        machine: String,
+        #[serde(rename = "quiesce-ms")]
+        quiesce_ms: u64,
+        /// How long the point may take to be applied and its checksums to come.
+        #[serde(rename = "timeout-ms")]
+        timeout_ms: u64,
+    },
+}
+
+/// What the control socket answers from.
+struct Control {
+    sink: Arc<DiskSink>,
+    sessions: Arc<Sessions>,
+}
+
+impl Control {
+    async fn handle(&self, req: Request) -> serde_json::Value {
+        let r = match req {
+            Request::Status => self.status(),
+            Request::FinalPoint {
+                machine,
+                quiesce_ms,
+                timeout_ms,
+            } => {
+                self.final_point(
+                    &machine,
+                    Duration::from_millis(quiesce_ms),
+                    Duration::from_millis(timeout_ms),
+                )
+                .await
+            }
+        };
+        r.unwrap_or_else(|e| serde_json::json!({"ok": false, "error": format!("{e:#}")}))
+    }
+
+    /// Every machine of the config, registered or seen, with its session,
+    /// position, targets and what it brought.
+    fn status(&self) -> Result<serde_json::Value> {
+        let sink = &self.sink;
+        let mut names: std::collections::BTreeSet<String> = sink.machines.keys().cloned().collect();
+        if let Ok(dir) = std::fs::read_dir(machines_d(&sink.state_dir)) {
+            for e in dir.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if let Some(m) = name.strip_suffix(".toml") {
+                    names.insert(m.to_string());
+                }
+            }
+        }
+        names.extend(lock(&sink.open).keys().cloned());
+        let mut machines = Vec::new();
+        for m in names {
+            let connected = self.sessions.session_of(&m).is_some();
+            let open = lock(&sink.open).get(&m).cloned();
+            let (applied, received, disks) = match &open {
+                Some(st) => {
+                    let st = lock(st);
+                    let disks: Vec<_> = st
+                        .targets
+                        .iter()
+                        .flatten()
+                        .map(|t| serde_json::json!({"id": t.id, "target": t.path, "size": t.size}))
+                        .collect();
+                    (Some(st.applied.seq), st.received.clone(), disks)
+                }
+                None => {
+                    let applied = load_applied(&sink.state_dir, &m)
+                        .ok()
+                        .flatten()
+                        .map(|a| a.seq);
+                    let disks = sink
+                        .targets_of(&m)
+                        .map(|t| {
+                            t.iter()
+                                .map(|(id, p)| serde_json::json!({"id": id, "target": p}))
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                    (applied, Received::default(), disks)
+                }
+            };
+            let state = match (connected, &received.inconsistent) {
+                (false, _) => "disconnected".to_string(),
+                (true, Some(label)) => format!("resync ({label})"),
+                (true, None) => "streaming".to_string(),
+            };
+            machines.push(serde_json::json!({
+                "machine": m,
+                "source": if sink.machines.contains_key(&m) { "config" } else { "reprotect" },
+                "connected": connected,
+                "state": state,
+                "applied-seq": applied,
+                "last-point": received.last_point,
+                "disks": disks,
+                "received": received,
+            }));
+        }
+        Ok(serde_json::json!({"ok": true, "machines": machines}))
+    }
+
+    /// Asks `machine`'s agent for its final point, waits until it is applied
+    /// and the agent's checksums at it came, then compares them with the
+    /// targets' own.
+    async fn final_point(
+        &self,
+        machine: &str,
+        quiesce: Duration,
+        timeout: Duration,
+    ) -> Result<serde_json::Value> {
+        use lifeboat_common::receiver::finalpoint::{self, Failed};
+        let fp = finalpoint::final_point(&self.sessions, machine, quiesce)
+            .await
+            .map_err(|e| match e {
+                Failed::Refused(s) | Failed::Lost(s) => anyhow::anyhow!(s),
+            })?;
+        let deadline = tokio::time::Instant::now() + timeout;
+        let st = loop {
+            let st = self.sink.state(machine)?;
+            let ready = {
+                let g = lock(&st);
+                (g.applied.seq, g.received.sums.as_ref().map(|s| s.0))
+            };
+            match ready {
+                (applied, Some(p)) if applied >= fp.seq && p == fp.seq => break st,
+                (applied, _) if tokio::time::Instant::now() >= deadline => bail!(
+                    "the final point of {machine} is seq {}, and within {timeout:?} {}",
+                    fp.seq,
+                    if applied < fp.seq {
+                        format!("only seq {applied} was applied (the agent refuses writes; ask again to wait longer)")
+                    } else {
+                        "the agent sent no checksums for it: the targets hold the point, unverified"
+                            .into()
+                    }
+                ),
+                _ => tokio::time::sleep(Duration::from_millis(200)).await,
+            }
+        };
+        let m = machine.to_string();
+        let (verified, applied, received) = tokio::task::spawn_blocking(move || -> Result<_> {
+            let st = lock(&st);
+            let (_, sums) = st.received.sums.clone().expect("waited for");
+            let mut verified = Vec::new();
+            for s in &sums {
+                let Some(Some(t)) = st.targets.get(s.disk as usize) else {
+                    continue; // retired, without a target
+                };
+                let got = lifeboat_common::disksum::sum_file(&t.file, t.size, 2, &|_| {})
+                    .with_context(|| {
+                        format!("hashing {} (disk {} of {m})", t.path.display(), t.id)
+                    })?;
+                verified.push(serde_json::json!({
+                    "disk": t.id,
+                    "target": t.path,
+                    "size": t.size,
+                    "expected": lifeboat_common::disksum::hex(&s.sum),
+                    "got": lifeboat_common::disksum::hex(&got),
+                    "equal": got == s.sum && t.size == s.size,
+                }));
+            }
+            Ok((verified, st.applied.seq, st.received.clone()))
+        })
+        .await??;
+        info!(
+            machine,
+            seq = fp.seq,
+            "failback final point applied and compared"
+        );
+        Ok(serde_json::json!({
+            "ok": true,
+            "machine": machine,
+            "seq": fp.seq,
+            "kind": fp.kind,
+            "source": fp.source,
+            "applied-seq": applied,
+            "verified": verified,
+            "received": received,
+        }))
+    }
+}
+
+/// Serves the control socket until `cancel`.
+async fn serve_control(
+    listener: tokio::net::UnixListener,
+    path: PathBuf,
+    ctl: Arc<Control>,
+    cancel: CancellationToken,
+) -> Result<()> {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    loop {
+        let (conn, _) = tokio::select! {
+            r = listener.accept() => r?,
+            _ = cancel.cancelled() => break,
+        };
+        let ctl = ctl.clone();
+        lifeboat_common::spawn(async move {
+            let (rd, mut wr) = conn.into_split();
+            let mut lines = tokio::io::BufReader::new(rd).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                let reply = match serde_json::from_str::<Request>(&line) {
+                    Ok(req) => ctl.handle(req).await,
+                    Err(e) => {
+                        serde_json::json!({"ok": false, "error": format!("bad request: {e}")})
+                    }
+                };
+                let mut out = reply.to_string();
+                out.push('\n');
+                if wr.write_all(out.as_bytes()).await.is_err() {
+                    break;
+                }
+            }
+        });
+    }
+    let _ = std::fs::remove_file(&path);
+    Ok(())
+}
+
+/// Sends one request to a running `lifeboat-mt serve` whose state directory
+/// is `state_dir`.
+pub async fn request(state_dir: &Path, req: &Request) -> Result<serde_json::Value> {
+    lifeboat_common::control::request_one(
+        &control_socket(state_dir),
+        "the master target",
+        "lifeboat-mt serve",
+        req,
+    )
+    .await
+}
+
 /// Runs the master target server until `shutdown`.
 pub async fn run(cfg: ServeConfig, shutdown: CancellationToken) -> Result<()> {
     tls::install_crypto_provider();
@@ -520,6 +881,17 @@ pub async fn run(cfg: ServeConfig, shutdown: CancellationToken) -> Result<()> {
     )?);
     let sink = Arc::new(DiskSink::new(&cfg)?);
     let sessions = Arc::new(Sessions::default());
+    let control = Arc::new(Control {
+        sink: sink.clone(),
+        sessions: sessions.clone(),
+    });
+    let socket = control_socket(&cfg.state_dir);
+    let control = lifeboat_common::spawn(serve_control(
+        lifeboat_common::control::bind_private(&socket)?,
+        socket,
+        control,
+        shutdown.clone(),
+    ));
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
         .with_context(|| format!("listening on {} (listen)", cfg.listen))?;
@@ -559,6 +931,7 @@ pub async fn run(cfg: ServeConfig, shutdown: CancellationToken) -> Result<()> {
     }
     conns.close();
     let _ = tokio::time::timeout(Duration::from_secs(10), conns.wait()).await;
+    let _ = control.await;
     Ok(())
 }
 
@@ -596,6 +969,7 @@ mod tests {
                 stream_id: "00".repeat(16),
                 sizes: BTreeMap::new(),
             },
+            received: Received::default(),
         };
         let w = |seq, offset, b: u8, n: usize| Entry {
             seq,

@@ -34,7 +34,7 @@ use anyhow::{bail, Context, Result};
 use lifeboat_common::receiver::{ResyncEvent, Sessions};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::net::{UnixListener, UnixStream};
+use tokio::net::UnixStream;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
@@ -141,13 +141,7 @@ async fn handle<W: AsyncWriteExt + Unpin>(
 
 pub async fn serve(path: PathBuf, ctl: Control, cancel: CancellationToken) -> Result<()> {
     let ctl = Arc::new(ctl);
-    let _ = std::fs::remove_file(&path);
-    let listener =
-        UnixListener::bind(&path).with_context(|| format!("binding {}", path.display()))?;
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
-    }
+    let listener = lifeboat_common::control::bind_private(&path)?;
     loop {
         let (conn, _) = tokio::select! {
             r = listener.accept() => r?,

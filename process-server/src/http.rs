@@ -6,7 +6,7 @@
 //! GET /status    the status snapshot as JSON, the data `lifeboat-ps status --json` prints
 //! GET /metrics   the same snapshot in the Prometheus text format (metrics.rs)
 //! POST /machines/<machine>/final-point[?quiesce-timeout=60s]
-//!                a planned failover's final point (planned.rs): 200 with
+//!                a planned failover's final point (lifeboat_common::receiver::finalpoint): 200 with
 //!                {"machine","seq","kind","source","label"}; 409 with
 //!                {"error"} when the agent cannot take it (an old agent, an
 //!                initial sync, a failed quiesce or settle), 503 when no
@@ -186,7 +186,7 @@ async fn final_point(
         .flat_map(|q| q.split('&'))
         .find_map(|kv| kv.strip_prefix("quiesce-timeout="));
     let quiesce = match asked.map(humantime::parse_duration) {
-        None => crate::planned::DEFAULT_QUIESCE,
+        None => lifeboat_common::receiver::finalpoint::DEFAULT_QUIESCE,
         Some(Ok(d)) => d,
         Some(Err(e)) => {
             return error(
@@ -195,8 +195,10 @@ async fn final_point(
             )
         }
     };
-    use crate::planned::Failed;
-    match crate::planned::final_point(&app.hub.sessions, &machine, quiesce).await {
+    use lifeboat_common::receiver::finalpoint::Failed;
+    match lifeboat_common::receiver::finalpoint::final_point(&app.hub.sessions, &machine, quiesce)
+        .await
+    {
         Ok(p) => Json(p).into_response(),
         Err(Failed::Refused(e)) => error(StatusCode::CONFLICT, e),
         Err(Failed::Lost(e)) => error(StatusCode::SERVICE_UNAVAILABLE, e),

@@ -27,7 +27,6 @@ pub mod monitor;
 pub mod ownership;
 pub mod page;
 pub mod pki;
-pub mod planned;
 pub mod server;
 pub mod status;
 pub mod uploader;

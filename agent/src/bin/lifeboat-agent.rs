@@ -56,6 +56,17 @@ enum Cmd {
         #[arg(long)]
         config: PathBuf,
     },
+    /// After a failback wrote this machine's disks (the master target
+    /// applied the recovered side's writes to them): forget what the agent's
+    /// state says of them, so that at its next start it resumes forward
+    /// protection with a checksum resync against the stored replica (only
+    /// the blocks that differ are sent), never with a journal that no
+    /// longer describes the disks. The agent must be stopped. Also after a
+    /// failover without failback, when the disks were restored by other means.
+    Reprotect {
+        #[arg(long)]
+        config: PathBuf,
+    },
     /// Show the initial sync's progress as a bar until every disk is streaming.
     Progress {
         #[arg(long)]
@@ -100,6 +111,17 @@ async fn real_main(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Progress { config } => progress(&config).await,
+        Cmd::Reprotect { config } => {
+            let cfg = AgentConfig::load(&config)?;
+            let removed =
+                lifeboat_agent::rebase::forget_state(&cfg.state_dir, &cfg.control_socket())?;
+            println!(
+                "removed {removed} entries of {}: at its next start (lifeboat-agent run --config {}) the agent resyncs every disk against the stored replica by checksum",
+                cfg.state_dir.display(),
+                config.display()
+            );
+            Ok(())
+        }
         Cmd::ResumeWrites { config } => {
             let cfg = AgentConfig::load(&config)?;
             let v = control::request(&cfg.control_socket(), &Request::ResumeWrites).await?;

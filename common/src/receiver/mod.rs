@@ -40,6 +40,7 @@ use crate::resync::{self, BlockHash, REGION_BLOCKS};
 use crate::session::{Action, ReceiverState, SessionError};
 
 mod compare;
+pub mod finalpoint;
 mod limited;
 mod registry;
 

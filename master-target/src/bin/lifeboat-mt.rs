@@ -1,4 +1,5 @@
-//! `lifeboat-mt`: points | failover | test-failover (and --cleanup) | checksum | verify | serve.
+//! `lifeboat-mt`: points | failover | test-failover (and --cleanup) | checksum | verify | serve
+//! | reprotect | failback | status.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -186,6 +187,80 @@ enum Cmd {
     Serve {
         #[arg(long)]
         config: PathBuf,
+    },
+    /// After a failover: register the original disks as the targets of the
+    /// recovered machine's stream (a running `serve` takes them at the
+    /// machine's next session) and write the recovered side's agent config:
+    /// it serves the recovered disks and starts with a checksum resync, so
+    /// only the blocks that differ from the original disks are sent. With
+    /// --wait, follow that resync to its end and report what it sent.
+    Reprotect {
+        /// The master target's config (its state-dir, listen address).
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        machine: String,
+        /// DISK=TARGET: an original disk (block device or image file) per
+        /// disk of the machine; repeatable, or comma-separated.
+        #[arg(long, required = true, value_delimiter = ',', value_parser = lifeboat_mt::failback::parse_target)]
+        to: Vec<(String, PathBuf)>,
+        /// The failover's --out (its recovered-machine.json): every disk
+        /// must have a target, and the agent config serves these images.
+        #[arg(long)]
+        recovered: Option<PathBuf>,
+        /// Write the recovered side's agent config here (needs --recovered,
+        /// --certs and, when `listen` is 0.0.0.0, --mt-address).
+        #[arg(long)]
+        agent_config: Option<PathBuf>,
+        /// The machine's certificate directory from `lifeboat-ps issue-cert`
+        /// (ca.pem, client.pem, client.key).
+        #[arg(long)]
+        certs: Option<PathBuf>,
+        /// HOST:PORT at which the recovered side reaches this master target
+        /// (default: the config's listen address).
+        #[arg(long)]
+        mt_address: Option<String>,
+        /// The name the master target's certificate is checked against.
+        #[arg(long, default_value = "localhost")]
+        server_name: String,
+        /// Wait until the agent connected and its checksum resync ended,
+        /// then report what it sent.
+        #[arg(long)]
+        wait: bool,
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
+        #[arg(long)]
+        json: bool,
+    },
+    /// A planned failover home: ask the recovered side's agent, through the
+    /// running master target, for a final point (it refuses writes after
+    /// it), wait until the point is on the original disks, and compare the
+    /// agent's checksums at it with the disks' own. Exits non-zero unless
+    /// every disk is equal.
+    Failback {
+        /// The master target's config (its state-dir).
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        machine: String,
+        /// How long the agent may quiesce for the final point.
+        #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+        quiesce_timeout: std::time::Duration,
+        /// How long the point may take to be applied and its checksums to come.
+        #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
+        #[arg(long)]
+        json: bool,
+    },
+    /// What a running master target applies: per machine its session,
+    /// state (resync, streaming), applied seq, last point, targets and the
+    /// bytes received since it started.
+    Status {
+        /// The master target's config (its state-dir).
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        json: bool,
     },
     /// The same as failover, without touching replication state (it never
     /// writes to the store): a drill. It also writes lifeboat-drill.json in
@@ -443,6 +518,128 @@ async fn real_main(cli: Cli) -> Result<()> {
         Cmd::Serve { config } => {
             let cfg = lifeboat_mt::serve::ServeConfig::load(&config)?;
             lifeboat_mt::serve::run(cfg, lifeboat_common::cancel_on_signals()?).await
+        }
+        Cmd::Reprotect {
+            config,
+            machine,
+            to,
+            recovered,
+            agent_config,
+            certs,
+            mt_address,
+            server_name,
+            wait,
+            timeout,
+            json,
+        } => {
+            use lifeboat_mt::failback;
+            let cfg = lifeboat_mt::serve::ServeConfig::load(&config)?;
+            let mut targets = BTreeMap::new();
+            for (disk, t) in to {
+                if targets.insert(disk.clone(), t).is_some() {
+                    anyhow::bail!("--to names disk {disk} twice");
+                }
+            }
+            let r = failback::Reprotect {
+                machine: machine.clone(),
+                to: targets,
+                recovered,
+                agent_config,
+                certs,
+                mt_address,
+                server_name,
+            };
+            let mut report = failback::reprotect(&cfg, &r)?;
+            if !json {
+                println!(
+                    "registered {machine}'s targets in {}",
+                    report["registered"].as_str().unwrap_or("?")
+                );
+                if let Some(a) = report["agent-config"].as_str() {
+                    println!("the recovered side's agent: lifeboat-agent run --config {a}");
+                }
+            }
+            if wait {
+                let started = Instant::now();
+                let m = failback::wait_reprotected(&cfg.state_dir, &machine, timeout).await?;
+                report["resync"] = m.clone();
+                report["seconds"] = serde_json::json!(started.elapsed().as_secs_f64());
+                if !json {
+                    let r = &m["received"];
+                    println!(
+                        "{machine} is protected by this master target: its checksum resync compared {} blocks and sent {} bytes of writes ({} zeroed) in {:.1} s; applied up to seq {}",
+                        r["hashed-blocks"].as_u64().unwrap_or(0),
+                        r["write-bytes"].as_u64().unwrap_or(0),
+                        r["zero-bytes"].as_u64().unwrap_or(0),
+                        started.elapsed().as_secs_f64(),
+                        m["applied-seq"].as_u64().unwrap_or(0),
+                    );
+                }
+            }
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            }
+            Ok(())
+        }
+        Cmd::Failback {
+            config,
+            machine,
+            quiesce_timeout,
+            timeout,
+            json,
+        } => {
+            let cfg = lifeboat_mt::serve::ServeConfig::load(&config)?;
+            eprintln!("asking the recovered side's agent of {machine} for its final point (it refuses writes after it)");
+            let started = Instant::now();
+            let mut r =
+                lifeboat_mt::failback::failback(&cfg.state_dir, &machine, quiesce_timeout, timeout)
+                    .await?;
+            r["seconds"] = serde_json::json!(started.elapsed().as_secs_f64());
+            let verified = r["verified"].as_array().cloned().unwrap_or_default();
+            let equal = !verified.is_empty() && verified.iter().all(|d| d["equal"] == true);
+            r["equal"] = serde_json::json!(equal);
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                println!(
+                    "failback of {machine}: final point seq {} ({}), applied to the original disks in {:.1} s",
+                    r["seq"],
+                    r["kind"].as_str().unwrap_or("?"),
+                    started.elapsed().as_secs_f64()
+                );
+                for d in &verified {
+                    println!(
+                        "  disk {} ({}): {} (lifeboat-disk-v1 {})",
+                        d["disk"].as_str().unwrap_or("?"),
+                        d["target"].as_str().unwrap_or("?"),
+                        if d["equal"] == true {
+                            "equal to the recovered disk"
+                        } else {
+                            "DIFFERS"
+                        },
+                        d["got"].as_str().unwrap_or("?")
+                    );
+                }
+                if equal {
+                    println!("no acknowledged write was left behind. Next, on the original machine: lifeboat-agent reprotect --config <its agent.toml>, then lifeboat-agent run (forward protection resumes with a checksum resync against the stored replica)");
+                }
+            }
+            if !equal {
+                anyhow::bail!("the original disks of {machine} do not match the recovered side's checksums at the final point");
+            }
+            Ok(())
+        }
+        Cmd::Status { config, json } => {
+            let cfg = lifeboat_mt::serve::ServeConfig::load(&config)?;
+            let v =
+                lifeboat_mt::serve::request(&cfg.state_dir, &lifeboat_mt::serve::Request::Status)
+                    .await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v["machines"])?);
+            } else {
+                lifeboat_mt::failback::print_status(&v);
+            }
+            Ok(())
         }
         Cmd::TestFailover { run, .. } => run_failover(run, true).await,
         Cmd::Verify {

@@ -1,6 +1,8 @@
 //! A planned failover's final point, asked of a machine's agent through its
-//! live session (`POST /machines/<machine>/final-point`, http.rs): one
-//! final-point frame, then the agent's final-point-taken, bounded. A
+//! live session: one final-point frame, then the agent's final-point-taken,
+//! bounded. The process server asks it for `POST /machines/<machine>/final-point`
+//! (process-server/src/http.rs), the master target for a failback
+//! (master-target/src/serve.rs). A
 //! session that ends first is [`Failed::Lost`] (the caller asks again once
 //! the agent is back: the agent answers the point it took, if it took one). The agent's side, and why every acknowledged
 //! write precedes the tag, is `agent/src/finalpoint.rs`. The point then
@@ -9,8 +11,8 @@
 
 use std::time::Duration;
 
-use lifeboat_common::protocol::{Frame, TagSource};
-use lifeboat_common::receiver::Sessions;
+use super::Sessions;
+use crate::protocol::{Frame, TagSource};
 use tracing::{info, warn};
 
 /// How long a final point may quiesce when the caller does not say.
@@ -70,7 +72,7 @@ pub async fn final_point(
             Failed::Refused(e)
         }
     })?;
-    let id = lifeboat_common::now_ms();
+    let id = crate::now_ms();
     link.send(Frame::FinalPoint {
         id,
         quiesce_ms: quiesce.as_millis() as u32,
