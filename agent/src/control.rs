@@ -22,7 +22,7 @@ use std::sync::Arc;
 use anyhow::Result;
 use lifeboat_common::protocol::{DiskInfo, TagKind};
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+
 use tokio_util::sync::CancellationToken;
 
 use crate::sender::Link;
@@ -167,32 +167,11 @@ impl Control {
 
 pub async fn serve(path: &Path, control: Arc<Control>, cancel: CancellationToken) -> Result<()> {
     let listener = lifeboat_common::control::bind_private(path)?;
-    loop {
-        let (conn, _) = tokio::select! {
-            r = listener.accept() => r?,
-            _ = cancel.cancelled() => break,
-        };
+    lifeboat_common::control::serve_requests(listener, path, cancel, move |req: Request| {
         let control = control.clone();
-        lifeboat_common::spawn(async move {
-            let (rd, mut wr) = conn.into_split();
-            let mut lines = BufReader::new(rd).lines();
-            while let Ok(Some(line)) = lines.next_line().await {
-                let reply = match serde_json::from_str::<Request>(&line) {
-                    Ok(req) => control.handle(req).await,
-                    Err(e) => {
-                        serde_json::json!({"ok": false, "error": format!("bad request: {e}")})
-                    }
-                };
-                let mut out = reply.to_string();
-                out.push('\n');
-                if wr.write_all(out.as_bytes()).await.is_err() {
-                    break;
-                }
-            }
-        });
-    }
-    let _ = std::fs::remove_file(path);
-    Ok(())
+        async move { control.handle(req).await }
+    })
+    .await
 }
 
 /// Sends one request to a running agent and returns its reply.

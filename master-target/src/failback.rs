@@ -126,19 +126,13 @@ pub fn reprotect(cfg: &ServeConfig, r: &Reprotect) -> Result<serde_json::Value> 
             used.insert(t.clone(), format!("{}/{disk}", m.name));
         }
     }
-    if let Ok(dir) = std::fs::read_dir(serve::machines_d(&cfg.state_dir)) {
-        for e in dir.flatten() {
-            let name = e.file_name().to_string_lossy().into_owned();
-            let Some(m) = name.strip_suffix(".toml") else {
-                continue;
-            };
-            if m == r.machine {
-                continue;
-            }
-            if let Ok(Some(reg)) = serve::load_registered(&cfg.state_dir, m) {
-                for (disk, t) in reg.disks {
-                    used.insert(t, format!("{m}/{disk}"));
-                }
+    for m in serve::registered_names(&cfg.state_dir) {
+        if m == r.machine {
+            continue;
+        }
+        if let Ok(Some(reg)) = serve::load_registered(&cfg.state_dir, &m) {
+            for (disk, t) in reg.disks {
+                used.insert(t, format!("{m}/{disk}"));
             }
         }
     }

@@ -158,6 +158,19 @@ pub fn control_socket(state_dir: &Path) -> PathBuf {
     state_dir.join("control.sock")
 }
 
+/// The machines `machines.d` holds a registration for.
+pub fn registered_names(state_dir: &Path) -> Vec<String> {
+    let Ok(dir) = std::fs::read_dir(machines_d(state_dir)) else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            name.strip_suffix(".toml").map(str::to_string)
+        })
+        .collect()
+}
+
 /// Reads `machines.d/<machine>.toml` (`None`: not registered).
 pub fn load_registered(state_dir: &Path, machine: &str) -> Result<Option<MachineTargets>> {
     let path = machines_d(state_dir).join(format!("{machine}.toml"));
@@ -684,14 +697,7 @@ impl Control {
     fn status(&self) -> Result<serde_json::Value> {
         let sink = &self.sink;
         let mut names: std::collections::BTreeSet<String> = sink.machines.keys().cloned().collect();
-        if let Ok(dir) = std::fs::read_dir(machines_d(&sink.state_dir)) {
-            for e in dir.flatten() {
-                let name = e.file_name().to_string_lossy().into_owned();
-                if let Some(m) = name.strip_suffix(".toml") {
-                    names.insert(m.to_string());
-                }
-            }
-        }
+        names.extend(registered_names(&sink.state_dir));
         names.extend(lock(&sink.open).keys().cloned());
         let mut machines = Vec::new();
         for m in names {
@@ -823,42 +829,6 @@ impl Control {
     }
 }
 
-/// Serves the control socket until `cancel`.
-async fn serve_control(
-    listener: tokio::net::UnixListener,
-    path: PathBuf,
-    ctl: Arc<Control>,
-    cancel: CancellationToken,
-) -> Result<()> {
-    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
-    loop {
-        let (conn, _) = tokio::select! {
-            r = listener.accept() => r?,
-            _ = cancel.cancelled() => break,
-        };
-        let ctl = ctl.clone();
-        lifeboat_common::spawn(async move {
-            let (rd, mut wr) = conn.into_split();
-            let mut lines = tokio::io::BufReader::new(rd).lines();
-            while let Ok(Some(line)) = lines.next_line().await {
-                let reply = match serde_json::from_str::<Request>(&line) {
-                    Ok(req) => ctl.handle(req).await,
-                    Err(e) => {
-                        serde_json::json!({"ok": false, "error": format!("bad request: {e}")})
-                    }
-                };
-                let mut out = reply.to_string();
-                out.push('\n');
-                if wr.write_all(out.as_bytes()).await.is_err() {
-                    break;
-                }
-            }
-        });
-    }
-    let _ = std::fs::remove_file(&path);
-    Ok(())
-}
-
 /// Sends one request to a running `lifeboat-mt serve` whose state directory
 /// is `state_dir`.
 pub async fn request(state_dir: &Path, req: &Request) -> Result<serde_json::Value> {
@@ -886,12 +856,15 @@ pub async fn run(cfg: ServeConfig, shutdown: CancellationToken) -> Result<()> {
         sessions: sessions.clone(),
     });
     let socket = control_socket(&cfg.state_dir);
-    let control = lifeboat_common::spawn(serve_control(
-        lifeboat_common::control::bind_private(&socket)?,
-        socket,
-        control,
-        shutdown.clone(),
-    ));
+    let listener = lifeboat_common::control::bind_private(&socket)?;
+    let cancel = shutdown.clone();
+    let control = lifeboat_common::spawn(async move {
+        lifeboat_common::control::serve_requests(listener, &socket, cancel, move |req: Request| {
+            let control = control.clone();
+            async move { control.handle(req).await }
+        })
+        .await
+    });
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
         .with_context(|| format!("listening on {} (listen)", cfg.listen))?;

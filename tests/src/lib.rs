@@ -821,6 +821,32 @@ impl Agent {
     }
 }
 
+/// `lifeboat-mt serve --config <config>`, logging to `log`, once it listens.
+pub fn start_master_target(config: &Path, log: &Path) -> Proc {
+    let mut p = Proc::spawn(
+        "lifeboat-mt",
+        Command::new(bin("lifeboat-mt"))
+            .args(["serve", "--config"])
+            .arg(config),
+        log,
+    )
+    .unwrap();
+    wait_for(
+        "the master target to listen",
+        Duration::from_secs(30),
+        || {
+            assert!(
+                p.is_running(),
+                "lifeboat-mt serve exited:\n{}",
+                p.log_text()
+            );
+            p.log_text().contains("lifeboat-mt serving").then_some(())
+        },
+    )
+    .unwrap();
+    p
+}
+
 /// Sets a disk image's size (the disk was resized).
 pub fn resize_file(path: &Path, size: u64) {
     std::fs::OpenOptions::new()

@@ -110,25 +110,7 @@ fn the_whole_loop_sends_only_what_changed_at_every_step() {
         ),
     )
     .unwrap();
-    let mut server = Proc::spawn(
-        "lifeboat-mt",
-        Command::new(bin("lifeboat-mt"))
-            .args(["serve", "--config"])
-            .arg(&mt_config),
-        &root.join("mt.log"),
-    )
-    .unwrap();
-    wait_for(
-        "the master target to listen",
-        Duration::from_secs(30),
-        || {
-            server
-                .log_text()
-                .contains("lifeboat-mt serving")
-                .then_some(())
-        },
-    )
-    .unwrap();
+    let mut server = start_master_target(&mt_config, &root.join("mt.log"));
     let agent_config = root.join("recovered-agent.toml");
     let certs = ps.dir.join("machines").join(MACHINE);
     let to = format!("root={}", original.display());

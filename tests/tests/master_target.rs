@@ -7,38 +7,12 @@
 //! refused by name.
 
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 use lifeboat_tests::*;
 
 const MIB: u64 = 1024 * 1024;
 const BLOCK: u64 = 4096;
-
-fn start_mt(config: &Path, log: &Path) -> Proc {
-    let mut p = Proc::spawn(
-        "lifeboat-mt",
-        Command::new(bin("lifeboat-mt"))
-            .args(["serve", "--config"])
-            .arg(config),
-        log,
-    )
-    .unwrap();
-    wait_for(
-        "the master target to listen",
-        Duration::from_secs(30),
-        || {
-            assert!(
-                p.is_running(),
-                "lifeboat-mt serve exited:\n{}",
-                p.log_text()
-            );
-            p.log_text().contains("lifeboat-mt serving").then_some(())
-        },
-    )
-    .unwrap();
-    p
-}
 
 /// mt.toml for machine-1's disk `root` onto `target`, with the process
 /// server's CA and server certificate, listening on `port`.
@@ -71,7 +45,7 @@ fn the_master_target_applies_resumes_after_kill9_and_resyncs_as_the_replica() {
     let target = root.join("onprem").join("root.img");
     std::fs::create_dir_all(target.parent().unwrap()).unwrap();
     let config = write_config(root, &ps, port, &target);
-    let mut mt = start_mt(&config, &root.join("mt-1.log"));
+    let mut mt = start_master_target(&config, &root.join("mt-1.log"));
     let certs = ps.dir.join("machines").join("machine-1");
     let mut agent = Agent::configure(
         &root.join("agent"),
@@ -102,7 +76,7 @@ fn the_master_target_applies_resumes_after_kill9_and_resyncs_as_the_replica() {
     std::thread::sleep(Duration::from_secs(2));
     mt.kill9();
     std::thread::sleep(Duration::from_millis(500));
-    let mut mt = start_mt(&config, &root.join("mt-2.log"));
+    let mut mt = start_master_target(&config, &root.join("mt-2.log"));
     wait_for("fio to finish", Duration::from_secs(120), || {
         (!fio.is_running()).then_some(())
     })
@@ -200,7 +174,7 @@ fn a_failback_onto_the_original_disk_sends_only_what_changed() {
     std::fs::copy(agent.image("root"), &original).unwrap();
     let changed = change_blocks(&agent.image("root"), size, 60, &mut rng);
     let config = write_config(root, &ps, port, &original);
-    let mut mt = start_mt(&config, &root.join("mt.log"));
+    let mut mt = start_master_target(&config, &root.join("mt.log"));
     agent.start().unwrap();
     let report = agent
         .wait_checksum_resync(Duration::from_secs(180))
