@@ -12,6 +12,9 @@
 //! | [`DiskTable`] | `LBDT` | 1 | agent `disks.rec` (JSON) |
 //! | [`FailedOver`] | `LBFO` | 1 | agent `failed-over.rec` (JSON) |
 //! | [`AppliedPosition`] | `LBAP` | 1 | master target `<state-dir>/<machine>.applied` (JSON) |
+//! | [`InstantLayer`] | `LBIL` | 1 | `lifeboat-mt serve-point` `<state-dir>/layer.rec` (JSON) |
+//! | [`InstantWrite`] | `LBIW` | 1 | `lifeboat-mt serve-point` `<state-dir>/writes.log`, one per logged write |
+//! | [`InstantHydration`] | `LBIH` | 1 | `lifeboat-mt serve-point` `<state-dir>/hydration.rec` (JSON) |
 //! | [`CacheValue`] | `LBCV` | 1 | process-server RocksDB `log` values (protocol entry) |
 //! | [`CachePosition`] | `LBPO` | 1 | process-server RocksDB `meta` positions (u64) |
 //! | [`CacheMachine`] | `LBMR` | 1 | process-server RocksDB `meta` machine records (JSON) |
@@ -75,6 +78,18 @@ record!(
     AppliedPosition, b"LBAP", 1, "applied position"
 );
 record!(
+    /// The point an instant-recovery export serves: its local layers and base chunks (JSON).
+    InstantLayer, b"LBIL", 1, "instant-recovery layer record"
+);
+record!(
+    /// A range written to an instant-recovery export: `u16 disk, u64 offset, u64 len`.
+    InstantWrite, b"LBIW", 1, "instant-recovery write record"
+);
+record!(
+    /// How far an instant recovery's hydration has copied each disk (JSON).
+    InstantHydration, b"LBIH", 1, "instant-recovery hydration record"
+);
+record!(
     /// One stream entry in the process server's cache.
     CacheValue, b"LBCV", 1, "cache value"
 );
@@ -120,6 +135,21 @@ pub const ALL: &[(&str, [u8; 4], u16)] = &[
         AppliedPosition::WHAT,
         AppliedPosition::MAGIC,
         AppliedPosition::VERSION,
+    ),
+    (
+        InstantLayer::WHAT,
+        InstantLayer::MAGIC,
+        InstantLayer::VERSION,
+    ),
+    (
+        InstantWrite::WHAT,
+        InstantWrite::MAGIC,
+        InstantWrite::VERSION,
+    ),
+    (
+        InstantHydration::WHAT,
+        InstantHydration::MAGIC,
+        InstantHydration::VERSION,
     ),
     (CacheValue::WHAT, CacheValue::MAGIC, CacheValue::VERSION),
     (

@@ -290,6 +290,14 @@ impl Overlay {
         self.disks.get(&disk)
     }
 
+    /// What the entries taken cover on `disk` (written, zeroed or cut off
+    /// by a shrink): everything but these ranges comes from the base.
+    pub fn covered(&self, disk: u16) -> Vec<(u64, u64)> {
+        self.disks
+            .get(&disk)
+            .map_or_else(Vec::new, |d| d.covered.iter().collect())
+    }
+
     /// Takes `entries` (one segment's, in seq order) with `after < seq <= upto`,
     /// newest first, below every seq taken before; `put` gets each piece of
     /// write data not yet covered. `point` is the seq being recovered.

@@ -17,6 +17,7 @@ pub mod ids;
 pub mod image;
 pub mod nbd_client;
 pub mod nbd_proto;
+pub mod nbd_server;
 pub mod owner;
 pub mod protocol;
 pub mod receiver;

@@ -14,10 +14,12 @@
 //! groups of machines, scripts, pauses, the report), [`serve`] (the master
 //! target server: agents' streams applied to target disks; its control
 //! socket), [`failback`] (reprotect, failback and status, the commands of
-//! the way home).
+//! the way home), [`instant`] (instant recovery: a point served as NBD
+//! exports before it is copied, writes to a local overlay, hydration).
 
 pub mod failback;
 pub mod group;
+pub mod instant;
 pub mod materialize;
 pub mod output;
 pub mod plan;

@@ -537,6 +537,51 @@ pub async fn materialize_with(
     engine: IoMode,
     progress: impl Fn(Progress) + Send + Sync,
 ) -> Result<Report> {
+    let how = Layers {
+        engine,
+        with_base: true,
+    };
+    materialize_layers(
+        store,
+        keys,
+        machine,
+        inv,
+        resolved,
+        out_dir,
+        allow_inconsistent,
+        how,
+        progress,
+    )
+    .await
+    .map(|(report, _)| report)
+}
+
+/// What [`materialize_layers`] writes: with `with_base`, whole images
+/// (`<disk>.raw`); without, only what the segments after the base put there
+/// (`<disk>.layer`, the rest left as holes) — the local layer instant
+/// recovery serves the point from, the base's chunks fetched on demand.
+#[derive(Debug, Clone, Copy)]
+pub struct Layers {
+    pub engine: IoMode,
+    pub with_base: bool,
+}
+
+/// [`materialize_with`], also returning the overlay of the segments taken
+/// (what they cover on each disk); `how.with_base` false leaves the base out.
+#[allow(clippy::too_many_arguments)]
+pub async fn materialize_layers(
+    store: &Store,
+    keys: &MachineKeys,
+    machine: &str,
+    inv: &Inventory,
+    resolved: &Resolved,
+    out_dir: &Path,
+    allow_inconsistent: bool,
+    how: Layers,
+    progress: impl Fn(Progress) + Send + Sync,
+) -> Result<(Report, Overlay)> {
+    let Layers { engine, with_base } = how;
+    let ext = if with_base { "raw" } else { "layer" };
     let rec = catalogue::load_machine(store, &keys.catalogue, machine).await?;
     let key = Arc::new(keys.data.clone());
     if resolved.seq > inv.end {
@@ -585,8 +630,8 @@ pub async fn materialize_with(
             .map_or(0, |d| d.as_nanos())
     );
     for (i, d) in rec.disks.iter().enumerate() {
-        let final_path = out_dir.join(format!("{}.raw", d.id));
-        let path = out_dir.join(format!(".{}.raw.partial-{attempt}", d.id));
+        let final_path = out_dir.join(format!("{}.{ext}", d.id));
+        let path = out_dir.join(format!(".{}.{ext}.partial-{attempt}", d.id));
         partial.0.push(path.clone());
         let limit = inv
             .points
@@ -650,7 +695,7 @@ pub async fn materialize_with(
         applied = applied.max(upto);
     }
     let mut chunk_jobs = Vec::new();
-    if let Some(b) = &inv.base {
+    if let Some(b) = inv.base.as_ref().filter(|_| with_base) {
         for (i, d) in rec.disks.iter().enumerate() {
             if let Some(bd) = base_disk(i, &d.id) {
                 for (index, id) in &bd.chunks {
@@ -840,17 +885,20 @@ pub async fn materialize_with(
     File::open(out_dir)
         .and_then(|dir| dir.sync_all())
         .with_context(|| format!("syncing {}", out_dir.display()))?;
-    Ok(Report {
-        machine: machine.to_string(),
-        seq: resolved.seq,
-        point: resolved.description.clone(),
-        base: inv.base.as_ref().map(|b| b.seq),
-        chunks_read,
-        segments_read: needed.len(),
-        bytes_fetched: done.bytes,
-        io_engine,
-        disks,
-    })
+    Ok((
+        Report {
+            machine: machine.to_string(),
+            seq: resolved.seq,
+            point: resolved.description.clone(),
+            base: inv.base.as_ref().map(|b| b.seq),
+            chunks_read,
+            segments_read: needed.len(),
+            bytes_fetched: done.bytes,
+            io_engine,
+            disks,
+        },
+        overlay,
+    ))
 }
 
 /// A disk image being written: its file (sized and synced at the end) and

@@ -1,5 +1,5 @@
 //! `lifeboat-mt`: points | failover | test-failover (and --cleanup) | checksum | verify | serve
-//! | reprotect | failback | status.
+//! | reprotect | failback | status | serve-point.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -261,6 +261,58 @@ enum Cmd {
         config: PathBuf,
         #[arg(long)]
         json: bool,
+    },
+    /// Instant recovery: serve each disk of the machine at a point as an NBD
+    /// export (named by the disk's id) within seconds, before its data is
+    /// copied. Only the segments after the base are fetched first; reads
+    /// fetch the base's chunks on demand through a bounded cache, writes go
+    /// to a local overlay in --state-dir (durable at each FLUSH or FUA).
+    /// With --hydrate the disk is copied to a target meanwhile; when the copy
+    /// ends the target holds the point with the export's writes applied
+    /// (later writes reach it at each flush), and the machine can switch to
+    /// it. Run the same command again after a crash or kill: it resumes from
+    /// --state-dir without losing a flushed write. Stops at SIGINT/SIGTERM.
+    ServePoint {
+        #[command(flatten)]
+        store: StoreArgs,
+        /// latest | latest-app | latest-crash | last-clean | <point id> | <RFC 3339 time>
+        #[arg(long, default_value = "latest")]
+        point: String,
+        /// The key-encryption key file (kek.key from `lifeboat-ps init`).
+        #[arg(long, env = "LIFEBOAT_KEK_FILE")]
+        key_file: PathBuf,
+        /// The export's local state: the layers the segments after the base
+        /// wrote, the overlay of the export's writes, the hydration's
+        /// checkpoint. Holds the machine's plaintext (0700).
+        #[arg(long)]
+        state_dir: PathBuf,
+        /// Serve on this unix socket (default <state-dir>/nbd.sock):
+        /// nbd+unix:///<disk>?socket=PATH.
+        #[arg(long)]
+        socket: Option<PathBuf>,
+        /// Also serve over TCP at HOST:PORT: nbd://HOST:PORT/<disk>.
+        #[arg(long, value_name = "HOST:PORT")]
+        listen: Option<std::net::SocketAddr>,
+        /// Copy disk DISK to DEST while the export is live: an image file
+        /// (created or sized to the disk), a block device that holds it, or
+        /// an NBD export (nbd://HOST[:PORT]/EXPORT, nbd+unix:///EXPORT?socket=P).
+        /// Repeatable.
+        #[arg(long = "hydrate", value_name = "DISK=DEST")]
+        hydrate: Vec<lifeboat_mt::output::Target>,
+        /// Most MB/s the hydration copies (0: no limit), leaving the store
+        /// and disks to the running machine's reads.
+        #[arg(long, default_value_t = 0, value_name = "MB/S")]
+        hydrate_limit: u64,
+        /// Bound of the cache of base chunks fetched for reads (MiB).
+        #[arg(long, default_value_t = lifeboat_mt::instant::DEFAULT_CACHE_MIB)]
+        cache_mib: u64,
+        /// Serve `latest` even where the stream ends inside a sync or resync.
+        #[arg(long)]
+        allow_inconsistent: bool,
+        /// How the local layers and file targets are read and written: auto,
+        /// uring or portable.
+        #[arg(long, default_value = "auto")]
+        io_engine: materialize::IoMode,
     },
     /// The same as failover, without touching replication state (it never
     /// writes to the store): a drill. It also writes lifeboat-drill.json in
@@ -641,6 +693,32 @@ async fn real_main(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        Cmd::ServePoint {
+            store,
+            point,
+            key_file,
+            state_dir,
+            socket,
+            listen,
+            hydrate,
+            hydrate_limit,
+            cache_mib,
+            allow_inconsistent,
+            io_engine,
+        } => {
+            let store = store.for_machine()?;
+            let opts = lifeboat_mt::instant::Options {
+                machine: store.machine.clone(),
+                point,
+                state_dir,
+                hydrate,
+                hydrate_limit: hydrate_limit * 1_000_000,
+                cache_bytes: cache_mib << 20,
+                allow_inconsistent,
+                engine: io_engine,
+            };
+            serve_point(store.open()?, &read_kek(&key_file)?, opts, socket, listen).await
+        }
         Cmd::TestFailover { run, .. } => run_failover(run, true).await,
         Cmd::Verify {
             store,
@@ -693,6 +771,108 @@ async fn real_main(cli: Cli) -> Result<()> {
 /// How often, and how far apart, `latest` looks again at a gap in the stream.
 const GAP_RECHECKS: usize = 5;
 const GAP_RECHECK_PAUSE: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// `serve-point`: the exports up within seconds, hydration behind them.
+async fn serve_point(
+    store: Store,
+    kek: &Key,
+    opts: lifeboat_mt::instant::Options,
+    socket: Option<PathBuf>,
+    listen: Option<std::net::SocketAddr>,
+) -> Result<()> {
+    use lifeboat_mt::instant::{rate, secs};
+    let started = Instant::now();
+    let shutdown = lifeboat_common::cancel_on_signals()?;
+    let socket = socket.unwrap_or_else(|| opts.state_dir.join("nbd.sock"));
+    if std::os::unix::net::UnixStream::connect(&socket).is_ok() {
+        anyhow::bail!(
+            "a server answers on {} already (another serve-point of this state directory?)",
+            socket.display()
+        );
+    }
+    // Left by a killed run: the server binds a new one.
+    let _ = std::fs::remove_file(&socket);
+    let served = std::sync::Arc::new(lifeboat_mt::instant::open(&store, kek, &opts).await?);
+    let r = &served.record;
+    if served.prepared {
+        eprintln!(
+            "serve-point: {} at {} (seq {}): {} segments after the base read ({} bytes) in {}",
+            r.machine,
+            r.point,
+            r.seq,
+            served.segments_read,
+            served.bytes_fetched,
+            secs(started)
+        );
+    } else {
+        eprintln!(
+            "serve-point: resuming {} at {} (seq {}) from {}: {} logged writes to the exports",
+            r.machine,
+            r.point,
+            r.seq,
+            opts.state_dir.display(),
+            served.writes_logged
+        );
+    }
+    let server = {
+        let (served, socket, shutdown) = (served.clone(), socket.clone(), shutdown.clone());
+        tokio::spawn(async move { served.serve(Some(&socket), listen, shutdown).await })
+    };
+    // The listener binds at once: wait until the socket is there.
+    while !socket.exists() && !server.is_finished() {
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    for d in &served.disks {
+        eprintln!(
+            "ready in {}: disk {} ({} bytes) at nbd+unix:///{}?socket={}{}",
+            secs(started),
+            d.id,
+            d.export_size(),
+            d.id,
+            socket.display(),
+            listen.map_or(String::new(), |a| format!(" and nbd://{a}/{}", d.id))
+        );
+    }
+    if !opts.hydrate.is_empty() && !served.complete() {
+        let h_started = Instant::now();
+        let copied = served
+            .hydrate(&shutdown, |disk, at, size| {
+                eprintln!(
+                    "hydrating {disk}: {at} of {size} bytes ({:.0} %)",
+                    at as f64 * 100.0 / size.max(1) as f64
+                )
+            })
+            .await;
+        match copied {
+            Ok(n) if !shutdown.is_cancelled() => {
+                let (chunks, fetched) = served.chunks_fetched();
+                eprintln!(
+                    "hydration complete: {n} bytes copied in {} ({}); {chunks} base chunks fetched ({fetched} bytes); {} now hold{} the point with the export's writes",
+                    secs(h_started),
+                    rate(n, h_started.elapsed()),
+                    opts.hydrate.iter().map(|t| t.dest.to_string()).collect::<Vec<_>>().join(", "),
+                    if opts.hydrate.len() == 1 { "s" } else { "" }
+                );
+            }
+            Ok(_) => eprintln!("hydration stopped by a signal; run the same command to resume"),
+            Err(e) => {
+                shutdown.cancel();
+                let _ = server.await;
+                return Err(e.context("hydration failed; run the same command to resume"));
+            }
+        }
+    } else if served.complete() {
+        eprintln!("hydration was complete already; the exports keep their targets up to date at each flush");
+    }
+    server
+        .await
+        .map_err(|e| anyhow::anyhow!("the NBD server task failed: {e}"))??;
+    eprintln!(
+        "serve-point: stopped; the exports' flushed writes are in {}",
+        opts.state_dir.display()
+    );
+    Ok(())
+}
 
 fn read_kek(path: &std::path::Path) -> Result<Key> {
     Key::from_hex(

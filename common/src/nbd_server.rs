@@ -1,5 +1,7 @@
 //! NBD server: serves [`BlockBackend`]s to QEMU, libnbd tools, fio and nbdfuse over a
-//! unix socket or TCP, so that every write to the protected disk passes the agent.
+//! unix socket or TCP. The agent serves its protected disks with it, so that every
+//! write passes the agent; the master target serves recovery points with it
+//! (`lifeboat-mt serve-point`, instant recovery).
 //!
 //! # Handshake subset (fixed newstyle only)
 //!
@@ -54,7 +56,7 @@
 //! Shutdown: the listener stops accepting, each connection stops reading requests,
 //! in-flight requests complete and their replies are sent, then the socket closes.
 
-use lifeboat_common::SpawnHere;
+use crate::SpawnHere;
 use std::collections::BTreeMap;
 use std::io;
 use std::net::SocketAddr;
@@ -69,8 +71,35 @@ use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use super::BlockBackend;
-use lifeboat_common::nbd_proto::*;
+use crate::nbd_proto::*;
+
+/// A disk as an NBD server sees it. Calls may run concurrently; a call's
+/// future completes when the operation has completed on the disk (and, with
+/// `fua`, is durable on it).
+pub trait BlockBackend: Send + Sync + 'static {
+    /// Size in bytes.
+    fn size(&self) -> u64;
+    fn read(
+        &self,
+        offset: u64,
+        len: u32,
+    ) -> impl std::future::Future<Output = io::Result<Bytes>> + Send;
+    fn write(
+        &self,
+        offset: u64,
+        data: Bytes,
+        fua: bool,
+    ) -> impl std::future::Future<Output = io::Result<()>> + Send;
+    /// Trim and write-zeroes: afterwards the range reads as zeros.
+    fn zero(
+        &self,
+        offset: u64,
+        len: u32,
+        fua: bool,
+    ) -> impl std::future::Future<Output = io::Result<()>> + Send;
+    /// Makes every completed write durable.
+    fn flush(&self) -> impl std::future::Future<Output = io::Result<()>> + Send;
+}
 
 /// Most requests of one connection being served at once.
 pub const MAX_IN_FLIGHT: usize = 128;
@@ -78,7 +107,7 @@ pub const MAX_IN_FLIGHT: usize = 128;
 pub const MAX_BYTES_IN_FLIGHT: usize = 128 << 20;
 /// Largest READ or WRITE (also the advertised maximum block size): the data
 /// path's one write limit, so every write accepted here fits one stream entry.
-pub const MAX_REQUEST_LEN: u32 = lifeboat_common::protocol::MAX_WRITE_LEN;
+pub const MAX_REQUEST_LEN: u32 = crate::protocol::MAX_WRITE_LEN;
 /// Most connections served at once by one listener.
 pub const MAX_CONNECTIONS: usize = 64;
 /// Time a client has to finish the handshake.
@@ -578,7 +607,7 @@ where
     let (tx, rx) = mpsc::channel::<Reply>(MAX_IN_FLIGHT);
     // Cancelled by shutdown, or by the writer when the client stops reading.
     let stop = shutdown.child_token();
-    let writer = lifeboat_common::spawn(write_replies(w, rx, stop.clone()));
+    let writer = crate::spawn(write_replies(w, rx, stop.clone()));
     let read = read_requests(&mut r, &backend, tx, &stop).await;
     // Every in-flight request holds a sender; the writer ends after the last reply.
     let written = writer
@@ -773,7 +802,7 @@ where
             }
             Ok(cmd) => {
                 let (backend, tx) = (backend.clone(), tx.clone());
-                lifeboat_common::spawn(async move {
+                crate::spawn(async move {
                     let reply = execute(&*backend, cmd, offset, cookie, permits).await;
                     // The writer has gone only if the client went away.
                     let _ = tx.send(reply).await;
