@@ -34,17 +34,7 @@ kill -TERM "$AGENT_PID"; wait "$AGENT_PID" 2>/dev/null || true
 
 # The replica's copy for rsync, then 1 % of the blocks change at random.
 cp "$DISK" "$WORK/replica.img"
-python3 - "$DISK" "$SIZE_MIB" <<'PY'
-import os, random, sys
-path, mib = sys.argv[1], int(sys.argv[2])
-blocks = mib * 256
-random.seed(7)
-chosen = random.sample(range(blocks), blocks // 100)
-with open(path, "r+b") as f:
-    for b in chosen:
-        f.seek(b * 4096); f.write(os.urandom(4096))
-print(f"changed {len(chosen)} blocks ({len(chosen) * 4096} bytes)")
-PY
+change_blocks "$DISK" "$SIZE_MIB" 7
 rm -f "$WORK"/agent-state/al-*.rec
 start_agent "$WORK/agent.toml" "$WORK/a.sock" "$WORK/agent-state"
 until [ "$(status | json 'd["connected"] and d["state"]=="streaming"')" = True ]; do sleep 0.2; done

@@ -55,3 +55,19 @@ start_agent() {
   AGENT_PID=$!; PIDS+=("$AGENT_PID")
   wait_sock "$2"; wait_sock "$3/control.sock"
 }
+
+# change_blocks FILE SIZE_MIB SEED: 1 % of FILE's 4 KiB blocks, chosen at
+# random (seeded), get random data.
+change_blocks() {
+  python3 - "$1" "$2" "$3" <<'PY'
+import os, random, sys
+path, mib, seed = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+blocks = mib * 256
+random.seed(seed)
+chosen = random.sample(range(blocks), blocks // 100)
+with open(path, "r+b") as f:
+    for b in chosen:
+        f.seek(b * 4096); f.write(os.urandom(4096))
+print(f"changed {len(chosen)} blocks ({len(chosen) * 4096} bytes) of {path}")
+PY
+}

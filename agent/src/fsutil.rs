@@ -20,25 +20,9 @@ pub fn remove_file(path: &Path) -> std::io::Result<()> {
     lifeboat_common::fsutil::sync_parent(path)
 }
 
-/// An exclusive lock on `<dir>/lock`, held while the value lives: one agent
-/// per state directory (two would number the same stream twice).
-pub struct DirLock(#[allow(dead_code)] std::fs::File);
-
-impl DirLock {
-    pub fn acquire(dir: &Path) -> std::io::Result<DirLock> {
-        use std::os::unix::io::AsRawFd;
-        let f = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(dir.join("lock"))?;
-        // SAFETY: flock on a descriptor this function owns.
-        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        Ok(DirLock(f))
-    }
-}
+/// An exclusive lock on `<dir>/lock`: one agent per state directory (two
+/// would number the same stream twice).
+pub use lifeboat_common::fsutil::DirLock;
 
 /// Reads a JSON state record in an envelope of record type `R`
 /// (`lifeboat_common::fsutil::load_record`).

@@ -122,8 +122,11 @@ pub async fn rebase(
 }
 
 /// Empties the state directory of a stopped agent (see the header); returns
-/// how many entries it removed. A running agent (its control socket
-/// answers) is refused.
+/// how many entries it removed. A running agent is refused: it holds the
+/// directory's lock from its start (before its control socket answers)
+/// to its end, and this holds it while it deletes. A directory that holds
+/// what is plainly not agent state (a config, a certificate, a key) is
+/// refused too: `state-dir` then points at the wrong place.
 pub fn forget_state(state_dir: &Path, control: &Path) -> Result<usize> {
     if std::os::unix::net::UnixStream::connect(control).is_ok() {
         anyhow::bail!(
@@ -131,16 +134,41 @@ pub fn forget_state(state_dir: &Path, control: &Path) -> Result<usize> {
             control.display()
         );
     }
-    let entries = match std::fs::read_dir(state_dir) {
-        Ok(d) => d,
+    let entries: Vec<_> = match std::fs::read_dir(state_dir) {
+        Ok(d) => d
+            .collect::<std::io::Result<_>>()
+            .with_context(|| format!("reading {}", state_dir.display()))?,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
         Err(e) => return Err(e).with_context(|| format!("reading {}", state_dir.display())),
     };
+    if let Some(foreign) = entries.iter().map(|e| e.path()).find(|p| {
+        matches!(
+            p.extension().and_then(|x| x.to_str()),
+            Some("toml" | "pem" | "key" | "crt" | "img" | "raw" | "qcow2")
+        )
+    }) {
+        anyhow::bail!(
+            "{} is in {}, which is not agent state: is state-dir right? Nothing was removed",
+            foreign.display(),
+            state_dir.display()
+        );
+    }
+    let _lock = crate::fsutil::DirLock::acquire(state_dir).with_context(|| {
+        format!(
+            "the agent is running ({} is locked): stop it first",
+            state_dir.join("lock").display()
+        )
+    })?;
     let mut removed = 0;
     for e in entries {
-        let e = e.with_context(|| format!("reading {}", state_dir.display()))?;
         let path = e.path();
-        let r = if e.file_type()?.is_dir() {
+        if e.file_name() == "lock" {
+            continue;
+        }
+        let kind = e
+            .file_type()
+            .with_context(|| format!("reading {}", path.display()))?;
+        let r = if kind.is_dir() {
             std::fs::remove_dir_all(&path)
         } else {
             std::fs::remove_file(&path)

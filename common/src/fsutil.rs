@@ -1,8 +1,8 @@
 //! Durable file replacement, shared by the agent's state records and the
 //! master target's failover outputs and applied positions: write
 //! `<name>.partial`, fsync, rename, fsync the directory, so that a crash
-//! leaves the old file or the new one; and the enveloped JSON records
-//! (`formats.rs`) read and replaced that way.
+//! leaves the old file or the new one; the enveloped JSON records
+//! (`formats.rs`) read and replaced that way; a state directory's lock.
 
 use std::io::{self, Write};
 use std::os::unix::fs::OpenOptionsExt;
@@ -31,6 +31,26 @@ pub fn sync_parent(path: &Path) -> io::Result<()> {
     match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => std::fs::File::open(d)?.sync_all(),
         _ => Ok(()),
+    }
+}
+
+/// An exclusive lock on `<dir>/lock`, held while the value lives: one
+/// process per state directory. Taken without waiting: a holder is an error.
+pub struct DirLock(#[allow(dead_code)] std::fs::File);
+
+impl DirLock {
+    pub fn acquire(dir: &Path) -> io::Result<DirLock> {
+        use std::os::unix::io::AsRawFd;
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(dir.join("lock"))?;
+        // SAFETY: flock on a descriptor this function owns.
+        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(DirLock(f))
     }
 }
 

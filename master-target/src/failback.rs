@@ -120,30 +120,35 @@ pub fn reprotect(cfg: &ServeConfig, r: &Reprotect) -> Result<serde_json::Value> 
         }
     }
     // Each target serves one disk, across the config and every registration.
+    // Paths compare canonical (symlinks, `..`), so /dev/disk/by-id/X and
+    // /dev/sdb are one target.
     let mut used: BTreeMap<PathBuf, String> = BTreeMap::new();
     for m in &cfg.machines {
         for (disk, t) in &m.disks {
-            used.insert(t.clone(), format!("{}/{disk}", m.name));
+            used.insert(serve::target_identity(t), format!("{}/{disk}", m.name));
         }
     }
     for m in serve::registered_names(&cfg.state_dir) {
         if m == r.machine {
             continue;
         }
-        if let Ok(Some(reg)) = serve::load_registered(&cfg.state_dir, &m) {
-            for (disk, t) in reg.disks {
-                used.insert(t, format!("{m}/{disk}"));
-            }
+        // A registration that cannot be read may still name a target.
+        let reg = serve::load_registered(&cfg.state_dir, &m)
+            .with_context(|| format!("reading the registration of {m}; mend or remove it first"))?;
+        for (disk, t) in reg.into_iter().flat_map(|reg| reg.disks) {
+            used.insert(serve::target_identity(&t), format!("{m}/{disk}"));
         }
     }
     for (disk, t) in &to {
-        if let Some(other) = used.get(t) {
+        let id = serve::target_identity(t);
+        if let Some(other) = used.get(&id) {
             bail!(
                 "{} is already the target of {other}: {}/{disk} needs its own",
                 t.display(),
                 r.machine
             );
         }
+        used.insert(id, format!("{}/{disk}", r.machine));
     }
     // Everything is checked before anything is written.
     let agent_config = match &r.agent_config {

@@ -37,8 +37,19 @@
 //! checkpoint to DEST again (DEST may have missed it), and goes on from the
 //! checkpoint: DEST then equals the view, with no write lost that a flush
 //! acknowledged. When every disk is copied, DEST holds the point with the
-//! export's writes applied; later writes keep reaching it at each flush, so
-//! the machine can switch to DEST at any time (stop writing, flush).
+//! export's writes applied; each later flush copies the new writes to it
+//! and syncs it, so the machine can switch to DEST at any time (stop
+//! writing, flush).
+//!
+//! Failures: a flush whose layer sync or log append fails returns the error
+//! and keeps its writes pending (a failed append is cut off the log again,
+//! so no torn record sits before later ones). A copy to DEST that fails
+//! does not fail the export's flush (the write is durable in the layer and
+//! the log); the disk is marked behind and the next checkpoint copies every
+//! logged range again before it may advance. A hydration that fails leaves
+//! the exports serving. The log is compacted to merged ranges at a
+//! checkpoint once it reaches 1 MiB. One `serve-point` per state directory
+//! (`lock`).
 //!
 //! The base's chunks must stay in the store while the export serves reads
 //! from them: retention that folds the stream to a newer base may delete
@@ -47,7 +58,6 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fs::{File, OpenOptions};
-use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -58,7 +68,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use bytes::Bytes;
 use lifeboat_common::base::{self, ChunkNamer, CHUNK_SIZE};
 use lifeboat_common::diskio::{DiskFile, IoMode};
-use lifeboat_common::formats::{self, InstantHydration, InstantLayer, InstantWrite, Next};
+use lifeboat_common::formats::{self, InstantHydration, InstantLayer, InstantWrite, Next, Record};
 use lifeboat_common::fsutil;
 use lifeboat_common::image::Ranges;
 use lifeboat_common::nbd_client::{NbdClient, MAX_IO};
@@ -84,6 +94,8 @@ const READ_AHEAD: u64 = 8;
 /// Hydration checkpoints after this many bytes or this long, whichever first.
 const CHECKPOINT_BYTES: u64 = 256 << 20;
 const CHECKPOINT_EVERY: Duration = Duration::from_secs(2);
+/// `writes.log` is compacted at a checkpoint once it is this long.
+const COMPACT_LOG_BYTES: u64 = 1 << 20;
 /// Unlogged writes of a disk after which a write also flushes.
 const PENDING_MAX: usize = 1 << 16;
 
@@ -150,6 +162,8 @@ pub struct Served {
     /// Writes found in `writes.log`.
     pub writes_logged: usize,
     state_dir: PathBuf,
+    /// One serve-point per state directory.
+    _lock: fsutil::DirLock,
     hydrate_limit: u64,
     hydration: StdMutex<HydrationRecord>,
 }
@@ -215,8 +229,10 @@ impl ChunkCache {
         if data.is_err() {
             // A failed fetch is not cached: the next read tries again.
             let mut held = self.held.lock().expect("chunk cache");
-            if held.0.get(id).is_some_and(|c| c.get().is_none()) {
-                held.0.remove(id);
+            let (map, order) = &mut *held;
+            if map.get(id).is_some_and(|c| Arc::ptr_eq(c, &cell)) {
+                map.remove(id);
+                order.retain(|o| o != id);
             }
         }
         data.cloned()
@@ -324,6 +340,8 @@ pub struct PointDisk {
     layer_path: PathBuf,
     /// What the local layer holds (see the module header).
     local: RwLock<Ranges>,
+    /// The export's writes in `writes.log` (merged; what a restart replays).
+    logged: StdMutex<Ranges>,
     chunks: HashMap<u64, String>,
     cache: Arc<ChunkCache>,
     /// Held by every write and zero, by each hydration step and by a
@@ -333,8 +351,11 @@ pub struct PointDisk {
     flushing: Mutex<()>,
     /// Ranges written since the last flush (not yet in the log).
     pending: StdMutex<Vec<(u64, u64)>>,
-    log: Arc<StdMutex<File>>,
+    log: Arc<StdMutex<Log>>,
     target: Option<(String, Dst)>,
+    /// A logged write did not reach the target (an error there): the next
+    /// checkpoint copies every logged range again before it may advance.
+    target_behind: std::sync::atomic::AtomicBool,
     /// Bytes of the view copied to the target (in memory; the checkpoint
     /// is in `hydration.rec`).
     upto: AtomicU64,
@@ -349,13 +370,35 @@ impl PointDisk {
         self.upto.load(Ordering::Acquire)
     }
 
+    /// The base chunks `[offset, offset + len)` of the view needs (those
+    /// the local layer does not hold).
+    fn chunks_of(&self, offset: u64, end: u64) -> Vec<String> {
+        let gaps = self.local.read().expect("local ranges").gaps(offset, end);
+        let mut ids = Vec::new();
+        for (a, b) in gaps {
+            for index in a / CHUNK_SIZE..b.div_ceil(CHUNK_SIZE) {
+                if let Some(id) = self.chunks.get(&index) {
+                    ids.push(id.clone());
+                }
+            }
+        }
+        ids
+    }
+
     /// The view of `[offset, offset + len)`: the local layer where it holds
     /// the range, else the base's chunks, else zeros.
     async fn view(&self, offset: u64, len: usize) -> std::io::Result<Vec<u8>> {
         let end = offset + len as u64;
-        let mut buf = self.layer.read_at(offset, len).await?.to_vec();
-        buf.resize(len, 0);
+        // Which ranges the layer holds, before reading it: a write that
+        // lands meanwhile is read whole or not at all.
         let gaps = self.local.read().expect("local ranges").gaps(offset, end);
+        let mut buf = self
+            .layer
+            .read_at(offset, len)
+            .await
+            .map_err(|e| annotate(e, &self.layer_path))?
+            .to_vec();
+        buf.resize(len, 0);
         for (a, b) in gaps {
             let mut at = a;
             while at < b {
@@ -391,24 +434,66 @@ impl PointDisk {
     }
 
     /// Makes every completed write durable and logged, then copies the
-    /// logged ranges below the hydrated position to the target.
+    /// logged ranges below the hydrated position to the target and syncs
+    /// it. A write that could not be logged stays pending (the flush fails,
+    /// the next one tries again); a target that could not take a copy is
+    /// marked behind, and the flush still succeeds: the export's writes are
+    /// durable where the export keeps them.
     async fn flush_all(&self) -> std::io::Result<()> {
         let _one = self.flushing.lock().await;
-        let recs = std::mem::take(&mut *self.pending.lock().expect("pending writes"));
+        let recs = {
+            let mut p = self.pending.lock().expect("pending writes");
+            merge(std::mem::take(&mut *p))
+        };
         if recs.is_empty() {
             return Ok(());
         }
-        self.layer.sync().await?;
-        let (log, index) = (self.log.clone(), self.index);
-        let to_log = recs.clone();
-        tokio::task::spawn_blocking(move || append_log(&log, index, &to_log))
+        let logged = async {
+            self.layer
+                .sync()
+                .await
+                .map_err(|e| annotate(e, &self.layer_path))?;
+            let (log, index, to_log) = (self.log.clone(), self.index, recs.clone());
+            tokio::task::spawn_blocking(move || {
+                log.lock().expect("writes log").append(index, &to_log)
+            })
             .await
-            .map_err(std::io::Error::other)??;
-        if self.target.is_some() {
-            for (offset, len) in recs {
-                self.copy_logged(offset, len)
-                    .await
-                    .map_err(|e| std::io::Error::other(format!("{e:#}")))?;
+            .map_err(std::io::Error::other)?
+        }
+        .await;
+        if let Err(e) = logged {
+            let mut p = self.pending.lock().expect("pending writes");
+            p.splice(0..0, recs);
+            return Err(e);
+        }
+        {
+            let mut l = self.logged.lock().expect("logged ranges");
+            for &(offset, len) in &recs {
+                l.add(offset, offset + len);
+            }
+        }
+        if let Some((name, dst)) = &self.target {
+            let upto = self.hydrated();
+            if recs.iter().any(|&(offset, _)| offset < upto) {
+                let mut copied = Ok(());
+                for &(offset, len) in &recs {
+                    copied = self.copy_logged(offset, len).await;
+                    if copied.is_err() {
+                        break;
+                    }
+                }
+                let synced = match copied {
+                    Ok(()) => dst
+                        .sync()
+                        .await
+                        .with_context(|| format!("syncing hydration target {name}")),
+                    Err(e) => Err(e),
+                };
+                if let Err(e) = synced {
+                    self.target_behind.store(true, Ordering::Release);
+                    tracing::error!(disk = %self.id, target = %name, error = %format!("{e:#}"),
+                        "the export's writes did not all reach the hydration target; the next checkpoint copies them again");
+                }
             }
         }
         Ok(())
@@ -438,13 +523,31 @@ impl PointDisk {
         Ok(())
     }
 
+    /// Copies every logged range below the hydrated position again: what a
+    /// restart or a target error may have left out.
+    async fn recopy_logged(&self) -> Result<()> {
+        let ranges: Vec<(u64, u64)> = self.logged.lock().expect("logged ranges").iter().collect();
+        for (a, b) in ranges {
+            self.copy_logged(a, b - a).await?;
+        }
+        Ok(())
+    }
+
     /// One hydration step: `[at, at + STEP)` of the view onto the target.
     async fn hydrate_step(&self, at: u64) -> Result<u64> {
         let Some((name, dst)) = &self.target else {
             return Ok(at);
         };
-        let _g = self.lock.lock().await;
         let n = (self.size - at).min(STEP);
+        // The chunks are fetched before the lock is taken: the export's
+        // writes wait for the copy, not for the store.
+        for id in self.chunks_of(at, at + n) {
+            self.cache
+                .get(&id)
+                .await
+                .with_context(|| format!("reading disk {} at {at}", self.id))?;
+        }
+        let _g = self.lock.lock().await;
         let data = self
             .view(at, n as usize)
             .await
@@ -463,18 +566,27 @@ impl PointDisk {
     /// layer does not hold.
     fn read_ahead(self: &Arc<Self>, at: u64) {
         let end = (at + READ_AHEAD * STEP).min(self.size);
-        let gaps = self.local.read().expect("local ranges").gaps(at, end);
-        for (a, b) in gaps {
-            for index in a / CHUNK_SIZE..b.div_ceil(CHUNK_SIZE) {
-                if let Some(id) = self.chunks.get(&index).cloned() {
-                    let cache = self.cache.clone();
-                    lifeboat_common::spawn(async move {
-                        let _ = cache.get(&id).await;
-                    });
-                }
-            }
+        for id in self.chunks_of(at.min(end), end) {
+            let cache = self.cache.clone();
+            lifeboat_common::spawn(async move {
+                let _ = cache.get(&id).await;
+            });
         }
     }
+}
+
+/// An I/O error that names the file.
+fn annotate(e: std::io::Error, path: &Path) -> std::io::Error {
+    std::io::Error::new(e.kind(), format!("{}: {e}", path.display()))
+}
+
+/// Ranges sorted and merged (overlapping or adjacent ones become one).
+fn merge(mut recs: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
+    let mut r = Ranges::default();
+    for (offset, len) in recs.drain(..) {
+        r.add(offset, offset + len);
+    }
+    r.iter().map(|(a, b)| (a, b - a)).collect()
 }
 
 impl BlockBackend for PointDisk {
@@ -490,7 +602,10 @@ impl BlockBackend for PointDisk {
         let len = data.len() as u64;
         let full = {
             let _g = self.lock.lock().await;
-            self.layer.write_at(offset, data).await?;
+            self.layer
+                .write_at(offset, data)
+                .await
+                .map_err(|e| annotate(e, &self.layer_path))?;
             self.wrote(offset, len)
         };
         if fua || full {
@@ -502,7 +617,10 @@ impl BlockBackend for PointDisk {
     async fn zero(&self, offset: u64, len: u32, fua: bool) -> std::io::Result<()> {
         let full = {
             let _g = self.lock.lock().await;
-            self.layer.zero_range(offset, len as u64).await?;
+            self.layer
+                .zero_range(offset, len as u64)
+                .await
+                .map_err(|e| annotate(e, &self.layer_path))?;
             self.wrote(offset, len as u64)
         };
         if fua || full {
@@ -516,18 +634,57 @@ impl BlockBackend for PointDisk {
     }
 }
 
-fn append_log(log: &StdMutex<File>, disk: u16, recs: &[(u64, u64)]) -> std::io::Result<()> {
-    let mut out = Vec::with_capacity(recs.len() * 32);
-    for &(offset, len) in recs {
+/// `writes.log`, appended at each flush; `len` is the end of its whole
+/// records.
+struct Log {
+    file: File,
+    path: PathBuf,
+    len: u64,
+}
+
+impl Log {
+    /// Appends one record per range and syncs. A failed append is cut off
+    /// again, so no torn record sits before later ones.
+    fn append(&mut self, disk: u16, recs: &[(u64, u64)]) -> std::io::Result<()> {
+        let out = encode_log(recs.iter().map(|&(offset, len)| (disk, offset, len)));
+        let r = std::os::unix::fs::FileExt::write_all_at(&self.file, &out, self.len)
+            .and_then(|()| self.file.sync_data());
+        match r {
+            Ok(()) => {
+                self.len += out.len() as u64;
+                Ok(())
+            }
+            Err(e) => {
+                let _ = self.file.set_len(self.len);
+                Err(annotate(e, &self.path))
+            }
+        }
+    }
+
+    /// Replaces the log with `recs` (the merged ranges of every disk).
+    fn rewrite(&mut self, recs: &[Logged]) -> Result<()> {
+        let out = encode_log(recs.iter().copied());
+        fsutil::replace_file_mode(&self.path, &out, 0o600)
+            .with_context(|| format!("compacting {}", self.path.display()))?;
+        self.file = OpenOptions::new()
+            .write(true)
+            .open(&self.path)
+            .with_context(|| format!("opening {}", self.path.display()))?;
+        self.len = out.len() as u64;
+        Ok(())
+    }
+}
+
+fn encode_log(recs: impl Iterator<Item = Logged>) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (disk, offset, len) in recs {
         formats::append::<InstantWrite>(&mut out, |b| {
             b.extend_from_slice(&disk.to_be_bytes());
             b.extend_from_slice(&offset.to_be_bytes());
             b.extend_from_slice(&len.to_be_bytes());
         });
     }
-    let mut f = log.lock().expect("writes log");
-    f.write_all(&out)?;
-    f.sync_data()
+    out
 }
 
 /// The logged writes: `(disk, offset, len)`, up to a torn tail (a record
@@ -557,6 +714,22 @@ fn read_log(path: &Path) -> Result<(Vec<Logged>, u64)> {
                 payload.len()
             ),
             Next::Torn(why) => {
+                // Only the last append can be torn (a crash before its
+                // flush returned); a whole record after it means damage.
+                let later = (at + 1..buf.len().saturating_sub(3)).find(|&i| {
+                    buf[i..].starts_with(&InstantWrite::MAGIC)
+                        && matches!(
+                            formats::next::<InstantWrite>(&buf[i..]),
+                            Ok(Next::Record { .. })
+                        )
+                });
+                if let Some(i) = later {
+                    bail!(
+                        "{}: the record at byte {at} is damaged ({why}) and whole records follow at byte {i}: \
+                         the export's logged writes cannot be trusted",
+                        path.display()
+                    );
+                }
                 tracing::warn!(log = %path.display(), at, why, "writes log ends in a torn record (a write not flushed); ignored");
                 break;
             }
@@ -574,6 +747,13 @@ pub async fn open(store: &Store, kek: &Key, o: &Options) -> Result<Served> {
         .mode(0o700)
         .create(&o.state_dir)
         .with_context(|| format!("creating {}", o.state_dir.display()))?;
+    let lock = fsutil::DirLock::acquire(&o.state_dir).with_context(|| {
+        format!(
+            "another serve-point uses {} ({} is locked)",
+            o.state_dir.display(),
+            o.state_dir.join("lock").display()
+        )
+    })?;
     let layer_path = o.state_dir.join(LAYER_RECORD);
     let keys = materialize::machine_keys(store, kek, &o.machine).await?;
     let existing: Option<LayerRecord> = fsutil::load_record::<InstantLayer, _>(&layer_path)?;
@@ -592,6 +772,7 @@ pub async fn open(store: &Store, kek: &Key, o: &Options) -> Result<Served> {
             (r, false, 0, 0)
         }
         None => {
+            remove_partial_layers(&o.state_dir)?;
             let (r, segs, bytes) = prepare(store, &keys, o).await?;
             fsutil::store_record::<InstantLayer, _>(&layer_path, &r, 0o600)?;
             (r, true, segs, bytes)
@@ -635,14 +816,25 @@ pub async fn open(store: &Store, kek: &Key, o: &Options) -> Result<Served> {
             );
         }
     }
-    if asked.len() != o.hydrate.len() {
-        bail!("--hydrate names a disk twice");
+    if let Some(t) = o
+        .hydrate
+        .iter()
+        .find(|t| o.hydrate.iter().filter(|u| u.disk == t.disk).count() > 1)
+    {
+        bail!("--hydrate names disk {} twice", t.disk);
     }
     hydration.targets = asked;
 
     let log_path = o.state_dir.join(WRITES_LOG);
     let (logged, whole) = read_log(&log_path)?;
-    let log = OpenOptions::new()
+    if let Some(w) = logged.iter().find(|w| w.0 as usize >= record.disks.len()) {
+        bail!(
+            "{} names disk #{}, which the point does not have: the state directory is damaged",
+            log_path.display(),
+            w.0
+        );
+    }
+    let file = OpenOptions::new()
         .create(true)
         .truncate(false)
         .write(true)
@@ -650,11 +842,15 @@ pub async fn open(store: &Store, kek: &Key, o: &Options) -> Result<Served> {
         .open(&log_path)
         .with_context(|| format!("opening {}", log_path.display()))?;
     // A torn tail is cut off, so new records follow the whole ones.
-    log.set_len(whole)
+    file.set_len(whole)
+        .and_then(|()| file.sync_all())
+        .and_then(|()| fsutil::sync_parent(&log_path))
         .with_context(|| format!("cutting {} to its whole records", log_path.display()))?;
-    let mut log = log;
-    std::io::Seek::seek(&mut log, std::io::SeekFrom::Start(whole))?;
-    let log = Arc::new(StdMutex::new(log));
+    let log = Arc::new(StdMutex::new(Log {
+        file,
+        path: log_path.clone(),
+        len: whole,
+    }));
 
     let cache = Arc::new(ChunkCache {
         store: store.clone(),
@@ -683,8 +879,10 @@ pub async fn open(store: &Store, kek: &Key, o: &Options) -> Result<Served> {
         for &(a, b) in &d.covered {
             local.add(a, b);
         }
+        let mut written = Ranges::default();
         for &(_, offset, len) in logged.iter().filter(|w| w.0 as usize == i) {
             local.add(offset, offset + len);
+            written.add(offset, offset + len);
         }
         let target = match o.hydrate.iter().find(|t| t.disk == d.id) {
             Some(t) => Some((
@@ -701,6 +899,7 @@ pub async fn open(store: &Store, kek: &Key, o: &Options) -> Result<Served> {
             layer,
             layer_path: path,
             local: RwLock::new(local),
+            logged: StdMutex::new(written),
             chunks: d.chunks.iter().cloned().collect(),
             cache: cache.clone(),
             lock: Mutex::new(()),
@@ -708,22 +907,15 @@ pub async fn open(store: &Store, kek: &Key, o: &Options) -> Result<Served> {
             pending: StdMutex::new(Vec::new()),
             log: log.clone(),
             target,
+            target_behind: Default::default(),
             upto: AtomicU64::new(upto),
         }));
     }
     // The target may have missed logged writes below its checkpoint (they
     // reach it only at a flush): copy them again.
-    for &(disk, offset, len) in &logged {
-        let d = disks.get(disk as usize).ok_or_else(|| {
-            anyhow!(
-                "{} names disk #{disk}, which the point does not have",
-                log_path.display()
-            )
-        })?;
-        d.copy_logged(offset, len).await?;
-    }
     for d in &disks {
         if let Some((name, dst)) = &d.target {
+            d.recopy_logged().await?;
             dst.sync()
                 .await
                 .with_context(|| format!("syncing hydration target {name}"))?;
@@ -737,9 +929,24 @@ pub async fn open(store: &Store, kek: &Key, o: &Options) -> Result<Served> {
         bytes_fetched,
         writes_logged: logged.len(),
         state_dir: o.state_dir.clone(),
+        _lock: lock,
         hydrate_limit: o.hydrate_limit,
         hydration: StdMutex::new(hydration),
     })
+}
+
+/// Removes the layer files of a preparation that did not finish (killed):
+/// they hold the machine's plaintext.
+fn remove_partial_layers(dir: &Path) -> Result<()> {
+    for e in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+        let e = e.with_context(|| format!("reading {}", dir.display()))?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with('.') && name.contains(".layer.partial-") {
+            std::fs::remove_file(e.path())
+                .with_context(|| format!("removing {}", e.path().display()))?;
+        }
+    }
+    Ok(())
 }
 
 /// Resolves the point and writes its local layers: the segments after the
@@ -876,7 +1083,10 @@ impl Served {
                     return Ok(copied);
                 }
                 if at % (READ_AHEAD * STEP) == 0 {
+                    // This window's chunks are fetched by the steps (the
+                    // first ones here too); the next window's meanwhile.
                     d.read_ahead(at);
+                    d.read_ahead(at + READ_AHEAD * STEP);
                 }
                 let next = d.hydrate_step(at).await?;
                 copied += next - at;
@@ -912,6 +1122,12 @@ impl Served {
                 .await
                 .with_context(|| format!("flushing the writes to disk {}", d.id))?;
             if let Some((name, dst)) = &d.target {
+                if d.target_behind.swap(false, Ordering::AcqRel) {
+                    if let Err(e) = d.recopy_logged().await {
+                        d.target_behind.store(true, Ordering::Release);
+                        return Err(e);
+                    }
+                }
                 // The position before the sync: what the sync covers.
                 let at = d.hydrated();
                 dst.sync()
@@ -930,7 +1146,33 @@ impl Served {
             &self.state_dir.join(HYDRATION_RECORD),
             &rec,
             0o600,
-        )
+        )?;
+        self.compact_log().await
+    }
+
+    /// Rewrites `writes.log` as the merged ranges of every disk once it
+    /// holds many records (a restart replays it): with every flush held
+    /// off, so no record appended meanwhile is left out.
+    async fn compact_log(&self) -> Result<()> {
+        let Some(first) = self.disks.first() else {
+            return Ok(());
+        };
+        if first.log.lock().expect("writes log").len < COMPACT_LOG_BYTES {
+            return Ok(());
+        }
+        let mut held = Vec::new();
+        for d in &self.disks {
+            held.push(d.flushing.lock().await);
+        }
+        let mut recs = Vec::new();
+        for d in &self.disks {
+            let l = d.logged.lock().expect("logged ranges");
+            recs.extend(l.iter().map(|(a, b)| (d.index, a, b - a)));
+        }
+        let log = first.log.clone();
+        tokio::task::spawn_blocking(move || log.lock().expect("writes log").rewrite(&recs))
+            .await
+            .map_err(|e| anyhow!("compacting the writes log failed: {e}"))?
     }
 
     /// Whether every target is copied (per the last checkpoint).
@@ -1008,23 +1250,46 @@ mod tests {
     }
 
     #[test]
-    fn the_writes_log_reads_back_to_a_torn_tail() {
+    fn the_writes_log_reads_back_to_a_torn_tail_and_refuses_damage_before_whole_records() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join(WRITES_LOG);
-        let log = StdMutex::new(File::create(&path).unwrap());
-        append_log(&log, 0, &[(512, 3584), (1 << 30, 1)]).unwrap();
-        append_log(&log, 1, &[(7, 9)]).unwrap();
+        let mut log = Log {
+            file: File::create(&path).unwrap(),
+            path: path.clone(),
+            len: 0,
+        };
+        log.append(0, &[(512, 3584), (1 << 30, 1)]).unwrap();
+        log.append(1, &[(7, 9)]).unwrap();
         let whole = std::fs::metadata(&path).unwrap().len();
         let fixture = formats::read_fixture::<InstantWrite>("instant-write", || {
             std::fs::read(&path).unwrap()
         });
         assert_eq!(fixture, std::fs::read(&path).unwrap());
         // A record cut by a crash is not taken.
-        append_log(&log, 0, &[(0, 4096)]).unwrap();
-        let f = OpenOptions::new().write(true).open(&path).unwrap();
-        f.set_len(whole + 10).unwrap();
+        log.append(0, &[(0, 4096)]).unwrap();
+        log.file.set_len(whole + 10).unwrap();
         let (recs, len) = read_log(&path).unwrap();
         assert_eq!(recs, vec![(0, 512, 3584), (0, 1 << 30, 1), (1, 7, 9)]);
         assert_eq!(len, whole);
+        // A damaged record with whole ones after it is an error, naming the byte.
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes.truncate(whole as usize);
+        bytes[20] ^= 0xff;
+        std::fs::write(&path, &bytes).unwrap();
+        let e = format!("{:#}", read_log(&path).unwrap_err());
+        assert!(e.contains("damaged") && e.contains("at byte 0"), "{e}");
+        // Compaction replaces it with the merged ranges.
+        log.rewrite(&[(0, 0, 8192), (1, 7, 9)]).unwrap();
+        log.append(0, &[(1, 1)]).unwrap();
+        let (recs, _) = read_log(&path).unwrap();
+        assert_eq!(recs, vec![(0, 0, 8192), (1, 7, 9), (0, 1, 1)]);
+    }
+
+    #[test]
+    fn pending_writes_merge_before_they_are_logged() {
+        assert_eq!(
+            merge(vec![(4096, 4096), (0, 4096), (10_000, 1), (9000, 500)]),
+            vec![(0, 8192), (9000, 500), (10_000, 1)]
+        );
     }
 }

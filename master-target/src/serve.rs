@@ -111,7 +111,9 @@ impl ServeConfig {
             std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
         let mut cfg: ServeConfig =
             toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
-        let base = path.parent().unwrap_or(Path::new("."));
+        let absolute = std::path::absolute(path)
+            .with_context(|| format!("making {} absolute", path.display()))?;
+        let base = absolute.parent().unwrap_or(Path::new("/"));
         for p in [
             &mut cfg.ca_cert,
             &mut cfg.server_cert,
@@ -134,7 +136,9 @@ impl ServeConfig {
                 if t.is_relative() {
                     *t = base.join(&*t);
                 }
-                if let Some(other) = targets.insert(t.clone(), format!("{}/{disk}", m.name)) {
+                if let Some(other) =
+                    targets.insert(target_identity(t), format!("{}/{disk}", m.name))
+                {
                     bail!(
                         "{}: {} is the target of {other} and of {}/{disk}: each disk needs its own",
                         path.display(),
@@ -146,6 +150,15 @@ impl ServeConfig {
         }
         Ok(cfg)
     }
+}
+
+/// What a target path names, in one spelling, to find a target used twice:
+/// the canonical path (symlinks such as `/dev/disk/by-id/…` and `..`
+/// resolved) where it exists, else the absolute path.
+pub fn target_identity(p: &Path) -> PathBuf {
+    std::fs::canonicalize(p)
+        .or_else(|_| std::path::absolute(p))
+        .unwrap_or_else(|_| p.to_path_buf())
 }
 
 /// `<state-dir>/machines.d`: the machines `lifeboat-mt reprotect` registered.
@@ -190,6 +203,16 @@ pub fn load_registered(state_dir: &Path, machine: &str) -> Result<Option<Machine
             path.display(),
             t.display()
         );
+    }
+    let mut seen = BTreeMap::new();
+    for (disk, t) in &m.disks {
+        if let Some(other) = seen.insert(target_identity(t), disk) {
+            bail!(
+                "{}: {} is the target of disks {other} and {disk}: each disk needs its own",
+                path.display(),
+                t.display()
+            );
+        }
     }
     Ok(Some(m))
 }
@@ -469,7 +492,24 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 /// Applies consecutive entries and records the position (see the header).
+/// On an error the position and counters in memory are put back as they
+/// were: nothing may count as applied (a final point's wait, `status`) that
+/// was not synced and recorded.
 fn apply(state_dir: &Path, machine: &str, st: &mut MachineState, entries: &[Entry]) -> Result<u64> {
+    let saved = (st.applied.clone(), st.received.clone());
+    let r = apply_unsaved(state_dir, machine, st, entries);
+    if r.is_err() {
+        (st.applied, st.received) = saved;
+    }
+    r
+}
+
+fn apply_unsaved(
+    state_dir: &Path,
+    machine: &str,
+    st: &mut MachineState,
+    entries: &[Entry],
+) -> Result<u64> {
     let mut touched = std::collections::BTreeSet::new();
     // `None`: a retired disk without a target (its entries are skipped).
     let target = |st: &mut MachineState, disk: u16| -> Result<Option<usize>> {
@@ -548,10 +588,12 @@ impl StreamSink for DiskSink {
     /// here (the agent rebases onto this numbering, then resyncs).
     async fn open(&self, machine: &str, disks: &[DiskInfo], stream_id: StreamId) -> Result<Opened> {
         let paths = self.targets_of(machine)?;
-        // What earlier sessions of this machine brought stays counted.
-        let received = lock(&self.open)
-            .get(machine)
-            .map(|st| lock(st).received.clone())
+        // What earlier sessions of this machine brought stays counted. The
+        // earlier session's state goes first: its targets are open with
+        // O_EXCL, which a block device grants once.
+        let earlier = lock(&self.open).remove(machine);
+        let received = earlier
+            .map(|st| lock(&st).received.clone())
             .unwrap_or_default();
         let (dir, m, disks) = (self.state_dir.clone(), machine.to_string(), disks.to_vec());
         let st = tokio::task::spawn_blocking(move || -> Result<MachineState> {
@@ -791,9 +833,21 @@ impl Control {
             let st = lock(&st);
             let (_, sums) = st.received.sums.clone().expect("waited for");
             let mut verified = Vec::new();
-            for s in &sums {
-                let Some(Some(t)) = st.targets.get(s.disk as usize) else {
+            // Every target is reported: one the agent sent no checksum for
+            // (a read error on its side) is not equal, whatever the others say.
+            for (i, t) in st.targets.iter().enumerate() {
+                let Some(t) = t else {
                     continue; // retired, without a target
+                };
+                let Some(s) = sums.iter().find(|s| s.disk as usize == i) else {
+                    verified.push(serde_json::json!({
+                        "disk": t.id,
+                        "target": t.path,
+                        "size": t.size,
+                        "equal": false,
+                        "reason": "the agent sent no checksum for this disk at the final point",
+                    }));
+                    continue;
                 };
                 let got = lifeboat_common::disksum::sum_file(&t.file, t.size, 2, &|_| {})
                     .with_context(|| {

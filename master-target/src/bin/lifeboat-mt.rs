@@ -269,9 +269,12 @@ enum Cmd {
     /// to a local overlay in --state-dir (durable at each FLUSH or FUA).
     /// With --hydrate the disk is copied to a target meanwhile; when the copy
     /// ends the target holds the point with the export's writes applied
-    /// (later writes reach it at each flush), and the machine can switch to
-    /// it. Run the same command again after a crash or kill: it resumes from
-    /// --state-dir without losing a flushed write. Stops at SIGINT/SIGTERM.
+    /// (each later flush copies the new writes to it and syncs it), and the
+    /// machine can switch to it. Run the same command again after a crash or
+    /// kill: it resumes from --state-dir without losing a flushed write. A
+    /// failed copy leaves the exports serving. Stops at SIGINT/SIGTERM. The
+    /// base's chunks are read from the store while it serves: keep retention
+    /// from folding the machine meanwhile (a fold may delete them).
     ServePoint {
         #[command(flatten)]
         store: StoreArgs,
@@ -667,9 +670,9 @@ async fn real_main(cli: Cli) -> Result<()> {
                         if d["equal"] == true {
                             "equal to the recovered disk"
                         } else {
-                            "DIFFERS"
+                            d["reason"].as_str().unwrap_or("DIFFERS")
                         },
-                        d["got"].as_str().unwrap_or("?")
+                        d["got"].as_str().unwrap_or("none")
                     );
                 }
                 if equal {
@@ -819,8 +822,18 @@ async fn serve_point(
         tokio::spawn(async move { served.serve(Some(&socket), listen, shutdown).await })
     };
     // The listener binds at once: wait until the socket is there.
-    while !socket.exists() && !server.is_finished() {
+    let is_socket = |p: &std::path::Path| {
+        use std::os::unix::fs::FileTypeExt;
+        std::fs::symlink_metadata(p).is_ok_and(|m| m.file_type().is_socket())
+    };
+    while !is_socket(&socket) && !server.is_finished() {
         tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    if server.is_finished() {
+        server
+            .await
+            .map_err(|e| anyhow::anyhow!("the NBD server task failed: {e}"))??;
+        anyhow::bail!("the NBD server stopped before it served");
     }
     for d in &served.disks {
         eprintln!(
@@ -833,6 +846,7 @@ async fn serve_point(
             listen.map_or(String::new(), |a| format!(" and nbd://{a}/{}", d.id))
         );
     }
+    let mut failed = None;
     if !opts.hydrate.is_empty() && !served.complete() {
         let h_started = Instant::now();
         let copied = served
@@ -856,9 +870,9 @@ async fn serve_point(
             }
             Ok(_) => eprintln!("hydration stopped by a signal; run the same command to resume"),
             Err(e) => {
-                shutdown.cancel();
-                let _ = server.await;
-                return Err(e.context("hydration failed; run the same command to resume"));
+                // The export stays up: the machine runs from it.
+                eprintln!("error: hydration failed: {e:#}; the exports keep serving (stop with SIGTERM, then run the same command to resume the copy)");
+                failed = Some(e);
             }
         }
     } else if served.complete() {
@@ -871,7 +885,10 @@ async fn serve_point(
         "serve-point: stopped; the exports' flushed writes are in {}",
         opts.state_dir.display()
     );
-    Ok(())
+    match failed {
+        Some(e) => Err(e.context("hydration failed; run the same command to resume")),
+        None => Ok(()),
+    }
 }
 
 fn read_kek(path: &std::path::Path) -> Result<Key> {
