@@ -7,7 +7,8 @@
 #     disk after a checksum resync. Wall time (agent start → resync done) and
 #     bytes sent (hashes + blocks, counted by the agent), beside the disk size
 #     and beside `rsync --no-whole-file --inplace -B 4096` of the same pair.
-#  2. Instant recovery: `lifeboat-mt serve-point` of the folded point: time
+#  2. Instant recovery: `lifeboat-mt serve-point` of the point, folded into
+#     a base by a short retention (the tail after the base is empty): time
 #     until the export answers its first read (qemu-io), and the hydration
 #     rate to a file, beside `cp` of the failed-over image (page cache dropped
 #     for neither: both read warm sources).
@@ -25,7 +26,13 @@ secs() { python3 -c "print(f'{$2-$1:.2f}')"; }
 DISK="$WORK/disk.img"
 echo "writing a ${SIZE_MIB} MiB image of random data..."
 head -c "$((SIZE_MIB * 1024 * 1024))" /dev/urandom >"$DISK"
-start_ps "$WORK/ps"
+# A short retention: the synced disk is folded into a base of chunks, the
+# history instant recovery serves from (only the tail after it is fetched first).
+start_ps "$WORK/ps" '[retention]
+keep = "10s"
+fine-window = "10s"
+tiers = []
+compact-every = "2s"'
 agent_toml "$WORK/agent.toml" "$WORK/agent-state" "$DISK" "$WORK/a.sock" "journal-max-bytes = 1073741824"
 start_agent "$WORK/agent.toml" "$WORK/a.sock" "$WORK/agent-state"
 status() { "$BIN/lifeboat-agent" status --config "$1"; }
@@ -35,6 +42,9 @@ SEQ=$("$BIN/lifeboat-agent" tag --config "$WORK/agent.toml" --label bench)
 until "$BIN/lifeboat-mt" points --store "file://$WORK/ps/store" --machine machine-1 --json 2>/dev/null \
   | json "any(p['seq']==$SEQ for p in d['points'])" | grep -q True; do sleep 0.5; done
 kill -TERM "$AGENT_PID"; wait "$AGENT_PID" 2>/dev/null || true
+echo "waiting for the fold into a base..."
+until [ "$("$BIN/lifeboat-mt" points --store "file://$WORK/ps/store" --machine machine-1 --json 2>/dev/null \
+  | json "(d.get('base') or {}).get('seq', 0) >= $SEQ")" = True ]; do sleep 1; done
 
 echo "failover..."
 T0=$(date +%s.%N)

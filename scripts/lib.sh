@@ -17,11 +17,13 @@ json() { python3 -c "import json,sys; d=json.load(sys.stdin); print(eval(sys.arg
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 wait_sock() { for _ in $(seq 400); do [ -S "$1" ] && return 0; sleep 0.05; done; echo "no socket $1"; exit 1; }
 
-# start_ps DIR: `lifeboat-ps init` into DIR and serve it on a free port.
+# start_ps DIR [CONFIG_TAIL]: `lifeboat-ps init` into DIR (CONFIG_TAIL appended
+# to its ps.toml) and serve it on a free port.
 # Sets PS_PORT, PS_PID and PS_CERTS (machine-1's certificates).
 start_ps() {
   PS_PORT=$(free_port)
   "$BIN/lifeboat-ps" init --dir "$1" --listen "127.0.0.1:$PS_PORT" >/dev/null
+  [ -z "${2:-}" ] || printf '\n%s\n' "$2" >>"$1/ps.toml"
   "$BIN/lifeboat-ps" serve --config "$1/ps.toml" >"$1.log" 2>&1 &
   PS_PID=$!; PIDS+=("$PS_PID")
   PS_CERTS="$1/machines/machine-1"
