@@ -141,6 +141,12 @@ pub enum FaultKind {
     /// The agent's state filesystem (powerfs: journal, activity log, state
     /// files) is full for a while; then it has room again.
     JournalFull,
+    /// kill -9 of the master target while it applies, restarted. A run with
+    /// this kind streams to a master target (`lifeboat-mt serve`, target =
+    /// an image file) instead of the process server; its end check is the
+    /// target byte-equal to the source (the master target keeps no points).
+    /// Only with the agent and link kinds.
+    MtKill,
 }
 
 impl FaultKind {
@@ -159,6 +165,7 @@ impl FaultKind {
             FaultKind::DiskReorder => "disk-reorder",
             FaultKind::CacheFull => "cache-full",
             FaultKind::JournalFull => "journal-full",
+            FaultKind::MtKill => "mt-kill",
         }
     }
 
@@ -166,7 +173,7 @@ impl FaultKind {
         FaultKind::ALL.iter().copied().find(|k| k.name() == s)
     }
 
-    pub const ALL: [FaultKind; 13] = [
+    pub const ALL: [FaultKind; 14] = [
         FaultKind::AgentKill,
         FaultKind::PsKill,
         FaultKind::LinkCut,
@@ -179,6 +186,18 @@ impl FaultKind {
         FaultKind::PsTakeover,
         FaultKind::DiskReorder,
         FaultKind::CacheFull,
+        FaultKind::JournalFull,
+        FaultKind::MtKill,
+    ];
+
+    /// The kinds a run against a master target ([`FaultKind::MtKill`]) takes.
+    pub const WITH_MT: [FaultKind; 7] = [
+        FaultKind::MtKill,
+        FaultKind::AgentKill,
+        FaultKind::LinkCut,
+        FaultKind::LinkStall,
+        FaultKind::LinkDelay,
+        FaultKind::AgentPowerLoss,
         FaultKind::JournalFull,
     ];
 
@@ -265,6 +284,11 @@ impl Scenario {
             keep: false,
             retention: Some(Duration::from_secs(15)),
         }
+    }
+
+    /// Whether the agent streams to a master target ([`FaultKind::MtKill`]).
+    fn uses_mt(&self) -> bool {
+        self.kinds.contains(&FaultKind::MtKill)
     }
 
     fn uses_s3(&self) -> bool {
@@ -405,7 +429,7 @@ impl Fault {
                 self.kind.name(),
                 self.param_ms
             ),
-            FaultKind::AgentKill | FaultKind::PsKill => format!(
+            FaultKind::AgentKill | FaultKind::PsKill | FaultKind::MtKill => format!(
                 "op {}: {} (down {} ms)",
                 self.at_op,
                 self.kind.name(),
@@ -448,7 +472,7 @@ impl Schedule {
             FaultKind::LinkDelay => self.rng.range(1, 40),
             FaultKind::StoreOutage => self.rng.range(1000, 8000),
             FaultKind::CacheFull | FaultKind::JournalFull => self.rng.range(1000, 6000),
-            FaultKind::AgentKill | FaultKind::PsKill => self.rng.range(0, 1500),
+            FaultKind::AgentKill | FaultKind::PsKill | FaultKind::MtKill => self.rng.range(0, 1500),
             _ => 0,
         };
         let f = Fault {
@@ -715,6 +739,9 @@ struct Rig {
     /// Servers taken over from, still running (partitioned), and their caches.
     old_ps: Vec<(ProcessServer, Option<PowerMount>)>,
     proxy: FaultProxy,
+    /// With [`FaultKind::MtKill`]: the master target the agent streams to,
+    /// its config and its target image.
+    mt: Option<MasterTarget>,
     agent: Agent,
     agent_fs: Option<PowerMount>,
     cache_fs: Option<PowerMount>,
@@ -812,7 +839,19 @@ impl Rig {
         }
         std::fs::write(&cfg_path, cfg)?;
         ps.start()?;
-        let proxy = FaultProxy::start(ps.port)?;
+        let mt = if s.uses_mt() {
+            if let Some(k) = s.kinds.iter().find(|k| !FaultKind::WITH_MT.contains(k)) {
+                bail!(
+                    "{} cannot run with mt-kill: a run with a master target takes {:?}",
+                    k.name(),
+                    FaultKind::WITH_MT.map(|k| k.name())
+                );
+            }
+            Some(MasterTarget::start(root, &ps, s.disk_size)?)
+        } else {
+            None
+        };
+        let proxy = FaultProxy::start(mt.as_ref().map_or(ps.port, |m| m.port))?;
         let agent_dir = root.join("agent");
         std::fs::create_dir_all(&agent_dir)?;
         let agent_fs = if power_agent {
@@ -846,6 +885,7 @@ impl Rig {
             ps_ids: vec![first_id],
             old_ps: Vec::new(),
             proxy,
+            mt,
             agent,
             agent_fs,
             cache_fs,
@@ -1487,6 +1527,131 @@ fn run_inner(s: &Scenario, root: &Path, out: &mut Outcome) -> Result<()> {
     finish(s, &mut rig, &mut books, out, &image)
 }
 
+/// `lifeboat-mt serve` with one machine whose disk goes to an image file,
+/// with the process server's CA and server certificate.
+struct MasterTarget {
+    proc: Proc,
+    port: u16,
+    config: PathBuf,
+    target: PathBuf,
+    log: PathBuf,
+}
+
+impl MasterTarget {
+    fn start(root: &Path, ps: &ProcessServer, size: u64) -> Result<MasterTarget> {
+        let port = crate::free_port();
+        let target = root.join("mt-target.img");
+        File::create(&target)?.set_len(size)?;
+        let config = root.join("mt.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "listen = \"127.0.0.1:{port}\"\nca-cert = \"{d}/ca.pem\"\nserver-cert = \"{d}/server.pem\"\n\
+                 server-key = \"{d}/server.key\"\nstate-dir = \"{s}\"\n\n[[machine]]\nname = \"{MACHINE}\"\n\
+                 disks = {{ {DISK} = \"{t}\" }}\n",
+                d = ps.dir.display(),
+                s = root.join("mt-state").display(),
+                t = target.display()
+            ),
+        )?;
+        let log = root.join("logs").join("mt.log");
+        let proc = crate::start_master_target(&config, &log);
+        Ok(MasterTarget {
+            proc,
+            port,
+            config,
+            target,
+            log,
+        })
+    }
+
+    fn restart(&mut self) -> Result<()> {
+        self.proc = crate::start_master_target(&self.config, &self.log);
+        Ok(())
+    }
+}
+
+/// The end of a run against a master target: the final FLUSH, the final
+/// point, everything acknowledged; the master target's image must equal the
+/// source byte for byte (a difference names the operations whose data is
+/// missing).
+fn finish_mt(rig: &mut Rig, books: &mut Books, out: &mut Outcome, image: &Path) -> Result<()> {
+    rig.wait_welcomed()?;
+    let deadline = Instant::now() + CATCH_UP;
+    while !take_point(rig, books, out, "final", image)? {
+        if Instant::now() > deadline {
+            bail!("no final point within {CATCH_UP:?}: the agent refused every tag");
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    rig.agent
+        .wait_acked(CATCH_UP)
+        .context("waiting for the master target to acknowledge the stream")?;
+    sample(rig, books, out);
+    let mt = rig.mt.as_ref().expect("a master target");
+    let target = mt.target.clone();
+    // The master target says it applied the final point (its status).
+    let status = run_ok(
+        Command::new(bin("lifeboat-mt"))
+            .args(["status", "--json", "--config"])
+            .arg(&mt.config),
+        Duration::from_secs(60),
+    )?;
+    let status: serde_json::Value = serde_json::from_str(&status)
+        .with_context(|| format!("lifeboat-mt status printed {status:?}"))?;
+    let final_point = books.points.last().context("a final point")?;
+    let applied = status[0]["applied-seq"].as_u64().unwrap_or(0);
+    if applied < final_point.seq {
+        out.failures.push(format!(
+            "the master target applied up to seq {applied}, short of the final point {} it acknowledged",
+            final_point.seq
+        ));
+    }
+    // The disk against the final point's chunk hashes, then byte for byte
+    // against the source.
+    out.failovers_compared += 1;
+    let got = chunk_hashes(&target)?;
+    match got
+        .iter()
+        .zip(&final_point.hashes)
+        .position(|(a, b)| a != b)
+    {
+        None if got.len() == final_point.hashes.len() => out.failovers_equal += 1,
+        i => out.failures.push(format!(
+            "the master target's disk differs from the final point {} first in MiB {}",
+            final_point.seq,
+            i.unwrap_or(got.len().min(final_point.hashes.len()))
+        )),
+    }
+    out.failovers_compared += 1;
+    let diff = differing_sectors(&target, image, 1 << 20)?;
+    compare_final(out, books, &diff, "the master target's disk");
+    Ok(())
+}
+
+/// Counts a disk compared with the final source: equal, or the operations
+/// whose data it lacks (the writes lost) and a failure naming `what`.
+fn compare_final(out: &mut Outcome, books: &Books, diff: &[u64], what: &str) {
+    if diff.is_empty() {
+        out.failovers_equal += 1;
+        return;
+    }
+    let mut lost: Vec<u32> = diff
+        .iter()
+        .map(|&s| books.last_writer[s as usize])
+        .collect();
+    lost.sort_unstable();
+    lost.dedup();
+    out.writes_lost = lost.len() as u64;
+    out.failures.push(format!(
+        "{what} differs from the final source in {} sectors, first at byte {} (0x{:x}); operations whose data is missing: {:?}",
+        diff.len(),
+        diff[0] * SECTOR,
+        diff[0] * SECTOR,
+        &lost[..lost.len().min(20)]
+    ));
+}
+
 /// The operations `from..=to` of a scenario's workload, described without
 /// running anything (the generator replayed: it must draw exactly as
 /// `run_inner` does). For post-mortems: which request wrote where.
@@ -1652,6 +1817,12 @@ fn inject(s: &Scenario, rig: &mut Rig, books: &mut Books, f: &Fault) -> Result<(
             sleep_ms(f.param_ms);
             rig.restart_ps()?;
         }
+        FaultKind::MtKill => {
+            let mt = rig.mt.as_mut().context("mt-kill without a master target")?;
+            mt.proc.kill9();
+            sleep_ms(f.param_ms);
+            mt.restart()?;
+        }
         FaultKind::CacheFull => {
             let until = Instant::now() + Duration::from_millis(f.param_ms);
             if rig.cache_full_until.is_none() {
@@ -1798,6 +1969,9 @@ fn finish(
     rig.journal_flushed();
     books.flushed()?;
     out.flushes_acked += 1;
+    if rig.mt.is_some() {
+        return finish_mt(rig, books, out, image);
+    }
     rig.wait_welcomed()?;
     // The final point: the agent takes it once it is streaming again.
     let deadline = Instant::now() + CATCH_UP;
@@ -1853,24 +2027,7 @@ fn finish(
         }
         let got = dir.join(format!("{DISK}.raw"));
         let diff = differing_sectors(&got, image, 1 << 20)?;
-        if diff.is_empty() {
-            out.failovers_equal += 1;
-        } else {
-            let mut lost: Vec<u32> = diff
-                .iter()
-                .map(|&s| books.last_writer[s as usize])
-                .collect();
-            lost.sort_unstable();
-            lost.dedup();
-            out.writes_lost = lost.len() as u64;
-            out.failures.push(format!(
-                "latest differs from the final source in {} sectors, first at byte {} (0x{:x}); operations whose data is missing: {:?}",
-                diff.len(),
-                diff[0] * SECTOR,
-                diff[0] * SECTOR,
-                &lost[..lost.len().min(20)]
-            ));
-        }
+        compare_final(out, books, &diff, "latest");
         let _ = std::fs::remove_dir_all(&dir);
     }
     // Listed points: the final one, and up to `max_point_failovers` others
