@@ -904,6 +904,15 @@ pub async fn run(cfg: ServeConfig, shutdown: CancellationToken) -> Result<()> {
         &cfg.server_key,
     )?);
     let sink = Arc::new(DiskSink::new(&cfg)?);
+    // One server per state directory: a second would take the control
+    // socket and apply to the same targets.
+    let _lock = lifeboat_common::fsutil::DirLock::acquire(&cfg.state_dir).with_context(|| {
+        format!(
+            "another lifeboat-mt serve uses {} ({} is locked)",
+            cfg.state_dir.display(),
+            cfg.state_dir.join("lock").display()
+        )
+    })?;
     let sessions = Arc::new(Sessions::default());
     let control = Arc::new(Control {
         sink: sink.clone(),
