@@ -245,6 +245,46 @@ pub struct Applied {
     /// a crash checks its writes against these, not the agent's size now.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub sizes: BTreeMap<String, u64>,
+    /// The last checksums the agent sent up to `seq` (a point's), kept with
+    /// the position: a failback's final point is verifiable after a restart.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sums: Option<AppliedSums>,
+}
+
+/// The checksums of a point: its seq and, per disk number, size and
+/// `lifeboat-disk-v1` sum (hex).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct AppliedSums {
+    pub point: u64,
+    pub disks: Vec<(u16, u64, String)>,
+}
+
+impl AppliedSums {
+    fn new(point: u64, disks: &[lifeboat_common::protocol::DiskSum]) -> AppliedSums {
+        AppliedSums {
+            point,
+            disks: disks
+                .iter()
+                .map(|d| (d.disk, d.size, lifeboat_common::hex(&d.sum)))
+                .collect(),
+        }
+    }
+
+    fn sums(&self) -> Option<(u64, Vec<lifeboat_common::protocol::DiskSum>)> {
+        let disks = self
+            .disks
+            .iter()
+            .map(|(disk, size, sum)| {
+                Some(lifeboat_common::protocol::DiskSum {
+                    disk: *disk,
+                    size: *size,
+                    sum: lifeboat_common::unhex::<32>(sum)?,
+                })
+            })
+            .collect::<Option<Vec<_>>>()?;
+        Some((self.point, disks))
+    }
 }
 
 fn applied_path(state_dir: &Path, machine: &str) -> PathBuf {
@@ -562,7 +602,10 @@ fn apply_unsaved(
                 st.received.inconsistent = None;
             }
             Op::Inconsistent { label } => st.received.inconsistent = Some(label.clone()),
-            Op::Sums { point, disks } => st.received.sums = Some((*point, disks.clone())),
+            Op::Sums { point, disks } => {
+                st.received.sums = Some((*point, disks.clone()));
+                st.applied.sums = Some(AppliedSums::new(*point, disks));
+            }
         }
         st.received.entries += 1;
         st.applied.seq = e.seq;
@@ -604,6 +647,7 @@ impl StreamSink for DiskSink {
                         seq: 0,
                         stream_id: lifeboat_common::hex(&stream_id),
                         sizes: BTreeMap::new(),
+                        sums: None,
                     };
                     store_applied(&dir, &m, &a)?;
                     a
@@ -627,6 +671,11 @@ impl StreamSink for DiskSink {
                         d.id
                     ),
                 }
+            }
+            // Checksums that came before a restart still verify a point.
+            let mut received = received;
+            if received.sums.is_none() {
+                received.sums = applied.sums.as_ref().and_then(AppliedSums::sums);
             }
             Ok(MachineState {
                 targets,
@@ -830,12 +879,34 @@ impl Control {
         };
         let m = machine.to_string();
         let (verified, applied, received) = tokio::task::spawn_blocking(move || -> Result<_> {
-            let st = lock(&st);
-            let (_, sums) = st.received.sums.clone().expect("waited for");
+            // What to hash, taken under the lock; the hashing runs without it
+            // (the agent refuses writes after its final point), so `status`
+            // and sessions do not wait for whole disks to be read.
+            let (sums, targets, applied, received) = {
+                let st = lock(&st);
+                let (_, sums) = st.received.sums.clone().expect("waited for");
+                let mut targets = Vec::new();
+                for t in &st.targets {
+                    targets.push(match t {
+                        Some(t) => Some(Target {
+                            id: t.id.clone(),
+                            path: t.path.clone(),
+                            file: t
+                                .file
+                                .try_clone()
+                                .with_context(|| format!("reopening {}", t.path.display()))?,
+                            device: t.device,
+                            size: t.size,
+                        }),
+                        None => None,
+                    });
+                }
+                (sums, targets, st.applied.seq, st.received.clone())
+            };
             let mut verified = Vec::new();
             // Every target is reported: one the agent sent no checksum for
             // (a read error on its side) is not equal, whatever the others say.
-            for (i, t) in st.targets.iter().enumerate() {
+            for (i, t) in targets.iter().enumerate() {
                 let Some(t) = t else {
                     continue; // retired, without a target
                 };
@@ -862,7 +933,7 @@ impl Control {
                     "equal": got == s.sum && t.size == s.size,
                 }));
             }
-            Ok((verified, st.applied.seq, st.received.clone()))
+            Ok((verified, applied, received))
         })
         .await??;
         info!(
@@ -981,6 +1052,7 @@ mod tests {
             seq: 4242,
             stream_id: "00112233445566778899aabbccddeeff".into(),
             sizes: BTreeMap::new(),
+            sums: None,
         };
         let bytes =
             lifeboat_common::formats::read_fixture::<AppliedPosition>("applied-position", || {
@@ -1004,6 +1076,7 @@ mod tests {
                 seq: 0,
                 stream_id: "00".repeat(16),
                 sizes: BTreeMap::new(),
+                sums: None,
             },
             received: Received::default(),
         };
@@ -1038,9 +1111,14 @@ mod tests {
         st.applied.seq = 1;
         apply(dir.path(), "m", &mut st, &entries[1..]).unwrap();
         assert_eq!(std::fs::read(&img).unwrap(), once);
-        // A gap or a write past the disk is refused, naming it.
+        // A gap or a write past the disk is refused, naming it; the
+        // position in memory stays where it was recorded.
         let e = apply(dir.path(), "m", &mut st, &[w(9, 0, 1, 1)]).unwrap_err();
         assert!(format!("{e:#}").contains("does not follow"), "{e:#}");
+        let before = (st.applied.clone(), st.received.entries);
+        let e = apply(dir.path(), "m", &mut st, &[w(4, 0, 7, 7), w(6, 0, 1, 1)]).unwrap_err();
+        assert!(format!("{e:#}").contains("does not follow"), "{e:#}");
+        assert_eq!((st.applied.clone(), st.received.entries), before);
         let e = apply(dir.path(), "m", &mut st, &[w(4, (1 << 20) - 1, 1, 2)]).unwrap_err();
         assert!(format!("{e:#}").contains("past its size"), "{e:#}");
         // A shrink recorded: reopened at the recorded size, the file is not
@@ -1055,6 +1133,23 @@ mod tests {
         apply(dir.path(), "m", &mut st, &[shrink]).unwrap();
         let a = load_applied(dir.path(), "m").unwrap().unwrap();
         assert_eq!(a.sizes.get("root"), Some(&(1 << 19)));
+        // A point's checksums are kept with the position (a restart between
+        // a failback's final point and its comparison still verifies it).
+        let sums = vec![lifeboat_common::protocol::DiskSum {
+            disk: 0,
+            size: 1 << 19,
+            sum: [7; 32],
+        }];
+        let sums_entry = Entry {
+            seq: 5,
+            op: Op::Sums {
+                point: 4,
+                disks: sums.clone(),
+            },
+        };
+        apply(dir.path(), "m", &mut st, &[sums_entry]).unwrap();
+        let a = load_applied(dir.path(), "m").unwrap().unwrap();
+        assert_eq!(a.sums.and_then(|s| s.sums()), Some((4, sums)));
         assert_eq!(std::fs::metadata(&img).unwrap().len(), 1 << 19);
         // A target that vanished after entries were applied is refused.
         std::fs::remove_file(&img).unwrap();
