@@ -170,6 +170,19 @@ pub fn reprotect(cfg: &ServeConfig, r: &Reprotect) -> Result<serde_json::Value> 
             };
             let dir = absolute(r.recovered.as_ref().expect("description read"))?;
             let path = absolute(path)?;
+            // Another file there is not ours to replace: only a config an
+            // earlier reprotect wrote (a reprotect asked again) is.
+            match std::fs::read_to_string(&path) {
+                Ok(old) if !old.starts_with(AGENT_CONFIG_HEADER) => bail!(
+                    "{} exists and was not written by lifeboat-mt reprotect: name another --agent-config, or remove it",
+                    path.display()
+                ),
+                Err(e) if e.kind() == std::io::ErrorKind::InvalidData => bail!(
+                    "{} exists and was not written by lifeboat-mt reprotect: name another --agent-config, or remove it",
+                    path.display()
+                ),
+                _ => {}
+            }
             let text = agent_config(&path, d, &dir, &absolute(certs)?, &address, &r.server_name)?;
             Some((path, text))
         }
@@ -226,6 +239,9 @@ fn check_target(disk: &str, t: &Path, size: u64) -> Result<()> {
 }
 
 /// The recovered side's agent.toml.
+/// How a recovered side's agent config written by `reprotect` begins.
+const AGENT_CONFIG_HEADER: &str = "# The recovered side's agent of ";
+
 fn agent_config(
     path: &Path,
     d: &MachineDescription,
@@ -241,7 +257,7 @@ fn agent_config(
         Ok(toml::Value::String(s.to_string()).to_string())
     };
     let mut text = format!(
-        "# The recovered side's agent of {m}, written by `lifeboat-mt reprotect`.\n\
+        "{AGENT_CONFIG_HEADER}{m}, written by `lifeboat-mt reprotect`.\n\
          # It serves the recovered disks as NBD exports (run the recovered machine\n\
          # on these sockets) and streams their writes to the master target, which\n\
          # writes them onto the original disks. Its first copy is a checksum\n\

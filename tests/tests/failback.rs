@@ -333,6 +333,39 @@ fn reprotect_and_failback_refuse_bad_requests_by_name() {
         e.contains("disk data was recovered to") && e.contains("qcow2"),
         "{e}"
     );
+    // A file at --agent-config that reprotect did not write is not replaced.
+    std::fs::write(&agent, "# the operator's own\n").unwrap();
+    let e = refused(&[
+        "reprotect",
+        "--machine",
+        MACHINE,
+        "--to",
+        &both,
+        "--recovered",
+        recovered,
+        "--agent-config",
+        agent.to_str().unwrap(),
+        "--certs",
+        root.to_str().unwrap(),
+        "--mt-address",
+        "127.0.0.1:9",
+    ]);
+    assert!(
+        e.contains("was not written by lifeboat-mt reprotect"),
+        "{e}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&agent).unwrap(),
+        "# the operator's own\n"
+    );
+    // Two disks of the machine onto one target.
+    let twice = format!(
+        "root={},data={}",
+        root.join("d.img").display(),
+        root.join("d.img").display()
+    );
+    let e = refused(&["reprotect", "--machine", MACHINE, "--to", &twice]);
+    assert!(e.contains("already the target of machine-1/"), "{e}");
     let e = refused(&["reprotect", "--machine", "machine-0", "--to", &one]);
     assert!(e.contains("already a [[machine]]"), "{e}");
     let e = refused(&["failback", "--machine", MACHINE]);
