@@ -314,42 +314,31 @@ fn reprotect_and_failback_refuse_bad_requests_by_name() {
         root.join("d.img").display()
     );
     let agent = root.join("a.toml");
-    let e = refused(&[
-        "reprotect",
-        "--machine",
-        MACHINE,
-        "--to",
-        &both,
-        "--recovered",
-        recovered,
-        "--agent-config",
-        agent.to_str().unwrap(),
-        "--certs",
-        root.to_str().unwrap(),
-        "--mt-address",
-        "127.0.0.1:9",
-    ]);
+    let with_agent_config = || {
+        refused(&[
+            "reprotect",
+            "--machine",
+            MACHINE,
+            "--to",
+            &both,
+            "--recovered",
+            recovered,
+            "--agent-config",
+            agent.to_str().unwrap(),
+            "--certs",
+            root.to_str().unwrap(),
+            "--mt-address",
+            "127.0.0.1:9",
+        ])
+    };
+    let e = with_agent_config();
     assert!(
         e.contains("disk data was recovered to") && e.contains("qcow2"),
         "{e}"
     );
     // A file at --agent-config that reprotect did not write is not replaced.
     std::fs::write(&agent, "# the operator's own\n").unwrap();
-    let e = refused(&[
-        "reprotect",
-        "--machine",
-        MACHINE,
-        "--to",
-        &both,
-        "--recovered",
-        recovered,
-        "--agent-config",
-        agent.to_str().unwrap(),
-        "--certs",
-        root.to_str().unwrap(),
-        "--mt-address",
-        "127.0.0.1:9",
-    ]);
+    let e = with_agent_config();
     assert!(
         e.contains("was not written by lifeboat-mt reprotect"),
         "{e}"
