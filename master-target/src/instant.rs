@@ -392,13 +392,19 @@ impl PointDisk {
         // Which ranges the layer holds, before reading it: a write that
         // lands meanwhile is read whole or not at all.
         let gaps = self.local.read().expect("local ranges").gaps(offset, end);
-        let mut buf = self
-            .layer
-            .read_at(offset, len)
-            .await
-            .map_err(|e| annotate(e, &self.layer_path))?
-            .to_vec();
-        buf.resize(len, 0);
+        // Nothing of the range in the layer: no need to read it.
+        let mut buf = if gaps == [(offset, end)] {
+            vec![0u8; len]
+        } else {
+            let mut b = self
+                .layer
+                .read_at(offset, len)
+                .await
+                .map_err(|e| annotate(e, &self.layer_path))?
+                .to_vec();
+            b.resize(len, 0);
+            b
+        };
         for (a, b) in gaps {
             let mut at = a;
             while at < b {
