@@ -672,8 +672,15 @@ impl StreamSink for DiskSink {
                     ),
                 }
             }
+            // An agent of another numbering (a new reprotect's, fresh) starts
+            // the counts again: `reprotect --wait` follows its resync, not an
+            // earlier one's.
+            let mut received = if lifeboat_common::hex(&stream_id) == applied.stream_id {
+                received
+            } else {
+                Received::default()
+            };
             // Checksums that came before a restart still verify a point.
-            let mut received = received;
             if received.sums.is_none() {
                 received.sums = applied.sums.as_ref().and_then(AppliedSums::sums);
             }
