@@ -965,7 +965,6 @@ async fn prepare(
     let spec: PointSpec = o.point.parse().map_err(|e: String| anyhow!(e))?;
     let inv = materialize::inventory(store, Some(&keys.catalogue), &o.machine).await?;
     let resolved = materialize::resolve(&inv, &o.machine, &spec, o.allow_inconsistent)?;
-    let rec = lifeboat_common::catalogue::load_machine(store, &keys.catalogue, &o.machine).await?;
     eprintln!(
         "serve-point: writing the local layers of {} at {} (the segments after the base)",
         o.machine, resolved.description
@@ -985,8 +984,9 @@ async fn prepare(
         |_| {},
     )
     .await?;
+    // The report lists machine.json's disks in order (it read them).
     let mut disks = Vec::new();
-    for (i, (d, r)) in rec.disks.iter().zip(&report.disks).enumerate() {
+    for (i, d) in report.disks.iter().enumerate() {
         let chunks = match &inv.base {
             Some(b) => match b.disks.get(i).filter(|bd| bd.id == d.id) {
                 Some(bd) => bd.chunks.clone(),
@@ -1002,12 +1002,12 @@ async fn prepare(
         let covered = overlay
             .covered(i as u16)
             .into_iter()
-            .filter(|&(a, _)| a < r.size)
-            .map(|(a, b)| (a, b.min(r.size)))
+            .filter(|&(a, _)| a < d.size)
+            .map(|(a, b)| (a, b.min(d.size)))
             .collect();
         disks.push(LayerDisk {
             id: d.id.clone(),
-            size: r.size,
+            size: d.size,
             covered,
             chunks,
         });
