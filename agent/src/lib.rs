@@ -18,6 +18,7 @@ pub mod journal;
 pub mod pointsum;
 pub mod quiesce;
 pub mod rebase;
+pub mod register;
 pub mod replication;
 pub mod runner;
 pub mod sender;

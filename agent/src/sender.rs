@@ -198,6 +198,25 @@ pub async fn run(
     }
 }
 
+/// A read error of the first reply, with what the server's TLS alert means
+/// for this machine when it refused the certificate (TLS 1.3 reports the
+/// client certificate's verdict only after the handshake).
+fn certificate_refused(e: lifeboat_common::framed::FrameError, server: &str) -> anyhow::Error {
+    let text = e.to_string();
+    if text.contains("CertificateRevoked") {
+        anyhow!(
+            "{server} refused this machine's certificate: it is revoked (the machine was removed with lifeboat-ps machines remove); to protect it again, move the certificate files away and run lifeboat-agent register ({text})"
+        )
+    } else if text.contains("BadCertificate")
+        || text.contains("UnknownCA")
+        || text.contains("CertificateRequired")
+    {
+        anyhow!("{server} refused this machine's certificate ({text}): is it issued by this process server's CA?")
+    } else {
+        e.into()
+    }
+}
+
 async fn session(
     cfg: &SenderConfig,
     stream: &Arc<Stream>,
@@ -230,7 +249,7 @@ async fn session(
     wr.flush().await?;
     let (durable, theirs, version) = match tokio::time::timeout(CONNECT_TIMEOUT, read_frame(&mut rd, MAX_FRAME_LEN)).await {
         Err(_) => bail!("no welcome from {} within {CONNECT_TIMEOUT:?}", cfg.server),
-        Ok(r) => match r? {
+        Ok(r) => match r.map_err(|e| certificate_refused(e, &cfg.server))? {
             Some(Frame::Welcome { durable, stream_id, version, .. }) => (durable, stream_id, version),
             Some(Frame::Error { code, message }) => bail!("process server refused the session (code {code}): {message}"),
             Some(other) => bail!("expected a welcome, got {other:?}"),

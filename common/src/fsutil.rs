@@ -11,6 +11,17 @@ use std::path::{Path, PathBuf};
 /// Replaces `path` with `data`, a new file created with `mode` (under the
 /// process's umask).
 pub fn replace_file_mode(path: &Path, data: &[u8], mode: u32) -> io::Result<()> {
+    replace_file_owned(path, data, mode, None)
+}
+
+/// [`replace_file_mode`], the new file given `owner` (uid, gid) before it
+/// takes the old one's place (best effort: only root may give files away).
+pub fn replace_file_owned(
+    path: &Path,
+    data: &[u8],
+    mode: u32,
+    owner: Option<(u32, u32)>,
+) -> io::Result<()> {
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".partial");
     let tmp = PathBuf::from(tmp);
@@ -20,6 +31,9 @@ pub fn replace_file_mode(path: &Path, data: &[u8], mode: u32) -> io::Result<()> 
         .truncate(true)
         .mode(mode)
         .open(&tmp)?;
+    if let Some((uid, gid)) = owner {
+        let _ = std::os::unix::fs::fchown(&f, Some(uid), Some(gid));
+    }
     f.write_all(data)?;
     f.sync_data()?;
     std::fs::rename(&tmp, path)?;

@@ -21,6 +21,7 @@ pub mod nbd_server;
 pub mod owner;
 pub mod protocol;
 pub mod receiver;
+pub mod register;
 pub mod resync;
 pub mod seal;
 pub mod session;

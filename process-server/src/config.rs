@@ -101,6 +101,22 @@ pub struct PsConfig {
     /// Where backpressure begins (`health.rs`).
     #[serde(default)]
     pub health: HealthConfig,
+    /// Registration of agents with a passphrase, and the revocation list
+    /// every handshake is checked against (`registration.rs`); off when
+    /// absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub registration: Option<RegistrationConfig>,
+}
+
+/// `[registration]` of ps.toml.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct RegistrationConfig {
+    /// The CA's key, which signs the certificates registration issues.
+    pub ca_key: PathBuf,
+    /// The passphrase, the one-time passphrases, the machines issued and
+    /// the revocation list.
+    pub dir: PathBuf,
 }
 
 fn default_backpressure_free() -> u8 {
@@ -532,6 +548,13 @@ impl PsConfig {
         ] {
             if p.is_relative() {
                 *p = base.join(&*p);
+            }
+        }
+        if let Some(r) = cfg.registration.as_mut() {
+            for p in [&mut r.ca_key, &mut r.dir] {
+                if p.is_relative() {
+                    *p = base.join(&*p);
+                }
             }
         }
         if cfg.segment_max_bytes == 0 || cfg.segment_max_bytes > 256 * 1024 * 1024 {

@@ -25,6 +25,9 @@
 //!      (a group point; groups.rs; `app`: every member quiesced first)
 //!   or {"ok":false,"error":".."}   (none recorded: why, naming the member
 //!      and the step)
+//! {"cmd":"machine-removed","machine":"web-1"}
+//!   → {"ok":true,"session-ended":true|false}  (`lifeboat-ps machines
+//!      remove` revoked its certificates; its live session, if any, ends)
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -60,6 +63,11 @@ pub enum Request {
         /// An app-consistent group point (every member quiesced first).
         #[serde(default)]
         app: bool,
+    },
+    /// `lifeboat-ps machines remove` revoked the machine's certificates:
+    /// end its live session (it cannot come back).
+    MachineRemoved {
+        machine: String,
     },
 }
 
@@ -104,6 +112,17 @@ async fn handle<W: AsyncWriteExt + Unpin>(
                 Err(e) => serde_json::json!({"ok": false, "error": e}),
             };
             return wr.write_all(&line(&reply)).await;
+        }
+        Request::MachineRemoved { machine } => {
+            let cut = sessions.cut(&machine);
+            if cut {
+                warn!("machine {machine} was removed: its session is ended (its certificate is revoked)");
+            }
+            return wr
+                .write_all(&line(
+                    &serde_json::json!({"ok": true, "session-ended": cut}),
+                ))
+                .await;
         }
         Request::Status => {
             let reply = match hub.snapshot().await {

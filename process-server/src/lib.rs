@@ -27,6 +27,7 @@ pub mod monitor;
 pub mod ownership;
 pub mod page;
 pub mod pki;
+pub mod registration;
 pub mod server;
 pub mod status;
 pub mod uploader;

@@ -11,7 +11,7 @@ use lifeboat_common::ids::{machine_cert_name, validate_id};
 use lifeboat_common::seal::Key;
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose,
+    Issuer, KeyPair, KeyUsagePurpose, SerialNumber,
 };
 
 pub const CA_CERT: &str = "ca.pem";
@@ -49,9 +49,9 @@ pub fn write_private(path: &Path, contents: &str) -> Result<()> {
     Ok(())
 }
 
-fn load_ca(dir: &Path) -> Result<Issuer<'static, KeyPair>> {
-    let key_path = dir.join(CA_KEY);
-    let pem = std::fs::read_to_string(&key_path)
+/// The CA as an issuer, from its key file.
+pub fn load_ca(key_path: &Path) -> Result<Issuer<'static, KeyPair>> {
+    let pem = std::fs::read_to_string(key_path)
         .with_context(|| format!("reading the CA key {}", key_path.display()))?;
     let key = KeyPair::from_pem(&pem).with_context(|| format!("parsing {}", key_path.display()))?;
     Ok(Issuer::new(ca_params()?, key))
@@ -81,21 +81,59 @@ pub fn create_authority(dir: &Path, server_names: &[String]) -> Result<()> {
     Ok(())
 }
 
-/// Issues a client certificate for `machine` into `out` (ca.pem, client.pem, client.key).
-pub fn issue_machine_cert(dir: &Path, machine: &str, out: &Path) -> Result<()> {
+/// A new random certificate serial number (16 bytes, positive), as hex.
+pub fn new_serial() -> String {
+    use ring::rand::SecureRandom;
+    let mut b = [0u8; 16];
+    ring::rand::SystemRandom::new()
+        .fill(&mut b)
+        .expect("the system's random source failed");
+    b[0] &= 0x7f;
+    b[0] |= 0x01;
+    lifeboat_common::hex(&b)
+}
+
+fn serial_bytes(serial_hex: &str) -> Result<Vec<u8>> {
+    (0..serial_hex.len())
+        .step_by(2)
+        .map(|i| {
+            serial_hex
+                .get(i..i + 2)
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+                .ok_or_else(|| anyhow::anyhow!("{serial_hex:?} is not a hex serial number"))
+        })
+        .collect()
+}
+
+pub fn serial_number(serial_hex: &str) -> Result<SerialNumber> {
+    Ok(SerialNumber::from_slice(&serial_bytes(serial_hex)?))
+}
+
+/// The parameters of a client certificate for `machine` with `serial`.
+pub fn machine_cert_params(machine: &str, serial: &str) -> Result<CertificateParams> {
     validate_id("machine", machine).map_err(anyhow::Error::msg)?;
-    let issuer = load_ca(dir)?;
     let mut p = CertificateParams::new(vec![machine_cert_name(machine)])?;
+    p.distinguished_name = DistinguishedName::new();
     p.distinguished_name.push(DnType::CommonName, machine);
     p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    p.serial_number = Some(serial_number(serial)?);
+    Ok(p)
+}
+
+/// Issues a client certificate for `machine` into `out` (ca.pem, client.pem,
+/// client.key) and returns its serial number (hex).
+pub fn issue_machine_cert(dir: &Path, machine: &str, out: &Path) -> Result<String> {
+    let issuer = load_ca(&dir.join(CA_KEY))?;
+    let serial = new_serial();
     let key = KeyPair::generate()?;
-    let cert = p.signed_by(&key, &issuer)?;
+    let cert = machine_cert_params(machine, &serial)?.signed_by(&key, &issuer)?;
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     std::fs::copy(dir.join(CA_CERT), out.join("ca.pem"))
         .with_context(|| format!("copying the CA certificate to {}", out.display()))?;
     std::fs::write(out.join("client.pem"), cert.pem())?;
     write_private(&out.join("client.key"), &key.serialize_pem())?;
-    Ok(())
+    Ok(serial)
 }
 
 pub fn load_kek(path: &Path) -> Result<Key> {

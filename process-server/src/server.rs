@@ -17,7 +17,9 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use lifeboat_common::catalogue::{self, MachineRecord, FORMAT_VERSION};
 use lifeboat_common::protocol::{DiskInfo, Entry, StreamId};
-use lifeboat_common::receiver::{serve_tls, Deadlines, Opened, Sessions, StreamSink};
+use lifeboat_common::receiver::{
+    accept_tls, serve_authenticated, Deadlines, Opened, Sessions, StreamSink,
+};
 use lifeboat_common::seal::Key;
 use lifeboat_common::store::Store;
 use lifeboat_common::tls;
@@ -365,7 +367,23 @@ impl StreamSink for PsSink {
 pub async fn run(cfg: PsConfig, shutdown: CancellationToken) -> Result<()> {
     tls::install_crypto_provider();
     let cfg = Arc::new(cfg);
-    let tls_cfg = tls::server_config(&cfg.ca_cert, &cfg.server_cert, &cfg.server_key)?;
+    // With [registration], clients without a certificate may connect to
+    // register, and every certificate is checked against the revocation
+    // list of removed machines.
+    let registrar = cfg
+        .registration
+        .as_ref()
+        .map(|r| Arc::new(crate::registration::Registrar::new(r, &cfg.ca_cert)));
+    let tls_cfg = match &registrar {
+        Some(r) => tls::server_config_revocable(
+            &cfg.ca_cert,
+            &cfg.server_cert,
+            &cfg.server_key,
+            &r.crl_path(),
+            true,
+        )?,
+        None => tls::server_config(&cfg.ca_cert, &cfg.server_cert, &cfg.server_key)?,
+    };
     let acceptor = tokio_rustls::TlsAcceptor::from(tls_cfg);
     let kek = crate::pki::load_kek(&cfg.kek_file)?;
     let store = Store::open(&cfg.store)?;
@@ -509,6 +527,7 @@ pub async fn run(cfg: PsConfig, shutdown: CancellationToken) -> Result<()> {
         let (handshake_timeout, hello_timeout, idle_timeout) =
             (cfg.handshake_timeout, cfg.hello_timeout, cfg.idle_timeout);
         let acceptor = acceptor.clone();
+        let registrar = registrar.clone();
         let sink = sink.clone();
         let sessions = sessions.clone();
         let shutdown = shutdown.clone();
@@ -524,7 +543,14 @@ pub async fn run(cfg: PsConfig, shutdown: CancellationToken) -> Result<()> {
                 hello: hello_timeout,
                 idle: idle_timeout,
             };
-            serve_tls(acceptor, tcp, peer, deadlines, sink, &sessions, shutdown).await;
+            let Some(tls) = accept_tls(acceptor, tcp, peer, &deadlines).await else {
+                return;
+            };
+            if tls.get_ref().1.peer_certificates().is_none() {
+                crate::registration::serve(tls, peer, registrar, deadlines.hello).await;
+                return;
+            }
+            serve_authenticated(tls, peer, deadlines, sink, &sessions, shutdown).await;
         });
         drop(_in_span);
     }

@@ -1,4 +1,4 @@
-//! `lifeboat-agent`: run | tag [--app] | status | progress.
+//! `lifeboat-agent`: run | register | tag [--app] | status | progress | resume-writes | reprotect.
 
 use std::path::PathBuf;
 
@@ -67,6 +67,23 @@ enum Cmd {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Get this machine a client certificate from the process server with its
+    /// registration passphrase (`lifeboat-ps init` printed it; or a one-time
+    /// one from `lifeboat-ps machines one-time-passphrase`). The key is made
+    /// here and never leaves the machine. Writes client-key, client-cert and
+    /// ca-cert of the config only after the server proved it knows the
+    /// passphrase; refuses when client-key or client-cert already exist.
+    Register {
+        #[arg(long)]
+        config: PathBuf,
+        /// The process server as host:port (default: `server` of the config).
+        #[arg(long)]
+        ps: Option<String>,
+        /// A file holding the passphrase (surrounding whitespace ignored; it
+        /// is never logged).
+        #[arg(long)]
+        passphrase_file: PathBuf,
+    },
     /// Show the initial sync's progress as a bar until every disk is streaming.
     Progress {
         #[arg(long)]
@@ -111,6 +128,31 @@ async fn real_main(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Progress { config } => progress(&config).await,
+        Cmd::Register {
+            config,
+            ps,
+            passphrase_file,
+        } => {
+            let cfg = AgentConfig::load(&config)?;
+            let pass = lifeboat_agent::register::read_passphrase(&passphrase_file)?;
+            let server = ps.unwrap_or_else(|| cfg.server.clone());
+            let done = lifeboat_agent::register::register(&cfg, &server, &pass).await?;
+            println!(
+                "registered machine {} with {}; wrote {}",
+                cfg.machine,
+                done.server,
+                done.written
+                    .iter()
+                    .map(|p| p.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            println!(
+                "start replication: lifeboat-agent run --config {}",
+                config.display()
+            );
+            Ok(())
+        }
         Cmd::Reprotect { config } => {
             let cfg = AgentConfig::load(&config)?;
             let removed =

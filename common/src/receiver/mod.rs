@@ -170,17 +170,42 @@ pub async fn serve_tls<S: StreamSink>(
     sessions: &Sessions,
     shutdown: tokio_util::sync::CancellationToken,
 ) {
-    let tls = match tokio::time::timeout(deadlines.handshake, acceptor.accept(tcp)).await {
-        Ok(Ok(s)) => s,
+    let Some(tls) = accept_tls(acceptor, tcp, peer, &deadlines).await else {
+        return;
+    };
+    serve_authenticated(tls, peer, deadlines, sink, sessions, shutdown).await
+}
+
+/// The TLS handshake within its deadline; a failure is logged with the peer.
+pub async fn accept_tls(
+    acceptor: tokio_rustls::TlsAcceptor,
+    tcp: tokio::net::TcpStream,
+    peer: std::net::SocketAddr,
+    deadlines: &Deadlines,
+) -> Option<tokio_rustls::server::TlsStream<tokio::net::TcpStream>> {
+    match tokio::time::timeout(deadlines.handshake, acceptor.accept(tcp)).await {
+        Ok(Ok(s)) => Some(s),
         Ok(Err(e)) => {
             tracing::warn!("TLS handshake with {peer} failed: {e}");
-            return;
+            None
         }
         Err(_) => {
             tracing::warn!("TLS handshake with {peer} timed out");
-            return;
+            None
         }
-    };
+    }
+}
+
+/// Serves a handshaken connection whose client certificate names the
+/// machines it may send; one without a certificate is closed.
+pub async fn serve_authenticated<S: StreamSink>(
+    tls: tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
+    peer: std::net::SocketAddr,
+    deadlines: Deadlines,
+    sink: std::sync::Arc<S>,
+    sessions: &Sessions,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
     let Some(cert) = tls
         .get_ref()
         .1

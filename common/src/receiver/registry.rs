@@ -164,6 +164,19 @@ impl Sessions {
         slots.get(machine).map(|s| s.generation)
     }
 
+    /// Ends the machine's live session, if it has one (its machine was
+    /// removed: its certificate is revoked, so it cannot come back).
+    pub fn cut(&self, machine: &str) -> bool {
+        let slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        match slots.get(machine) {
+            Some(s) => {
+                s.cancel.cancel();
+                true
+            }
+            None => false,
+        }
+    }
+
     /// Opens a group link to the machine's live session: refused by name when
     /// it has none, when its agent speaks a protocol without groups, or when
     /// another group point is using it.

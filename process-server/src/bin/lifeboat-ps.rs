@@ -18,8 +18,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Create a CA, server and first machine certificates, the key-encryption key
-    /// and a config with the embedded defaults in DIR.
+    /// Create a CA, server and first machine certificates, the key-encryption key,
+    /// the registration passphrase (printed) and a config with the embedded
+    /// defaults in DIR.
     Init {
         #[arg(long)]
         dir: PathBuf,
@@ -32,7 +33,9 @@ enum Cmd {
         #[arg(long)]
         store: Option<String>,
     },
-    /// Issue a client certificate for another machine (into DIR/machines/<machine>).
+    /// Issue a client certificate for another machine (into DIR/machines/<machine>),
+    /// recorded in DIR/registration when it exists. Registration
+    /// (`lifeboat-agent register`) does the same without copying files.
     IssueCert {
         #[arg(long)]
         dir: PathBuf,
@@ -90,6 +93,48 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// The machines this server's CA issued certificates to, removal, and
+    /// the registration passphrases ([registration] of ps.toml).
+    Machines {
+        #[command(subcommand)]
+        cmd: MachinesCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum MachinesCmd {
+    /// Every certificate issued: machine, serial, when, how (init,
+    /// issue-cert, register) and whether it was removed.
+    List {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke every certificate of a machine: from the next TLS handshake on
+    /// the server refuses it, and a running server ends its session. The
+    /// machine's history in the store stays (failover still works); to
+    /// protect it again, register it again.
+    Remove {
+        #[arg(long)]
+        config: PathBuf,
+        machine: String,
+    },
+    /// Replace the standing registration passphrase and print the new one;
+    /// the old one stops working at once (machines registered with it keep
+    /// their certificates).
+    RotatePassphrase {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Make a passphrase that registers one machine only once, and print it.
+    OneTimePassphrase {
+        #[arg(long)]
+        config: PathBuf,
+        /// Only this machine id may register with it.
+        #[arg(long)]
+        machine: Option<String>,
+    },
 }
 
 fn main() {
@@ -118,13 +163,18 @@ fn real_main(cli: Cli) -> Result<()> {
         } => init(&dir, &machine, &listen, store),
         Cmd::IssueCert { dir, machine } => {
             let out = dir.join("machines").join(&machine);
-            pki::issue_machine_cert(&dir, &machine, &out)?;
+            let serial = pki::issue_machine_cert(&dir, &machine, &out)?;
+            let reg_dir = dir.join(REGISTRATION_DIR);
+            if reg_dir.is_dir() {
+                registrar_in(&dir).record(&machine, &serial, "issue-cert")?;
+            }
             println!(
-                "issued a client certificate for {machine} in {}",
+                "issued a client certificate for {machine} in {} (serial {serial})",
                 out.display()
             );
             Ok(())
         }
+        Cmd::Machines { cmd } => machines(cmd),
         Cmd::Resync {
             config,
             machine,
@@ -209,6 +259,115 @@ fn real_main(cli: Cli) -> Result<()> {
     }
 }
 
+/// Where `init` keeps the registration state.
+const REGISTRATION_DIR: &str = "registration";
+
+fn registrar_in(dir: &Path) -> lifeboat_ps::registration::Registrar {
+    lifeboat_ps::registration::Registrar {
+        dir: dir.join(REGISTRATION_DIR),
+        ca_key: dir.join(pki::CA_KEY),
+        ca_cert: dir.join(pki::CA_CERT),
+    }
+}
+
+fn registrar_of(cfg: &PsConfig, config: &Path) -> Result<lifeboat_ps::registration::Registrar> {
+    let r = cfg.registration.as_ref().with_context(|| {
+        format!(
+            "{} has no [registration] table (ca-key and dir): add it to manage machines",
+            config.display()
+        )
+    })?;
+    Ok(lifeboat_ps::registration::Registrar::new(r, &cfg.ca_cert))
+}
+
+fn machines(cmd: MachinesCmd) -> Result<()> {
+    match cmd {
+        MachinesCmd::List { config, json } => {
+            let cfg = PsConfig::load(&config)?;
+            let list = registrar_of(&cfg, &config)?.list()?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&list.machines)?);
+                return Ok(());
+            }
+            println!(
+                "{:<24} {:<8} {:<34} {:<21} {:<10} removed",
+                "machine", "state", "serial", "issued", "how"
+            );
+            for m in &list.machines {
+                println!(
+                    "{:<24} {:<8} {:<34} {:<21} {:<10} {}",
+                    m.machine,
+                    if m.removed.is_some() {
+                        "removed"
+                    } else {
+                        "active"
+                    },
+                    m.serial,
+                    m.issued,
+                    m.how,
+                    m.removed.as_deref().unwrap_or("-")
+                );
+            }
+            let open = list.one_time.iter().filter(|o| o.used.is_none()).count();
+            println!(
+                "{} certificates ({} active); {open} unused one-time passphrases",
+                list.machines.len(),
+                list.machines.iter().filter(|m| m.removed.is_none()).count()
+            );
+            Ok(())
+        }
+        MachinesCmd::Remove { config, machine } => {
+            let cfg = PsConfig::load(&config)?;
+            let serials = registrar_of(&cfg, &config)?.remove(&machine)?;
+            println!(
+                "removed machine {machine}: revoked certificate serial {} (the process server refuses it from the next handshake on)",
+                serials.join(", ")
+            );
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let path = lifeboat_ps::control::socket_path(&cfg.cache_dir);
+            match rt.block_on(lifeboat_ps::control::request(
+                &path,
+                &lifeboat_ps::control::Request::MachineRemoved {
+                    machine: machine.clone(),
+                },
+                |_| {},
+            )) {
+                Ok(v) if v["session-ended"] == true => {
+                    println!("its live session on the running server was ended")
+                }
+                Ok(_) => println!("it had no live session"),
+                Err(e) => println!(
+                    "the running server was not told ({e:#}); it refuses the machine anyway"
+                ),
+            }
+            Ok(())
+        }
+        MachinesCmd::RotatePassphrase { config } => {
+            let cfg = PsConfig::load(&config)?;
+            let r = registrar_of(&cfg, &config)?;
+            let pass = r.rotate_passphrase()?;
+            println!("{pass}");
+            eprintln!(
+                "the registration passphrase is replaced (kept in {}); the previous one no longer registers a machine",
+                r.passphrase_path().display()
+            );
+            Ok(())
+        }
+        MachinesCmd::OneTimePassphrase { config, machine } => {
+            let cfg = PsConfig::load(&config)?;
+            let pass = registrar_of(&cfg, &config)?.one_time_passphrase(machine.as_deref())?;
+            println!("{pass}");
+            match machine {
+                Some(m) => eprintln!("registers machine {m} once"),
+                None => eprintln!("registers one machine once"),
+            }
+            Ok(())
+        }
+    }
+}
+
 fn resync(config: &Path, machine: String, disk: Option<String>) -> Result<()> {
     use lifeboat_ps::control;
     let cfg = PsConfig::load(config)?;
@@ -283,7 +442,10 @@ fn init(dir: &Path, machine: &str, listen: &str, store: Option<String>) -> Resul
         }
     }
     pki::create_authority(&dir, &["localhost".to_string(), "127.0.0.1".to_string()])?;
-    pki::issue_machine_cert(&dir, machine, &dir.join("machines").join(machine))?;
+    let registrar = registrar_in(&dir);
+    let passphrase = registrar.create()?;
+    let serial = pki::issue_machine_cert(&dir, machine, &dir.join("machines").join(machine))?;
+    registrar.record(machine, &serial, "init")?;
     let token_path = dir.join(HTTP_TOKEN_FILE);
     if !token_path.exists() {
         std::fs::write(&token_path, format!("{}\n", lifeboat_ps::http::new_token()))
@@ -292,7 +454,8 @@ fn init(dir: &Path, machine: &str, listen: &str, store: Option<String>) -> Resul
     let store = store.unwrap_or_else(|| format!("file://{}/store", dir.display()));
     let cfg = format!(
         r#"# lifeboat-ps configuration, written by `lifeboat-ps init`.
-# Address agents connect to (TLS 1.3, client certificates required).
+# Address agents connect to (TLS 1.3, client certificates required; without
+# one an agent can only register, see [registration]).
 listen = "{listen}"
 # Durable RocksDB cache of received writes.
 cache-dir = "cache"
@@ -344,6 +507,14 @@ url = "{store}"
 # [health]
 # backpressure-free = 20
 
+# Registration: agents without a certificate connect to `listen` and get one
+# with the passphrase in {reg}/passphrase (lifeboat-agent register); every
+# certificate is checked against the revocation list of removed machines
+# (lifeboat-ps machines list|remove|rotate-passphrase|one-time-passphrase).
+[registration]
+ca-key = "{cakey}"
+dir = "{reg}"
+
 # Alerts: a log line, the metric lifeboat_alert_active and, with a webhook, a
 # JSON POST when an alert starts and when it clears (defaults shown).
 # [alerts]
@@ -359,6 +530,8 @@ url = "{store}"
         sk = pki::SERVER_KEY,
         kek = pki::KEK_FILE,
         token = HTTP_TOKEN_FILE,
+        cakey = pki::CA_KEY,
+        reg = REGISTRATION_DIR,
     );
     std::fs::write(&config_path, cfg)?;
     PsConfig::load(&config_path).context("checking the written config")?;
@@ -370,8 +543,14 @@ url = "{store}"
         dir.join("machines").join(machine).display()
     );
     println!(
-        "  key-encryption key: {} -- copy it somewhere safe and offline now; recovery\n    (lifeboat-mt failover --key-file) is impossible without it.",
+        "  key-encryption key: {} -- this is the RECOVERY KEY. Copy it somewhere safe\n    and offline now (e.g. `install -m 0400 {} /media/offline/lifeboat-kek.key`,\n    or print it: `cat {}`); recovery (lifeboat-mt failover --key-file) is\n    impossible without it, and it is never written to the object store.",
+        dir.join(pki::KEK_FILE).display(),
+        dir.join(pki::KEK_FILE).display(),
         dir.join(pki::KEK_FILE).display()
+    );
+    println!(
+        "  registration passphrase: {passphrase}\n    (kept in {}; on each protected machine: lifeboat-agent register --config agent.toml\n    --passphrase-file <a file holding it>; lifeboat-ps machines rotate-passphrase replaces it)",
+        registrar.passphrase_path().display()
     );
     println!(
         "  HTTP status token: {} (for [http], off until enabled in ps.toml)",
