@@ -244,7 +244,13 @@ impl ProcessServer {
                 .iter()
                 .map(|(k, v)| format!("{k} = \"{v}\""))
                 .collect();
-            cfg.push_str(&format!("options = {{ {} }}\n", opts.join(", ")));
+            // Right below the store's url: [store] need not be the last table.
+            let url = cfg
+                .find("\n[store]\nurl = ")
+                .expect("init writes [store] with its url first");
+            let eol = url + 1 + cfg[url + 1..].find('\n').unwrap() + 1;
+            let eol = eol + cfg[eol..].find('\n').unwrap() + 1;
+            cfg.insert_str(eol, &format!("options = {{ {} }}\n", opts.join(", ")));
         }
         std::fs::write(&cfg_path, cfg)?;
         let store_url = store_url

@@ -479,6 +479,14 @@ hello-timeout = "10s"
 idle-timeout = "60s"
 max-connections-per-source = 16
 
+# Registration: agents without a certificate connect to `listen` and get one
+# with the passphrase in {reg}/passphrase (lifeboat-agent register); every
+# certificate is checked against the revocation list of removed machines
+# (lifeboat-ps machines list|remove|rotate-passphrase|one-time-passphrase).
+[registration]
+ca-key = "{cakey}"
+dir = "{reg}"
+
 [store]
 url = "{store}"
 # options = {{ aws_endpoint = "http://127.0.0.1:8014", aws_region = "us-east-1" }}
@@ -506,14 +514,6 @@ url = "{store}"
 # 25% or 45m; below backpressure-free % new writes are refused (0: never).
 # [health]
 # backpressure-free = 20
-
-# Registration: agents without a certificate connect to `listen` and get one
-# with the passphrase in {reg}/passphrase (lifeboat-agent register); every
-# certificate is checked against the revocation list of removed machines
-# (lifeboat-ps machines list|remove|rotate-passphrase|one-time-passphrase).
-[registration]
-ca-key = "{cakey}"
-dir = "{reg}"
 
 # Alerts: a log line, the metric lifeboat_alert_active and, with a webhook, a
 # JSON POST when an alert starts and when it clears (defaults shown).
