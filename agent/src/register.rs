@@ -98,7 +98,7 @@ pub async fn register(cfg: &AgentConfig, server: &str, passphrase: &str) -> Resu
                 _ => "",
             };
             bail!(
-                "{server} refused to register machine {}: {message}{hint}",
+                "{server} refused to register machine {}: {message}{hint} (the server's words, not authenticated)",
                 cfg.machine
             )
         }

@@ -70,9 +70,9 @@ pub fn server_config(ca: &Path, cert: &Path, key: &Path) -> Result<Arc<ServerCon
 /// Server side with a revocation list and, for registration, clients
 /// without a certificate: a client certificate must be signed by `ca` and
 /// not be revoked by the CRL in `crl` (read again whenever the file changes,
-/// so a revocation holds from the next handshake on; no file: nothing
-/// revoked; a file that cannot be read or parsed refuses every certificate,
-/// naming it). With `allow_anonymous` a client may present no certificate
+/// so a revocation holds from the next handshake on; a file that is missing
+/// or cannot be read or parsed refuses every certificate, naming it: moving
+/// the list away must not bring revoked machines back). With `allow_anonymous` a client may present no certificate
 /// at all: such a connection can only register (`register.rs`).
 pub fn server_config_revocable(
     ca: &Path,
@@ -176,16 +176,13 @@ macro_rules! handshake_signatures {
 
 /// What identifies one version of a file: a change of any of these is a
 /// rewrite (the CRL is replaced by rename, so the inode changes too).
-fn file_stamp(path: &Path) -> std::io::Result<Option<(u64, u64, i64, i64)>> {
+fn file_stamp(path: &Path) -> std::io::Result<Stamp> {
     use std::os::unix::fs::MetadataExt;
-    match std::fs::metadata(path) {
-        Ok(m) => Ok(Some((m.ino(), m.len(), m.mtime(), m.mtime_nsec()))),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(e),
-    }
+    let m = std::fs::metadata(path)?;
+    Ok((m.ino(), m.len(), m.mtime(), m.mtime_nsec()))
 }
 
-type Stamp = Option<(u64, u64, i64, i64)>;
+type Stamp = (u64, u64, i64, i64);
 
 /// A client-certificate verifier that checks the CA's revocation list as the
 /// file is now.
@@ -200,8 +197,12 @@ struct RevocableVerifier {
 
 impl RevocableVerifier {
     fn current(&self) -> Result<Arc<dyn ClientCertVerifier>> {
-        let stamp = file_stamp(&self.crl)
-            .with_context(|| format!("reading the revocation list {}", self.crl.display()))?;
+        let stamp = file_stamp(&self.crl).with_context(|| {
+            format!(
+                "reading the revocation list {} (lifeboat-ps init writes it; restore it from a backup)",
+                self.crl.display()
+            )
+        })?;
         let mut g = self.current.lock().unwrap_or_else(|p| p.into_inner());
         if let Some((s, v)) = g.as_ref() {
             if *s == stamp {
@@ -209,23 +210,19 @@ impl RevocableVerifier {
             }
         }
         let mut b = WebPkiClientVerifier::builder_with_provider(self.roots.clone(), provider());
-        if stamp.is_some() {
-            let pem = std::fs::read(&self.crl)
-                .with_context(|| format!("reading the revocation list {}", self.crl.display()))?;
-            let crls: Vec<CertificateRevocationListDer<'static>> =
-                rustls_pemfile::crls(&mut pem.as_slice())
-                    .collect::<Result<_, _>>()
-                    .with_context(|| {
-                        format!("parsing the revocation list {}", self.crl.display())
-                    })?;
-            if crls.is_empty() {
-                return Err(anyhow!(
-                    "no revocation list found in {}",
-                    self.crl.display()
-                ));
-            }
-            b = b.with_crls(crls);
+        let pem = std::fs::read(&self.crl)
+            .with_context(|| format!("reading the revocation list {}", self.crl.display()))?;
+        let crls: Vec<CertificateRevocationListDer<'static>> =
+            rustls_pemfile::crls(&mut pem.as_slice())
+                .collect::<Result<_, _>>()
+                .with_context(|| format!("parsing the revocation list {}", self.crl.display()))?;
+        if crls.is_empty() {
+            return Err(anyhow!(
+                "no revocation list found in {}",
+                self.crl.display()
+            ));
         }
+        b = b.with_crls(crls);
         if self.allow_anonymous {
             b = b.allow_unauthenticated();
         }

@@ -90,6 +90,10 @@ pub struct ServeConfig {
     pub ca_cert: PathBuf,
     pub server_cert: PathBuf,
     pub server_key: PathBuf,
+    /// The CA's revocation list (the process server's
+    /// `<registration dir>/revoked.crl`), checked at every handshake.
+    #[serde(default)]
+    pub crl_file: Option<PathBuf>,
     pub state_dir: PathBuf,
     #[serde(default, rename = "machine")]
     pub machines: Vec<MachineTargets>,
@@ -123,6 +127,9 @@ impl ServeConfig {
             if p.is_relative() {
                 *p = base.join(&*p);
             }
+        }
+        if let Some(p) = cfg.crl_file.as_mut().filter(|p| p.is_relative()) {
+            *p = base.join(&*p);
         }
         let mut seen = std::collections::BTreeSet::new();
         let mut targets = std::collections::BTreeMap::new();
@@ -976,11 +983,17 @@ pub async fn request(state_dir: &Path, req: &Request) -> Result<serde_json::Valu
 /// Runs the master target server until `shutdown`.
 pub async fn run(cfg: ServeConfig, shutdown: CancellationToken) -> Result<()> {
     tls::install_crypto_provider();
-    let acceptor = tokio_rustls::TlsAcceptor::from(tls::server_config(
-        &cfg.ca_cert,
-        &cfg.server_cert,
-        &cfg.server_key,
-    )?);
+    let tls_cfg = match &cfg.crl_file {
+        Some(crl) => tls::server_config_revocable(
+            &cfg.ca_cert,
+            &cfg.server_cert,
+            &cfg.server_key,
+            crl,
+            false,
+        )?,
+        None => tls::server_config(&cfg.ca_cert, &cfg.server_cert, &cfg.server_key)?,
+    };
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls_cfg);
     let sink = Arc::new(DiskSink::new(&cfg)?);
     // One server per state directory: a second would take the control
     // socket and apply to the same targets.

@@ -7,7 +7,8 @@
 //!               replaces it, the old one stops working at once)
 //! registry.json every certificate issued (machine, serial, when, how, and
 //!               when it was removed) and the one-time passphrases (their
-//!               proof keys; a used one records who used it and when)
+//!               proof keys, which register as well as the passphrase does:
+//!               the file is 0600; a used one records who used it and when)
 //! revoked.crl   the CA-signed revocation list of every removed machine's
 //!               certificates; the TLS listener reads it again whenever it
 //!               changes, so a removal holds from the next handshake on
@@ -40,6 +41,9 @@ pub const PASSPHRASE_FILE: &str = "passphrase";
 pub const REGISTRY_FILE: &str = "registry.json";
 pub const CRL_FILE: &str = "revoked.crl";
 const LOCK_FILE: &str = "lock";
+/// Bound of a certificate request (a P-256 one takes about 300 bytes, an
+/// RSA-4096 one under 2 KiB).
+const MAX_CSR_LEN: usize = 8 * 1024;
 
 /// What `registry.json` holds.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -152,10 +156,7 @@ impl Registrar {
             );
         }
         let pass = self.rotate_passphrase()?;
-        self.locked(|r| {
-            write_crl(self, r)?;
-            Ok(())
-        })?;
+        self.locked(|r| write_crl(self, r))?;
         Ok(pass)
     }
 
@@ -197,11 +198,15 @@ impl Registrar {
         Ok(out)
     }
 
-    /// Replaces the standing passphrase and returns the new one.
+    /// Replaces the standing passphrase and returns the new one (under the
+    /// lock, so that no registration is judged against the old one after
+    /// this returns).
     pub fn rotate_passphrase(&self) -> Result<String> {
-        let pass = reg::new_passphrase();
-        replace_file(&self.passphrase_path(), format!("{pass}\n").as_bytes())?;
-        Ok(pass)
+        self.locked(|_| {
+            let pass = reg::new_passphrase();
+            replace_file(&self.passphrase_path(), format!("{pass}\n").as_bytes())?;
+            Ok(pass)
+        })
     }
 
     /// Makes a one-time passphrase (only for `machine`, when given).
@@ -239,9 +244,12 @@ impl Registrar {
     }
 
     /// Revokes every certificate of `machine`; returns their serials. A
-    /// machine that holds none that is not revoked is an error.
+    /// machine that holds none that is not revoked is an error (after the
+    /// revocation list is written again: a removal whose list was never
+    /// written is completed). The registry is written before the list, so
+    /// the list never revokes what the registry does not.
     pub fn remove(&self, machine: &str) -> Result<Vec<String>> {
-        self.locked(|r| {
+        let revoked = self.locked(|r| {
             if !r.machines.iter().any(|m| m.machine == machine) {
                 bail!(
                     "no certificate was issued to machine {machine:?} (see lifeboat-ps machines list)"
@@ -255,12 +263,13 @@ impl Registrar {
                     revoked.push(m.serial.clone());
                 }
             }
-            if revoked.is_empty() {
-                bail!("machine {machine:?} was already removed");
-            }
-            write_crl(self, r)?;
             Ok(revoked)
-        })
+        })?;
+        self.locked(|r| write_crl(self, r))?;
+        if revoked.is_empty() {
+            bail!("machine {machine:?} was already removed");
+        }
+        Ok(revoked)
     }
 
     pub fn list(&self) -> Result<Registry> {
@@ -272,10 +281,12 @@ impl Registrar {
         match self.try_register(q, export, peer) {
             Ok(m) => m,
             Err(e) => {
+                // The details stay in the log: the peer is not authenticated.
                 warn!("registration from {peer}: {e:#}");
                 Message::Refused {
                     code: refusal::SERVER,
-                    message: format!("the process server could not register the machine: {e:#}"),
+                    message: "the process server could not register the machine (its log says why)"
+                        .into(),
                 }
             }
         }
@@ -292,12 +303,22 @@ impl Registrar {
         if let Err(e) = validate_id("machine", &q.machine) {
             return refuse(refusal::REQUEST, e);
         }
-        let standing = std::fs::read_to_string(self.passphrase_path())
-            .with_context(|| format!("reading {}", self.passphrase_path().display()))?;
-        let standing_key = reg::passphrase_key(&standing);
+        if q.csr_der.len() > MAX_CSR_LEN {
+            return refuse(
+                refusal::REQUEST,
+                format!(
+                    "a certificate request of {} bytes (at most {MAX_CSR_LEN})",
+                    q.csr_der.len()
+                ),
+            );
+        }
         let ca_pem = std::fs::read_to_string(&self.ca_cert)
             .with_context(|| format!("reading the CA certificate {}", self.ca_cert.display()))?;
         self.locked(|r| {
+            // Under the lock: a rotation that returned has taken effect.
+            let standing = std::fs::read_to_string(self.passphrase_path())
+                .with_context(|| format!("reading {}", self.passphrase_path().display()))?;
+            let standing_key = reg::passphrase_key(&standing);
             let mut used_one_time = None;
             let proven_standing = standing_key.is_some_and(|k| q.proven_by(&k, export));
             if !proven_standing {
@@ -619,6 +640,8 @@ mod tests {
         assert!(r.remove("nobody").is_err());
         let crl = std::fs::read_to_string(r.crl_path()).unwrap();
         assert!(crl.contains("BEGIN X509 CRL"));
-        assert_eq!(list.crl_number, 2);
+        // create, the removal, and the refused second removal (which writes
+        // the list again).
+        assert_eq!(r.list().unwrap().crl_number, 3);
     }
 }

@@ -277,6 +277,7 @@ fn the_control_socket_and_registry_admit_only_their_owner() {
         "cache/control.sock",
         "registration/passphrase",
         "registration/registry.json",
+        "registration/revoked.crl",
     ] {
         let mode = std::fs::metadata(ps.dir.join(f))
             .unwrap()
@@ -307,4 +308,85 @@ fn the_control_socket_and_registry_admit_only_their_owner() {
     .unwrap();
     let out = text(&o);
     assert!(out.contains("REFUSED"), "{out}");
+}
+
+/// A server that shows the process server's certificate (its key stolen,
+/// say) but does not know the passphrase: whatever it answers, the agent
+/// writes nothing and says why. Its reply carries a certificate and CA of
+/// its own and a proof it could not compute.
+#[test]
+fn an_impostor_server_without_the_passphrase_gets_nothing_written() {
+    use lifeboat_common::register::{self as reg, Message, Reply};
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let ps = ProcessServer::init(&root.join("ps"), None, &[]).unwrap();
+    let port = free_port();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    lifeboat_common::tls::install_crypto_provider();
+    let cfg = lifeboat_common::tls::server_config_revocable(
+        &ps.dir.join("ca.pem"),
+        &ps.dir.join("server.pem"),
+        &ps.dir.join("server.key"),
+        &ps.dir.join("registration/revoked.crl"),
+        true,
+    )
+    .unwrap();
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind(("127.0.0.1", port)))
+        .unwrap();
+    let impostor = rt.spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        let mut tls = tokio_rustls::TlsAcceptor::from(cfg)
+            .accept(tcp)
+            .await
+            .unwrap();
+        let Message::Register(q) = reg::read_message(&mut tls).await.unwrap() else {
+            panic!("expected a registration request")
+        };
+        // A guess at the passphrase: the reply's proof cannot match.
+        let guess = reg::passphrase_key("AAAAA-AAAAA").unwrap();
+        let reply = Reply::new(
+            &guess,
+            &[0; 32],
+            &q,
+            "not a certificate".into(),
+            "not a CA".into(),
+        );
+        reg::write_message(&mut tls, &Message::Registered(reply))
+            .await
+            .unwrap();
+        q.machine
+    });
+    let agent = unregistered(root, "web-1", port, MIB);
+    let pass = root.join("pass");
+    std::fs::write(
+        &pass,
+        std::fs::read(ps.dir.join("registration/passphrase")).unwrap(),
+    )
+    .unwrap();
+    let o = register(&agent, &pass);
+    let asked_for = rt.block_on(impostor).unwrap();
+    assert_eq!(asked_for, "web-1");
+    assert!(!o.status.success());
+    assert!(
+        text(&o).contains("without proof that it knows the passphrase"),
+        "{}",
+        text(&o)
+    );
+    for f in ["ca.pem", "client.pem", "client.key"] {
+        assert!(!agent.dir.join("certs").join(f).exists(), "{f} was written");
+    }
+
+    // Without its revocation list the listener refuses to start, naming it:
+    // moving the list away must not bring removed machines back.
+    std::fs::remove_file(ps.dir.join("registration/revoked.crl")).unwrap();
+    let e = lifeboat_common::tls::server_config_revocable(
+        &ps.dir.join("ca.pem"),
+        &ps.dir.join("server.pem"),
+        &ps.dir.join("server.key"),
+        &ps.dir.join("registration/revoked.crl"),
+        true,
+    )
+    .unwrap_err();
+    assert!(format!("{e:#}").contains("revoked.crl"), "{e:#}");
 }

@@ -216,7 +216,13 @@ pub async fn serve_authenticated<S: StreamSink>(
         tracing::warn!("{peer} presented no client certificate");
         return;
     };
-    let auth = move |machine: &str| crate::tls::cert_allows_machine(&cert, machine);
+    // A machine removed after this handshake is refused, even though its
+    // certificate passed the revocation list as it was then.
+    let authenticated = std::time::Instant::now();
+    let auth = |machine: &str| {
+        crate::tls::cert_allows_machine(&cert, machine)
+            && !sessions.removed_since(machine, authenticated)
+    };
     let io = Limited::new(tls, deadlines.hello, deadlines.idle);
     if let Err(e) = serve_connection(io, &peer.to_string(), &auth, sink, sessions, shutdown).await {
         tracing::warn!("connection from {peer}: {e}");
@@ -289,6 +295,14 @@ where
                 return Err(ReceiveError::Conflict(msg));
             }
         };
+    // Again now that the slot is taken: a removal between the check above
+    // and the claim found no slot to cut.
+    if !auth.allows(&machine) {
+        sessions.release(&machine, generation);
+        let e = ReceiveError::NotAllowed(machine.clone());
+        send_error(&mut wr, error_code::AUTH, &e.to_string()).await;
+        return Err(e);
+    }
     let result = async {
         let _exclusive = tokio::select! {
             g = lock.lock() => g,

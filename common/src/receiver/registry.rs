@@ -142,6 +142,9 @@ struct Slot {
 #[derive(Default)]
 pub struct Sessions {
     slots: std::sync::Mutex<HashMap<String, Slot>>,
+    /// When each removed machine was removed (`cut`): a connection
+    /// authenticated before that is refused even if its hello comes later.
+    removed: std::sync::Mutex<HashMap<String, std::time::Instant>>,
     next_generation: std::sync::atomic::AtomicU64,
     pub(super) watchers: Arc<Watchers>,
     pub(super) groups: Arc<GroupWaiters>,
@@ -167,6 +170,13 @@ impl Sessions {
     /// Ends the machine's live session, if it has one (its machine was
     /// removed: its certificate is revoked, so it cannot come back).
     pub fn cut(&self, machine: &str) -> bool {
+        // Recorded first: a connection that claims a slot after this sees it
+        // (`removed_since`, checked after the claim), one that claimed
+        // before is cancelled below.
+        self.removed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(machine.to_string(), std::time::Instant::now());
         let slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
         match slots.get(machine) {
             Some(s) => {
@@ -175,6 +185,16 @@ impl Sessions {
             }
             None => false,
         }
+    }
+
+    /// Whether `machine` was removed (`cut`) after `authenticated` (when
+    /// its connection's handshake ended).
+    pub fn removed_since(&self, machine: &str, authenticated: std::time::Instant) -> bool {
+        self.removed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(machine)
+            .is_some_and(|t| *t >= authenticated)
     }
 
     /// Opens a group link to the machine's live session: refused by name when

@@ -164,9 +164,23 @@ fn real_main(cli: Cli) -> Result<()> {
         Cmd::IssueCert { dir, machine } => {
             let out = dir.join("machines").join(&machine);
             let serial = pki::issue_machine_cert(&dir, &machine, &out)?;
-            let reg_dir = dir.join(REGISTRATION_DIR);
-            if reg_dir.is_dir() {
-                registrar_in(&dir).record(&machine, &serial, "issue-cert")?;
+            // Recorded where ps.toml's [registration] says, else where init
+            // puts it, so that `machines remove` can revoke it.
+            let config = dir.join("ps.toml");
+            let registrar = match config.exists() {
+                true => {
+                    let cfg = PsConfig::load(&config)?;
+                    cfg.registration
+                        .as_ref()
+                        .map(|r| lifeboat_ps::registration::Registrar::new(r, &cfg.ca_cert))
+                }
+                false => Some(registrar_in(&dir)).filter(|r| r.dir.is_dir()),
+            };
+            match registrar {
+                Some(r) => r.record(&machine, &serial, "issue-cert")?,
+                None => eprintln!(
+                    "lifeboat-ps: warning: no [registration] to record the certificate in: `machines remove` cannot revoke it"
+                ),
             }
             println!(
                 "issued a client certificate for {machine} in {} (serial {serial})",
@@ -339,7 +353,7 @@ fn machines(cmd: MachinesCmd) -> Result<()> {
                 }
                 Ok(_) => println!("it had no live session"),
                 Err(e) => println!(
-                    "the running server was not told ({e:#}); it refuses the machine anyway"
+                    "the running server was not told ({e:#}): it refuses the machine's next connection, but a session it has open goes on until it ends or the server restarts"
                 ),
             }
             Ok(())
