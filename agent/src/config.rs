@@ -244,6 +244,10 @@ pub struct AgentConfig {
     /// App-consistent points: schedule, scripts, filesystems to freeze.
     #[serde(default)]
     pub app: AppConfig,
+    /// What the agent sends to the process server, at most this fast, by
+    /// time of day (`lifeboat_common::bandwidth`); unlimited by default.
+    #[serde(default)]
+    pub bandwidth: lifeboat_common::bandwidth::Schedule,
     #[serde(rename = "disk")]
     pub disks: Vec<DiskConfig>,
 }
@@ -277,6 +281,9 @@ impl AgentConfig {
 
     /// Checks every value; an error names the key (and the disk).
     pub fn validate(&self) -> Result<()> {
+        self.bandwidth
+            .validate()
+            .map_err(|e| anyhow::anyhow!("[bandwidth]: {e}"))?;
         lifeboat_common::ids::validate_id("machine", &self.machine).map_err(anyhow::Error::msg)?;
         if self
             .server

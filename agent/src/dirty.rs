@@ -77,7 +77,8 @@ pub struct DirtyMap {
     file_lock: tokio::sync::Mutex<()>,
 }
 
-fn encode(bits: &[bool]) -> Vec<u8> {
+/// The activity log of `bits` (one per region), sealed in its envelope.
+pub fn encode(bits: &[bool]) -> Vec<u8> {
     let mut out = (bits.len() as u64).to_be_bytes().to_vec();
     let mut bytes = vec![0u8; bits.len().div_ceil(8)];
     for (i, b) in bits.iter().enumerate() {
@@ -89,7 +90,9 @@ fn encode(bits: &[bool]) -> Vec<u8> {
     formats::seal::<ActivityLog>(&out)
 }
 
-fn decode(buf: &[u8], regions: usize) -> Result<Vec<bool>> {
+/// Reads an activity log of a disk of `regions` regions (public for the
+/// fuzz target).
+pub fn decode(buf: &[u8], regions: usize) -> Result<Vec<bool>> {
     let p = formats::open::<ActivityLog>(buf)?;
     let mut r = Reader::new(p);
     let n = r.u64("region count")? as usize;

@@ -120,7 +120,7 @@ fn list_files(dir: &Path) -> Result<Vec<(u64, PathBuf)>> {
 }
 
 /// Encodes one record onto `out`.
-fn encode_record(out: &mut Vec<u8>, e: &Entry) {
+pub fn encode_record(out: &mut Vec<u8>, e: &Entry) {
     formats::append::<JournalRecord>(out, |o| e.encode(o));
 }
 
@@ -131,6 +131,12 @@ fn encode_record(out: &mut Vec<u8>, e: &Entry) {
 fn read_file(path: &Path) -> Result<(Vec<Entry>, u64, Option<String>)> {
     let data =
         Bytes::from(std::fs::read(path).with_context(|| format!("reading {}", path.display()))?);
+    read_records(data, path)
+}
+
+/// [`read_file`] of bytes already read (`path` names them in errors); public
+/// for the fuzz target.
+pub fn read_records(data: Bytes, path: &Path) -> Result<(Vec<Entry>, u64, Option<String>)> {
     let mut entries: Vec<Entry> = Vec::new();
     let mut pos = 0usize;
     while pos < data.len() {

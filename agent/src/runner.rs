@@ -153,6 +153,9 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<()> {
             stream_id,
             groups: groups.clone(),
             finals: finals.clone(),
+            bandwidth: Arc::new(lifeboat_common::bandwidth::Limiter::new(
+                cfg.bandwidth.clone(),
+            )),
         },
         stream.clone(),
         link.clone(),

@@ -63,6 +63,8 @@ pub struct SenderConfig {
     pub groups: Arc<crate::grouppoint::GroupHold>,
     /// A planned failover's final point (`finalpoint.rs`).
     pub finals: Arc<crate::finalpoint::FinalPoints>,
+    /// `[bandwidth]`: the stream's entries go at most this fast.
+    pub bandwidth: Arc<lifeboat_common::bandwidth::Limiter>,
 }
 
 /// How often a session looks for a pending checksum resync to resume.
@@ -495,6 +497,12 @@ async fn session(
                 continue;
             }
             for f in frames {
+                if let (Frame::Writes(entries), false) = (&f, cfg.bandwidth.is_unlimited()) {
+                    // Flushed first: what is buffered is sent while waiting.
+                    wr.flush().await?;
+                    let bytes: usize = entries.iter().map(|e| e.encoded_len()).sum();
+                    cfg.bandwidth.acquire(bytes as u64).await;
+                }
                 // A version 3 server reads tags without their source.
                 write_frame(&mut wr, &f.for_version(version)).await?;
             }

@@ -2,6 +2,7 @@
 //! logic (no I/O), the receiving side of a session, the object-store layout and
 //! its formats, sealing (zstd + AES-256-GCM), TLS helpers, ids.
 
+pub mod bandwidth;
 pub mod base;
 pub mod catalogue;
 pub mod churn;

@@ -106,6 +106,28 @@ pub struct PsConfig {
     /// absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub registration: Option<RegistrationConfig>,
+    /// Upload limits by time of day (`lifeboat_common::bandwidth`).
+    #[serde(default)]
+    pub bandwidth: BandwidthConfig,
+}
+
+/// `[bandwidth]` of ps.toml.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct BandwidthConfig {
+    /// Every segment upload of this server together (default unlimited).
+    #[serde(default)]
+    pub upload: lifeboat_common::bandwidth::Schedule,
+    /// A machine's own upload limit, on top of the server's.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub machine: Vec<MachineBandwidth>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct MachineBandwidth {
+    pub name: String,
+    pub upload: lifeboat_common::bandwidth::Schedule,
 }
 
 /// `[registration]` of ps.toml.
@@ -554,6 +576,25 @@ impl PsConfig {
             for p in [&mut r.ca_key, &mut r.dir] {
                 if p.is_relative() {
                     *p = base.join(&*p);
+                }
+            }
+        }
+        {
+            let b = &cfg.bandwidth;
+            b.upload
+                .validate()
+                .map_err(|e| anyhow::anyhow!("{}: [bandwidth] upload: {e}", path.display()))?;
+            let mut seen = std::collections::BTreeSet::new();
+            for m in &b.machine {
+                m.upload.validate().map_err(|e| {
+                    anyhow::anyhow!("{}: [[bandwidth.machine]] {}: {e}", path.display(), m.name)
+                })?;
+                if !seen.insert(m.name.as_str()) {
+                    anyhow::bail!(
+                        "{}: [[bandwidth.machine]] {} is listed twice",
+                        path.display(),
+                        m.name
+                    );
                 }
             }
         }

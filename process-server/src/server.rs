@@ -85,6 +85,7 @@ pub struct PsSink {
     kek: Key,
     ownership: Arc<Ownership>,
     monitor: Arc<Monitor>,
+    limits: Arc<uploader::UploadLimits>,
     uploaders: Mutex<HashMap<String, Arc<MachineUploader>>>,
     tasks: tokio_util::task::TaskTracker,
     cancel: CancellationToken,
@@ -109,6 +110,7 @@ impl PsSink {
             kek: self.kek.clone(),
             ownership: self.ownership.clone(),
             monitor: self.monitor.clone(),
+            limits: self.limits.clone(),
             cancel: self.cancel.clone(),
         };
         let span = tracing::info_span!("upload", machine = %machine);
@@ -414,6 +416,7 @@ pub async fn run(cfg: PsConfig, shutdown: CancellationToken) -> Result<()> {
         kek,
         ownership,
         monitor: monitor.clone(),
+        limits: Arc::new(uploader::UploadLimits::new(&cfg.bandwidth)),
         uploaders: Mutex::new(HashMap::new()),
         tasks: tokio_util::task::TaskTracker::new(),
         cancel: upload_cancel.clone(),

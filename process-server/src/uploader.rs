@@ -419,7 +419,38 @@ pub struct UploadEnv {
     pub ownership: Arc<Ownership>,
     /// Told what is stored (status: RPO, points).
     pub monitor: Arc<crate::monitor::Monitor>,
+    /// `[bandwidth]`: segment uploads at most this fast.
+    pub limits: Arc<UploadLimits>,
     pub cancel: CancellationToken,
+}
+
+/// The upload limits of `[bandwidth]`: the server's, and each listed
+/// machine's; a segment waits for both before its PUT.
+pub struct UploadLimits {
+    server: lifeboat_common::bandwidth::Limiter,
+    machines: std::collections::HashMap<String, lifeboat_common::bandwidth::Limiter>,
+}
+
+impl UploadLimits {
+    pub fn new(cfg: &crate::config::BandwidthConfig) -> UploadLimits {
+        use lifeboat_common::bandwidth::Limiter;
+        UploadLimits {
+            server: Limiter::new(cfg.upload.clone()),
+            machines: cfg
+                .machine
+                .iter()
+                .map(|m| (m.name.clone(), Limiter::new(m.upload.clone())))
+                .collect(),
+        }
+    }
+
+    /// Waits until `bytes` of `machine` may be uploaded.
+    pub async fn acquire(&self, machine: &str, bytes: u64) {
+        if let Some(l) = self.machines.get(machine) {
+            l.acquire(bytes).await;
+        }
+        self.server.acquire(bytes).await;
+    }
 }
 
 /// What an upload task needs to check, cheaply, that this server still owns
@@ -479,6 +510,7 @@ pub async fn run_machine(env: UploadEnv, me: Arc<MachineUploader>) {
         kek,
         ownership,
         monitor,
+        limits,
         cancel,
     } = env;
     let machine = me.machine.clone();
@@ -746,6 +778,7 @@ pub async fn run_machine(env: UploadEnv, me: Arc<MachineUploader>) {
             check.clone(),
             fences.clone(),
             monitor.clone(),
+            limits.clone(),
             cancel.clone(),
         );
         let signal = done.clone();
@@ -776,6 +809,7 @@ async fn upload_segment(
     check: Arc<OwnerCheck>,
     fences: Arc<Fences>,
     monitor: Arc<crate::monitor::Monitor>,
+    limits: Arc<UploadLimits>,
     cancel: CancellationToken,
 ) -> Option<()> {
     let first = entries.first()?.seq;
@@ -965,6 +999,12 @@ async fn upload_segment(
             fenced(e);
             return None;
         }
+    }
+    // Under [bandwidth]; an upload slot waits here, so at most
+    // upload-concurrency segments of a machine wait at once.
+    tokio::select! {
+        _ = limits.acquire(&machine, sealed.len() as u64) => {}
+        _ = cancel.cancelled() => return None,
     }
     // Checked right before the put; created, never overwritten. The same
     // entries sealed again (a re-upload after a restart) are the same segment.
