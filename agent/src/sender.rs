@@ -501,7 +501,30 @@ async fn session(
                     // Flushed first: what is buffered is sent while waiting.
                     wr.flush().await?;
                     let bytes: usize = entries.iter().map(|e| e.encoded_len()).sum();
-                    cfg.bandwidth.acquire(bytes as u64).await;
+                    // A low rate can hold a 4 MiB batch for longer than the
+                    // server's idle timeout: pings go on while it waits.
+                    let allowed = cfg.bandwidth.acquire(bytes as u64);
+                    tokio::pin!(allowed);
+                    loop {
+                        tokio::select! {
+                            _ = &mut allowed => break,
+                            // Replies to the receiver (group points, final
+                            // points, resync hashes) do not wait for data.
+                            Some(c) = ctl_rx.recv() => {
+                                write_frame(&mut wr, &c).await?;
+                                wr.flush().await?;
+                            }
+                            _ = tokio::time::sleep(PING_INTERVAL) => {
+                                nonce += 1;
+                                write_frame(&mut wr, &Frame::Ping { nonce, reply: false }).await?;
+                                wr.flush().await?;
+                            }
+                            _ = cancel.cancelled() => {
+                                let _ = wr.shutdown().await;
+                                return Ok(());
+                            }
+                        }
+                    }
                 }
                 // A version 3 server reads tags without their source.
                 write_frame(&mut wr, &f.for_version(version)).await?;

@@ -79,3 +79,51 @@ fn the_process_servers_upload_limit_paces_its_puts() {
     assert!(took >= AT_LEAST, "12 MiB uploaded at {RATE} in {took:.2} s");
     agent.stop_clean();
 }
+
+/// A rate so low that one batch waits longer than the server's idle timeout:
+/// the agent pings while it waits, so its session is never closed for
+/// silence (one session from start to end), and the data arrives whole.
+#[test]
+fn a_batch_held_longer_than_the_idle_timeout_keeps_its_session() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let size = 3 * MIB;
+    let mut ps = ProcessServer::init(&root.join("ps"), None, &[]).unwrap();
+    let cfg = ps.dir.join("ps.toml");
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("idle-timeout = \"60s\"", "idle-timeout = \"20s\"");
+    std::fs::write(&cfg, text).unwrap();
+    ps.start().unwrap();
+    // 3 MiB at 100 kB/s: about 31 s, most of it one batch.
+    let mut agent = Agent::configure(
+        &root.join("agent"),
+        "machine-1",
+        &ps.dir.join("machines/machine-1"),
+        ps.port,
+        &[("root", size)],
+        "[bandwidth]\nlimit = \"100kB/s\"\n",
+    )
+    .unwrap();
+    fill_random(&agent.image("root"), 0, size, &mut Rng(0x1d1e));
+    agent.start().unwrap();
+    agent.wait_synced(Duration::from_secs(180)).unwrap();
+    let seq = agent.tag().unwrap();
+    wait_stored(
+        &ps.store_url,
+        "machine-1",
+        &[],
+        seq,
+        Duration::from_secs(60),
+    )
+    .unwrap();
+    let out = ps.failover_ok("machine-1", &seq.to_string(), &root.join("out"));
+    assert_same(&out.join("root.raw"), &agent.image("root"));
+    let log = ps.log();
+    assert_eq!(
+        log.matches("session started").count(),
+        1,
+        "the session was closed and restarted:\n{log}"
+    );
+    agent.stop_clean();
+}
