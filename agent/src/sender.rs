@@ -200,6 +200,21 @@ pub async fn run(
     }
 }
 
+/// The next keep-alive ping.
+fn ping(nonce: &mut u64) -> Frame {
+    *nonce += 1;
+    Frame::Ping {
+        nonce: *nonce,
+        reply: false,
+    }
+}
+
+/// Writes `f` and flushes: a frame that must not wait behind a batch.
+async fn send_now<W: tokio::io::AsyncWrite + Unpin>(wr: &mut W, f: &Frame) -> std::io::Result<()> {
+    write_frame(wr, f).await?;
+    wr.flush().await
+}
+
 /// A read error of the first reply, with what the server's TLS alert means
 /// for this machine when it refused the certificate (TLS 1.3 reports the
 /// client certificate's verdict only after the handshake).
@@ -480,14 +495,9 @@ async fn session(
                 }
                 tokio::select! {
                     _ = notified => {}
-                    Some(f) = ctl_rx.recv() => {
-                        write_frame(&mut wr, &f).await?;
-                        wr.flush().await?;
-                    }
+                    Some(f) = ctl_rx.recv() => send_now(&mut wr, &f).await?,
                     _ = tokio::time::sleep(PING_INTERVAL) => {
-                        nonce += 1;
-                        write_frame(&mut wr, &Frame::Ping { nonce, reply: false }).await?;
-                        wr.flush().await?;
+                        send_now(&mut wr, &ping(&mut nonce)).await?;
                     }
                     _ = cancel.cancelled() => {
                         let _ = wr.shutdown().await;
@@ -510,14 +520,9 @@ async fn session(
                             _ = &mut allowed => break,
                             // Replies to the receiver (group points, final
                             // points, resync hashes) do not wait for data.
-                            Some(c) = ctl_rx.recv() => {
-                                write_frame(&mut wr, &c).await?;
-                                wr.flush().await?;
-                            }
+                            Some(c) = ctl_rx.recv() => send_now(&mut wr, &c).await?,
                             _ = tokio::time::sleep(PING_INTERVAL) => {
-                                nonce += 1;
-                                write_frame(&mut wr, &Frame::Ping { nonce, reply: false }).await?;
-                                wr.flush().await?;
+                                send_now(&mut wr, &ping(&mut nonce)).await?;
                             }
                             _ = cancel.cancelled() => {
                                 let _ = wr.shutdown().await;

@@ -68,7 +68,8 @@ pub mod refusal {
     pub const DISABLED: u16 = 5;
 }
 
-/// A new random passphrase, `XXXXX-XXXXX-XXXXX-XXXXX-XXXXX`.
+/// A new random passphrase: [`PASSPHRASE_GROUPS`] groups of five characters of
+/// the alphabet above, joined by '-'.
 pub fn new_passphrase() -> String {
     use ring::rand::SecureRandom;
     let mut raw = [0u8; PASSPHRASE_GROUPS * 5];

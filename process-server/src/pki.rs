@@ -93,20 +93,10 @@ pub fn new_serial() -> String {
     lifeboat_common::hex(&b)
 }
 
-fn serial_bytes(serial_hex: &str) -> Result<Vec<u8>> {
-    (0..serial_hex.len())
-        .step_by(2)
-        .map(|i| {
-            serial_hex
-                .get(i..i + 2)
-                .and_then(|h| u8::from_str_radix(h, 16).ok())
-                .ok_or_else(|| anyhow::anyhow!("{serial_hex:?} is not a hex serial number"))
-        })
-        .collect()
-}
-
 pub fn serial_number(serial_hex: &str) -> Result<SerialNumber> {
-    Ok(SerialNumber::from_slice(&serial_bytes(serial_hex)?))
+    let b = lifeboat_common::unhex::<16>(serial_hex)
+        .ok_or_else(|| anyhow::anyhow!("{serial_hex:?} is not a serial number (32 hex digits)"))?;
+    Ok(SerialNumber::from_slice(&b))
 }
 
 /// The parameters of a client certificate for `machine` with `serial`.

@@ -101,10 +101,6 @@ fn now_text() -> String {
     humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
 }
 
-fn key_hex(k: &[u8; 32]) -> String {
-    lifeboat_common::hex(k)
-}
-
 /// The registration directory with the CA that signs for it.
 #[derive(Debug, Clone)]
 pub struct Registrar {
@@ -218,7 +214,7 @@ impl Registrar {
         let key = reg::passphrase_key(&pass).expect("a new passphrase is not empty");
         self.locked(|r| {
             r.one_time.push(OneTime {
-                key: key_hex(&key),
+                key: lifeboat_common::hex(&key),
                 machine: machine.map(str::to_string),
                 created: now_text(),
                 used: None,
@@ -323,7 +319,7 @@ impl Registrar {
             let proven_standing = standing_key.is_some_and(|k| q.proven_by(&k, export));
             if !proven_standing {
                 let found = r.one_time.iter().position(|o| {
-                    parse_key(&o.key).is_some_and(|k| q.proven_by(&k, export))
+                    lifeboat_common::unhex::<32>(&o.key).is_some_and(|k| q.proven_by(&k, export))
                 });
                 match found {
                     None => {
@@ -406,7 +402,7 @@ impl Registrar {
             let key = if proven_standing {
                 standing_key.expect("proven")
             } else {
-                parse_key(&r.one_time[used_one_time.expect("proven")].key).expect("parsed")
+                lifeboat_common::unhex::<32>(&r.one_time[used_one_time.expect("proven")].key).expect("parsed")
             };
             info!(
                 "registered machine {} from {peer}: certificate serial {serial} ({} passphrase)",
@@ -422,17 +418,6 @@ impl Registrar {
             )))
         })
     }
-}
-
-fn parse_key(hex: &str) -> Option<[u8; 32]> {
-    if hex.len() != 64 {
-        return None;
-    }
-    let mut k = [0u8; 32];
-    for (i, b) in k.iter_mut().enumerate() {
-        *b = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
-    }
-    Some(k)
 }
 
 /// Rewrites the revocation list from the registry (under its lock).

@@ -15,15 +15,17 @@ const SIZE: u64 = 12 * MIB;
 const RATE: &str = "4MB/s";
 const AT_LEAST: f64 = SIZE as f64 / 4e6 * 0.8;
 
+/// A `size`-byte random disk protected from scratch with `agent_extra` in
+/// agent.toml, after `edit_ps` changed the server's config; returns once its
+/// point is stored and failed over byte-equal, with the seconds it took.
 fn protect(
     root: &std::path::Path,
+    size: u64,
     agent_extra: &str,
-    ps_extra: &str,
+    edit_ps: impl FnOnce(&ProcessServer),
 ) -> (ProcessServer, Agent, f64) {
     let mut ps = ProcessServer::init(&root.join("ps"), None, &[]).unwrap();
-    if !ps_extra.is_empty() {
-        ps.append_config(ps_extra);
-    }
+    edit_ps(&ps);
     ps.start().unwrap();
     let certs = ps.dir.join("machines/machine-1");
     let mut agent = Agent::configure(
@@ -31,14 +33,14 @@ fn protect(
         "machine-1",
         &certs,
         ps.port,
-        &[("root", SIZE)],
+        &[("root", size)],
         agent_extra,
     )
     .unwrap();
-    fill_random(&agent.image("root"), 0, SIZE, &mut Rng(0xba4d));
+    fill_random(&agent.image("root"), 0, size, &mut Rng(0xba4d));
     let start = Instant::now();
     agent.start().unwrap();
-    agent.wait_synced(Duration::from_secs(120)).unwrap();
+    agent.wait_synced(Duration::from_secs(180)).unwrap();
     let seq = agent.tag().unwrap();
     wait_stored(
         &ps.store_url,
@@ -49,7 +51,7 @@ fn protect(
     )
     .unwrap();
     let took = start.elapsed().as_secs_f64();
-    eprintln!("{SIZE} bytes protected and stored in {took:.2} s");
+    eprintln!("{size} bytes protected and stored in {took:.2} s");
     let out = ps.failover_ok("machine-1", &seq.to_string(), &root.join("out"));
     assert_same(&out.join("root.raw"), &agent.image("root"));
     (ps, agent, took)
@@ -63,7 +65,7 @@ fn the_agents_limit_paces_what_it_sends() {
     let extra = format!(
         "[bandwidth]\nlimit = \"{RATE}\"\n[[bandwidth.window]]\nfrom = \"00:00\"\nto = \"23:59\"\nlimit = \"{RATE}\"\n"
     );
-    let (_ps, mut agent, took) = protect(tmp.path(), &extra, "");
+    let (_ps, mut agent, took) = protect(tmp.path(), SIZE, &extra, |_| {});
     assert!(took >= AT_LEAST, "12 MiB at {RATE} arrived in {took:.2} s");
     agent.stop_clean();
 }
@@ -75,7 +77,7 @@ fn the_process_servers_upload_limit_paces_its_puts() {
         "[bandwidth]\nupload = {{ limit = \"unlimited\", window = [{{ from = \"00:00\", to = \"24:00\", limit = \"{RATE}\" }}] }}\n\
          [[bandwidth.machine]]\nname = \"machine-1\"\nupload = {{ limit = \"1GB/s\" }}\n"
     );
-    let (_ps, mut agent, took) = protect(tmp.path(), "", &extra);
+    let (_ps, mut agent, took) = protect(tmp.path(), SIZE, "", |ps| ps.append_config(&extra));
     assert!(took >= AT_LEAST, "12 MiB uploaded at {RATE} in {took:.2} s");
     agent.stop_clean();
 }
@@ -86,39 +88,19 @@ fn the_process_servers_upload_limit_paces_its_puts() {
 #[test]
 fn a_batch_held_longer_than_the_idle_timeout_keeps_its_session() {
     let tmp = tempfile::tempdir().unwrap();
-    let root = tmp.path();
-    let size = 3 * MIB;
-    let mut ps = ProcessServer::init(&root.join("ps"), None, &[]).unwrap();
-    let cfg = ps.dir.join("ps.toml");
-    let text = std::fs::read_to_string(&cfg)
-        .unwrap()
-        .replace("idle-timeout = \"60s\"", "idle-timeout = \"20s\"");
-    std::fs::write(&cfg, text).unwrap();
-    ps.start().unwrap();
     // 3 MiB at 100 kB/s: about 31 s, most of it one batch.
-    let mut agent = Agent::configure(
-        &root.join("agent"),
-        "machine-1",
-        &ps.dir.join("machines/machine-1"),
-        ps.port,
-        &[("root", size)],
+    let (ps, mut agent, _) = protect(
+        tmp.path(),
+        3 * MIB,
         "[bandwidth]\nlimit = \"100kB/s\"\n",
-    )
-    .unwrap();
-    fill_random(&agent.image("root"), 0, size, &mut Rng(0x1d1e));
-    agent.start().unwrap();
-    agent.wait_synced(Duration::from_secs(180)).unwrap();
-    let seq = agent.tag().unwrap();
-    wait_stored(
-        &ps.store_url,
-        "machine-1",
-        &[],
-        seq,
-        Duration::from_secs(60),
-    )
-    .unwrap();
-    let out = ps.failover_ok("machine-1", &seq.to_string(), &root.join("out"));
-    assert_same(&out.join("root.raw"), &agent.image("root"));
+        |ps| {
+            let cfg = ps.dir.join("ps.toml");
+            let text = std::fs::read_to_string(&cfg)
+                .unwrap()
+                .replace("idle-timeout = \"60s\"", "idle-timeout = \"20s\"");
+            std::fs::write(&cfg, text).unwrap();
+        },
+    );
     let log = ps.log();
     assert_eq!(
         log.matches("session started").count(),
