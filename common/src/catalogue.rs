@@ -17,6 +17,10 @@
 //!                                                from this seq until the next point
 //!     epochs/<epoch:016x>.json                   a takeover: the owner of this epoch
 //!                                                continued the stream after seq `after`
+//!     failed-over.json                           the machine was failed over (written
+//!                                                by `lifeboat-mt failover`, removed by
+//!                                                the process server when the agent
+//!                                                rebases; [`FailedOverRecord`])
 //! ```
 //!
 //! Takeovers ([`EpochRecord`], `owner.rs`): a process server that takes a
@@ -90,6 +94,28 @@ pub fn epoch_object(machine: &str, epoch: u64) -> String {
 }
 pub fn point_object(machine: &str, seq: u64) -> String {
     format!("machines/{machine}/points/{seq:016x}.json")
+}
+pub fn failed_over_object(machine: &str) -> String {
+    format!("machines/{machine}/failed-over.json")
+}
+
+/// `failed-over.json`: a failover (not a drill) recovered the machine at
+/// `point`. From then on the machine's disks may be written by something its
+/// agent's journal does not describe (a failback applies the recovered
+/// side's writes to them), so the process server does not let the agent
+/// resume that journal: the next session rebases (a checksum resync of every
+/// disk against the stored replica), and the record is removed.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub struct FailedOverRecord {
+    pub format: u32,
+    pub machine: String,
+    /// The point's id and seq.
+    pub point: String,
+    pub seq: u64,
+    pub at_ms: u64,
+    /// `at_ms` as UTC text, for the operator.
+    pub at: String,
 }
 
 /// `machine.json`.

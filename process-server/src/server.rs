@@ -35,6 +35,9 @@ use crate::ownership::Ownership;
 use crate::uploader::{self, MachineUploader};
 
 pub const MAX_CONNECTIONS: usize = 1024;
+/// How long a hello waits to learn whether the machine was failed over
+/// (`failed-over.json`) before the session goes on without knowing.
+const FAILED_OVER_LOOKUP: Duration = Duration::from_secs(3);
 /// How often a cache that failed a write is probed (and, with room again,
 /// reopened): [`Cache::recover`].
 pub const CACHE_RECOVERY_INTERVAL: Duration = Duration::from_secs(1);
@@ -232,6 +235,43 @@ impl PsSink {
         Ok(())
     }
 
+    /// What `failed-over.json` says, if the machine was failed over since
+    /// its last rebase. One that does not authenticate counts too (a rebase
+    /// costs a resync; resuming a journal the disks outgrew loses data). The
+    /// store unreachable: `None` with a warning, so that sessions still open
+    /// in an outage (the cache takes the writes); the next hello looks again.
+    async fn failed_over(&self, machine: &str) -> Option<String> {
+        let name = catalogue::failed_over_object(machine);
+        let what = self.store.describe(&name);
+        let got = tokio::time::timeout(FAILED_OVER_LOOKUP, self.store.get(&name)).await;
+        let bytes = match got {
+            Ok(Ok(Some(b))) => b,
+            Ok(Ok(None)) => return None,
+            Ok(Err(e)) => {
+                warn!(%machine, "cannot read {what} ({e}); the session resumes the agent's journal");
+                return None;
+            }
+            Err(_) => {
+                warn!(%machine, "reading {what} took over {FAILED_OVER_LOOKUP:?}; the session resumes the agent's journal");
+                return None;
+            }
+        };
+        let opened = async {
+            let keys = uploader::machine_keys(&self.store, &self.kek, machine).await?;
+            let rec: catalogue::FailedOverRecord =
+                catalogue::open_record(&keys.catalogue, &self.store, &name, &bytes)?;
+            anyhow::Ok(rec)
+        }
+        .await;
+        Some(match opened {
+            Ok(r) => format!(
+                "machine {machine} was failed over at point {} (seq {}) at {}",
+                r.point, r.seq, r.at
+            ),
+            Err(e) => format!("{what} does not authenticate ({e:#}); taking it as a failover"),
+        })
+    }
+
     /// Moves `machines/<m>/<rest>` to `machines/<m>/orphaned/<rest>`.
     async fn orphan(&self, object: &str) -> Result<()> {
         let (dir, rest) = object
@@ -273,17 +313,24 @@ impl StreamSink for PsSink {
         if known.is_none() {
             self.adopt_from_store(machine).await?;
         }
+        let failed_over = self.failed_over(machine).await;
         let cache = self.cache.clone();
         let m = machine.to_string();
         let disks = disks.to_vec();
+        let fenced = failed_over.is_some();
         let opened = tokio::task::spawn_blocking(move || -> Result<(Opened, u64)> {
             let old = cache.machine(&m)?;
-            let held = match old.as_ref().and_then(|r| r.stream_id.as_deref()) {
+            let mut held = match old.as_ref().and_then(|r| r.stream_id.as_deref()) {
                 Some(h) => lifeboat_common::unhex::<16>(h).with_context(|| {
                     format!("the machine record of {m} has a malformed stream id {h:?}")
                 })?,
                 None => stream_id,
             };
+            // The agent must not resume its journal: a new numbering here
+            // makes it rebase (a checksum resync of every disk).
+            if fenced && held == stream_id {
+                held = lifeboat_common::ids::new_stream_id();
+            }
             let disks = match &old {
                 Some(old) if held != stream_id => old.disks.clone(),
                 Some(old) => {
@@ -311,6 +358,18 @@ impl StreamSink for PsSink {
         })
         .await??;
         let (opened, uploaded) = opened;
+        if let Some(what) = failed_over {
+            // The new numbering is durable in the cache: the agent rebases
+            // whether or not the record is still there.
+            warn!(
+                %machine,
+                "{what}: its disks may since have been written by a failback, which its journal does not describe; the agent does not resume the journal but rebases (a checksum resync of every disk against the stored replica)"
+            );
+            let name = catalogue::failed_over_object(machine);
+            if let Err(e) = self.store.delete(&name).await {
+                warn!(%machine, "removing {}: {e} (the next session rebases again)", self.store.describe(&name));
+            }
+        }
         self.monitor.opened(machine, opened.durable, uploaded);
         self.uploader(machine);
         Ok(opened)

@@ -197,19 +197,14 @@ fn the_whole_loop_sends_only_what_changed_at_every_step() {
     away.stop_clean();
     server.stop(Duration::from_secs(20));
 
-    // Forward again: the original machine's agent forgets its state and
+    // Forward again, and the operator skips `lifeboat-agent reprotect`: the
+    // agent starts with its old journal, which does not describe what the
+    // failback wrote. The process server knows of the failover
+    // (failed-over.json) and does not let it resume: the agent rebases and
     // resyncs by checksum against the stored replica (which holds the disk
-    // at the failover): only the blocks the failback changed are sent.
+    // at the failover), sending only the blocks the failback changed.
     let changed = differing_blocks(&at_failover, &original);
     assert!(changed.len() > written.len(), "{}", changed.len());
-    let said = run_ok(
-        Command::new(bin("lifeboat-agent"))
-            .args(["reprotect", "--config"])
-            .arg(&onprem.config),
-        Duration::from_secs(30),
-    )
-    .unwrap();
-    assert!(said.contains("resyncs every disk"), "{said}");
     onprem.start().unwrap();
     let forward = onprem
         .wait_checksum_resync(Duration::from_secs(180))
@@ -218,14 +213,19 @@ fn the_whole_loop_sends_only_what_changed_at_every_step() {
     assert_eq!(
         forward["blocks"].as_u64(),
         Some(changed.len() as u64),
-        "forward reprotect resends exactly the blocks that differ from the replica: {forward}"
+        "forward protection resends exactly the blocks that differ from the replica: {forward}"
     );
     let synced = onprem.status().unwrap()["sync"][0]["sent-bytes"]
         .as_u64()
         .unwrap_or(0);
     assert!(
         synced < MIB,
-        "forward reprotect copied the disk ({synced} bytes)"
+        "forward protection copied the disk ({synced} bytes)"
+    );
+    assert!(
+        ps.log()
+            .contains(&format!("machine {MACHINE} was failed over at point")),
+        "the process server says why the journal was not resumed"
     );
     let seq = onprem.tag().unwrap();
     wait_stored(&ps.store_url, MACHINE, &[], seq, Duration::from_secs(120)).unwrap();
@@ -233,6 +233,110 @@ fn the_whole_loop_sends_only_what_changed_at_every_step() {
     let _ = ps.failover_ok(MACHINE, "latest", &home);
     assert_same(&home.join("root.raw"), &original);
     onprem.stop_clean();
+}
+
+/// A failover is recorded in the store; the original machine's agent, started
+/// again with its old journal, is not let resume it (its disks may have been
+/// written by a failback): it resyncs by checksum, and only the blocks that
+/// changed under it are sent. A drill records nothing; a record that does
+/// not authenticate counts as a failover, by name; `lifeboat-agent
+/// reprotect` takes the same path on purpose.
+#[test]
+fn after_a_failover_the_agent_resyncs_instead_of_resuming_its_journal() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let size = 16 * MIB;
+    let mut rng = Rng(0x6662_1010);
+    let (ps, mut agent) = synced_random_disk(root, size, &mut rng, |ps| ps.port);
+    let store_root = std::path::PathBuf::from(ps.store_url.strip_prefix("file://").unwrap());
+    let record = store_root.join(format!("machines/{MACHINE}/failed-over.json"));
+    let image = agent.image("root");
+    let restart_and_resync = |agent: &mut Agent| {
+        agent.start().unwrap();
+        let r = agent
+            .wait_checksum_resync(Duration::from_secs(120))
+            .unwrap();
+        assert_eq!(r["error"], "", "{r}");
+        r
+    };
+    let latest_is_the_disk = |agent: &Agent, name: &str| {
+        let seq = agent.tag().unwrap();
+        wait_stored(&ps.store_url, MACHINE, &[], seq, Duration::from_secs(120)).unwrap();
+        let out = root.join(name);
+        ps.failover_ok(MACHINE, "latest", &out);
+        assert_same(&out.join("root.raw"), &image);
+    };
+    let seq = agent.tag().unwrap();
+    wait_stored(&ps.store_url, MACHINE, &[], seq, Duration::from_secs(120)).unwrap();
+    agent.stop_clean();
+
+    // A drill changes no replication state: the journal is resumed.
+    let drill = root.join("drill");
+    let o = run_timeout(
+        Command::new(bin("lifeboat-mt"))
+            .args([
+                "test-failover",
+                "--store",
+                &ps.store_url,
+                "--machine",
+                MACHINE,
+            ])
+            .args(["--point", "latest", "--out"])
+            .arg(&drill)
+            .arg("--key-file")
+            .arg(ps.kek()),
+        Duration::from_secs(120),
+    )
+    .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(!record.exists(), "a drill recorded a failover");
+    agent.start().unwrap();
+    agent.wait_acked(Duration::from_secs(60)).unwrap();
+    let s = agent.status().unwrap();
+    assert!(s["checksum-resync"]["last"].is_null(), "{s}");
+    agent.stop_clean();
+
+    // A failover; then the disk is written beside the agent, as a failback
+    // writes it. The next session resyncs exactly those blocks.
+    ps.failover_ok(MACHINE, "latest", &root.join("failover"));
+    assert!(record.exists(), "the failover was not recorded");
+    let changed = change_blocks(&image, size, 7, &mut rng);
+    let r = restart_and_resync(&mut agent);
+    assert_eq!(r["blocks"].as_u64(), Some(changed.len() as u64), "{r}");
+    assert!(!record.exists(), "the record outlived the rebase");
+    latest_is_the_disk(&agent, "after-rebase");
+    agent.stop_clean();
+
+    // A record that does not authenticate still counts, and is named.
+    ps.failover_ok(MACHINE, "latest", &root.join("failover-2"));
+    std::fs::write(
+        &record,
+        b"{\"signed\": 1, \"record\": \"{}\", \"mac\": \"00\"}",
+    )
+    .unwrap();
+    let changed = change_blocks(&image, size, 3, &mut rng);
+    let r = restart_and_resync(&mut agent);
+    assert_eq!(r["blocks"].as_u64(), Some(changed.len() as u64), "{r}");
+    assert!(
+        ps.log().contains("failed-over.json does not authenticate"),
+        "the process server names the record it could not authenticate"
+    );
+    latest_is_the_disk(&agent, "after-tampered");
+    agent.stop_clean();
+
+    // `lifeboat-agent reprotect`: the same rebase, asked for; nothing differs.
+    let said = run_ok(
+        Command::new(bin("lifeboat-agent"))
+            .args(["reprotect", "--config"])
+            .arg(&agent.config),
+        Duration::from_secs(30),
+    )
+    .unwrap();
+    assert!(said.contains("resyncs every disk"), "{said}");
+    let r = restart_and_resync(&mut agent);
+    assert_eq!(r["blocks"].as_u64(), Some(0), "{r}");
+    latest_is_the_disk(&agent, "after-reprotect");
+    agent.stop_clean();
 }
 
 /// Reprotect refuses, naming the thing: a disk without a target, a target

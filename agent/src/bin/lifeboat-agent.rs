@@ -51,7 +51,9 @@ enum Cmd {
     /// Take writes again after a planned failover's final point (the agent
     /// refuses every write from that point on, across restarts). What is
     /// written afterwards is not in the recovered copy: use it when the
-    /// failover is abandoned and this machine stays the one in use.
+    /// failover is abandoned and this machine stays the one in use. (A
+    /// completed failover is recorded in the store: the agent's next
+    /// connection resyncs every disk by checksum.)
     ResumeWrites {
         #[arg(long)]
         config: PathBuf,

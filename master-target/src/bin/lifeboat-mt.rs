@@ -177,7 +177,10 @@ enum Cmd {
         #[arg(long, env = "LIFEBOAT_KEK_FILE")]
         key_file: Option<PathBuf>,
     },
-    /// Write the machine's disks at a recovery point.
+    /// Write the machine's disks at a recovery point. The failover is
+    /// recorded in the store (failed-over.json): the machine's agent then
+    /// resyncs its disks by checksum at its next connection instead of
+    /// resuming its journal (a failback may write them meanwhile).
     Failover(FailoverArgs),
     /// Serve as a master target: accept agents (mutual TLS, the process
     /// server's protocol) and apply each machine's stream to its target
@@ -918,9 +921,9 @@ async fn run_failover(a: FailoverArgs, drill: bool) -> Result<()> {
         extra = files;
         reports
     } else if a.group.is_some() {
-        group_failover(a).await?
+        group_failover(a, drill).await?
     } else {
-        vec![failover(a).await?]
+        vec![failover(a, drill).await?]
     };
     // A drill records what it wrote even when its plan stopped part way.
     if drill && (!reports.is_empty() || !extra.is_empty()) {
@@ -1004,6 +1007,7 @@ async fn plan_failover(
         allow_inconsistent: a.allow_inconsistent,
         check: !a.skip_checksum,
         io_engine: a.io_engine,
+        record: !drill,
     };
     let mut report = Report::new(&plan, drill);
     let mut recovered = Vec::new();
@@ -1183,7 +1187,7 @@ struct Outputs {
     vm_cpus: u32,
 }
 
-async fn failover(a: FailoverArgs) -> Result<Recovered> {
+async fn failover(a: FailoverArgs, drill: bool) -> Result<Recovered> {
     let machine = a
         .store
         .machine
@@ -1209,6 +1213,7 @@ async fn failover(a: FailoverArgs) -> Result<Recovered> {
             allow_inconsistent: a.allow_inconsistent,
             check: !a.skip_checksum,
             io_engine: a.io_engine,
+            record: !drill,
         },
         &a.outputs,
     )
@@ -1319,6 +1324,8 @@ struct How {
     /// Compare the images with the checksums recorded at the point.
     check: bool,
     io_engine: materialize::IoMode,
+    /// A failover, not a drill: record it in the store (`failed-over.json`).
+    record: bool,
 }
 
 /// Recovers `machine` at `point` into `out` (see [`How`]).
@@ -1335,6 +1342,7 @@ async fn failover_machine(
         allow_inconsistent,
         check,
         io_engine,
+        record,
     } = how;
     let started = Instant::now();
     let keys = materialize::machine_keys(store, kek, machine).await?;
@@ -1464,6 +1472,9 @@ async fn failover_machine(
     };
     let (delivered, description, files) =
         write_outputs(&report, checksums.as_ref(), out, outputs).await?;
+    if record {
+        record_failover(store, &keys.catalogue, &report).await;
+    }
     Ok(Recovered {
         planned: None,
         report,
@@ -1472,6 +1483,41 @@ async fn failover_machine(
         description,
         files,
     })
+}
+
+/// Writes `failed-over.json` (see `FailedOverRecord`): the process server
+/// then does not let the machine's agent resume its journal, which does not
+/// describe what a failback will write to its disks. A store that refuses
+/// the write (read-only credentials) does not fail the failover, which has
+/// recovered the disks: the operator is told what then guards nothing.
+async fn record_failover(
+    store: &Store,
+    key: &lifeboat_common::catalogue::CatalogueKey,
+    report: &materialize::Report,
+) {
+    use lifeboat_common::catalogue::{self, FailedOverRecord};
+    let m = &report.machine;
+    let at_ms = lifeboat_common::now_ms();
+    let rec = FailedOverRecord {
+        format: catalogue::FORMAT_VERSION,
+        machine: m.clone(),
+        point: report.point.clone(),
+        seq: report.seq,
+        at_ms,
+        at: catalogue::format_time_ms(at_ms),
+    };
+    let name = catalogue::failed_over_object(m);
+    let body = bytes::Bytes::from(catalogue::sign_record(key, &name, &rec));
+    match store.put(&name, body).await {
+        Ok(()) => eprintln!(
+            "recorded the failover in {}: {m}'s agent will resync its disks by checksum at its next connection instead of resuming its journal",
+            store.describe(&name)
+        ),
+        Err(e) => eprintln!(
+            "warning: could not record the failover in {} ({e}); after a failback, run `lifeboat-agent reprotect` on {m} before `lifeboat-agent run`",
+            store.describe(&name)
+        ),
+    }
 }
 
 /// Turns the images in `out` into the outputs asked for (qcow2, targets),
@@ -1680,7 +1726,7 @@ async fn group_points(
 
 /// `failover --group`: every member of the group at one group point, each
 /// into `<out>/<machine>/`.
-async fn group_failover(a: FailoverArgs) -> Result<Vec<Recovered>> {
+async fn group_failover(a: FailoverArgs, drill: bool) -> Result<Vec<Recovered>> {
     let group = a.group.clone().unwrap_or_default();
     let kek = read_kek(&a.key_file)?;
     let store = a.store.open()?;
@@ -1760,6 +1806,7 @@ async fn group_failover(a: FailoverArgs) -> Result<Vec<Recovered>> {
                 allow_inconsistent: false,
                 check: !a.skip_checksum,
                 io_engine: a.io_engine,
+                record: !drill,
             },
             &a.outputs,
         )
