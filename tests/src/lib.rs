@@ -307,10 +307,21 @@ impl ProcessServer {
         Ok(self.dir.join("machines").join(machine))
     }
 
-    /// `lifeboat-mt failover` from this server's store (no store options) that
-    /// must succeed; returns the output directory.
+    /// [`failover`] (a drill) from this server's store (no store options)
+    /// that must succeed; returns the output directory.
     pub fn failover_ok(&self, machine: &str, point: &str, out: &Path) -> PathBuf {
         let o = failover(&self.store_url, machine, point, out, &self.kek(), &[]).unwrap();
+        assert!(
+            o.status.success(),
+            "failover at {point}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        out.to_path_buf()
+    }
+
+    /// [`real_failover`] that must succeed; returns the output directory.
+    pub fn real_failover_ok(&self, machine: &str, point: &str, out: &Path) -> PathBuf {
+        let o = real_failover(&self.store_url, machine, point, out, &self.kek(), &[]).unwrap();
         assert!(
             o.status.success(),
             "failover at {point}: {}",
@@ -613,8 +624,35 @@ pub fn wait_stored(
     .map_err(|e| anyhow!("{e} (last seen: {seen})"))
 }
 
-/// `lifeboat-mt failover`; returns the command's output (success not required).
+/// `lifeboat-mt test-failover`: the disks at a point, checked, with the
+/// replication state untouched (a real failover makes the agent's next
+/// session rebase: [`real_failover`]); returns the command's output (success
+/// not required).
 pub fn failover(
+    store: &str,
+    machine: &str,
+    point: &str,
+    out: &Path,
+    kek: &Path,
+    options: &[String],
+) -> Result<Output> {
+    failover_command("test-failover", store, machine, point, out, kek, options)
+}
+
+/// `lifeboat-mt failover`, recorded in the store (`failed-over.json`).
+pub fn real_failover(
+    store: &str,
+    machine: &str,
+    point: &str,
+    out: &Path,
+    kek: &Path,
+    options: &[String],
+) -> Result<Output> {
+    failover_command("failover", store, machine, point, out, kek, options)
+}
+
+fn failover_command(
+    verb: &str,
     store: &str,
     machine: &str,
     point: &str,
@@ -624,7 +662,7 @@ pub fn failover(
 ) -> Result<Output> {
     let mut cmd = Command::new(bin("lifeboat-mt"));
     cmd.args([
-        "failover",
+        verb,
         "--store",
         store,
         "--machine",

@@ -90,14 +90,25 @@ fn the_whole_loop_sends_only_what_changed_at_every_step() {
 
     // Fail over; the recovered machine runs and writes.
     let out = root.join("recovered");
-    ps.failover_ok(MACHINE, &ps.point_labelled(MACHINE, label), &out);
+    ps.real_failover_ok(MACHINE, &ps.point_labelled(MACHINE, label), &out);
     let recovered = out.join("root.raw");
     assert_same(&recovered, &original);
     let at_failover = root.join("at-failover.img");
     snapshot(&recovered, &at_failover);
     let written = change_blocks(&recovered, size, 60, &mut rng);
 
-    // Reprotect: the master target takes the original disk as the target.
+    // The original site comes back before the failback and its agent starts
+    // (systemd would): it uses up the failover's record in a rebase (nothing
+    // differs yet) and is stopped for the reprotect.
+    onprem.start().unwrap();
+    let early = onprem
+        .wait_checksum_resync(Duration::from_secs(120))
+        .unwrap();
+    assert_eq!(early["blocks"].as_u64(), Some(0), "{early}");
+    onprem.stop_clean();
+
+    // Reprotect: the master target takes the original disk as the target,
+    // recording that in the store first.
     let port = free_port();
     let mt_config = root.join("mt.toml");
     std::fs::write(
@@ -127,6 +138,8 @@ fn the_whole_loop_sends_only_what_changed_at_every_step() {
             .arg(&agent_config)
             .arg("--certs")
             .arg(&certs)
+            .args(["--store", &ps.store_url, "--key-file"])
+            .arg(ps.kek())
             .arg("--config")
             .arg(&mt_config)
             .arg("--json");
@@ -198,8 +211,8 @@ fn the_whole_loop_sends_only_what_changed_at_every_step() {
     server.stop(Duration::from_secs(20));
 
     // Forward again, and the operator skips `lifeboat-agent reprotect`: the
-    // agent starts with its old journal, which does not describe what the
-    // failback wrote. The process server knows of the failover
+    // agent starts with its journal, which does not describe what the
+    // failback wrote. The process server knows of the reprotect
     // (failed-over.json) and does not let it resume: the agent rebases and
     // resyncs by checksum against the stored replica (which holds the disk
     // at the failover), sending only the blocks the failback changed.
@@ -259,46 +272,59 @@ fn after_a_failover_the_agent_resyncs_instead_of_resuming_its_journal() {
         assert_eq!(r["error"], "", "{r}");
         r
     };
+    // A drill at latest (it records nothing), byte-equal to the disk.
+    let drill = |name: &str| {
+        let out = root.join(name);
+        let o = run_timeout(
+            Command::new(bin("lifeboat-mt"))
+                .args([
+                    "test-failover",
+                    "--store",
+                    &ps.store_url,
+                    "--machine",
+                    MACHINE,
+                ])
+                .args(["--point", "latest", "--out"])
+                .arg(&out)
+                .arg("--key-file")
+                .arg(ps.kek()),
+            Duration::from_secs(120),
+        )
+        .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        out
+    };
     let latest_is_the_disk = |agent: &Agent, name: &str| {
         let seq = agent.tag().unwrap();
         wait_stored(&ps.store_url, MACHINE, &[], seq, Duration::from_secs(120)).unwrap();
-        let out = root.join(name);
-        ps.failover_ok(MACHINE, "latest", &out);
-        assert_same(&out.join("root.raw"), &image);
+        assert_same(&drill(name).join("root.raw"), &image);
     };
-    let seq = agent.tag().unwrap();
-    wait_stored(&ps.store_url, MACHINE, &[], seq, Duration::from_secs(120)).unwrap();
+    let id_file = agent.dir.join("state").join("stream-id");
+    let stream_id = || std::fs::read_to_string(&id_file).unwrap();
+    latest_is_the_disk(&agent, "before");
     agent.stop_clean();
 
     // A drill changes no replication state: the journal is resumed.
-    let drill = root.join("drill");
-    let o = run_timeout(
-        Command::new(bin("lifeboat-mt"))
-            .args([
-                "test-failover",
-                "--store",
-                &ps.store_url,
-                "--machine",
-                MACHINE,
-            ])
-            .args(["--point", "latest", "--out"])
-            .arg(&drill)
-            .arg("--key-file")
-            .arg(ps.kek()),
-        Duration::from_secs(120),
-    )
-    .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let id = stream_id();
+    drill("drill");
     assert!(!record.exists(), "a drill recorded a failover");
     agent.start().unwrap();
-    agent.wait_acked(Duration::from_secs(60)).unwrap();
+    wait_for("streaming", Duration::from_secs(60), || {
+        (agent.status().ok()?["state"] == "streaming").then_some(())
+    })
+    .unwrap();
     let s = agent.status().unwrap();
     assert!(s["checksum-resync"]["last"].is_null(), "{s}");
+    assert_eq!(stream_id(), id, "the agent rebased after a drill");
+    assert!(
+        !ps.log().contains("was failed over"),
+        "a drill fenced the machine"
+    );
     agent.stop_clean();
 
     // A failover; then the disk is written beside the agent, as a failback
     // writes it. The next session resyncs exactly those blocks.
-    ps.failover_ok(MACHINE, "latest", &root.join("failover"));
+    ps.real_failover_ok(MACHINE, "latest", &root.join("failover"));
     assert!(record.exists(), "the failover was not recorded");
     let changed = change_blocks(&image, size, 7, &mut rng);
     let r = restart_and_resync(&mut agent);
@@ -308,7 +334,7 @@ fn after_a_failover_the_agent_resyncs_instead_of_resuming_its_journal() {
     agent.stop_clean();
 
     // A record that does not authenticate still counts, and is named.
-    ps.failover_ok(MACHINE, "latest", &root.join("failover-2"));
+    ps.real_failover_ok(MACHINE, "latest", &root.join("failover-2"));
     std::fs::write(
         &record,
         b"{\"signed\": 1, \"record\": \"{}\", \"mac\": \"00\"}",

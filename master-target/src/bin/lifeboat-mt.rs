@@ -226,6 +226,20 @@ enum Cmd {
         /// The name the master target's certificate is checked against.
         #[arg(long, default_value = "localhost")]
         server_name: String,
+        /// The machine's object store (the failover's --store): the
+        /// reprotect is recorded there (failed-over.json) before this master
+        /// target writes the original disks, so that the original machine's
+        /// agent, started after the failback, resyncs by checksum instead of
+        /// resuming its journal. Without it, only `lifeboat-agent reprotect`
+        /// on that machine guards this.
+        #[arg(long, requires = "key_file")]
+        store: Option<String>,
+        /// Backend option KEY=VALUE for --store; repeatable.
+        #[arg(long = "store-option", value_name = "KEY=VALUE")]
+        store_options: Vec<String>,
+        /// The key-encryption key (signs the record).
+        #[arg(long, env = "LIFEBOAT_KEK_FILE")]
+        key_file: Option<PathBuf>,
         /// Wait until the agent connected and its checksum resync ended,
         /// then report what it sent.
         #[arg(long)]
@@ -586,12 +600,16 @@ async fn real_main(cli: Cli) -> Result<()> {
             certs,
             mt_address,
             server_name,
+            store,
+            store_options,
+            key_file,
             wait,
             timeout,
             json,
         } => {
             use lifeboat_mt::failback;
             let cfg = lifeboat_mt::serve::ServeConfig::load(&config)?;
+            lifeboat_common::ids::validate_id("machine", &machine).map_err(anyhow::Error::msg)?;
             let mut targets = BTreeMap::new();
             for (disk, t) in to {
                 if targets.insert(disk.clone(), t).is_some() {
@@ -607,6 +625,22 @@ async fn real_main(cli: Cli) -> Result<()> {
                 mt_address,
                 server_name,
             };
+            // Recorded before any target is registered: nothing is written
+            // to the original disks without it.
+            match (&store, &key_file) {
+                (Some(url), Some(kf)) => {
+                    let store = open_store(url, &store_options)?;
+                    let kek = read_kek(kf)?;
+                    let keys = materialize::machine_keys(&store, &kek, &machine).await?;
+                    let (point, seq) = recovered_point(r.recovered.as_deref());
+                    record_failover(&store, &keys.catalogue, &machine, &point, seq)
+                        .await
+                        .context("nothing was registered")?;
+                }
+                _ => eprintln!(
+                    "warning: without --store and --key-file this reprotect is not recorded in the store: after the failback, run `lifeboat-agent reprotect` on {machine} before `lifeboat-agent run`, or its agent resumes a journal that does not describe the disks written here"
+                ),
+            }
             let mut report = failback::reprotect(&cfg, &r)?;
             if !json {
                 println!(
@@ -1448,6 +1482,19 @@ async fn failover_machine(
             Err(e) => return Err(e),
         }
     };
+    // Recorded as soon as the images exist, before checks and outputs that
+    // may fail with usable images in place. A store that refuses the write
+    // (read-only credentials) does not fail the failover, which has
+    // recovered the disks: the operator is told what then guards nothing.
+    if record {
+        if let Err(e) =
+            record_failover(store, &keys.catalogue, machine, &report.point, report.seq).await
+        {
+            eprintln!(
+                "warning: {e:#}; after a failback, run `lifeboat-agent reprotect` on {machine} before `lifeboat-agent run`"
+            );
+        }
+    }
     let checksums = if check {
         let images: Vec<_> = report
             .disks
@@ -1472,9 +1519,6 @@ async fn failover_machine(
     };
     let (delivered, description, files) =
         write_outputs(&report, checksums.as_ref(), out, outputs).await?;
-    if record {
-        record_failover(store, &keys.catalogue, &report).await;
-    }
     Ok(Recovered {
         planned: None,
         report,
@@ -1487,37 +1531,47 @@ async fn failover_machine(
 
 /// Writes `failed-over.json` (see `FailedOverRecord`): the process server
 /// then does not let the machine's agent resume its journal, which does not
-/// describe what a failback will write to its disks. A store that refuses
-/// the write (read-only credentials) does not fail the failover, which has
-/// recovered the disks: the operator is told what then guards nothing.
+/// describe what a failback writes to its disks. Written by a failover and
+/// again by `reprotect`, just before the master target writes those disks
+/// (an agent that connected in between used up the failover's).
 async fn record_failover(
     store: &Store,
     key: &lifeboat_common::catalogue::CatalogueKey,
-    report: &materialize::Report,
-) {
+    machine: &str,
+    point: &str,
+    seq: u64,
+) -> Result<()> {
     use lifeboat_common::catalogue::{self, FailedOverRecord};
-    let m = &report.machine;
     let at_ms = lifeboat_common::now_ms();
     let rec = FailedOverRecord {
         format: catalogue::FORMAT_VERSION,
-        machine: m.clone(),
-        point: report.point.clone(),
-        seq: report.seq,
+        machine: machine.to_string(),
+        point: point.to_string(),
+        seq,
         at_ms,
         at: catalogue::format_time_ms(at_ms),
     };
-    let name = catalogue::failed_over_object(m);
+    let name = catalogue::failed_over_object(machine);
     let body = bytes::Bytes::from(catalogue::sign_record(key, &name, &rec));
-    match store.put(&name, body).await {
-        Ok(()) => eprintln!(
-            "recorded the failover in {}: {m}'s agent will resync its disks by checksum at its next connection instead of resuming its journal",
+    store.put(&name, body).await.with_context(|| {
+        format!(
+            "recording the failover in {} (the master target needs write access to the store)",
             store.describe(&name)
-        ),
-        Err(e) => eprintln!(
-            "warning: could not record the failover in {} ({e}); after a failback, run `lifeboat-agent reprotect` on {m} before `lifeboat-agent run`",
-            store.describe(&name)
-        ),
-    }
+        )
+    })?;
+    eprintln!(
+        "recorded in {}: {machine}'s agent will resync its disks by checksum at its next connection instead of resuming its journal",
+        store.describe(&name)
+    );
+    Ok(())
+}
+
+/// The point a failover's `recovered-machine.json` names, for the record.
+fn recovered_point(dir: Option<&std::path::Path>) -> (String, u64) {
+    dir.and_then(|d| std::fs::read(d.join("recovered-machine.json")).ok())
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .and_then(|v| Some((v["point"].as_str()?.to_string(), v["seq"].as_u64()?)))
+        .unwrap_or_else(|| ("(not known: no --recovered)".to_string(), 0))
 }
 
 /// Turns the images in `out` into the outputs asked for (qcow2, targets),
