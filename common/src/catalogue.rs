@@ -100,7 +100,8 @@ pub fn failed_over_object(machine: &str) -> String {
 }
 
 /// `failed-over.json`: a failover (not a drill) recovered the machine at
-/// `point`. From then on the machine's disks may be written by something its
+/// `point`, or a reprotect of that failover is about to write its original
+/// disks (`by`). From then on the machine's disks may be written by something its
 /// agent's journal does not describe (a failback applies the recovered
 /// side's writes to them), so the process server does not let the agent
 /// resume that journal: the next session rebases (a checksum resync of every
@@ -110,6 +111,8 @@ pub fn failed_over_object(machine: &str) -> String {
 pub struct FailedOverRecord {
     pub format: u32,
     pub machine: String,
+    /// `failover` or `reprotect`: the command that wrote it.
+    pub by: String,
     /// The point's id and seq.
     pub point: String,
     pub seq: u64,

@@ -60,8 +60,17 @@ fn absolute(p: &Path) -> Result<PathBuf> {
     std::path::absolute(p).with_context(|| format!("resolving {}", p.display()))
 }
 
-/// Registers the targets and writes the agent config; returns what it wrote.
-pub fn reprotect(cfg: &ServeConfig, r: &Reprotect) -> Result<serde_json::Value> {
+/// A reprotect request that passed every check ([`check_reprotect`]);
+/// [`register`] writes it.
+pub struct Checked {
+    /// The failover's `recovered-machine.json` (with `--recovered`).
+    pub description: Option<MachineDescription>,
+    to: BTreeMap<String, PathBuf>,
+    agent_config: Option<(PathBuf, String)>,
+}
+
+/// Checks a reprotect request; writes nothing.
+pub fn check_reprotect(cfg: &ServeConfig, r: &Reprotect) -> Result<Checked> {
     lifeboat_common::ids::validate_id("machine", &r.machine).map_err(anyhow::Error::msg)?;
     if r.to.is_empty() {
         bail!(
@@ -188,6 +197,19 @@ pub fn reprotect(cfg: &ServeConfig, r: &Reprotect) -> Result<serde_json::Value> 
         }
         None => None,
     };
+    Ok(Checked {
+        description,
+        to,
+        agent_config,
+    })
+}
+
+/// Registers the checked targets and writes the agent config; returns what
+/// it wrote.
+pub fn register(cfg: &ServeConfig, r: &Reprotect, checked: Checked) -> Result<serde_json::Value> {
+    let Checked {
+        to, agent_config, ..
+    } = checked;
     let registered = serve::store_registered(
         &cfg.state_dir,
         &MachineTargets {

@@ -235,12 +235,12 @@ impl PsSink {
         Ok(())
     }
 
-    /// What `failed-over.json` says, if the machine was failed over since
-    /// its last rebase. One that does not authenticate counts too (a rebase
+    /// What `failed-over.json` says, and its bytes, if the machine was
+    /// failed over since its last rebase. One that does not authenticate counts too (a rebase
     /// costs a resync; resuming a journal the disks outgrew loses data). The
     /// store unreachable: `None` with a warning, so that sessions still open
     /// in an outage (the cache takes the writes); the next hello looks again.
-    async fn failed_over(&self, machine: &str) -> Option<String> {
+    async fn failed_over(&self, machine: &str) -> Option<(String, bytes::Bytes)> {
         let name = catalogue::failed_over_object(machine);
         let what = self.store.describe(&name);
         let got = tokio::time::timeout(FAILED_OVER_LOOKUP, self.store.get(&name)).await;
@@ -263,13 +263,14 @@ impl PsSink {
             anyhow::Ok(rec)
         }
         .await;
-        Some(match opened {
+        let what = match opened {
             Ok(r) => format!(
-                "machine {machine} was failed over at point {} (seq {}) at {}",
-                r.point, r.seq, r.at
+                "machine {machine} was failed over at point {} (seq {}; recorded by lifeboat-mt {} at {})",
+                r.point, r.seq, r.by, r.at
             ),
             Err(e) => format!("{what} does not authenticate ({e:#}); taking it as a failover"),
-        })
+        };
+        Some((what, bytes))
     }
 
     /// Moves `machines/<m>/<rest>` to `machines/<m>/orphaned/<rest>`.
@@ -358,15 +359,22 @@ impl StreamSink for PsSink {
         })
         .await??;
         let (opened, uploaded) = opened;
-        if let Some(what) = failed_over {
+        if let Some((what, seen)) = failed_over {
             // The new numbering is durable in the cache: the agent rebases
             // whether or not the record is still there.
             warn!(
                 %machine,
                 "{what}: its disks may since have been written by a failback, which its journal does not describe; the agent does not resume the journal but rebases (a checksum resync of every disk against the stored replica)"
             );
+            // Only the record acted on: one a reprotect wrote meanwhile
+            // stays for the next session.
             let name = catalogue::failed_over_object(machine);
-            if let Err(e) = self.store.delete(&name).await {
+            let removed = match self.store.get(&name).await {
+                Ok(Some(now)) if now == seen => self.store.delete(&name).await,
+                Ok(_) => Ok(()),
+                Err(e) => Err(e),
+            };
+            if let Err(e) = removed {
                 warn!(%machine, "removing {}: {e} (the next session rebases again)", self.store.describe(&name));
             }
         }

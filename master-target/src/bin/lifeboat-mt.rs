@@ -235,7 +235,7 @@ enum Cmd {
         #[arg(long, requires = "key_file")]
         store: Option<String>,
         /// Backend option KEY=VALUE for --store; repeatable.
-        #[arg(long = "store-option", value_name = "KEY=VALUE")]
+        #[arg(long = "store-option", value_name = "KEY=VALUE", requires = "store")]
         store_options: Vec<String>,
         /// The key-encryption key (signs the record).
         #[arg(long, env = "LIFEBOAT_KEK_FILE")]
@@ -625,15 +625,19 @@ async fn real_main(cli: Cli) -> Result<()> {
                 mt_address,
                 server_name,
             };
-            // Recorded before any target is registered: nothing is written
-            // to the original disks without it.
+            let checked = failback::check_reprotect(&cfg, &r)?;
+            // Recorded after the checks and before any target is
+            // registered: nothing is written to the original disks without it.
             match (&store, &key_file) {
                 (Some(url), Some(kf)) => {
                     let store = open_store(url, &store_options)?;
                     let kek = read_kek(kf)?;
                     let keys = materialize::machine_keys(&store, &kek, &machine).await?;
-                    let (point, seq) = recovered_point(r.recovered.as_deref());
-                    record_failover(&store, &keys.catalogue, &machine, &point, seq)
+                    let (point, seq) = match &checked.description {
+                        Some(d) => (d.point.clone(), d.seq),
+                        None => ("(not known: no --recovered)".to_string(), 0),
+                    };
+                    record_failover(&store, &keys.catalogue, &machine, "reprotect", &point, seq)
                         .await
                         .context("nothing was registered")?;
                 }
@@ -641,7 +645,7 @@ async fn real_main(cli: Cli) -> Result<()> {
                     "warning: without --store and --key-file this reprotect is not recorded in the store: after the failback, run `lifeboat-agent reprotect` on {machine} before `lifeboat-agent run`, or its agent resumes a journal that does not describe the disks written here"
                 ),
             }
-            let mut report = failback::reprotect(&cfg, &r)?;
+            let mut report = failback::register(&cfg, &r, checked)?;
             if !json {
                 println!(
                     "registered {machine}'s targets in {}",
@@ -1487,11 +1491,18 @@ async fn failover_machine(
     // (read-only credentials) does not fail the failover, which has
     // recovered the disks: the operator is told what then guards nothing.
     if record {
-        if let Err(e) =
-            record_failover(store, &keys.catalogue, machine, &report.point, report.seq).await
+        if let Err(e) = record_failover(
+            store,
+            &keys.catalogue,
+            machine,
+            "failover",
+            &report.point,
+            report.seq,
+        )
+        .await
         {
             eprintln!(
-                "warning: {e:#}; after a failback, run `lifeboat-agent reprotect` on {machine} before `lifeboat-agent run`"
+                "warning: {e:#}; give `lifeboat-mt reprotect` --store and --key-file (it records the reprotect), or after a failback run `lifeboat-agent reprotect` on {machine} before `lifeboat-agent run`"
             );
         }
     }
@@ -1538,6 +1549,7 @@ async fn record_failover(
     store: &Store,
     key: &lifeboat_common::catalogue::CatalogueKey,
     machine: &str,
+    what: &str,
     point: &str,
     seq: u64,
 ) -> Result<()> {
@@ -1546,6 +1558,7 @@ async fn record_failover(
     let rec = FailedOverRecord {
         format: catalogue::FORMAT_VERSION,
         machine: machine.to_string(),
+        by: what.to_string(),
         point: point.to_string(),
         seq,
         at_ms,
@@ -1555,7 +1568,7 @@ async fn record_failover(
     let body = bytes::Bytes::from(catalogue::sign_record(key, &name, &rec));
     store.put(&name, body).await.with_context(|| {
         format!(
-            "recording the failover in {} (the master target needs write access to the store)",
+            "recording the {what} in {} (the master target needs write access to the store)",
             store.describe(&name)
         )
     })?;
@@ -1564,14 +1577,6 @@ async fn record_failover(
         store.describe(&name)
     );
     Ok(())
-}
-
-/// The point a failover's `recovered-machine.json` names, for the record.
-fn recovered_point(dir: Option<&std::path::Path>) -> (String, u64) {
-    dir.and_then(|d| std::fs::read(d.join("recovered-machine.json")).ok())
-        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
-        .and_then(|v| Some((v["point"].as_str()?.to_string(), v["seq"].as_u64()?)))
-        .unwrap_or_else(|| ("(not known: no --recovered)".to_string(), 0))
 }
 
 /// Turns the images in `out` into the outputs asked for (qcow2, targets),
