@@ -298,7 +298,8 @@ fn after_a_failover_the_agent_resyncs_instead_of_resuming_its_journal() {
         out
     };
     let latest_is_the_disk = |agent: &Agent, name: &str| {
-        let seq = agent.tag().unwrap();
+        // Refused until a welcome confirmed the numbering (after a start).
+        let seq = wait_for("a tag", Duration::from_secs(60), || agent.tag().ok()).unwrap();
         wait_stored(&ps.store_url, MACHINE, &[], seq, Duration::from_secs(120)).unwrap();
         assert_same(&drill(name).join("root.raw"), &image);
     };
@@ -312,7 +313,7 @@ fn after_a_failover_the_agent_resyncs_instead_of_resuming_its_journal() {
     drill("drill");
     assert!(!record.exists(), "a drill recorded a failover");
     agent.start().unwrap();
-    // A tag's seq is acknowledged only in a session: the hello was answered.
+    // A tag is taken only after a welcome: the hello was answered.
     latest_is_the_disk(&agent, "after-drill");
     let s = agent.status().unwrap();
     assert!(s["checksum-resync"]["last"].is_null(), "{s}");
