@@ -110,15 +110,12 @@ pub fn failed_over_object(machine: &str) -> String {
 #[serde(rename_all = "kebab-case")]
 pub struct FailedOverRecord {
     pub format: u32,
-    pub machine: String,
     /// `failover` or `reprotect`: the command that wrote it.
     pub by: String,
     /// The point's id and seq.
     pub point: String,
     pub seq: u64,
     pub at_ms: u64,
-    /// `at_ms` as UTC text, for the operator.
-    pub at: String,
 }
 
 /// `machine.json`.

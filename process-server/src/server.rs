@@ -257,16 +257,18 @@ impl PsSink {
             }
         };
         let opened = async {
-            let keys = uploader::machine_keys(&self.store, &self.kek, machine).await?;
-            let rec: catalogue::FailedOverRecord =
-                catalogue::open_record(&keys.catalogue, &self.store, &name, &bytes)?;
-            anyhow::Ok(rec)
+            let data = catalogue::load_data_key(&self.store, &self.kek, machine).await?;
+            let key = catalogue::CatalogueKey::derive(&data);
+            catalogue::open_record::<catalogue::FailedOverRecord>(&key, &self.store, &name, &bytes)
         }
         .await;
         let what = match opened {
             Ok(r) => format!(
                 "machine {machine} was failed over at point {} (seq {}; recorded by lifeboat-mt {} at {})",
-                r.point, r.seq, r.by, r.at
+                r.point,
+                r.seq,
+                r.by,
+                catalogue::format_time_ms(r.at_ms)
             ),
             Err(e) => format!("{what} does not authenticate ({e:#}); taking it as a failover"),
         };

@@ -310,21 +310,20 @@ impl ProcessServer {
     /// [`failover`] (a drill) from this server's store (no store options)
     /// that must succeed; returns the output directory.
     pub fn failover_ok(&self, machine: &str, point: &str, out: &Path) -> PathBuf {
-        let o = failover(&self.store_url, machine, point, out, &self.kek(), &[]).unwrap();
-        assert!(
-            o.status.success(),
-            "failover at {point}: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-        out.to_path_buf()
+        self.must_fail_over("test-failover", machine, point, out)
     }
 
     /// [`real_failover`] that must succeed; returns the output directory.
     pub fn real_failover_ok(&self, machine: &str, point: &str, out: &Path) -> PathBuf {
-        let o = real_failover(&self.store_url, machine, point, out, &self.kek(), &[]).unwrap();
+        self.must_fail_over("failover", machine, point, out)
+    }
+
+    fn must_fail_over(&self, verb: &str, machine: &str, point: &str, out: &Path) -> PathBuf {
+        let o =
+            failover_command(verb, &self.store_url, machine, point, out, &self.kek(), &[]).unwrap();
         assert!(
             o.status.success(),
-            "failover at {point}: {}",
+            "{verb} at {point}: {}",
             String::from_utf8_lossy(&o.stderr)
         );
         out.to_path_buf()

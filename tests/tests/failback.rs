@@ -275,28 +275,8 @@ fn after_a_failover_the_agent_resyncs_instead_of_resuming_its_journal() {
         assert_eq!(r["error"], "", "{r}");
         r
     };
-    // A drill at latest (it records nothing), byte-equal to the disk.
-    let drill = |name: &str| {
-        let out = root.join(name);
-        let o = run_timeout(
-            Command::new(bin("lifeboat-mt"))
-                .args([
-                    "test-failover",
-                    "--store",
-                    &ps.store_url,
-                    "--machine",
-                    MACHINE,
-                ])
-                .args(["--point", "latest", "--out"])
-                .arg(&out)
-                .arg("--key-file")
-                .arg(ps.kek()),
-            Duration::from_secs(120),
-        )
-        .unwrap();
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        out
-    };
+    // A drill at latest (`failover_ok` runs test-failover: it records nothing).
+    let drill = |name: &str| ps.failover_ok(MACHINE, "latest", &root.join(name));
     let latest_is_the_disk = |agent: &Agent, name: &str| {
         // Refused until a welcome confirmed the numbering (after a start).
         let seq = wait_for("a tag", Duration::from_secs(60), || agent.tag().ok()).unwrap();

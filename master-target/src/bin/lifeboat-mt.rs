@@ -609,7 +609,6 @@ async fn real_main(cli: Cli) -> Result<()> {
         } => {
             use lifeboat_mt::failback;
             let cfg = lifeboat_mt::serve::ServeConfig::load(&config)?;
-            lifeboat_common::ids::validate_id("machine", &machine).map_err(anyhow::Error::msg)?;
             let mut targets = BTreeMap::new();
             for (disk, t) in to {
                 if targets.insert(disk.clone(), t).is_some() {
@@ -1554,15 +1553,12 @@ async fn record_failover(
     seq: u64,
 ) -> Result<()> {
     use lifeboat_common::catalogue::{self, FailedOverRecord};
-    let at_ms = lifeboat_common::now_ms();
     let rec = FailedOverRecord {
         format: catalogue::FORMAT_VERSION,
-        machine: machine.to_string(),
         by: what.to_string(),
         point: point.to_string(),
         seq,
-        at_ms,
-        at: catalogue::format_time_ms(at_ms),
+        at_ms: lifeboat_common::now_ms(),
     };
     let name = catalogue::failed_over_object(machine);
     let body = bytes::Bytes::from(catalogue::sign_record(key, &name, &rec));
