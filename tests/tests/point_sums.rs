@@ -81,7 +81,10 @@ fn points_carry_the_source_checksum_and_failover_matches_it_under_concurrent_wri
     );
 
     // Busy points: another connection writes odd sizes at odd offsets
-    // (crossing chunk edges) while points are taken.
+    // (crossing chunk edges) while points are taken. The writer is paced
+    // (about 1 MiB per 15 ms at most) so that it cannot outrun the
+    // agent's 256 MiB journal on a loaded machine: a full journal puts
+    // the agent in the bitmap state, where it rightly refuses points.
     let stop = Arc::new(AtomicBool::new(false));
     let writer = {
         let (stop, sock) = (stop.clone(), sock.clone());
@@ -100,6 +103,7 @@ fn points_carry_the_source_checksum_and_failover_matches_it_under_concurrent_wri
                     nbd.write(off, &buf[..len], 0).unwrap();
                 }
                 n += 1;
+                std::thread::sleep(Duration::from_millis(15));
             }
             nbd.flush().unwrap();
             n
