@@ -29,7 +29,7 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context, Result};
 use lifeboat_common::formats::ChecksumPlan;
 use lifeboat_common::protocol::{Frame, ResyncReport, TagKind};
-use lifeboat_common::resync::{self, BlockHash, BLOCK, REGION};
+use lifeboat_common::resync::{self, BlockHash, HashScheme, BLOCK, REGION};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tracing::{info, warn};
@@ -355,6 +355,7 @@ pub async fn run(
     stream: Arc<Stream>,
     out: mpsc::Sender<Frame>,
     inbox: mpsc::UnboundedReceiver<Frame>,
+    scheme: HashScheme,
 ) {
     let Some((plan, requests)) = ck.snapshot_plan() else {
         return;
@@ -366,7 +367,20 @@ pub async fn run(
         stream: &stream,
         disks: &disks,
     };
-    let report = match resync_all(&ck, &plan, requests, &disks, &stream, &out, inbox).await {
+    let report = match resync_all(
+        &ck,
+        &plan,
+        requests,
+        &disks,
+        &stream,
+        Peer {
+            out: &out,
+            inbox,
+            scheme,
+        },
+    )
+    .await
+    {
         Ok(tag_seq) => ck.counters.report(n, tag_seq, String::new()),
         Err(e) => {
             warn!("checksum resync failed: {e:#}");
@@ -379,15 +393,23 @@ pub async fn run(
     let _ = out.send(Frame::ResyncDone(report)).await;
 }
 
+/// The session a resync runs in: frames out, the receiver's replies in, and
+/// the hash scheme its protocol version decides.
+struct Peer<'a> {
+    out: &'a mpsc::Sender<Frame>,
+    inbox: mpsc::UnboundedReceiver<Frame>,
+    scheme: HashScheme,
+}
+
 async fn resync_all(
     ck: &Arc<Checksum>,
     plan: &Plan,
     requests: u64,
     disks: &[Arc<ProtectedDisk>],
     stream: &Arc<Stream>,
-    out: &mpsc::Sender<Frame>,
-    mut inbox: mpsc::UnboundedReceiver<Frame>,
+    mut peer: Peer<'_>,
 ) -> Result<u64> {
+    let out = peer.out;
     stream.begin_checksum_resync(&plan.reason);
     info!(
         "checksum resync running ({}): {}",
@@ -416,7 +438,7 @@ async fn resync_all(
             );
             continue;
         };
-        resync_disk(ck, d.index, d, pd.next_region, stream, out, &mut inbox)
+        resync_disk(ck, d.index, d, pd.next_region, stream, &mut peer)
             .await
             .with_context(|| format!("checksum resync of disk {}", d.id))?;
     }
@@ -470,9 +492,9 @@ async fn resync_disk(
     d: &Arc<ProtectedDisk>,
     start: u64,
     stream: &Arc<Stream>,
-    out: &mpsc::Sender<Frame>,
-    inbox: &mut mpsc::UnboundedReceiver<Frame>,
+    peer: &mut Peer<'_>,
 ) -> Result<()> {
+    let (out, scheme, inbox) = (peer.out, peer.scheme, &mut peer.inbox);
     let counters = &ck.counters;
     let size = d.size_bytes();
     let regions = resync::region_count(size);
@@ -508,12 +530,12 @@ async fn resync_disk(
             if at + len < end {
                 next = Some(read(at + len));
             }
-            blocks.extend(hash_regions(data).await?);
+            blocks.extend(hash_regions(data, scheme).await?);
             counters.hashed_bytes.fetch_add(len, Ordering::Relaxed);
             at += len;
         }
         // Level 1: region hashes.
-        let hashes: Vec<BlockHash> = blocks.iter().map(|b| resync::region_hash(b)).collect();
+        let hashes: Vec<BlockHash> = blocks.iter().map(|b| scheme.region(b)).collect();
         counters.hash_bytes.fetch_add(
             hashes.len() as u64 * resync::HASH_LEN as u64,
             Ordering::Relaxed,
@@ -598,11 +620,11 @@ async fn wait_acked(stream: &Stream, seq: u64, out: &mpsc::Sender<Frame>) -> Res
 
 /// Block hashes of each region in `data` (whole regions but maybe the disk's
 /// last), computed on two threads.
-async fn hash_regions(data: bytes::Bytes) -> Result<Vec<Vec<BlockHash>>> {
+async fn hash_regions(data: bytes::Bytes, scheme: HashScheme) -> Result<Vec<Vec<BlockHash>>> {
     let hash = |part: bytes::Bytes| {
         tokio::task::spawn_blocking(move || {
             part.chunks(REGION as usize)
-                .map(|r| r.chunks(BLOCK as usize).map(resync::block_hash).collect())
+                .map(|r| r.chunks(BLOCK as usize).map(|b| scheme.block(b)).collect())
                 .collect::<Vec<Vec<BlockHash>>>()
         })
     };

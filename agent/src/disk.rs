@@ -2,11 +2,20 @@
 //! write put into the machine's stream.
 //!
 //! Write path: make the regions durable in the activity log → take a stream
-//! permit (tag gate) → lock the byte range (overlapping writes run one after
-//! another, so seq order is disk order) → hash the chunks a point still needs
-//! (`pointsum.rs`) → write the disk → take the seq (journal
-//! and queue), or in `bitmap` state mark the regions dirty → unlock → FUA: sync
-//! disk and journal → reply. Writes never wait for the process server.
+//! permit (tag gate) → lock the byte range, widened to whole 4 KiB blocks
+//! (overlapping writes, and writes into one block, run one after another, so
+//! seq order is disk order) → hash the chunks a point still needs
+//! (`pointsum.rs`) → write the disk → take the seq (journal and queue), or in
+//! `bitmap` state mark the regions dirty → for a block the write covered only
+//! in part, read it back and send its hash as a HASHES entry → unlock → FUA:
+//! sync disk and journal → reply. Writes never wait for the process server.
+//!
+//! The HASHES entry is what keeps a checksum resync exact for writers of less
+//! than 4 KiB (databases, 512-byte-sector filesystems): the receiver cannot
+//! hash a block from a partial write, and would resend it. The block is read
+//! while its range is still locked, so no other write to it lands between the
+//! write's seq and the hash's: the hash is the block at that point of the
+//! stream. It costs one read of a page-cached block per unaligned write.
 //!
 //! Trim and write-zeroes both make the range read as zeros, and are replicated
 //! as zeroing.
@@ -17,6 +26,8 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use lifeboat_common::protocol::Op;
 use tokio::sync::Notify;
+
+use lifeboat_common::resync::{HashScheme, BLOCK};
 
 use crate::capture::BlockBackend;
 use crate::dirty::DirtyMap;
@@ -62,6 +73,26 @@ impl Drop for RangeGuard<'_> {
         drop(held);
         self.locks.released.notify_waiters();
     }
+}
+
+/// The blocks of `offset..offset + len` that it covers only in part, by the
+/// receiver's rule (`process-server/src/cache.rs`, `hash_updates`): a block
+/// is whole only when the range holds all 4096 of its bytes, so the disk's
+/// short last block is always partial.
+fn partial_blocks(offset: u64, len: u64) -> Vec<u64> {
+    if len == 0 {
+        return Vec::new();
+    }
+    let end = offset.saturating_add(len);
+    let (head, tail) = (offset / BLOCK, (end - 1) / BLOCK);
+    let mut out = Vec::new();
+    if !offset.is_multiple_of(BLOCK) || (head == tail && !end.is_multiple_of(BLOCK)) {
+        out.push(head);
+    }
+    if !end.is_multiple_of(BLOCK) && tail != head {
+        out.push(tail);
+    }
+    out
 }
 
 pub struct ProtectedDisk {
@@ -144,6 +175,51 @@ impl ProtectedDisk {
 
     pub fn size_bytes(&self) -> u64 {
         self.size
+    }
+
+    /// The range a write of `len` bytes at `offset` locks: widened to whole
+    /// 4 KiB blocks (clamped to the disk), so that no other write lands in a
+    /// block it covers in part before [`Self::send_partial_hashes`] read it.
+    fn lock_span(&self, offset: u64, len: u64) -> (u64, u64) {
+        let lo = offset - offset % BLOCK;
+        let hi = offset
+            .saturating_add(len)
+            .div_ceil(BLOCK)
+            .saturating_mul(BLOCK);
+        (lo, hi.min(self.size).max(lo) - lo)
+    }
+
+    /// After a write or zeroing of `len` bytes at `offset` went into the
+    /// stream, with its [`Self::lock_span`] still locked: the hashes of the
+    /// blocks it covered only in part, as the disk now holds them, go in as
+    /// a HASHES entry. A failed read leaves them unknown to the receiver
+    /// (resent by a checksum resync), nothing worse.
+    async fn send_partial_hashes(&self, offset: u64, len: u64) {
+        let edges = partial_blocks(offset, len);
+        if edges.is_empty() {
+            return;
+        }
+        let mut blocks = Vec::with_capacity(edges.len());
+        for b in edges {
+            let at = b * BLOCK;
+            let n = BLOCK.min(self.size.saturating_sub(at)) as usize;
+            match self.file.read_at(at, n).await {
+                Ok(data) if data.len() == n => blocks.push((b, HashScheme::Xxh3.block(&data))),
+                Ok(_) => return,
+                Err(e) => {
+                    tracing::debug!(disk = %self.id, block = b, "reading a partly written block back failed: {e}; it stays unknown to the receiver");
+                    return;
+                }
+            }
+        }
+        let _ = self.record(
+            offset,
+            len,
+            Op::Hashes {
+                disk: self.index,
+                blocks,
+            },
+        );
     }
 
     /// Sync of one chunk (initial sync, resync): read it with its range locked
@@ -251,13 +327,14 @@ impl BlockBackend for ProtectedDisk {
         {
             let _permit = self.stream.write_permit().await;
             self.refused()?;
-            let _range = self.ranges.lock(offset, len).await;
+            let (at, span) = self.lock_span(offset, len);
+            let _range = self.ranges.lock(at, span).await;
             self.sums.before_change(self, offset, len).await;
             if let Err(e) = self.file.write_at(offset, data.clone()).await {
                 self.failed_write(offset, len, "write", &e);
                 return Err(e);
             }
-            let _ = self.record(
+            let queued = self.record(
                 offset,
                 len,
                 Op::Write {
@@ -266,6 +343,9 @@ impl BlockBackend for ProtectedDisk {
                     data,
                 },
             );
+            if queued {
+                self.send_partial_hashes(offset, len).await;
+            }
         }
         if fua {
             self.durable().await?;
@@ -280,13 +360,14 @@ impl BlockBackend for ProtectedDisk {
         {
             let _permit = self.stream.write_permit().await;
             self.refused()?;
-            let _range = self.ranges.lock(offset, len as u64).await;
+            let (at, span) = self.lock_span(offset, len as u64);
+            let _range = self.ranges.lock(at, span).await;
             self.sums.before_change(self, offset, len as u64).await;
             if let Err(e) = self.file.zero_range(offset, len as u64).await {
                 self.failed_write(offset, len as u64, "zeroing", &e);
                 return Err(e);
             }
-            let _ = self.record(
+            let queued = self.record(
                 offset,
                 len as u64,
                 Op::Zero {
@@ -295,6 +376,9 @@ impl BlockBackend for ProtectedDisk {
                     len,
                 },
             );
+            if queued {
+                self.send_partial_hashes(offset, len as u64).await;
+            }
         }
         if fua {
             self.durable().await?;
@@ -304,5 +388,24 @@ impl BlockBackend for ProtectedDisk {
 
     async fn flush(&self) -> io::Result<()> {
         self.durable().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn partial_blocks_are_the_edges_a_write_does_not_cover_whole() {
+        assert_eq!(partial_blocks(0, 4096), Vec::<u64>::new());
+        assert_eq!(partial_blocks(4096, 3 * 4096), Vec::<u64>::new());
+        assert_eq!(partial_blocks(512, 512), vec![0]);
+        assert_eq!(partial_blocks(0, 512), vec![0]);
+        assert_eq!(partial_blocks(3584, 512), vec![0]);
+        assert_eq!(partial_blocks(3584, 1024), vec![0, 1]);
+        assert_eq!(partial_blocks(4096 + 512, 2 * 4096), vec![1, 3]);
+        assert_eq!(partial_blocks(4096, 4096 + 1), vec![2]);
+        assert_eq!(partial_blocks(4095, 1), vec![0]);
+        assert_eq!(partial_blocks(7, 0), Vec::<u64>::new());
     }
 }

@@ -99,8 +99,15 @@ impl ResyncSlot {
             .is_some_and(|(t, _)| !t.0.is_finished())
     }
 
-    /// Starts the pending plan unless a run is going on; returns whether it did.
-    fn start(&self, cfg: &SenderConfig, stream: &Arc<Stream>, out: &mpsc::Sender<Frame>) -> bool {
+    /// Starts the pending plan unless a run is going on; returns whether it
+    /// did. `version` is the session's: it decides the hashes.
+    fn start(
+        &self,
+        cfg: &SenderConfig,
+        stream: &Arc<Stream>,
+        out: &mpsc::Sender<Frame>,
+        version: u16,
+    ) -> bool {
         let mut slot = self.lock();
         if slot.as_ref().is_some_and(|(t, _)| !t.0.is_finished()) {
             return false;
@@ -112,6 +119,7 @@ impl ResyncSlot {
             stream.clone(),
             out.clone(),
             rx,
+            lifeboat_common::resync::HashScheme::for_version(version),
         ));
         *slot = Some((AbortOnDrop(task), tx));
         true
@@ -353,7 +361,7 @@ async fn session(
                         }
                         None => {
                             info!("checksum resync requested by the process server");
-                            resync.start(cfg, stream, &ctl_tx);
+                            resync.start(cfg, stream, &ctl_tx, version);
                         }
                     }
                 }
@@ -461,7 +469,7 @@ async fn session(
             }
             let due = tokio::time::Instant::now() >= next_try;
             if due && !stream.syncing() && !resync.running() {
-                if resync.start(cfg, stream, &ctl_tx) {
+                if resync.start(cfg, stream, &ctl_tx, version) {
                     info!("starting the pending checksum resync");
                 }
                 next_try = tokio::time::Instant::now() + pause;

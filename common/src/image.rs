@@ -207,8 +207,9 @@ pub fn apply(
             Op::Inconsistent { label } => {
                 marks.last_inconsistent = Some((e.seq, label.clone()));
             }
-            // Checksums of an earlier point: nothing to write.
-            Op::Sums { .. } => {}
+            // Checksums of an earlier point, hashes of blocks already
+            // written: nothing to write.
+            Op::Sums { .. } | Op::Hashes { .. } => {}
             Op::Tag { .. } => {
                 marks.last_tag = e.seq;
                 if e.seq == point {
@@ -361,8 +362,9 @@ impl Overlay {
                     self.marks.last_tag = self.marks.last_tag.max(e.seq);
                     self.saw_point_tag |= e.seq == point;
                 }
-                // Checksums of an earlier point: nothing to write.
-                Op::Sums { .. } => {}
+                // Checksums of an earlier point, hashes of blocks already
+                // written: nothing to write.
+                Op::Sums { .. } | Op::Hashes { .. } => {}
             }
         }
         Ok(())

@@ -112,6 +112,11 @@
 //!                 |                    | sum[32] }*count               (≤ 1024 disks)
 //!                 |                    (protocol 6: each disk's checksum at the
 //!                 |                    earlier tag `point`, `disksum.rs`)
+//!                 | op=8 HASHES disk u16 | count u16 | { block u64
+//!                 |                    | hash[16] }*count              (≤ 256 blocks)
+//!                 |                    (protocol 8: XXH3-128 of whole 4 KiB blocks
+//!                 |                    as the disk holds them here, after a write
+//!                 |                    that covered them in part)
 //! ```
 //!
 //! A tag without a source (every crash-consistent tag) is still written as
@@ -124,6 +129,8 @@
 //! writes go on, and sends the result as a later SUMS entry with its own seq.
 //! A session negotiated below version 6 carries it as a zero of 0 bytes on
 //! disk 0 (the seq stays, the checksums are dropped; nothing changes on disk).
+//! A HASHES entry is carried the same way below version 8: the blocks it
+//! names stay unknown to the receiver, and a checksum resync resends them.
 //!
 //! Decoding is fallible everywhere: a frame whose claimed length exceeds the bound
 //! is refused before any buffer of that size is allocated.
@@ -139,9 +146,11 @@ use crate::codec::{DecodeError, Reader, Writer};
 /// version 4 the tag's source (op=6, [`TagSource`]); version 5 the
 /// consistency-group frames (group-prepare … group-release); version 6 the
 /// per-point disk checksums (op=7); version 7 the planned failover's final
-/// point (final-point, final-point-taken).
+/// point (final-point, final-point-taken); version 8 the XXH3-128 block and
+/// region hashes of checksum resync (`resync::HashScheme`) and the hashes
+/// entry (op=8) of blocks a write covered in part.
 pub const PROTOCOL_MIN: u16 = 3;
-pub const PROTOCOL_MAX: u16 = 7;
+pub const PROTOCOL_MAX: u16 = 8;
 /// The first version whose tags carry their source.
 pub const PROTOCOL_TAG_SOURCE: u16 = 4;
 /// The first version that takes part in consistency groups.
@@ -150,8 +159,12 @@ pub const PROTOCOL_GROUPS: u16 = 5;
 pub const PROTOCOL_SUMS: u16 = 6;
 /// The first version that takes a planned failover's final point.
 pub const PROTOCOL_FINAL: u16 = 7;
+/// The first version whose checksum-resync hashes are XXH3-128.
+pub const PROTOCOL_XXH3: u16 = 8;
 /// The most disks one SUMS entry lists.
 pub const MAX_SUM_DISKS: usize = 1024;
+/// The most blocks one HASHES entry lists (a write has two edges).
+pub const MAX_HASH_BLOCKS: usize = 256;
 pub const HELLO_MAGIC: [u8; 4] = *b"LBOT";
 
 /// The largest write, defined once for the whole data path: the NBD export
@@ -314,6 +327,16 @@ pub enum Op {
         point: u64,
         disks: Vec<DiskSum>,
     },
+    /// XXH3-128 hashes (`resync::HashScheme::Xxh3`) of whole 4 KiB blocks of
+    /// `disk` as the disk holds them at this entry (the disk's short last
+    /// block hashed padded with zeros). The agent sends them after a write
+    /// or zeroing that covered these blocks only in part, which the receiver
+    /// cannot hash from the entry: with them a checksum resync finds such a
+    /// block equal instead of resending it. Protocol 8 on.
+    Hashes {
+        disk: u16,
+        blocks: Vec<(u64, [u8; 16])>,
+    },
 }
 
 /// One disk's checksum at a point.
@@ -343,6 +366,7 @@ impl Entry {
             Op::Resize { .. } => 10,
             Op::Inconsistent { label } => 2 + label.len().min(u16::MAX as usize),
             Op::Sums { disks, .. } => 10 + 42 * disks.len(),
+            Op::Hashes { blocks, .. } => 4 + 24 * blocks.len(),
         }
     }
 
@@ -399,6 +423,15 @@ impl Entry {
                     out.put_u16(d.disk);
                     out.put_u64(d.size);
                     out.extend_from_slice(&d.sum);
+                }
+            }
+            Op::Hashes { disk, blocks } => {
+                out.put_u8(8);
+                out.put_u16(*disk);
+                out.put_u16(blocks.len() as u16);
+                for (block, hash) in blocks {
+                    out.put_u64(*block);
+                    out.extend_from_slice(hash);
                 }
             }
         }
@@ -463,6 +496,16 @@ impl Entry {
                     });
                 }
                 Op::Sums { point, disks }
+            }
+            8 => {
+                let disk = r.u16("hashes disk")?;
+                let n = r.u16("hashes count")?;
+                too_many("hashes blocks", n as u64, MAX_HASH_BLOCKS as u64)?;
+                let mut blocks = Vec::with_capacity(n as usize);
+                for _ in 0..n {
+                    blocks.push((r.u64("hashes block")?, r.array("hashes hash")?));
+                }
+                Op::Hashes { disk, blocks }
             }
             other => {
                 return Err(DecodeError::Invalid {
@@ -632,30 +675,34 @@ fn too_many(what: &'static str, n: u64, limit: u64) -> Result<(), DecodeError> {
 impl Frame {
     /// This frame as a peer that speaks `version` can read it: below
     /// [`PROTOCOL_TAG_SOURCE`] a tag loses its source (op=3 instead of op=6);
-    /// below [`PROTOCOL_SUMS`] a sums entry becomes a zero of 0 bytes.
+    /// below [`PROTOCOL_SUMS`] a sums entry, and below [`PROTOCOL_XXH3`] a
+    /// hashes entry, becomes a zero of 0 bytes (the seq stays taken).
     pub fn for_version(self, version: u16) -> Frame {
+        let unknown = |op: &Op| match op {
+            Op::Sums { .. } => version < PROTOCOL_SUMS,
+            Op::Hashes { .. } => version < PROTOCOL_XXH3,
+            _ => false,
+        };
         match self {
-            Frame::Writes(entries)
-                if version < PROTOCOL_SUMS
-                    && entries.iter().any(|e| matches!(e.op, Op::Sums { .. })) =>
-            {
-                Frame::Writes(
-                    entries
-                        .into_iter()
-                        .map(|e| match e.op {
-                            Op::Sums { .. } => Entry {
+            Frame::Writes(entries) if entries.iter().any(|e| unknown(&e.op)) => Frame::Writes(
+                entries
+                    .into_iter()
+                    .map(|e| {
+                        if unknown(&e.op) {
+                            Entry {
                                 seq: e.seq,
                                 op: Op::Zero {
                                     disk: 0,
                                     offset: 0,
                                     len: 0,
                                 },
-                            },
-                            _ => e,
-                        })
-                        .collect(),
-                )
-            }
+                            }
+                        } else {
+                            e
+                        }
+                    })
+                    .collect(),
+            ),
             Frame::Tag(Entry {
                 seq,
                 op:
@@ -1608,6 +1655,61 @@ mod tests {
                 }
             }])
         );
+    }
+
+    #[test]
+    fn a_hashes_entry_round_trips_and_becomes_an_empty_zero_below_version_8() {
+        let hashes = Entry {
+            seq: 11,
+            op: Op::Hashes {
+                disk: 1,
+                blocks: vec![(0, [7u8; 16]), (u64::MAX / 4096, [0xc3u8; 16])],
+            },
+        };
+        let write = Entry {
+            seq: 10,
+            op: Op::Write {
+                disk: 1,
+                offset: 512,
+                data: Bytes::from_static(b"abc"),
+            },
+        };
+        let f = Frame::Writes(vec![write.clone(), hashes.clone()]);
+        let bytes = f.to_bytes();
+        assert_eq!(
+            bytes.len(),
+            5 + 4 + write.encoded_len() + hashes.encoded_len()
+        );
+        let back = Frame::decode(Bytes::copy_from_slice(&bytes[4..])).unwrap();
+        assert_eq!(back, f);
+        assert_eq!(f.clone().for_version(PROTOCOL_XXH3), f);
+        let empty = Entry {
+            seq: 11,
+            op: Op::Zero {
+                disk: 0,
+                offset: 0,
+                len: 0,
+            },
+        };
+        assert_eq!(
+            f.for_version(PROTOCOL_XXH3 - 1),
+            Frame::Writes(vec![write, empty])
+        );
+        // A count beyond the bound is refused before anything is read.
+        let mut e = Vec::new();
+        e.put_u64(1);
+        e.put_u8(8);
+        e.put_u16(0);
+        e.put_u16(MAX_HASH_BLOCKS as u16 + 1);
+        let src = Bytes::from(e);
+        let mut r = Reader::new(&src[..]);
+        assert!(matches!(
+            Entry::decode(&mut r, &src),
+            Err(DecodeError::TooLarge {
+                what: "hashes blocks",
+                ..
+            })
+        ));
     }
 
     #[test]

@@ -70,7 +70,7 @@ use anyhow::{bail, Context, Result};
 use lifeboat_common::formats::AppliedPosition;
 use lifeboat_common::protocol::{DiskInfo, Entry, Op, StreamId};
 use lifeboat_common::receiver::{serve_tls, Deadlines, Opened, Sessions, StreamSink};
-use lifeboat_common::resync::{block_hash, BlockHash, BLOCK};
+use lifeboat_common::resync::{BlockHash, HashScheme, BLOCK};
 use lifeboat_common::tls;
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
@@ -613,6 +613,8 @@ fn apply_unsaved(
                 st.received.sums = Some((*point, disks.clone()));
                 st.applied.sums = Some(AppliedSums::new(*point, disks));
             }
+            // This sink hashes its disks when asked (`block_hashes`).
+            Op::Hashes { .. } => {}
         }
         st.received.entries += 1;
         st.applied.seq = e.seq;
@@ -730,6 +732,7 @@ impl StreamSink for DiskSink {
         disk: u16,
         first: u64,
         count: u64,
+        scheme: HashScheme,
     ) -> Result<Vec<BlockHash>> {
         let st = self.state(machine)?;
         let m = machine.to_string();
@@ -747,7 +750,7 @@ impl StreamSink for DiskSink {
                 t.file
                     .read_exact_at(&mut buf[..n], at)
                     .with_context(|| format!("reading {} at {at}", t.path.display()))?;
-                out.push(block_hash(&buf[..n]));
+                out.push(scheme.block(&buf[..n]));
             }
             Ok(out)
         })

@@ -24,9 +24,13 @@
 //! reading the object store back (checksum resync compares against it). It is
 //! written in the same WriteBatch as the log entries, so both are durable
 //! together: a write covering a whole block stores its hash; a block only partly
-//! written or zeroed stores `UNKNOWN_HASH` (never matches: it is resent); a
+//! written or zeroed stores `UNKNOWN_HASH` (never matches: it is resent) until
+//! the agent's HASHES entry that follows such a write gives its hash; a
 //! zeroed whole block is deleted (a missing key is the all-zero block, as a
-//! replica starts as zeros).
+//! replica starts as zeros). Hashes are [`HashScheme::CURRENT`]'s (XXH3-128);
+//! a cache written by a build that stored BLAKE3 ones keeps them until the
+//! blocks are written again, and a resync resends those blocks, since a hash
+//! of the other scheme never matches.
 //!
 //! A full cache filesystem (ENOSPC, EDQUOT): the failed write returns an error
 //! naming the cache directory and the lack of space, so nothing it held is
@@ -50,7 +54,7 @@ use lifeboat_common::catalogue::MachineRecord;
 use lifeboat_common::codec::Reader;
 use lifeboat_common::formats::{self, CacheMachine, CacheOwnerEpoch, CachePosition, CacheValue};
 use lifeboat_common::protocol::{Entry, Op};
-use lifeboat_common::resync::{self, BlockHash, BLOCK, HASH_LEN};
+use lifeboat_common::resync::{self, BlockHash, HashScheme, BLOCK, HASH_LEN};
 use rocksdb::{
     ColumnFamilyDescriptor, Direction, IteratorMode, Options, WriteBatch, WriteOptions, DB,
 };
@@ -198,6 +202,9 @@ fn log_key(machine: &str, seq: u64) -> Vec<u8> {
     k
 }
 
+// HASHES entries carry XXH3-128 hashes: the table must keep the same.
+const _: () = assert!(matches!(HashScheme::CURRENT, HashScheme::Xxh3));
+
 fn hash_key(machine: &str, disk: u16, block: u64) -> Vec<u8> {
     let mut k = Vec::with_capacity(machine.len() + 11);
     k.extend_from_slice(machine.as_bytes());
@@ -213,6 +220,15 @@ fn hash_updates(batch: &mut WriteBatch, cf: &rocksdb::ColumnFamily, machine: &st
         Op::Write { disk, offset, data } => (*disk, *offset, data.len() as u64, Some(data)),
         Op::Zero { disk, offset, len } => (*disk, *offset, *len as u64, None),
         Op::Tag { .. } | Op::Inconsistent { .. } | Op::Sums { .. } => return,
+        // The agent's hashes of blocks a write covered in part (XXH3-128,
+        // this table's scheme: see the assertion below); blocks past the
+        // disk's end are dropped by the next resize, as any hash there is.
+        Op::Hashes { disk, blocks } => {
+            for (block, hash) in blocks {
+                batch.put_cf(cf, hash_key(machine, *disk, *block), hash);
+            }
+            return;
+        }
         Op::Resize { disk, size } => {
             // Blocks past the new end read as zeros if the disk grows again.
             batch.delete_range_cf(
@@ -252,12 +268,12 @@ fn hash_updates(batch: &mut WriteBatch, cf: &rocksdb::ColumnFamily, machine: &st
         Some(data) => {
             for b in first_full..end_full {
                 let at = (b * BLOCK - offset) as usize;
-                let h = resync::block_hash(&data[at..at + BLOCK as usize]);
+                let h = HashScheme::CURRENT.block(&data[at..at + BLOCK as usize]);
                 batch.put_cf(cf, hash_key(machine, disk, b), h);
             }
         }
         None if end_full - first_full <= ZERO_PUT_MAX_BLOCKS => {
-            let z = resync::zero_block_hash();
+            let z = HashScheme::CURRENT.zero_block();
             for b in first_full..end_full {
                 batch.put_cf(cf, hash_key(machine, disk, b), z);
             }
@@ -491,7 +507,7 @@ impl Cache {
         let unwritten = if self.hashes_unknown(machine)? {
             resync::UNKNOWN_HASH
         } else {
-            resync::zero_block_hash()
+            HashScheme::CURRENT.zero_block()
         };
         let db = self.db()?;
         let hash_cf = cf(&db, CF_HASH)?;
@@ -853,9 +869,9 @@ mod tests {
     fn block_hash_table_follows_writes_and_zeroes() {
         let dir = tempfile::tempdir().unwrap();
         let c = Cache::open(dir.path()).unwrap();
-        let z = resync::zero_block_hash();
+        let z = HashScheme::CURRENT.zero_block();
         let data: Vec<u8> = (0..3 * 4096u32).map(|i| (i % 251) as u8 + 1).collect();
-        let h = |b: usize| resync::block_hash(&data[b * 4096..(b + 1) * 4096]);
+        let h = |b: usize| HashScheme::CURRENT.block(&data[b * 4096..(b + 1) * 4096]);
         c.append(
             "m",
             &[
@@ -915,7 +931,7 @@ mod tests {
         assert_eq!(got, vec![z, h(0), h(1), h(2), z, u, u, z, u, z]);
         assert_eq!(
             c.block_hashes("m", 1, 0, 2).unwrap(),
-            vec![resync::block_hash(&[9u8; 4096]), z]
+            vec![HashScheme::CURRENT.block(&[9u8; 4096]), z]
         );
         assert_eq!(c.block_hashes("m2", 0, 1, 2).unwrap()[1], z);
 

@@ -427,7 +427,22 @@ impl StreamSink for PsSink {
         disk: u16,
         first: u64,
         count: u64,
+        scheme: lifeboat_common::resync::HashScheme,
     ) -> Result<Vec<lifeboat_common::resync::BlockHash>> {
+        use lifeboat_common::resync::{HashScheme, UNKNOWN_HASH};
+        if scheme != HashScheme::CURRENT {
+            // The table holds this build's hashes only: an agent of an
+            // older protocol gets every block resent (safe, not cheap).
+            if first == 0 {
+                warn!(
+                    %machine,
+                    disk,
+                    "the agent's resync hashes are {scheme:?}, this process server keeps {:?}: every block of the disk is resent (upgrade the agent)",
+                    HashScheme::CURRENT
+                );
+            }
+            return Ok(vec![UNKNOWN_HASH; count as usize]);
+        }
         let cache = self.cache.clone();
         let m = machine.to_string();
         tokio::task::spawn_blocking(move || cache.block_hashes(&m, disk, first, count)).await?

@@ -5,17 +5,18 @@
 
 use anyhow::{bail, Result};
 
-use crate::resync::{self, BlockHash, WIRE_BLOCK_HASH_LEN};
+use crate::resync::{self, BlockHash, HashScheme, WIRE_BLOCK_HASH_LEN};
 
 /// The regions among `first_region..` (the agent's `theirs`, one 16-byte hash
-/// each) whose hash over the replica's block hashes `mine` differs. `mine`
-/// holds the blocks of exactly those regions of a disk of `size` bytes, in
-/// order.
+/// each) whose hash over the replica's block hashes `mine` under `scheme`
+/// differs. `mine` holds the blocks of exactly those regions of a disk of
+/// `size` bytes, in order.
 pub fn differing_regions(
     size: u64,
     first_region: u64,
     theirs: &[BlockHash],
     mine: &[BlockHash],
+    scheme: HashScheme,
 ) -> Result<Vec<u64>> {
     let mut out = Vec::new();
     let mut at = 0usize;
@@ -29,7 +30,7 @@ pub fn differing_regions(
             );
         };
         at += n;
-        if resync::region_hash(ours) != *t {
+        if scheme.region(ours) != *t {
             out.push(region);
         }
     }
@@ -61,11 +62,13 @@ pub fn differing_blocks(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::resync::{block_hash, BLOCK, REGION, REGION_BLOCKS, UNKNOWN_HASH};
+    use crate::resync::{BLOCK, REGION, REGION_BLOCKS, UNKNOWN_HASH};
+
+    const S: HashScheme = HashScheme::CURRENT;
 
     fn blocks(n: usize, seed: u8) -> Vec<BlockHash> {
         (0..n)
-            .map(|i| block_hash(&vec![seed.wrapping_add(i as u8); BLOCK as usize]))
+            .map(|i| S.block(&vec![seed.wrapping_add(i as u8); BLOCK as usize]))
             .collect()
     }
 
@@ -76,29 +79,29 @@ mod tests {
         let mine = blocks(2 * REGION_BLOCKS as usize + 3, 1);
         let theirs_of = |m: &[BlockHash]| {
             vec![
-                resync::region_hash(&m[..256]),
-                resync::region_hash(&m[256..512]),
-                resync::region_hash(&m[512..]),
+                S.region(&m[..256]),
+                S.region(&m[256..512]),
+                S.region(&m[512..]),
             ]
         };
-        assert!(differing_regions(size, 0, &theirs_of(&mine), &mine)
+        assert!(differing_regions(size, 0, &theirs_of(&mine), &mine, S)
             .unwrap()
             .is_empty());
         let mut changed = mine.clone();
-        changed[513] = block_hash(&[9; BLOCK as usize]);
+        changed[513] = S.block(&[9; BLOCK as usize]);
         assert_eq!(
-            differing_regions(size, 0, &theirs_of(&changed), &mine).unwrap(),
+            differing_regions(size, 0, &theirs_of(&changed), &mine, S).unwrap(),
             vec![2]
         );
         // A replica block whose hash is unknown differs from any content.
         let mut unknown = mine.clone();
         unknown[7] = UNKNOWN_HASH;
         assert_eq!(
-            differing_regions(size, 0, &theirs_of(&mine), &unknown).unwrap(),
+            differing_regions(size, 0, &theirs_of(&mine), &unknown, S).unwrap(),
             vec![0]
         );
         // Too few replica hashes is an error, never a silent "equal".
-        assert!(differing_regions(size, 0, &theirs_of(&mine), &mine[..300]).is_err());
+        assert!(differing_regions(size, 0, &theirs_of(&mine), &mine[..300], S).is_err());
     }
 
     #[test]

@@ -36,7 +36,7 @@ use tracing::{debug, info, warn};
 
 use crate::framed::{read_frame, write_frame, FrameError};
 use crate::protocol::{error_code, DiskInfo, Entry, Frame, ResyncReport, StreamId, MAX_FRAME_LEN};
-use crate::resync::{self, BlockHash, REGION_BLOCKS};
+use crate::resync::{self, BlockHash, HashScheme, REGION_BLOCKS};
 use crate::session::{Action, ReceiverState, SessionError};
 
 mod compare;
@@ -94,15 +94,18 @@ pub trait StreamSink: Send + Sync + 'static {
         async { Ok(()) }
     }
     /// Hashes of the replica's 4 KiB blocks `first..first + count` of `disk`
-    /// (see `resync.rs`), for checksum resync.
+    /// under `scheme` (see `resync.rs`), for checksum resync. A sink that
+    /// cannot compute that scheme returns [`resync::UNKNOWN_HASH`] for the
+    /// blocks it cannot: they are resent.
     fn block_hashes(
         &self,
         machine: &str,
         disk: u16,
         first: u64,
         count: u64,
+        scheme: HashScheme,
     ) -> impl Future<Output = anyhow::Result<Vec<BlockHash>>> + Send {
-        let _ = (machine, disk, first, count);
+        let _ = (machine, disk, first, count, scheme);
         async {
             Err(anyhow::anyhow!(
                 "this receiver keeps no block hashes: checksum resync is not supported"
@@ -417,6 +420,7 @@ async fn answer_resync<S: StreamSink>(
                     resync::region_count(size)
                 );
             }
+            let scheme = HashScheme::for_version(ctl.version);
             let mut regions = Vec::new();
             for (i, chunk) in hashes.chunks(LOOKUP_REGIONS).enumerate() {
                 let first = first_region + (i * LOOKUP_REGIONS) as u64;
@@ -424,8 +428,12 @@ async fn answer_resync<S: StreamSink>(
                 let count: u64 = (first..first + chunk.len() as u64)
                     .map(|r| resync::blocks_in_region(size, r))
                     .sum();
-                let mine = sink.block_hashes(machine, disk, first_block, count).await?;
-                regions.extend(compare::differing_regions(size, first, chunk, &mine)?);
+                let mine = sink
+                    .block_hashes(machine, disk, first_block, count, scheme)
+                    .await?;
+                regions.extend(compare::differing_regions(
+                    size, first, chunk, &mine, scheme,
+                )?);
             }
             let differ = regions.len() as u64;
             ctl.event(|p| {
@@ -454,7 +462,13 @@ async fn answer_resync<S: StreamSink>(
                 );
             }
             let mine = sink
-                .block_hashes(machine, disk, region * REGION_BLOCKS, n)
+                .block_hashes(
+                    machine,
+                    disk,
+                    region * REGION_BLOCKS,
+                    n,
+                    HashScheme::for_version(ctl.version),
+                )
                 .await?;
             if mine.len() as u64 != n {
                 anyhow::bail!("block hash lookup returned {} of {n} hashes", mine.len());
@@ -702,13 +716,14 @@ mod tests {
             disk: u16,
             first: u64,
             count: u64,
+            scheme: HashScheme,
         ) -> anyhow::Result<Vec<BlockHash>> {
             Ok((first..first + count)
                 .map(|b| {
                     if disk == 0 && b == 1 {
                         resync::UNKNOWN_HASH
                     } else {
-                        resync::zero_block_hash()
+                        scheme.zero_block()
                     }
                 })
                 .collect())
@@ -721,6 +736,19 @@ mod tests {
 
     #[tokio::test]
     async fn resync_is_injected_and_hash_frames_are_answered_in_order() {
+        resync_at(PROTOCOL_MAX).await;
+    }
+
+    /// A session of protocol 7 compares BLAKE3 hashes, and still finds only
+    /// the block that differs.
+    #[tokio::test]
+    async fn a_protocol_7_resync_compares_blake3_hashes() {
+        assert_eq!(HashScheme::for_version(7), HashScheme::Blake3);
+        resync_at(7).await;
+    }
+
+    async fn resync_at(version: u16) {
+        let scheme = HashScheme::for_version(version);
         let sink = Arc::new(MemSink::default());
         let sessions = Arc::new(Sessions::default());
         assert!(sessions
@@ -744,7 +772,7 @@ mod tests {
             })
         };
         let (mut rd, mut wr) = tokio::io::split(client);
-        write_frame(&mut wr, &hello("m")).await.unwrap();
+        write_frame(&mut wr, &hello_at("m", version)).await.unwrap();
         wr.flush().await.unwrap();
         assert!(matches!(next(&mut rd).await, Frame::Welcome { .. }));
         let e = sessions.start_resync("m", Some("nope")).unwrap_err();
@@ -756,13 +784,13 @@ mod tests {
             .contains("already running"));
         assert_eq!(next(&mut rd).await, Frame::ResyncStart { disks: vec![0] });
 
-        let zeros = vec![resync::zero_block_hash(); 256];
+        let zeros = vec![scheme.zero_block(); 256];
         write_frame(
             &mut wr,
             &Frame::RegionHashes {
                 disk: 0,
                 first_region: 0,
-                hashes: vec![resync::region_hash(&zeros)],
+                hashes: vec![scheme.region(&zeros)],
             },
         )
         .await
@@ -833,9 +861,13 @@ mod tests {
     }
 
     fn hello(machine: &str) -> Frame {
+        hello_at(machine, PROTOCOL_MAX)
+    }
+
+    fn hello_at(machine: &str, max_version: u16) -> Frame {
         Frame::Hello(Hello {
             min_version: PROTOCOL_MIN,
-            max_version: PROTOCOL_MAX,
+            max_version,
             machine: machine.into(),
             disks: vec![DiskInfo::new("d", 1 << 20)],
             stream_id: [3; 16],
