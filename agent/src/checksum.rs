@@ -9,7 +9,9 @@
 //! regions differ → block-hashes of those regions (kept from the read, no second
 //! read) → the receiver answers which blocks differ → those blocks, adjacent
 //! ones coalesced, are read again under their range lock and put into the
-//! stream as ordinary writes (seq, journal, exactly-once).
+//! stream as ordinary writes (seq, journal, exactly-once). The next batch is
+//! read and hashed while the receiver answers this one, so the round trips
+//! and the resends hide behind the read.
 //!
 //! The plan (which disks, and per disk the first region not yet compared) is
 //! persisted in `<state-dir>/checksum-resync.rec` (envelope b"LBCK" of JSON),
@@ -507,32 +509,29 @@ async fn resync_disk(
     if start > 0 {
         info!(disk = %d.id, "checksum resync resumes at region {start} of {regions}");
     }
+    // Level 0 of the next batch is read and hashed while the receiver
+    // answers this one's hashes and its differing blocks are resent: the
+    // read is unlocked anyway (a write racing it is in the stream before
+    // the batch's hashes, so the receiver finds it differs).
+    let level0 = |first: u64| {
+        let count = BATCH_REGIONS.min(regions - first);
+        Abort(lifeboat_common::spawn(hash_batch(
+            d.clone(),
+            first,
+            count,
+            scheme,
+            ck.clone(),
+        )))
+    };
+    let mut next = (first < regions).then(|| level0(first));
     while first < regions {
         let count = BATCH_REGIONS.min(regions - first);
-        // Level 0: read and hash the batch; the next read runs while this
-        // unit is hashed.
-        let mut blocks: Vec<Vec<BlockHash>> = Vec::with_capacity(count as usize);
-        let start = first * REGION;
-        let end = ((first + count) * REGION).min(size);
-        let read = |at: u64| {
-            let (d, len) = (d.clone(), READ_UNIT.min(end - at));
-            lifeboat_common::spawn(async move {
-                d.read_unlocked(at, len)
-                    .await
-                    .with_context(|| format!("reading {len} bytes at {at}"))
-            })
+        let blocks = match next.take() {
+            Some(mut task) => (&mut task.0).await??,
+            None => bail!("no hashing under way for region {first}"),
         };
-        let mut next = Some(read(start));
-        let mut at = start;
-        while let Some(reading) = next.take() {
-            let data = reading.await??;
-            let len = data.len() as u64;
-            if at + len < end {
-                next = Some(read(at + len));
-            }
-            blocks.extend(hash_regions(data, scheme).await?);
-            counters.hashed_bytes.fetch_add(len, Ordering::Relaxed);
-            at += len;
+        if first + count < regions {
+            next = Some(level0(first + count));
         }
         // Level 1: region hashes.
         let hashes: Vec<BlockHash> = blocks.iter().map(|b| scheme.region(b)).collect();
@@ -616,6 +615,51 @@ async fn wait_acked(stream: &Stream, seq: u64, out: &mpsc::Sender<Frame>) -> Res
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     Ok(())
+}
+
+/// Aborts its task when dropped (a resync that fails stops hashing ahead).
+struct Abort<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for Abort<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Level 0 of regions `first..first + count` of `d`: reads them in
+/// `READ_UNIT`s (the next read runs while a unit is hashed) and returns each
+/// region's block hashes.
+async fn hash_batch(
+    d: Arc<ProtectedDisk>,
+    first: u64,
+    count: u64,
+    scheme: HashScheme,
+    ck: Arc<Checksum>,
+) -> Result<Vec<Vec<BlockHash>>> {
+    let mut blocks: Vec<Vec<BlockHash>> = Vec::with_capacity(count as usize);
+    let start = first * REGION;
+    let end = ((first + count) * REGION).min(d.size_bytes());
+    let read = |at: u64| {
+        let (d, len) = (d.clone(), READ_UNIT.min(end - at));
+        lifeboat_common::spawn(async move {
+            d.read_unlocked(at, len)
+                .await
+                .with_context(|| format!("reading {len} bytes at {at}"))
+        })
+    };
+    let mut next = Some(read(start));
+    let mut at = start;
+    while let Some(reading) = next.take() {
+        let data = reading.await??;
+        let len = data.len() as u64;
+        if at + len < end {
+            next = Some(read(at + len));
+        }
+        blocks.extend(hash_regions(data, scheme).await?);
+        ck.counters.hashed_bytes.fetch_add(len, Ordering::Relaxed);
+        at += len;
+    }
+    Ok(blocks)
 }
 
 /// Block hashes of each region in `data` (whole regions but maybe the disk's

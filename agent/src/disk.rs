@@ -6,16 +6,20 @@
 //! (overlapping writes, and writes into one block, run one after another, so
 //! seq order is disk order) → hash the chunks a point still needs
 //! (`pointsum.rs`) → write the disk → take the seq (journal and queue), or in
-//! `bitmap` state mark the regions dirty → for a block the write covered only
-//! in part, read it back and send its hash as a HASHES entry → unlock → FUA:
-//! sync disk and journal → reply. Writes never wait for the process server.
+//! `bitmap` state mark the regions dirty → a HASHES entry for the blocks the
+//! write covered only in part → unlock → FUA: sync disk and journal → reply.
+//! Writes never wait for the process server.
 //!
 //! The HASHES entry is what keeps a checksum resync exact for writers of less
 //! than 4 KiB (databases, 512-byte-sector filesystems): the receiver cannot
-//! hash a block from a partial write, and would resend it. The block is read
-//! while its range is still locked, so no other write to it lands between the
-//! write's seq and the hash's: the hash is the block at that point of the
-//! stream. It costs one read of a page-cached block per unaligned write.
+//! hash a block from a partial write, and would resend it. Each such block is
+//! read before the write, with its whole block locked, so no other write
+//! lands in it between that read and the write's seq; the entry carries its
+//! hash before the write and with the write laid over it. The receiver takes
+//! the second only if its replica's block hashed as the first (the replica
+//! matched the disk there), so a replica that differs (a rebase, a disk
+//! changed behind the agent's back) keeps the block unknown. It costs one
+//! read of a page-cached block per unaligned write.
 //!
 //! Trim and write-zeroes both make the range read as zeros, and are replicated
 //! as zeroing.
@@ -24,7 +28,7 @@ use std::io;
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
-use lifeboat_common::protocol::Op;
+use lifeboat_common::protocol::{Op, PartialBlock};
 use tokio::sync::Notify;
 
 use lifeboat_common::resync::{HashScheme, BLOCK};
@@ -179,7 +183,8 @@ impl ProtectedDisk {
 
     /// The range a write of `len` bytes at `offset` locks: widened to whole
     /// 4 KiB blocks (clamped to the disk), so that no other write lands in a
-    /// block it covers in part before [`Self::send_partial_hashes`] read it.
+    /// block it covers in part between [`Self::read_partial_blocks`] and the
+    /// write's seq.
     fn lock_span(&self, offset: u64, len: u64) -> (u64, u64) {
         let lo = offset - offset % BLOCK;
         let hi = offset
@@ -189,37 +194,68 @@ impl ProtectedDisk {
         (lo, hi.min(self.size).max(lo) - lo)
     }
 
-    /// After a write or zeroing of `len` bytes at `offset` went into the
-    /// stream, with its [`Self::lock_span`] still locked: the hashes of the
-    /// blocks it covered only in part, as the disk now holds them, go in as
-    /// a HASHES entry. A failed read leaves them unknown to the receiver
-    /// (resent by a checksum resync), nothing worse.
-    async fn send_partial_hashes(&self, offset: u64, len: u64) {
-        let edges = partial_blocks(offset, len);
-        if edges.is_empty() {
-            return;
-        }
-        let mut blocks = Vec::with_capacity(edges.len());
-        for b in edges {
+    /// The blocks a write of `len` bytes at `offset` covers only in part,
+    /// read before it with its [`Self::lock_span`] locked. A failed read
+    /// leaves them out: the receiver keeps them unknown (resent by a
+    /// checksum resync), nothing worse.
+    async fn read_partial_blocks(&self, offset: u64, len: u64) -> Vec<(u64, Bytes)> {
+        let mut out = Vec::new();
+        for b in partial_blocks(offset, len) {
             let at = b * BLOCK;
             let n = BLOCK.min(self.size.saturating_sub(at)) as usize;
             match self.file.read_at(at, n).await {
-                Ok(data) if data.len() == n => blocks.push((b, HashScheme::Xxh3.block(&data))),
-                Ok(_) => return,
+                Ok(data) if data.len() == n => out.push((b, data)),
+                Ok(_) => return Vec::new(),
                 Err(e) => {
-                    tracing::debug!(disk = %self.id, block = b, "reading a partly written block back failed: {e}; it stays unknown to the receiver");
-                    return;
+                    tracing::debug!(disk = %self.id, block = b, "reading a block before a partial write failed: {e}; it stays unknown to the receiver");
+                    return Vec::new();
                 }
             }
         }
-        let _ = self.record(
-            offset,
-            len,
-            Op::Hashes {
-                disk: self.index,
-                blocks,
-            },
-        );
+        out
+    }
+
+    /// After a write (`data`) or zeroing (`None`) of `len` bytes at `offset`
+    /// went into the stream, with its range still locked: the HASHES entry
+    /// for the blocks it covered in part, each hashed as it was before
+    /// (`old`, read by [`Self::read_partial_blocks`]) and with the write's
+    /// bytes laid over it, which is what the disk now holds. Dropped rather
+    /// than let it fill the journal ([`Stream::capture_optional`]).
+    fn record_partial_hashes(
+        &self,
+        offset: u64,
+        len: u64,
+        data: Option<&[u8]>,
+        old: Vec<(u64, Bytes)>,
+    ) {
+        if old.is_empty() {
+            return;
+        }
+        let end = offset + len;
+        let blocks = old
+            .into_iter()
+            .map(|(block, before)| {
+                let at = block * BLOCK;
+                let mut after = before.to_vec();
+                let (lo, hi) = (offset.max(at), end.min(at + before.len() as u64));
+                let dst = &mut after[(lo - at) as usize..(hi - at) as usize];
+                match data {
+                    Some(d) => {
+                        dst.copy_from_slice(&d[(lo - offset) as usize..(hi - offset) as usize])
+                    }
+                    None => dst.fill(0),
+                }
+                PartialBlock {
+                    block,
+                    before: HashScheme::Xxh3.block(&before),
+                    after: HashScheme::Xxh3.block(&after),
+                }
+            })
+            .collect();
+        let _ = self.stream.capture_optional(Op::Hashes {
+            disk: self.index,
+            blocks,
+        });
     }
 
     /// Sync of one chunk (initial sync, resync): read it with its range locked
@@ -330,6 +366,7 @@ impl BlockBackend for ProtectedDisk {
             let (at, span) = self.lock_span(offset, len);
             let _range = self.ranges.lock(at, span).await;
             self.sums.before_change(self, offset, len).await;
+            let old = self.read_partial_blocks(offset, len).await;
             if let Err(e) = self.file.write_at(offset, data.clone()).await {
                 self.failed_write(offset, len, "write", &e);
                 return Err(e);
@@ -340,11 +377,11 @@ impl BlockBackend for ProtectedDisk {
                 Op::Write {
                     disk: self.index,
                     offset,
-                    data,
+                    data: data.clone(),
                 },
             );
             if queued {
-                self.send_partial_hashes(offset, len).await;
+                self.record_partial_hashes(offset, len, Some(&data), old);
             }
         }
         if fua {
@@ -363,6 +400,7 @@ impl BlockBackend for ProtectedDisk {
             let (at, span) = self.lock_span(offset, len as u64);
             let _range = self.ranges.lock(at, span).await;
             self.sums.before_change(self, offset, len as u64).await;
+            let old = self.read_partial_blocks(offset, len as u64).await;
             if let Err(e) = self.file.zero_range(offset, len as u64).await {
                 self.failed_write(offset, len as u64, "zeroing", &e);
                 return Err(e);
@@ -377,7 +415,7 @@ impl BlockBackend for ProtectedDisk {
                 },
             );
             if queued {
-                self.send_partial_hashes(offset, len as u64).await;
+                self.record_partial_hashes(offset, len as u64, None, old);
             }
         }
         if fua {

@@ -362,6 +362,19 @@ impl Stream {
         }
     }
 
+    /// Puts `op` into the stream only if that changes nothing else: not in
+    /// `bitmap`, and not when the journal is failing or full (no state
+    /// change, nothing marked dirty). For entries that may be dropped
+    /// (HASHES: without one the receiver keeps the blocks unknown).
+    pub fn capture_optional(&self, op: Op) -> Option<u64> {
+        let mut r = self.repl();
+        if self.journal.failing().is_some() || self.lock_state().queued_bytes() >= self.max_bytes {
+            return None;
+        }
+        r.on_write(None).ok()?;
+        Some(self.capture(op))
+    }
+
     /// A write failed on the local disk after some of it may have reached the
     /// disk: the replica may differ there. Under the state lock, `mark_dirty`
     /// records the range and the stream goes to `bitmap` (no point until the

@@ -113,10 +113,10 @@
 //!                 |                    (protocol 6: each disk's checksum at the
 //!                 |                    earlier tag `point`, `disksum.rs`)
 //!                 | op=8 HASHES disk u16 | count u16 | { block u64
-//!                 |                    | hash[16] }*count              (≤ 256 blocks)
-//!                 |                    (protocol 8: XXH3-128 of whole 4 KiB blocks
-//!                 |                    as the disk holds them here, after a write
-//!                 |                    that covered them in part)
+//!                 |                    | before[16] | after[16] }*count  (≤ 256 blocks)
+//!                 |                    (protocol 8: XXH3-128 of the 4 KiB blocks the
+//!                 |                    write before covered in part, on the agent's
+//!                 |                    disk before and after that write)
 //! ```
 //!
 //! A tag without a source (every crash-consistent tag) is still written as
@@ -327,16 +327,25 @@ pub enum Op {
         point: u64,
         disks: Vec<DiskSum>,
     },
-    /// XXH3-128 hashes (`resync::HashScheme::Xxh3`) of whole 4 KiB blocks of
-    /// `disk` as the disk holds them at this entry (the disk's short last
-    /// block hashed padded with zeros). The agent sends them after a write
-    /// or zeroing that covered these blocks only in part, which the receiver
-    /// cannot hash from the entry: with them a checksum resync finds such a
-    /// block equal instead of resending it. Protocol 8 on.
+    /// The blocks of `disk` that the write or zeroing just before covered
+    /// only in part, which the receiver cannot hash from that entry: each
+    /// with its XXH3-128 hash (`resync::HashScheme::Xxh3`; the disk's short
+    /// last block padded with zeros) on the agent's disk just before that
+    /// write and just after. A receiver whose replica block hashed `before`
+    /// now holds `after`; one whose did not (the replica differs, or its
+    /// hash is unknown) keeps the block unknown. Protocol 8 on.
     Hashes {
         disk: u16,
-        blocks: Vec<(u64, [u8; 16])>,
+        blocks: Vec<PartialBlock>,
     },
+}
+
+/// One block of a HASHES entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartialBlock {
+    pub block: u64,
+    pub before: [u8; 16],
+    pub after: [u8; 16],
 }
 
 /// One disk's checksum at a point.
@@ -366,7 +375,7 @@ impl Entry {
             Op::Resize { .. } => 10,
             Op::Inconsistent { label } => 2 + label.len().min(u16::MAX as usize),
             Op::Sums { disks, .. } => 10 + 42 * disks.len(),
-            Op::Hashes { blocks, .. } => 4 + 24 * blocks.len(),
+            Op::Hashes { blocks, .. } => 4 + 40 * blocks.len(),
         }
     }
 
@@ -429,9 +438,10 @@ impl Entry {
                 out.put_u8(8);
                 out.put_u16(*disk);
                 out.put_u16(blocks.len() as u16);
-                for (block, hash) in blocks {
-                    out.put_u64(*block);
-                    out.extend_from_slice(hash);
+                for b in blocks {
+                    out.put_u64(b.block);
+                    out.extend_from_slice(&b.before);
+                    out.extend_from_slice(&b.after);
                 }
             }
         }
@@ -503,7 +513,11 @@ impl Entry {
                 too_many("hashes blocks", n as u64, MAX_HASH_BLOCKS as u64)?;
                 let mut blocks = Vec::with_capacity(n as usize);
                 for _ in 0..n {
-                    blocks.push((r.u64("hashes block")?, r.array("hashes hash")?));
+                    blocks.push(PartialBlock {
+                        block: r.u64("hashes block")?,
+                        before: r.array("hashes before")?,
+                        after: r.array("hashes after")?,
+                    });
                 }
                 Op::Hashes { disk, blocks }
             }
@@ -1663,7 +1677,18 @@ mod tests {
             seq: 11,
             op: Op::Hashes {
                 disk: 1,
-                blocks: vec![(0, [7u8; 16]), (u64::MAX / 4096, [0xc3u8; 16])],
+                blocks: vec![
+                    PartialBlock {
+                        block: 0,
+                        before: [7u8; 16],
+                        after: [8u8; 16],
+                    },
+                    PartialBlock {
+                        block: u64::MAX / 4096,
+                        before: [0xc3u8; 16],
+                        after: [0x3cu8; 16],
+                    },
+                ],
             },
         };
         let write = Entry {

@@ -8,7 +8,7 @@ use std::path::Path;
 use bytes::Bytes;
 use lifeboat_common::catalogue::encode_segment;
 use lifeboat_common::protocol::{
-    DiskInfo, DiskSum, Entry, Frame, Hello, Op, ResyncReport, TagKind, TagSource,
+    DiskInfo, DiskSum, Entry, Frame, Hello, Op, PartialBlock, ResyncReport, TagKind, TagSource,
 };
 use lifeboat_common::register::{passphrase_key, Message, Reply, Request};
 
@@ -45,6 +45,14 @@ fn entries() -> Vec<Entry> {
                 sum: [7; 32],
             }],
         },
+        Op::Hashes {
+            disk: 0,
+            blocks: vec![PartialBlock {
+                block: 3,
+                before: [1; 16],
+                after: [2; 16],
+            }],
+        },
     ];
     ops.into_iter()
         .enumerate()
@@ -60,7 +68,7 @@ fn frames() -> Vec<Frame> {
     vec![
         Frame::Hello(Hello {
             min_version: 3,
-            max_version: 7,
+            max_version: 8,
             machine: "web-1".into(),
             disks: vec![
                 DiskInfo::new("root", 8 << 20),

@@ -24,8 +24,11 @@
 //! reading the object store back (checksum resync compares against it). It is
 //! written in the same WriteBatch as the log entries, so both are durable
 //! together: a write covering a whole block stores its hash; a block only partly
-//! written or zeroed stores `UNKNOWN_HASH` (never matches: it is resent) until
-//! the agent's HASHES entry that follows such a write gives its hash; a
+//! written or zeroed is pending (never matches: it is resent), keeping the
+//! hash the block had before; the agent's HASHES entry that follows such a
+//! write gives the block's new hash, taken only if the agent's block hashed
+//! the same before the write (so a replica that differs there stays
+//! unknown); a
 //! zeroed whole block is deleted (a missing key is the all-zero block, as a
 //! replica starts as zeros). Hashes are [`HashScheme::CURRENT`]'s (XXH3-128);
 //! a cache written by a build that stored BLAKE3 ones keeps them until the
@@ -44,6 +47,7 @@
 //! torn tail of the failed write dropped. Every operation holds a read lock on
 //! the open database; a reopen takes the write lock.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, RwLock, RwLockReadGuard};
 use std::time::{Duration, Instant, SystemTime};
@@ -214,75 +218,194 @@ fn hash_key(machine: &str, disk: u16, block: u64) -> Vec<u8> {
     k
 }
 
-/// Adds the hash-table updates of one entry to `batch`.
-fn hash_updates(batch: &mut WriteBatch, cf: &rocksdb::ColumnFamily, machine: &str, op: &Op) {
-    let (disk, offset, len, data) = match op {
-        Op::Write { disk, offset, data } => (*disk, *offset, data.len() as u64, Some(data)),
-        Op::Zero { disk, offset, len } => (*disk, *offset, *len as u64, None),
-        Op::Tag { .. } | Op::Inconsistent { .. } | Op::Sums { .. } => return,
-        // The agent's hashes of blocks a write covered in part (XXH3-128,
-        // this table's scheme: see the assertion below); blocks past the
-        // disk's end are dropped by the next resize, as any hash there is.
-        Op::Hashes { disk, blocks } => {
-            for (block, hash) in blocks {
-                batch.put_cf(cf, hash_key(machine, *disk, *block), hash);
-            }
-            return;
-        }
-        Op::Resize { disk, size } => {
-            // Blocks past the new end read as zeros if the disk grows again.
-            batch.delete_range_cf(
-                cf,
-                hash_key(machine, *disk, size.div_ceil(BLOCK)),
-                hash_key(machine, *disk, u64::MAX),
-            );
-            if !size.is_multiple_of(BLOCK) {
-                batch.put_cf(
-                    cf,
-                    hash_key(machine, *disk, size / BLOCK),
-                    resync::UNKNOWN_HASH,
-                );
-            }
-            return;
-        }
-    };
-    if len == 0 {
-        return;
+/// A value of the `hash` family that marks a block partly written by the
+/// entry that wrote it: [`PENDING`] then the hash the replica's block had
+/// before that write. It never matches (reads as [`resync::UNKNOWN_HASH`]);
+/// the agent's HASHES entry that follows turns it into the block's hash if
+/// the agent's block hashed the same before the write.
+const PENDING: u8 = 1;
+const PENDING_LEN: usize = 1 + HASH_LEN;
+
+/// What a stored value says of the replica's block; `None` is no value.
+fn stored_hash(v: Option<&[u8]>, unwritten: BlockHash) -> Result<BlockHash, usize> {
+    match v {
+        None => Ok(unwritten),
+        Some(v) if v.len() == HASH_LEN => Ok(v.try_into().expect("length checked")),
+        Some(v) if v.len() == PENDING_LEN && v[0] == PENDING => Ok(resync::UNKNOWN_HASH),
+        Some(v) => Err(v.len()),
     }
-    let end = offset.saturating_add(len);
-    let first_full = offset.div_ceil(BLOCK);
-    let end_full = end / BLOCK;
-    // Partly covered blocks at either edge: their content is unknown here.
-    let head = offset / BLOCK;
-    let tail = (end - 1) / BLOCK;
-    if !offset.is_multiple_of(BLOCK) || (head == tail && !end.is_multiple_of(BLOCK)) {
-        batch.put_cf(cf, hash_key(machine, disk, head), resync::UNKNOWN_HASH);
-    }
-    if !end.is_multiple_of(BLOCK) && tail != head {
-        batch.put_cf(cf, hash_key(machine, disk, tail), resync::UNKNOWN_HASH);
-    }
-    if first_full >= end_full {
-        return;
-    }
-    match data {
-        Some(data) => {
-            for b in first_full..end_full {
-                let at = (b * BLOCK - offset) as usize;
-                let h = HashScheme::CURRENT.block(&data[at..at + BLOCK as usize]);
-                batch.put_cf(cf, hash_key(machine, disk, b), h);
-            }
-        }
-        None if end_full - first_full <= ZERO_PUT_MAX_BLOCKS => {
-            let z = HashScheme::CURRENT.zero_block();
-            for b in first_full..end_full {
-                batch.put_cf(cf, hash_key(machine, disk, b), z);
-            }
-        }
-        None => batch.delete_range_cf(
+}
+
+/// The hash-table updates of one batch of entries, in order. A partly
+/// written block needs the block's hash before the write, so the batch's
+/// own earlier updates are kept to be read before the table.
+struct HashUpdates<'a> {
+    db: &'a rocksdb::DB,
+    cf: &'a rocksdb::ColumnFamily,
+    machine: &'a str,
+    /// What a block without a value holds (see [`Cache::block_hashes`]),
+    /// read once when first needed.
+    unwritten: Option<BlockHash>,
+    put: HashMap<(u16, u64), Vec<u8>>,
+    /// Ranges deleted by this batch, after any value in `put` they cover.
+    deleted: Vec<(u16, u64, u64)>,
+}
+
+impl<'a> HashUpdates<'a> {
+    fn new(db: &'a rocksdb::DB, cf: &'a rocksdb::ColumnFamily, machine: &'a str) -> Self {
+        HashUpdates {
+            db,
             cf,
-            hash_key(machine, disk, first_full),
-            hash_key(machine, disk, end_full),
-        ),
+            machine,
+            unwritten: None,
+            put: HashMap::new(),
+            deleted: Vec::new(),
+        }
+    }
+
+    fn put(&mut self, batch: &mut WriteBatch, disk: u16, block: u64, v: &[u8]) {
+        batch.put_cf(self.cf, hash_key(self.machine, disk, block), v);
+        self.put.insert((disk, block), v.to_vec());
+    }
+
+    fn delete_range(&mut self, batch: &mut WriteBatch, disk: u16, from: u64, to: u64) {
+        batch.delete_range_cf(
+            self.cf,
+            hash_key(self.machine, disk, from),
+            hash_key(self.machine, disk, to),
+        );
+        self.put
+            .retain(|&(d, b), _| d != disk || !(from..to).contains(&b));
+        self.deleted.push((disk, from, to));
+    }
+
+    /// The block's value as the batch so far leaves it (`None`: no value).
+    fn value(&self, disk: u16, block: u64) -> Result<Option<Vec<u8>>> {
+        if let Some(v) = self.put.get(&(disk, block)) {
+            return Ok(Some(v.clone()));
+        }
+        if self
+            .deleted
+            .iter()
+            .any(|&(d, from, to)| d == disk && (from..to).contains(&block))
+        {
+            return Ok(None);
+        }
+        self.db
+            .get_cf(self.cf, hash_key(self.machine, disk, block))
+            .with_context(|| {
+                format!(
+                    "reading the block hash of {} disk {disk} block {block}",
+                    self.machine
+                )
+            })
+    }
+
+    /// The replica's block hash as the batch so far leaves it.
+    fn hash(&mut self, disk: u16, block: u64) -> Result<BlockHash> {
+        let unwritten = match self.unwritten {
+            Some(u) => u,
+            None => {
+                let unknown = self
+                    .db
+                    .get_cf(
+                        cf(self.db, CF_META)?,
+                        format!("hashes-unknown/{}", self.machine),
+                    )?
+                    .is_some();
+                let u = if unknown {
+                    resync::UNKNOWN_HASH
+                } else {
+                    HashScheme::CURRENT.zero_block()
+                };
+                *self.unwritten.get_or_insert(u)
+            }
+        };
+        let v = self.value(disk, block)?;
+        // A value of another length (never written by this build) is unknown.
+        Ok(stored_hash(v.as_deref(), unwritten).unwrap_or(resync::UNKNOWN_HASH))
+    }
+
+    /// A block `op` covers only in part: pending, with its hash before.
+    fn partial(&mut self, batch: &mut WriteBatch, disk: u16, block: u64) -> Result<()> {
+        let mut v = Vec::with_capacity(PENDING_LEN);
+        v.push(PENDING);
+        v.extend_from_slice(&self.hash(disk, block)?);
+        self.put(batch, disk, block, &v);
+        Ok(())
+    }
+
+    /// Adds the updates of one entry to `batch`.
+    fn entry(&mut self, batch: &mut WriteBatch, op: &Op) -> Result<()> {
+        let (disk, offset, len, data) = match op {
+            Op::Write { disk, offset, data } => (*disk, *offset, data.len() as u64, Some(data)),
+            Op::Zero { disk, offset, len } => (*disk, *offset, *len as u64, None),
+            Op::Tag { .. } | Op::Inconsistent { .. } | Op::Sums { .. } => return Ok(()),
+            // The agent's hashes of the blocks the write before covered in
+            // part (XXH3-128, this table's scheme: see the assertion below).
+            // Taken only for a block that write left pending with the same
+            // hash as the agent's block had: the replica's block was the
+            // agent's, so it is now `after`. Anything else stays unknown.
+            Op::Hashes { disk, blocks } => {
+                for b in blocks {
+                    let v = self.value(*disk, b.block)?;
+                    let agreed = v.as_deref().is_some_and(|v| {
+                        v.len() == PENDING_LEN
+                            && v[0] == PENDING
+                            && v[1..] == b.before
+                            && b.before != resync::UNKNOWN_HASH
+                    });
+                    if agreed {
+                        self.put(batch, *disk, b.block, &b.after);
+                    }
+                }
+                return Ok(());
+            }
+            Op::Resize { disk, size } => {
+                // Blocks past the new end read as zeros if the disk grows again.
+                self.delete_range(batch, *disk, size.div_ceil(BLOCK), u64::MAX);
+                if !size.is_multiple_of(BLOCK) {
+                    self.put(batch, *disk, size / BLOCK, &resync::UNKNOWN_HASH);
+                }
+                return Ok(());
+            }
+        };
+        if len == 0 {
+            return Ok(());
+        }
+        let end = offset.saturating_add(len);
+        let first_full = offset.div_ceil(BLOCK);
+        let end_full = end / BLOCK;
+        // Partly covered blocks at either edge: their content is not known
+        // from this entry.
+        let head = offset / BLOCK;
+        let tail = (end - 1) / BLOCK;
+        if !offset.is_multiple_of(BLOCK) || (head == tail && !end.is_multiple_of(BLOCK)) {
+            self.partial(batch, disk, head)?;
+        }
+        if !end.is_multiple_of(BLOCK) && tail != head {
+            self.partial(batch, disk, tail)?;
+        }
+        if first_full >= end_full {
+            return Ok(());
+        }
+        match data {
+            Some(data) => {
+                for b in first_full..end_full {
+                    let at = (b * BLOCK - offset) as usize;
+                    let h = HashScheme::CURRENT.block(&data[at..at + BLOCK as usize]);
+                    self.put(batch, disk, b, &h);
+                }
+            }
+            None if end_full - first_full <= ZERO_PUT_MAX_BLOCKS => {
+                let z = HashScheme::CURRENT.zero_block();
+                for b in first_full..end_full {
+                    self.put(batch, disk, b, &z);
+                }
+            }
+            None => self.delete_range(batch, disk, first_full, end_full),
+        }
+        Ok(())
     }
 }
 
@@ -474,13 +597,15 @@ impl Cache {
         let cf_log = cf(&db, CF_LOG)?;
         let hash_cf = cf(&db, CF_HASH)?;
         let mut batch = WriteBatch::default();
+        let mut hashes = HashUpdates::new(&db, hash_cf, machine);
         let mut buf = Vec::new();
         for e in entries {
             buf.clear();
             envelope_entry(&mut buf, e);
             batch.put_cf(cf_log, log_key(machine, e.seq), &buf);
-            hash_updates(&mut batch, hash_cf, machine, &e.op);
+            hashes.entry(&mut batch, &e.op)?;
         }
+        drop(hashes);
         let mut wo = WriteOptions::default();
         wo.set_sync(true);
         db.write_opt(batch, &wo).map_err(|e| {
@@ -532,10 +657,9 @@ impl Cache {
             else {
                 continue;
             };
-            *slot = v.as_ref().try_into().map_err(|_| {
+            *slot = stored_hash(Some(&v), unwritten).map_err(|len| {
                 anyhow!(
-                    "block hash of {machine} disk {disk} block {block} has {} bytes, not {HASH_LEN}",
-                    v.len()
+                    "block hash of {machine} disk {disk} block {block} has {len} bytes, not {HASH_LEN}"
                 )
             })?;
         }
@@ -863,6 +987,143 @@ mod tests {
 
     fn entry(seq: u64, op: Op) -> Entry {
         Entry { seq, op }
+    }
+
+    /// A HASHES entry gives a partly written block its hash only when the
+    /// agent's block hashed before the write as the replica's did.
+    #[test]
+    fn hashes_entries_are_taken_only_where_the_replica_matched_before_the_write() {
+        use lifeboat_common::protocol::PartialBlock;
+        let dir = tempfile::tempdir().unwrap();
+        let c = Cache::open(dir.path()).unwrap();
+        let s = HashScheme::CURRENT;
+        let u = resync::UNKNOWN_HASH;
+        let old = vec![5u8; 4096];
+        let mut new = old.clone();
+        new[512..1024].fill(6);
+        let write = |seq, block: u64| {
+            entry(
+                seq,
+                Op::Write {
+                    disk: 0,
+                    offset: block * 4096 + 512,
+                    data: Bytes::from(vec![6u8; 512]),
+                },
+            )
+        };
+        let hashes = |seq, block, before: &[u8]| {
+            entry(
+                seq,
+                Op::Hashes {
+                    disk: 0,
+                    blocks: vec![PartialBlock {
+                        block,
+                        before: s.block(before),
+                        after: s.block(&new),
+                    }],
+                },
+            )
+        };
+        let whole = |seq, block: u64| {
+            entry(
+                seq,
+                Op::Write {
+                    disk: 0,
+                    offset: block * 4096,
+                    data: Bytes::from(old.clone()),
+                },
+            )
+        };
+        // Blocks 0..4 hold `old` in the replica.
+        c.append("m", &(0..4).map(|b| whole(b + 1, b)).collect::<Vec<_>>())
+            .unwrap();
+        c.append(
+            "m",
+            &[
+                // Block 0: the agent's block was the replica's: taken.
+                write(10, 0),
+                hashes(11, 0, &old),
+                // Block 1: the agent's block differed (changed behind its
+                // back, or entries the replica never got): stays unknown.
+                write(12, 1),
+                hashes(13, 1, &[9u8; 4096]),
+                // Block 2: no partial write before it: ignored.
+                hashes(14, 2, &old),
+            ],
+        )
+        .unwrap();
+        // Block 3: write and hashes in separate batches; block 5, never
+        // written, was zeros on both sides.
+        c.append("m", &[write(15, 3)]).unwrap();
+        c.append(
+            "m",
+            &[
+                hashes(16, 3, &old),
+                entry(
+                    17,
+                    Op::Zero {
+                        disk: 0,
+                        offset: 5 * 4096 + 512,
+                        len: 512,
+                    },
+                ),
+                entry(
+                    18,
+                    Op::Hashes {
+                        disk: 0,
+                        blocks: vec![PartialBlock {
+                            block: 5,
+                            before: s.zero_block(),
+                            after: s.zero_block(),
+                        }],
+                    },
+                ),
+            ],
+        )
+        .unwrap();
+        assert_eq!(
+            c.block_hashes("m", 0, 0, 6).unwrap(),
+            vec![
+                s.block(&new),
+                u,
+                s.block(&old),
+                s.block(&new),
+                s.zero_block(),
+                s.zero_block()
+            ]
+        );
+        // A second partial write chains on the first's hash.
+        c.append("m", &[write(19, 0), hashes(20, 0, &new)]).unwrap();
+        assert_eq!(c.block_hashes("m", 0, 0, 1).unwrap(), vec![s.block(&new)]);
+        // Hashes lost (a cache rebuilt from the store): a block without a
+        // value is unknown, not zeros, so no HASHES entry is taken for it.
+        c.set_hashes_unknown("m", true).unwrap();
+        c.append(
+            "m",
+            &[
+                entry(
+                    21,
+                    Op::Zero {
+                        disk: 0,
+                        offset: 7 * 4096 + 512,
+                        len: 512,
+                    },
+                ),
+                entry(
+                    22,
+                    Op::Hashes {
+                        disk: 0,
+                        blocks: vec![PartialBlock {
+                            block: 7,
+                            before: s.zero_block(),
+                            after: s.zero_block(),
+                        }],
+                    },
+                ),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.block_hashes("m", 0, 7, 1).unwrap(), vec![u]);
     }
 
     #[test]
