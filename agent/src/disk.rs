@@ -14,7 +14,8 @@
 //! than 4 KiB (databases, 512-byte-sector filesystems): the receiver cannot
 //! hash a block from a partial write, and would resend it. Each such block is
 //! read before the write, with its whole block locked, so no other write
-//! lands in it between that read and the write's seq; the entry carries its
+//! lands in it between that read and the write's seq; the entry, at the seq
+//! right after the write's (no rebase between them), carries its
 //! hash before the write and with the write laid over it. The receiver takes
 //! the second only if its replica's block hashed as the first (the replica
 //! matched the disk there), so a replica that differs (a rebase, a disk
@@ -80,7 +81,7 @@ impl Drop for RangeGuard<'_> {
 }
 
 /// The blocks of `offset..offset + len` that it covers only in part, by the
-/// receiver's rule (`process-server/src/cache.rs`, `hash_updates`): a block
+/// receiver's rule (`process-server/src/cache.rs`, `HashUpdates::entry`): a block
 /// is whole only when the range holds all 4096 of its bytes, so the disk's
 /// short last block is always partial.
 fn partial_blocks(offset: u64, len: u64) -> Vec<u64> {
@@ -136,9 +137,20 @@ impl ProtectedDisk {
     /// Puts a completed operation into the stream, or marks it dirty.
     /// Returns `false` when the range was only marked dirty.
     fn record(&self, offset: u64, len: u64, op: Op) -> bool {
+        self.record_then(offset, len, op, || None)
+    }
+
+    /// [`Self::record`], and `then` (a HASHES entry) right after `op`.
+    fn record_then(
+        &self,
+        offset: u64,
+        len: u64,
+        op: Op,
+        then: impl FnOnce() -> Option<Op>,
+    ) -> bool {
         match self
             .stream
-            .capture_or_dirty(op, || self.dirty.mark_dirty(offset, len))
+            .capture_or_dirty_then(op, then, || self.dirty.mark_dirty(offset, len))
         {
             Captured::Seq(seq) => {
                 self.dirty.captured(offset, len, seq);
@@ -215,21 +227,21 @@ impl ProtectedDisk {
         out
     }
 
-    /// After a write (`data`) or zeroing (`None`) of `len` bytes at `offset`
-    /// went into the stream, with its range still locked: the HASHES entry
-    /// for the blocks it covered in part, each hashed as it was before
+    /// The HASHES entry for a write (`data`) or zeroing (`None`) of `len`
+    /// bytes at `offset` that the disk completed, with its range still
+    /// locked: the blocks it covered in part, each hashed as it was before
     /// (`old`, read by [`Self::read_partial_blocks`]) and with the write's
-    /// bytes laid over it, which is what the disk now holds. Dropped rather
-    /// than let it fill the journal ([`Stream::capture_optional`]).
-    fn record_partial_hashes(
+    /// bytes laid over it, which is what the disk now holds. It goes into
+    /// the stream right after the write ([`Stream::capture_or_dirty_then`]).
+    fn partial_hashes(
         &self,
         offset: u64,
         len: u64,
         data: Option<&[u8]>,
         old: Vec<(u64, Bytes)>,
-    ) {
+    ) -> Option<Op> {
         if old.is_empty() {
-            return;
+            return None;
         }
         let end = offset + len;
         let blocks = old
@@ -252,10 +264,10 @@ impl ProtectedDisk {
                 }
             })
             .collect();
-        let _ = self.stream.capture_optional(Op::Hashes {
+        Some(Op::Hashes {
             disk: self.index,
             blocks,
-        });
+        })
     }
 
     /// Sync of one chunk (initial sync, resync): read it with its range locked
@@ -371,7 +383,8 @@ impl BlockBackend for ProtectedDisk {
                 self.failed_write(offset, len, "write", &e);
                 return Err(e);
             }
-            let queued = self.record(
+            let hashes = || self.partial_hashes(offset, len, Some(&data), old);
+            let _ = self.record_then(
                 offset,
                 len,
                 Op::Write {
@@ -379,10 +392,8 @@ impl BlockBackend for ProtectedDisk {
                     offset,
                     data: data.clone(),
                 },
+                hashes,
             );
-            if queued {
-                self.record_partial_hashes(offset, len, Some(&data), old);
-            }
         }
         if fua {
             self.durable().await?;
@@ -405,7 +416,7 @@ impl BlockBackend for ProtectedDisk {
                 self.failed_write(offset, len as u64, "zeroing", &e);
                 return Err(e);
             }
-            let queued = self.record(
+            let _ = self.record_then(
                 offset,
                 len as u64,
                 Op::Zero {
@@ -413,10 +424,8 @@ impl BlockBackend for ProtectedDisk {
                     offset,
                     len,
                 },
+                || self.partial_hashes(offset, len as u64, None, old),
             );
-            if queued {
-                self.record_partial_hashes(offset, len as u64, None, old);
-            }
         }
         if fua {
             self.durable().await?;

@@ -344,6 +344,20 @@ impl Stream {
     /// under the state lock, so a transition out of `resync`
     /// ([`Self::finish_resync`]) never misses a dirty write.
     pub fn capture_or_dirty(&self, op: Op, mark_dirty: impl FnOnce()) -> Captured {
+        self.capture_or_dirty_then(op, || None, mark_dirty)
+    }
+
+    /// [`Self::capture_or_dirty`], and when `op` is captured, the entry
+    /// `then` makes right after it, under the same state lock: no rebase
+    /// falls between them, so both are in one numbering at consecutive
+    /// seqs (HASHES after its write; the receiver checks the adjacency).
+    /// `then` is left out rather than fill the journal.
+    pub fn capture_or_dirty_then(
+        &self,
+        op: Op,
+        then: impl FnOnce() -> Option<Op>,
+        mark_dirty: impl FnOnce(),
+    ) -> Captured {
         let mut r = self.repl();
         let pressure = match self.journal.failing() {
             Some(e) => Some(Pressure::JournalFailing(e)),
@@ -353,26 +367,22 @@ impl Stream {
             None => None,
         };
         match r.on_write(pressure) {
-            Ok(()) => Captured::Seq(self.capture(op)),
+            Ok(()) => {
+                let mut s = self.lock_state();
+                let seq = self.append(&mut s, op);
+                if s.queued_bytes() < self.max_bytes {
+                    if let Some(then) = then() {
+                        self.append(&mut s, then);
+                    }
+                }
+                Captured::Seq(seq)
+            }
             Err(t) => {
                 log_transition(t);
                 mark_dirty();
                 Captured::Dirty
             }
         }
-    }
-
-    /// Puts `op` into the stream only if that changes nothing else: not in
-    /// `bitmap`, and not when the journal is failing or full (no state
-    /// change, nothing marked dirty). For entries that may be dropped
-    /// (HASHES: without one the receiver keeps the blocks unknown).
-    pub fn capture_optional(&self, op: Op) -> Option<u64> {
-        let mut r = self.repl();
-        if self.journal.failing().is_some() || self.lock_state().queued_bytes() >= self.max_bytes {
-            return None;
-        }
-        r.on_write(None).ok()?;
-        Some(self.capture(op))
     }
 
     /// A write failed on the local disk after some of it may have reached the

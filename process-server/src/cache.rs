@@ -218,13 +218,14 @@ fn hash_key(machine: &str, disk: u16, block: u64) -> Vec<u8> {
     k
 }
 
-/// A value of the `hash` family that marks a block partly written by the
-/// entry that wrote it: [`PENDING`] then the hash the replica's block had
-/// before that write. It never matches (reads as [`resync::UNKNOWN_HASH`]);
-/// the agent's HASHES entry that follows turns it into the block's hash if
-/// the agent's block hashed the same before the write.
+/// A value of the `hash` family that marks a block partly written: [`PENDING`],
+/// the seq of the entry that wrote it (u64 big-endian), then the hash the
+/// replica's block had before that write. It never matches (reads as
+/// [`resync::UNKNOWN_HASH`]); the agent's HASHES entry at the next seq turns
+/// it into the block's hash if the agent's block hashed the same before the
+/// write.
 const PENDING: u8 = 1;
-const PENDING_LEN: usize = 1 + HASH_LEN;
+const PENDING_LEN: usize = 1 + 8 + HASH_LEN;
 
 /// What a stored value says of the replica's block; `None` is no value.
 fn stored_hash(v: Option<&[u8]>, unwritten: BlockHash) -> Result<BlockHash, usize> {
@@ -326,33 +327,38 @@ impl<'a> HashUpdates<'a> {
         Ok(stored_hash(v.as_deref(), unwritten).unwrap_or(resync::UNKNOWN_HASH))
     }
 
-    /// A block `op` covers only in part: pending, with its hash before.
-    fn partial(&mut self, batch: &mut WriteBatch, disk: u16, block: u64) -> Result<()> {
+    /// A block the entry `seq` covers only in part: pending, with its hash
+    /// before.
+    fn partial(&mut self, batch: &mut WriteBatch, seq: u64, disk: u16, block: u64) -> Result<()> {
         let mut v = Vec::with_capacity(PENDING_LEN);
         v.push(PENDING);
+        v.extend_from_slice(&seq.to_be_bytes());
         v.extend_from_slice(&self.hash(disk, block)?);
         self.put(batch, disk, block, &v);
         Ok(())
     }
 
     /// Adds the updates of one entry to `batch`.
-    fn entry(&mut self, batch: &mut WriteBatch, op: &Op) -> Result<()> {
-        let (disk, offset, len, data) = match op {
+    fn entry(&mut self, batch: &mut WriteBatch, e: &Entry) -> Result<()> {
+        let (disk, offset, len, data) = match &e.op {
             Op::Write { disk, offset, data } => (*disk, *offset, data.len() as u64, Some(data)),
             Op::Zero { disk, offset, len } => (*disk, *offset, *len as u64, None),
             Op::Tag { .. } | Op::Inconsistent { .. } | Op::Sums { .. } => return Ok(()),
             // The agent's hashes of the blocks the write before covered in
             // part (XXH3-128, this table's scheme: see the assertion below).
-            // Taken only for a block that write left pending with the same
-            // hash as the agent's block had: the replica's block was the
-            // agent's, so it is now `after`. Anything else stays unknown.
+            // Taken only for a block the entry just before left pending, with
+            // the same hash as the agent's block had: the replica's block
+            // was the agent's, so it is now `after`. Anything else (another
+            // entry's pending, a hash that differs) stays unknown.
             Op::Hashes { disk, blocks } => {
+                let write = e.seq.wrapping_sub(1).to_be_bytes();
                 for b in blocks {
                     let v = self.value(*disk, b.block)?;
                     let agreed = v.as_deref().is_some_and(|v| {
                         v.len() == PENDING_LEN
                             && v[0] == PENDING
-                            && v[1..] == b.before
+                            && v[1..9] == write
+                            && v[9..] == b.before
                             && b.before != resync::UNKNOWN_HASH
                     });
                     if agreed {
@@ -381,10 +387,10 @@ impl<'a> HashUpdates<'a> {
         let head = offset / BLOCK;
         let tail = (end - 1) / BLOCK;
         if !offset.is_multiple_of(BLOCK) || (head == tail && !end.is_multiple_of(BLOCK)) {
-            self.partial(batch, disk, head)?;
+            self.partial(batch, e.seq, disk, head)?;
         }
         if !end.is_multiple_of(BLOCK) && tail != head {
-            self.partial(batch, disk, tail)?;
+            self.partial(batch, e.seq, disk, tail)?;
         }
         if first_full >= end_full {
             return Ok(());
@@ -603,7 +609,7 @@ impl Cache {
             buf.clear();
             envelope_entry(&mut buf, e);
             batch.put_cf(cf_log, log_key(machine, e.seq), &buf);
-            hashes.entry(&mut batch, &e.op)?;
+            hashes.entry(&mut batch, e)?;
         }
         drop(hashes);
         let mut wo = WriteOptions::default();
@@ -1124,6 +1130,21 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.block_hashes("m", 0, 7, 1).unwrap(), vec![u]);
+        // A HASHES entry that does not directly follow the write which left
+        // the block pending (its own write was dropped by a rebase) is not
+        // taken, even with the right hash before.
+        c.set_hashes_unknown("m", false).unwrap();
+        c.append(
+            "m",
+            &[
+                whole(23, 9),
+                write(24, 9),
+                whole(25, 10),
+                hashes(26, 9, &old),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.block_hashes("m", 0, 9, 1).unwrap(), vec![u]);
     }
 
     #[test]
