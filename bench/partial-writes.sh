@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Sub-4 KiB writers: fio's NBD engine, 512-byte random writes at queue depth 32
+# (each covers its 4 KiB block in part, so the agent reads the block and sends a
+# HASHES entry after the write), beside 4 KiB ones, against qemu-nbd and
+# lifeboat-agent replicating to lifeboat-ps, on the same 1 GiB file in the page
+# cache, in one run.   RUNTIME=10 (seconds per fio run)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/cargo-env.sh
+[ -x target/release/lifeboat-agent ] || build_release
+RUNTIME="${RUNTIME:-10}"
+WORK="$(mktemp -d /tmp/lifeboat-b512.XXXXXX)"
+source scripts/lib.sh
+DISK="$WORK/disk.img"
+truncate -s 1G "$DISK"
+dd if=/dev/zero of="$DISK" bs=1M count=1024 conv=notrunc status=none
+fio_one() {
+  fio --name="$5" --ioengine=nbd --uri="$1" --rw="$2" --bs="$3" --iodepth="$4" \
+      --size=1G --runtime="$RUNTIME" --time_based --randrepeat=0 \
+      --buffer_compress_percentage=50 --refill_buffers=1 \
+      --output-format=json --output="$WORK/$5.json" >/dev/null
+  python3 -c "import json; j=json.load(open('$WORK/$5.json'))['jobs'][0]['write']; print(f\"{j['iops']:.0f}\")"
+}
+qemu-nbd -f raw -x disk -k "$WORK/q.sock" -t -e 4 "$DISK" & PIDS+=($!)
+wait_sock "$WORK/q.sock"
+Q5=$(fio_one "nbd+unix:///disk?socket=$WORK/q.sock" randwrite 512 32 q5)
+Q4=$(fio_one "nbd+unix:///disk?socket=$WORK/q.sock" randwrite 4k 32 q4)
+kill -TERM "${PIDS[-1]}"; wait "${PIDS[-1]}" 2>/dev/null || true
+start_ps "$WORK/ps"
+agent_toml "$WORK/agent.toml" "$WORK/agent-state" "$DISK" "$WORK/a.sock" "journal-max-bytes = 1073741824"
+start_agent "$WORK/agent.toml" "$WORK/a.sock" "$WORK/agent-state"
+AURI="nbd+unix:///disk?socket=$WORK/a.sock"
+A5=$(fio_one "$AURI" randwrite 512 32 a5)
+A4=$(fio_one "$AURI" randwrite 4k 32 a4)
+printf '%-28s %10s %10s %6s\n' "" "lifeboat" "qemu-nbd" "ratio"
+printf '%-28s %10s %10s %6s\n' "512 randwrite qd32 (IOPS)" "$A5" "$Q5" "$(python3 -c "print(f'{$A5/$Q5:.2f}')")"
+printf '%-28s %10s %10s %6s\n' "4k randwrite qd32 (IOPS)" "$A4" "$Q4" "$(python3 -c "print(f'{$A4/$Q4:.2f}')")"
+"$BIN/lifeboat-agent" status --config "$WORK/agent.toml" | python3 -c "import json,sys; d=json.load(sys.stdin); print('agent state', d['state'], d.get('reason',''))"
