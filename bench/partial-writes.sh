@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 source scripts/cargo-env.sh
 [ -x target/release/lifeboat-agent ] || build_release
 RUNTIME="${RUNTIME:-10}"
-WORK="$(mktemp -d /tmp/lifeboat-b512.XXXXXX)"
+WORK="$(mktemp -d /tmp/lifeboat-partial-writes.XXXXXX)"
 source scripts/lib.sh
 DISK="$WORK/disk.img"
 truncate -s 1G "$DISK"
