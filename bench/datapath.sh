@@ -20,15 +20,6 @@ DISK="$WORK/disk.img"
 truncate -s 1G "$DISK"
 dd if=/dev/zero of="$DISK" bs=1M count=1024 conv=notrunc status=none   # allocated, in the page cache
 
-# fio URI RW BS DEPTH NAME -> prints "iops bw_MiB"
-fio_one() {
-  fio --name="$5" --ioengine=nbd --uri="$1" --rw="$2" --bs="$3" --iodepth="$4" \
-      --size=1G --runtime="$RUNTIME" --time_based --randrepeat=0 \
-      --buffer_compress_percentage=50 --refill_buffers=1 \
-      --output-format=json --output="$WORK/$5.json" >/dev/null
-  python3 -c "import json; j=json.load(open('$WORK/$5.json'))['jobs'][0]['write']; print(f\"{j['iops']:.0f} {j['bw_bytes']/2**20:.0f}\")"
-}
-
 # (b) qemu-nbd
 qemu-nbd -f raw -x disk -k "$WORK/q.sock" -t -e 4 "$DISK" & PIDS+=($!)
 wait_sock "$WORK/q.sock"

@@ -14,25 +14,19 @@ source scripts/lib.sh
 DISK="$WORK/disk.img"
 truncate -s 1G "$DISK"
 dd if=/dev/zero of="$DISK" bs=1M count=1024 conv=notrunc status=none
-fio_one() {
-  fio --name="$5" --ioengine=nbd --uri="$1" --rw="$2" --bs="$3" --iodepth="$4" \
-      --size=1G --runtime="$RUNTIME" --time_based --randrepeat=0 \
-      --buffer_compress_percentage=50 --refill_buffers=1 \
-      --output-format=json --output="$WORK/$5.json" >/dev/null
-  python3 -c "import json; j=json.load(open('$WORK/$5.json'))['jobs'][0]['write']; print(f\"{j['iops']:.0f}\")"
-}
+iops() { fio_one "$@" | cut -d" " -f1; }
 qemu-nbd -f raw -x disk -k "$WORK/q.sock" -t -e 4 "$DISK" & PIDS+=($!)
 wait_sock "$WORK/q.sock"
-Q5=$(fio_one "nbd+unix:///disk?socket=$WORK/q.sock" randwrite 512 32 q5)
-Q4=$(fio_one "nbd+unix:///disk?socket=$WORK/q.sock" randwrite 4k 32 q4)
+Q5=$(iops "nbd+unix:///disk?socket=$WORK/q.sock" randwrite 512 32 q5)
+Q4=$(iops "nbd+unix:///disk?socket=$WORK/q.sock" randwrite 4k 32 q4)
 kill -TERM "${PIDS[-1]}"; wait "${PIDS[-1]}" 2>/dev/null || true
 start_ps "$WORK/ps"
 agent_toml "$WORK/agent.toml" "$WORK/agent-state" "$DISK" "$WORK/a.sock" "journal-max-bytes = 1073741824"
 start_agent "$WORK/agent.toml" "$WORK/a.sock" "$WORK/agent-state"
 AURI="nbd+unix:///disk?socket=$WORK/a.sock"
-A5=$(fio_one "$AURI" randwrite 512 32 a5)
-A4=$(fio_one "$AURI" randwrite 4k 32 a4)
+A5=$(iops "$AURI" randwrite 512 32 a5)
+A4=$(iops "$AURI" randwrite 4k 32 a4)
 printf '%-28s %10s %10s %6s\n' "" "lifeboat" "qemu-nbd" "ratio"
 printf '%-28s %10s %10s %6s\n' "512 randwrite qd32 (IOPS)" "$A5" "$Q5" "$(python3 -c "print(f'{$A5/$Q5:.2f}')")"
 printf '%-28s %10s %10s %6s\n' "4k randwrite qd32 (IOPS)" "$A4" "$Q4" "$(python3 -c "print(f'{$A4/$Q4:.2f}')")"
-"$BIN/lifeboat-agent" status --config "$WORK/agent.toml" | python3 -c "import json,sys; d=json.load(sys.stdin); print('agent state', d['state'], d.get('reason',''))"
+echo "agent state: $("$BIN/lifeboat-agent" status --config "$WORK/agent.toml" | json 'd["state"]')"

@@ -17,6 +17,16 @@ json() { python3 -c "import json,sys; d=json.load(sys.stdin); print(eval(sys.arg
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 wait_sock() { for _ in $(seq 400); do [ -S "$1" ] && return 0; sleep 0.05; done; echo "no socket $1"; exit 1; }
 
+# fio_one URI RW BS DEPTH NAME: one fio run of the nbd engine over 1 GiB for
+# RUNTIME seconds, 50 %-compressible data; prints "iops bw_MiB".
+fio_one() {
+  fio --name="$5" --ioengine=nbd --uri="$1" --rw="$2" --bs="$3" --iodepth="$4" \
+      --size=1G --runtime="$RUNTIME" --time_based --randrepeat=0 \
+      --buffer_compress_percentage=50 --refill_buffers=1 \
+      --output-format=json --output="$WORK/$5.json" >/dev/null
+  python3 -c "import json; j=json.load(open('$WORK/$5.json'))['jobs'][0]['write']; print(f\"{j['iops']:.0f} {j['bw_bytes']/2**20:.0f}\")"
+}
+
 # start_ps DIR [CONFIG_TAIL]: `lifeboat-ps init` into DIR (CONFIG_TAIL appended
 # to its ps.toml) and serve it on a free port.
 # Sets PS_PORT, PS_PID and PS_CERTS (machine-1's certificates).

@@ -32,7 +32,7 @@ use bytes::Bytes;
 use lifeboat_common::protocol::{Op, PartialBlock};
 use tokio::sync::Notify;
 
-use lifeboat_common::resync::{HashScheme, BLOCK};
+use lifeboat_common::resync::{partial_blocks, HashScheme, BLOCK};
 
 use crate::capture::BlockBackend;
 use crate::dirty::DirtyMap;
@@ -78,26 +78,6 @@ impl Drop for RangeGuard<'_> {
         drop(held);
         self.locks.released.notify_waiters();
     }
-}
-
-/// The blocks of `offset..offset + len` that it covers only in part, by the
-/// receiver's rule (`process-server/src/cache.rs`, `HashUpdates::entry`): a block
-/// is whole only when the range holds all 4096 of its bytes, so the disk's
-/// short last block is always partial.
-fn partial_blocks(offset: u64, len: u64) -> Vec<u64> {
-    if len == 0 {
-        return Vec::new();
-    }
-    let end = offset.saturating_add(len);
-    let (head, tail) = (offset / BLOCK, (end - 1) / BLOCK);
-    let mut out = Vec::new();
-    if !offset.is_multiple_of(BLOCK) || (head == tail && !end.is_multiple_of(BLOCK)) {
-        out.push(head);
-    }
-    if !end.is_multiple_of(BLOCK) && tail != head {
-        out.push(tail);
-    }
-    out
 }
 
 pub struct ProtectedDisk {
@@ -435,24 +415,5 @@ impl BlockBackend for ProtectedDisk {
 
     async fn flush(&self) -> io::Result<()> {
         self.durable().await
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn partial_blocks_are_the_edges_a_write_does_not_cover_whole() {
-        assert_eq!(partial_blocks(0, 4096), Vec::<u64>::new());
-        assert_eq!(partial_blocks(4096, 3 * 4096), Vec::<u64>::new());
-        assert_eq!(partial_blocks(512, 512), vec![0]);
-        assert_eq!(partial_blocks(0, 512), vec![0]);
-        assert_eq!(partial_blocks(3584, 512), vec![0]);
-        assert_eq!(partial_blocks(3584, 1024), vec![0, 1]);
-        assert_eq!(partial_blocks(4096 + 512, 2 * 4096), vec![1, 3]);
-        assert_eq!(partial_blocks(4096, 4096 + 1), vec![2]);
-        assert_eq!(partial_blocks(4095, 1), vec![0]);
-        assert_eq!(partial_blocks(7, 0), Vec::<u64>::new());
     }
 }

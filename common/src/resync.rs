@@ -106,6 +106,28 @@ impl HashScheme {
     }
 }
 
+/// The blocks of `offset..offset + len` that it covers only in part (at most
+/// two: its first and last), whose hash a receiver cannot compute from the
+/// entry. A block is whole only when the range holds all 4096 of its bytes,
+/// so the disk's short last block is always partial. The agent sends their
+/// hashes after the write, the process server marks them pending: both by
+/// this rule.
+pub fn partial_blocks(offset: u64, len: u64) -> Vec<u64> {
+    if len == 0 {
+        return Vec::new();
+    }
+    let end = offset.saturating_add(len);
+    let (head, tail) = (offset / BLOCK, (end - 1) / BLOCK);
+    let mut out = Vec::new();
+    if !offset.is_multiple_of(BLOCK) || (head == tail && !end.is_multiple_of(BLOCK)) {
+        out.push(head);
+    }
+    if !end.is_multiple_of(BLOCK) && tail != head {
+        out.push(tail);
+    }
+    out
+}
+
 /// Regions of a disk of `size` bytes.
 pub fn region_count(size: u64) -> u64 {
     size.div_ceil(REGION)
@@ -147,6 +169,20 @@ mod tests {
             short[1000..].fill(0);
             assert_eq!(s.block(&short[..1000]), s.block(&short));
         }
+    }
+
+    #[test]
+    fn partial_blocks_are_the_edges_a_write_does_not_cover_whole() {
+        assert_eq!(partial_blocks(0, 4096), Vec::<u64>::new());
+        assert_eq!(partial_blocks(4096, 3 * 4096), Vec::<u64>::new());
+        assert_eq!(partial_blocks(512, 512), vec![0]);
+        assert_eq!(partial_blocks(0, 512), vec![0]);
+        assert_eq!(partial_blocks(3584, 512), vec![0]);
+        assert_eq!(partial_blocks(3584, 1024), vec![0, 1]);
+        assert_eq!(partial_blocks(4096 + 512, 2 * 4096), vec![1, 3]);
+        assert_eq!(partial_blocks(4096, 4096 + 1), vec![2]);
+        assert_eq!(partial_blocks(4095, 1), vec![0]);
+        assert_eq!(partial_blocks(7, 0), Vec::<u64>::new());
     }
 
     #[test]

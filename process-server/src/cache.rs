@@ -237,28 +237,66 @@ fn stored_hash(v: Option<&[u8]>, unwritten: BlockHash) -> Result<BlockHash, usiz
     }
 }
 
+fn hashes_unknown_key(machine: &str) -> String {
+    format!("hashes-unknown/{machine}")
+}
+
+/// What a block without a value in the `hash` family holds: the all-zero
+/// block (never written), unless the hashes were lost ([`Cache::hashes_unknown`]).
+fn unwritten_hash(db: &DB, machine: &str) -> Result<BlockHash> {
+    let lost = db
+        .get_cf(cf(db, CF_META)?, hashes_unknown_key(machine))?
+        .is_some();
+    Ok(if lost {
+        resync::UNKNOWN_HASH
+    } else {
+        HashScheme::CURRENT.zero_block()
+    })
+}
+
+/// Whether an entry leaves a block pending or reads one (a HASHES entry):
+/// only then does a batch need its own earlier updates ([`HashUpdates`]).
+fn reads_hashes(op: &Op) -> bool {
+    match op {
+        Op::Write { offset, data, .. } => {
+            !resync::partial_blocks(*offset, data.len() as u64).is_empty()
+        }
+        Op::Zero { offset, len, .. } => !resync::partial_blocks(*offset, *len as u64).is_empty(),
+        Op::Hashes { .. } => true,
+        _ => false,
+    }
+}
+
 /// The hash-table updates of one batch of entries, in order. A partly
-/// written block needs the block's hash before the write, so the batch's
-/// own earlier updates are kept to be read before the table.
+/// written block needs the block's hash before the write, so when the batch
+/// holds such entries its own earlier updates are kept, to be read before
+/// the table.
 struct HashUpdates<'a> {
     db: &'a rocksdb::DB,
     cf: &'a rocksdb::ColumnFamily,
     machine: &'a str,
-    /// What a block without a value holds (see [`Cache::block_hashes`]),
-    /// read once when first needed.
+    /// What a block without a value holds, read once when first needed.
     unwritten: Option<BlockHash>,
+    /// Whether to keep `put` and `deleted` (some entry reads the table).
+    track: bool,
     put: HashMap<(u16, u64), Vec<u8>>,
     /// Ranges deleted by this batch, after any value in `put` they cover.
     deleted: Vec<(u16, u64, u64)>,
 }
 
 impl<'a> HashUpdates<'a> {
-    fn new(db: &'a rocksdb::DB, cf: &'a rocksdb::ColumnFamily, machine: &'a str) -> Self {
+    fn new(
+        db: &'a rocksdb::DB,
+        cf: &'a rocksdb::ColumnFamily,
+        machine: &'a str,
+        entries: &[Entry],
+    ) -> Self {
         HashUpdates {
             db,
             cf,
             machine,
             unwritten: None,
+            track: entries.iter().any(|e| reads_hashes(&e.op)),
             put: HashMap::new(),
             deleted: Vec::new(),
         }
@@ -266,7 +304,9 @@ impl<'a> HashUpdates<'a> {
 
     fn put(&mut self, batch: &mut WriteBatch, disk: u16, block: u64, v: &[u8]) {
         batch.put_cf(self.cf, hash_key(self.machine, disk, block), v);
-        self.put.insert((disk, block), v.to_vec());
+        if self.track {
+            self.put.insert((disk, block), v.to_vec());
+        }
     }
 
     fn delete_range(&mut self, batch: &mut WriteBatch, disk: u16, from: u64, to: u64) {
@@ -275,9 +315,11 @@ impl<'a> HashUpdates<'a> {
             hash_key(self.machine, disk, from),
             hash_key(self.machine, disk, to),
         );
-        self.put
-            .retain(|&(d, b), _| d != disk || !(from..to).contains(&b));
-        self.deleted.push((disk, from, to));
+        if self.track {
+            self.put
+                .retain(|&(d, b), _| d != disk || !(from..to).contains(&b));
+            self.deleted.push((disk, from, to));
+        }
     }
 
     /// The block's value as the batch so far leaves it (`None`: no value).
@@ -306,21 +348,9 @@ impl<'a> HashUpdates<'a> {
     fn hash(&mut self, disk: u16, block: u64) -> Result<BlockHash> {
         let unwritten = match self.unwritten {
             Some(u) => u,
-            None => {
-                let unknown = self
-                    .db
-                    .get_cf(
-                        cf(self.db, CF_META)?,
-                        format!("hashes-unknown/{}", self.machine),
-                    )?
-                    .is_some();
-                let u = if unknown {
-                    resync::UNKNOWN_HASH
-                } else {
-                    HashScheme::CURRENT.zero_block()
-                };
-                *self.unwritten.get_or_insert(u)
-            }
+            None => *self
+                .unwritten
+                .insert(unwritten_hash(self.db, self.machine)?),
         };
         let v = self.value(disk, block)?;
         // A value of another length (never written by this build) is unknown.
@@ -384,13 +414,8 @@ impl<'a> HashUpdates<'a> {
         let end_full = end / BLOCK;
         // Partly covered blocks at either edge: their content is not known
         // from this entry.
-        let head = offset / BLOCK;
-        let tail = (end - 1) / BLOCK;
-        if !offset.is_multiple_of(BLOCK) || (head == tail && !end.is_multiple_of(BLOCK)) {
-            self.partial(batch, e.seq, disk, head)?;
-        }
-        if !end.is_multiple_of(BLOCK) && tail != head {
-            self.partial(batch, e.seq, disk, tail)?;
+        for block in resync::partial_blocks(offset, len) {
+            self.partial(batch, e.seq, disk, block)?;
         }
         if first_full >= end_full {
             return Ok(());
@@ -603,7 +628,7 @@ impl Cache {
         let cf_log = cf(&db, CF_LOG)?;
         let hash_cf = cf(&db, CF_HASH)?;
         let mut batch = WriteBatch::default();
-        let mut hashes = HashUpdates::new(&db, hash_cf, machine);
+        let mut hashes = HashUpdates::new(&db, hash_cf, machine, entries);
         let mut buf = Vec::new();
         for e in entries {
             buf.clear();
@@ -634,13 +659,8 @@ impl Cache {
         first: u64,
         count: u64,
     ) -> Result<Vec<BlockHash>> {
-        // A block with no hash was never written, unless the hashes were lost.
-        let unwritten = if self.hashes_unknown(machine)? {
-            resync::UNKNOWN_HASH
-        } else {
-            HashScheme::CURRENT.zero_block()
-        };
         let db = self.db()?;
+        let unwritten = unwritten_hash(&db, machine)?;
         let hash_cf = cf(&db, CF_HASH)?;
         let mut out = vec![unwritten; count as usize];
         let start = hash_key(machine, disk, first);
@@ -788,12 +808,12 @@ impl Cache {
     pub fn hashes_unknown(&self, machine: &str) -> Result<bool> {
         let db = self.db()?;
         Ok(db
-            .get_cf(cf(&db, CF_META)?, format!("hashes-unknown/{machine}"))?
+            .get_cf(cf(&db, CF_META)?, hashes_unknown_key(machine))?
             .is_some())
     }
 
     pub fn set_hashes_unknown(&self, machine: &str, unknown: bool) -> Result<()> {
-        let key = format!("hashes-unknown/{machine}");
+        let key = hashes_unknown_key(machine);
         let what = format!("recording whether the block hashes of {machine} are known");
         if unknown {
             return self.put_meta(&what, key, b"1");
@@ -863,7 +883,7 @@ impl Cache {
             formats::seal::<CachePosition>(&end.to_be_bytes()),
         );
         if end > 0 {
-            batch.put_cf(meta, format!("hashes-unknown/{m}"), b"1");
+            batch.put_cf(meta, hashes_unknown_key(m), b"1");
         }
         let mut wo = WriteOptions::default();
         wo.set_sync(true);

@@ -401,6 +401,7 @@ async fn answer_resync<S: StreamSink>(
     ctl: &SessionCtl,
     frame: Frame,
 ) -> anyhow::Result<Option<Frame>> {
+    let scheme = HashScheme::for_version(ctl.version);
     let size_of = |disk: u16| {
         ctl.disks.get(disk as usize).map(|d| d.size).ok_or_else(|| {
             anyhow::anyhow!("resync frame names disk {disk}, which the hello did not announce")
@@ -420,7 +421,6 @@ async fn answer_resync<S: StreamSink>(
                     resync::region_count(size)
                 );
             }
-            let scheme = HashScheme::for_version(ctl.version);
             let mut regions = Vec::new();
             for (i, chunk) in hashes.chunks(LOOKUP_REGIONS).enumerate() {
                 let first = first_region + (i * LOOKUP_REGIONS) as u64;
@@ -462,13 +462,7 @@ async fn answer_resync<S: StreamSink>(
                 );
             }
             let mine = sink
-                .block_hashes(
-                    machine,
-                    disk,
-                    region * REGION_BLOCKS,
-                    n,
-                    HashScheme::for_version(ctl.version),
-                )
+                .block_hashes(machine, disk, region * REGION_BLOCKS, n, scheme)
                 .await?;
             if mine.len() as u64 != n {
                 anyhow::bail!("block hash lookup returned {} of {n} hashes", mine.len());
