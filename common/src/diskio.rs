@@ -315,7 +315,12 @@ impl DiskFile {
         if len == 0 {
             return Ok(Bytes::new());
         }
-        let kind = OpKind::Read { buf: vec![0; len] };
+        // Capacity only: the kernel fills the buffer and `Op::advance` exposes each
+        // byte once it is written, so an 8 MiB bulk read pays no memset.
+        let kind = OpKind::Read {
+            buf: Vec::with_capacity(len),
+            want: len,
+        };
         let done = match (&self.bulk, bulk) {
             (Some(engine), true) => self.run_on(Some(engine), kind, offset).await?,
             _ => self.run(kind, offset).await?,
@@ -534,8 +539,11 @@ impl AlignedBuf {
 }
 
 enum OpKind {
+    /// `buf.len()` bytes have been read so far (the rest of its capacity, up to
+    /// `want`, is not yet initialised).
     Read {
         buf: Vec<u8>,
+        want: usize,
     },
     Write {
         data: Bytes,
@@ -569,7 +577,7 @@ struct Op {
 impl Op {
     fn finish(self, r: io::Result<()>) {
         let out = r.map(|()| match self.kind {
-            OpKind::Read { buf } => Done::Read(Bytes::from(buf)),
+            OpKind::Read { buf, .. } => Done::Read(Bytes::from(buf)),
             _ => Done::Unit,
         });
         // The caller may have gone away (cancelled); the op is complete either way.
@@ -579,7 +587,7 @@ impl Op {
     /// Accounts for a transfer of `n` bytes; `Some(result)` once the op is finished.
     fn advance(&mut self, n: usize) -> Option<io::Result<()>> {
         let total = match &self.kind {
-            OpKind::Read { buf } => buf.len(),
+            OpKind::Read { want, .. } => *want,
             OpKind::Write { data, .. } => data.len(),
             OpKind::WriteDirect { buf, .. } => buf.len,
             _ => return Some(Ok(())),
@@ -592,6 +600,18 @@ impl Op {
                 ),
                 _ => io::Error::new(io::ErrorKind::WriteZero, "the disk accepted no bytes"),
             }));
+        }
+        if let OpKind::Read { buf, want } = &mut self.kind {
+            if self.done + n > *want || self.done + n > buf.capacity() {
+                return Some(Err(io::Error::other(format!(
+                    "the kernel reported {n} bytes read where {} were asked",
+                    *want - self.done
+                ))));
+            }
+            // SAFETY: the read that just completed wrote `n` bytes at `buf.len()`
+            // (= `self.done`), so every byte below `self.done + n` is
+            // initialised, and they are inside the capacity (checked above).
+            unsafe { buf.set_len(self.done + n) };
         }
         self.done += n;
         if self.done >= total {
@@ -697,9 +717,9 @@ fn op_sqe(op: &mut Op, fds: &Fds) -> squeue::Entry {
     let fd = types::Fd(fds.fd(&op.kind));
     let off = op.offset + op.done as u64;
     match &mut op.kind {
-        OpKind::Read { buf } => {
-            let rest = &mut buf[op.done..];
-            opcode::Read::new(fd, rest.as_mut_ptr(), rest.len() as u32)
+        OpKind::Read { buf, want } => {
+            let rest = &mut buf.spare_capacity_mut()[..*want - op.done];
+            opcode::Read::new(fd, rest.as_mut_ptr().cast(), rest.len() as u32)
                 .offset(off)
                 .build()
         }
@@ -924,8 +944,8 @@ fn run_blocking(op: &mut Op, fd: RawFd) -> io::Result<()> {
         // SAFETY (all calls): valid descriptor; pointers and lengths come from
         // buffers owned by the op for the duration of the call.
         let r: isize = match &mut op.kind {
-            OpKind::Read { buf } => {
-                let rest = &mut buf[op.done..];
+            OpKind::Read { buf, want } => {
+                let rest = &mut buf.spare_capacity_mut()[..*want - op.done];
                 unsafe { libc::pread(fd, rest.as_mut_ptr().cast(), rest.len(), off) }
             }
             OpKind::Write { data, dsync } => pwrite(fd, &data[op.done..], off, *dsync),
@@ -1007,6 +1027,11 @@ mod tests {
         assert_eq!(&back[..1000], &pattern[..1000]);
         assert_eq!(&back[71_000..], &pattern[71_000..]);
         d.sync().await.expect("sync");
+        // Read buffers are not zeroed before the read: a freed buffer full of
+        // 0xAA, likely handed out again, must not show through a read of zeros.
+        drop(std::hint::black_box(vec![0xAAu8; 1 << 20]));
+        let tail = d.read_bulk(5 << 20, 1 << 20).await.expect("bulk read");
+        assert!(tail.len() == 1 << 20 && tail.iter().all(|&b| b == 0));
         // Bounds.
         assert!(d.read_at((8 << 20) - 10, 11).await.is_err());
         assert!(d.write_at(8 << 20, Bytes::from_static(b"x")).await.is_err());
