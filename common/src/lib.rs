@@ -104,14 +104,35 @@ pub fn now_ms() -> u64 {
 /// Tunes glibc's allocator for a data path that moves multi-megabyte buffers:
 /// without it every frame-sized allocation is a fresh `mmap` whose pages fault
 /// in and are zeroed (measured: ~10% of CPU in page faults at 1 MiB writes).
+/// One arena per core instead of glibc's eight: each arena keeps what it
+/// freed, and with sixteen of them the agent held 594 MiB after 2 GiB of
+/// writes whose queue was 32 MiB (209 MiB with two arenas, same run). A
+/// thread gives free pages back every [`TRIM_INTERVAL`] as well.
 pub fn tune_allocator() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only adjusts allocator thresholds; called at start-up.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 64 << 20);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, 256 << 20);
+    {
+        let arenas = std::thread::available_parallelism().map_or(2, |n| n.get().max(2));
+        // SAFETY: mallopt only adjusts allocator parameters; called at start-up,
+        // before the runtime's threads exist.
+        unsafe {
+            libc::mallopt(libc::M_MMAP_THRESHOLD, 64 << 20);
+            libc::mallopt(libc::M_TRIM_THRESHOLD, 256 << 20);
+            libc::mallopt(libc::M_ARENA_MAX, arenas as libc::c_int);
+        }
+        let _ = std::thread::Builder::new()
+            .name("malloc-trim".into())
+            .spawn(|| loop {
+                std::thread::sleep(TRIM_INTERVAL);
+                // SAFETY: malloc_trim only returns free pages to the kernel.
+                unsafe {
+                    libc::malloc_trim(0);
+                }
+            });
     }
 }
+
+/// How often [`tune_allocator`]'s thread returns free heap pages.
+pub const TRIM_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Lower-case hex of `bytes` (stream ids in logs, records and messages).
 pub fn hex(bytes: &[u8]) -> String {
