@@ -677,7 +677,7 @@ mod tests {
         let queued = stream.lock_state().poll_transmit(1 << 20);
         assert!(
             queued.iter().any(|f| matches!(f,
-                lifeboat_common::protocol::Frame::Tag(e) if e.seq == p.seq && matches!(e.op,
+                lifeboat_common::session::Outgoing::Frame(lifeboat_common::protocol::Frame::Tag(e)) if e.seq == p.seq && matches!(e.op,
                     lifeboat_common::protocol::Op::Tag { kind: TagKind::App, source: Some(TagSource::Fsfreeze), .. }))),
             "{queued:?}"
         );

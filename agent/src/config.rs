@@ -17,6 +17,9 @@ pub const DEFAULT_JOURNAL_MAX_BYTES: u64 = 256 * 1024 * 1024;
 
 /// Smallest `journal-max-bytes`.
 pub const MIN_JOURNAL_MAX_BYTES: u64 = 16 * 1024 * 1024;
+/// Smallest `queue-memory-bytes` (the default is the stream's
+/// `DEFAULT_QUEUE_MEMORY_BYTES`).
+pub const MIN_QUEUE_MEMORY_BYTES: u64 = 1024 * 1024;
 /// Longest `tag-interval`.
 pub const MAX_TAG_INTERVAL: Duration = Duration::from_secs(24 * 3600);
 /// Most `[[disk]]` blocks (disks are numbered by u16 in the stream).
@@ -44,6 +47,9 @@ fn default_tag_interval() -> Duration {
 }
 fn default_journal_max_bytes() -> u64 {
     DEFAULT_JOURNAL_MAX_BYTES
+}
+fn default_queue_memory_bytes() -> u64 {
+    crate::stream::DEFAULT_QUEUE_MEMORY_BYTES
 }
 fn default_server_name() -> String {
     "localhost".into()
@@ -233,6 +239,10 @@ pub struct AgentConfig {
     pub state_dir: PathBuf,
     #[serde(default = "default_journal_max_bytes")]
     pub journal_max_bytes: u64,
+    /// Unacknowledged writes kept in memory; the rest of the queue is read
+    /// back from the journal when it is sent.
+    #[serde(default = "default_queue_memory_bytes")]
+    pub queue_memory_bytes: u64,
     #[serde(default = "default_tag_interval", with = "humantime_serde")]
     pub tag_interval: Duration,
     /// Upper bound of the initial sync's read rate, in bytes per second (none by default).
@@ -345,6 +355,12 @@ impl AgentConfig {
                 self.journal_max_bytes
             );
         }
+        if self.queue_memory_bytes < MIN_QUEUE_MEMORY_BYTES {
+            bail!(
+                "queue-memory-bytes = {}: must be at least {MIN_QUEUE_MEMORY_BYTES} (1 MiB)",
+                self.queue_memory_bytes
+            );
+        }
         if self.tag_interval < Duration::from_secs(1) || self.tag_interval > MAX_TAG_INTERVAL {
             bail!(
                 "tag-interval = {}: must be between 1s and 24h",
@@ -394,6 +410,7 @@ mod tests {
         parse("", "tcp = \"0.0.0.0:10809\"\nallow-remote = true").unwrap();
         refused("sync-rate-limit = 0", "", "sync-rate-limit");
         refused("journal-max-bytes = 1000", "", "journal-max-bytes");
+        refused("queue-memory-bytes = 1000", "", "queue-memory-bytes");
         refused("tag-interval = \"0s\"", "", "tag-interval");
         refused("tag-interval = \"30d\"", "", "tag-interval");
         refused("server-name = \"\"", "", "server-name");

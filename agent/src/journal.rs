@@ -39,12 +39,19 @@
 //! the file. (Linux may have dropped their pages: the activity log, which
 //! keeps a region until its writes are acknowledged, covers a crash then.)
 //!
+//! [`Journal::read_span`] reads entries back (the stream keeps only a bounded
+//! part of what it queues in memory; `session.rs`): sequentially from a cursor
+//! that follows the sender, or found again from the file names. It reads only
+//! seqs the writer has handed to the OS, which no release deletes before they
+//! are acknowledged.
+//!
 //! [`Journal::rebase`] drops every file and starts an empty one named after the
 //! new base (the agent lost its state and continues the receiver's numbering):
 //! an empty newest file still fixes the counter.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
@@ -92,6 +99,9 @@ struct Shared {
 }
 
 pub struct Journal {
+    dir: PathBuf,
+    /// Where the last [`Journal::read_span`] stopped.
+    cursor: Mutex<Option<Cursor>>,
     shared: Arc<(Mutex<Shared>, Condvar, Condvar)>,
     /// Signalled whenever more entries reached the OS (the sender waits for it).
     pub written: Arc<tokio::sync::Notify>,
@@ -99,6 +109,19 @@ pub struct Journal {
     failing: Arc<std::sync::atomic::AtomicBool>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
+
+/// A place in the journal: the record of seq `next` starts at `offset` of the
+/// file named `file`, in the numbering counted by `rebases`.
+#[derive(Debug, Clone, Copy)]
+struct Cursor {
+    file: u64,
+    offset: u64,
+    next: u64,
+    rebases: u64,
+}
+
+/// What [`Journal::read_span`] reads at once (more for a larger record).
+const READ_BACK_CHUNK: usize = 4 << 20;
 
 fn file_name(dir: &Path, first: u64) -> PathBuf {
     dir.join(format!("{first:016x}.jnl"))
@@ -254,6 +277,8 @@ impl Journal {
             .context("starting the journal writer")?;
         Ok((
             Journal {
+                dir: dir.to_path_buf(),
+                cursor: Mutex::new(None),
                 shared,
                 written,
                 failing,
@@ -345,6 +370,137 @@ impl Journal {
         let (m, _, _) = &*self.shared;
         let mut s = m.lock().unwrap_or_else(|p| p.into_inner());
         s.release_upto = s.release_upto.max(acked);
+    }
+
+    /// Reads back the entries `first..=last` (`bytes` of them, encoded), all
+    /// handed to the OS already ([`Self::positions`]) and not acknowledged (so
+    /// not released), of the numbering counted by `rebases` ([`Self::rebases`]).
+    pub fn read_span(
+        &self,
+        first: u64,
+        last: u64,
+        bytes: usize,
+        rebases: u64,
+    ) -> Result<Vec<Entry>> {
+        if self.rebases() != rebases {
+            bail!(
+                "journal {}: rebased before seqs {first}..={last} were read back",
+                self.dir.display()
+            );
+        }
+        let mut cursor = self.cursor.lock().unwrap_or_else(|p| p.into_inner());
+        // Where the cursor is, exactly the span's records; else a scan from the
+        // start of the file that holds `first`.
+        let records = bytes + HEADER * (last + 1).saturating_sub(first) as usize;
+        let mut chunk = READ_BACK_CHUNK;
+        let mut c = match *cursor {
+            Some(c) if c.next == first && c.rebases == rebases => {
+                chunk = records.clamp(HEADER, READ_BACK_CHUNK);
+                c
+            }
+            _ => {
+                let files = list_files(&self.dir)?;
+                let Some(&(file, _)) = files.iter().rev().find(|(f, _)| *f <= first) else {
+                    bail!("journal {}: no file holds seq {first}", self.dir.display());
+                };
+                Cursor {
+                    file,
+                    offset: 0,
+                    next: file,
+                    rebases,
+                }
+            }
+        };
+        *cursor = None; // set again only when the read succeeds
+        let mut out = Vec::new();
+        while c.next <= last {
+            // A file named after the next seq starts with it: the cursor's file
+            // ended there (and may be deleted already, all of it acknowledged).
+            if c.offset > 0 && file_name(&self.dir, c.next).exists() {
+                c = Cursor {
+                    file: c.next,
+                    offset: 0,
+                    ..c
+                };
+            }
+            let path = file_name(&self.dir, c.file);
+            let f = File::open(&path).with_context(|| {
+                format!(
+                    "journal: reading back seq {} from {}",
+                    c.next,
+                    path.display()
+                )
+            })?;
+            let mut buf = vec![0u8; chunk];
+            let mut n = 0;
+            while n < buf.len() {
+                let r = f
+                    .read_at(&mut buf[n..], c.offset + n as u64)
+                    .with_context(|| format!("reading {}", path.display()))?;
+                if r == 0 {
+                    break;
+                }
+                n += r;
+            }
+            let at_eof = n < buf.len();
+            buf.truncate(n);
+            let data = Bytes::from(buf);
+            let mut pos = 0usize;
+            while pos < data.len() && c.next <= last {
+                let len = match formats::next::<JournalRecord>(&data[pos..]).with_context(|| {
+                    format!("journal {}: record at byte {}", path.display(), c.offset)
+                })? {
+                    Next::Record { len, .. } => len,
+                    Next::Torn(_) if !at_eof && pos == 0 => {
+                        // A record larger than the chunk: read it whole.
+                        chunk *= 2;
+                        break;
+                    }
+                    Next::Torn(_) if !at_eof => break, // the rest from its start
+                    Next::Torn(why) => bail!(
+                        "journal {}: {why} at byte {} while reading back seq {}",
+                        path.display(),
+                        c.offset,
+                        c.next
+                    ),
+                };
+                let body = data.slice(pos + HEADER..pos + len);
+                let e = Entry::decode(&mut Reader::new(&body), &body).with_context(|| {
+                    format!("journal {}: record at byte {}", path.display(), c.offset)
+                })?;
+                if e.seq != c.next {
+                    bail!(
+                        "journal {}: the record at byte {} has seq {}, expected {}",
+                        path.display(),
+                        c.offset,
+                        e.seq,
+                        c.next
+                    );
+                }
+                if e.seq >= first {
+                    out.push(e);
+                }
+                c.next += 1;
+                c.offset += len as u64;
+                pos += len;
+            }
+            if at_eof && pos == data.len() && c.next <= last {
+                // This file ends at a record boundary: the next one goes on.
+                c = Cursor {
+                    file: c.next,
+                    offset: 0,
+                    ..c
+                };
+            }
+        }
+        if self.rebases() != rebases {
+            bail!(
+                "journal {}: rebased while seqs {first}..={last} were read back",
+                self.dir.display()
+            );
+        }
+        *cursor = Some(c);
+        Ok(out)
     }
 
     /// The last seq handed to the OS and the last one synced.
@@ -734,6 +890,52 @@ mod tests {
         drop(j);
         let (_, es) = Journal::open(dir.path()).unwrap();
         assert_eq!(es.last().unwrap(), &w(100, 10));
+    }
+
+    /// Read-back follows the sender across file rolls, finds any span again
+    /// after a jump or a reopen, takes records larger than its chunk, and
+    /// refuses a rebased journal's old seqs.
+    #[test]
+    fn spans_read_back_across_files_and_reopens() {
+        let dir = tempfile::tempdir().unwrap();
+        let all: Vec<Entry> = (1..=80u64)
+            .map(|s| w(s, if s == 40 { 9 << 20 } else { 1 << 20 }))
+            .collect();
+        let (j, _) = Journal::open(dir.path()).unwrap();
+        for e in &all {
+            j.append(e);
+            // The writer rolls between the batches it writes.
+            if e.seq % 8 == 0 {
+                j.sync_blocking(e.seq).unwrap();
+            }
+        }
+        j.sync_blocking(80).unwrap();
+        assert!(list_files(dir.path()).unwrap().len() >= 2, "rolled");
+        let span = |j: &Journal, a: u64, b: u64| {
+            let bytes = all[a as usize - 1..b as usize]
+                .iter()
+                .map(|e| e.encoded_len())
+                .sum();
+            let got = j.read_span(a, b, bytes, j.rebases()).unwrap();
+            assert_eq!(got, all[a as usize - 1..b as usize], "{a}..={b}");
+        };
+        span(&j, 1, 1);
+        span(&j, 2, 39);
+        span(&j, 40, 41); // 9 MiB record, twice the chunk
+        span(&j, 42, 80); // across the roll
+        span(&j, 3, 5); // a jump back
+        span(&j, 66, 66);
+        drop(j);
+        let (j, replay) = Journal::open(dir.path()).unwrap();
+        assert_eq!(replay.len(), 80);
+        span(&j, 70, 80);
+        span(&j, 1, 80);
+        assert!(j.read_span(81, 81, 100, 0).is_err(), "beyond the journal");
+        j.rebase(100).unwrap();
+        let e = j.read_span(70, 71, 100, 0).unwrap_err();
+        assert!(format!("{e:#}").contains("rebased before"), "{e:#}");
+        let e = j.read_span(70, 71, 100, 1).unwrap_err();
+        assert!(format!("{e:#}").contains("no file holds seq 70"), "{e:#}");
     }
 
     #[test]

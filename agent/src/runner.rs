@@ -43,7 +43,12 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<()> {
             replay[replay.len() - 1].seq
         );
     }
-    let stream = Stream::new(journal, replay, cfg.journal_max_bytes);
+    let stream = Stream::with_memory(
+        journal,
+        replay,
+        cfg.journal_max_bytes,
+        cfg.queue_memory_bytes,
+    );
     let stream_id = Arc::new(crate::rebase::StreamIdFile::open(&cfg.state_dir)?);
     // A clean stop leaves this marker: the journal then holds every unacknowledged
     // write and nothing needs resending. Without it, the activity log decides.

@@ -489,7 +489,7 @@ async fn session(
                 write_frame(&mut wr, &f).await?;
                 wrote = true;
             }
-            let frames = stream.poll_transmit(BATCH_BYTES);
+            let frames = stream.transmit(BATCH_BYTES).await?;
             if frames.is_empty() {
                 let idle = {
                     let s = stream.lock_state();

@@ -29,8 +29,8 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use lifeboat_common::protocol::{Entry, Op, TagKind, TagSource};
-use lifeboat_common::session::SenderState;
+use lifeboat_common::protocol::{Entry, Frame, Op, TagKind, TagSource};
+use lifeboat_common::session::{Outgoing, SenderState};
 use tokio::sync::{Notify, OwnedRwLockWriteGuard, RwLock, RwLockReadGuard};
 
 use tracing::warn;
@@ -46,6 +46,9 @@ pub enum Captured {
     Seq(u64),
     Dirty,
 }
+
+/// `queue-memory-bytes` when not configured: queued writes kept in memory.
+pub const DEFAULT_QUEUE_MEMORY_BYTES: u64 = 32 << 20;
 
 /// How often paced work looks whether a failing journal writes again.
 const JOURNAL_RETRY_POLL: Duration = Duration::from_millis(200);
@@ -128,19 +131,42 @@ pub struct Positions {
     pub sent: u64,
     pub acked: u64,
     pub queued_bytes: usize,
+    /// The part of `queued_bytes` held in memory (at most `queue-memory-bytes`,
+    /// tags aside); the rest is read back from the journal.
+    pub queued_in_memory_bytes: usize,
     pub journal_written: u64,
     pub journal_synced: u64,
 }
 
 impl Stream {
-    /// Builds the stream from a journal and the entries it still holds.
+    /// Builds the stream from a journal and the entries it still holds, with
+    /// the default memory limit of its queue.
     pub fn new(journal: Journal, replay: Vec<Entry>, max_bytes: u64) -> Arc<Stream> {
+        Self::with_memory(journal, replay, max_bytes, DEFAULT_QUEUE_MEMORY_BYTES)
+    }
+
+    /// [`Self::new`] keeping at most `memory_max` bytes of queued writes in
+    /// memory (`queue-memory-bytes`); the rest is read back from the journal
+    /// when it is sent.
+    pub fn with_memory(
+        journal: Journal,
+        replay: Vec<Entry>,
+        max_bytes: u64,
+        memory_max: u64,
+    ) -> Arc<Stream> {
         let start = replay
             .first()
             .map(|e| e.seq - 1)
             .unwrap_or(journal.positions().0);
-        let mut state = SenderState::new(start);
-        for e in replay {
+        let mut state = SenderState::with_memory_limit(start, memory_max as usize);
+        for mut e in replay {
+            // A replayed write's data is a slice of its whole journal file:
+            // one that stays in memory gets its own copy, so that the files'
+            // buffers are freed once replay is done.
+            let held = state.held_bytes() + e.encoded_len() <= memory_max as usize;
+            if let (Op::Write { data, .. }, true) = (&mut e.op, held) {
+                *data = bytes::Bytes::copy_from_slice(data);
+            }
             state.push(e);
         }
         let restored = state.captured();
@@ -236,10 +262,39 @@ impl Stream {
         self.journal.written.clone()
     }
 
-    /// Frames of entries the journal already holds, up to about `max_bytes`.
-    pub fn poll_transmit(&self, max_bytes: usize) -> Vec<lifeboat_common::protocol::Frame> {
+    /// Frames of entries the journal already holds, up to about `max_bytes`;
+    /// spilled writes are read back from the journal on a blocking thread,
+    /// outside the state lock.
+    pub async fn transmit(self: &Arc<Self>, max_bytes: usize) -> anyhow::Result<Vec<Frame>> {
         let (written, _) = self.journal.positions();
-        self.lock_state().poll_transmit_upto(max_bytes, written)
+        let (out, rebases) = {
+            let mut s = self.lock_state();
+            // A rebase holds the state lock: the spans are of this numbering.
+            let rebases = self.journal.rebases();
+            (s.poll_transmit_upto(max_bytes, written), rebases)
+        };
+        if !out.iter().any(|o| matches!(o, Outgoing::Spilled { .. })) {
+            return Ok(out
+                .into_iter()
+                .filter_map(|o| match o {
+                    Outgoing::Frame(f) => Some(f),
+                    Outgoing::Spilled { .. } => None,
+                })
+                .collect());
+        }
+        let me = self.clone();
+        tokio::task::spawn_blocking(move || {
+            out.into_iter()
+                .map(|o| match o {
+                    Outgoing::Frame(f) => Ok(f),
+                    Outgoing::Spilled { first, last, bytes } => Ok(Frame::Writes(
+                        me.journal.read_span(first, last, bytes, rebases)?,
+                    )),
+                })
+                .collect()
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("reading spilled writes back from the journal: {e}"))?
     }
 
     pub fn lock_state(&self) -> std::sync::MutexGuard<'_, SenderState> {
@@ -254,6 +309,7 @@ impl Stream {
             sent: s.sent(),
             acked: s.acked(),
             queued_bytes: s.queued_bytes(),
+            queued_in_memory_bytes: s.held_bytes(),
             journal_written,
             journal_synced,
         }

@@ -7,6 +7,12 @@
 //! - receiver: `received ≥ durable`. Entries with `seq ≤ received` are duplicates
 //!   and are dropped (exactly-once apply); the first new entry must be
 //!   `received + 1` and the rest consecutive.
+//!
+//! Memory: the sender keeps at most `memory_max` bytes of queued entries in
+//! memory ([`SenderState::with_memory_limit`]); a write captured beyond it is
+//! queued by its seq and length only (spilled), and [`SenderState::poll_transmit_upto`]
+//! hands out the seq range for the caller to read back from where it keeps every
+//! entry anyway (the agent's journal). Tags always stay (a rebase reports them).
 
 use std::collections::VecDeque;
 
@@ -56,11 +62,49 @@ pub enum LostState {
     JournalLostTail { durable: u64, owned: u64 },
 }
 
+/// A queued entry: in memory, or only its place (its data is in the journal).
+#[derive(Debug, Clone)]
+enum Queued {
+    Held(Entry),
+    Spilled { seq: u64, len: usize },
+}
+
+impl Queued {
+    fn seq(&self) -> u64 {
+        match self {
+            Queued::Held(e) => e.seq,
+            Queued::Spilled { seq, .. } => *seq,
+        }
+    }
+    fn len(&self) -> usize {
+        match self {
+            Queued::Held(e) => e.encoded_len(),
+            Queued::Spilled { len, .. } => *len,
+        }
+    }
+}
+
+/// What [`SenderState::poll_transmit_upto`] hands out, in seq order.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outgoing {
+    Frame(Frame),
+    /// Writes `first..=last`, spilled: read them back and send them as one
+    /// `Frame::Writes`. `bytes`: their encoded length.
+    Spilled {
+        first: u64,
+        last: u64,
+        bytes: usize,
+    },
+}
+
 /// The agent's side: a queue of captured entries not yet acknowledged.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct SenderState {
-    queue: VecDeque<Entry>,
+    queue: VecDeque<Queued>,
     queued_bytes: usize,
+    /// Bytes of the entries held in memory, at most `memory_max` (see the header).
+    held_bytes: usize,
+    memory_max: usize,
     captured: u64,
     sent: u64,
     acked: u64,
@@ -70,12 +114,29 @@ pub struct SenderState {
     owned: u64,
 }
 
+impl Default for SenderState {
+    fn default() -> Self {
+        SenderState {
+            queue: VecDeque::new(),
+            queued_bytes: 0,
+            held_bytes: 0,
+            memory_max: usize::MAX,
+            captured: 0,
+            sent: 0,
+            acked: 0,
+            owned: 0,
+        }
+    }
+}
+
 impl SenderState {
     #[cfg(test)]
     fn clone_for_test(&self) -> SenderState {
         SenderState {
             queue: self.queue.clone(),
             queued_bytes: self.queued_bytes,
+            held_bytes: self.held_bytes,
+            memory_max: self.memory_max,
             captured: self.captured,
             sent: self.sent,
             acked: self.acked,
@@ -92,6 +153,21 @@ impl SenderState {
             owned: acked,
             ..Default::default()
         }
+    }
+
+    /// Like [`Self::new`], keeping at most `memory_max` bytes of entries in
+    /// memory, tags aside: entries beyond it are spilled (see the header); the caller must
+    /// be able to read every queued entry back.
+    pub fn with_memory_limit(acked: u64, memory_max: usize) -> Self {
+        SenderState {
+            memory_max,
+            ..Self::new(acked)
+        }
+    }
+
+    /// Bytes of queued entries held in memory (at most the memory limit).
+    pub fn held_bytes(&self) -> usize {
+        self.held_bytes
     }
 
     /// See the field: the highest seq known to be this sender's own.
@@ -127,8 +203,17 @@ impl SenderState {
     pub fn push(&mut self, entry: Entry) {
         debug_assert_eq!(entry.seq, self.captured + 1, "seqs are assigned in order");
         self.captured = entry.seq;
-        self.queued_bytes += entry.encoded_len();
-        self.queue.push_back(entry);
+        let len = entry.encoded_len();
+        self.queued_bytes += len;
+        if !matches!(entry.op, Op::Tag { .. }) && self.held_bytes + len > self.memory_max {
+            self.queue.push_back(Queued::Spilled {
+                seq: entry.seq,
+                len,
+            });
+        } else {
+            self.held_bytes += len;
+            self.queue.push_back(Queued::Held(entry));
+        }
     }
 
     /// Judges a welcome — the receiver's stream id and where its durable
@@ -178,13 +263,17 @@ impl SenderState {
         let dropped = self
             .queue
             .iter()
-            .filter_map(|e| match &e.op {
-                crate::protocol::Op::Tag { label, .. } => Some((e.seq, label.clone())),
+            .filter_map(|q| match q {
+                Queued::Held(Entry {
+                    seq,
+                    op: crate::protocol::Op::Tag { label, .. },
+                }) => Some((*seq, label.clone())),
                 _ => None,
             })
             .collect();
         self.queue.clear();
         self.queued_bytes = 0;
+        self.held_bytes = 0;
         self.captured = base;
         self.sent = base;
         self.acked = base;
@@ -216,53 +305,81 @@ impl SenderState {
 
     fn release(&mut self, upto: u64) {
         while let Some(front) = self.queue.front() {
-            if front.seq > upto {
+            if front.seq() > upto {
                 break;
             }
-            self.queued_bytes -= front.encoded_len();
+            let len = front.len();
+            self.queued_bytes -= len;
+            if matches!(front, Queued::Held(_)) {
+                self.held_bytes -= len;
+            }
             self.queue.pop_front();
         }
         self.acked = self.acked.max(upto);
     }
 
     /// Frames for the next entries to send, at most about `max_bytes` of entries
-    /// (always at least one entry if any is pending). Tags travel as tag frames.
-    pub fn poll_transmit(&mut self, max_bytes: usize) -> Vec<Frame> {
+    /// (always at least one entry if any is pending). Tags travel as tag frames;
+    /// spilled writes as seq ranges to read back ([`Outgoing::Spilled`]).
+    pub fn poll_transmit(&mut self, max_bytes: usize) -> Vec<Outgoing> {
         self.poll_transmit_upto(max_bytes, u64::MAX)
     }
 
     /// Like [`Self::poll_transmit`], sending nothing beyond seq `limit` (the agent
     /// sends only what its local journal already holds, so that a restarted agent
     /// never reuses a seq the receiver has).
-    pub fn poll_transmit_upto(&mut self, max_bytes: usize, limit: u64) -> Vec<Frame> {
-        let mut frames = Vec::new();
+    pub fn poll_transmit_upto(&mut self, max_bytes: usize, limit: u64) -> Vec<Outgoing> {
+        let mut out = Vec::new();
         let mut batch: Vec<Entry> = Vec::new();
+        let mut spilled: Option<(u64, u64, usize)> = None;
         let mut bytes = 0usize;
-        let skip = self.queue.iter().take_while(|e| e.seq <= self.sent).count();
-        for e in self.queue.iter().skip(skip) {
-            if e.seq > limit {
+        // Queued seqs are consecutive from the front's.
+        let skip = match self.queue.front() {
+            Some(f) => ((self.sent + 1).saturating_sub(f.seq()) as usize).min(self.queue.len()),
+            None => 0,
+        };
+        for q in self.queue.iter().skip(skip) {
+            let seq = q.seq();
+            if seq > limit {
                 break;
             }
-            let len = e.encoded_len();
+            let len = q.len();
             if bytes > 0 && bytes + len > max_bytes {
                 break;
             }
             bytes += len;
-            self.sent = e.seq;
-            self.owned = self.owned.max(e.seq);
-            if matches!(e.op, Op::Tag { .. }) {
-                if !batch.is_empty() {
-                    frames.push(Frame::Writes(std::mem::take(&mut batch)));
+            self.sent = seq;
+            self.owned = self.owned.max(seq);
+            match q {
+                Queued::Spilled { .. } => {
+                    if !batch.is_empty() {
+                        out.push(Outgoing::Frame(Frame::Writes(std::mem::take(&mut batch))));
+                    }
+                    let (first, bytes) = spilled.map_or((seq, 0), |(f, _, b)| (f, b));
+                    spilled = Some((first, seq, bytes + len));
                 }
-                frames.push(Frame::Tag(e.clone()));
-            } else {
-                batch.push(e.clone());
+                Queued::Held(e) => {
+                    if let Some((first, last, bytes)) = spilled.take() {
+                        out.push(Outgoing::Spilled { first, last, bytes });
+                    }
+                    if matches!(e.op, Op::Tag { .. }) {
+                        if !batch.is_empty() {
+                            out.push(Outgoing::Frame(Frame::Writes(std::mem::take(&mut batch))));
+                        }
+                        out.push(Outgoing::Frame(Frame::Tag(e.clone())));
+                    } else {
+                        batch.push(e.clone());
+                    }
+                }
             }
         }
-        if !batch.is_empty() {
-            frames.push(Frame::Writes(batch));
+        if let Some((first, last, bytes)) = spilled {
+            out.push(Outgoing::Spilled { first, last, bytes });
         }
-        frames
+        if !batch.is_empty() {
+            out.push(Outgoing::Frame(Frame::Writes(batch)));
+        }
+        out
     }
 }
 
@@ -433,6 +550,38 @@ mod tests {
         }
     }
 
+    /// The frames of `out`, spilled writes read back from `all` (what the
+    /// journal would hold).
+    fn resolve(out: Vec<Outgoing>, all: &[Entry]) -> Vec<Frame> {
+        out.into_iter()
+            .map(|o| match o {
+                Outgoing::Frame(f) => f,
+                Outgoing::Spilled { first, last, .. } => Frame::Writes(
+                    all.iter()
+                        .filter(|e| (first..=last).contains(&e.seq))
+                        .cloned()
+                        .collect(),
+                ),
+            })
+            .collect()
+    }
+
+    /// The entries `frames` carry, in order (tags as tag frames).
+    fn entries(frames: Vec<Frame>) -> Vec<Entry> {
+        let mut out = Vec::new();
+        for f in frames {
+            match f {
+                Frame::Writes(es) => {
+                    assert!(es.iter().all(|e| !matches!(e.op, Op::Tag { .. })));
+                    out.extend(es);
+                }
+                Frame::Tag(e) => out.push(e),
+                other => panic!("{other:?}"),
+            }
+        }
+        out
+    }
+
     fn hello() -> Frame {
         Frame::Hello(Hello {
             min_version: PROTOCOL_MIN,
@@ -462,7 +611,7 @@ mod tests {
             tx.on_welcome([1; 16], [1; 16], durable),
             Welcome::Resume { after: durable }
         );
-        let frames = tx.poll_transmit(4 * 4200);
+        let frames = resolve(tx.poll_transmit(4 * 4200), &[]);
         assert_eq!(tx.sent(), 4);
         for f in frames {
             if let Action::Persist(es) = rx.on_frame(f).unwrap() {
@@ -489,7 +638,7 @@ mod tests {
             Welcome::Resume { after: durable }
         );
         loop {
-            let frames = tx.poll_transmit(1 << 20);
+            let frames = resolve(tx.poll_transmit(1 << 20), &[]);
             if frames.is_empty() {
                 break;
             }
@@ -636,9 +785,72 @@ mod tests {
             },
         });
         tx.push(write(3));
-        let frames = tx.poll_transmit(1 << 20);
+        let frames = resolve(tx.poll_transmit(1 << 20), &[]);
         assert!(matches!(frames[0], Frame::Writes(ref v) if v.len() == 1));
         assert!(matches!(frames[1], Frame::Tag(_)));
         assert!(matches!(frames[2], Frame::Writes(ref v) if v[0].seq == 3));
+    }
+
+    /// A sender with a memory limit sends the same entries as one without,
+    /// once its spilled writes are read back; it holds at most the limit, and
+    /// acknowledgements make room for new writes again.
+    #[test]
+    fn spilled_writes_are_sent_like_held_ones() {
+        let tag = |seq| Entry {
+            seq,
+            op: Op::Tag {
+                kind: protocol::TagKind::Crash,
+                source: None,
+                time_ms: 0,
+                label: format!("t{seq}"),
+            },
+        };
+        let all: Vec<Entry> = (1..=40)
+            .map(|s| if s % 7 == 0 { tag(s) } else { write(s) })
+            .collect();
+        let limit = 3 * write(1).encoded_len();
+        let mut small = SenderState::with_memory_limit(0, limit);
+        let mut big = SenderState::new(0);
+        for e in &all {
+            small.push(e.clone());
+            big.push(e.clone());
+            assert!(small.held_bytes() <= limit + tag(99).encoded_len() * 5);
+        }
+        assert_eq!(small.queued_bytes(), big.queued_bytes());
+        let out = small.poll_transmit_upto(9 * 4200, 30);
+        assert!(out.iter().any(|o| matches!(o, Outgoing::Spilled { .. })));
+        assert_eq!(
+            entries(resolve(out, &all)),
+            entries(resolve(big.poll_transmit_upto(9 * 4200, 30), &[]))
+        );
+        // A reconnect resends from the acknowledged position, spilled or not.
+        small.on_ack(4).unwrap();
+        big.on_ack(4).unwrap();
+        small.on_disconnect();
+        big.on_disconnect();
+        loop {
+            let a = entries(resolve(small.poll_transmit(5 * 4200), &all));
+            let b = entries(resolve(big.poll_transmit(5 * 4200), &[]));
+            assert_eq!(a, b);
+            if a.is_empty() {
+                break;
+            }
+        }
+        assert_eq!(small.sent(), 40);
+        small.on_ack(40).unwrap();
+        assert_eq!((small.queued_bytes(), small.held_bytes()), (0, 0));
+        // Room again: the next write is held.
+        small.push(write(41));
+        assert_eq!(small.held_bytes(), write(41).encoded_len());
+        assert!(
+            matches!(&small.poll_transmit(1 << 20)[..], [Outgoing::Frame(Frame::Writes(v))] if v[0].seq == 41)
+        );
+        // A rebase reports the dropped tags, spilled writes around them or not.
+        let mut r = SenderState::with_memory_limit(0, limit);
+        for e in &all[..14] {
+            r.push(e.clone());
+        }
+        assert_eq!(r.rebase(20), vec![(7, "t7".into()), (14, "t14".into())]);
+        assert_eq!((r.queued_bytes(), r.held_bytes()), (0, 0));
     }
 }

@@ -60,7 +60,9 @@ const SECOND_DISK_SIZE: u64 = 8 << 20;
 /// itself, above the 8 MiB the server needs to reopen its cache).
 const CACHE_FREE_AFTER_FULL: u64 = 48 << 20;
 /// Agent options: no periodic tag (every point is one the harness took).
-const AGENT_EXTRA: &str = "tag-interval = \"24h\"";
+/// The smallest queue memory: whatever waits beyond 1 MiB is read back from
+/// the journal, so every scenario sends spilled writes.
+const AGENT_EXTRA: &str = "tag-interval = \"24h\"\nqueue-memory-bytes = 1048576";
 
 /// `LIFEBOAT_FAULT_MAX_WRITE` (bytes, or with a K/M suffix), else [`MAX_WRITE`];
 /// at most [`EXPORT_MAX_REQUEST`], at least 512.

@@ -139,3 +139,61 @@ fn clean_stop_in_bitmap_state_still_resends_the_dirty_regions() {
     let out = ps.failover_ok(MACHINE, "latest", &root.join("out"));
     assert_same(&out.join("root.raw"), &snap);
 }
+
+/// Writes queued beyond `queue-memory-bytes` are kept only in the journal:
+/// they are read back when the process server returns, also after the agent
+/// restarted meanwhile (its replay spills too), and the point after them is
+/// exact.
+#[test]
+fn writes_beyond_the_queue_memory_are_read_back_from_the_journal() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let (mut ps, mut agent) = start_pair(
+        root,
+        &[("root", 128 * MIB)],
+        "journal-max-bytes = 134217728\nqueue-memory-bytes = 1048576",
+    )
+    .unwrap();
+    ps.proc.as_mut().unwrap().kill9();
+    // 40 MiB of writes of every size from 512 bytes to 128 KiB wait for the
+    // process server, in the journal and not in the agent's memory.
+    fio_randwrite(
+        &agent.uri("root"),
+        &root.join("fio.json"),
+        &["--bsrange=512-128k", "--iodepth=16", "--io_size=40M"],
+    )
+    .unwrap();
+    let pos = agent.status().unwrap()["positions"].clone();
+    assert!(pos["queued-bytes"].as_u64().unwrap() > 40 * MIB, "{pos}");
+    assert!(
+        pos["queued-in-memory-bytes"].as_u64().unwrap() <= MIB + 4096,
+        "{pos}"
+    );
+    agent.stop_clean();
+    agent.start().unwrap();
+    let pos = agent.status().unwrap()["positions"].clone();
+    assert!(
+        pos["queued-in-memory-bytes"].as_u64().unwrap() <= MIB + 4096,
+        "after replay: {pos}"
+    );
+    qemu_io(&agent.uri("root"), &["write -P 0x5a 1000 3000", "flush"]).unwrap();
+    let snap = root.join("snap.raw");
+    snapshot(&agent.image("root"), &snap);
+
+    // A restarted agent places points once the process server confirmed its
+    // numbering: the spilled writes are sent first.
+    ps.start().unwrap();
+    let seq = wait_for(
+        "a point after the restart",
+        Duration::from_secs(120),
+        || agent.tag().ok(),
+    )
+    .unwrap();
+    let acked = agent.wait_acked(Duration::from_secs(180)).unwrap();
+    assert!(acked >= seq);
+    wait_stored(&ps.store_url, MACHINE, &[], seq, Duration::from_secs(120)).unwrap();
+    let s = agent.status().unwrap();
+    assert_eq!(s["state"], "streaming", "no overflow, no resync: {s}");
+    let out = ps.failover_ok(MACHINE, &seq.to_string(), &root.join("out"));
+    assert_same(&out.join("root.raw"), &snap);
+}
