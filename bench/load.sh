@@ -111,7 +111,8 @@ for _ in $(seq 600); do
 done
 [ "$END" -ge "$TAG" ] || { echo "FAIL: machine-1's point $TAG did not reach the store (at $END)"; exit 1; }
 "$BIN/lifeboat-mt" failover --store "file://$WORK/ps/store" --key-file "$WORK/ps/kek.key" \
-  --machine machine-1 --point "$TAG" --out "$WORK/recovered" >/dev/null
+  --machine machine-1 --point "$TAG" --out "$WORK/recovered" >"$WORK/failover.log" 2>&1 \
+  || { cat "$WORK/failover.log"; echo "FAIL: the failover of machine-1 failed"; exit 1; }
 for d in 1 2; do
   cmp -s "$WORK/recovered/disk$d.raw" "$WORK/m1/disk$d.img" \
     || { echo "FAIL: machine-1 disk$d differs from its failover"; exit 1; }

@@ -6,7 +6,7 @@
 # RPO from outside (a write's capture by the agent until the process server has
 # it in the store) every 50 ms, and counts the objects created in the store.
 #   SECS=60 (seconds of churn)   RATE_MB=20 (per disk)
-#   PS_EXTRA='segment-max-age = "500ms"' (appended to ps.toml)
+#   SEGMENT_AGE=500ms (the process server's segment-max-age)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/cargo-env.sh
@@ -16,7 +16,7 @@ RATE_MB="${RATE_MB:-20}"
 WORK="$(mktemp -d /tmp/lifeboat-rpo.XXXXXX)"
 source scripts/lib.sh
 
-start_ps "$WORK/ps" "${PS_EXTRA:-}"
+start_ps "$WORK/ps" "" "s/^segment-max-age = .*/segment-max-age = \"${SEGMENT_AGE:-500ms}\"/"
 for d in 1 2; do truncate -s 2G "$WORK/disk$d.img"; done
 agent_toml "$WORK/agent.toml" "$WORK/state" "$WORK/disk1.img" "$WORK/d1.sock" \
   "journal-max-bytes = 1073741824"
@@ -44,7 +44,7 @@ python3 bench/rpo_sampler.py --ps-sock "$WORK/ps/cache/control.sock" --ps-pid "$
   --seconds "$SECS" >"$WORK/rpo.json"
 wait "$FIO"
 
-python3 - "$WORK/rpo.json" "$WORK/fio.json" "$RATE_MB" "$AGENT_PID" <<'PY'
+python3 - "$WORK/rpo.json" "$WORK/fio.json" "$RATE_MB" "$AGENT_PID" "${SEGMENT_AGE:-500ms}" <<'PY'
 import json, sys
 r = json.load(open(sys.argv[1])); f = json.load(open(sys.argv[2]))
 rate = sys.argv[3]
@@ -55,7 +55,7 @@ with open(f"/proc/{sys.argv[4]}/status") as s:
     for line in s:
         if line.startswith("VmRSS:"):
             agent_rss = int(line.split()[1]) / 1024
-print(f"RPO, one machine, 2 disks x {rate} MB/s (fio measured {got:.1f} MB/s in all), {r['seconds']:.0f} s")
+print(f"RPO, one machine, 2 disks x {rate} MB/s (fio measured {got:.1f} MB/s in all), {r['seconds']:.0f} s, segment-max-age {sys.argv[5]}")
 print(f"{'':<34}{'p50 (s)':>9}{'p99 (s)':>9}{'max (s)':>9}{'samples':>9}")
 print(f"{'lifeboat (sampled from outside)':<34}{m['p50']:>9.2f}{m['p99']:>9.2f}{m['max']:>9.2f}{m['samples']:>9}")
 print(f"{'target (issue 11, item 7)':<34}{'':>9}{'< 0.50':>9}   with <= 2 objects/s per machine")

@@ -27,13 +27,14 @@ fio_one() {
   python3 -c "import json; j=json.load(open('$WORK/$5.json'))['jobs'][0]['write']; print(f\"{j['iops']:.0f} {j['bw_bytes']/2**20:.0f}\")"
 }
 
-# start_ps DIR [CONFIG_TAIL]: `lifeboat-ps init` into DIR (CONFIG_TAIL appended
-# to its ps.toml) and serve it on a free port.
+# start_ps DIR [CONFIG_TAIL] [SED_EXPR]: `lifeboat-ps init` into DIR (CONFIG_TAIL
+# appended to its ps.toml, SED_EXPR applied to it) and serve it on a free port.
 # Sets PS_PORT, PS_PID and PS_CERTS (machine-1's certificates).
 start_ps() {
   PS_PORT=$(free_port)
   "$BIN/lifeboat-ps" init --dir "$1" --listen "127.0.0.1:$PS_PORT" >/dev/null
   [ -z "${2:-}" ] || printf '\n%s\n' "$2" >>"$1/ps.toml"
+  [ -z "${3:-}" ] || sed -i "$3" "$1/ps.toml"
   "$BIN/lifeboat-ps" serve --config "$1/ps.toml" >"$1.log" 2>&1 &
   PS_PID=$!; PIDS+=("$PS_PID")
   PS_CERTS="$1/machines/machine-1"

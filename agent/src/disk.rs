@@ -259,7 +259,7 @@ impl ProtectedDisk {
         let _permit = self.stream.write_permit().await;
         let _range = self.ranges.lock(offset, len as u64).await;
         let data = self.file.read_bulk(offset, len as usize).await?;
-        let zero = data.iter().all(|&b| b == 0);
+        let zero = lifeboat_common::is_zero(&data);
         if skip_zero && zero {
             return Ok(false);
         }

@@ -134,6 +134,15 @@ pub fn tune_allocator() {
 /// How often [`tune_allocator`]'s thread returns free heap pages.
 pub const TRIM_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// Whether every byte of `buf` is zero: compared 4 KiB at a time against a
+/// zero page (`memcmp`, vectorised), stopping at the first block with data.
+/// A byte-wise `iter().all` ran at about a fifth of `cat`'s read rate on the
+/// initial sync's scan.
+pub fn is_zero(buf: &[u8]) -> bool {
+    const ZEROS: [u8; 4096] = [0; 4096];
+    buf.chunks(ZEROS.len()).all(|c| c == &ZEROS[..c.len()])
+}
+
 /// Lower-case hex of `bytes` (stream ids in logs, records and messages).
 pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
@@ -207,5 +216,22 @@ where
     fn spawn_here(&self, f: F) {
         use tracing::Instrument;
         self.spawn(f.in_current_span());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zero_check_finds_a_byte_anywhere() {
+        assert!(is_zero(&[]));
+        let mut buf = vec![0u8; 3 * 4096 + 17];
+        assert!(is_zero(&buf));
+        for at in [0, 4095, 4096, 8191, 3 * 4096 + 16] {
+            buf[at] = 1;
+            assert!(!is_zero(&buf), "{at}");
+            buf[at] = 0;
+        }
     }
 }

@@ -558,7 +558,7 @@ impl PointDisk {
             .view(at, n as usize)
             .await
             .with_context(|| format!("reading disk {} at {at}", self.id))?;
-        if data.iter().all(|&b| b == 0) {
+        if lifeboat_common::is_zero(&data) {
             dst.zero(at, n).await
         } else {
             dst.write(at, Bytes::from(data)).await

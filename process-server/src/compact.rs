@@ -434,7 +434,7 @@ async fn fold(
                     let (id, sealed) = tokio::task::spawn_blocking(move || -> Result<_> {
                         let mut buf = vec![0u8; len];
                         file.read_exact_at(&mut buf, ci * CHUNK_SIZE)?;
-                        if buf.iter().all(|&b| b == 0) {
+                        if lifeboat_common::is_zero(&buf) {
                             return Ok(None);
                         }
                         let id = namer.id(&buf);

@@ -238,7 +238,7 @@ impl ProcessServer {
         let cfg_path = dir.join("ps.toml");
         let mut cfg = std::fs::read_to_string(&cfg_path)?;
         // Short segments so tests see data in the store quickly.
-        cfg = cfg.replace("segment-max-age = \"1s\"", "segment-max-age = \"300ms\"");
+        cfg = cfg.replace("segment-max-age = \"500ms\"", "segment-max-age = \"300ms\"");
         if !extra_store_options.is_empty() {
             let opts: Vec<String> = extra_store_options
                 .iter()

@@ -481,7 +481,7 @@ server-key = "{sk}"
 kek-file = "{kek}"
 # Segments are cut at this size, after this age, and always at a recovery point.
 segment-max-bytes = 33554432
-segment-max-age = "1s"
+segment-max-age = "500ms"
 # zstd level for segments (0 stores uncompressed).
 zstd-level = 1
 upload-concurrency = 4
