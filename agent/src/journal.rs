@@ -414,17 +414,23 @@ impl Journal {
         *cursor = None; // set again only when the read succeeds
         let mut out = Vec::new();
         while c.next <= last {
-            // A file named after the next seq starts with it: the cursor's file
-            // ended there (and may be deleted already, all of it acknowledged).
-            if c.offset > 0 && file_name(&self.dir, c.next).exists() {
-                c = Cursor {
-                    file: c.next,
-                    offset: 0,
-                    ..c
-                };
+            let mut path = file_name(&self.dir, c.file);
+            let f = match File::open(&path) {
+                // The cursor's file ended where the last span did and was
+                // deleted since (all of it acknowledged): the next seq starts
+                // the file named after it.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound && c.offset > 0 => {
+                    c = Cursor {
+                        file: c.next,
+                        offset: 0,
+                        ..c
+                    };
+                    path = file_name(&self.dir, c.file);
+                    File::open(&path)
+                }
+                r => r,
             }
-            let path = file_name(&self.dir, c.file);
-            let f = File::open(&path).with_context(|| {
+            .with_context(|| {
                 format!(
                     "journal: reading back seq {} from {}",
                     c.next,
@@ -443,6 +449,13 @@ impl Journal {
                 n += r;
             }
             let at_eof = n < buf.len();
+            if n == 0 && c.offset == 0 {
+                bail!(
+                    "journal {} is empty where seq {} should start",
+                    path.display(),
+                    c.next
+                );
+            }
             buf.truncate(n);
             let data = Bytes::from(buf);
             let mut pos = 0usize;
@@ -931,6 +944,13 @@ mod tests {
         span(&j, 70, 80);
         span(&j, 1, 80);
         assert!(j.read_span(81, 81, 100, 0).is_err(), "beyond the journal");
+        // The cursor ends at a file's end, the file is deleted (all of it
+        // acknowledged): the next span starts the file named after it.
+        let files = list_files(dir.path()).unwrap();
+        let k = files[1].0;
+        span(&j, 1, k - 1);
+        std::fs::remove_file(&files[0].1).unwrap();
+        span(&j, k, k + 1);
         j.rebase(100).unwrap();
         let e = j.read_span(70, 71, 100, 0).unwrap_err();
         assert!(format!("{e:#}").contains("rebased before"), "{e:#}");

@@ -266,10 +266,10 @@ impl Stream {
     /// spilled writes are read back from the journal on a blocking thread,
     /// outside the state lock.
     pub async fn transmit(self: &Arc<Self>, max_bytes: usize) -> anyhow::Result<Vec<Frame>> {
-        let (written, _) = self.journal.positions();
         let (out, rebases) = {
             let mut s = self.lock_state();
             // A rebase holds the state lock: the spans are of this numbering.
+            let (written, _) = self.journal.positions();
             let rebases = self.journal.rebases();
             (s.poll_transmit_upto(max_bytes, written), rebases)
         };

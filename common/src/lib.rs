@@ -104,8 +104,8 @@ pub fn now_ms() -> u64 {
 /// Tunes glibc's allocator for a data path that moves multi-megabyte buffers:
 /// without it every frame-sized allocation is a fresh `mmap` whose pages fault
 /// in and are zeroed (measured: ~10% of CPU in page faults at 1 MiB writes).
-/// One arena per core instead of glibc's eight: each arena keeps what it
-/// freed, and with sixteen of them the agent held 594 MiB after 2 GiB of
+/// One arena per core instead of glibc's eight per core: each arena keeps what
+/// it freed, and with sixteen of them the agent held 594 MiB after 2 GiB of
 /// writes whose queue was 32 MiB (209 MiB with two arenas, same run). A
 /// thread gives free pages back every [`TRIM_INTERVAL`] as well.
 pub fn tune_allocator() {
