@@ -398,6 +398,14 @@ impl Journal {
                 chunk = records.clamp(HEADER, READ_BACK_CHUNK);
                 c
             }
+            // Entries sent from memory since: skip forward from the cursor.
+            Some(c)
+                if c.next < first
+                    && c.rebases == rebases
+                    && file_name(&self.dir, c.file).exists() =>
+            {
+                c
+            }
             _ => {
                 let files = list_files(&self.dir)?;
                 let Some(&(file, _)) = files.iter().rev().find(|(f, _)| *f <= first) else {

@@ -104,6 +104,9 @@ pub struct SenderState {
     queued_bytes: usize,
     /// Bytes of the entries held in memory, at most `memory_max` (see the header).
     held_bytes: usize,
+    /// Spilled entries queued: while there are any, new entries spill too, so
+    /// that spilled runs stay contiguous and are read back sequentially.
+    spilled: usize,
     memory_max: usize,
     captured: u64,
     sent: u64,
@@ -120,6 +123,7 @@ impl Default for SenderState {
             queue: VecDeque::new(),
             queued_bytes: 0,
             held_bytes: 0,
+            spilled: 0,
             memory_max: usize::MAX,
             captured: 0,
             sent: 0,
@@ -136,6 +140,7 @@ impl SenderState {
             queue: self.queue.clone(),
             queued_bytes: self.queued_bytes,
             held_bytes: self.held_bytes,
+            spilled: self.spilled,
             memory_max: self.memory_max,
             captured: self.captured,
             sent: self.sent,
@@ -205,7 +210,9 @@ impl SenderState {
         self.captured = entry.seq;
         let len = entry.encoded_len();
         self.queued_bytes += len;
-        if !matches!(entry.op, Op::Tag { .. }) && self.held_bytes + len > self.memory_max {
+        let spill = self.spilled > 0 || self.held_bytes + len > self.memory_max;
+        if spill && !matches!(entry.op, Op::Tag { .. }) {
+            self.spilled += 1;
             self.queue.push_back(Queued::Spilled {
                 seq: entry.seq,
                 len,
@@ -274,6 +281,7 @@ impl SenderState {
         self.queue.clear();
         self.queued_bytes = 0;
         self.held_bytes = 0;
+        self.spilled = 0;
         self.captured = base;
         self.sent = base;
         self.acked = base;
@@ -310,8 +318,9 @@ impl SenderState {
             }
             let len = front.len();
             self.queued_bytes -= len;
-            if matches!(front, Queued::Held(_)) {
-                self.held_bytes -= len;
+            match front {
+                Queued::Held(_) => self.held_bytes -= len,
+                Queued::Spilled { .. } => self.spilled -= 1,
             }
             self.queue.pop_front();
         }
@@ -839,6 +848,23 @@ mod tests {
         assert_eq!(small.sent(), 40);
         small.on_ack(40).unwrap();
         assert_eq!((small.queued_bytes(), small.held_bytes()), (0, 0));
+        // Once one write spilled, the next ones spill too until the spilled
+        // ones are acknowledged (one contiguous run, read back in order).
+        let mut h = SenderState::with_memory_limit(0, limit);
+        for s in 1..=5 {
+            h.push(write(s));
+        }
+        let _ = h.poll_transmit(1 << 20);
+        h.on_ack(2).unwrap();
+        h.push(write(6));
+        assert!(matches!(
+            h.queue.back(),
+            Some(Queued::Spilled { seq: 6, .. })
+        ));
+        let _ = h.poll_transmit(1 << 20);
+        h.on_ack(6).unwrap();
+        h.push(write(7));
+        assert!(matches!(h.queue.back(), Some(Queued::Held(_))));
         // Room again: the next write is held.
         small.push(write(41));
         assert_eq!(small.held_bytes(), write(41).encoded_len());

@@ -86,6 +86,14 @@ fn the_master_target_applies_resumes_after_kill9_and_resyncs_as_the_replica() {
         "fio failed:\n{}",
         fio.log_text()
     );
+    // A backlog past the journal's bound while the target was away goes to
+    // `bitmap`: its dirty regions are in the stream once `streaming` is back.
+    wait_for(
+        "the agent streaming again",
+        Duration::from_secs(180),
+        || (agent.status().ok()?["state"] == "streaming").then_some(()),
+    )
+    .unwrap();
     agent.wait_acked(Duration::from_secs(120)).unwrap();
     assert_same(&target, &agent.image("root"));
     let resumed = mt.log_text();
