@@ -25,32 +25,18 @@ FIO_JOBS=()
 for m in $(seq "$MACHINES"); do
   dir="$WORK/m$m"; mkdir -p "$dir"
   [ "$m" = 1 ] || "$BIN/lifeboat-ps" issue-cert --dir "$WORK/ps" --machine "machine-$m" >/dev/null
-  certs="$WORK/ps/machines/machine-$m"
-  cat >"$dir/agent.toml" <<TOML
-machine = "machine-$m"
-server = "127.0.0.1:$PS_PORT"
-ca-cert = "$certs/ca.pem"
-client-cert = "$certs/client.pem"
-client-key = "$certs/client.key"
-state-dir = "$dir/state"
-TOML
+  AGENT_MACHINE="machine-$m" AGENT_CERTS="$WORK/ps/machines/machine-$m" AGENT_DISK=disk1 \
+    agent_toml "$dir/agent.toml" "$dir/state" "$dir/disk1.img" "$dir/d1.sock"
+  add_disk "$dir/agent.toml" disk2 "$dir/disk2.img" "$dir/d2.sock"
   for d in 1 2; do
     truncate -s 1G "$dir/disk$d.img"
-    printf '\n[[disk]]\nid = "disk%s"\npath = "%s"\nsocket = "%s"\n' \
-      "$d" "$dir/disk$d.img" "$dir/d$d.sock" >>"$dir/agent.toml"
     FIO_JOBS+=(--name="m$m-d$d" --uri="nbd+unix:///disk$d?socket=$dir/d$d.sock")
   done
   start_agent "$dir/agent.toml" "$dir/d1.sock" "$dir/state"
   wait_sock "$dir/d2.sock"
   AGENT_ARGS+=(--agent "machine-$m=$dir/state/control.sock")
 done
-for m in $(seq "$MACHINES"); do
-  for _ in $(seq 600); do
-    st=$("$BIN/lifeboat-agent" status --config "$WORK/m$m/agent.toml")
-    [ "$(echo "$st" | json 'all(s["state"] == "streaming" for s in d["sync"])')" = True ] && break
-    sleep 0.1
-  done
-done
+for m in $(seq "$MACHINES"); do wait_streaming "$WORK/m$m/agent.toml"; done
 
 echo "load: 1 process server, $MACHINES agents x 2 disks, 64 KiB random writes, ${STEP_SECS} s per step"
 printf '%-10s %-11s %-15s %-15s %-9s %-8s %-11s %s\n' "MB/s/disk" "aggregate" \

@@ -18,18 +18,12 @@ source scripts/lib.sh
 
 start_ps "$WORK/ps" "" "s/^segment-max-age = .*/segment-max-age = \"${SEGMENT_AGE:-500ms}\"/"
 for d in 1 2; do truncate -s 2G "$WORK/disk$d.img"; done
-agent_toml "$WORK/agent.toml" "$WORK/state" "$WORK/disk1.img" "$WORK/d1.sock" \
+AGENT_DISK=disk1 agent_toml "$WORK/agent.toml" "$WORK/state" "$WORK/disk1.img" "$WORK/d1.sock" \
   "journal-max-bytes = 1073741824"
-sed -i 's/^id = "disk"$/id = "disk1"/' "$WORK/agent.toml"
-printf '\n[[disk]]\nid = "disk2"\npath = "%s"\nsocket = "%s"\n' \
-  "$WORK/disk2.img" "$WORK/d2.sock" >>"$WORK/agent.toml"
+add_disk "$WORK/agent.toml" disk2 "$WORK/disk2.img" "$WORK/d2.sock"
 start_agent "$WORK/agent.toml" "$WORK/d1.sock" "$WORK/state"
 wait_sock "$WORK/d2.sock"
-for _ in $(seq 600); do
-  st=$("$BIN/lifeboat-agent" status --config "$WORK/agent.toml")
-  [ "$(echo "$st" | json 'all(s["state"] == "streaming" for s in d["sync"])')" = True ] && break
-  sleep 0.1
-done
+wait_streaming "$WORK/agent.toml"
 
 fio --kb_base=1000 --ioengine=nbd --rw=randwrite --bs=64k --iodepth=4 --size=2G \
     --rate="${RATE_MB}M" --runtime="$((SECS + 5))" --time_based --randrepeat=0 \

@@ -41,23 +41,43 @@ start_ps() {
 }
 
 # agent_toml FILE STATE_DIR DISK SOCKET [TOP_LEVEL_EXTRA] [DISK_EXTRA]: an agent
-# config for machine-1 on the server started by start_ps.
+# config on the server started by start_ps, for $AGENT_MACHINE (default
+# machine-1) with the certificates in $AGENT_CERTS (default machine-1's) and
+# one disk, id $AGENT_DISK (default "disk").
 agent_toml() {
+  local certs="${AGENT_CERTS:-$PS_CERTS}"
   cat >"$1" <<TOML
-machine = "machine-1"
+machine = "${AGENT_MACHINE:-machine-1}"
 server = "127.0.0.1:$PS_PORT"
-ca-cert = "$PS_CERTS/ca.pem"
-client-cert = "$PS_CERTS/client.pem"
-client-key = "$PS_CERTS/client.key"
+ca-cert = "$certs/ca.pem"
+client-cert = "$certs/client.pem"
+client-key = "$certs/client.key"
 state-dir = "$2"
 ${5:-}
 
 [[disk]]
-id = "disk"
+id = "${AGENT_DISK:-disk}"
 path = "$3"
 socket = "$4"
 ${6:-}
 TOML
+}
+
+# add_disk FILE ID PATH SOCKET: one more [[disk]] in the agent config FILE.
+add_disk() {
+  printf '\n[[disk]]\nid = "%s"\npath = "%s"\nsocket = "%s"\n' "$2" "$3" "$4" >>"$1"
+}
+
+# wait_streaming CONFIG: waits (up to 60 s) until every disk of the agent has
+# finished its initial sync.
+wait_streaming() {
+  local st
+  for _ in $(seq 600); do
+    st=$("$BIN/lifeboat-agent" status --config "$1")
+    [ "$(echo "$st" | json 'all(s["state"] == "streaming" for s in d["sync"])')" = True ] && return 0
+    sleep 0.1
+  done
+  echo "the agent of $1 did not finish its initial sync: $st"; exit 1
 }
 
 # start_agent CONFIG SOCKET STATE_DIR: runs the agent until its sockets exist.

@@ -163,31 +163,49 @@ pub fn read_records(data: Bytes, path: &Path) -> Result<(Vec<Entry>, u64, Option
     let mut entries: Vec<Entry> = Vec::new();
     let mut pos = 0usize;
     while pos < data.len() {
-        let len = match formats::next::<JournalRecord>(&data[pos..])
-            .with_context(|| format!("journal {}: record at byte {pos}", path.display()))?
-        {
-            Next::Record { len, .. } => len,
-            Next::Torn(why) => {
-                return Ok((entries, pos as u64, Some(format!("{why} at byte {pos}"))));
-            }
+        let (e, len) = match record_at(&data, pos, 0, path)? {
+            Ok(r) => r,
+            Err(why) => return Ok((entries, pos as u64, Some(format!("{why} at byte {pos}")))),
         };
-        let body = data.slice(pos + HEADER..pos + len);
-        let e = Entry::decode(&mut Reader::new(&body), &body)
-            .with_context(|| format!("{}: record at byte {pos}", path.display()))?;
         if let Some(prev) = entries.last() {
-            if e.seq != prev.seq + 1 {
-                bail!(
-                    "journal {}: the record at byte {pos} has seq {}, expected {}",
-                    path.display(),
-                    e.seq,
-                    prev.seq + 1
-                );
-            }
+            expect_seq(&e, prev.seq + 1, pos as u64, path)?;
         }
         entries.push(e);
         pos += len;
     }
     Ok((entries, pos as u64, None))
+}
+
+/// The record at `pos` of `data`, bytes of `path` from its byte `base`: its
+/// entry and the bytes it takes, or why it is not a whole record (a torn
+/// write, or `data` ends inside it). Undecodable records are errors.
+fn record_at(
+    data: &Bytes,
+    pos: usize,
+    base: u64,
+    path: &Path,
+) -> Result<Result<(Entry, usize), String>> {
+    let at = base + pos as u64;
+    let what = || format!("journal {}: record at byte {at}", path.display());
+    let len = match formats::next::<JournalRecord>(&data[pos..]).with_context(what)? {
+        Next::Record { len, .. } => len,
+        Next::Torn(why) => return Ok(Err(why)),
+    };
+    let body = data.slice(pos + HEADER..pos + len);
+    let e = Entry::decode(&mut Reader::new(&body), &body).with_context(what)?;
+    Ok(Ok((e, len)))
+}
+
+/// Refuses a record (at byte `at` of `path`) whose seq is not `want`.
+fn expect_seq(e: &Entry, want: u64, at: u64, path: &Path) -> Result<()> {
+    if e.seq != want {
+        bail!(
+            "journal {}: the record at byte {at} has seq {}, expected {want}",
+            path.display(),
+            e.seq
+        );
+    }
+    Ok(())
 }
 
 impl Journal {
@@ -466,38 +484,25 @@ impl Journal {
             }
             buf.truncate(n);
             let data = Bytes::from(buf);
+            let start = c.offset;
             let mut pos = 0usize;
             while pos < data.len() && c.next <= last {
-                let len = match formats::next::<JournalRecord>(&data[pos..]).with_context(|| {
-                    format!("journal {}: record at byte {}", path.display(), c.offset)
-                })? {
-                    Next::Record { len, .. } => len,
-                    Next::Torn(_) if !at_eof && pos == 0 => {
+                let (e, len) = match record_at(&data, pos, start, &path)? {
+                    Ok(r) => r,
+                    Err(_) if !at_eof && pos == 0 => {
                         // A record larger than the chunk: read it whole.
                         chunk *= 2;
                         break;
                     }
-                    Next::Torn(_) if !at_eof => break, // the rest from its start
-                    Next::Torn(why) => bail!(
+                    Err(_) if !at_eof => break, // the rest from its start
+                    Err(why) => bail!(
                         "journal {}: {why} at byte {} while reading back seq {}",
                         path.display(),
                         c.offset,
                         c.next
                     ),
                 };
-                let body = data.slice(pos + HEADER..pos + len);
-                let e = Entry::decode(&mut Reader::new(&body), &body).with_context(|| {
-                    format!("journal {}: record at byte {}", path.display(), c.offset)
-                })?;
-                if e.seq != c.next {
-                    bail!(
-                        "journal {}: the record at byte {} has seq {}, expected {}",
-                        path.display(),
-                        c.offset,
-                        e.seq,
-                        c.next
-                    );
-                }
+                expect_seq(&e, c.next, c.offset, &path)?;
                 if e.seq >= first {
                     out.push(e);
                 }

@@ -163,7 +163,7 @@ impl Stream {
             // A replayed write's data is a slice of its whole journal file:
             // one that stays in memory gets its own copy, so that the files'
             // buffers are freed once replay is done.
-            let held = state.held_bytes() + e.encoded_len() <= memory_max as usize;
+            let held = state.would_hold(&e);
             if let (Op::Write { data, .. }, true) = (&mut e.op, held) {
                 *data = bytes::Bytes::copy_from_slice(data);
             }
@@ -273,28 +273,24 @@ impl Stream {
             let rebases = self.journal.rebases();
             (s.poll_transmit_upto(max_bytes, written), rebases)
         };
-        if !out.iter().any(|o| matches!(o, Outgoing::Spilled { .. })) {
-            return Ok(out
-                .into_iter()
-                .filter_map(|o| match o {
-                    Outgoing::Frame(f) => Some(f),
-                    Outgoing::Spilled { .. } => None,
-                })
-                .collect());
-        }
-        let me = self.clone();
-        tokio::task::spawn_blocking(move || {
+        let spilled = out.iter().any(|o| matches!(o, Outgoing::Spilled { .. }));
+        let resolve = move |journal: &Journal| -> anyhow::Result<Vec<Frame>> {
             out.into_iter()
                 .map(|o| match o {
                     Outgoing::Frame(f) => Ok(f),
                     Outgoing::Spilled { first, last, bytes } => Ok(Frame::Writes(
-                        me.journal.read_span(first, last, bytes, rebases)?,
+                        journal.read_span(first, last, bytes, rebases)?,
                     )),
                 })
                 .collect()
-        })
-        .await
-        .map_err(|e| anyhow::anyhow!("reading spilled writes back from the journal: {e}"))?
+        };
+        if !spilled {
+            return resolve(&self.journal); // no I/O
+        }
+        let me = self.clone();
+        tokio::task::spawn_blocking(move || resolve(&me.journal))
+            .await
+            .map_err(|e| anyhow::anyhow!("reading spilled writes back from the journal: {e}"))?
     }
 
     pub fn lock_state(&self) -> std::sync::MutexGuard<'_, SenderState> {

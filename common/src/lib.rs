@@ -106,8 +106,8 @@ pub fn now_ms() -> u64 {
 /// in and are zeroed (measured: ~10% of CPU in page faults at 1 MiB writes).
 /// One arena per core instead of glibc's eight per core: each arena keeps what
 /// it freed, and with sixteen of them the agent held 594 MiB after 2 GiB of
-/// writes whose queue was 32 MiB (209 MiB with two arenas, same run). A
-/// thread gives free pages back every [`TRIM_INTERVAL`] as well.
+/// writes whose queue was 32 MiB (209 MiB with two arenas, same run). The
+/// daemons also run [`trim_freed_memory`].
 pub fn tune_allocator() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
@@ -119,6 +119,14 @@ pub fn tune_allocator() {
             libc::mallopt(libc::M_TRIM_THRESHOLD, 256 << 20);
             libc::mallopt(libc::M_ARENA_MAX, arenas as libc::c_int);
         }
+    }
+}
+
+/// Starts a thread that gives free heap pages back every [`TRIM_INTERVAL`]
+/// (for the long-running daemons; a command that ends soon needs none).
+pub fn trim_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
         let _ = std::thread::Builder::new()
             .name("malloc-trim".into())
             .spawn(|| loop {
@@ -131,7 +139,7 @@ pub fn tune_allocator() {
     }
 }
 
-/// How often [`tune_allocator`]'s thread returns free heap pages.
+/// How often [`trim_freed_memory`]'s thread returns free heap pages.
 pub const TRIM_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Whether every byte of `buf` is zero: compared 4 KiB at a time against a

@@ -170,6 +170,13 @@ impl SenderState {
         }
     }
 
+    /// Whether [`Self::push`] would keep `entry` in memory now (tags always;
+    /// others while nothing is spilled and the limit allows).
+    pub fn would_hold(&self, entry: &Entry) -> bool {
+        matches!(entry.op, Op::Tag { .. })
+            || (self.spilled == 0 && self.held_bytes + entry.encoded_len() <= self.memory_max)
+    }
+
     /// Bytes of queued entries held in memory (at most the memory limit).
     pub fn held_bytes(&self) -> usize {
         self.held_bytes
@@ -210,8 +217,7 @@ impl SenderState {
         self.captured = entry.seq;
         let len = entry.encoded_len();
         self.queued_bytes += len;
-        let spill = self.spilled > 0 || self.held_bytes + len > self.memory_max;
-        if spill && !matches!(entry.op, Op::Tag { .. }) {
+        if !self.would_hold(&entry) {
             self.spilled += 1;
             self.queue.push_back(Queued::Spilled {
                 seq: entry.seq,

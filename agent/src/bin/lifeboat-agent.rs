@@ -115,6 +115,7 @@ async fn real_main(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Run { config } => {
             let cfg = AgentConfig::load(&config)?;
+            lifeboat_common::trim_freed_memory();
             let shutdown = lifeboat_common::cancel_on_signals()?;
             // Every event of the run carries the machine's id.
             let span = tracing::info_span!("agent", machine = %cfg.machine);

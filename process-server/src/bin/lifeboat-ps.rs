@@ -265,6 +265,7 @@ fn real_main(cli: Cli) -> Result<()> {
         }
         Cmd::Serve { config } => {
             let cfg = PsConfig::load(&config)?;
+            lifeboat_common::trim_freed_memory();
             let rt = tokio::runtime::Runtime::new()?;
             rt.block_on(async {
                 lifeboat_ps::run(cfg, lifeboat_common::cancel_on_signals()?).await
